@@ -1,0 +1,102 @@
+"""pytest wiring: which implementations are under test, and the hypothesis profiles.
+
+    pytest                                   # every registered implementation
+    pytest --impl loop --impl recurrent      # only these
+    pytest --impl my_package.my_module       # a module that calls impls.register(...) on import
+    pytest --impl my_module:my_scan          # any function with the selective_scan signature
+    pytest --impl-step my_module:my_step     # a step function (its scan is the step run per token)
+    pytest --hypothesis-profile thorough     # profiles: ci, dev, thorough
+"""
+
+import importlib
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import impls
+
+# CI sets CI=true, which makes hypothesis load its own "ci" profile; ours replaces it by name and
+# is loaded explicitly in pytest_configure, so the settings below are the ones in force.
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=12, derandomize=True, database=None, **_COMMON)
+settings.register_profile("dev", max_examples=25, **_COMMON)
+settings.register_profile("thorough", max_examples=500, **_COMMON)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("selective scan")
+    group.addoption("--impl", action="append", default=[], metavar="NAME|MODULE|MODULE:FUNCTION",
+                    help="implementation(s) under test: a registered name, a module that registers "
+                         "implementations on import, or a scan function; repeatable (default: all registered)")
+    group.addoption("--impl-step", default=None, metavar="MODULE:FUNCTION",
+                    help="a selective_state_update-like step function to test (with --impl MODULE:FUNCTION, "
+                         "its step; alone, also its scan, run token by token)")
+
+
+def _load(spec):
+    module, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise pytest.UsageError(f"--impl {spec}: cannot import {module!r}: {e}") from None
+    if not attr:
+        return mod
+    if not callable(getattr(mod, attr, None)):
+        raise pytest.UsageError(f"--impl {spec}: {module!r} has no function {attr!r}")
+    return getattr(mod, attr)
+
+
+def _select(config):
+    from impls.recurrent import scan_by_stepping
+
+    step = _load(config.getoption("impl_step")) if config.getoption("impl_step") else None
+    chosen = []
+    for spec in config.getoption("impl"):
+        if spec in impls.names():
+            chosen.append(spec)
+        elif ":" in spec:
+            if spec not in impls.names():
+                impls.register(spec, _load(spec), step=step)
+            chosen.append(spec)
+            step = None
+        elif "." in spec or importlib.util.find_spec(spec) is not None:
+            before = set(impls.names())
+            _load(spec)
+            added = [n for n in impls.names() if n not in before]
+            if not added:
+                raise pytest.UsageError(f"--impl {spec}: importing it registered no implementation")
+            chosen += added
+        else:
+            raise pytest.UsageError(f"--impl {spec}: not a registered implementation "
+                                    f"({', '.join(impls.names())}), a module, or module:function")
+    if step is not None:  # a step on its own: its scan is the step, token by token
+        name = config.getoption("impl_step")
+        if name not in impls.names():
+            impls.register(name, scan_by_stepping(step), step=step)
+        chosen.append(name)
+    return tuple(dict.fromkeys(chosen)) or impls.names()
+
+
+def pytest_configure(config):
+    if not config.getoption("hypothesis_profile", None):
+        settings.load_profile(os.environ.get("SCAN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+    config.selected_impls = _select(config)
+
+
+def pytest_report_header(config):
+    from equivalence.checks import describe
+
+    lines = [f"hypothesis profile: {settings().max_examples} examples per property"]
+    return lines + ["implementation under test: " + describe(n) for n in config.selected_impls]
+
+
+def pytest_generate_tests(metafunc):
+    names = metafunc.config.selected_impls
+    if "impl" in metafunc.fixturenames:
+        metafunc.parametrize("impl", names)
+    if "stepping_impl" in metafunc.fixturenames:
+        with_step = [n for n in names if impls.get(n).step is not None]
+        metafunc.parametrize("stepping_impl", with_step or [pytest.param(None, marks=pytest.mark.skip(
+            reason="no implementation under test has a step function"))])

@@ -1,0 +1,157 @@
+"""Test cases: sizes, dtype, options and an input regime, drawn by hypothesis, built from a seed.
+
+A Case is plain data; ``make_inputs(case)`` turns it into tensors deterministically (a
+torch.Generator seeded from ``case.seed``: hypothesis seeds random and numpy, not torch), so any
+failure reproduces from the Case's repr alone.
+
+Regimes (the effective step size dt = softplus(delta + delta_bias) is what each regime draws; the
+raw delta is derived from it so that the options do not change the regime):
+    mamba     Mamba's initialisation: A = -(1..n) per channel, dt log-uniform in [1e-3, 0.1]
+    official  the official test distribution: A = -0.5 U(0,1), delta = 0.5 U(0,1), delta_bias = 0.5 U(0,1)
+    stress    dt up to 2 and A down to -50: one step's decay reaches exp(-100), cumulative decay underflows
+    slow      |dt A| around 1e-4: thousands of steps of memory, the state grows large
+"""
+
+import dataclasses
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from impls.frontdoor import compute_dtype
+
+DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
+REGIMES = ("mamba", "official", "stress", "slow")
+SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    b: int
+    d: int
+    n: int
+    l: int
+    g: int = 0              # 0: B, C are (b, n, l); g >= 1: (b, g, n, l)
+    dtype: str = "f32"
+    regime: str = "mamba"
+    D: bool = True
+    z: bool = True
+    delta_bias: bool = True
+    softplus: bool = True
+    initial_state: bool = False
+    strided: bool = False   # inputs are non-contiguous views
+    seed: int = 0
+
+    @property
+    def id(self):
+        opts = "".join(f"-{k}" for k in ("D", "z", "delta_bias", "softplus", "initial_state", "strided") if getattr(self, k))
+        return f"b{self.b}-d{self.d}-n{self.n}-l{self.l}-g{self.g}-{self.dtype}-{self.regime}{opts}-s{self.seed}"
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+    def within(self, limits):
+        """The same case folded into an implementation's size limits (for slow implementations,
+        such as a kernel run by Triton's interpreter). Folding by remainder keeps odd sizes odd-ish
+        and spreads them, where clamping would pile every case onto the limit."""
+        if not limits:
+            return self
+        fold = {k: 1 + (getattr(self, k) - 1) % limits[k] for k in ("b", "d", "n", "l") if k in limits}
+        new = dataclasses.replace(self, **fold)
+        return dataclasses.replace(new, g=math.gcd(self.g, new.d)) if self.g else new
+
+
+def _strided(x):
+    """The same values as a non-contiguous view (every other element of a twice-as-long last axis)."""
+    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def make_inputs(case, dtype=None):
+    """Keyword arguments for selective_scan for ``case``.
+
+    Inputs u, delta, z, B, C are in the case's dtype, parameters and state in its compute dtype.
+    With ``dtype=torch.float64`` the very same values come back in float64: the oracle's inputs
+    (values are rounded to the case's dtype first, so the oracle sees what the implementation sees).
+    """
+    gen = torch.Generator().manual_seed(case.seed)
+    b, d, n, l = case.b, case.d, case.n, case.l
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    bc_shape = (b, case.g, n, l) if case.g else (b, n, l)
+    u, B, C, z, D, h0 = randn(b, d, l), randn(*bc_shape), randn(*bc_shape), randn(b, d, l), randn(d), randn(b, d, n)
+    if case.regime == "official":
+        A = -0.5 * rand(d, n)
+        delta = 0.5 * rand(b, d, l)
+        bias = 0.5 * rand(d)
+    else:
+        if case.regime == "mamba":
+            A = -torch.arange(1, n + 1, dtype=torch.float64).expand(d, n).clone()
+            dt = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * rand(b, d, l))
+        elif case.regime == "stress":
+            A = -(1 + 49 * rand(d, n))
+            dt = 2 * rand(b, d, l)
+        elif case.regime == "slow":
+            A = -(0.5 + rand(d, n))
+            dt = 1e-4 * (0.5 + rand(b, d, l)) / A.abs().mean(-1)[:, None]
+        else:
+            raise ValueError(f"unknown regime {case.regime!r}; known: {REGIMES}")
+        bias = 0.1 * randn(d)
+        raw = torch.log(torch.expm1(dt)) if case.softplus else dt  # inverse of softplus (dt > 0)
+        delta = raw - (bias[:, None] if case.delta_bias else 0)
+
+    in_dtype = case.torch_dtype
+    f = compute_dtype(in_dtype)
+    values = dict(u=(u, in_dtype), delta=(delta, in_dtype), A=(A, f), B=(B, in_dtype), C=(C, in_dtype),
+                  D=(D, f) if case.D else None, z=(z, in_dtype) if case.z else None,
+                  delta_bias=(bias, f) if case.delta_bias else None,
+                  initial_state=(h0, f) if case.initial_state else None)
+    out = {}
+    for k, v in values.items():
+        if v is None:
+            out[k] = None
+            continue
+        x = v[0].to(v[1])                       # round to what the implementation receives
+        x = x if dtype is None else x.to(dtype)
+        out[k] = _strided(x) if case.strided else x
+    out["delta_softplus"] = case.softplus
+    return out
+
+
+def reference_inputs(case):
+    """make_inputs in float64: the inputs of the oracle run."""
+    return make_inputs(case, dtype=torch.float64)
+
+
+@st.composite
+def cases(draw, dtypes=tuple(DTYPES), regimes=REGIMES, max_b=3, max_d=40, max_n=16, max_l=300, min_b=1):
+    """Cases over every option: b, d, n, l, grouping, dtype, regime, each optional argument, strides."""
+    d = draw(st.integers(1, max_d))
+    divisors = [g for g in range(1, d + 1) if d % g == 0]
+    return Case(
+        b=draw(st.integers(min_b, max_b)), d=d, n=draw(st.integers(1, max_n)), l=draw(st.integers(1, max_l)),
+        g=draw(st.sampled_from([0] + divisors)), dtype=draw(st.sampled_from(dtypes)),
+        regime=draw(st.sampled_from(regimes)), D=draw(st.booleans()), z=draw(st.booleans()),
+        delta_bias=draw(st.booleans()), softplus=draw(st.booleans()), initial_state=draw(st.booleans()),
+        strided=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+# Known edge cases, pinned with @example in the tests: single token, single channel, single state,
+# long sequences past 256 and not a power of two, and grouping with several channels per group.
+PINNED = (
+    Case(b=1, d=1, n=1, l=1),
+    Case(b=2, d=1, n=3, l=7, g=1, dtype="bf16", initial_state=True),
+    Case(b=1, d=5, n=1, l=33, dtype="f16", regime="official"),
+    Case(b=2, d=37, n=5, l=300, g=37, dtype="f32", regime="stress", initial_state=True, seed=1),
+    Case(b=1, d=12, n=16, l=1000, g=3, dtype="f32", regime="slow", initial_state=True, seed=2),
+    Case(b=2, d=8, n=4, l=777, g=2, dtype="bf16", regime="mamba", strided=True, seed=3),
+    Case(b=1, d=6, n=4, l=523, g=0, dtype="f64", regime="stress", initial_state=True, seed=4),
+)

@@ -1,0 +1,74 @@
+"""Plausible kernel bugs, planted on purpose: the suite must reject every one of them.
+
+Each function here has the selective_scan signature and is one small, realistic mistake away from
+the loop. ``correct`` has no mistake: the control. Use them from the command line too:
+
+    pytest --impl equivalence.planted_bugs:wrong_group_mapping
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from impls.frontdoor import compute_dtype
+
+CHUNK = 64  # for the bug that forgets the state at chunk boundaries
+
+BUGS = (
+    "wrong_group_mapping",      # channel c reads group c % g instead of c // (d // g)
+    "missing_softplus",         # ignores delta_softplus
+    "state_lost_at_chunk",      # restarts the state from zero every CHUNK tokens
+    "one_token_shift",          # y_t read from h_{t-1}
+    "ignored_initial_state",    # always starts from zeros
+    "lost_D_skip",              # forgets D u
+    "wrong_gate",               # y * sigmoid(z) instead of y * silu(z)
+    "low_precision_state",      # keeps the state in the input dtype (bfloat16/float16 accumulation)
+    "batch_leak",               # every batch row reads B of row 0
+    "last_state_one_early",     # returns h_{l-1} instead of h_l
+)
+
+
+def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+          initial_state=None, return_last_state=False):
+    b, d, l = u.shape
+    f = compute_dtype(u.dtype)
+    acc = u.dtype if bug == "low_precision_state" else f
+    dt = delta.to(f) + (delta_bias.to(f)[:, None] if delta_bias is not None else 0)
+    if delta_softplus and bug != "missing_softplus":
+        dt = F.softplus(dt)
+    B = (B if B.dim() == 4 else B[:, None]).to(f)
+    C = (C if C.dim() == 4 else C[:, None]).to(f)
+    channel = torch.arange(d)
+
+    def spread(X):
+        g = X.shape[1]
+        group = channel % g if bug == "wrong_group_mapping" else channel // (d // g)
+        return X[:, group]                                     # (b, d, n, l)
+
+    B, C = spread(B), spread(C)
+    if bug == "batch_leak":
+        B = B[:1].expand_as(B)
+    h = torch.zeros(b, d, A.shape[1], dtype=acc)
+    if initial_state is not None and bug != "ignored_initial_state":
+        h = initial_state.to(acc)
+    previous, ys = h, []
+    for t in range(l):
+        if bug == "state_lost_at_chunk" and t and t % CHUNK == 0:
+            h = torch.zeros_like(h)
+        previous = h
+        h = (torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t].to(f))[:, :, None] * B[..., t]).to(acc)
+        read = previous if bug == "one_token_shift" else h
+        ys.append((read.to(f) * C[..., t]).sum(-1))
+    y = torch.stack(ys, -1)
+    if D is not None and bug != "lost_D_skip":
+        y = y + D[:, None] * u.to(f)
+    if z is not None:
+        y = y * (torch.sigmoid(z.to(f)) if bug == "wrong_gate" else F.silu(z.to(f)))
+    last = (previous if bug == "last_state_one_early" else h).to(f)
+    return (y.to(u.dtype), last) if return_last_state else y.to(u.dtype)
+
+
+correct = functools.partial(_scan, None)
+for _bug in BUGS:
+    globals()[_bug] = functools.partial(_scan, _bug)

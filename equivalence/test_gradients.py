@@ -1,0 +1,13 @@
+"""Gradients for every tensor input against float64 autograd through the loop."""
+
+from hypothesis import example, given
+
+from .cases import Case, cases
+from .checks import check_gradients
+
+
+@example(case=Case(b=1, d=1, n=1, l=1, dtype="f64"))
+@example(case=Case(b=2, d=6, n=3, l=70, g=3, regime="stress", initial_state=True, seed=7))
+@given(case=cases(dtypes=("f32", "f64"), max_d=12, max_n=8, max_l=64))
+def test_gradients_match_float64_loop(impl, case):
+    check_gradients(impl, case)

@@ -1,0 +1,45 @@
+"""Invariants every implementation must keep, whatever its algorithm."""
+
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from .cases import Case, cases
+from .checks import (check_batch_independence, check_causality, check_nan_propagation,
+                     check_prefill_then_decode, check_split)
+
+positions = st.integers(0, 400)  # folded to the case's length by each check
+
+
+@example(case=Case(b=1, d=1, n=1, l=1), k=0)
+@example(case=Case(b=1, d=1, n=1, l=1), k=1)
+@example(case=Case(b=2, d=6, n=3, l=300, g=2, regime="slow", initial_state=True), k=129)
+@given(case=cases(), k=positions)
+def test_split_then_continue(impl, case, k):
+    check_split(impl, case, k)
+
+
+@example(case=Case(b=1, d=1, n=1, l=1), k=0)
+@example(case=Case(b=2, d=4, n=2, l=90, g=4, dtype="bf16", initial_state=True), k=70)
+@given(case=cases(max_l=120), k=positions)
+def test_prefill_then_decode_equals_full_scan(stepping_impl, case, k):
+    check_prefill_then_decode(stepping_impl, case, k)
+
+
+@example(case=Case(b=1, d=1, n=1, l=1), t=0)
+@example(case=Case(b=1, d=3, n=2, l=300, regime="stress"), t=257)
+@given(case=cases(), t=positions)
+def test_causality(impl, case, t):
+    check_causality(impl, case, t)
+
+
+@example(case=Case(b=2, d=1, n=1, l=1), j=1)
+@given(case=cases(min_b=2), j=st.integers(0, 2))
+def test_batch_rows_are_independent(impl, case, j):
+    check_batch_independence(impl, case, j)
+
+
+@example(case=Case(b=1, d=1, n=1, l=1), t=0)
+@example(case=Case(b=1, d=2, n=2, l=200, regime="stress", dtype="f32"), t=3)
+@given(case=cases(), t=positions)
+def test_nan_propagates_and_stays_in_its_channel(impl, case, t):
+    check_nan_propagation(impl, case, t)

@@ -1,0 +1,59 @@
+"""The suite catches real bugs: for each planted bug hypothesis finds a case that the checks reject,
+and the correct control is rejected by none. Also through the command line, as a kernel author runs it."""
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, Phase, find, settings
+from hypothesis.errors import NoSuchExample
+from hypothesis import strategies as st
+
+import impls
+from . import planted_bugs
+from .cases import cases
+from .checks import check_batch_independence, check_causality, check_split, check_values
+
+SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
+                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+
+
+def rejected(name, drawn):
+    case, k = drawn
+    try:
+        check_values(name, case)
+        check_split(name, case, k)
+        check_causality(name, case, k)
+        check_batch_independence(name, case, k)
+    except AssertionError:
+        return True
+    return False
+
+
+def _register(name):
+    key = f"planted:{name}"
+    if key not in impls.names():
+        impls.register(key, getattr(planted_bugs, name))
+    return key
+
+
+@pytest.mark.parametrize("bug", planted_bugs.BUGS)
+def test_suite_finds_the_planted_bug(bug):
+    name = _register(bug)
+    find(st.tuples(cases(), st.integers(0, 300)), lambda drawn: rejected(name, drawn), settings=SEARCH)
+
+
+def test_suite_accepts_the_correct_control():
+    name = _register("correct")
+    examples = st.tuples(cases(), st.integers(0, 300))
+    with pytest.raises(NoSuchExample):
+        find(examples, lambda drawn: rejected(name, drawn), settings=settings(SEARCH, max_examples=60))
+
+
+@pytest.mark.parametrize("target, fails", [("missing_softplus", True), ("correct", False)])
+def test_command_line_plugin(target, fails):
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "--hypothesis-profile", "ci",
+           f"--impl=equivalence.planted_bugs:{target}", "equivalence/test_values.py"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert (run.returncode != 0) == fails, run.stdout[-3000:]
+    assert f"equivalence.planted_bugs:{target}" in run.stdout

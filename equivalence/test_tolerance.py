@@ -1,0 +1,46 @@
+"""The tolerance policy itself: it accepts sound results and rejects the errors it must."""
+
+import pytest
+import torch
+from hypothesis import given
+
+import impls
+from .cases import Case, cases, make_inputs, reference_inputs
+from .tolerance import compare
+
+
+def runs(case):
+    ref = impls.selective_scan(**reference_inputs(case), impl="loop")
+    same = impls.selective_scan(**make_inputs(case), impl="loop")
+    return ref, same
+
+
+@given(case=cases(dtypes=("bf16",), max_l=64))
+def test_two_percent_off_in_bfloat16_fails(case):
+    ref, same = runs(case)
+    assert compare(same, ref, same, case.l).ok
+    assert not compare((same.double() * 1.02).to(torch.bfloat16), ref, same, case.l).ok
+
+
+@given(case=cases(dtypes=("f32",), max_l=64))
+def test_float32_result_rounded_from_the_oracle_passes_and_one_percent_fails(case):
+    ref, same = runs(case)
+    assert compare(ref.float(), ref, same, case.l).ok  # the correctly rounded answer is always acceptable
+    assert not compare((ref * 1.01).float(), ref, same, case.l).ok
+
+
+def test_float64_allows_rounding_only():
+    case = Case(b=1, d=4, n=3, l=50, dtype="f64")
+    ref, _ = runs(case)
+    assert compare(ref * (1 + 1e-15), ref, None, case.l).ok
+    assert not compare(ref * (1 + 1e-9), ref, None, case.l).ok
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_must_match(bad):
+    ref = torch.ones(3, dtype=torch.float64)
+    poisoned = ref.float().clone()
+    poisoned[1] = bad
+    assert not compare(poisoned, ref, ref.float(), 1).ok           # appears where the loop is finite
+    assert compare(poisoned, torch.tensor([1.0, bad, 1.0], dtype=torch.float64), poisoned, 1).ok  # kept where expected
+    assert not compare(ref.float(), torch.tensor([1.0, bad, 1.0], dtype=torch.float64), poisoned, 1).ok  # never vanishes

@@ -1,0 +1,86 @@
+"""The tolerance policy: one rule, used by every test and by the regression check.
+
+An implementation's result is compared with the float64 oracle (the loop run in float64 on the
+same, already rounded, inputs). Its error may be at most
+
+    FACTOR x (the error the loop itself makes in the same dtype on the same inputs)
+    + eps(compute dtype) x length x max|oracle|
+
+where the error is the largest absolute difference over the tensor, length is the number of
+terms accumulated into each element (l for outputs and states), and the compute dtype is float32
+for half and float32 results, float64 for float64 ones.
+
+Why this shape: the loop in the same dtype is the honest measure of what that dtype can do on
+these inputs (bfloat16 rounding, float32 under strong decay), so a fixed rtol is either too loose
+for float32 or too tight for bfloat16. FACTOR = 2 leaves room for a different but equally sound
+order of operations (a result rounded to the other neighbour costs up to one ulp where the loop
+paid half). The floor covers float64, where the loop *is* the oracle and its own error is zero:
+a float64 result may differ by rounding that grows at most linearly with the number of terms,
+which is still ~1e-13 relative at l = 1000. With it, a 2 % error in a bfloat16 result fails
+(the loop's bfloat16 error is at most half an ulp, 0.4 %).
+
+Non-finite values: where the loop (or, without a loop run, the oracle cast to the result's
+dtype) is NaN or inf, the result must be the same kind of non-finite value; everywhere else it
+must be finite. NaN is never allowed to vanish and never allowed to appear.
+"""
+
+import dataclasses
+
+import torch
+
+FACTOR = 2.0
+
+
+@dataclasses.dataclass
+class Comparison:
+    error: float        # max |actual - oracle| over finite positions
+    loop_error: float   # the same for the loop in the actual's dtype (0 when float64)
+    bound: float        # what the policy allows
+    nonfinite_mismatch: int  # positions whose finiteness differs from the loop's
+    worst_index: tuple
+
+    @property
+    def ok(self):
+        return self.nonfinite_mismatch == 0 and self.error <= self.bound
+
+    def describe(self):
+        return (f"error {self.error:.3g} vs bound {self.bound:.3g} "
+                f"(= {FACTOR} x loop error {self.loop_error:.3g} + floor), worst at {self.worst_index}, "
+                f"non-finite mismatches: {self.nonfinite_mismatch}")
+
+
+def _kind(x):
+    """0 finite, 1 NaN, 2 +inf, 3 -inf."""
+    return torch.isnan(x) * 1 + (x == float("inf")) * 2 + (x == float("-inf")) * 3
+
+
+def compare(actual, oracle, loop=None, length=1):
+    """Apply the policy. actual: any shape and floating dtype; oracle: float64, same shape;
+    loop: the loop's result in actual's dtype (None means actual is float64 and the oracle is its loop)."""
+    if actual.shape != oracle.shape:
+        raise AssertionError(f"shape {tuple(actual.shape)} differs from the oracle's {tuple(oracle.shape)}")
+    a, o = actual.detach().double().cpu(), oracle.detach().double().cpu()
+    expected_kind = _kind(loop.detach().double().cpu()) if loop is not None else _kind(oracle.detach().to(actual.dtype).double().cpu())
+    kind = _kind(a)
+    mismatch = int((kind != expected_kind).sum())
+    finite = (expected_kind == 0) & (kind == 0) & torch.isfinite(o)
+    diff = torch.where(finite, (a - o).abs(), torch.zeros_like(a))
+    error = float(diff.max()) if diff.numel() else 0.0
+    worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.numel() else ()
+    loop_error = 0.0
+    if loop is not None:
+        lp = loop.detach().double().cpu()
+        lfin = finite & torch.isfinite(lp)
+        loop_error = float(torch.where(lfin, (lp - o).abs(), torch.zeros_like(lp)).max()) if lp.numel() else 0.0
+    scale = float(torch.where(torch.isfinite(o), o.abs(), torch.zeros_like(o)).max()) if o.numel() else 0.0
+    eps = torch.finfo(torch.float64 if actual.dtype == torch.float64 else torch.float32).eps
+    bound = FACTOR * loop_error + eps * max(length, 1) * scale
+    return Comparison(error, loop_error, bound, mismatch, worst)
+
+
+def assert_close(what, actual, oracle, loop=None, length=1, repro=""):
+    """compare() and raise AssertionError with a reproducing snippet if the policy is not met."""
+    c = compare(actual, oracle, loop, length)
+    if not c.ok:
+        raise AssertionError(f"{what}: {c.describe()}\n  reproduce: {repro}")
+    return c

@@ -1,0 +1,152 @@
+"""Selective-scan implementations behind one interface.
+
+    import impls
+    impls.names()                       # registered implementation names
+    impls.get("loop")                   # its entry: name, scan, step, supports
+    impls.register("mine", scan=my_scan, step=my_step, gradients=True)
+    y = impls.selective_scan(u, delta, A, B, C, ..., impl="loop")
+    y = impls.selective_state_update(state, x, dt, A, B, C, ..., impl="recurrent")
+
+Shapes follow the official Mamba-1 ``selective_scan_fn`` / ``selective_state_update``; letters
+(b, d, l, n, g) are defined in impls/frontdoor.py. Both public functions check their arguments
+(impls/frontdoor.py) and what the implementation returns, so a plugged-in implementation gets the
+same errors and guarantees as the built-in ones.
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from . import frontdoor, loop, recurrent
+
+# What an implementation can do. A call that needs more raises NotImplementedError: a gap is
+# declared and visible, never a silent fallback.
+DEFAULT_SUPPORTS = dict(
+    dtypes=frontdoor.INPUT_DTYPES,  # input dtypes it accepts
+    grouped=True,                   # B/C with g groups
+    initial_state=True,             # initial_state argument
+    gradients=False,                # autograd through the scan
+    case_limits=None,               # dict of upper bounds on b, d, n, l for the property tests, if slow
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    name: str
+    scan: Callable
+    step: Optional[Callable]
+    supports: dict
+    module: str
+
+
+_REGISTRY = {}
+
+
+def register(name, scan, step=None, **capabilities):
+    """Add an implementation under ``name``.
+
+    scan: a function with the signature of ``selective_scan`` (without ``impl``);
+    step: optional, with the signature of ``selective_state_update`` (without ``impl``), updating
+          the state in place; capabilities: keys of DEFAULT_SUPPORTS.
+    """
+    unknown = set(capabilities) - set(DEFAULT_SUPPORTS)
+    if unknown:
+        raise TypeError(f"register({name!r}): unknown capabilities {sorted(unknown)}; known: {sorted(DEFAULT_SUPPORTS)}")
+    if name in _REGISTRY:
+        raise ValueError(f"register({name!r}): an implementation of that name is already registered")
+    if not callable(scan) or (step is not None and not callable(step)):
+        raise TypeError(f"register({name!r}): scan and step must be callables")
+    supports = {**DEFAULT_SUPPORTS, **capabilities}
+    supports["dtypes"] = tuple(supports["dtypes"])
+    module = getattr(getattr(scan, "func", scan), "__module__", "?")  # through functools.partial
+    _REGISTRY[name] = Implementation(name, scan, step, supports, module)
+    return _REGISTRY[name]
+
+
+def names():
+    """Registered implementation names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get(name):
+    """The registered entry for ``name`` (an Implementation)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown implementation {name!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+def _require(entry, where, dims, grouped, has_initial_state, tensors):
+    s = entry.supports
+    gaps = []
+    if dims["input_dtype"] not in s["dtypes"]:
+        gaps.append(f"input dtype {dims['input_dtype']}")
+    if grouped and not s["grouped"]:
+        gaps.append("grouped B/C")
+    if has_initial_state and not s["initial_state"]:
+        gaps.append("initial_state")
+    if torch.is_grad_enabled() and not s["gradients"] and any(t is not None and t.requires_grad for t in tensors):
+        gaps.append("gradients (an input requires grad)")
+    if gaps:
+        raise NotImplementedError(f"{where}: implementation {entry.name!r} does not support {', '.join(gaps)}")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_last_state=False, *, impl="loop"):
+    """The Mamba-1 selective scan through the implementation named ``impl``.
+
+    dt = softplus(delta + delta_bias) (each optional); h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;
+    y_t = <C_t, h_t> + D u_t; out = y * silu(z).
+
+    Args:
+        u, delta: (b, d, l); A: (d, n) real; B, C: (b, n, l) or (b, g, n, l)
+        D, delta_bias: (d,) optional; z: (b, d, l) optional; initial_state: (b, d, n) optional
+    Returns:
+        y: (b, d, l) in u's dtype, or (y, last_state) with last_state (b, d, n) in the compute
+        dtype when return_last_state.
+    """
+    entry = get(impl)
+    dims = frontdoor.check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    _require(entry, "selective_scan", dims, B.dim() == 4 or C.dim() == 4, initial_state is not None,
+             (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    b, d, l, n, f = dims["b"], dims["d"], dims["l"], dims["n"], dims["compute_dtype"]
+    if u.numel() == 0:  # l = 0 (or b, d = 0): empty output, the state passes through unchanged
+        last = (initial_state.to(f) if initial_state is not None
+                else torch.zeros(b, d, n, dtype=f, device=u.device))
+        y = u.new_empty(b, d, l)
+        return (y, last) if return_last_state else y
+    out = entry.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+    y, last = out if return_last_state else (out, None)
+    frontdoor.check_result("selective_scan", impl, "y", y, (b, d, l), u.dtype)
+    if return_last_state:
+        frontdoor.check_result("selective_scan", impl, "last_state", last, (b, d, n), f)
+        return y, last
+    return y
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                           *, impl="recurrent"):
+    """One decoding step: advance ``state`` by one token in place and return the token's output.
+
+    Args:
+        state: (b, d, n) in the compute dtype, updated in place (left untouched if the call raises
+               before the implementation runs)
+        x, dt: (b, d); A: (d, n); B, C: (b, n) or (b, g, n); D, dt_bias: (d,) optional; z: (b, d) optional
+    Returns:
+        y: (b, d) in x's dtype
+    """
+    entry = get(impl)
+    if entry.step is None:
+        raise NotImplementedError(f"selective_state_update: implementation {impl!r} has no step function; "
+                                  f"those with one: {', '.join(k for k, v in _REGISTRY.items() if v.step)}")
+    dims = frontdoor.check_step(state, x, dt, A, B, C, D, z, dt_bias)
+    _require(entry, "selective_state_update", dims, B.dim() == 3 or C.dim() == 3, False,
+             (state, x, dt, A, B, C, D, z, dt_bias))
+    y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    frontdoor.check_result("selective_state_update", impl, "y", y, (dims["b"], dims["d"]), x.dtype)
+    return y
+
+
+register("loop", loop.selective_scan, gradients=True)
+register("recurrent", recurrent.selective_scan, step=recurrent.selective_state_update)

@@ -1,0 +1,157 @@
+"""The front door: argument checking and the dtype policy shared by every implementation.
+
+Glossary (used in every docstring of this package, after the Mamba paper, Gu & Dao 2023):
+    b  batch size
+    d  channels (the paper's D; ``d_inner`` in the official code)
+    l  sequence length (time)
+    n  state size per channel (the paper's N; ``d_state``)
+    g  groups of B/C: channel c reads group c // (d // g); g divides d
+
+Dtype policy:
+    u, delta, z share the *input dtype* (float16, bfloat16, float32 or float64).
+    The *compute dtype* is float64 for float64 inputs and float32 otherwise.
+    B and C are in the input dtype or the compute dtype; A, D, delta_bias and any state are in the
+    compute dtype (float32 parameters for half inputs, as the official kernels expect).
+    y comes back in the input dtype, last_state in the compute dtype.
+
+Every check raises before anything is computed or written, with a message that names the
+argument, what was expected and what was given.
+"""
+
+import torch
+
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype):
+    """float64 stays float64 (so the loop is the float64 oracle); everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def per_channel(X, d):
+    """Spread grouped B/C over channels.
+
+    Args:
+        X: (b, g, n, ...) with g dividing d
+    Returns:
+        (b, d, n, ...) when g > 1; X itself, (b, 1, n, ...), when g == 1 (it broadcasts over d)
+    """
+    g = X.shape[1]
+    return X if g == 1 else X.repeat_interleave(d // g, dim=1)
+
+
+def _fail(exc, where, arg, expected, got):
+    raise exc(f"{where}: {arg}: expected {expected}, got {got}")
+
+
+def _tensor(where, arg, x):
+    if not isinstance(x, torch.Tensor):
+        _fail(TypeError, where, arg, "a torch.Tensor", type(x).__name__)
+    if x.is_complex():
+        _fail(TypeError, where, arg, "a real floating tensor (complex A is S4D, not Mamba-1)", x.dtype)
+    if not x.is_floating_point():
+        _fail(TypeError, where, arg, "a floating tensor", x.dtype)
+
+
+def _shape(where, arg, x, expected, names):
+    if tuple(x.shape) != tuple(expected):
+        spelled = ", ".join(f"{k}={v}" for k, v in zip(names, expected))
+        _fail(ValueError, where, arg, f"shape ({spelled})", tuple(x.shape))
+
+
+def _dtype(where, arg, x, allowed, why):
+    if x.dtype not in allowed:
+        _fail(TypeError, where, arg, f"dtype {' or '.join(str(a) for a in allowed)} ({why})", x.dtype)
+
+
+def _device(where, arg, x, device):
+    if x.device != device:
+        _fail(ValueError, where, arg, f"a tensor on {device} (the device of the first input)", x.device)
+
+
+def _groups(where, arg, X, b, d, n, tail, tail_names):
+    """B/C: (b, n, *tail) or (b, g, n, *tail) with g dividing d. Returns g (1 when ungrouped)."""
+    if X.dim() == 2 + len(tail):
+        _shape(where, arg, X, (b, n, *tail), ("b", "n", *tail_names))
+        return 1
+    if X.dim() == 3 + len(tail):
+        g = X.shape[1]
+        if g < 1 or d % g != 0:
+            _fail(ValueError, where, arg, f"a group count g that divides d={d}", f"g={g}")
+        _shape(where, arg, X, (b, g, n, *tail), ("b", "g", "n", *tail_names))
+        return g
+    ranks = f"rank {2 + len(tail)} (b, n{''.join(', ' + t for t in tail_names)}) or {3 + len(tail)} (b, g, n, ...)"
+    _fail(ValueError, where, arg, ranks, f"rank {X.dim()} with shape {tuple(X.shape)}")
+
+
+def _check(where, named, lead, lead_names, has_time):
+    """Shared checks for the scan (inputs carry a time axis l) and the step (they don't).
+
+    named: dict argument name -> tensor or None, in the order of the public signature;
+    lead:  the name of the first input (u for the scan, x for the step), whose shape is (b, d, *time).
+    Returns dict(b, d, n, l, g_B, g_C, input_dtype, compute_dtype).
+    """
+    for arg, x in named.items():
+        if x is not None:
+            _tensor(where, arg, x)
+    x0 = named[lead]
+    if x0.dim() != 2 + has_time:
+        _fail(ValueError, where, lead, f"rank {2 + has_time} ({', '.join(lead_names)})", f"rank {x0.dim()} with shape {tuple(x0.shape)}")
+    b, d = x0.shape[:2]
+    time = tuple(x0.shape[2:])
+    A = named["A"]
+    if A.dim() != 2 or A.shape[0] != d:
+        _fail(ValueError, where, "A", f"shape (d={d}, n)", tuple(A.shape))
+    n = A.shape[1]
+    if n < 1:
+        _fail(ValueError, where, "A", "at least one state (n >= 1)", tuple(A.shape))
+
+    in_dtype = x0.dtype
+    _dtype(where, lead, x0, INPUT_DTYPES, "the input dtype")
+    f = compute_dtype(in_dtype)
+    full = (b, d, *time)
+    tail_names = ("l",) if has_time else ()
+    full_names = ("b", "d", *tail_names)
+    groups = {}
+    for arg, x in named.items():
+        if x is None or arg == lead:
+            continue
+        _device(where, arg, x, x0.device)
+        if arg in ("delta", "dt", "z"):
+            _shape(where, arg, x, full, full_names)
+            _dtype(where, arg, x, (in_dtype,), f"the dtype of {lead}")
+        elif arg in ("B", "C"):
+            groups[arg] = _groups(where, arg, x, b, d, n, time, tail_names)
+            _dtype(where, arg, x, tuple(dict.fromkeys((in_dtype, f))), f"the input or compute dtype for {lead} in {in_dtype}")
+        elif arg in ("D", "delta_bias", "dt_bias"):
+            _shape(where, arg, x, (d,), ("d",))
+            _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
+        elif arg in ("initial_state", "state"):
+            _shape(where, arg, x, (b, d, n), ("b", "d", "n"))
+            _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
+        elif arg == "A":
+            _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
+    return dict(b=b, d=d, n=n, l=time[0] if time else 1, g_B=groups["B"], g_C=groups["C"],
+                input_dtype=in_dtype, compute_dtype=f)
+
+
+def check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """Validate selective_scan arguments (shapes in impls.selective_scan). Returns the sizes and dtypes."""
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
+    return _check("selective_scan", named, "u", ("b", "d", "l"), True)
+
+
+def check_step(state, x, dt, A, B, C, D, z, dt_bias):
+    """Validate selective_state_update arguments (shapes in impls.selective_state_update)."""
+    if not isinstance(state, torch.Tensor):
+        _fail(TypeError, "selective_state_update", "state", "a torch.Tensor", type(state).__name__)
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
+    return _check("selective_state_update", named, "x", ("b", "d"), False)
+
+
+def check_result(where, impl, arg, x, shape, dtype):
+    """An implementation's output must have the promised shape and dtype: never pass on a wrong one."""
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
+        got = (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise RuntimeError(f"{where}: implementation {impl!r} returned {arg} {got}, "
+                           f"expected shape {tuple(shape)} and dtype {dtype}")
