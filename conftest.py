@@ -11,6 +11,13 @@
 import importlib
 import os
 
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated: set it before any kernel module is
+# imported, so that without a GPU the Triton kernels run (slowly) in its interpreter, in every CI run.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
