@@ -14,8 +14,8 @@ positions = st.integers(0, 400)  # folded to the case's length by each check
 @example(case=Case(b=1, d=1, n=1, l=1), k=1)
 @example(case=Case(b=2, d=6, n=3, l=300, g=2, regime="slow", initial_state=True), k=129)
 @given(case=cases(), k=positions)
-def test_split_then_continue(impl, case, k):
-    check_split(impl, case, k)
+def test_split_then_continue(continuing_impl, case, k):
+    check_split(continuing_impl, case, k)
 
 
 @example(case=Case(b=1, d=1, n=1, l=1), k=0)

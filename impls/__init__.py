@@ -160,5 +160,38 @@ def lazy(module, attr):
     return call
 
 
+ENTRY_POINT_GROUP = "selective_scan.implementations"
+
+
+def load_plugins():
+    """Register the implementations of installed packages.
+
+    A package declares, in its pyproject.toml,
+
+        [project.entry-points."selective_scan.implementations"]
+        my_kernel = "my_kernel:register"
+
+    where the object is a function called with no arguments (it calls impls.register) or a module
+    whose import registers. A plugin that fails to load is reported as a warning, never fatal, and
+    never half-registered under a wrong name. Returns {entry point name: error or None}.
+    """
+    import warnings
+    from importlib.metadata import entry_points
+
+    status = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            if callable(obj):
+                obj()
+            status[ep.name] = None
+        except Exception as e:  # a broken third-party package must not break the suite
+            status[ep.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"selective-scan plugin {ep.name!r} ({ep.value}) failed to load: {status[ep.name]}")
+    return status
+
+
 register("loop", loop.selective_scan, gradients=True)
 register("recurrent", recurrent.selective_scan, step=recurrent.selective_state_update)
+
+PLUGINS = load_plugins()
