@@ -4,7 +4,7 @@ VENV   := .venv
 PYTHON := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test report clean
+.PHONY: test report clean clean-results
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,9 +15,14 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PYTHON) -m pytest
 
+# The default sweep resumes results/results.jsonl if an earlier run was interrupted;
+# `make clean-results` starts afresh.
 report: $(STAMP)
-	@if [ -f reports/cli.py ]; then $(VENV)/bin/scanbench sweep --quick && $(VENV)/bin/scanbench report; \
-	else echo "nothing to report yet"; fi
+	$(VENV)/bin/scanbench sweep --resume --out results/results.jsonl
+	$(VENV)/bin/scanbench report --results results/results.jsonl --out results/report
+
+clean-results:
+	rm -rf results
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -8,7 +8,7 @@ error of the loop itself in the same dtype, and whether the tolerance policy
 import impls
 from equivalence.cases import DTYPES, REGIMES, Case, make_inputs
 from equivalence.checks import oracle
-from equivalence.tolerance import compare
+from equivalence.tolerance import compare, terms
 
 SIZES = {"quick": dict(b=1, d=16, n=8, l=256), "default": dict(b=2, d=32, n=16, l=1024),
          "long": dict(b=2, d=64, n=16, l=8192)}
@@ -32,7 +32,8 @@ def measure(point):
                 regime=point["regime"], initial_state=True, seed=1234)
     y, state = impls.selective_scan(**make_inputs(case), return_last_state=True, impl=point["impl"])
     ref, same = oracle(case)
-    cy, cs = compare(y, ref[0], same[0], case.l), compare(state, ref[1], same[1], case.l)
+    cy = compare(y, ref[0], same[0], terms("y", case.l, case.n))
+    cs = compare(state, ref[1], same[1], terms("last_state", case.l, case.n))
     scale = float(ref[0].abs().max())
     return dict(y_error=cy.error, y_loop_error=cy.loop_error, y_bound=cy.bound, y_scale=scale,
                 state_error=cs.error, state_loop_error=cs.loop_error, state_bound=cs.bound,

@@ -7,8 +7,9 @@ same, already rounded, inputs). Its error may be at most
     + eps(compute dtype) x length x max|oracle|
 
 where the error is the largest absolute difference over the tensor, length is the number of
-terms accumulated into each element (l for outputs and states), and the compute dtype is float32
-for half and float32 results, float64 for float64 ones.
+rounded terms accumulated into each element (``terms``: l + n for y, whose readout sums n products
+of a state built over l steps; l for states), and the compute dtype is float32 for half and float32
+results, float64 for float64 ones.
 
 Why this shape: the loop in the same dtype is the honest measure of what that dtype can do on
 these inputs (bfloat16 rounding, float32 under strong decay), so a fixed rtol is either too loose
@@ -29,6 +30,13 @@ import dataclasses
 import torch
 
 FACTOR = 2.0
+
+
+def terms(output, l, n):
+    """Rounded terms accumulated into one element of ``output`` ("y" or "last_state"): the state
+    after l steps has l; y_t adds the n-term readout <C_t, h_t> on top. A readout summed in another
+    order than the loop's differs by rounding in proportion to n, even at l = 1."""
+    return l + n if output == "y" else l
 
 
 @dataclasses.dataclass

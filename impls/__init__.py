@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import frontdoor, loop, recurrent
+from . import frontdoor, loop, parallel, recurrent
 
 # What an implementation can do. A call that needs more raises NotImplementedError: a gap is
 # declared and visible, never a silent fallback.
@@ -195,3 +195,16 @@ register("loop", loop.selective_scan, gradients=True)
 register("recurrent", recurrent.selective_scan, step=recurrent.selective_state_update)
 
 PLUGINS = load_plugins()
+
+# Triton kernels (impls/triton_scan.py), when triton is installed. Imported on first call only.
+# Without a GPU they run in Triton's interpreter, one program after another, so the property tests
+# fold their cases into small sizes (odd sizes stay odd; l still spans several 16-token chunks);
+# on a GPU they run natively, at the suite's full sizes.
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+
+if importlib.util.find_spec("triton") is not None:
+    _interpreted = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    register("triton", lazy("triton_scan", "selective_scan"), step=lazy("triton_scan", "selective_state_update"),
+             gradients=True, case_limits=dict(b=2, d=40, n=16, l=40) if _interpreted else None)
+register("parallel", parallel.selective_scan, gradients=True)

@@ -1,0 +1,64 @@
+"""Log-log slopes of time against size: how a cost grows.
+
+A time per token proportional to L^s has slope s on log-log axes: s = 1 for re-forwarding the whole
+prefix (quadratic in total), s = 0 for recurrent decoding (constant per token). ``fit_slope`` fits
+log t = s log L + c by least squares (numpy.polyfit) and gives s a confidence interval from the
+residuals (Student's t with n - 2 degrees of freedom).
+"""
+
+import math
+
+import numpy as np
+
+
+def _t_cdf(x, df):
+    """Student's t distribution function at x >= 0, by Simpson's rule on its density (no scipy needed)."""
+    grid = np.linspace(0.0, x, 4001)
+    logc = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    pdf = np.exp(logc - (df + 1) / 2 * np.log1p(grid ** 2 / df))
+    h = grid[1] - grid[0]
+    return 0.5 + h / 3 * (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
+
+
+def t_quantile(p, df):
+    """The p-quantile (p > 0.5) of Student's t with df degrees of freedom, by bisection on _t_cdf."""
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def fit_slope(L, t, confidence=0.95):
+    """Fit t = C * L^slope on log-log axes.
+
+    Args:
+        L: sizes (> 0), at least two distinct; t: times (> 0), same length; confidence: of the interval
+    Returns:
+        dict(slope, intercept (natural log of C), stderr, ci_low, ci_high, confidence, n, r2);
+        with only two points the interval is unknown (stderr, ci_low, ci_high are NaN).
+    """
+    L, t = np.asarray(L, dtype=float), np.asarray(t, dtype=float)
+    if L.shape != t.shape or L.ndim != 1:
+        raise ValueError(f"fit_slope: L and t must be 1-d of the same length, got {L.shape} and {t.shape}")
+    if not (np.isfinite(L).all() and np.isfinite(t).all() and (L > 0).all() and (t > 0).all()):
+        raise ValueError("fit_slope: L and t must be positive and finite")
+    if len(np.unique(L)) < 2:
+        raise ValueError("fit_slope: need at least two distinct sizes")
+    x, y = np.log(L), np.log(t)
+    slope, intercept = np.polyfit(x, y, 1)
+    n = len(x)
+    residuals = y - (slope * x + intercept)
+    ss_res = float(residuals @ residuals)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    sxx = float(((x - x.mean()) ** 2).sum())
+    if n > 2:
+        stderr = math.sqrt(ss_res / (n - 2) / sxx)
+        half = t_quantile(0.5 + confidence / 2, n - 2) * stderr
+    else:
+        stderr = half = float("nan")
+    return dict(slope=float(slope), intercept=float(intercept), stderr=stderr, ci_low=float(slope - half),
+                ci_high=float(slope + half), confidence=confidence, n=n,
+                r2=1 - ss_res / ss_tot if ss_tot > 0 else 1.0)
