@@ -4,9 +4,9 @@ decode as if unpadded, and checkpoints use the exact official layout.
 
 The oracle for logits is the float64 model run through the loop over the whole token sequence (one
 forward: the logits at every generated position at once); the baseline is the same forward of the
-float32 model through the loop. ``length`` for the policy is the sequence length: the most terms the
-scan accumulates into any logit (the projections' sums are short beside it and are covered by the
-loop's own error, since the loop run does the very same projections).
+float32 model through the loop. ``length`` for the policy is that of the scan's output y over the
+whole sequence, tolerance.terms("y", l, n): the logits are y passed through the projections, whose
+own rounding the loop run shares (it does the very same projections), so the loop's error covers it.
 """
 
 import dataclasses
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import impls
 from impls.model import MambaConfig, MambaLM
-from .tolerance import compare
+from .tolerance import compare, terms
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -186,7 +186,7 @@ def test_block_agrees_with_an_independent_implementation():
         got = norm_f(other(model.backbone.embedding(ids))) @ model.backbone.embedding.weight.T
         oracle = model.double()(ids, impl="loop")
         baseline = model.float()(ids, impl="loop")
-    result = compare(got, oracle, baseline, ids.shape[1])
+    result = compare(got, oracle, baseline, terms("y", ids.shape[1], c.d_state))
     assert result.ok, result.describe()
 
 
@@ -241,7 +241,7 @@ def check_mode(case, model, model64, ids, mode, impl, expected_tokens, mask=None
     oracle = teacher_forced(model64, tokens, ids.shape[1], full_mask)
     baseline = teacher_forced(model, tokens, ids.shape[1], full_mask)
     where = f"{case!r}, mode={mode!r}, impl={impl!r}"
-    result = compare(logits, oracle, baseline, tokens.shape[1])
+    result = compare(logits, oracle, baseline, terms("y", tokens.shape[1], model.config.d_state))
     assert result.ok, f"{where}: per-step logits: {result.describe()}"
     l, V = ids.shape[1], model.config.vocab_size
     for row in range(tokens.shape[0]):
@@ -313,7 +313,8 @@ def left_padded_batch_decodes_as_if_unpadded(impl, lengths, case):
                                         attention_mask=mask, return_logits=True)
         for i, (p, alone_i, oracle, baseline) in enumerate(zip(prompts, alone, oracles, baselines)):
             where = f"{case!r}, prompt lengths {lengths}, row {i}, mode={mode!r}, impl={impl!r}"
-            result = compare(logits[i:i + 1], oracle, baseline, alone_i.shape[1])
+            length = terms("y", alone_i.shape[1], model.config.d_state)
+            result = compare(logits[i:i + 1], oracle, baseline, length)
             if torch.equal(tokens[i, l:], alone_i[0, len(p):]):
                 assert result.ok, f"{where}: logits differ from the unpadded prompt's: {result.describe()}"
             else:

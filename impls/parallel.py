@@ -59,6 +59,8 @@ STEP_ELEMENTS = 65536        # chunks run side by side until one step touches ab
 SEQUENTIAL_FROM = 8192       # b*d*n at or above this: one chunk (K = 1), no pass 1 and no carry
 SEGMENT_ELEMENTS = 1 << 21   # elements (T*b*K*d*n) of a segment buffer
 MIN_CHUNK = 16               # chunks of at least this many tokens (the carry is sequential in K)
+CORRECT = True
+STREAM = True
 WORKSPACE_ELEMENTS = 1 << 23  # segment buffers up to this size are kept for the next call
 
 # Segment buffers are reused from call to call (per thread): fresh multi-megabyte allocations
@@ -311,11 +313,95 @@ def _forward(p, x_in, initial_state, save):
         if p.K > 1:
             _recurrence(p, dA, x, Bb, H)                          # pass 1: each chunk from zero
             _carry(p, H[p.T - 1], x_in.chunk_decays(dt), starts)
-        if save:
-            saved_starts[s] = starts
-        _recurrence(p, dA, x, Bb, H, start=starts)                # pass 2: from the true starts
+            if save:
+                saved_starts[s] = starts
+            if CORRECT:
+                # pass 2: add each chunk's decayed true start, c_t = Ā_t c_{t-1} from c = start
+                # (a product of decays, computed in place: the decays are not needed again)
+                dAs = dA.unbind(0)
+                dAs[0].mul_(starts)
+                for j in range(1, p.T):
+                    dAs[j].mul_(dAs[j - 1])
+                H += dA
+            else:
+                _recurrence(p, dA, x, Bb, H, start=starts)
+        else:
+            if save:
+                saved_starts[s] = starts
+            _recurrence(p, dA, x, Bb, H, start=starts)                # pass 2: from the true starts
         carry.copy_(H[p.T - 1][:, p.K - 1])
         yb = _scatter(p, _readout(p, x_in.groups(x_in.C, a, e), H), a, e)
+        if x_in.D is not None:
+            yb += x_in.D * u_native                                 # skip connection D u
+        if y_pre is not None:
+            y_pre[..., a:e] = yb
+        if z is not None:
+            yb *= F.silu(x_in.native(z, a, e))                      # the Mamba block's gate
+        y[..., a:e] = yb
+    return y, p.from_state(carry), (saved_starts, y_pre)
+
+
+def _step_views(p, x, Bb, Cb):
+    """Per-step slices (b, K, G, 1, dG) of x, (b, K, G, n, 1) of B and (b, K, G, 1, n) of C, from
+    small time-major copies of the segments, so that each step reads contiguous memory."""
+    xt = _time_major(x).contiguous().view(p.T, p.b, p.K, p.G, 1, p.dG)
+    Bt = _time_major(Bb).contiguous().unsqueeze(-1)
+    Ct = None if Cb is None else _time_major(Cb).contiguous().unsqueeze(-2)
+    return xt.unbind(0), Bt.unbind(0), (None if Ct is None else Ct.unbind(0))
+
+
+def _stream(p, dAs, xs, Bs, h, Cs=None, ys=None):
+    """Run h (b, K, G, n, dG) in place through the segment's steps, h_t = Ā_t h_{t-1} + x_t B_t
+    (eq. 2a), reading out y_t = <C_t, h_t> (eq. 2b) into ys[t] (b*K*G, 1, dG) when given.
+    The state stays in cache: a step reads its decays and nothing else of segment size."""
+    exact = p.f == torch.float64
+    hv = h.view(-1, p.n, p.dG)
+    for j in range(p.T):
+        h.mul_(dAs[j])
+        if exact:                               # x B rounded first, then added, as in the loop
+            h.add_(xs[j] * Bs[j])
+        else:
+            h.addcmul_(xs[j], Bs[j])
+        if ys is not None:
+            if exact:                           # the loop's order for the n-term sum
+                ys[j].copy_((h.transpose(-1, -2) * Cs[j]).contiguous().sum(-1).view(ys[j].shape))
+            else:
+                torch.bmm(Cs[j].view(-1, 1, p.n), hv, out=ys[j])
+    return h
+
+
+def _forward_stream(p, x_in, initial_state, save):
+    """_forward with the state kept in cache: pass 1 and pass 2 step a (b, K, G, n, dG) state
+    in place instead of writing every step's state out."""
+    u, z = x_in.u, x_in.z
+    y = torch.empty(p.b, p.d, p.l, dtype=u.dtype, device=p.device)
+    y_pre = p.empty(p.b, p.d, p.l) if save and z is not None else None
+    saved_starts = p.empty(len(p.segments), p.b, p.K, p.G, p.n, p.dG) if save else None
+    dA, h, starts = p.buffer("dA"), p.states(), p.states()
+    dAs = dA.unbind(0)
+    ys = p.empty(p.T, p.b * p.K * p.G, 1, p.dG)
+    yss = ys.unbind(0)
+    carry = torch.zeros(p.b, p.G, p.n, p.dG, dtype=p.f, device=p.device)
+    if initial_state is not None:
+        carry.copy_(p.to_state(initial_state))
+    for s, (a, e) in enumerate(p.segments):
+        dt_native, _ = x_in.dt(a, e)
+        u_native = x_in.native(u, a, e)
+        dt = _gather(p, dt_native, 0, e - a)
+        x = _gather(p, dt_native * u_native, 0, e - a)              # dt u
+        x_in.decays(dt, dA)                     # the only exp per element
+        xs, Bs, Cs = _step_views(p, x, x_in.groups(x_in.B, a, e), x_in.groups(x_in.C, a, e))
+        starts[:, 0] = carry
+        if p.K > 1:
+            h.zero_()
+            _stream(p, dAs, xs, Bs, h)                                # pass 1: each chunk from zero
+            _carry(p, h, x_in.chunk_decays(dt), starts)
+        if save:
+            saved_starts[s] = starts
+        h.copy_(starts)
+        _stream(p, dAs, xs, Bs, h, Cs, yss)                           # pass 2: from the true starts
+        carry.copy_(h[:, p.K - 1])
+        yb = _scatter(p, _chunk_major(ys.view(p.T, p.b, p.K, p.d)), a, e)
         if x_in.D is not None:
             yb += x_in.D * u_native                                 # skip connection D u
         if y_pre is not None:
@@ -463,5 +549,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y, last = _SelectiveScan.apply(*tensors, delta_softplus, plan)
     else:
         x_in = _Inputs(plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-        y, last, _ = _forward(plan, x_in, initial_state, save=False)
+        y, last, _ = (_forward_stream if STREAM else _forward)(plan, x_in, initial_state, save=False)
     return (y, last) if return_last_state else y

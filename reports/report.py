@@ -22,8 +22,12 @@ PEERS = ("loop", "mambapy")        # the best of these is the scan grid's peer
 FLOORS = ("floor", "floor_inplace")
 
 
-def _rows(data, benchmark):
-    rows = data[data["benchmark"] == benchmark].dropna(axis=1, how="all")
+def _rows(data, benchmark, kind=None):
+    """The timed rows of one benchmark (and, for time_per_token, one kind of point)."""
+    rows = data[data["benchmark"] == benchmark]
+    if kind is not None:
+        rows = rows[rows["kind"] == kind] if "kind" in rows else rows.iloc[:0]
+    rows = rows.dropna(axis=1, how="all")
     return rows if "median_s" not in rows else rows[rows["median_s"].notna()]
 
 
@@ -36,7 +40,7 @@ def _series(rows, keys):
 
 def slope_table(data):
     """Fitted log-log slope of time per token against L for every series."""
-    rows = _rows(data, "time_per_token")
+    rows = _rows(data, "time_per_token", "per_token")
     out = []
     if rows.empty:
         return pd.DataFrame()
@@ -51,7 +55,7 @@ def slope_table(data):
 
 
 def plot_time_per_token(data, path):
-    rows = _rows(data, "time_per_token")
+    rows = _rows(data, "time_per_token", "per_token")
     if rows.empty:
         return None
     levels = sorted(rows["level"].dropna().unique()) if "level" in rows else [None]
@@ -81,24 +85,17 @@ def plot_time_per_token(data, path):
 
 
 def plot_cumulative(data, path):
-    """Cumulative time to generate L tokens: the integral of time per token over positions 1..L."""
-    rows = _rows(data, "time_per_token")
+    """Measured time to generate L tokens one after another, in both modes."""
+    rows = _rows(data, "time_per_token", "cumulative")
     if rows.empty:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
     for key, g in _series(rows, ["source", "level", "impl", "mode"]):
         g = g.groupby("L", as_index=False)["median_s"].median()
-        if len(g) < 2:
-            continue
-        # piecewise-linear interpolation of per-token time between measured L, summed over every position
-        at = g["L"].to_numpy(dtype=int)
-        L = np.arange(1, at.max() + 1)
-        cumulative = np.cumsum(np.interp(L, at, g["median_s"]))
         label = " / ".join(str(key[k]) for k in ("level", "impl", "mode") if k in key)
-        ax.loglog(at, cumulative[at - 1], "-" if key.get("mode") == "recurrent" else "--",
-                  marker="o", ms=3, label=label)
+        ax.loglog(g["L"], g["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3, label=label)
     ax.set_xlabel("tokens generated L")
-    ax.set_ylabel("cumulative generation time (s)")
+    ax.set_ylabel("time to generate L tokens (s)")
     ax.set_title("cumulative time: quadratic (re-forward) vs linear (recurrent)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
@@ -106,6 +103,18 @@ def plot_cumulative(data, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def memory_table(data):
+    """Peak resident memory of recurrent decoding at several lengths: it should not grow with L."""
+    rows = data[(data["benchmark"] == "time_per_token") & (data["kind"] == "memory")] if "kind" in data else data.iloc[:0]
+    if rows.empty:
+        return pd.DataFrame()
+    cols = [c for c in ("source", "level", "impl", "L", "peak_rss_bytes", "rss_before_bytes", "per_token_mean_s") if c in rows]
+    out = rows[cols].sort_values([c for c in ("source", "L") if c in cols]).reset_index(drop=True)
+    out["peak_rss_mib"] = out.pop("peak_rss_bytes") / 2 ** 20
+    out["before_mib"] = out.pop("rss_before_bytes") / 2 ** 20
+    return out
 
 
 def scan_grid_table(data):
@@ -196,7 +205,9 @@ def build(data, problems, out_dir):
          "recurrent decoding with a kept state costs the same at every position (slope ≈ 0). Slopes are log-log "
          "least-squares fits of the median time per token, with 95 % confidence half-widths."),
         ("Cumulative generation time", pd.DataFrame(), "cumulative",
-         "The time to generate L tokens one after another, summed from the per-token times above."),
+         "Measured time to generate L tokens one after another (MambaLM.generate) in both modes."),
+        ("Memory of recurrent decoding", memory_table(data), None,
+         "Peak resident memory of a process decoding L tokens: a kept state takes constant memory."),
         ("Scan speed grid", grid, "scan_grid",
          "Forward scan medians as ratios to the floor (one allocating exp(dt ⊗ A) pass over all b·d·l·n elements, "
          "which no scan can beat) and to the best pure-PyTorch peer (the faster of loop and mamba.py's pscan)."),

@@ -27,9 +27,14 @@ def write_results(path, speed=1.0, slow_point=None):
     records = [_point("calibration", op="floor", b=1, d=256, n=16, l=2048, median_s=0.01 * speed)]
     for L in (64, 128, 256, 512, 1024):
         for impl in ("loop", "parallel"):
-            records.append(_point("time_per_token", level="scan", impl=impl, mode="reforward", L=L,
+            records.append(_point("time_per_token", kind="per_token", level="scan", impl=impl, mode="reforward", L=L,
                                   median_s=speed * 1e-5 * L * (1 if impl == "parallel" else 3)))
-            records.append(_point("time_per_token", level="scan", impl=impl, mode="recurrent", L=L, median_s=speed * 2e-5))
+            records.append(_point("time_per_token", kind="per_token", level="scan", impl=impl, mode="recurrent", L=L,
+                                  median_s=speed * 2e-5))
+        records.append(_point("time_per_token", kind="cumulative", level="model", impl="parallel", mode="reforward", L=L,
+                              median_s=speed * 1e-6 * L * L))
+        records.append(_point("time_per_token", kind="cumulative", level="model", impl="recurrent", mode="recurrent", L=L,
+                              median_s=speed * 1e-4 * L))
     for l in (512, 2048):
         for impl, factor in (("floor", 1), ("parallel", 2), ("loop", 5), ("mambapy", 4)):
             t = speed * factor * 1e-6 * l * (2 if impl == slow_point else 1)
