@@ -54,6 +54,21 @@ def slope_table(data):
     return pd.DataFrame(out)
 
 
+def _label_axes(ax, xlabel, ylabel, title):
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_time_per_token(data, path):
     rows = _rows(data, "time_per_token", "per_token")
     if rows.empty:
@@ -73,15 +88,9 @@ def plot_time_per_token(data, path):
                 fit = fit_slope(g["L"].to_numpy(), g["median_s"].to_numpy())
                 ax.annotate(f"slope {fit['slope']:.2f}", (g["L"].iloc[-1], g["median_s"].iloc[-1] * 1e3),
                             textcoords="offset points", xytext=(4, 0), fontsize=7, color=line.get_color())
-        ax.set_xlabel("prefix length L (tokens)")
-        ax.set_ylabel("time per generated token (ms)")
-        ax.set_title(f"time per token, {level} level: re-forward (dashed) vs recurrent (solid)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        _label_axes(ax, "prefix length L (tokens)", "time per generated token (ms)",
+                    f"time per token, {level} level: re-forward (dashed) vs recurrent (solid)")
+    return _save(fig, path)
 
 
 def plot_cumulative(data, path):
@@ -94,15 +103,9 @@ def plot_cumulative(data, path):
         g = g.groupby("L", as_index=False)["median_s"].median()
         label = " / ".join(str(key[k]) for k in ("level", "impl", "mode") if k in key)
         ax.loglog(g["L"], g["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3, label=label)
-    ax.set_xlabel("tokens generated L")
-    ax.set_ylabel("time to generate L tokens (s)")
-    ax.set_title("cumulative time: quadratic (re-forward) vs linear (recurrent)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _label_axes(ax, "tokens generated L", "time to generate L tokens (s)",
+                "cumulative time: quadratic (re-forward) vs linear (recurrent)")
+    return _save(fig, path)
 
 
 def memory_table(data):
@@ -147,13 +150,9 @@ def plot_scan_grid(table, path):
     pivot = table.pivot_table(index="point", columns="impl", values="vs_floor", aggfunc="median")
     pivot.plot.bar(ax=ax, logy=True, rot=30)
     ax.axhline(1, color="k", lw=0.8)
-    ax.set_ylabel("time / floor (one exp(dt ⊗ A) pass)")
-    ax.set_xlabel("elements per step (b·d·n) x sequence length l")
-    ax.set_title("scan forward, float32: ratio to the floor (lower is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _label_axes(ax, "elements per step (b·d·n) x sequence length l", "time / floor (one exp(dt ⊗ A) pass)",
+                "scan forward, float32: ratio to the floor (lower is better)")
+    return _save(fig, path)
 
 
 def accuracy_table(data):
