@@ -17,6 +17,11 @@ report divides by the floor of the same run. "long" adds forward + backward at l
 of every input) and the memory point b=1, d=1536, n=16, l=65,536, run in a fresh process so that
 its peak resident memory is its own (the full (b, d, l, n) float32 tensor there would be 6.4 GB).
 
+The thread count is 2 (the grid's setting); SCAN_GRID_THREADS=1 in the environment measures the
+same grid on one thread instead (a different point key), which is what stays comparable on a
+machine where other processes keep a core busy: there a 2-thread run waits on a descheduled thread
+at every parallel region, and an implementation is slowed by its number of ops, not its work.
+
 Points whose estimated memory would not fit in what the machine has free are refused with a
 MemoryError (recorded by the runner, visible in the report); a floor whose tensor alone would be
 over FLOOR_PIECE_BYTES is run over l in pieces, each allocated and freed in turn (floor_pieces).
@@ -38,17 +43,22 @@ ELEMENTS = {"1k": dict(b=1, d=64, n=16), "16k": dict(b=1, d=1024, n=16), "262k":
 LENGTHS = (512, 2048, 8192)
 IMPLS = ("loop", "parallel", "mambapy", "floor")   # floor brings floor_inplace with it
 MEMORY_POINT = dict(b=1, d=1536, n=16, l=65536)
+THREADS = int(os.environ.get("SCAN_GRID_THREADS", "2"))
 FLOOR_PIECE_BYTES = 2 << 30
 # Peak memory of one call, in full (b, d, l, n) float32 tensors, for refusing what cannot fit.
 FULL_TENSORS = {("mambapy", "forward"): 5, ("mambapy", "forward+backward"): 9,
-                ("loop", "forward+backward"): 5}
+                ("loop", "forward+backward"): 6}
 
 
 def points(size, names):
-    """Grid points: one dict per (elements per step, l, direction, implementation)."""
+    """Grid points: one dict per (elements per step, l, direction, implementation).
+
+    names: None for IMPLS; otherwise those of IMPLS (and floor_inplace) it lists, plus any other
+    registered implementation it names (run through impls.selective_scan like loop and parallel)."""
     chosen = [i for i in IMPLS if names is None or i in names]
     if names is not None and "floor_inplace" in names and "floor" not in chosen:
         chosen.append("floor")
+    chosen += [i for i in (names or ()) if i not in IMPLS and i != "floor_inplace" and i in impls.names()]
 
     def expand(shape, l, direction, which):
         out = []
@@ -56,7 +66,7 @@ def points(size, names):
             for impl in (("floor", "floor_inplace") if name == "floor" else (name,)):
                 if names is not None and impl not in names and name not in names:
                     continue
-                out.append(dict(impl=impl, **shape, l=l, dtype="float32", threads=2, direction=direction))
+                out.append(dict(impl=impl, **shape, l=l, dtype="float32", threads=THREADS, direction=direction))
         return out
 
     if size == "quick":
@@ -192,7 +202,8 @@ def measure(point):
         extra["floor_pieces"] = pieces
     else:
         fn = _scan_call(point)
-    _, peak, before = peak_rss_during(fn)            # the warm-up call, watched for memory
+    out, peak, before = peak_rss_during(fn)          # the warm-up call, watched for memory
+    del out                                          # (kept, it would be counted in the next call's peak)
     result = time_call(fn, min_run_time=1.0, warmup=0)
     return dict(result, peak_rss_bytes=peak, rss_before_bytes=before, full_tensor_bytes=full_bytes, **extra)
 
@@ -216,9 +227,10 @@ def _child(point):
 
     def fn():
         return impls.selective_scan(**x, impl=point["impl"])
-    _, peak, before = peak_rss_during(fn)
+    out, peak, before = peak_rss_during(fn)
+    del out
     result = time_call(fn, min_run_time=1.0, warmup=0)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kilobytes on Linux
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kilobytes on Linux; whole life
     result.update(peak_rss_bytes=max(peak, maxrss), rss_before_bytes=before,
                   full_tensor_bytes=point["b"] * point["d"] * point["l"] * point["n"] * 4, gate=False)
     return result

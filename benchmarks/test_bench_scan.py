@@ -1,0 +1,71 @@
+"""pytest-benchmark groups for the scan: a couple of points of the scan grid (benchmarks/scan_grid.py).
+
+    .venv/bin/pytest benchmarks/test_bench_scan.py                        # time, 2 threads
+    .venv/bin/pytest benchmarks/test_bench_scan.py --benchmark-disable    # run each once (CI)
+    .venv/bin/pytest benchmarks/test_bench_scan.py --benchmark-json out.json
+
+Group "scan-forward": loop, parallel, mambapy's pscan and the floor (one allocating exp(dt ⊗ A)
+pass over all b·d·l·n elements) side by side at each point. Group "scan-forward-backward":
+parallel's forward alone beside forward + backward (gradients of every input). Nothing here
+asserts a time; compare within one run (the machine is shared and times drift between runs).
+"""
+
+import pytest
+import torch
+
+import impls
+from benchmarks.scan_grid import _floor_call, make_inputs, mambapy_scan
+
+POINTS = {"1k-l2048": dict(b=1, d=64, n=16, l=2048), "16k-l512": dict(b=1, d=1024, n=16, l=512)}
+SCANS = ("loop", "parallel", "mambapy", "floor")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """The grid's setting: 2 threads, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _call(scan, point):
+    if scan == "floor":
+        return _floor_call(point, inplace=False)[0]
+    x = make_inputs(**point)
+    if scan == "mambapy":
+        return lambda: mambapy_scan(**x)
+    return lambda: impls.selective_scan(**x, impl=scan)
+
+
+@pytest.mark.benchmark(group="scan-forward")
+@pytest.mark.parametrize("point", list(POINTS))
+@pytest.mark.parametrize("scan", SCANS)
+def test_forward(benchmark, scan, point):
+    benchmark.extra_info.update(POINTS[point], scan=scan, elements_per_step=POINTS[point]["b"] * POINTS[point]["d"] * POINTS[point]["n"])
+    benchmark(_call(scan, POINTS[point]))
+
+
+@pytest.mark.benchmark(group="scan-forward-backward")
+@pytest.mark.parametrize("point", list(POINTS))
+@pytest.mark.parametrize("direction", ["forward", "forward+backward"])
+def test_parallel_forward_backward(benchmark, direction, point):
+    x = make_inputs(**POINTS[point], requires_grad=direction == "forward+backward")
+    leaves = [v for v in x.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    gy = torch.randn(POINTS[point]["b"], POINTS[point]["d"], POINTS[point]["l"], generator=torch.Generator().manual_seed(1))
+    benchmark.extra_info.update(POINTS[point], direction=direction)
+    if leaves:
+        benchmark(lambda: torch.autograd.grad(impls.selective_scan(**x, impl="parallel"), leaves, gy))
+    else:
+        benchmark(lambda: impls.selective_scan(**x, impl="parallel"))
+
+
+def test_mambapy_adapter_computes_the_scan():
+    """The peer is measured doing the same work: its adapter agrees with the float32 loop on a
+    grid-style call (the tolerance policy against the float64 loop)."""
+    from equivalence.tolerance import assert_close
+
+    x = make_inputs(b=2, d=8, n=4, l=100)
+    x64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+    oracle = impls.selective_scan(**x64, impl="loop")
+    assert_close("mambapy adapter", mambapy_scan(**x), oracle, impls.selective_scan(**x, impl="loop"), 100)
