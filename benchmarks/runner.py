@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .common import append_jsonl, machine_info, read_jsonl
 
-SWEEPS = ("calibration", "scan_grid", "time_per_token", "accuracy")  # modules of benchmarks/, run in this order
+SWEEPS = ("calibration", "scan_grid", "time_per_token", "decode_split", "accuracy")  # modules of benchmarks/, run in this order
 DEFAULT_OUT = os.path.join("results", "results.jsonl")
 
 

@@ -69,6 +69,7 @@ STEP_ELEMENTS = 32000
 SEGMENT_ELEMENTS = 1 << 21   # elements (T*b*K*d*n) of a segment's decays
 MIN_CHUNK = 16               # chunks of at least this many tokens (the carry is sequential in K)
 WORKSPACE_ELEMENTS = 1 << 23  # segment buffers up to this size are kept for the next call
+Q_PER_STEP_FROM = 1 << 16    # backward: reduce q per step from this many elements per step, else in bulk
 
 # Segment buffers are reused from call to call (per thread): a fresh multi-megabyte allocation
 # comes from the operating system page by page, and those page faults cost as much as the scan.
@@ -368,14 +369,19 @@ def _backward(p, x_in, saved, gy, glast, needs):
         # backward pass 2, the true adjoint: lambda_t = C_t dL/dy_t + (what arrives from t + 1)
         lam.copy_(R)
         dts = _per_step(p, dt, p.M, 1, p.dG)
+        bulk = p.M * p.n * p.dG < Q_PER_STEP_FROM
         for j in range(p.T - 1, -1, -1):
             lv.addcmul_(Cs[j], gs[j])                                       # lambda_t
             torch.bmm(xs[j], lv.transpose(1, 2), out=gBs_[j])               # sum_d lambda_t x_t
             torch.bmm(Bs_rows[j], lv, out=gxs_[j])                          # sum_n lambda_t B_t
             lv.mul_(dAs[j])                                                 # Ā_t lambda_t, to t - 1
-            torch.mul(lv, Hs[j - 1] if j else starts.view(p.M, p.n, p.dG), out=q)
-            gA_steps.addcmul_(q, dts[j])                                    # dL/dA: q_t dt_t
-            torch.sum(qg.mul_(x_in.A), -2, out=gdts_[j])                    # dL/ddt_t: sum_n q_t A
+            prev = Hs[j - 1] if j else starts.view(p.M, p.n, p.dG)
+            if bulk:                                                        # q_t over the spent decays
+                torch.mul(lv, prev, out=dAs[j])
+            else:
+                torch.mul(lv, prev, out=q)
+                gA_steps.addcmul_(q, dts[j])                                # dL/dA: q_t dt_t
+                torch.sum(qg.mul_(x_in.A), -2, out=gdts_[j])                # dL/ddt_t: sum_n q_t A
         incoming = lam[:, 0].clone()            # exp(dt A) lambda at the segment's first token
         if need_C:                               # sum_d dL/dy_t h_t, in bulk over the segment
             gCb = torch.bmm(gys.view(p.T * p.M, 1, p.dG), H.view(p.T * p.M, p.n, p.dG).transpose(1, 2))
@@ -384,6 +390,10 @@ def _backward(p, x_in, saved, gy, glast, needs):
             gB[..., a:e] = _scatter(p, _to_groups(p, gBs, p.gB), used)
         if not (need_u or need_delta or need_bias or need_A):
             continue
+        if bulk:                                 # the per-step reductions of q, over the whole segment
+            torch.mul(dA, dt.view(p.T, p.b, p.K, p.G, 1, p.dG), out=H)      # (H is spent)
+            gA_steps += H.view(p.T, p.M, p.n, p.dG).sum(0)
+            torch.sum(dA.mul_(x_in.A), -2, out=gdts.view(p.T, p.b * p.K, p.G, p.dG))
         gx = _scatter(p, gxs.view(p.T, p.b, p.K, p.d), used)               # dL/d(dt u)
         if need_u:
             gub = gx * dt_native

@@ -155,6 +155,26 @@ def plot_scan_grid(table, path):
     return _save(fig, path)
 
 
+def peers_table(data):
+    """Decoding and prefill against mamba.py, measured side by side (ratios per round, then quartiles)."""
+    rows = data[(data["benchmark"] == "time_per_token") & data.get("ratio_to_mambapy", pd.Series(index=data.index)).notna()]
+    if rows.empty:
+        return pd.DataFrame()
+    cols = [c for c in ("source", "kind", "level", "impl", "L", "threads", "median_s", "ratio_to_mambapy", "ratio_q1",
+                        "ratio_q3", "speedup_over_mambapy", "same_next_tokens") if c in rows]
+    return rows[cols].sort_values([c for c in ("source", "kind", "level", "L") if c in cols]).reset_index(drop=True)
+
+
+def decode_split_table(data):
+    """Where a decoding step's time goes, per part, as a share of the step."""
+    rows = data[data["benchmark"] == "decode_split"]
+    if rows.empty:
+        return pd.DataFrame()
+    shares = [c for c in rows if c.startswith("share_")]
+    cols = [c for c in ("source", "level", "impl", "total_s") if c in rows] + shares
+    return rows[cols].rename(columns={c: c[len("share_"):] for c in shares}).reset_index(drop=True)
+
+
 def accuracy_table(data):
     rows = _rows(data, "accuracy")
     if rows.empty:
@@ -210,6 +230,13 @@ def build(data, problems, out_dir):
         ("Scan speed grid", grid, "scan_grid",
          "Forward scan medians as ratios to the floor (one allocating exp(dt ⊗ A) pass over all b·d·l·n elements, "
          "which no scan can beat) and to the best pure-PyTorch peer (the faster of loop and mamba.py's pscan)."),
+        ("Against mamba.py: decoding and prefill", peers_table(data), None,
+         "Our MambaLM against mamba.py's Mamba loaded with the same weights (impls/mambapy_model.py), measured "
+         "side by side in one run: per-token decoding (ratio < 1 means ours is faster) and prompt prefill into the "
+         "decode cache (one parallel scan against mamba.py's token-by-token loop of step), with the next greedy "
+         "tokens from both caches compared."),
+        ("Where a decoding step's time goes", decode_split_table(data), None,
+         "Each part's share of one MambaLM.step, timed inside the real step (benchmarks/decode_split.py)."),
         ("Accuracy against the float64 loop", accuracy_table(data), None,
          "Largest error of y relative to the oracle's scale, and as a multiple of the loop's own error in the same "
          "dtype (the tolerance policy allows 2x plus a rounding floor)."),

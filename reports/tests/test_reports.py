@@ -39,6 +39,10 @@ def write_results(path, speed=1.0, slow_point=None):
         for impl, factor in (("floor", 1), ("parallel", 2), ("loop", 5), ("mambapy", 4)):
             t = speed * factor * 1e-6 * l * (2 if impl == slow_point else 1)
             records.append(_point("scan_grid", impl=impl, b=1, d=64, n=16, l=l, dtype="float32", threads=2, median_s=t))
+    records.append(_point("time_per_token", kind="per_token", level="model_small", impl="recurrent", mode="recurrent",
+                          L=256, median_s=speed * 1e-3, ratio_to_mambapy=0.6, ratio_q1=0.55, ratio_q3=0.65))
+    records.append(_point("decode_split", level="model_small", impl="recurrent", median_s=speed * 1e-3, total_s=speed * 1e-3,
+                          share_projections=0.4, share_scan_step=0.35, share_conv=0.1, share_norm=0.1, share_overhead=0.05))
     for r in records:
         append_jsonl(path, r)
     return records
@@ -60,6 +64,7 @@ def test_report_from_two_files_with_malformed_lines(tmp_path, capsys):
     assert f"b.jsonl:{good + 1}: not JSON" in md and f"b.jsonl:{good + 2}: not a JSON object" in md
     assert "scan_grid: RuntimeError: out of memory" in md
     assert "<table" in (out / "report.html").read_text()
+    assert "Against mamba.py" in md and "Where a decoding step's time goes" in md and "scan_step" in md
     data, problems = load([str(a), str(b)])
     slopes = slope_table(data)
     assert len(slopes) == 8 and data["source"].nunique() == 2
