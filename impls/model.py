@@ -223,7 +223,9 @@ class MambaMixer(nn.Module):
     def _project(self, x):
         """x (..., d) after the conv -> delta (..., d), B (..., n), C (..., n): x_proj, then dt_proj
         without its bias."""
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # F.linear, not self.x_proj(x): a decoding step calls this per layer per token, and the
+        # module call's own overhead (hooks machinery) cost about as much as this small product
+        dt, B, C = F.linear(x, self.x_proj.weight).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C  # the bias goes to the scan as delta_bias
 
     def forward(self, hidden, mask=None, impl=None, cache=None):
