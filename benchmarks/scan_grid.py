@@ -9,7 +9,9 @@ delta_bias, softplus; no initial_state, which mamba.py's pscan lacks). Implement
                      tensors), wrapped the way mamba.py's own selective_scan uses it (mambapy_scan)
     floor            one elementwise pass computing exp(dt ⊗ A) over all b·d·l·n elements, written
                      exactly so: torch.exp(dt.unsqueeze(-1) * A.unsqueeze(1)), which allocates the
-                     full (b, d, l, n) tensor (page faults are most of its time); no scan does less
+                     full (b, d, l, n) tensor; no scan does less. Past a few tens of MB page faults
+                     are most of its time; below, the C library hands the freed block back to the
+                     next call and it costs about what the in-place floor does
     floor_inplace    the same two ops into a preallocated buffer, recorded beside it
 
 Every implementation at a point is measured right after the others (points are ordered so), and the
@@ -29,7 +31,6 @@ over FLOOR_PIECE_BYTES is run over l in pieces, each allocated and freed in turn
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -192,7 +193,7 @@ def _scan_call(point):
 def measure(point):
     """median_s, iqr_s, runs, times_s; peak_rss_bytes and rss_before_bytes of the first call."""
     torch.set_num_threads(point["threads"])
-    if point["l"] == MEMORY_POINT["l"]:
+    if all(point[k] == v for k, v in MEMORY_POINT.items()):
         return _in_fresh_process(point)
     full_bytes = point["b"] * point["d"] * point["l"] * point["n"] * 4
     _refuse_if_too_big(point, full_bytes)
@@ -209,7 +210,7 @@ def measure(point):
 
 
 def _in_fresh_process(point):
-    """Run the point in a new Python process: its peak resident memory (ru_maxrss) is then the
+    """Run the point in a new Python process: its peak resident memory (VmHWM) is then the
     arguments, the output and the scan's own memory, nothing left over from earlier points."""
     code = f"import json, benchmarks.scan_grid as g; print(json.dumps(g._child({point!r})))"
     env = dict(os.environ, OMP_NUM_THREADS=str(point["threads"]))
@@ -218,6 +219,16 @@ def _in_fresh_process(point):
     if done.returncode != 0:
         raise RuntimeError(f"child process failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _high_water_bytes():
+    """This process's peak resident memory since its exec (VmHWM). Not ru_maxrss: Linux carries
+    that over from the forking parent, whose memory a fresh process does not hold."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _child(point):
@@ -230,7 +241,6 @@ def _child(point):
     out, peak, before = peak_rss_during(fn)
     del out
     result = time_call(fn, min_run_time=1.0, warmup=0)
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # kilobytes on Linux; whole life
-    result.update(peak_rss_bytes=max(peak, maxrss), rss_before_bytes=before,
+    result.update(peak_rss_bytes=max(peak, _high_water_bytes()), rss_before_bytes=before,
                   full_tensor_bytes=point["b"] * point["d"] * point["l"] * point["n"] * 4, gate=False)
     return result

@@ -393,7 +393,7 @@ def _backward(p, x_in, saved, gy, glast, needs):
         if bulk:                                 # the per-step reductions of q, over the whole segment
             torch.mul(dA, dt.view(p.T, p.b, p.K, p.G, 1, p.dG), out=H)      # (H is spent)
             gA_steps += H.view(p.T, p.M, p.n, p.dG).sum(0)
-            torch.sum(dA.mul_(x_in.A), -2, out=gdts.view(p.T, p.b * p.K, p.G, p.dG))
+            torch.sum(dA.mul_(x_in.A), -2, out=gdts.view(p.T, p.b, p.K, p.G, p.dG))
         gx = _scatter(p, gxs.view(p.T, p.b, p.K, p.d), used)               # dL/d(dt u)
         if need_u:
             gub = gx * dt_native
