@@ -7,6 +7,7 @@ Timing statistics come from torch.utils.benchmark (median and interquartile rang
 runs), not from code of ours.
 """
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -66,10 +67,9 @@ def _git_commit():
 
 def machine_info():
     """Where and with what a result was measured: recorded beside every result file."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
+    try:  # from the package metadata: importing triton here would fix its interpreter setting too early
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         triton_version = None
     return dict(host=platform.node(), machine=platform.machine(), processor=platform.processor(),
                 cpus=os.cpu_count(), threads=torch.get_num_threads(), python=platform.python_version(),

@@ -291,3 +291,17 @@ def test_step_is_not_autotuned_and_updates_a_strided_state_once():
     same = impls.selective_scan(**make_inputs(case), return_last_state=True, impl="loop")
     assert_close("step y", y, ref[0][..., 0], same[0][..., 0], 1)
     assert_close("step state", state, ref[1], same[1], 1)
+
+
+def test_triton_runs_whatever_is_imported_first(tmp_path):
+    # scanbench imports impls and benchmarks in some order; without a GPU the kernels must still run
+    # in the interpreter (a too-early `import triton` once made every call fail).
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from benchmarks.common import machine_info; machine_info(); import impls, torch; "
+            "from equivalence.cases import Case, make_inputs; "
+            "impls.selective_scan(**make_inputs(Case(b=1, d=3, n=2, l=4)), impl='triton'); print('ran')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.stdout.strip().endswith("ran"), run.stderr[-2000:]

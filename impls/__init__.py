@@ -15,9 +15,16 @@ same errors and guarantees as the built-in ones.
 
 import dataclasses
 import importlib
+import os
 from typing import Callable, Optional
 
 import torch
+
+# Triton reads TRITON_INTERPRET once, when it is first imported (a machine-info probe, a plugin):
+# set it here, before anything can import triton, so that without a GPU the Triton kernels run in
+# its interpreter whatever imports triton first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from . import frontdoor, loop, parallel, recurrent
 
@@ -201,7 +208,6 @@ PLUGINS = load_plugins()
 # fold their cases into small sizes (odd sizes stay odd; l still spans several 16-token chunks);
 # on a GPU they run natively, at the suite's full sizes.
 import importlib.util  # noqa: E402
-import os  # noqa: E402
 
 if importlib.util.find_spec("triton") is not None:
     _interpreted = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
