@@ -197,12 +197,23 @@ def sources_table(data):
     return pd.DataFrame(out)
 
 
+def _integers(df):
+    """Whole-number columns that a missing value turned into floats, shown as integers again."""
+    df = df.copy()
+    for c in df.select_dtypes("float"):
+        values = df[c].dropna()
+        if len(values) and (values == values.round()).all() and values.abs().max() < 2 ** 53:
+            df[c] = df[c].astype("Int64")
+    return df
+
+
 def _md(df):
-    return df.to_markdown(index=False, floatfmt=".3g") if not df.empty else "_no data_"
+    return _integers(df).to_markdown(index=False, floatfmt=".3g") if not df.empty else "_no data_"
 
 
 def _html(df):
-    return df.to_html(index=False, float_format=lambda x: f"{x:.3g}", border=0) if not df.empty else "<p><em>no data</em></p>"
+    return (_integers(df).to_html(index=False, float_format=lambda x: f"{x:.3g}", border=0) if not df.empty
+            else "<p><em>no data</em></p>")
 
 
 def build(data, problems, out_dir):
