@@ -4,7 +4,7 @@
     impls.names()                       # registered implementation names
     impls.get("loop")                   # its entry: name, scan, step, supports
     impls.register("mine", scan=my_scan, step=my_step, gradients=True)
-    y = impls.selective_scan(u, delta, A, B, C, ..., impl="loop")
+    y = impls.selective_scan(u, delta, A, B, C, ..., impl="parallel")
     y = impls.selective_state_update(state, x, dt, A, B, C, ..., impl="recurrent")
 
 Shapes follow the official Mamba-1 ``selective_scan_fn`` / ``selective_state_update``; letters
@@ -101,7 +101,7 @@ def _require(entry, where, dims, grouped, has_initial_state, tensors):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False, *, impl="loop"):
+                   initial_state=None, return_last_state=False, *, impl="parallel"):
     """The Mamba-1 selective scan through the implementation named ``impl``.
 
     dt = softplus(delta + delta_bias) (each optional); h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;
@@ -200,8 +200,7 @@ def load_plugins():
 
 register("loop", loop.selective_scan, gradients=True)
 register("recurrent", recurrent.selective_scan, step=recurrent.selective_state_update)
-
-PLUGINS = load_plugins()
+register("parallel", parallel.selective_scan, gradients=True)
 
 # Triton kernels (impls/triton_scan.py), when triton is installed. Imported on first call only.
 # Without a GPU they run in Triton's interpreter, one program after another, so the property tests
@@ -213,4 +212,6 @@ if importlib.util.find_spec("triton") is not None:
     _interpreted = not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
     register("triton", lazy("triton_scan", "selective_scan"), step=lazy("triton_scan", "selective_state_update"),
              gradients=True, case_limits=dict(b=2, d=40, n=16, l=40) if _interpreted else None)
-register("parallel", parallel.selective_scan, gradients=True)
+
+# Installed packages last: built-in names are taken first, so a plugin cannot shadow them.
+PLUGINS = load_plugins()
