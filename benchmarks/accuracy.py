@@ -7,7 +7,7 @@ error of the loop itself in the same dtype, and whether the tolerance policy
 
 import impls
 from equivalence.cases import DTYPES, REGIMES, Case, make_inputs
-from equivalence.checks import oracle
+from equivalence.checks import oracle, scales
 from equivalence.tolerance import compare, terms
 
 SIZES = {"quick": dict(b=1, d=16, n=8, l=256), "default": dict(b=2, d=32, n=16, l=1024),
@@ -28,12 +28,14 @@ def points(size, names):
 
 
 def measure(point):
-    case = Case(b=point["b"], d=point["d"], n=point["n"], l=point["l"], g=1, dtype=point["dtype"],
-                regime=point["regime"], initial_state=True, seed=1234)
+    supports = impls.get(point["impl"]).supports
+    case = Case(b=point["b"], d=point["d"], n=point["n"], l=point["l"], g=1 if supports["grouped"] else 0,
+                dtype=point["dtype"], regime=point["regime"], initial_state=supports["initial_state"], seed=1234)
     y, state = impls.selective_scan(**make_inputs(case), return_last_state=True, impl=point["impl"])
     ref, same = oracle(case)
-    cy = compare(y, ref[0], same[0], terms("y", case.l, case.n))
-    cs = compare(state, ref[1], same[1], terms("last_state", case.l, case.n))
+    sy, ss = scales(case)
+    cy = compare(y, ref[0], same[0], terms("y", case.l, case.n), scale=sy)
+    cs = compare(state, ref[1], same[1], terms("last_state", case.l, case.n), scale=ss)
     scale = float(ref[0].abs().max())
     return dict(y_error=cy.error, y_loop_error=cy.loop_error, y_bound=cy.bound, y_scale=scale,
                 state_error=cs.error, state_loop_error=cs.loop_error, state_bound=cs.bound,

@@ -6,7 +6,8 @@ delta_bias, softplus; no initial_state, which mamba.py's pscan lacks). Implement
 
     loop, parallel   registered scans, through impls.selective_scan
     mambapy          the mambapy package's pscan (a pure-PyTorch Blelloch scan over (b, l, d, n)
-                     tensors), wrapped the way mamba.py's own selective_scan uses it (mambapy_scan)
+                     tensors), registered through its adapter (impls/mambapy_adapter.py), which the
+                     equivalence suite checks like every implementation
     floor            one elementwise pass computing exp(dt ⊗ A) over all b·d·l·n elements, written
                      exactly so: torch.exp(dt.unsqueeze(-1) * A.unsqueeze(1)), which allocates the
                      full (b, d, l, n) tensor; no scan does less. Past a few tens of MB page faults
@@ -35,7 +36,6 @@ import subprocess
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import impls
 from .common import peak_rss_during, time_call
@@ -54,18 +54,21 @@ FULL_TENSORS = {("mambapy", "forward"): 5, ("mambapy", "forward+backward"): 9,
 def points(size, names):
     """Grid points: one dict per (elements per step, l, direction, implementation).
 
-    names: None for IMPLS; otherwise those of IMPLS (and floor_inplace) it lists, plus any other
-    registered implementation it names (run through impls.selective_scan like loop and parallel)."""
-    chosen = [i for i in IMPLS if names is None or i in names]
-    if names is not None and "floor_inplace" in names and "floor" not in chosen:
+    names: None for IMPLS and every implementation an installed package registered (a plugin);
+    otherwise those of IMPLS (and floor_inplace) it lists, plus any other registered implementation
+    it names (run through impls.selective_scan like loop and parallel)."""
+    if names is None:
+        names = [*IMPLS, "floor_inplace", *(n for n in impls.names() if n not in impls.BUILTIN)]
+    chosen = [i for i in IMPLS if i in names]
+    if "floor_inplace" in names and "floor" not in chosen:
         chosen.append("floor")
-    chosen += [i for i in (names or ()) if i not in IMPLS and i != "floor_inplace" and i in impls.names()]
+    chosen += [i for i in names if i not in IMPLS and i != "floor_inplace" and i in impls.names()]
 
     def expand(shape, l, direction, which):
         out = []
         for name in which:
             for impl in (("floor", "floor_inplace") if name == "floor" else (name,)):
-                if names is not None and impl not in names and name not in names:
+                if impl not in names and name not in names:
                     continue
                 out.append(dict(impl=impl, **shape, l=l, dtype="float32", threads=THREADS, direction=direction))
         return out
@@ -104,29 +107,6 @@ def make_inputs(b, d, n, l, seed=0, requires_grad=False, gate=True):
             if isinstance(v, torch.Tensor):
                 v.requires_grad_()
     return x
-
-
-def mambapy_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
-    """The selective scan through mambapy's pscan, as mamba.py's MambaBlock.selective_scan does it.
-
-    Args:
-        u, delta, z: (b, d, l); A: (d, n); B, C: (b, n, l); D, delta_bias: (d,)
-    Returns:
-        y: (b, d, l)
-    """
-    from mambapy.pscan import pscan
-
-    dt = delta if delta_bias is None else delta + delta_bias[:, None]
-    dt = (F.softplus(dt) if delta_softplus else dt).transpose(1, 2)           # (b, l, d)
-    x = u.transpose(1, 2)
-    deltaA = torch.exp(dt.unsqueeze(-1) * A)                                 # (b, l, d, n)
-    BX = (dt * x).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(2)              # (b, l, d, n)
-    hs = pscan(deltaA, BX)                                                    # (b, l, d, n)
-    y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(3)                     # (b, l, d)
-    if D is not None:
-        y = y + D * x
-    y = y.transpose(1, 2)
-    return y * F.silu(z) if z is not None else y
 
 
 def _available_bytes():
@@ -174,12 +154,8 @@ def _scan_call(point):
     b, d, n, l = point["b"], point["d"], point["n"], point["l"]
     backward = point["direction"] == "forward+backward"
     x = make_inputs(b, d, n, l, requires_grad=backward)
-    if point["impl"] == "mambapy":
-        def forward():
-            return mambapy_scan(**x)
-    else:
-        def forward():
-            return impls.selective_scan(**x, impl=point["impl"])
+    def forward():
+        return impls.selective_scan(**x, impl=point["impl"])
     if not backward:
         return forward
     leaves = [v for v in x.values() if isinstance(v, torch.Tensor)]

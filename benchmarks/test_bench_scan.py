@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import impls
-from benchmarks.scan_grid import _floor_call, make_inputs, mambapy_scan
+from benchmarks.scan_grid import _floor_call, make_inputs
 
 POINTS = {"1k-l2048": dict(b=1, d=64, n=16, l=2048), "16k-l512": dict(b=1, d=1024, n=16, l=512)}
 SCANS = ("loop", "parallel", "mambapy", "floor")
@@ -33,8 +33,6 @@ def _call(scan, point):
     if scan == "floor":
         return _floor_call(point, inplace=False)[0]
     x = make_inputs(**point)
-    if scan == "mambapy":
-        return lambda: mambapy_scan(**x)
     return lambda: impls.selective_scan(**x, impl=scan)
 
 
@@ -59,13 +57,3 @@ def test_parallel_forward_backward(benchmark, direction, point):
     else:
         benchmark(lambda: impls.selective_scan(**x, impl="parallel"))
 
-
-def test_mambapy_adapter_computes_the_scan():
-    """The peer is measured doing the same work: its adapter agrees with the float32 loop on a
-    grid-style call (the tolerance policy against the float64 loop)."""
-    from equivalence.tolerance import assert_close
-
-    x = make_inputs(b=2, d=8, n=4, l=100)
-    x64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
-    oracle = impls.selective_scan(**x64, impl="loop")
-    assert_close("mambapy adapter", mambapy_scan(**x), oracle, impls.selective_scan(**x, impl="loop"), 100)

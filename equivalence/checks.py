@@ -6,6 +6,7 @@ a case on which each planted bug fails one of them.
 """
 
 import torch
+import torch.nn.functional as F
 
 import impls
 from .cases import SCAN_ARGS, make_inputs, reference_inputs
@@ -38,9 +39,48 @@ def oracle(case):
     return ref, same
 
 
+def magnitude_inputs(case):
+    """float64 arguments for which the scan's every rounded term is the oracle's term made
+    non-negative: the decays exp(dt A) are positive already, u takes dt's sign so that dt u >= 0,
+    B, C and initial_state are |.|; D and z are left out (None): ``magnitudes`` adds |D u| and the
+    gate's |silu(z)| itself. Returns (arguments, dt's sign (b, d, l))."""
+    x = reference_inputs(case)
+    dt = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][:, None]
+    sign = (F.softplus(dt) if x["delta_softplus"] else dt).sign()
+    m = {**x, "u": x["u"].abs() * sign, "B": x["B"].abs(), "C": x["C"].abs(), "D": None, "z": None,
+         "initial_state": None if x["initial_state"] is None else x["initial_state"].abs()}
+    return m, sign
+
+
+def magnitudes(m, sign, case, D=None):
+    """(y, last_state) of the scan of ``magnitude_inputs``: each element the sum of |terms| that
+    the oracle's element sums, the scale a sound rounding error is relative to where the oracle's
+    sums cancel (equivalence/tolerance.py). D: |D|, a leaf to differentiate, or None for |case's D|."""
+    x = reference_inputs(case)
+    y, s = impls.selective_scan(**m, return_last_state=True, impl="loop")
+    if x["D"] is not None:
+        D = x["D"].abs() if D is None else D
+        y = y + D[:, None] * m["u"] * sign                  # |D u|
+    if x["z"] is not None:
+        y = y * F.silu(x["z"]).abs()
+    return y, s
+
+
+def _finite_max(t):
+    t = t.detach()
+    t = t[torch.isfinite(t)]
+    return float(t.max()) if t.numel() else None
+
+
+def scales(case):
+    """What the policy's floor is relative to for (y, last_state): the largest sum of |terms|."""
+    return tuple(_finite_max(t) for t in magnitudes(*magnitude_inputs(case), case))
+
+
 def assert_matches_oracle(what, case, y, state, ref, same, where):
-    assert_close(f"{what}: y", y, ref[0], same[0], terms("y", case.l, case.n), where)
-    assert_close(f"{what}: last_state", state, ref[1], same[1], terms("last_state", case.l, case.n), where)
+    sy, ss = scales(case)
+    assert_close(f"{what}: y", y, ref[0], same[0], terms("y", case.l, case.n), where, scale=sy)
+    assert_close(f"{what}: last_state", state, ref[1], same[1], terms("last_state", case.l, case.n), where, scale=ss)
 
 
 def time_slice(inputs, start, stop):
@@ -189,8 +229,22 @@ def check_gradients(name, case):
     same = _gradients("loop", make_inputs(case), weights)
     # the most terms any gradient element accumulates: over batch, time and channels or states
     terms = case.b * case.l * (case.d // max(case.g, 1) + case.n)
+    # Sums under cancellation have their floor relative to their summands (equivalence/tolerance.py).
+    # dL/ddelta_bias is exactly the sum over b and l of dL/ddelta. The gradients of u, B, C, D and
+    # initial_state are linear in the magnitude run's terms: its gradients, with |weights|, are
+    # the sums of |summands|. (Those of delta, A and z go through exp or silu: max|oracle|.)
+    scales = {"delta_bias": float(ref["delta"].abs().sum((0, 2)).max())} if "delta_bias" in got else {}
+    m, sign = magnitude_inputs(case)
+    linear = {k: m[k].requires_grad_() for k in ("u", "B", "C", "initial_state") if m[k] is not None}
+    if reference_inputs(case)["D"] is not None:
+        linear["D"] = reference_inputs(case)["D"].abs().requires_grad_()
+    y_mag, s_mag = magnitudes(m, sign, case, linear.get("D"))
+    loss = (y_mag * weights[0].abs()).sum() + (s_mag * weights[1].abs()).sum()
+    for k, g in zip(linear, torch.autograd.grad(loss, list(linear.values()))):
+        scales[k] = _finite_max(g.abs())
     for k in got:
-        assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], terms, repro(name, case) + f"  # gradient of {k}")
+        assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], terms, repro(name, case) + f"  # gradient of {k}",
+                     scale=scales.get(k))
 
 
 def describe(name):

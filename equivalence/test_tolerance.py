@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given, strategies as st
 
 import impls
 from .cases import Case, cases, make_inputs, reference_inputs
@@ -44,3 +44,19 @@ def test_non_finite_must_match(bad):
     assert not compare(poisoned, ref, ref.float(), 1).ok           # appears where the loop is finite
     assert compare(poisoned, torch.tensor([1.0, bad, 1.0], dtype=torch.float64), poisoned, 1).ok  # kept where expected
     assert not compare(ref.float(), torch.tensor([1.0, bad, 1.0], dtype=torch.float64), poisoned, 1).ok  # never vanishes
+
+
+@given(k=st.integers(2, 200), seed=st.integers(0, 2**31 - 1))
+@example(k=14, seed=1823)
+def test_a_sum_under_cancellation_is_bounded_by_its_summands(k, seed):
+    """A float32 sum of float32-rounded summands, in any order, is within the floor relative to
+    sum|summands| (what dL/ddelta_bias needs), and four times that floor off still fails."""
+    s = torch.randn(k, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    s -= s.mean()                                             # cancel: the sum is ~0, summands ~1
+    oracle, scale = s.sum(), float(s.abs().sum())
+    forward, backward = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    for a, b in zip(s.float(), s.float().flip(0)):            # two orders of the rounded summands
+        forward, backward = forward + a, backward + b
+    assert compare(backward, oracle, forward, k, scale=scale).ok
+    off = backward + 4 * torch.finfo(torch.float32).eps * k * scale
+    assert not compare(off, oracle, forward, k, scale=scale).ok

@@ -213,5 +213,12 @@ if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("triton_scan", "selective_scan"), step=lazy("triton_scan", "selective_state_update"),
              gradients=True, case_limits=dict(b=2, d=40, n=16, l=40) if _interpreted else None)
 
+# mamba.py's pscan and step (impls/mambapy_adapter.py), the pure-PyTorch peer, when mambapy is
+# installed (a dev dependency). It has one B and C per token: grouped B/C is a declared gap.
+if importlib.util.find_spec("mambapy") is not None:
+    register("mambapy", lazy("mambapy_adapter", "selective_scan"), step=lazy("mambapy_adapter", "selective_state_update"),
+             gradients=True, grouped=False)
+
 # Installed packages last: built-in names are taken first, so a plugin cannot shadow them.
+BUILTIN = names()
 PLUGINS = load_plugins()
