@@ -83,6 +83,9 @@ def _select(config):
             if not added:
                 raise pytest.UsageError(f"--impl {spec}: importing it registered no implementation")
             chosen += added
+        elif spec == "mamba_ssm":
+            raise pytest.UsageError("--impl mamba_ssm: registered only where the mamba_ssm package imports and "
+                                    "CUDA is available (impls/mamba_ssm_adapter.py); neither is true here")
         else:
             raise pytest.UsageError(f"--impl {spec}: not a registered implementation "
                                     f"({', '.join(impls.names())}), a module, or module:function")

@@ -219,6 +219,19 @@ if importlib.util.find_spec("mambapy") is not None:
     register("mambapy", lazy("mambapy_adapter", "selective_scan"), step=lazy("mambapy_adapter", "selective_state_update"),
              gradients=True, grouped=False)
 
+# The official kernels (impls/mamba_ssm_adapter.py), where mamba_ssm imports and there is a GPU.
+# Their known gaps are declared; their known bugs are in equivalence/xfails/mamba_ssm.txt.
+MAMBA_SSM_SUPPORTS = dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), initial_state=False, gradients=True)
+
+
+def register_mamba_ssm(name="mamba_ssm"):
+    return register(name, lazy("mamba_ssm_adapter", "selective_scan"),
+                    step=lazy("mamba_ssm_adapter", "selective_state_update"), **MAMBA_SSM_SUPPORTS)
+
+
+if importlib.util.find_spec("mamba_ssm") is not None and torch.cuda.is_available():
+    register_mamba_ssm()
+
 # Installed packages last: built-in names are taken first, so a plugin cannot shadow them.
 BUILTIN = names()
 PLUGINS = load_plugins()
