@@ -85,7 +85,7 @@ def _select(config):
             chosen += added
         elif spec == "mamba_ssm":
             raise pytest.UsageError("--impl mamba_ssm: registered only where the mamba_ssm package imports and "
-                                    "CUDA is available (impls/mamba_ssm_adapter.py); neither is true here")
+                                    "CUDA is available (impls/mamba_ssm_adapter.py), which is not the case here")
         else:
             raise pytest.UsageError(f"--impl {spec}: not a registered implementation "
                                     f"({', '.join(impls.names())}), a module, or module:function")
