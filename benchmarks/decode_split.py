@@ -5,13 +5,16 @@ A sweep module for benchmarks/runner.py (``points(size, impls)``, ``measure(poin
     python -m benchmarks.runner --sweep decode_split [--quick | --long] [--impl NAME ...] --out FILE
 
 ``decode_split(model, cache, token, impl)`` runs a traced copy of ``MambaLM.step``: the very calls
-the step makes (impls/model.py, ``MambaMixer.step_*``), in the same order, on the real decoding
-state, with a clock read between parts. Per token (all layers together):
+the step makes (impls/model.py: the fused step's ``LayerDecode`` methods for float32/float64 RMSNorm
+models, ``MambaMixer.step_*`` for the others), in the same order, on the real decoding state, with a
+clock read between parts. Per token (all layers together):
 
     projections  in_proj, x_proj + dt_proj (``_project``), out_proj with the residual add, LM head
                  (also separately: in_proj_s, x_dt_proj_s, out_proj_s, lm_head_s)
     conv         the rolling conv buffer write, the k-tap conv, its bias, SiLU (``step_conv``)
-    scan_step    impls.selective_state_update (``step_scan``), its argument checks included
+    scan_step    the step implementation (``LayerDecode.scan``; ``step_scan`` through
+                 impls.selective_state_update, its argument checks included, on the module path;
+                 the fused step checks its fixed buffers at its first call only)
                  (front_door_isolated_s: those checks alone, every layer's, timed on their own)
     norm         the n_layer RMSNorms and norm_f
     overhead     the traced step's time minus the parts: the embedding, the step's own Python
@@ -74,8 +77,50 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
     parts = dict.fromkeys(("norm", "in_proj", "conv", "x_dt_proj", "scan_step", "out_proj", "lm_head"), 0.0)
     clock = time.perf_counter
 
+    def traced_fused():
+        """MambaLM._fused_step (float32/float64 RMSNorm models), the same calls in the same order, with
+        a clock read between parts (LayerDecode's methods)."""
+        t0 = clock()
+        stream, phase = cache.stream, cache.phase
+        step_fn = cache.checked.get(impl)
+        torch.index_select(model.backbone.embedding.weight, 0, token, out=stream.residual)
+        for c in cache.layers:
+            dc = c.decode
+            t1 = clock()
+            normed = stream.normalize(dc.norm_w, dc.eps)
+            t2 = clock()
+            dc.in_proj(normed)
+            t3 = clock()
+            dc.conv(c, phase)
+            t4 = clock()
+            dc.x_dt_proj(c)
+            t5 = clock()
+            y = dc.scan(c, step_fn, impl)
+            t6 = clock()
+            dc.out_proj(y, stream.residual)
+            t7 = clock()
+            parts["norm"] += t2 - t1
+            parts["in_proj"] += t3 - t2
+            parts["conv"] += t4 - t3
+            parts["x_dt_proj"] += t5 - t4
+            parts["scan_step"] += t6 - t5
+            parts["out_proj"] += t7 - t6
+        if step_fn is None:
+            cache.checked[impl] = impls.get(impl).step
+        cache.phase = (phase + 1) % cache.k
+        t8 = clock()
+        normed = stream.normalize(model.backbone.norm_f.weight, cache.final_eps)
+        t9 = clock()
+        logits = torch.mm(normed, model.lm_head.weight.t())
+        t10 = clock()
+        parts["norm"] += t9 - t8
+        parts["lm_head"] += t10 - t9
+        return logits, t10 - t0
+
     def traced():
         """MambaLM.step, the same calls in the same order, with a clock read between parts."""
+        if cache.stream is not None:
+            return traced_fused()
         t0 = clock()
         h = model.backbone.embedding(token)
         residual = h.float() if model._residual_fp32() else h

@@ -28,10 +28,17 @@ Two ways to generate (``MambaLM.generate``):
 
 What a decoding step does per layer, and what it leaves out (the per-token fixed cost): A = -exp(A_log),
 D and the dt bias are computed once per cache, not per token; the conv input goes into a preallocated
-rolling buffer (no concatenation) and the conv is one multiply by taps pre-rotated for the buffer's
-phase and one sum (no padded conv1d call); the SSM state is preallocated and advanced in place; the
-residual add rides on the output projection's matrix multiply; matrices with more outputs than inputs
-are stored transposed, where this CPU's matrix-vector product is faster (``_transposed_storage``).
+rolling buffer (no concatenation) and the conv uses taps pre-rotated for the buffer's phase (no padded
+conv1d call); the SSM state is preallocated and advanced in place; the residual add rides on the
+output projection's matrix multiply; matrices with more outputs than inputs are stored transposed,
+where this CPU's matrix-vector product is faster (``_transposed_storage``).
+Most of a small model's step is the fixed cost of each torch call (a few µs inside a step, several
+times what the same call costs repeated alone: benchmarks/decode_split.py), so float32/float64
+RMSNorm models take a fused step (``MambaLM._fused_step``, LayerDecode): the same arithmetic in about
+half the calls, every intermediate in a buffer the cache made once, the conv and its bias one bmm,
+the dt bias inside dt_proj's addmm, the RMSNorm in four ops, and the scan step straight to the
+implementation once the front door has passed its (fixed) buffers. Other models take the
+module-by-module step (``MambaMixer.step``).
 benchmarks/decode_split.py measures where the remaining time goes; impls/mambapy_model.py holds the
 same model in mamba.py, for parity tests and as the peer the decoding speed is measured against.
 
@@ -53,6 +60,8 @@ import torch.nn.functional as F
 import impls
 from .frontdoor import compute_dtype
 
+# selective_state_update's default implementation (a keyword default there), for MambaLM.step's impl=None
+STEP_DEFAULT = impls.selective_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
 WEIGHTS_BIN = "pytorch_model.bin"
 WEIGHTS_SAFETENSORS = "model.safetensors"
@@ -148,33 +157,162 @@ class LayerCache:
     """What one layer keeps between decoding steps: constant size, whatever the position.
 
     ssm_state: (b, d, n) in the compute dtype, advanced in place by selective_state_update
-    conv_buf: (b, d, k) rolling buffer of the last k conv inputs; slot ``phase`` is written next
+    conv_buf: (b, d, k) rolling buffer of the last k conv inputs; slot ``phase`` is written next. A
+        view of conv_store (d, b, k + 1), whose extra slot k holds a constant 1 that multiplies the
+        conv bias (see LayerDecode)
     A, D, dt_bias: (d, n), (d,), (d,) in the compute dtype, computed once (A = -exp(A_log))
     conv_w: (k, d, k) the conv taps rotated for each phase, so the conv is one multiply-and-sum
     conv_b: (d,) or None
     slots, taps: views of conv_buf (k of (b, d), one per slot) and of conv_w (k of (d, k), one per
         phase), made once, so a step writes its input and picks its taps with no indexing call
+    decode: the fused step's buffers and weight views (LayerDecode), or None where the model takes
+        the module-by-module step (MambaLM._fused_decoding)
     """
 
-    __slots__ = ("ssm_state", "conv_buf", "A", "D", "dt_bias", "conv_w", "conv_b", "slots", "taps")
+    __slots__ = ("ssm_state", "conv_store", "conv_buf", "A", "D", "dt_bias", "conv_w", "conv_b", "slots", "taps",
+                 "decode")
 
-    def __init__(self, ssm_state, conv_buf, A, D, dt_bias, conv_w, conv_b):
-        self.ssm_state, self.conv_buf, self.A, self.D = ssm_state, conv_buf, A, D
+    def __init__(self, ssm_state, conv_store, A, D, dt_bias, conv_w, conv_b):
+        k = conv_w.shape[0]
+        self.ssm_state, self.conv_store, self.A, self.D = ssm_state, conv_store, A, D
+        self.conv_buf = conv_store.permute(1, 0, 2)[..., :k]         # (b, d, k)
         self.dt_bias, self.conv_w, self.conv_b = dt_bias, conv_w, conv_b
-        self.slots, self.taps = conv_buf.unbind(-1), conv_w.unbind(0)
+        self.slots, self.taps = self.conv_buf.unbind(-1), conv_w.unbind(0)
+        self.decode = None
+
+
+class LayerDecode:
+    """One layer's fused decoding step (MambaLM._fused_step): every intermediate in a buffer made once
+    per cache, every view of it and of the weights made once, so a token costs only the arithmetic
+    ops, about half of what the module-by-module step dispatched (each op has a fixed cost of a few µs
+    in a step, which is most of a small model's step).
+
+    norm_w, eps: the RMSNorm gain (m,) and its epsilon as a (1, 1, 1) tensor (for baddbmm)
+    w_in (m, 2d), w_x (d, r + 2n), w_dt (r, d), w_out (d, m): the projections' weights transposed
+        (views, no copies: a step multiplies activations on the left); b_in, b_out: (2d,), (m,) or None
+    xz (b, 2d): in_proj's output; x_t (d, b) its x half transposed, copied into the conv buffer's slot;
+        z (b, d) the gate
+    conv_slots: k views (d, b) of conv_store, one per slot; conv_taps: k views (d, k + 1, 1), one per
+        phase: the taps for the slots followed by the conv bias (0 without one), so that one bmm of
+        conv_store (d, b, k + 1) by conv_taps[phase] is the conv with its bias: (d, b, 1) into conv_out
+    xc (b, d): conv_out as the conv's (then SiLU's, in place) output
+    dbc (b, r + 2n): x_proj's output, with views dt_low (b, r), B (b, n), C (b, n)
+    delta (b, d): dt_proj's output with its bias already added (so the step gets dt_bias=None)
+
+    The weight views are taken when the cache is made, as A, D and dt_bias are computed then: a cache
+    belongs to the weights it was made with (``load_state_dict`` copies into them in place, which the
+    views see; a model moved or converted with ``.to`` after that needs a new cache).
+    """
+
+    __slots__ = ("norm_w", "eps", "w_in", "b_in", "w_x", "w_dt", "w_out", "b_out", "xz", "x_t", "z",
+                 "conv_slots", "conv_taps", "conv_out", "xc", "dbc", "dt_low", "B", "C", "delta")
+
+    def __init__(self, block, cache, b):
+        mixer, norm = block.mixer, block.norm
+        d, n, r, k = mixer.d_inner, mixer.d_state, mixer.dt_rank, mixer.d_conv
+        w = mixer.in_proj.weight
+        self.norm_w, self.eps = norm.weight, torch.full((1, 1, 1), norm.eps, dtype=w.dtype, device=w.device)
+        self.w_in, self.b_in = w.t(), mixer.in_proj.bias
+        self.w_x, self.w_dt = mixer.x_proj.weight.t(), mixer.dt_proj.weight.t()
+        self.w_out, self.b_out = mixer.out_proj.weight.t(), mixer.out_proj.bias
+        self.xz = w.new_empty(b, 2 * d)
+        self.x_t, self.z = self.xz[:, :d].t(), self.xz[:, d:]
+        store = cache.conv_store                                     # (d, b, k + 1)
+        self.conv_slots = store[..., :k].unbind(-1)
+        bias = torch.zeros(d) if cache.conv_b is None else cache.conv_b
+        taps = torch.cat([cache.conv_w, bias.to(cache.conv_w).expand(k, d)[..., None]], -1)  # (k, d, k + 1)
+        self.conv_taps = taps[..., None].contiguous().unbind(0)      # k of (d, k + 1, 1), one per phase
+        self.conv_out = w.new_empty(d, b, 1)
+        self.xc = self.conv_out[..., 0].t()                          # (b, d)
+        self.dbc = w.new_empty(b, r + 2 * n)
+        self.dt_low, self.B, self.C = self.dbc.split([r, n, n], dim=-1)
+        self.delta = w.new_empty(b, d)
+
+    # The parts of the fused step, in order (MambaLM._fused_step); each writes its buffer.
+
+    def in_proj(self, normed):
+        """normed (b, m) -> xz (b, 2d): x, z."""
+        if self.b_in is None:
+            torch.mm(normed, self.w_in, out=self.xz)
+        else:
+            torch.addmm(self.b_in, normed, self.w_in, out=self.xz)
+
+    def conv(self, cache, phase):
+        """x into the rolling buffer's slot ``phase``, then the causal depthwise conv with its bias as
+        one bmm, (d, b, k + 1) @ (d, k + 1, 1), and SiLU in place: xc (b, d)."""
+        self.conv_slots[phase].copy_(self.x_t)
+        torch.bmm(cache.conv_store, self.conv_taps[phase], out=self.conv_out)
+        F.silu(self.conv_out, inplace=True)
+
+    def x_dt_proj(self, cache):
+        """xc -> dbc (b, r + 2n) = (dt_low, B, C) by x_proj, then delta (b, d) = dt_bias + dt_proj(dt_low)."""
+        torch.mm(self.xc, self.w_x, out=self.dbc)
+        torch.addmm(cache.dt_bias, self.dt_low, self.w_dt, out=self.delta)
+
+    def scan(self, cache, step_fn, impl):
+        """The layer's selective_state_update (softplus on delta, whose bias is already in): through the
+        front door (impls.selective_state_update) when step_fn is None, else step_fn directly. Returns y (b, d)."""
+        if step_fn is None:
+            return impls.selective_state_update(cache.ssm_state, self.xc, self.delta, cache.A, self.B, self.C,
+                                                cache.D, self.z, dt_softplus=True, impl=impl)
+        return step_fn(cache.ssm_state, self.xc, self.delta, cache.A, self.B, self.C, cache.D, self.z, None, True)
+
+    def out_proj(self, y, residual):
+        """residual (b, m) += out_proj(y), in place: the residual add rides on the product."""
+        residual.addmm_(y, self.w_out)
+        if self.b_out is not None:
+            residual.add_(self.b_out)
+
+    def tensors(self):
+        """The buffers this layer's fused step allocated (not the weight views): for nbytes."""
+        return (self.eps, self.xz, *self.conv_taps, self.conv_out, self.dbc, self.delta)  # the taps: k disjoint views
+
+
+class ResidualStream:
+    """The fused step's residual stream and RMSNorm buffers, with every view the norm needs made once.
+
+    residual (b, m): h, updated in place; normed (b, m): the last RMSNorm's output; mean_sq (b, 1, 1)
+    """
+
+    __slots__ = ("residual", "normed", "mean_sq", "_row", "_col", "_scale")
+
+    def __init__(self, b, m, like):
+        self.residual, self.normed, self.mean_sq = like.new_empty(b, m), like.new_empty(b, m), like.new_empty(b, 1, 1)
+        self._row, self._col = self.residual[:, None, :], self.residual[:, :, None]   # (b, 1, m), (b, m, 1)
+        self._scale = self.mean_sq[:, 0]                                               # (b, 1)
+
+    def normalize(self, weight, eps):
+        """RMSNorm of the residual into ``normed``, in four ops where F.rms_norm dispatches about eight
+        on a CPU: x * rsqrt(mean(x^2) + eps) * weight, the official formula, with mean(x^2) + eps as
+        one baddbmm of x by itself (eps a (1, 1, 1) tensor). Returns normed (b, m)."""
+        torch.baddbmm(eps, self._row, self._col, alpha=1.0 / self.residual.shape[1], out=self.mean_sq)
+        self.mean_sq.rsqrt_()
+        return torch.mul(self.residual, self._scale, out=self.normed).mul_(weight)
+
+    def tensors(self):
+        return (self.residual, self.normed, self.mean_sq)
 
 
 class InferenceCache:
-    """The decoding state of the whole model: one LayerCache per layer and the conv buffer phase."""
+    """The decoding state of the whole model: one LayerCache per layer and the conv buffer phase.
+
+    For the fused step (MambaLM._fused_step) also ``stream`` (ResidualStream) and ``final_eps``, the
+    final norm's epsilon as a (1, 1, 1) tensor; otherwise None. ``checked``: the step
+    implementations whose first call on this cache's buffers went through the front door."""
 
     def __init__(self, layers, k):
         self.layers = layers
         self.k = k
         self.phase = k - 1  # the slot of the next token; prefill leaves the last k-1 inputs in slots 0..k-2
+        self.stream = self.final_eps = None
+        self.checked = {}
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for c in self.layers
-                   for t in (c.ssm_state, c.conv_buf, c.A, c.D, c.dt_bias, c.conv_w, c.conv_b) if t is not None)
+        tensors = [t for c in self.layers for t in (c.ssm_state, c.conv_store, c.A, c.D, c.dt_bias, c.conv_w, c.conv_b)]
+        tensors += [t for c in self.layers if c.decode is not None for t in c.decode.tensors()]
+        if self.stream is not None:
+            tensors += [*self.stream.tensors(), self.final_eps]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class MambaMixer(nn.Module):
@@ -282,8 +420,10 @@ class MambaMixer(nn.Module):
         idx = torch.tensor([[(s - p - 1) % k for s in range(k)] for p in range(k)], device=device)
         conv_w = w[:, idx].permute(1, 0, 2).contiguous()             # (k phases, d, k slots)
         conv_b = None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
-        return LayerCache(torch.zeros(b, d, self.d_state, dtype=f, device=device),
-                          torch.zeros(b, d, k, dtype=dtype, device=device), A, D, dt_bias, conv_w, conv_b)
+        conv_store = torch.zeros(d, b, k + 1, dtype=dtype, device=device)
+        conv_store[..., k] = 1                                       # multiplies the bias in the fused step's conv
+        return LayerCache(torch.zeros(b, d, self.d_state, dtype=f, device=device), conv_store, A, D, dt_bias,
+                          conv_w, conv_b)
 
     def step(self, hidden, cache, phase, impl=None, residual=None):
         """The block for one new token, from the cache, which it advances in place.
@@ -303,6 +443,8 @@ class MambaMixer(nn.Module):
         return self.step_out_proj(y, residual)
 
     # The parts of ``step``, in order; benchmarks/decode_split.py times each of them inside a step.
+    # (The module-by-module step: MambaLM.step takes it for LayerNorm and float16/bfloat16 models;
+    # float32/float64 RMSNorm models take the fused step, whose parts are LayerDecode's methods.)
 
     def step_in_proj(self, hidden):
         """(b, m) -> x, z: (b, d) each (views of one (b, 2d) product)."""
@@ -465,10 +607,19 @@ class MambaLM(nn.Module):
     # ------------------------------------------------------------------ recurrent decoding
 
     def new_cache(self, batch_size):
-        """An empty InferenceCache: per layer the SSM state (b, d, n) and conv buffer (b, d, k)."""
+        """An empty InferenceCache: per layer the SSM state (b, d, n) and conv buffer (b, d, k), and,
+        where the model takes the fused step, its buffers (LayerDecode)."""
         device = self.backbone.embedding.weight.device
-        return InferenceCache([blk.mixer.new_cache(batch_size, self.dtype, device) for blk in self.backbone.layers],
-                              self.config.d_conv)
+        cache = InferenceCache([blk.mixer.new_cache(batch_size, self.dtype, device) for blk in self.backbone.layers],
+                               self.config.d_conv)
+        if self._fused_decoding():
+            m = self.config.d_model
+            for block, layer_cache in zip(self.backbone.layers, cache.layers):
+                layer_cache.decode = LayerDecode(block, layer_cache, batch_size)
+            w = self.backbone.embedding.weight
+            cache.stream = ResidualStream(batch_size, m, w)
+            cache.final_eps = torch.full((1, 1, 1), self.backbone.norm_f.eps, dtype=w.dtype, device=device)
+        return cache
 
     @torch.no_grad()
     def prefill(self, input_ids, impl=None, attention_mask=None):
@@ -497,12 +648,52 @@ class MambaLM(nn.Module):
         Returns:
             logits (b, v) for the next position
         """
+        if cache.stream is not None:
+            return self._fused_step(token, cache, STEP_DEFAULT if impl is None else impl)
         h = self.backbone.embedding(token)                           # (b, m)
         residual = h.float() if self._residual_fp32() else h
         for block, layer_cache in zip(self.backbone.layers, cache.layers):
             residual = block.mixer.step(block.norm(residual.to(h.dtype)), layer_cache, cache.phase, impl, residual)
         cache.phase = (cache.phase + 1) % cache.k
         return self.lm_head(self.backbone.norm_f(residual.to(h.dtype)))
+
+    def _fused_decoding(self):
+        """Whether ``step`` takes the fused path: RMSNorm, and a float32 or float64 model (the compute
+        dtype is the model's, and the residual stream needs no float32 copy). Other models (LayerNorm,
+        float16/bfloat16) take the module-by-module path, MambaMixer.step, which is the same arithmetic."""
+        return self.config.rms_norm and self.dtype in (torch.float32, torch.float64)
+
+    def _fused_step(self, token, cache, impl):
+        """``step`` for RMSNorm float32/float64 models, the same arithmetic as MambaMixer.step in fewer
+        torch calls, every intermediate written into the cache's buffers (LayerDecode).
+
+        Per layer, against the module-by-module step: the RMSNorm is baddbmm (eps + mean of squares),
+        rsqrt_, two multiplies (F.rms_norm on a CPU dispatches about eight ops); the conv and its bias
+        are one bmm (not multiply, sum, add); dt_proj adds its bias in its addmm; no F.linear, chunk
+        or split (views made once); the scan step is called directly after its first call.
+        """
+        stream, phase = cache.stream, cache.phase
+        b = stream.residual.shape[0]
+        if token.dim() != 1 or token.shape[0] != b:  # index_select would resize the buffer, not fail
+            raise ValueError(f"step: token: expected shape (b={b},) (the cache's batch), got {tuple(token.shape)}")
+        # The scan step's arguments are the same buffers at every token, so the front door's checks,
+        # which read only their types, shapes, dtypes and devices, cannot change their verdict after
+        # the first call: that call goes through impls.selective_state_update, later ones straight to
+        # the implementation (a wrong output shape or dtype would still make out_proj's addmm_ raise).
+        step_fn = cache.checked.get(impl)
+        residual = stream.residual
+        torch.index_select(self.backbone.embedding.weight, 0, token, out=residual)   # (b, m)
+        for c in cache.layers:
+            dc = c.decode
+            dc.in_proj(stream.normalize(dc.norm_w, dc.eps))
+            dc.conv(c, phase)
+            dc.x_dt_proj(c)
+            dc.out_proj(dc.scan(c, step_fn, impl), residual)
+        if step_fn is None:
+            cache.checked[impl] = impls.get(impl).step
+        cache.phase = (phase + 1) % cache.k
+        normed = stream.normalize(self.backbone.norm_f.weight, cache.final_eps)
+        return torch.mm(normed, self.lm_head.weight.t())   # a new tensor: callers keep the logits
 
     # ------------------------------------------------------------------ generation
 
