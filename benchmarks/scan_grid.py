@@ -1,7 +1,8 @@
 """Scan speed grid: forward (and forward + backward) time of each scan beside a floor, in one run.
 
 A sweep module for benchmarks/runner.py. The grid is b·d·n ∈ {1k, 16k, 262k} elements per time step
-× l ∈ {512, 2048, 8192}, float32, 2 threads, with the arguments a Mamba block passes (D, z,
+× l ∈ {512, 2048, 8192} (the default sweep leaves out 262k, which alone takes ~3 minutes here;
+--long has it), float32, 2 threads, with the arguments a Mamba block passes (D, z,
 delta_bias, softplus; no initial_state, which mamba.py's pscan lacks). Implementations:
 
     loop, parallel   registered scans, through impls.selective_scan
@@ -75,6 +76,8 @@ def points(size, names):
 
     if size == "quick":
         grid = [("1k", 512), ("1k", 2048), ("16k", 512)]
+    elif size == "default":  # the 262k row alone takes ~3 minutes here (the loop: 18 s a call at l = 8192)
+        grid = [(e, l) for e in ELEMENTS if e != "262k" for l in LENGTHS]
     else:
         grid = [(e, l) for e in ELEMENTS for l in LENGTHS]
     out = []
