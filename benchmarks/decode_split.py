@@ -47,6 +47,8 @@ MODELS = {"quick": {"small": PEER_MODELS["small"]},
 ROUNDS = 9
 BLOCK_S = 0.1
 PARTS = ("projections", "conv", "scan_step", "norm")
+# the per-layer parts of a step, in the order a layer runs them (each timed between two clock reads)
+LAYER_PARTS = ("norm", "in_proj", "conv", "x_dt_proj", "scan_step", "out_proj")
 
 
 def points(size, names):
@@ -74,8 +76,13 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
         parts and the overhead; total_s and total_iqr_s (plain model.step, median over rounds),
         traced_total_s (the traced step, median over rounds), front_door_isolated_s.
     """
-    parts = dict.fromkeys(("norm", "in_proj", "conv", "x_dt_proj", "scan_step", "out_proj", "lm_head"), 0.0)
+    parts = dict.fromkeys((*LAYER_PARTS, "lm_head"), 0.0)
     clock = time.perf_counter
+
+    def tally(names, times):
+        """parts[name] += the time between consecutive clock reads, one name per interval."""
+        for name, start, stop in zip(names, times, times[1:]):
+            parts[name] += stop - start
 
     def traced_fused():
         """MambaLM._fused_step (float32/float64 RMSNorm models), the same calls in the same order, with
@@ -99,12 +106,7 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
             t6 = clock()
             dc.out_proj(y, stream.residual)
             t7 = clock()
-            parts["norm"] += t2 - t1
-            parts["in_proj"] += t3 - t2
-            parts["conv"] += t4 - t3
-            parts["x_dt_proj"] += t5 - t4
-            parts["scan_step"] += t6 - t5
-            parts["out_proj"] += t7 - t6
+            tally(LAYER_PARTS, (t1, t2, t3, t4, t5, t6, t7))
         if step_fn is None:
             cache.checked[impl] = impls.get(impl).step
         cache.phase = (phase + 1) % cache.k
@@ -113,8 +115,7 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
         t9 = clock()
         logits = torch.mm(normed, model.lm_head.weight.t())
         t10 = clock()
-        parts["norm"] += t9 - t8
-        parts["lm_head"] += t10 - t9
+        tally(("norm", "lm_head"), (t8, t9, t10))
         return logits, t10 - t0
 
     def traced():
@@ -140,20 +141,14 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
             t6 = clock()
             residual = mixer.step_out_proj(y, residual)
             t7 = clock()
-            parts["norm"] += t2 - t1
-            parts["in_proj"] += t3 - t2
-            parts["conv"] += t4 - t3
-            parts["x_dt_proj"] += t5 - t4
-            parts["scan_step"] += t6 - t5
-            parts["out_proj"] += t7 - t6
+            tally(LAYER_PARTS, (t1, t2, t3, t4, t5, t6, t7))
         cache.phase = (phase + 1) % cache.k
         t8 = clock()
         final = model.backbone.norm_f(residual.to(h.dtype))
         t9 = clock()
         logits = model.lm_head(final)
         t10 = clock()
-        parts["norm"] += t9 - t8
-        parts["lm_head"] += t10 - t9
+        tally(("norm", "lm_head"), (t8, t9, t10))
         return logits, t10 - t0
 
     layer_args = []

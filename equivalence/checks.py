@@ -39,31 +39,32 @@ def oracle(case):
     return ref, same
 
 
-def magnitude_inputs(case):
-    """float64 arguments for which the scan's every rounded term is the oracle's term made
-    non-negative: the decays exp(dt A) are positive already, u takes dt's sign so that dt u >= 0,
-    B, C and initial_state are |.|; D and z are left out (None): ``magnitudes`` adds |D u| and the
-    gate's |silu(z)| itself. Returns (arguments, dt's sign (b, d, l))."""
+def magnitudes(case, leaves=()):
+    """The scan in float64 with every rounded term the oracle's term made non-negative: each element
+    of its (y, last_state) is the sum of |terms| that the oracle's element sums, the scale a sound
+    rounding error is relative to where the oracle's sums cancel (equivalence/tolerance.py). The
+    decays exp(dt A) are positive already; u takes dt's sign so that dt u >= 0; B, C, initial_state
+    and D are |.|, and the gate |silu(z)|.
+
+    leaves: names among u, B, C, D, initial_state to make autograd leaves: y and last_state are
+    linear in each with non-negative coefficients, so their gradients (with |weights|) are the sums
+    of |summands| of the oracle's gradients. Returns (y, last_state, {name: leaf}).
+    """
     x = reference_inputs(case)
     dt = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][:, None]
     sign = (F.softplus(dt) if x["delta_softplus"] else dt).sign()
-    m = {**x, "u": x["u"].abs() * sign, "B": x["B"].abs(), "C": x["C"].abs(), "D": None, "z": None,
-         "initial_state": None if x["initial_state"] is None else x["initial_state"].abs()}
-    return m, sign
-
-
-def magnitudes(m, sign, case, D=None):
-    """(y, last_state) of the scan of ``magnitude_inputs``: each element the sum of |terms| that
-    the oracle's element sums, the scale a sound rounding error is relative to where the oracle's
-    sums cancel (equivalence/tolerance.py). D: |D|, a leaf to differentiate, or None for |case's D|."""
-    x = reference_inputs(case)
+    m = {**x, "u": x["u"].abs() * sign, "D": None, "z": None,
+         **{k: (None if x[k] is None else x[k].abs()) for k in ("B", "C", "initial_state")}}
+    D = None if x["D"] is None else x["D"].abs()
+    made = {k: m[k].requires_grad_() for k in leaves if k != "D" and m[k] is not None}
+    if "D" in leaves and D is not None:
+        made["D"] = D.requires_grad_()
     y, s = impls.selective_scan(**m, return_last_state=True, impl="loop")
-    if x["D"] is not None:
-        D = x["D"].abs() if D is None else D
+    if D is not None:
         y = y + D[:, None] * m["u"] * sign                  # |D u|
     if x["z"] is not None:
         y = y * F.silu(x["z"]).abs()
-    return y, s
+    return y, s, made
 
 
 def _finite_max(t):
@@ -74,7 +75,7 @@ def _finite_max(t):
 
 def scales(case):
     """What the policy's floor is relative to for (y, last_state): the largest sum of |terms|."""
-    return tuple(_finite_max(t) for t in magnitudes(*magnitude_inputs(case), case))
+    return tuple(_finite_max(t) for t in magnitudes(case)[:2])
 
 
 def assert_matches_oracle(what, case, y, state, ref, same, where):
@@ -233,18 +234,14 @@ def check_gradients(name, case):
     # dL/ddelta_bias is exactly the sum over b and l of dL/ddelta. The gradients of u, B, C, D and
     # initial_state are linear in the magnitude run's terms: its gradients, with |weights|, are
     # the sums of |summands|. (Those of delta, A and z go through exp or silu: max|oracle|.)
-    scales = {"delta_bias": float(ref["delta"].abs().sum((0, 2)).max())} if "delta_bias" in got else {}
-    m, sign = magnitude_inputs(case)
-    linear = {k: m[k].requires_grad_() for k in ("u", "B", "C", "initial_state") if m[k] is not None}
-    if reference_inputs(case)["D"] is not None:
-        linear["D"] = reference_inputs(case)["D"].abs().requires_grad_()
-    y_mag, s_mag = magnitudes(m, sign, case, linear.get("D"))
+    floor_scales = {"delta_bias": float(ref["delta"].abs().sum((0, 2)).max())} if "delta_bias" in got else {}
+    y_mag, s_mag, linear = magnitudes(case, ("u", "B", "C", "D", "initial_state"))
     loss = (y_mag * weights[0].abs()).sum() + (s_mag * weights[1].abs()).sum()
     for k, g in zip(linear, torch.autograd.grad(loss, list(linear.values()))):
-        scales[k] = _finite_max(g.abs())
+        floor_scales[k] = _finite_max(g.abs())
     for k in got:
         assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], terms, repro(name, case) + f"  # gradient of {k}",
-                     scale=scales.get(k))
+                     scale=floor_scales.get(k))
 
 
 def describe(name):

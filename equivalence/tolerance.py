@@ -30,7 +30,7 @@ term rounded to its nearest float then moves the sum by up to eps x sum|terms| (
 for a rounded sum), and in float64, where the loop's own error is zero, any order of summation but
 the loop's exceeds a floor relative to |sum|. So the checks pass ``scale``: the largest sum of
 |terms|, from the loop run in float64 on inputs that make every term non-negative
-(equivalence/checks.py: ``magnitude_inputs``; for gradients, its gradients with |weights|, and for
+(equivalence/checks.py: ``magnitudes``; for gradients, its gradients with |weights|, and for
 dL/ddelta_bias the sum of |dL/ddelta|). Measured on mamba.py's pscan, which reads out y with a
 BLAS matmul: float64 y 38 ulps of max|y| off at l = 1 (n = 5, cancelling), and a float32
 dL/ddelta_bias 1.3e-7 off where the loop's was 1.3e-8, every dL/ddelta within one ulp.
