@@ -244,9 +244,32 @@ def check_gradients(name, case):
                      scale=floor_scales.get(k))
 
 
+def _version(package):
+    """The installed version of the distribution that provides ``package`` (a top-level import name)."""
+    from importlib import metadata
+
+    for dist in metadata.packages_distributions().get(package, ()):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            pass
+    return f"{package} (version unknown)"
+
+
 def describe(name):
+    """One line for the pytest header: name, module, the distribution and version it comes from (and,
+    for an adapter, those of the package it wraps: its module's WRAPS), step, declared capabilities."""
+    import importlib
+
     e = impls.get(name)
     caps = {k: ([str(t).replace("torch.", "") for t in v] if k == "dtypes" else v) for k, v in e.supports.items()}
-    return f"{name}: {e.module}, step={'yes' if e.step else 'no'}, supports {caps}"
+    version = _version(e.module.split(".")[0])
+    try:
+        wraps = getattr(importlib.import_module(e.module), "WRAPS", None)
+    except ImportError:
+        wraps = None
+    if wraps:
+        version += f", wrapping {_version(wraps)}"
+    return f"{name}: {e.module} ({version}), step={'yes' if e.step else 'no'}, supports {caps}"
 
 

@@ -46,3 +46,12 @@ def test_xfails_file_marks_listed_tests(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(EXAMPLE, os.pardir, os.pardir))
     assert "1 passed" in run.stdout and "1 xpassed" in run.stdout, run.stdout[-2000:]
     assert "l = 0 demo" in run.stdout
+
+
+def test_header_names_module_version_and_wrapped_package():
+    from .checks import describe
+
+    assert f"impls.loop (selective-scan-suite {metadata.version('selective-scan-suite')})" in describe("loop")
+    if "mambapy" in impls.names():
+        assert f"wrapping mambapy {metadata.version('mambapy')}" in describe("mambapy")
+        assert "'grouped': False" in describe("mambapy")

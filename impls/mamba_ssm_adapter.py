@@ -25,6 +25,8 @@ import torch
 
 DEVICE = "cuda"   # tests of the adapter's translation without a GPU set "cpu" (with a stand-in package)
 
+WRAPS = "mamba_ssm"   # the package whose version the pytest header shows beside ours
+
 
 def _to(t, dtype=None):
     return None if t is None else t.to(device=DEVICE, dtype=dtype or t.dtype)

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from .frontdoor import compute_dtype
 
+WRAPS = "mambapy"   # the package whose version the pytest header shows beside ours
+
 
 def _dt(delta, delta_bias, softplus, f):
     """dt in the compute dtype f, as mamba.py's dt_proj (bias) and softplus produce it."""
