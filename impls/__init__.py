@@ -225,6 +225,8 @@ MAMBA_SSM_SUPPORTS = dict(dtypes=(torch.float32, torch.float16, torch.bfloat16),
 
 
 def register_mamba_ssm(name="mamba_ssm"):
+    """Register the official kernels' adapter under ``name`` (equivalence/test_mamba_ssm.py also
+    registers it over a stand-in package, on the CPU, to test the adapter's translation)."""
     return register(name, lazy("mamba_ssm_adapter", "selective_scan"),
                     step=lazy("mamba_ssm_adapter", "selective_state_update"), **MAMBA_SSM_SUPPORTS)
 
