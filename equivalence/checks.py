@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import impls
+from impls.frontdoor import per_channel
+
 from .cases import SCAN_ARGS, make_inputs, reference_inputs
 from .tolerance import assert_close, terms
 
@@ -39,32 +41,65 @@ def oracle(case):
     return ref, same
 
 
-def magnitudes(case, leaves=()):
-    """The scan in float64 with every rounded term the oracle's term made non-negative: each element
-    of its (y, last_state) is the sum of |terms| that the oracle's element sums, the scale a sound
-    rounding error is relative to where the oracle's sums cancel (equivalence/tolerance.py). The
-    decays exp(dt A) are positive already; u takes dt's sign so that dt u >= 0; B, C, initial_state
-    and D are |.|, and the gate |silu(z)|.
+def magnitudes(case, weights=None):
+    """Sums of |terms|: the scale a sound rounding error is relative to where the oracle's sums
+    cancel (equivalence/tolerance.py).
 
-    leaves: names among u, B, C, D, initial_state to make autograd leaves: y and last_state are
-    linear in each with non-negative coefficients, so their gradients (with |weights|) are the sums
-    of |summands| of the oracle's gradients. Returns (y, last_state, {name: leaf}).
+    The scan's recursion in float64 with every term made non-negative: h_t = Ā_t h_{t-1} + |dt_t B_t u_t|
+    from |initial_state| (the decays Ā = exp(dt A) are positive already), y_t = <|C_t|, h_t> + |D u_t|,
+    times |silu(z_t)|: each element of (y, last_state) is the sum of the |terms| that the oracle's
+    element sums. Written out here rather than run through the loop because the gradients need its
+    states and adjoints, not only its outputs.
+
+    weights: the (b, d, l) and (b, d, n) weights of the loss sum(w_y y) + sum(w_s last_state) whose
+    gradients the check compares; with them, also {argument: sum of |summands| of its gradient},
+    from this run's adjoint lambda (with |weights|): u, B, C, D, initial_state, z by autograd (the
+    outputs are linear in each, with non-negative coefficients); A and delta from each step's decay
+    term Ā_t lambda_t h_{t-1} (>= 0) by the chain rule, with |A| and |dt| so that no sign cancels;
+    delta_bias the sum over b and l of delta's. Returns (y, last_state, that dict or None).
     """
     x = reference_inputs(case)
-    dt = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][:, None]
-    sign = (F.softplus(dt) if x["delta_softplus"] else dt).sign()
-    m = {**x, "u": x["u"].abs() * sign, "D": None, "z": None,
-         **{k: (None if x[k] is None else x[k].abs()) for k in ("B", "C", "initial_state")}}
-    D = None if x["D"] is None else x["D"].abs()
-    made = {k: m[k].requires_grad_() for k in leaves if k != "D" and m[k] is not None}
-    if "D" in leaves and D is not None:
-        made["D"] = D.requires_grad_()
-    y, s = impls.selective_scan(**m, return_last_state=True, impl="loop")
-    if D is not None:
-        y = y + D[:, None] * m["u"] * sign                  # |D u|
+    d = x["u"].shape[1]
+    raw = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][:, None]
+    dt = F.softplus(raw) if x["delta_softplus"] else raw                         # (b, d, l)
+
+    def time_last(X):  # B, C (b, n, l) or (b, g, n, l) -> (b, d or 1, l, n)
+        return (per_channel(X, d) if X.dim() == 4 else X[:, None]).transpose(-1, -2)
+
+    leaves = {k: x[k].abs().requires_grad_(weights is not None)
+              for k in ("u", "B", "C", "D", "initial_state") if x[k] is not None}
     if x["z"] is not None:
-        y = y * F.silu(x["z"]).abs()
-    return y, s, made
+        leaves["z"] = x["z"].clone().requires_grad_(weights is not None)
+    decay = torch.exp(dt[..., None] * x["A"][:, None, :])                         # (b, d, l, n)
+    X = (dt.abs() * leaves["u"])[..., None] * time_last(leaves["B"])              # |dt B u|
+    h = h0 = leaves.get("initial_state", torch.zeros_like(decay[:, :, 0]))
+    states = []
+    for t in range(decay.shape[2]):
+        h = decay[:, :, t] * h + X[:, :, t]
+        states.append(h)
+    H = torch.stack(states, 2)                                                    # (b, d, l, n)
+    y = (H * time_last(leaves["C"])).sum(-1)
+    if "D" in leaves:
+        y = y + leaves["D"][:, None] * leaves["u"]
+    if "z" in leaves:
+        y = y * F.silu(leaves["z"]).abs()
+    last = H[:, :, -1]
+    if weights is None:
+        return y, last, None
+
+    loss = (y * weights[0].abs()).sum() + (last * weights[1].abs()).sum()
+    grads = torch.autograd.grad(loss, [X, *leaves.values()])
+    lam = grads[0]                                                                # dL/dh_t (b, d, l, n)
+    sums = {k: g.abs() for k, g in zip(leaves, grads[1:])}
+    previous = torch.cat([h0[:, :, None], H[:, :, :-1]], 2)                      # h_{t-1}
+    decay_terms = (decay * lam * previous).detach()                               # Ā_t lambda_t h_{t-1}
+    sums["A"] = (dt.abs()[..., None] * decay_terms).sum((0, 2))
+    dsoftplus = torch.sigmoid(raw) if x["delta_softplus"] else 1.0
+    sums["delta"] = dsoftplus * ((x["A"].abs()[:, None, :] * decay_terms).sum(-1)
+                                 + (lam.detach() * time_last(leaves["B"]).detach()).sum(-1) * leaves["u"].detach())
+    if x["delta_bias"] is not None:
+        sums["delta_bias"] = sums["delta"].sum((0, 2))
+    return y.detach(), last.detach(), sums
 
 
 def _finite_max(t):
@@ -230,18 +265,11 @@ def check_gradients(name, case):
     same = _gradients("loop", make_inputs(case), weights)
     # the most terms any gradient element accumulates: over batch, time and channels or states
     terms = case.b * case.l * (case.d // max(case.g, 1) + case.n)
-    # Sums under cancellation have their floor relative to their summands (equivalence/tolerance.py).
-    # dL/ddelta_bias is exactly the sum over b and l of dL/ddelta. The gradients of u, B, C, D and
-    # initial_state are linear in the magnitude run's terms: its gradients, with |weights|, are
-    # the sums of |summands|. (Those of delta, A and z go through exp or silu: max|oracle|.)
-    floor_scales = {"delta_bias": float(ref["delta"].abs().sum((0, 2)).max())} if "delta_bias" in got else {}
-    y_mag, s_mag, linear = magnitudes(case, ("u", "B", "C", "D", "initial_state"))
-    loss = (y_mag * weights[0].abs()).sum() + (s_mag * weights[1].abs()).sum()
-    for k, g in zip(linear, torch.autograd.grad(loss, list(linear.values()))):
-        floor_scales[k] = _finite_max(g.abs())
+    # Sums under cancellation have their floor relative to their summands (equivalence/tolerance.py)
+    sums = magnitudes(case, weights)[2]
     for k in got:
         assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], terms, repro(name, case) + f"  # gradient of {k}",
-                     scale=floor_scales.get(k))
+                     scale=_finite_max(sums[k]))
 
 
 def _version(package):

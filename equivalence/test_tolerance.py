@@ -71,3 +71,24 @@ def test_sums_of_absolute_terms_bound_the_oracle(case):
     for r, m in zip(ref, mag):
         finite = torch.isfinite(r) & torch.isfinite(m)
         assert (m[finite] >= r[finite].abs() * (1 - 1e-12)).all()
+
+
+@given(case=cases(max_l=64))
+def test_sums_of_absolute_summands_bound_the_gradients(case):
+    """The gradients' sums of |summands| are at least the float64 gradients' |values|, for every
+    argument (|sum| <= sum|summands|): the magnitude run's adjoint and chain rule are what they claim."""
+    from .checks import SCAN_ARGS
+
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    w = (torch.randn(case.b, case.d, case.l, generator=gen, dtype=torch.float64),
+         torch.randn(case.b, case.d, case.n, generator=gen, dtype=torch.float64))
+    x = {k: (v.requires_grad_() if k in SCAN_ARGS and isinstance(v, torch.Tensor) else v)
+         for k, v in reference_inputs(case).items()}
+    y, s = impls.selective_scan(**x, return_last_state=True, impl="loop")
+    names = [k for k in SCAN_ARGS if x[k] is not None]
+    ref = dict(zip(names, torch.autograd.grad((y * w[0]).sum() + (s * w[1]).sum(), [x[k] for k in names])))
+    sums = magnitudes(case, w)[2]
+    assert set(sums) == set(names)
+    for k in names:
+        finite = torch.isfinite(ref[k]) & torch.isfinite(sums[k])
+        assert (sums[k][finite] >= ref[k].abs()[finite] * (1 - 1e-9)).all(), k
