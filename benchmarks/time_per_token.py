@@ -74,6 +74,9 @@ SCAN = dict(b=1, d=1536, n=16)                      # mamba-130m: d_inner = 2 * 
 MODEL = dict(d_model=128, n_layer=2, vocab_size=256)  # the small model (d_inner 256, n 16)
 REPEATS = 3                                          # timed runs wanted, beyond the warm-up
 MIN_RUN_S = 0.2
+# A re-forward call longer than this is timed once (runs=1): seconds-long calls vary by a few percent
+# here, far less than the slope fit needs, and three of them at L = 8192 were a tenth of the sweep.
+REFORWARD_SINGLE_S = 1.0
 LENGTHS = {"quick": [2 ** k for k in range(6, 11)],
            "default": [2 ** k for k in range(6, 14)],
            "long": [2 ** k for k in range(6, 17)]}
@@ -252,7 +255,8 @@ def _scan_per_token(point):
     b, d, n, L = point["b"], point["d"], point["n"], point["L"]
     if point["mode"] == "reforward":
         x = scan_inputs(b, d, n, L)
-        return _timed(_series(point), L, lambda: impls.selective_scan(**x, impl=point["impl"]))
+        return _timed(_series(point), L, lambda: impls.selective_scan(**x, impl=point["impl"]),
+                      single_after_s=REFORWARD_SINGLE_S)
     x = scan_inputs(b, d, n, L + 1)
     prefix = {k: (v[..., :L] if isinstance(v, torch.Tensor) and v.dim() == 3 else v) for k, v in x.items()}
     _, state = impls.selective_scan(**prefix, return_last_state=True, impl=point["prefill_impl"])
@@ -267,7 +271,8 @@ def _model_per_token(point):
     model, L = (small_model() if point["model"] == MODEL else peer_models(point["model"])[0]), point["L"]
     ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(1))
     if point["mode"] == "reforward":
-        return _timed(_series(point), L, lambda: model(ids, impl=point["impl"], num_last_tokens=1)[:, -1].argmax(-1))
+        return _timed(_series(point), L, lambda: model(ids, impl=point["impl"], num_last_tokens=1)[:, -1].argmax(-1),
+                      single_after_s=REFORWARD_SINGLE_S)
     logits, cache = model.prefill(ids, impl=point["prefill_impl"])
     token = logits.argmax(-1)
     return dict(_timed(_series(point), L, lambda: model.step(token, cache, impl=point["impl"]).argmax(-1)),
