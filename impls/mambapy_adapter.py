@@ -75,7 +75,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if z is not None:
         y = y * F.silu(z.to(f))
     y = y.to(u.dtype)
-    return (y, hs[:, -1]) if return_last_state else y
+    # a copy: a view would keep the whole (b, l, d, n) hs alive as long as the caller holds the state
+    return (y, hs[:, -1].clone()) if return_last_state else y
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
