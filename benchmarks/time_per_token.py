@@ -87,7 +87,8 @@ CUMULATIVE_MAX = {"quick": 2 ** 8, "default": 2 ** 10, "long": 2 ** 13}
 CUMULATIVE_REFORWARD_MAX = {"quick": 2 ** 7, "default": 2 ** 7, "long": 2 ** 10}
 MEMORY_LENGTHS = {"quick": [], "default": [2 ** 10, 2 ** 13], "long": [2 ** 10, 2 ** 20]}
 POOL = 64                                            # distinct token inputs cycled by the memory points
-PEER = "mambapy"                                     # the peer's name in records (not a registered scan)
+PEER = "mambapy"                                     # the peer's name in records: mamba.py's model, measured
+                                                     # against ours (its registered scan is timed in the scan grid)
 PEER_MODELS = {"130m": dict(d_model=768, n_layer=24, vocab_size=50277),   # mamba-130m's config.json sizes
                "small": dict(d_model=256, n_layer=4, vocab_size=256)}
 PEER_SIZES = {"quick": ["small"], "default": ["small", "130m"], "long": ["small", "130m"]}

@@ -71,7 +71,8 @@ def magnitudes(case, weights=None):
     if x["z"] is not None:
         leaves["z"] = x["z"].clone().requires_grad_(weights is not None)
     decay = torch.exp(dt[..., None] * x["A"][:, None, :])                         # (b, d, l, n)
-    X = (dt.abs() * leaves["u"])[..., None] * time_last(leaves["B"])              # |dt B u|
+    B = time_last(leaves["B"])
+    X = (dt.abs() * leaves["u"])[..., None] * B                                  # |dt B u|
     h = h0 = leaves.get("initial_state", torch.zeros_like(decay[:, :, 0]))
     states = []
     for t in range(decay.shape[2]):
@@ -96,7 +97,7 @@ def magnitudes(case, weights=None):
     sums["A"] = (dt.abs()[..., None] * decay_terms).sum((0, 2))
     dsoftplus = torch.sigmoid(raw) if x["delta_softplus"] else 1.0
     sums["delta"] = dsoftplus * ((x["A"].abs()[:, None, :] * decay_terms).sum(-1)
-                                 + (lam.detach() * time_last(leaves["B"]).detach()).sum(-1) * leaves["u"].detach())
+                                 + (lam.detach() * B.detach()).sum(-1) * leaves["u"].detach())
     if x["delta_bias"] is not None:
         sums["delta_bias"] = sums["delta"].sum((0, 2))
     return y.detach(), last.detach(), sums
