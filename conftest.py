@@ -152,3 +152,105 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize(fixture, [
                 n if has(impls.get(n)) else pytest.param(n, marks=pytest.mark.skip(reason=f"{n}: declared gap: {gap}"))
                 for n in metafunc.config.selected_impls])
+# ---- Mamba-2 SSD (issue 15): the SSD family's plug-in options and fixtures --------------------------
+# Hook implementations of their own (specname), so the SSD block and the Mamba-1 hooks above stay apart.
+#     pytest --ssd-impl chunked                     # SSD tests of one registered SSD implementation
+#     pytest --ssd-impl my_module                   # a module that calls impls.register(..., family="ssd")
+#     pytest --ssd-impl my_module:my_ssd_scan       # any function with the ssd_scan signature
+#     pytest --ssd-impl-step my_module:my_ssd_step  # an ssd_state_update-like step (scan: step per token)
+# Used alone (without --impl/--impl-step) they restrict the run to the SSD tests; --impl alone
+# restricts it to the Mamba-1 tests.
+
+SSD_FIXTURES = {
+    "ssd_impl": (lambda e: True, None),
+    "ssd_stepping_impl": (lambda e: e.step is not None, "no step function"),
+    "ssd_gradient_impl": (lambda e: e.supports["gradients"], "no gradient support"),
+    "ssd_continuing_impl": (lambda e: e.supports["initial_states"], "no initial_states support"),
+}
+
+
+@pytest.hookimpl(specname="pytest_addoption")
+def pytest_addoption_ssd(parser):
+    group = parser.getgroup("ssd scan")
+    group.addoption("--ssd-impl", action="append", default=[], metavar="NAME|MODULE|MODULE:FUNCTION",
+                    help="SSD implementation(s) under test: a registered SSD name, a module that registers SSD "
+                         "implementations on import, or an ssd_scan-like function; repeatable (default: all)")
+    group.addoption("--ssd-impl-step", default=None, metavar="MODULE:FUNCTION",
+                    help="an ssd_state_update-like step function to test (with --ssd-impl MODULE:FUNCTION, its "
+                         "step; alone, also its scan, run token by token)")
+
+
+def _load_ssd(option, spec):
+    try:
+        return _load(spec)
+    except pytest.UsageError as e:
+        raise pytest.UsageError(str(e).replace("--impl", option, 1)) from None
+
+
+def _select_ssd(config):
+    from impls.ssd_recurrent import scan_by_stepping
+
+    step_spec = config.getoption("ssd_impl_step")
+    step = _load_ssd("--ssd-impl-step", step_spec) if step_spec else None
+    if step_spec and (":" not in step_spec or not callable(step)):
+        raise pytest.UsageError(f"--ssd-impl-step {step_spec}: expected MODULE:FUNCTION")
+    chosen = []
+    for spec in config.getoption("ssd_impl"):
+        if spec in impls.names("ssd"):
+            chosen.append(spec)
+        elif ":" in spec:
+            impls.register(spec, _load_ssd("--ssd-impl", spec), step=step, family="ssd")
+            chosen.append(spec)
+            step = None
+        elif "." in spec or importlib.util.find_spec(spec) is not None:
+            before = set(impls.names("ssd"))
+            _load_ssd("--ssd-impl", spec)
+            added = [n for n in impls.names("ssd") if n not in before]
+            if not added:
+                raise pytest.UsageError(f"--ssd-impl {spec}: importing it registered no SSD implementation")
+            chosen += added
+        else:
+            raise pytest.UsageError(f"--ssd-impl {spec}: not a registered SSD implementation "
+                                    f"({', '.join(impls.names('ssd'))}), a module, or module:function")
+    if step is not None:  # a step on its own: its scan is the step, token by token
+        impls.register(step_spec, scan_by_stepping(step), step=step, family="ssd")
+        chosen.append(step_spec)
+    return tuple(dict.fromkeys(chosen)) or impls.names("ssd")
+
+
+@pytest.hookimpl(specname="pytest_configure")
+def pytest_configure_ssd(config):
+    config.selected_ssd_impls = _select_ssd(config)
+
+
+def _is_ssd_test(item):
+    name = os.path.basename(str(item.fspath))
+    return name.startswith(("test_ssd", "test_triton_ssd")) or any(f in SSD_FIXTURES for f in getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(specname="pytest_collection_modifyitems", trylast=True)
+def pytest_collection_modifyitems_ssd(config, items):
+    ssd_only = bool(config.getoption("ssd_impl") or config.getoption("ssd_impl_step"))
+    selective_only = bool(config.getoption("impl") or config.getoption("impl_step"))
+    if ssd_only == selective_only:  # neither, or both: everything collected runs
+        return
+    keep = [item for item in items if _is_ssd_test(item) == ssd_only]
+    if len(keep) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if _is_ssd_test(item) != ssd_only])
+        items[:] = keep
+
+
+@pytest.hookimpl(specname="pytest_report_header")
+def pytest_report_header_ssd(config):
+    from equivalence.ssd_checks import describe
+
+    return ["SSD implementation under test: " + describe(n) for n in config.selected_ssd_impls]
+
+
+@pytest.hookimpl(specname="pytest_generate_tests")
+def pytest_generate_tests_ssd(metafunc):
+    for fixture, (has, gap) in SSD_FIXTURES.items():
+        if fixture in metafunc.fixturenames:
+            metafunc.parametrize(fixture, [
+                n if has(impls.get(n, "ssd")) else pytest.param(n, marks=pytest.mark.skip(reason=f"{n}: declared gap: {gap}"))
+                for n in metafunc.config.selected_ssd_impls])

@@ -113,3 +113,16 @@ def assert_close(what, actual, oracle, loop=None, length=1, repro="", scale=None
     if not c.ok:
         raise AssertionError(f"{what}: {c.describe()}\n  reproduce: {repro}")
     return c
+# ---- Mamba-2 SSD (issue 15): the same policy, with the SSD's shapes --------------------------------
+# An element of out is h_t C_t (n products, a state built over l tokens) plus D x_t; a final state is
+# built over l tokens. A chunked implementation adds its terms in another order (a sum over the
+# tokens of a chunk, and C_i . B_j over n before the decay), but no element accumulates more
+# rounded terms than the loop's, so the count stays l + n for out and l for states; what changes
+# with the SSD is the scale, the sums of |terms| (equivalence/ssd_checks.py: magnitudes).
+
+
+def ssd_terms(output, l, n):
+    """Rounded terms accumulated into one element of ``output`` ("out" or "final_states")."""
+    if output not in ("out", "final_states"):
+        raise ValueError(f"ssd_terms: output must be 'out' or 'final_states', got {output!r}")
+    return terms("y" if output == "out" else "last_state", l, n)

@@ -1,0 +1,167 @@
+"""The SSD front door: argument checking and the dtype policy of the Mamba-2 family.
+
+Glossary (used in every SSD docstring of this package, after the Mamba-2 paper, Dao & Gu 2024,
+"Transformers are SSMs", and the official ``mamba_chunk_scan_combined``):
+    b  batch size
+    l  sequence length (time)
+    h  heads (``nheads``); each head has one scalar decay A_h and one dt per token
+    p  head dimension (``headdim``): the channels of a head, d_inner = h p
+    n  state size (``d_state``)
+    g  groups of B/C (``ngroups``): head i reads group i // (h // g); g divides h
+
+Dtype policy (the Mamba-1 front door's, impls/frontdoor.py, per argument):
+    x and z share the *input dtype* (float16, bfloat16, float32 or float64).
+    The *compute dtype* is float64 for float64 inputs and float32 otherwise.
+    dt, B and C are in the input dtype or the compute dtype; A, D, dt_bias and any state
+    (initial_states, the step's state) are in the compute dtype.
+    out comes back in the input dtype, final_states in the compute dtype.
+
+Every check raises before anything is computed or written, with a message that names the
+argument, what was expected and what was given (ValueError for shapes and values, TypeError for
+types and dtypes).
+"""
+
+import math
+import numbers
+
+import torch
+
+from .frontdoor import INPUT_DTYPES, _device, _dtype, _fail, _shape, _tensor, compute_dtype
+
+DEFAULT_DT_LIMIT = (0.0, float("inf"))
+
+
+def check_dt_limit(where, dt_limit):
+    """dt_limit: a pair (lo, hi) of real numbers with lo <= hi (either may be infinite). Returns it as floats."""
+    try:
+        lo, hi = (float(v) for v in dt_limit)
+    except (TypeError, ValueError):
+        _fail(ValueError, where, "dt_limit", "a pair (lo, hi) of real numbers", repr(dt_limit))
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        _fail(ValueError, where, "dt_limit", "a pair (lo, hi) with lo <= hi", repr(dt_limit))
+    return lo, hi
+
+
+def check_chunk_size(where, chunk_size):
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        _fail(TypeError, where, "chunk_size", "a positive integer", repr(chunk_size))
+    if chunk_size < 1:
+        _fail(ValueError, where, "chunk_size", "a positive integer", repr(chunk_size))
+    return int(chunk_size)
+
+
+def _check(where, named, lead, time):
+    """Shared checks for the scan (inputs carry a time axis l after b) and the step (they don't).
+
+    named: argument name -> tensor or None; lead: the name of x, whose shape is (b, *time, h, p).
+    Returns dict(b, l, h, p, n, g, input_dtype, compute_dtype).
+    """
+    for arg, t in named.items():
+        if t is not None:
+            _tensor(where, arg, t)
+    x = named[lead]
+    lead_names = ("b", *("l" for _ in range(time)), "h", "p")
+    if x.dim() != 3 + time:
+        _fail(ValueError, where, lead, f"rank {3 + time} ({', '.join(lead_names)})", f"rank {x.dim()} with shape {tuple(x.shape)}")
+    _dtype(where, lead, x, INPUT_DTYPES, "the input dtype")
+    b, h, p = x.shape[0], x.shape[-2], x.shape[-1]
+    tl = tuple(x.shape[1:1 + time])
+    in_dtype = x.dtype
+    f = compute_dtype(in_dtype)
+    in_or_f = tuple(dict.fromkeys((in_dtype, f)))
+    A = named["A"]
+    _shape(where, "A", A, (h,), ("h",))
+    B, C = named["B"], named["C"]
+    bc_names = ("b", *("l" for _ in range(time)), "g", "n")
+    if B.dim() != 3 + time:
+        _fail(ValueError, where, "B", f"rank {3 + time} ({', '.join(bc_names)})", f"rank {B.dim()} with shape {tuple(B.shape)}")
+    g, n = B.shape[-2], B.shape[-1]
+    if g < 1 or h % g != 0:
+        _fail(ValueError, where, "B", f"a group count g that divides h={h}", f"g={g} (shape {tuple(B.shape)})")
+    if n < 1:
+        _fail(ValueError, where, "B", "at least one state (n >= 1)", tuple(B.shape))
+    for arg, t in named.items():
+        if t is None or arg == lead:
+            continue
+        _device(where, arg, t, x.device)
+        if arg == "z":
+            _shape(where, arg, t, x.shape, lead_names)
+            _dtype(where, arg, t, (in_dtype,), f"the dtype of {lead}")
+        elif arg == "dt":
+            _shape(where, arg, t, (b, *tl, h), (*lead_names[:-1],))
+            _dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
+        elif arg in ("B", "C"):
+            _shape(where, arg, t, (b, *tl, g, n), bc_names)
+            _dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
+        elif arg == "D":
+            if t.dim() == 2:
+                _shape(where, arg, t, (h, p), ("h", "p"))
+            else:
+                _shape(where, arg, t, (h,), ("h",))  # the message names (h,); (h, p) is the other form
+            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+        elif arg == "dt_bias":
+            _shape(where, arg, t, (h,), ("h",))
+            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+        elif arg in ("initial_states", "state"):
+            _shape(where, arg, t, (b, h, p, n), ("b", "h", "p", "n"))
+            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+        elif arg == "A":
+            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+    return dict(b=b, l=tl[0] if tl else 1, h=h, p=p, n=n, g=g, input_dtype=in_dtype, compute_dtype=f)
+
+
+def check_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_limit):
+    """Validate ssd_scan arguments (shapes in impls.ssd_scan; the varlen arguments are the caller's).
+
+    Returns (dims, chunk_size, dt_limit): dims = dict(b, l, h, p, n, g, input_dtype, compute_dtype);
+    chunk_size as an int; dt_limit as a pair of floats.
+    """
+    where = "ssd_scan"
+    chunk_size = check_chunk_size(where, chunk_size)
+    dt_limit = check_dt_limit(where, dt_limit)
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states)
+    return _check(where, named, "x", 1), chunk_size, dt_limit
+
+
+def _untie(where, arg, t, keep, tied_shape, tied_names):
+    """The official decode call's "tied" form: ``t`` broadcast (zero strides) over trailing
+    dimensions whose values are all equal. Returns the untied tensor, t[index of the first element
+    of each tied dimension]; raises ValueError where the values are not constant over them (a
+    genuinely per-channel A or dt is outside the SSD model: one decay per head)."""
+    _shape(where, arg, t, tied_shape, tied_names)
+    index = (slice(None),) * keep + (0,) * (t.dim() - keep)
+    untied = t[index]
+    if any(t.stride(k) != 0 and t.shape[k] > 1 for k in range(keep, t.dim())):
+        expanded = untied[(Ellipsis,) + (None,) * (t.dim() - keep)].expand_as(t)
+        if not torch.equal(t, expanded):
+            _fail(ValueError, where, arg, f"the tied form constant over {', '.join(tied_names[keep:])} "
+                  f"(one value per head, as the official Mamba2.step broadcasts)", "values that vary over them")
+    return untied
+
+
+def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
+    """Validate ssd_state_update arguments (shapes in impls.ssd_state_update) and untie the
+    official "tied" form: A (h, p, n) -> (h,), dt (b, h, p) -> (b, h), dt_bias (h, p) -> (h,)
+    (D (h, p) is a form of its own and is kept).
+
+    Returns (dims, dict(dt=..., A=..., dt_bias=...) untied, dt_limit as floats).
+    """
+    where = "ssd_state_update"
+    dt_limit = check_dt_limit(where, dt_limit)
+    for arg, t in dict(state=state, x=x, dt=dt, A=A, dt_bias=dt_bias).items():
+        if t is not None:
+            _tensor(where, arg, t)
+    tied_n = None
+    if x.dim() == 3 and A.dim() == 3:
+        h, p = x.shape[1:]
+        tied_n = A.shape[2]
+        A = _untie(where, "A", A, 1, (h, p, tied_n), ("h", "p", "n"))
+    if x.dim() == 3 and dt.dim() == 3:
+        dt = _untie(where, "dt", dt, 2, (x.shape[0], *x.shape[1:]), ("b", "h", "p"))
+    if x.dim() == 3 and dt_bias is not None and dt_bias.dim() == 2:
+        dt_bias = _untie(where, "dt_bias", dt_bias, 1, tuple(x.shape[1:]), ("h", "p"))
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
+    dims = _check(where, named, "x", 0)
+    if tied_n is not None and tied_n != dims["n"]:
+        _fail(ValueError, where, "A", f"the tied form (h, p, n={dims['n']}), n as in B", f"n={tied_n}")
+    return dims, dict(dt=dt, A=A, dt_bias=dt_bias), dt_limit
