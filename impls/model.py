@@ -51,6 +51,7 @@ had not been padded at all. Right padding or holes in the mask raise ValueError.
 
 import json
 import math
+import numbers
 import os
 
 import torch
@@ -65,6 +66,7 @@ STEP_DEFAULT = impls.selective_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
 WEIGHTS_BIN = "pytorch_model.bin"
 WEIGHTS_SAFETENSORS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"   # sharded safetensors (large transformers checkpoints)
 
 # ssm_cfg keys of the official Mamba-1 mixer (mamba_simple.Mamba.__init__) and their defaults.
 SSM_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
@@ -74,17 +76,28 @@ SSM_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001
 
 class MambaConfig:
     """The fields of an official Mamba ``config.json`` (mamba_ssm.models.config_mamba.MambaConfig),
-    with the official defaults. Unknown fields are accepted and kept (``to_dict`` writes them back).
+    with the official defaults except for the sizes d_model, n_layer and vocab_size, which must be
+    given (ValueError naming the missing ones). Unknown fields are accepted and kept (``to_dict``
+    writes them back). A transformers ``config.json`` is read by ``config_from_dict``.
 
     ``ssm_cfg`` is kept exactly as given (mamba-130m's is ``{}``); the resolved mixer sizes are
     attributes: d_state, d_conv, expand, dt_rank (``"auto"`` -> ceil(d_model / 16)), d_inner,
     conv_bias, bias, and padded_vocab_size (v).
     """
 
-    def __init__(self, d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
+    def __init__(self, d_model=None, d_intermediate=0, n_layer=None, vocab_size=None, ssm_cfg=None,
                  attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True,
                  fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5,
                  **extra):
+        # The sizes have no defaults (the official dataclass's, d_model 2560 and n_layer 64, once
+        # filled in for a transformers folder's missing fields and built a 2.6B-parameter model)
+        missing = [k for k, v in (("d_model", d_model), ("n_layer", n_layer), ("vocab_size", vocab_size)) if v is None]
+        if missing:
+            hint = ""
+            if "hidden_size" in extra or "num_hidden_layers" in extra:
+                hint = (" (these fields are transformers' MambaConfig: read such a dict with "
+                        "impls.model.config_from_dict, or the folder with MambaLM.from_pretrained)")
+            raise ValueError(f"MambaConfig: missing size field(s) {', '.join(missing)}{hint}")
         self.d_model = int(d_model)
         self.d_intermediate = int(d_intermediate)
         self.n_layer = int(n_layer)
@@ -136,6 +149,281 @@ class MambaConfig:
 
     def __eq__(self, other):
         return isinstance(other, MambaConfig) and self.to_dict() == other.to_dict()
+
+
+# ---------------------------------------------------------------------------- checkpoint layouts
+#
+# Two layouts of the same Mamba-1 weights exist: the official one (state-spaces/mamba-*, the
+# mamba_ssm code) and transformers' (state-spaces/mamba-*-hf, transformers' MambaForCausalLM).
+# Everything that differs between them is in the tables below, plain dicts so a Mamba-2 model can
+# keep its own tables and reuse the functions (map_config, rename_weights, check_weight_shapes).
+
+LAYOUTS = ("official", "transformers")
+
+# The one config table: official field (a mixer field written "ssm_cfg.<key>") -> transformers'
+# MambaConfig field (transformers/models/mamba/configuration_mamba.py, 5.24). Where a field is
+# missing, each layout's own default applies, and the two agree on every one of these (tested).
+# vocab_size is special: transformers' is the embedding's row count, the official one is the real
+# vocabulary, padded to a multiple of pad_vocab_size_multiple (see official_to_transformers).
+CONFIG_FIELDS = {
+    "d_model": "hidden_size",
+    "n_layer": "num_hidden_layers",
+    "vocab_size": "vocab_size",
+    "ssm_cfg.d_state": "state_size",
+    "ssm_cfg.d_conv": "conv_kernel",
+    "ssm_cfg.expand": "expand",
+    "ssm_cfg.dt_rank": "time_step_rank",
+    "ssm_cfg.bias": "use_bias",
+    "ssm_cfg.conv_bias": "use_conv_bias",
+    "ssm_cfg.dt_min": "time_step_min",
+    "ssm_cfg.dt_max": "time_step_max",
+    "ssm_cfg.dt_init": "time_step_init_scheme",
+    "ssm_cfg.dt_scale": "time_step_scale",
+    "ssm_cfg.dt_init_floor": "time_step_floor",
+    "norm_epsilon": "layer_norm_epsilon",
+    "residual_in_fp32": "residual_in_fp32",
+    "tie_embeddings": "tie_word_embeddings",
+}
+# The fields that size the model: a config.json must state them; no default stands in for them.
+SIZE_FIELDS = {"official": ("d_model", "n_layer", "vocab_size"),
+               "transformers": ("hidden_size", "num_hidden_layers", "vocab_size")}
+# transformers fields fixed by the block implemented here: another value is refused, not ignored.
+TRANSFORMERS_FIXED = {"model_type": "mamba", "hidden_act": "silu"}
+# official fields transformers' model cannot express, with the value it always computes.
+OFFICIAL_FIXED_FOR_TRANSFORMERS = {"rms_norm": True}
+# transformers fields that describe the file, not the model: rewritten when saving, not kept.
+TRANSFORMERS_FILE_FIELDS = ("architectures", "dtype", "torch_dtype", "transformers_version", "intermediate_size")
+# Weight names: the only difference (official prefix -> transformers prefix).
+WEIGHT_PREFIXES = {"backbone.embedding.": "backbone.embeddings."}
+
+
+def config_layout(d, size_fields=SIZE_FIELDS):
+    """Which layout a config.json dict is in: "official" or "transformers", told by its size fields
+    (d_model / n_layer against hidden_size / num_hidden_layers; vocab_size is in both).
+
+    Raises ValueError if it has fields of both layouts, or of neither (naming each layout's missing
+    size fields); a dict that picks a layout but lacks some of its size fields is refused later,
+    by the reader of that layout, naming them.
+    """
+    own = {layout: [k for k in fields if k in d and not all(k in f for f in size_fields.values())]
+           for layout, fields in size_fields.items()}
+    found = [layout for layout, keys in own.items() if keys]
+    if len(found) > 1:
+        raise ValueError("config: fields of two layouts: " +
+                         "; ".join(f"{layout}: {', '.join(own[layout])}" for layout in found))
+    if not found:
+        raise ValueError("config: neither layout's size fields: " + "; ".join(
+            f"{layout} needs {', '.join(k for k in fields if k not in d)}" for layout, fields in size_fields.items()))
+    return found[0]
+
+
+def _require_fields(d, layout, size_fields=SIZE_FIELDS):
+    missing = [k for k in size_fields[layout] if d.get(k) is None]
+    if missing:
+        raise ValueError(f"config ({layout} layout): missing size field(s) {', '.join(missing)}; "
+                         f"a checkpoint must state them (no default stands in for a size)")
+
+
+def map_config(d, table):
+    """Rename a flat config dict's fields by ``table`` (source name -> target name; a dotted target,
+    "ssm_cfg.d_state", goes into a nested dict). Returns (mapped dict, the fields not in the table)."""
+    out, rest = {}, dict(d)
+    for src, dst in table.items():
+        if src not in rest:
+            continue
+        *path, key = dst.split(".")
+        target = out
+        for part in path:
+            target = target.setdefault(part, {})
+        target[key] = rest.pop(src)
+    return out, rest
+
+
+def transformers_to_official(d):
+    """A transformers MambaConfig dict -> an official config.json dict.
+
+    The vocabulary is transformers' vocab_size rows with no further padding (pad_vocab_size_multiple
+    1): transformers has no notion of padding rows, so every row is a token, as its generate treats
+    it. Fields outside the table (token ids, initializer_range, use_cache, ...) are kept as unknown
+    fields; architectures, dtype, transformers_version and intermediate_size describe the file and
+    are dropped (intermediate_size after checking it is expand * hidden_size).
+
+    Raises ValueError for a missing size field or a field whose value this block cannot compute.
+    """
+    _require_fields(d, "transformers")
+    for key, value in TRANSFORMERS_FIXED.items():
+        if d.get(key, value) != value:
+            raise ValueError(f"config (transformers layout): {key} = {d[key]!r}: only {value!r} is implemented")
+    mapped, rest = map_config(d, {v: k for k, v in CONFIG_FIELDS.items()})
+    expand = mapped.get("ssm_cfg", {}).get("expand", SSM_DEFAULTS["expand"])
+    if rest.get("intermediate_size") not in (None, int(expand * d["hidden_size"])):
+        raise ValueError(f"config (transformers layout): intermediate_size = {rest['intermediate_size']} is not "
+                         f"expand * hidden_size = {expand} * {d['hidden_size']}")
+    for key in (*TRANSFORMERS_FIXED, *TRANSFORMERS_FILE_FIELDS):
+        rest.pop(key, None)
+    return {**mapped, "pad_vocab_size_multiple": 1, **rest}
+
+
+def official_to_transformers(config):
+    """A MambaConfig -> transformers' MambaConfig dict (what its save_pretrained writes), with the
+    resolved sizes (dt_rank as a number) and vocab_size = the padded row count. Unknown fields kept
+    from loading are written too. Raises ValueError for what transformers' model cannot express."""
+    for key, value in OFFICIAL_FIXED_FOR_TRANSFORMERS.items():
+        if getattr(config, key) != value:
+            raise ValueError(f"layout='transformers': {key} = {getattr(config, key)!r} has no counterpart in "
+                             f"transformers' MambaForCausalLM (only {value!r})")
+    out = {"architectures": ["MambaForCausalLM"], **TRANSFORMERS_FIXED}
+    for official, hf in CONFIG_FIELDS.items():
+        out[hf] = getattr(config, official.split(".")[-1])
+    out["vocab_size"] = config.padded_vocab_size
+    out["intermediate_size"] = config.d_inner
+    return {**out, **config.extra}
+
+
+def config_from_dict(d):
+    """A config.json dict in either layout -> (MambaConfig, layout). Raises ValueError naming the
+    missing size fields, or the fields of two layouts, before anything is built."""
+    layout = config_layout(d)
+    if layout == "transformers":
+        return MambaConfig(**transformers_to_official(d)), layout
+    _require_fields(d, layout)
+    return MambaConfig(**d), layout
+
+
+def rename_weights(names, src, dst, prefixes=WEIGHT_PREFIXES):
+    """Checkpoint names in layout src -> {name: name in layout dst} (prefixes: official -> transformers)."""
+    if src == dst:
+        return {k: k for k in names}
+    pairs = prefixes.items() if src == "official" else [(b, a) for a, b in prefixes.items()]
+    out = {}
+    for k in names:
+        for a, b in pairs:
+            if k.startswith(a):
+                k_new = b + k[len(a):]
+                break
+        else:
+            k_new = k
+        out[k] = k_new
+    return out
+
+
+def weights_layout(names, prefixes=WEIGHT_PREFIXES):
+    """"official" or "transformers" from the names (the embedding's), or None if neither shows."""
+    for official, hf in prefixes.items():
+        if any(k.startswith(hf) for k in names):
+            return "transformers"
+        if any(k.startswith(official) for k in names):
+            return "official"
+    return None
+
+
+def parameter_shapes(config):
+    """Official checkpoint name -> shape for a MambaConfig, from the config alone (no tensor made):
+    what ``check_weight_shapes`` compares a weight file's header against. lm_head.weight included."""
+    m, d, n, r, k, v = (config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv,
+                        config.padded_vocab_size)
+    shapes = {"backbone.embedding.weight": (v, m)}
+    for i in range(config.n_layer):
+        p = f"backbone.layers.{i}."
+        shapes.update({p + "norm.weight": (m,), p + "mixer.in_proj.weight": (2 * d, m),
+                       p + "mixer.conv1d.weight": (d, 1, k), p + "mixer.x_proj.weight": (r + 2 * n, d),
+                       p + "mixer.dt_proj.weight": (d, r), p + "mixer.dt_proj.bias": (d,),
+                       p + "mixer.A_log": (d, n), p + "mixer.D": (d,), p + "mixer.out_proj.weight": (m, d)})
+        if config.conv_bias:
+            shapes[p + "mixer.conv1d.bias"] = (d,)
+        if config.bias:
+            shapes[p + "mixer.in_proj.bias"] = (2 * d,)
+            shapes[p + "mixer.out_proj.bias"] = (m,)
+        if not config.rms_norm:
+            shapes[p + "norm.bias"] = (m,)
+    shapes["backbone.norm_f.weight"] = (m,)
+    if not config.rms_norm:
+        shapes["backbone.norm_f.bias"] = (m,)
+    shapes["lm_head.weight"] = (v, m)
+    return shapes
+
+
+def check_weight_shapes(config, stored, layout, expected=None, optional=None):
+    """Check a checkpoint's names and shapes (stored: name in ``layout`` -> shape, read from the file's
+    header) against the config, before any model is built.
+
+    expected: official name -> shape (default parameter_shapes(config)); optional: official names that
+    may be absent (default: lm_head.weight when the embeddings are tied).
+    Raises KeyError naming missing and unexpected names (and the layout the names are in, when that
+    differs from the config's), ValueError naming each shape that differs.
+    """
+    expected = parameter_shapes(config) if expected is None else expected
+    if optional is None:
+        optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    to_official = rename_weights(stored, layout, "official")
+    have = {to_official[k]: tuple(s) for k, s in stored.items()}
+    missing = [k for k in expected if k not in have and k not in optional]
+    unexpected = [k for k in have if k not in expected]
+    if missing or unexpected:
+        found = weights_layout(stored)
+        note = (f" (the config is in the {layout} layout, the weight names in the {found} layout)"
+                if found not in (None, layout) else "")
+        raise KeyError(f"checkpoint{note}: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+                       f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    wrong = [f"{k}: config gives {expected[k]}, file has {s}" for k, s in have.items() if s != expected[k]]
+    if wrong:
+        raise ValueError(f"checkpoint: {len(wrong)} shape(s) differ from the config: "
+                         + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
+
+
+def read_config(folder):
+    """config.json of a checkpoint folder -> (MambaConfig, layout). FileNotFoundError if absent."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
+    with open(path) as f:
+        return config_from_dict(json.load(f))
+
+
+def weight_files(folder):
+    """The weight files of a folder, in the order they are preferred: model.safetensors, the shards of
+    model.safetensors.index.json, or pytorch_model.bin. FileNotFoundError if none."""
+    st, index, bin_ = (os.path.join(folder, n) for n in (WEIGHTS_SAFETENSORS, WEIGHTS_INDEX, WEIGHTS_BIN))
+    if os.path.isfile(st):
+        return [st]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, s) for s in shards]
+    if os.path.isfile(bin_):
+        return [bin_]
+    raise FileNotFoundError(f"from_pretrained: none of {WEIGHTS_SAFETENSORS}, {WEIGHTS_INDEX}, {WEIGHTS_BIN} "
+                            f"in {folder!r}")
+
+
+def stored_shapes(files):
+    """name -> shape of every tensor in the weight files, without reading the tensors: a safetensors
+    header (safe_open ... get_slice(name).get_shape()), or a pytorch_model.bin memory-mapped
+    (torch.load(mmap=True): nothing is read until a tensor is used)."""
+    shapes = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    return shapes
+
+
+def load_weights(files):
+    """name -> tensor of every tensor in the weight files."""
+    state = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state.update(load_file(path))
+        else:
+            state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return state
 
 
 class RMSNorm(nn.Module):
@@ -502,21 +790,154 @@ class Backbone(nn.Module):
 
 
 def _check_mask(attention_mask, input_ids):
-    """attention_mask: (b, l) of 0/1 with every row 0...0 1...1 (left padding, at least one real token)."""
+    """attention_mask: (b, l) of exactly 0 and 1, in any dtype (0.5 is refused, not rounded), with every
+    row 0...0 1...1 (left padding, at least one real token). Returns it as int64, or None if all ones."""
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a tensor, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), "
                          f"got {tuple(attention_mask.shape)}")
+    if not ((attention_mask == 0) | (attention_mask == 1)).all():
+        bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
+        raise ValueError(f"attention_mask: expected only 0 (padding) and 1 (real token), got values such as "
+                         f"{bad[:4].tolist()}")
     m = attention_mask.to(torch.long)
-    if not ((m == 0) | (m == 1)).all():
-        raise ValueError("attention_mask: expected only 0 (padding) and 1 (real token)")
     if m.shape[1] and not (m[:, 1:] >= m[:, :-1]).all():
         raise ValueError("attention_mask: only left padding is supported (every row 0...0 1...1); "
                          "pad prompts of different lengths on the left")
     if m.shape[1] and not m[:, -1].all():
         raise ValueError("attention_mask: every row needs at least one real token")
     return None if m.all() else m
+
+
+def _check_ids(input_ids, where, v):
+    """input_ids: an integer tensor (b, l) with l >= 1 and every id in [0, v) (v the padded vocabulary)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{where}: input_ids: expected a tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"{where}: input_ids: expected integer ids, got {input_ids.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"{where}: input_ids: expected shape (b, l >= 1), got {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= v):
+        raise ValueError(f"{where}: input_ids: ids must be in [0, {v}), got min {int(input_ids.min())}, "
+                         f"max {int(input_ids.max())}")
+
+
+def _check_token(token, cache, impl):
+    """A step's token: an integer tensor (b,) for the cache's batch, on its device; and an
+    implementation with a step. Checked before the cache changes, so a refused step leaves it as it
+    was. The id range is not checked here (a min/max per token would cost several µs of a step of
+    about 100): the embedding lookup, the first thing a step does and before the cache changes,
+    raises IndexError for it, which ``_embed_token`` names."""
+    state = cache.layers[0].ssm_state
+    b = state.shape[0]
+    if not isinstance(token, torch.Tensor):
+        raise TypeError(f"step: token: expected a tensor of shape (b={b},), got {type(token).__name__}")
+    if token.dim() != 1 or token.shape[0] != b:  # index_select would resize a buffer, not fail
+        raise ValueError(f"step: token: expected shape (b={b},) (the cache's batch), got {tuple(token.shape)}")
+    if token.dtype.is_floating_point or token.dtype.is_complex or token.dtype == torch.bool:
+        raise TypeError(f"step: token: expected integer ids, got {token.dtype}")
+    if token.device != state.device:
+        raise ValueError(f"step: token: on {token.device}, the cache on {state.device}")
+    if impl not in cache.checked:
+        _check_step_impl(impl)
+
+
+def _embed_token(lookup, token, v):
+    """lookup() (the step's embedding of token), with an out-of-range id named as a ValueError."""
+    try:
+        return lookup()
+    except IndexError:
+        raise ValueError(f"step: token: ids must be in [0, {v}), got {token.tolist()}") from None
+
+
+def _check_step_impl(impl):
+    """ValueError for an unknown implementation, NotImplementedError for one without a step."""
+    if impls.get(impl).step is None:
+        raise NotImplementedError(f"step: implementation {impl!r} has no step function; those with one: "
+                                  f"{', '.join(n for n in impls.names() if impls.get(n).step is not None)}")
+
+
+def _check_count(value, where):
+    """A non-negative int (a bool or a float such as 2.7 is refused, not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not (isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point
+                and not value.dtype.is_complex and value.dtype != torch.bool):
+            raise TypeError(f"{where}: expected a non-negative int, got {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{where}: expected a non-negative int, got {value}")
+    return value
+
+
+def _check_sampling(v, do_sample, temperature, top_k, top_p, generator, eos_token_id, pad_token_id):
+    """Check generate's decoding arguments (each named in the error). Returns (eos ids as a tensor or
+    None, the pad id)."""
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"generate: do_sample: expected True or False, got {do_sample!r}")
+    given = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
+                                               ("top_p", top_p, None), ("generator", generator, None))
+             if value is not default and value != default]
+    if given and not do_sample:
+        raise ValueError(f"generate: {', '.join(given)} given but do_sample=False: greedy decoding would ignore "
+                         f"them; pass do_sample=True to sample")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"generate: temperature: expected a positive number, got {temperature!r}")
+    if not (0 < temperature < math.inf):
+        raise ValueError(f"generate: temperature: expected a positive finite number, got {temperature!r} "
+                         f"(for the most probable token use greedy decoding, do_sample=False)")
+    if top_k is not None:
+        _check_count(top_k, "generate: top_k")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+            raise TypeError(f"generate: top_p: expected a number in [0, 1], got {top_p!r}")
+        if not 0 <= top_p <= 1:
+            raise ValueError(f"generate: top_p: expected a number in [0, 1], got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generate: generator: expected a torch.Generator, got {type(generator).__name__}")
+    if eos_token_id is None:
+        if pad_token_id is not None:
+            raise ValueError("generate: pad_token_id pads rows finished by eos_token_id, which is not given")
+        return None, None
+    ids = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    for name, values in (("eos_token_id", ids), ("pad_token_id", [] if pad_token_id is None else [pad_token_id])):
+        for i in values:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < v:
+                raise ValueError(f"generate: {name}: expected ids in [0, {v}), got {i!r}")
+    if not ids:
+        raise ValueError("generate: eos_token_id: an empty list; pass None for no stop token")
+    return torch.tensor(ids), torch.tensor(ids[0] if pad_token_id is None else pad_token_id)
+
+
+def sampling_scores(logits, temperature=1.0, top_k=None, top_p=None):
+    """The scores generate samples from (softmax of them), with the semantics of transformers'
+    TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper applied in generate's order.
+
+    Args:
+        logits: (b, V) float
+        temperature: > 0; top_k: None or 0 (off) or k >= 1; top_p: None or in [0, 1] (1: off)
+    Returns:
+        scores (b, V) float32 (transformers samples in float32 too): logits / temperature, with every
+        filtered token at -inf. top-k keeps the tokens scoring at least the k-th highest score (ties
+        kept); top-p keeps, from the most probable down, the tokens until their probability reaches
+        top_p: a token goes when the total probability of the tokens no more probable than it
+        (itself included, in sorted order) is at most 1 - top_p; the most probable always stays.
+    """
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        kth = torch.topk(scores, min(int(top_k), scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1)     # the same sort as transformers, so ties fall alike
+        mass_up_to = ascending.softmax(-1).cumsum(-1)
+        drop = mass_up_to <= 1 - top_p
+        drop[..., -1] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return scores
 
 
 def _transposed_storage(weight):
@@ -586,7 +1007,11 @@ class MambaLM(nn.Module):
             num_last_tokens: if > 0, the LM head runs on the last that many positions only (official name)
         Returns:
             logits (b, l, v), or (b, num_last_tokens, v)
+        Raises:
+            ValueError for ids that are not (b, l >= 1) or outside the vocabulary, or a bad attention_mask;
+            TypeError for ids that are not integers
         """
+        _check_ids(input_ids, "forward", self.config.padded_vocab_size)
         return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids), num_last_tokens)
 
     def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
@@ -631,8 +1056,7 @@ class MambaLM(nn.Module):
         Returns:
             (logits of the last position (b, v), InferenceCache ready for ``step``)
         """
-        if input_ids.shape[1] < 1:
-            raise ValueError("prefill: input_ids: expected at least one token per row (shape (b, l >= 1))")
+        _check_ids(input_ids, "prefill", self.config.padded_vocab_size)
         mask = _check_mask(attention_mask, input_ids)
         cache = self.new_cache(input_ids.shape[0])
         logits = self._forward(input_ids, impl, mask, num_last_tokens=1, cache=cache)
@@ -647,10 +1071,17 @@ class MambaLM(nn.Module):
             impl: the implementation for impls.selective_state_update (None: its default, "recurrent")
         Returns:
             logits (b, v) for the next position
+        Raises:
+            before the cache changes: ValueError for a token that is not (b,) for the cache's batch
+            (or on another device, or outside the vocabulary), TypeError for a non-integer token,
+            ValueError for an unknown implementation, NotImplementedError for one without a step
         """
+        impl = STEP_DEFAULT if impl is None else impl
+        v = self.config.padded_vocab_size
+        _check_token(token, cache, impl)
         if cache.stream is not None:
-            return self._fused_step(token, cache, STEP_DEFAULT if impl is None else impl)
-        h = self.backbone.embedding(token)                           # (b, m)
+            return self._fused_step(token, cache, impl)
+        h = _embed_token(lambda: self.backbone.embedding(token), token, v)   # (b, m)
         residual = h.float() if self._residual_fp32() else h
         for block, layer_cache in zip(self.backbone.layers, cache.layers):
             residual = block.mixer.step(block.norm(residual.to(h.dtype)), layer_cache, cache.phase, impl, residual)
@@ -673,16 +1104,16 @@ class MambaLM(nn.Module):
         or split (views made once); the scan step is called directly after its first call.
         """
         stream, phase = cache.stream, cache.phase
-        b = stream.residual.shape[0]
-        if token.dim() != 1 or token.shape[0] != b:  # index_select would resize the buffer, not fail
-            raise ValueError(f"step: token: expected shape (b={b},) (the cache's batch), got {tuple(token.shape)}")
         # The scan step's arguments are the same buffers at every token, so the front door's checks,
         # which read only their types, shapes, dtypes and devices, cannot change their verdict after
         # the first call: that call goes through impls.selective_state_update, later ones straight to
         # the implementation (a wrong output shape or dtype would still make out_proj's addmm_ raise).
         step_fn = cache.checked.get(impl)
         residual = stream.residual
-        torch.index_select(self.backbone.embedding.weight, 0, token, out=residual)   # (b, m)
+        try:
+            torch.index_select(self.backbone.embedding.weight, 0, token, out=residual)   # (b, m)
+        except IndexError:   # before the cache changes (the residual buffer is rewritten every step)
+            _embed_token(lambda: self.backbone.embedding(token), token, self.config.padded_vocab_size)
         for c in cache.layers:
             dc = c.decode
             dc.in_proj(stream.normalize(dc.norm_w, dc.eps))
@@ -699,55 +1130,95 @@ class MambaLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, mode="recurrent", impl=None, step_impl=None,
-                 attention_mask=None, return_logits=False):
-        """Greedy decoding (argmax over the first vocab_size logits; padded vocabulary ids are never chosen).
+                 attention_mask=None, return_logits=False, do_sample=False, temperature=1.0, top_k=None,
+                 top_p=None, generator=None, eos_token_id=None, pad_token_id=None):
+        """Greedy decoding (the default) or sampling, with transformers' semantics (GenerationMixin:
+        greedy is argmax, sampling draws from softmax of the scores after its temperature, top-k and
+        top-p warpers, in that order: sampling_scores). Only the first vocab_size logits compete:
+        padded vocabulary ids are never chosen.
 
         Args:
-            input_ids: (b, l) prompt ids, l >= 1 (left-padded with ``attention_mask`` if lengths differ)
-            max_new_tokens: how many tokens to add (T)
+            input_ids: (b, l) integer prompt ids, l >= 1 (left-padded with ``attention_mask`` if lengths differ)
+            max_new_tokens: how many tokens to add at most (T), a non-negative int
             mode: "reforward" re-runs ``forward`` over the whole sequence so far for each token;
                   "recurrent" runs ``prefill`` (one scan) then one ``step`` per token
             impl: the scan implementation (None: the interface default); in "recurrent" mode also the
                   step implementation unless step_impl is given
             step_impl: the step implementation for "recurrent" (None: impl, or "recurrent" when impl is None);
                   an implementation without a step raises NotImplementedError naming those with one
-            attention_mask: (b, l), 1 real / 0 left padding; None when every prompt fills its row
-            return_logits: also return the logits each new token was chosen from
+            attention_mask: (b, l) of exactly 0 and 1 (any dtype), 1 real / 0 left padding; None when
+                  every prompt fills its row
+            return_logits: also return the logits each new token was chosen from (before any warper)
+            do_sample: False (greedy) or True (sample); the sampling arguments need it (ValueError
+                  otherwise: nothing is silently ignored)
+            temperature: > 0, the scores are logits / temperature
+            top_k: keep the k highest scores (ties with the k-th kept); None or 0: no filter. Unlike
+                  transformers' GenerationConfig, whose default is 50, nothing is filtered unless asked
+            top_p: in [0, 1]: keep the smallest set of most probable tokens whose probability reaches
+                  top_p (at least one); None or 1: no filter
+            generator: a torch.Generator for the draws (None: torch's global generator, as transformers);
+                  the same seed gives the same tokens in both modes (one draw per new token)
+            eos_token_id: an id or a list of ids that end a row; None: no stop. A finished row gets
+                  pad_token_id (default: the first eos id) from then on, and generation stops when
+                  every row has finished, so fewer than T tokens may come back, as in transformers
         Returns:
-            tokens (b, l + T) int64; with return_logits, (tokens, logits (b, T, v))
+            tokens (b, l + t) int64, t <= T; with return_logits, (tokens, logits (b, t, v))
+        Raises:
+            TypeError / ValueError for a bad argument (each named), before anything runs
         """
         if mode not in ("recurrent", "reforward"):
             raise ValueError(f"generate: mode: expected 'recurrent' or 'reforward', got {mode!r}")
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"generate: input_ids: expected shape (b, l >= 1), got {tuple(input_ids.shape)}")
+        _check_ids(input_ids, "generate", self.config.padded_vocab_size)
+        T = _check_count(max_new_tokens, "generate: max_new_tokens")
+        eos, pad = _check_sampling(self.config.padded_vocab_size, do_sample, temperature, top_k, top_p,
+                                   generator, eos_token_id, pad_token_id)
         b, l = input_ids.shape
-        T = int(max_new_tokens)
         mask = _check_mask(attention_mask, input_ids)
+        if mode == "recurrent":
+            step_impl = impl if step_impl is None else step_impl
+            _check_step_impl(STEP_DEFAULT if step_impl is None else step_impl)
         tokens = torch.empty(b, l + T, dtype=torch.long, device=input_ids.device)
         tokens[:, :l] = input_ids
         V = self.config.vocab_size
-        kept = [] if return_logits else None
+        kept = []
+        finished = None if eos is None else torch.zeros(b, dtype=torch.bool, device=input_ids.device)
 
         if mode == "reforward":
             full_mask = None
             if mask is not None:
                 full_mask = torch.ones(b, l + T, dtype=mask.dtype, device=mask.device)
                 full_mask[:, :l] = mask
-            for t in range(l, l + T):
-                logits = self._forward(tokens[:, :t], impl, None if full_mask is None else full_mask[:, :t],
-                                       num_last_tokens=1)[:, -1]
-                tokens[:, t] = logits[:, :V].argmax(-1)
-                if kept is not None:
-                    kept.append(logits)
+
+            def logits_at(t):   # the logits that choose tokens[:, t]
+                return self._forward(tokens[:, :t], impl, None if full_mask is None else full_mask[:, :t],
+                                     num_last_tokens=1)[:, -1]
         else:
-            step_impl = impl if step_impl is None else step_impl
-            logits, cache = self.prefill(input_ids, impl, mask)
-            for t in range(l, l + T):
-                tokens[:, t] = logits[:, :V].argmax(-1)
-                if kept is not None:
-                    kept.append(logits)
-                if t + 1 < l + T:
-                    logits = self.step(tokens[:, t], cache, step_impl)
+            cache = None
+
+            def logits_at(t):
+                nonlocal cache
+                if cache is None:
+                    logits, cache = self.prefill(input_ids, impl, mask)
+                    return logits
+                return self.step(tokens[:, t - 1], cache, step_impl)
+
+        end = l + T
+        for t in range(l, l + T):
+            logits = logits_at(t)
+            kept.append(logits)
+            if do_sample:
+                probs = torch.softmax(sampling_scores(logits[:, :V], temperature, top_k, top_p), -1)
+                chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                chosen = logits[:, :V].argmax(-1)
+            if finished is not None:
+                chosen = torch.where(finished, pad, chosen)
+                finished |= torch.isin(chosen, eos)
+            tokens[:, t] = chosen
+            if finished is not None and bool(finished.all()):
+                end = t + 1
+                break
+        tokens = tokens[:, :end]
         if return_logits:
             v = self.config.padded_vocab_size
             return tokens, (torch.stack(kept, 1) if kept else torch.empty(b, 0, v, dtype=self.dtype))
@@ -755,19 +1226,38 @@ class MambaLM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_pretrained(self, folder, safe_serialization=False):
-        """Write ``config.json`` and ``pytorch_model.bin`` (torch.save of the state dict, lm_head.weight
-        included, as the official save_pretrained does) or, with safe_serialization, ``model.safetensors``
-        (the tied lm_head.weight left out: safetensors stores no shared tensors)."""
+    def save_pretrained(self, folder, safe_serialization=None, layout="official"):
+        """Write a checkpoint folder in ``layout``:
+
+        "official": ``config.json`` (the official fields, then the unknown ones kept from loading) and
+            ``pytorch_model.bin`` (torch.save of the state dict, lm_head.weight included, as the
+            official save_pretrained does), or ``model.safetensors`` with safe_serialization=True;
+        "transformers": ``config.json`` in transformers' MambaConfig fields (official_to_transformers)
+            and the weights under transformers' names (backbone.embeddings.*), ``model.safetensors``
+            unless safe_serialization=False: a folder transformers' MambaForCausalLM.from_pretrained loads.
+
+        safetensors stores no shared tensors, so a tied lm_head.weight is left out of it.
+        Raises ValueError for an unknown layout, or a model transformers cannot express (LayerNorm).
+        """
+        if layout not in LAYOUTS:
+            raise ValueError(f"save_pretrained: layout: expected one of {LAYOUTS}, got {layout!r}")
+        if safe_serialization is None:
+            safe_serialization = layout == "transformers"   # what each layout's own save_pretrained writes
+        if layout == "official":
+            config = self.config.to_dict()
+        else:
+            config = {**official_to_transformers(self.config), "dtype": str(self.dtype).removeprefix("torch.")}
+        state = self.state_dict()
+        if safe_serialization and self.config.tie_embeddings:
+            state.pop("lm_head.weight")
+        names = rename_weights(state, "official", layout)
+        state = {names[k]: v for k, v in state.items()}
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        state = self.state_dict()
+            json.dump(config, f, indent=2)
         if safe_serialization:
             from safetensors.torch import save_file
 
-            if self.config.tie_embeddings:
-                state.pop("lm_head.weight")
             save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, WEIGHTS_SAFETENSORS),
                       metadata={"format": "pt"})
         else:
@@ -775,31 +1265,29 @@ class MambaLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None):
-        """Load a local checkpoint folder in the official layout: config.json plus model.safetensors
-        (preferred when both exist) or pytorch_model.bin. Nothing is downloaded.
+        """Load a local checkpoint folder in either layout, official (state-spaces/mamba-*) or
+        transformers' (state-spaces/mamba-*-hf, or any MambaForCausalLM.save_pretrained): config.json
+        plus model.safetensors (preferred), sharded safetensors (model.safetensors.index.json) or
+        pytorch_model.bin. Nothing is downloaded.
+
+        Everything is checked before any tensor is allocated: the config's layout and size fields
+        (config_from_dict), then every parameter's name and shape, read from the weight file's header
+        (stored_shapes), against those the config implies (check_weight_shapes).
 
         Args:
             folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
         Raises:
-            FileNotFoundError if the folder lacks config.json or both weight files; KeyError on
-            missing or unexpected parameter names; ValueError on a shape mismatch.
+            FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a config
+            in neither layout, a missing size field, or a shape the config does not imply; KeyError on
+            missing or unexpected parameter names (naming the weights' layout if it is not the config's).
         """
-        cfg_path = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
-        with open(cfg_path) as f:
-            config = MambaConfig(**json.load(f))
-        st_path, bin_path = os.path.join(folder, WEIGHTS_SAFETENSORS), os.path.join(folder, WEIGHTS_BIN)
-        if os.path.isfile(st_path):
-            from safetensors.torch import load_file
-
-            state = load_file(st_path)
-        elif os.path.isfile(bin_path):
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"from_pretrained: neither {WEIGHTS_SAFETENSORS} nor {WEIGHTS_BIN} in {folder!r}")
+        config, layout = read_config(folder)
+        files = weight_files(folder)
+        check_weight_shapes(config, stored_shapes(files), layout)
         model = cls(config)
-        model.load_official_state_dict(state)
+        state = load_weights(files)
+        names = rename_weights(state, layout, "official")
+        model.load_official_state_dict({names[k]: v for k, v in state.items()})
         return model if dtype is None else model.to(dtype)
 
     @torch.no_grad()
