@@ -24,7 +24,7 @@ Why traced in place and not each part in a loop of its own: measured here, a par
 runs with warm caches and branch predictors, and the parts timed that way summed to about half a
 step (the rest would have shown as "overhead"); traced inside the step, the parts sum to it.
 The traced step, the plain model.step (total_s) and the isolated checks run side by side
-(benchmarks.time_per_token.side_by_side); traced_total_s next to total_s shows what the clock
+(benchmarks.common.interleaved); traced_total_s next to total_s shows what the clock
 reads cost. Parts are means over every traced step; share_<part> = part / traced_step_s.
 
 Points: each step implementation (not interpreted) at the peer models' sizes
@@ -38,7 +38,8 @@ import torch
 
 import impls
 from impls import frontdoor
-from .time_per_token import MODEL, PEER_MODELS, THREADS, interpreted, prefill_impl, side_by_side
+from .common import interleaved
+from .time_per_token import MODEL, PEER_MODELS, THREADS, interpreted, prefill_impl
 
 SPLIT_L = 256
 MODELS = {"quick": {"small": PEER_MODELS["small"]},
@@ -163,7 +164,7 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
 
     fns = {"total": lambda: model.step(token, cache, impl=impl), "traced": traced_step,
            "front_door_isolated": lambda: [frontdoor.check_step(*a) for a in layer_args]}
-    timed = side_by_side(fns, rounds=rounds, block_s=block_s)
+    timed = interleaved(fns, rounds=rounds, block_s=block_s)
     calls = len(traced_steps)
     out = {f"{name}_s": v / calls for name, v in parts.items()}  # means over the traced steps
     out["traced_step_s"] = sum(traced_steps) / calls

@@ -1,51 +1,61 @@
-"""Scan speed grid: forward (and forward + backward) time of each scan beside a floor, in one run.
+"""Scan speed grid: forward (and forward + backward) time of each scan beside a floor, interleaved.
 
 A sweep module for benchmarks/runner.py. The grid is b·d·n ∈ {1k, 16k, 262k} elements per time step
-× l ∈ {512, 2048, 8192} (the default sweep leaves out 262k, which alone takes ~3 minutes here;
---long has it), float32, 2 threads, with the arguments a Mamba block passes (D, z,
-delta_bias, softplus; no initial_state, which mamba.py's pscan lacks). Implementations:
+× l ∈ {512, 2048, 8192} (the default sweep leaves out 262k, which alone takes minutes here; --long
+has it), float32, THREADS threads, with the arguments a Mamba block passes (D, z, delta_bias,
+softplus; no initial_state, which mamba.py's pscan lacks). Implementations:
 
-    loop, parallel   registered scans, through impls.selective_scan
+    loop, parallel   registered scans, through impls.selective_scan (and every plugin's scan)
     mambapy          the mambapy package's pscan (a pure-PyTorch Blelloch scan over (b, l, d, n)
                      tensors), registered through its adapter (impls/mambapy_adapter.py), which the
                      equivalence suite checks like every implementation
-    floor            one elementwise pass computing exp(dt ⊗ A) over all b·d·l·n elements, written
-                     exactly so: torch.exp(dt.unsqueeze(-1) * A.unsqueeze(1)), which allocates the
-                     full (b, d, l, n) tensor; no scan does less. Past a few tens of MB page faults
-                     are most of its time; below, the C library hands the freed block back to the
-                     next call and it costs about what the in-place floor does
-    floor_inplace    the same two ops into a preallocated buffer, recorded beside it
+    floor            one elementwise pass computing exp(dt ⊗ A) over all b·d·l·n elements, in place:
+                     torch.mul(dt, A, out=buf); buf.exp_(), into a buffer allocated once, outside the
+                     timed region. An allocating floor (torch.exp(dt.unsqueeze(-1) * A)) measured
+                     page faults rather than work: 0.38, 0.93 and 29.6 ms at d = 64, l = 512, 2048,
+                     8192. The floor is a unit of work, not a lower bound: it writes all b·d·l·n
+                     elements to memory, which a scan streaming through cache (parallel) never
+                     does, so a ratio below 1 is possible
+Implementations run interpreted (declared ``case_limits``: Triton's interpreter on a CPU) are left
+out with a "skipped" record giving the reason.
 
-Every implementation at a point is measured right after the others (points are ordered so), and the
-report divides by the floor of the same run. "long" adds forward + backward at l = 2048 (gradients
-of every input) and the memory point b=1, d=1536, n=16, l=65,536, run in a fresh process so that
-its peak resident memory is its own (the full (b, d, l, n) float32 tensor there would be 6.4 GB).
+All implementations at one grid point are one group (``group``), measured interleaved
+(benchmarks.common.interleaved: rounds of one block each, order rotated), and each record carries
+its ratio to the floor (``ratio``, the median of the per-round ratios, with quartiles and the
+``unstable`` flag: benchmarks.common.paired_ratio) and to the best peer (``vs_best_peer``: the
+faster of loop and mambapy at that point, per round). "long" adds forward + backward at l = 2048
+(gradients of every input) and the memory point b=1, d=1536, n=16, l=65,536, run alone in a fresh
+process so that its peak resident memory is its own (the full (b, d, l, n) float32 tensor there
+would be 6.4 GB).
 
-The thread count is 2 (the grid's setting); SCAN_GRID_THREADS=1 in the environment measures the
-same grid on one thread instead (a different point key), which is what stays comparable on a
-machine where other processes keep a core busy: there a 2-thread run waits on a descheduled thread
-at every parallel region, and an implementation is slowed by its number of ops, not its work.
+Threads: THREADS = 1 (SCAN_GRID_THREADS in the environment changes it; recorded in each point and
+its settings). On a machine where other processes keep a core busy, a 2-thread run waits on a
+descheduled thread at every parallel region, and an implementation is slowed by its number of ops,
+not its work: a ratio between a many-op scan and the two-op floor then measures the load.
 
 Points whose estimated memory would not fit in what the machine has free are refused with a
-MemoryError (recorded by the runner, visible in the report); a floor whose tensor alone would be
-over FLOOR_PIECE_BYTES is run over l in pieces, each allocated and freed in turn (floor_pieces).
+MemoryError (recorded by the runner, visible in the report); a floor whose buffer alone would be
+over FLOOR_PIECE_BYTES is run over l in pieces (floor_pieces).
 """
 
 import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 
 import impls
-from .common import peak_rss_during, time_call
+from .common import interleaved, paired_ratio, peak_rss_during, time_call
 
 ELEMENTS = {"1k": dict(b=1, d=64, n=16), "16k": dict(b=1, d=1024, n=16), "262k": dict(b=4, d=4096, n=16)}
 LENGTHS = (512, 2048, 8192)
-IMPLS = ("loop", "parallel", "mambapy", "floor")   # floor brings floor_inplace with it
+IMPLS = ("loop", "parallel", "mambapy", "floor")
+PEERS = ("loop", "mambapy")          # the faster of these at a point is the best peer
 MEMORY_POINT = dict(b=1, d=1536, n=16, l=65536)
-THREADS = int(os.environ.get("SCAN_GRID_THREADS", "2"))
+THREADS = int(os.environ.get("SCAN_GRID_THREADS", "1"))
+ROUNDS, BLOCK_S, GROUP_BUDGET_S = 21, 0.025, 20.0   # interleaved rounds; seconds per block; per group
 FLOOR_PIECE_BYTES = 2 << 30
 # Peak memory of one call, in full (b, d, l, n) float32 tensors, for refusing what cannot fit.
 FULL_TENSORS = {("mambapy", "forward"): 5, ("mambapy", "forward+backward"): 9,
@@ -53,42 +63,61 @@ FULL_TENSORS = {("mambapy", "forward"): 5, ("mambapy", "forward+backward"): 9,
 
 
 def points(size, names):
-    """Grid points: one dict per (elements per step, l, direction, implementation).
+    """Grid points: one dict per (elements per step, l, direction, implementation), a group's points
+    together; the floor is in every group (the ratios' denominator).
 
     names: None for IMPLS and every implementation an installed package registered (a plugin);
-    otherwise those of IMPLS (and floor_inplace) it lists, plus any other registered implementation
-    it names (run through impls.selective_scan like loop and parallel)."""
+    otherwise those of IMPLS it lists, plus any other registered implementation it names (run
+    through impls.selective_scan like loop and parallel)."""
     if names is None:
-        names = [*IMPLS, "floor_inplace", *(n for n in impls.names() if n not in impls.BUILTIN)]
-    chosen = [i for i in IMPLS if i in names]
-    if "floor_inplace" in names and "floor" not in chosen:
+        names = [*IMPLS, *(n for n in impls.names() if n not in impls.BUILTIN)]
+    for n in names:
+        if n != "floor":
+            impls.get(n)  # an unknown name raises ValueError listing the registered ones
+    chosen = [i for i in IMPLS if i in names] + [i for i in names if i not in IMPLS]
+    out = [dict(kind="skipped", impl=n, reason=f"interpreted (case_limits {impls.get(n).supports['case_limits']}): "
+                                          "seconds per call, not a timing of the kernel")
+           for n in chosen if n != "floor" and impls.get(n).supports["case_limits"]]
+    chosen = [n for n in chosen if n == "floor" or not impls.get(n).supports["case_limits"]]
+    if "floor" not in chosen:
         chosen.append("floor")
-    chosen += [i for i in names if i not in IMPLS and i != "floor_inplace" and i in impls.names()]
 
     def expand(shape, l, direction, which):
-        out = []
-        for name in which:
-            for impl in (("floor", "floor_inplace") if name == "floor" else (name,)):
-                if impl not in names and name not in names:
-                    continue
-                out.append(dict(impl=impl, **shape, l=l, dtype="float32", threads=THREADS, direction=direction))
-        return out
+        return [dict(impl=impl, **shape, l=l, dtype="float32", threads=THREADS, direction=direction) for impl in which]
 
     if size == "quick":
         grid = [("1k", 512), ("1k", 2048), ("16k", 512)]
-    elif size == "default":  # the 262k row alone takes ~3 minutes here (the loop: 18 s a call at l = 8192)
+    elif size == "default":  # the 262k row alone takes minutes here (the loop: 18 s a call at l = 8192)
         grid = [(e, l) for e in ELEMENTS if e != "262k" for l in LENGTHS]
     else:
         grid = [(e, l) for e in ELEMENTS for l in LENGTHS]
-    out = []
     for e, l in grid:
         out += expand(ELEMENTS[e], l, "forward", chosen)
     if size == "long":
         for e in ELEMENTS:
-            out += expand(ELEMENTS[e], 2048, "forward+backward", [i for i in chosen if i != "floor"])
+            out += expand(ELEMENTS[e], 2048, "forward+backward", chosen)
         shape = {k: v for k, v in MEMORY_POINT.items() if k != "l"}
         out += expand(shape, MEMORY_POINT["l"], "forward", [i for i in chosen if i in ("parallel", "loop")])
+    for p in out:
+        _members.setdefault(group(p), []).append(p["impl"])
+    for k, v in _members.items():
+        _members[k] = list(dict.fromkeys(v))
     return out
+
+
+_members = {}   # group -> the implementations planned in it (filled by points)
+_stored = {}    # group -> {impl: result or exception} measured but not yet returned
+
+
+def group(point):
+    """The points measured together: one grid point, every implementation (the memory point alone)."""
+    if point.get("kind") == "skipped" or _is_memory_point(point):
+        return json.dumps(point, sort_keys=True)
+    return json.dumps({k: v for k, v in point.items() if k != "impl"}, sort_keys=True)
+
+
+def _is_memory_point(point):
+    return all(point.get(k) == v for k, v in MEMORY_POINT.items())
 
 
 def make_inputs(b, d, n, l, seed=0, requires_grad=False, gate=True):
@@ -129,8 +158,9 @@ def _refuse_if_too_big(point, full_bytes):
                           f"{free / 2**30:.1f} GiB available")
 
 
-def _floor_call(point, inplace):
-    """exp(dt ⊗ A) over all b·d·l·n elements, in pieces along l if the tensor alone is too big."""
+def _floor_call(point):
+    """exp(dt ⊗ A) over all b·d·l·n elements into a buffer made here (outside the timed call), in
+    pieces along l if the buffer would be too big. Returns (fn, pieces)."""
     b, d, n, l = point["b"], point["d"], point["n"], point["l"]
     gen = torch.Generator().manual_seed(0)
     dt = torch.rand(b, d, l, generator=gen) * 0.1
@@ -138,18 +168,13 @@ def _floor_call(point, inplace):
     pieces = -(-b * d * l * n * 4 // FLOOR_PIECE_BYTES)
     step = -(-l // pieces)
     slices = [dt[..., i:i + step] for i in range(0, l, step)]
-    if not inplace:
-        def fn():
-            for s in slices:
-                torch.exp(s.unsqueeze(-1) * A.unsqueeze(1))
-    else:
-        buf = torch.empty(b, d, step, n)
+    buf = torch.empty(b, d, step, n)
 
-        def fn():
-            for s in slices:
-                out = buf[:, :, :s.shape[-1]]
-                torch.mul(s.unsqueeze(-1), A.unsqueeze(1), out=out)
-                out.exp_()
+    def fn():
+        for s in slices:
+            out = buf[:, :, :s.shape[-1]]
+            torch.mul(s.unsqueeze(-1), A.unsqueeze(1), out=out)
+            out.exp_()
     return fn, len(slices)
 
 
@@ -170,22 +195,61 @@ def _scan_call(point):
 
 
 def measure(point):
-    """median_s, iqr_s, runs, times_s; peak_rss_bytes and rss_before_bytes of the first call."""
+    """The point's result from its group, measuring the group at its first point: median_s, iqr_s,
+    runs, times_s (seconds per call, one per round), peak_rss_bytes and rss_before_bytes of the
+    warm-up call, and for a scan its ratio to the floor (ratio, ratio_q1, ratio_q3, ratio_pairs,
+    unstable) and to the best peer (vs_best_peer, vs_best_peer_q1, vs_best_peer_q3, best_peer)."""
+    if point.get("kind") == "skipped":
+        return dict(skipped=point["reason"])
     torch.set_num_threads(point["threads"])
-    if all(point[k] == v for k, v in MEMORY_POINT.items()):
+    if _is_memory_point(point):
         return _in_fresh_process(point)
+    key = group(point)
+    if point["impl"] not in _stored.get(key, {}):
+        _stored[key] = _measure_group(point, _members.get(key) or [point["impl"], "floor"])
+    result = _stored[key].pop(point["impl"])
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _measure_group(point, members):
     full_bytes = point["b"] * point["d"] * point["l"] * point["n"] * 4
-    _refuse_if_too_big(point, full_bytes)
-    extra = {}
-    if point["impl"] in ("floor", "floor_inplace"):
-        fn, pieces = _floor_call(point, point["impl"] == "floor_inplace")
-        extra["floor_pieces"] = pieces
-    else:
-        fn = _scan_call(point)
-    out, peak, before = peak_rss_during(fn)          # the warm-up call, watched for memory
-    del out                                          # (kept, it would be counted in the next call's peak)
-    result = time_call(fn, min_run_time=1.0, warmup=0)
-    return dict(result, peak_rss_bytes=peak, rss_before_bytes=before, full_tensor_bytes=full_bytes, **extra)
+    fns, warm, out = {}, {}, {}
+    for impl in members:
+        p = dict(point, impl=impl)
+        try:
+            _refuse_if_too_big(p, full_bytes)
+            if impl == "floor":
+                fn, pieces = _floor_call(p)
+                extra = dict(floor_pieces=pieces, floor="in place, buffer allocated outside the timed call")
+            else:
+                fn, extra = _scan_call(p), {}
+            t0 = time.perf_counter()
+            res, peak, before = peak_rss_during(fn)     # the warm-up call, watched for memory
+            warm[impl] = time.perf_counter() - t0
+            del res                                      # (kept, it would be counted in the next call's peak)
+        except (MemoryError, RuntimeError, NotImplementedError) as e:
+            out[impl] = e
+            continue
+        fns[impl] = fn
+        out[impl] = dict(extra, peak_rss_bytes=peak, rss_before_bytes=before, full_tensor_bytes=full_bytes,
+                         members=list(fns))
+    timed = interleaved(fns, rounds=ROUNDS, block_s=BLOCK_S, budget_s=GROUP_BUDGET_S, warm=warm)
+    peers = [p for p in PEERS if p in timed]
+    for impl, t in timed.items():
+        out[impl].update(t, members=list(timed))
+        if impl == "floor":
+            continue
+        if "floor" in timed:
+            out[impl].update(paired_ratio(t["cpu_s"], timed["floor"]["cpu_s"], to="floor"))
+        others = [p for p in peers if p != impl]
+        if others:
+            best = min(others, key=lambda p: timed[p]["cpu_median_s"])
+            r = paired_ratio(t["cpu_s"], timed[best]["cpu_s"], to=best)
+            out[impl].update(vs_best_peer=r["ratio"], vs_best_peer_q1=r["ratio_q1"], vs_best_peer_q3=r["ratio_q3"],
+                             best_peer=best, vs_best_peer_unstable=r["unstable"])
+    return out
 
 
 def _in_fresh_process(point):

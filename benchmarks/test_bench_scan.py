@@ -4,8 +4,8 @@
     .venv/bin/pytest benchmarks/test_bench_scan.py --benchmark-disable    # run each once (CI)
     .venv/bin/pytest benchmarks/test_bench_scan.py --benchmark-json out.json
 
-Group "scan-forward": loop, parallel, mambapy's pscan and the floor (one allocating exp(dt ⊗ A)
-pass over all b·d·l·n elements) side by side at each point. Group "scan-forward-backward":
+Group "scan-forward": loop, parallel, mambapy's pscan and the floor (one exp(dt ⊗ A) pass over
+all b·d·l·n elements, in place into a buffer made outside the timed call) side by side at each point. Group "scan-forward-backward":
 parallel's forward alone beside forward + backward (gradients of every input). Nothing here
 asserts a time; compare within one run (the machine is shared and times drift between runs).
 """
@@ -31,7 +31,7 @@ def two_threads():
 
 def _call(scan, point):
     if scan == "floor":
-        return _floor_call(point, inplace=False)[0]
+        return _floor_call(point)[0]
     x = make_inputs(**point)
     return lambda: impls.selective_scan(**x, impl=scan)
 

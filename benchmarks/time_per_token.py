@@ -13,8 +13,9 @@ Scan level, one Mamba layer's scan at mamba-130m's size (b=1, d = d_inner = 1536
 Model level, the small model MODEL (impls/model.py, official layout and initialisation):
     reforward  MambaLM.forward over the L tokens so far (LM head on the last position only)
     recurrent  MambaLM.step at position L, after MambaLM.prefill of L tokens
-    cumulative MambaLM.generate of L tokens from a one-token prompt, in both modes (re-forwarding is
-               quadratic in L, so it runs directly only up to CUMULATIVE_REFORWARD_MAX[size])
+    cumulative MambaLM.generate of L tokens from a one-token prompt, in both modes, L from
+               CUMULATIVE_MIN (re-forwarding is quadratic in L, so it runs directly only up to
+               CUMULATIVE_REFORWARD_MAX[size]: at least 4 points in every size)
 Memory: recurrent decoding of L tokens (selective_state_update L times, inputs cycled from a fixed
 pool so they take constant memory), in a fresh process so that its peak resident memory is its own.
 
@@ -36,16 +37,17 @@ weights on both sides (impls/mambapy_model.py). Included when ``names`` is None 
                (MambaLM.prefill through the prefill implementation), mamba.py's with a loop of its
                step (its only way); both caches then decode NEXT_TOKENS greedy tokens and the
                records say whether they were the same (same_next_tokens)
-The recurrent steps at one (level, L), and the two prefills, are measured side by side in one call
-(``side_by_side``): rounds in which every contender runs one block of calls, in an order rotated
-each round, so a change in the machine's load lands on all of them. Each record carries its
-median over the rounds, and ours carry ``ratio_to_mambapy``: the median over rounds of the per-round
-ratio, with its quartiles (the noise). The first point of a group measures the group; the others
-return what it stored (``measured_with``).
-
-Every point records median_s, iqr_s and min_s (torch.utils.benchmark through
-benchmarks.common.time_call, REPEATS timed runs after a warm-up, see _timed) and the peak resident
-memory while it ran (benchmarks.common.peak_rss_during). Implementations that run interpreted
+Measured interleaved, so that a ratio's two sides see the same load (benchmarks.common.interleaved:
+rounds in which every contender runs one block of calls, the order rotated each round): the points
+of one group (``group``) are measured together, by the group's first point; the others return what
+it stored (``measured_with`` names the group). A group is every mode and implementation at one
+(kind, level, L), or the peers of one side-by-side comparison. Each record carries median_s,
+iqr_s, min_s and times_s (one per round, seconds per call) and the peak resident memory of its
+warm-up call (benchmarks.common.peak_rss_during), and, beside the group's reference, the paired
+ratio to it (benchmarks.common.paired_ratio: ``ratio``, median of the per-round ratios, its
+quartiles, ``ratio_to`` and ``unstable``): re-forwarding to the recurrent step at the same L
+(``ratio_to`` "recurrent/recurrent"), ours to mamba.py (``ratio_to`` "mambapy"). Groups of slow calls
+get fewer rounds (GROUP_BUDGET_S, at least 5). Implementations that run interpreted
 (``case_limits`` declared, such as Triton's interpreter on a CPU) get a "skipped" line with the
 reason instead of points. Slopes of time per token against L: benchmarks/slopes.py (fit_slope).
 
@@ -67,24 +69,26 @@ import time
 import torch
 
 import impls
-from .common import peak_rss_during, time_call
+from .common import interleaved, paired_ratio, peak_rss_during
 
 THREADS = 1
 SCAN = dict(b=1, d=1536, n=16)                      # mamba-130m: d_inner = 2 * 768, d_state = 16
 MODEL = dict(d_model=128, n_layer=2, vocab_size=256)  # the small model (d_inner 256, n 16)
-REPEATS = 3                                          # timed runs wanted, beyond the warm-up
-MIN_RUN_S = 0.2
-# A re-forward call longer than this is timed once (runs=1): seconds-long calls vary by a few percent
-# here, far less than the slope fit needs, and three of them at L = 8192 were a tenth of the sweep.
-REFORWARD_SINGLE_S = 1.0
-LENGTHS = {"quick": [2 ** k for k in range(6, 11)],
+ROUNDS = 9                                           # interleaved rounds per group (fewer for slow groups:
+GROUP_BUDGET_S = 8.0                                 # about this many seconds of timed calls, at least 5 rounds)
+BLOCK_S = 0.04                                       # seconds per contender per round (at least one call)
+CUMULATIVE_ROUNDS = 5
+LENGTHS = {"quick": [2 ** k for k in range(6, 10)],
            "default": [2 ** k for k in range(6, 14)],
            "long": [2 ** k for k in range(6, 17)]}
-MODEL_LENGTHS = {"quick": [2 ** k for k in range(6, 10)],
+MODEL_LENGTHS = {"quick": [2 ** k for k in range(6, 9)],
                  "default": [2 ** k for k in range(6, 14)],
                  "long": [2 ** k for k in range(6, 15)]}
-CUMULATIVE_MAX = {"quick": 2 ** 8, "default": 2 ** 10, "long": 2 ** 13}
-CUMULATIVE_REFORWARD_MAX = {"quick": 2 ** 7, "default": 2 ** 7, "long": 2 ** 10}
+# cumulative generation: recurrent up to CUMULATIVE_MAX tokens, re-forwarding (quadratic) up to
+# CUMULATIVE_REFORWARD_MAX, from 8 tokens on, so that each curve has at least 4 points for its slope
+CUMULATIVE_MIN = 8
+CUMULATIVE_MAX = {"quick": 2 ** 6, "default": 2 ** 10, "long": 2 ** 13}
+CUMULATIVE_REFORWARD_MAX = {"quick": 2 ** 6, "default": 2 ** 8, "long": 2 ** 10}
 MEMORY_LENGTHS = {"quick": [], "default": [2 ** 10, 2 ** 13], "long": [2 ** 10, 2 ** 20]}
 POOL = 64                                            # distinct token inputs cycled by the memory points
 PEER = "mambapy"                                     # the peer's name in records: mamba.py's model, measured
@@ -92,12 +96,13 @@ PEER = "mambapy"                                     # the peer's name in record
 PEER_MODELS = {"130m": dict(d_model=768, n_layer=24, vocab_size=50277),   # mamba-130m's config.json sizes
                "small": dict(d_model=256, n_layer=4, vocab_size=256)}
 PEER_SIZES = {"quick": ["small"], "default": ["small", "130m"], "long": ["small", "130m"]}
-PEER_LENGTHS = {"quick": [64, 1024], "default": [64, 256, 1024], "long": [64, 256, 1024, 4096]}
+PEER_LENGTHS = {"quick": [64, 256], "default": [64, 256, 1024], "long": [64, 256, 1024, 4096]}
 PEER_REFORWARD_LENGTHS = {"quick": {"small": [64, 256]}, "default": {"small": [64, 256, 1024], "130m": [64, 256]},
                           "long": {"small": [64, 256, 1024, 4096], "130m": [64, 256, 1024]}}
 PEER_ROUNDS = 9                                      # side-by-side rounds per group
 PEER_BLOCK_S = 0.15                                  # seconds per contender per round (at least one call)
-PREFILL_MODEL, PREFILL_L, PREFILL_ROUNDS = "small", 1024, 3
+PREFILL_MODEL, PREFILL_ROUNDS = "small", 5
+PREFILL_L = {"quick": 64, "default": 1024, "long": 1024}
 NEXT_TOKENS = 8                                      # greedy tokens decoded from both prefilled caches
 
 
@@ -135,8 +140,9 @@ def points(size, names):
         out += [dict(kind="per_token", level="model", mode="reforward", impl=n, L=L, model=MODEL, **common) for n in fast]
         out += [dict(kind="per_token", level="model", mode="recurrent", impl=n, prefill_impl=pre, L=L, model=MODEL, **common)
                 for n in stepping]
-    for L in MODEL_LENGTHS[size]:
-        if stepping and L <= CUMULATIVE_MAX[size]:
+    cumulative = [2 ** k for k in range(CUMULATIVE_MIN.bit_length() - 1, CUMULATIVE_MAX[size].bit_length())]
+    for L in cumulative:
+        if stepping:
             out.append(dict(kind="cumulative", level="model", mode="recurrent", impl=stepping[0], prefill_impl=pre,
                             L=L, model=MODEL, **common))
         if fast and L <= CUMULATIVE_REFORWARD_MAX[size]:
@@ -146,6 +152,7 @@ def points(size, names):
         out += [dict(kind="memory", level="scan", mode="recurrent", impl=n, L=L, **SCAN, **common) for n in stepping]
     if peer_wanted:
         out += peer_points(size, stepping, fast, pre, common)
+    _note_members(out)
     return out
 
 
@@ -166,7 +173,7 @@ def peer_points(size, stepping, fast, pre, common):
             out += [dict(kind="per_token", level=level, mode="reforward", impl=pre, L=L, model=model,
                          stands_for="mamba-minimal", **common) for L in PEER_REFORWARD_LENGTHS[size].get(name, [])]
     group = [pre, PEER]
-    out += [dict(kind="prefill", level=f"model_{PREFILL_MODEL}", mode="prefill", impl=n, L=PREFILL_L,
+    out += [dict(kind="prefill", level=f"model_{PREFILL_MODEL}", mode="prefill", impl=n, L=PREFILL_L[size],
                  model=PEER_MODELS[PREFILL_MODEL], how="token_by_token" if n == PEER else "one_scan",
                  next_tokens=NEXT_TOKENS, side_by_side=group, **common) for n in group]
     return out
@@ -208,90 +215,133 @@ def small_model():
 
 # ------------------------------------------------------------------------------------- measuring
 
-_previous = {}  # series -> (L, seconds per call) of the point measured last in this process
+_members = {}   # group -> [(mode, impl)] planned in it (filled by points)
+_prefill = {}   # group -> the scan that prefills its recurrent members' state
+_stored = {}    # group -> {(mode, impl): result} measured but not yet returned
 
 
-def _timed(series, L, fn, single_after_s=None):
-    """Time fn with benchmarks.common.time_call and watch its peak resident memory.
+def group(point):
+    """The points measured together (interleaved): per (kind, level, L), every mode and
+    implementation; the peer groups are named in the point (side_by_side)."""
+    if point["kind"] in ("skipped", "memory"):
+        return json.dumps(point, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in point.items() if k not in ("impl", "mode", "prefill_impl", "how")},
+                      sort_keys=True, default=str)
 
-    REPEATS timed runs after a warm-up (``runs`` records how many there were): time_call's own first
-    (block-size estimating) run is the warm-up, and its minimum run time is (REPEATS - 1/2) x the
-    call's duration predicted from the previous point of the same series, scaled linearly in L. That
-    gives REPEATS runs when the prediction is within 25 % (more when it over-predicts, as for flat
-    series), one call fewer than a separate warm-up; a call slower than predicted by more than that
-    is timed again with the duration now known. The first point of a series, with nothing to predict
-    from, makes a separate warm-up call instead. With single_after_s, a call predicted or found to take longer runs once
-    (runs=1, iqr_s=0). Returns time_call's dict plus min_s, peak_rss_bytes, rss_before_bytes.
-    """
-    guess = _previous.get(series)
-    predicted = None if guess is None else guess[1] * L / guess[0]
-    if predicted is None:
+
+def _note_members(out):
+    for p in out:
+        if p["kind"] not in ("skipped", "memory"):
+            _members.setdefault(group(p), []).append((p["mode"], p["impl"]))
+            if "prefill_impl" in p:
+                _prefill[group(p)] = p["prefill_impl"]
+    for k, v in _members.items():
+        _members[k] = list(dict.fromkeys(v))
+
+
+def _from_group(point, measure_group):
+    """The result for point's (mode, impl) from its group, measuring the group if needed."""
+    key, me = group(point), (point["mode"], point["impl"])
+    if me not in _stored.get(key, {}):
+        _stored[key] = measure_group(point)
+    return _stored[key].pop(me)
+
+
+def _timed_group(calls, reference=None, rounds=ROUNDS, budget_s=GROUP_BUDGET_S):
+    """Interleave calls ({(mode, impl): fn}); each result gets its peak resident memory of the
+    warm-up call and, beside the reference (a key of calls), its paired ratio to it."""
+    warm, peaks = {}, {}
+    for k, fn in calls.items():
         t0 = time.perf_counter()
         _, peak, before = peak_rss_during(fn)
-        predicted = time.perf_counter() - t0
-        once = single_after_s is not None and predicted > single_after_s
-        result = (dict(median_s=predicted, iqr_s=0.0, runs=1, times_s=[predicted]) if once
-                  else time_call(fn, min_run_time=max(MIN_RUN_S, REPEATS * predicted), warmup=0))
-    elif single_after_s is not None and predicted > single_after_s:
-        t0 = time.perf_counter()
-        _, peak, before = peak_rss_during(fn)
-        elapsed = time.perf_counter() - t0
-        result = dict(median_s=elapsed, iqr_s=0.0, runs=1, times_s=[elapsed])
-    else:
-        result, peak, before = peak_rss_during(
-            lambda: time_call(fn, min_run_time=max(MIN_RUN_S, (REPEATS - 0.5) * predicted), warmup=0))
-        if result["runs"] < REPEATS:  # slower than predicted (a busy machine): again, knowing the duration
-            result = time_call(fn, min_run_time=max(MIN_RUN_S, (REPEATS - 0.5) * result["median_s"]), warmup=0)
-    _previous[series] = (L, result["median_s"])
-    return dict(result, min_s=min(result["times_s"]), predicted_s=predicted, peak_rss_bytes=peak,
-                rss_before_bytes=before)
+        warm[k] = time.perf_counter() - t0
+        peaks[k] = dict(peak_rss_bytes=peak, rss_before_bytes=before)
+    timed = interleaved(calls, rounds=rounds, block_s=BLOCK_S, budget_s=budget_s, warm=warm)
+    out = {}
+    for k, t in timed.items():
+        out[k] = dict(t, **peaks[k], measured_with="+".join("/".join(m) for m in calls))
+        if reference is not None and k != reference:
+            out[k].update(paired_ratio(t["cpu_s"], timed[reference]["cpu_s"], to="/".join(reference)))
+    return out
 
 
-def _series(point):
-    return (point["kind"], point["level"], point["mode"], point["impl"])
+def _prefill_of(point):
+    return point.get("prefill_impl") or _prefill.get(group(point)) or "parallel"
+
+
+def _reference(members):
+    """The denominator of a group's ratios: its first recurrent member (the kept-state step)."""
+    return next((m for m in members if m[0] == "recurrent"), None)
 
 
 @torch.no_grad()
 def _scan_per_token(point):
-    b, d, n, L = point["b"], point["d"], point["n"], point["L"]
-    if point["mode"] == "reforward":
-        x = scan_inputs(b, d, n, L)
-        return _timed(_series(point), L, lambda: impls.selective_scan(**x, impl=point["impl"]),
-                      single_after_s=REFORWARD_SINGLE_S)
-    x = scan_inputs(b, d, n, L + 1)
-    prefix = {k: (v[..., :L] if isinstance(v, torch.Tensor) and v.dim() == 3 else v) for k, v in x.items()}
-    _, state = impls.selective_scan(**prefix, return_last_state=True, impl=point["prefill_impl"])
-    args = step_args(x, L)          # the token at position L
-    # each run advances the state by one more token: the cost of a step does not depend on where it is
-    return dict(_timed(_series(point), L, lambda: impls.selective_state_update(state, *args, impl=point["impl"])),
-                state_bytes=state.numel() * state.element_size())
+    def measure_group(point):
+        members = _members.get(group(point)) or [(point["mode"], point["impl"])]
+        b, d, n, L = point["b"], point["d"], point["n"], point["L"]
+        x = scan_inputs(b, d, n, L + 1)
+        prefix = {k: (v[..., :L] if isinstance(v, torch.Tensor) and v.dim() == 3 else v) for k, v in x.items()}
+        args = step_args(x, L)          # the token at position L
+        calls, states = {}, {}
+        for mode, impl in members:
+            if mode == "reforward":
+                calls[(mode, impl)] = lambda impl=impl: impls.selective_scan(**prefix, impl=impl)
+            else:  # each step advances the state by one more token: a step's cost does not depend on where it is
+                _, state = impls.selective_scan(**prefix, return_last_state=True, impl=_prefill_of(point))
+                states[impl] = state
+                calls[(mode, impl)] = lambda impl=impl, state=state: impls.selective_state_update(state, *args, impl=impl)
+        out = _timed_group(calls, _reference(members))
+        for (mode, impl), r in out.items():
+            if mode == "recurrent":
+                r["state_bytes"] = states[impl].numel() * states[impl].element_size()
+        return out
+
+    return _from_group(point, measure_group)
 
 
 @torch.no_grad()
 def _model_per_token(point):
-    model, L = (small_model() if point["model"] == MODEL else peer_models(point["model"])[0]), point["L"]
-    ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(1))
-    if point["mode"] == "reforward":
-        return _timed(_series(point), L, lambda: model(ids, impl=point["impl"], num_last_tokens=1)[:, -1].argmax(-1),
-                      single_after_s=REFORWARD_SINGLE_S)
-    logits, cache = model.prefill(ids, impl=point["prefill_impl"])
-    token = logits.argmax(-1)
-    return dict(_timed(_series(point), L, lambda: model.step(token, cache, impl=point["impl"]).argmax(-1)),
-                cache_bytes=cache.nbytes())
+    def measure_group(point):
+        members = _members.get(group(point)) or [(point["mode"], point["impl"])]
+        model = small_model() if point["model"] == MODEL else peer_models(point["model"])[0]
+        L = point["L"]
+        ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(1))
+        calls, caches = {}, {}
+        for mode, impl in members:
+            if mode == "reforward":
+                calls[(mode, impl)] = (lambda impl=impl: model(ids, impl=impl, num_last_tokens=1)[:, -1].argmax(-1))
+            else:
+                logits, cache = model.prefill(ids, impl=_prefill_of(point))
+                token, caches[impl] = logits.argmax(-1), cache
+                calls[(mode, impl)] = lambda impl=impl, c=cache, t=token: model.step(t, c, impl=impl).argmax(-1)
+        out = _timed_group(calls, _reference(members))
+        for (mode, impl), r in out.items():
+            if mode == "recurrent":
+                r["cache_bytes"] = caches[impl].nbytes()
+        return out
+
+    return _from_group(point, measure_group)
 
 
 @torch.no_grad()
 def _model_cumulative(point):
-    model, L = small_model(), point["L"]
-    prompt = torch.tensor([[1]])
-    if point["mode"] == "reforward":
-        fn = lambda: model.generate(prompt, L, mode="reforward", impl=point["impl"])  # noqa: E731
-    else:
-        fn = lambda: model.generate(prompt, L, mode="recurrent", impl=point["prefill_impl"],  # noqa: E731
-                                    step_impl=point["impl"])
-    scale = L if point["mode"] == "recurrent" else L * L   # what the total time grows with, for the prediction
-    result = _timed(_series(point), scale, fn, single_after_s=1.0)
-    return dict(result, per_token_mean_s=result["median_s"] / L)
+    def measure_group(point):
+        members = _members.get(group(point)) or [(point["mode"], point["impl"])]
+        model, L = small_model(), point["L"]
+        prompt = torch.tensor([[1]])
+        calls = {}
+        for mode, impl in members:
+            if mode == "reforward":
+                calls[(mode, impl)] = lambda impl=impl: model.generate(prompt, L, mode="reforward", impl=impl)
+            else:
+                calls[(mode, impl)] = lambda impl=impl: model.generate(prompt, L, mode="recurrent",
+                                                                       impl=_prefill_of(point), step_impl=impl)
+        out = _timed_group(calls, _reference(members), rounds=CUMULATIVE_ROUNDS)
+        for r in out.values():
+            r["per_token_mean_s"] = r["median_s"] / L
+        return out
+
+    return _from_group(point, measure_group)
 
 
 # ------------------------------------------------------------------------- against the peers
@@ -316,54 +366,6 @@ def peer_models(model):
     return _peer_models[key]
 
 
-def side_by_side(fns, rounds=PEER_ROUNDS, block_s=PEER_BLOCK_S):
-    """Time several callables against each other on a shared, noisy machine.
-
-    Each is called once (warm-up, and to size its block: as many calls as fill block_s, at least
-    one); then ``rounds`` rounds, in each of which every callable runs one timed block, the order
-    rotated from round to round. Returns {name: dict(median_s, iqr_s, min_s, runs, times_s, calls_per_block)},
-    per call; times_s[r] is round r, so ratios can be taken round by round."""
-    names = list(fns)
-    calls = {}
-    for name in names:
-        t0 = time.perf_counter()
-        fns[name]()
-        calls[name] = max(1, int(block_s / max(time.perf_counter() - t0, 1e-9)))
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            fn, k = fns[name], calls[name]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
-            times[name].append((time.perf_counter() - t0) / k)
-    out = {}
-    for name, ts in times.items():
-        q = torch.tensor(ts, dtype=torch.float64).quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-        out[name] = dict(median_s=float(q[1]), iqr_s=float(q[2] - q[0]), min_s=min(ts), runs=len(ts), times_s=ts,
-                         calls_per_block=calls[name])
-    return out
-
-
-def ratio_stats(ours, peer):
-    """Median and quartiles over rounds of ours / peer, round by round (two side_by_side results)."""
-    r = torch.tensor([a / b for a, b in zip(ours["times_s"], peer["times_s"])], dtype=torch.float64)
-    q = r.quantile(torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return dict(ratio_to_mambapy=float(q[1]), ratio_q1=float(q[0]), ratio_q3=float(q[2]))
-
-
-def _group_key(point):
-    return json.dumps({k: v for k, v in point.items() if k not in ("impl", "how")}, sort_keys=True, default=str)
-
-
-def _from_group(point, measure_group):
-    """The result for point's impl from its side-by-side group, measuring the group if needed."""
-    key = _group_key(point)
-    if point["impl"] not in _stored.get(key, {}):
-        _stored[key] = measure_group(point)
-    return _stored[key].pop(point["impl"])
-
-
 @torch.no_grad()
 def _peer_per_token(point):
     def measure_group(point):
@@ -385,12 +387,12 @@ def _peer_per_token(point):
             else:  # each of our step implementations advances a cache of its own
                 c = cache if i == 0 else ours.prefill(ids, impl=point["prefill_impl"])[1]
                 fns[n] = (lambda n=n, c=c: ours.step(token, c, impl=n).argmax(-1))
-        result = side_by_side(fns)
+        result = interleaved(fns, rounds=PEER_ROUNDS, block_s=PEER_BLOCK_S)
         group = "+".join(point["side_by_side"])
-        out = {n: dict(r, measured_with=group, cache_bytes=cache.nbytes()) for n, r in result.items()}
+        out = {("recurrent", n): dict(r, measured_with=group, cache_bytes=cache.nbytes()) for n, r in result.items()}
         for n in point["side_by_side"]:
             if n != PEER:
-                out[n].update(ratio_stats(result[n], result[PEER]))
+                out[("recurrent", n)].update(paired_ratio(result[n]["cpu_s"], result[PEER]["cpu_s"], to=PEER))
         return out
 
     return _from_group(point, measure_group)
@@ -405,7 +407,7 @@ def _peer_prefill(point):
         ids = torch.randint(0, ours.config.vocab_size, (1, point["L"]), generator=torch.Generator().manual_seed(1))
         pre = [n for n in point["side_by_side"] if n != PEER][0]
         fns = {pre: lambda: ours.prefill(ids, impl=pre), PEER: lambda: peer.prefill(ids)}
-        result = side_by_side(fns, rounds=PREFILL_ROUNDS, block_s=0.0)
+        result = interleaved(fns, rounds=PREFILL_ROUNDS, block_s=0.0)
         V, T = ours.config.vocab_size, point["next_tokens"]
         logits, cache = ours.prefill(ids, impl=pre)
         our_tokens, our_logits = greedy(logits, cache, lambda tok, c: (ours.step(tok, c), c), ids, T, V)
@@ -416,9 +418,9 @@ def _peer_prefill(point):
                      peer_next_tokens=peer_tokens[0, -T:].tolist(),
                      next_logits_max_abs_diff=float((our_logits - peer_logits).abs().max()) if same else None,
                      next_logits_max_abs=float(peer_logits.abs().max()))
-        out = {n: dict(r, measured_with=f"{pre}+{PEER}", **check) for n, r in result.items()}
-        r = ratio_stats(result[pre], result[PEER])
-        out[pre].update(r, speedup_over_mambapy=1.0 / r["ratio_to_mambapy"])
+        out = {("prefill", n): dict(r, measured_with=f"{pre}+{PEER}", **check) for n, r in result.items()}
+        r = paired_ratio(result[pre]["cpu_s"], result[PEER]["cpu_s"], to=PEER)
+        out[("prefill", pre)].update(r, speedup_over_mambapy=1.0 / r["ratio"])
         return out
 
     return _from_group(point, measure_group)

@@ -6,18 +6,25 @@ float64 golden outputs stored in the baseline, under the suite's tolerance polic
 float64 loop itself is compared with the golden results too, with the floor only, so a change to
 the spec shows up as well.
 
-Speed: every timed point of a results file becomes a ratio to a unit of work measured in the same
-run (the floor at the same grid point for the scan grid, the calibration floor otherwise), so a
-slower or busier machine is not a regression; a point regresses when its ratio grew by more than
-the threshold over the baseline's.
+Speed: only ratios whose two sides were measured interleaved in one process (benchmarks/common.py:
+an implementation to the floor, ours to a peer, re-forward to recurrent), so a slower or busier
+machine is not a regression. For each such point the baseline keeps its per-round ratios. A point
+regresses when both hold, as asv and pyperf decide:
+  - its median ratio grew by more than the threshold over the baseline's, and
+  - the per-round log ratios now are larger than the baseline's by a one-sided Mann-Whitney U test
+    (scipy.stats.mannwhitneyu) at level ALPHA.
+A point marked unstable (its per-round ratios' quartiles span more than half its median, now or
+in the baseline) is reported as such and never counted as a regression.
 """
 
 import dataclasses
 import datetime
 import json
 
+import numpy as np
 import pandas as pd
 import torch
+from scipy.stats import mannwhitneyu
 
 import impls
 from benchmarks.common import machine_info
@@ -25,6 +32,8 @@ from equivalence.cases import Case, make_inputs, reference_inputs
 from equivalence.checks import scales, supported
 from equivalence.tolerance import compare, terms
 
+BASELINE_VERSION = 2   # 2: speed holds per-round paired ratios (1 held single ratios to a floor measured apart)
+ALPHA = 0.01           # significance level of the one-sided test
 CASESET_VERSION = 1
 CASES = (  # fixed forever for CASESET_VERSION 1: change the version to change them
     Case(b=1, d=1, n=1, l=1, seed=11),
@@ -45,30 +54,21 @@ def golden():
     return out
 
 
-def _point_of(key):
-    """A point's key without its implementation: what the floor and an implementation share."""
-    sweep, _, params = key.partition(":")
-    params = json.loads(params)
-    params.pop("impl", None)
-    return sweep + ":" + json.dumps(params, sort_keys=True)
-
-
-def speed_ratios(data):
-    """{point key: median / unit of work measured in the same run} for every timed point."""
-    if data.empty or "median_s" not in data:
+def paired_points(data):
+    """{point key: dict(ratio, ratio_q1, ratio_q3, pairs, ratio_to, unstable, benchmark, impl)} for every
+    record with a paired ratio; a key recorded in several records (several runs) pools their rounds."""
+    if data is None or data.empty or "ratio_pairs" not in data:
         return {}
-    ratios = {}
-    for source, rows in data.groupby("source"):
-        calibration = rows.loc[rows["benchmark"] == "calibration", "median_s"].median()
-        floors = {_point_of(r["key"]): r["median_s"] for _, r in rows.iterrows()
-                  if r["benchmark"] == "scan_grid" and r.get("impl") == "floor"}
-        for _, r in rows.iterrows():
-            if r["benchmark"] == "calibration" or pd.isna(r.get("median_s")) or not isinstance(r.get("key"), str):
-                continue
-            unit = floors.get(_point_of(r["key"]), calibration)
-            if pd.notna(unit) and unit > 0:
-                ratios[r["key"]] = r["median_s"] / unit
-    return ratios
+    out = {}
+    rows = data[data["ratio_pairs"].apply(lambda v: isinstance(v, list) and len(v) > 0)]
+    for key, g in rows.groupby("key", sort=False):
+        pairs = [float(x) for v in g["ratio_pairs"] for x in v]
+        q1, med, q3 = np.percentile(pairs, [25, 50, 75])
+        first = g.iloc[0]
+        out[key] = dict(ratio=float(med), ratio_q1=float(q1), ratio_q3=float(q3), pairs=pairs,
+                        ratio_to=first.get("ratio_to"), benchmark=first.get("benchmark"), impl=first.get("impl"),
+                        unstable=bool(g["unstable"].fillna(False).astype(bool).any()) if "unstable" in g else False)
+    return out
 
 
 def numeric_rows(baseline, names):
@@ -97,27 +97,59 @@ def numeric_rows(baseline, names):
     return pd.DataFrame(rows)
 
 
-def speed_rows(baseline, data, threshold):
-    now = speed_ratios(data)
+def speed_rows(baseline, data, threshold, alpha=ALPHA):
+    """One row per point with a paired ratio in both the baseline and data: point, what it is a ratio
+    of, baseline and now (median ratios), change (now / baseline - 1), p (one-sided Mann-Whitney U,
+    now greater), status: REGRESSION, faster, ok or unstable. Points of the baseline missing from
+    data are left out (a sweep of some implementations only)."""
+    now, base = paired_points(data), baseline.get("speed", {})
     rows = []
-    for key, base in baseline.get("speed", {}).items():
+    for key, b in base.items():
         if key not in now:
-            rows.append(dict(point=key, baseline=base, now=None, change=None, status="not measured"))
             continue
-        change = now[key] / base - 1
-        status = "REGRESSION" if change > threshold else ("faster" if change < -threshold else "ok")
-        rows.append(dict(point=key, baseline=base, now=now[key], change=change, status=status))
-    return pd.DataFrame(rows, columns=["point", "baseline", "now", "change", "status"])
+        n = now[key]
+        change = n["ratio"] / b["ratio"] - 1
+        logs_now, logs_base = np.log(n["pairs"]), np.log(b["pairs"])
+        p_up = float(mannwhitneyu(logs_now, logs_base, alternative="greater").pvalue)
+        p_down = float(mannwhitneyu(logs_now, logs_base, alternative="less").pvalue)
+        if n["unstable"] or b.get("unstable"):
+            status = "unstable"
+        elif change > threshold and p_up < alpha:
+            status = "REGRESSION"
+        elif change < -threshold and p_down < alpha:
+            status = "faster"
+        else:
+            status = "ok"
+        rows.append(dict(point=key, of=f"{n['impl']} / {n['ratio_to']}", baseline=b["ratio"], now=n["ratio"],
+                         now_q1=n["ratio_q1"], now_q3=n["ratio_q3"], change=change, p=p_up, status=status))
+    return pd.DataFrame(rows, columns=["point", "of", "baseline", "now", "now_q1", "now_q3", "change", "p", "status"])
 
 
 def make_baseline(data):
-    return dict(version=1, caseset_version=CASESET_VERSION, created=datetime.datetime.now().isoformat(timespec="seconds"),
-                machine=machine_info(), golden=golden(), speed=speed_ratios(data))
+    """The golden results and every paired ratio of data (with its per-round ratios)."""
+    speed = {k: {f: v[f] for f in ("ratio", "ratio_q1", "ratio_q3", "pairs", "ratio_to", "unstable")}
+             for k, v in paired_points(data).items()}
+    runs = sorted(data["source"].unique()) if data is not None and not data.empty and "source" in data else []
+    loads = data["load_avg"].dropna() if data is not None and "load_avg" in data else pd.Series(dtype=float)
+    return dict(version=BASELINE_VERSION, caseset_version=CASESET_VERSION,
+                created=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(),
+                from_runs=runs, load_avg=[float(loads.min()), float(loads.max())] if len(loads) else None,
+                golden=golden(), speed=speed)
 
 
 def read_baseline(path):
-    with open(path) as f:
-        baseline = json.load(f)
+    """The baseline at path; ValueError (a usage error) if it is unreadable, of another case set or
+    written by an older format."""
+    try:
+        with open(path) as f:
+            baseline = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a baseline (not JSON: {e.msg})") from None
+    if not isinstance(baseline, dict) or "golden" not in baseline:
+        raise ValueError(f"{path}: not a baseline (no golden results)")
+    if baseline.get("version") != BASELINE_VERSION:
+        raise ValueError(f"{path}: baseline format {baseline.get('version')}, this code reads {BASELINE_VERSION} "
+                         "(paired ratios); write a new one with --update-baseline")
     if baseline.get("caseset_version") != CASESET_VERSION:
         raise ValueError(f"{path}: case set version {baseline.get('caseset_version')}, this code has {CASESET_VERSION}; "
                          "write a new baseline deliberately with --update-baseline")

@@ -2,8 +2,15 @@
 
 Two formats are read: this project's JSON lines (benchmarks/runner.py) and pytest-benchmark's
 JSON (``--benchmark-json`` / ``--benchmark-save``). Each row gets a ``source`` column naming the
-file it came from (with the commit and host it was measured on), so several files, say two
-machines or two commits, sit side by side. Lines that cannot be read are reported and skipped.
+file it came from with the commit (``+dirty`` for uncommitted changes) and host it was measured on,
+so several files, say two machines or two commits, sit side by side. Lines that cannot be read are
+reported and skipped.
+
+No silent mixing: a file holds one run. When a file holds points of several runs (another commit,
+tree, machine or settings, as `scanbench sweep --resume` leaves after a code change), only its
+latest run's points are kept and the others are reported as left out, with how many. Shards
+(`scanbench sweep --shard I/N`, one file each, possibly from several machines) of one commit and
+settings are merged into one source, "shards @ COMMIT".
 """
 
 import json
@@ -11,7 +18,7 @@ import os
 
 import pandas as pd
 
-from benchmarks.common import read_jsonl
+from benchmarks.common import machine_key, read_jsonl
 
 
 def _pytest_benchmark_rows(doc, path):
@@ -39,11 +46,44 @@ def read(path):
     return read_jsonl(path)
 
 
-def _label(path, records):
-    machine = next((r["machine"] for r in records if isinstance(r.get("machine"), dict)), {})
+def _commit(record):
+    m = record.get("machine") if isinstance(record.get("machine"), dict) else {}
+    commit = record.get("commit", m.get("commit")) or "?"
+    return commit + ("+dirty" if record.get("dirty") else "")
+
+
+def _run_of(record):
+    """What makes a run: commit, tree, machine (not for shards, which may come from several) and settings."""
+    m = record.get("machine") if isinstance(record.get("machine"), dict) else {}
+    return json.dumps([record.get("commit", m.get("commit")), record.get("dirty"),
+                       None if record.get("shard") else machine_key(m), record.get("settings")],
+                      sort_keys=True, default=str)
+
+
+def _label(path, record):
+    m = record.get("machine") if isinstance(record.get("machine"), dict) else {}
+    if record.get("shard"):
+        size = (record.get("settings") or {}).get("size")
+        return f"shards @ {_commit(record)}" + (f" ({size})" if size else "")
     stem = os.path.splitext(os.path.basename(path))[0]
-    parts = [stem] + [str(machine[k]) for k in ("commit", "host") if machine.get(k)]
-    return " @ ".join(parts)
+    return " @ ".join([stem, _commit(record)] + ([str(m["host"])] if m.get("host") else []))
+
+
+def latest_run(path, records):
+    """(records of the file's latest run, problem lines for the points of other runs left out)."""
+    runs = {}
+    for r in records:
+        runs.setdefault(_run_of(r), []).append(r)
+    if len(runs) <= 1:
+        return records, []
+    latest = max(runs, key=lambda k: max(str(r.get("finished", "")) for r in runs[k]))
+    problems = []
+    for k, rs in runs.items():
+        if k != latest:
+            problems.append(f"{path}: {len(rs)} point(s) of an earlier run (commit {_commit(rs[0])}, "
+                            f"or another machine or settings) left out; this file's latest run is commit "
+                            f"{_commit(runs[latest][0])} ({len(runs[latest])} points)")
+    return runs[latest], problems
 
 
 def load(paths):
@@ -58,8 +98,10 @@ def load(paths):
         if not records:
             problems.append(f"{path}: no readable results")
             continue
+        records, left_out = latest_run(path, records)
+        problems += left_out
         frame = pd.DataFrame(records)
-        frame["source"] = _label(path, records)
+        frame["source"] = [_label(path, r) for r in records]
         if "error" in frame:
             for _, row in frame[frame["error"].notna()].iterrows():
                 what = " ".join(str(row[k]) for k in ("benchmark", "key") if k in row and pd.notna(row[k]))

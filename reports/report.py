@@ -1,9 +1,13 @@
 """Turn loaded results (reports/load.py) into report.md and report.html with PNG plots.
 
-Sections, each present only when its data is: where the results come from and what could not be
-read; time per token against prefix length on log-log axes with fitted slopes; cumulative
-generation time; the scan speed grid as ratios to the floor and to the best peer; accuracy against
-the float64 loop; pytest-benchmark timings.
+Sections, each present only when its data is: where the results come from (thread counts and load)
+and what could not be read or was left out; the README's targets, met or not; time per token
+against prefix length on log-log axes, one figure per level, with fitted slopes and their
+intervals; cumulative generation time; the scan speed grid as paired ratios to the floor and to the
+best peer, with absolute ms; against mamba.py; the decode cost split; accuracy against the float64
+loop (verdict per implementation, then every case); pytest-benchmark timings. Every section lists
+the implementations its sweep left out, with the reason. Ratios come from paired, interleaved
+measurements (benchmarks/common.py); points marked unstable are never drawn or fitted.
 """
 
 import html
@@ -18,8 +22,6 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.slopes import fit_slope  # noqa: E402
 
-PEERS = ("loop", "mambapy")        # the best of these is the scan grid's peer
-FLOORS = ("floor", "floor_inplace")
 
 
 def _rows(data, benchmark, kind=None):
@@ -28,7 +30,12 @@ def _rows(data, benchmark, kind=None):
     if kind is not None:
         rows = rows[rows["kind"] == kind] if "kind" in rows else rows.iloc[:0]
     rows = rows.dropna(axis=1, how="all")
-    return rows if "median_s" not in rows else rows[rows["median_s"].notna()]
+    if "median_s" not in rows:
+        return rows
+    rows = rows[rows["median_s"].notna()]
+    if "cpu_median_s" in rows:  # CPU time of the measuring process: descheduling by other processes does not count
+        rows = rows.assign(wall_s=rows["median_s"], median_s=rows["cpu_median_s"].fillna(rows["median_s"]))
+    return rows
 
 
 def _series(rows, keys):
@@ -38,26 +45,57 @@ def _series(rows, keys):
         yield dict(zip(keys, name if isinstance(name, tuple) else (name,))), group.sort_values("L")
 
 
-def slope_table(data):
-    """Fitted log-log slope of time per token against L for every series."""
-    rows = _rows(data, "time_per_token", "per_token")
+SLOPE_RESOLVED = 0.3               # a slope whose 95 % half-width is wider than this is "not resolved"
+
+
+def _stable(rows):
+    """Rows whose paired ratio is not marked unstable (those are never drawn or fitted)."""
+    return rows[~rows["unstable"].fillna(False).astype(bool)] if "unstable" in rows else rows
+
+
+def _fit(g):
+    """fit_slope over a series' (L, median_s), or None with fewer than 3 lengths."""
+    g = g.groupby("L", as_index=False)["median_s"].median()
+    return fit_slope(g["L"].to_numpy(), g["median_s"].to_numpy()) if len(g) >= 3 else None
+
+
+def slope_label(fit):
+    """'slope 1.00 ± 0.03', or 'slope not resolved (± 0.45)' when the 95 % half-width exceeds SLOPE_RESOLVED."""
+    half = (fit["ci_high"] - fit["ci_low"]) / 2
+    if not np.isfinite(half) or half > SLOPE_RESOLVED:
+        return f"slope not resolved (±{half:.2f})" if np.isfinite(half) else "slope not resolved"
+    return f"slope {fit['slope']:.2f} ± {half:.2f}"
+
+
+def slope_table(data, kind="per_token"):
+    """Fitted log-log slope of time (per token, or cumulative) against L for every series, unstable points left out."""
+    rows = _rows(data, "time_per_token", kind)
     out = []
     if rows.empty:
         return pd.DataFrame()
     for key, g in _series(rows, ["source", "level", "impl", "mode"]):
-        g = g.groupby("L", as_index=False)["median_s"].median()
-        if len(g) < 3:
+        dropped = len(g) - len(_stable(g))
+        fit = _fit(_stable(g))
+        if fit is None:
             continue
-        fit = fit_slope(g["L"].to_numpy(), g["median_s"].to_numpy())
-        out.append(dict(key, slope=fit["slope"], ci95=(fit["ci_high"] - fit["ci_low"]) / 2, L_min=int(g["L"].min()), L_max=int(g["L"].max()),
-                        ms_per_token_at_L_max=1e3 * float(g["median_s"].iloc[-1])))
+        half = (fit["ci_high"] - fit["ci_low"]) / 2
+        out.append(dict(key, slope=fit["slope"], ci95=half, resolved=bool(np.isfinite(half) and half <= SLOPE_RESOLVED),
+                        points=fit["n"], unstable_left_out=dropped, L_min=int(g["L"].min()), L_max=int(g["L"].max()),
+                        threads=_threads(g), ms_at_L_max=1e3 * float(g.sort_values("L")["median_s"].iloc[-1])))
     return pd.DataFrame(out)
+
+
+def _threads(rows):
+    """The thread counts of rows' points, as '1' or '1, 2'."""
+    if "threads" not in rows:
+        return None
+    return ", ".join(str(int(t)) for t in sorted(rows["threads"].dropna().unique()))
 
 
 def _label_axes(ax, xlabel, ylabel, title):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -69,42 +107,45 @@ def _save(fig, path):
     return path
 
 
-def plot_time_per_token(data, path):
-    rows = _rows(data, "time_per_token", "per_token")
+def plot_time_per_token(data, out_dir):
+    """One figure per level (legible at the page's width): {level: png path}."""
+    rows = _stable(_rows(data, "time_per_token", "per_token"))
     if rows.empty:
-        return None
-    levels = sorted(rows["level"].dropna().unique()) if "level" in rows else [None]
-    fig, axes = plt.subplots(1, len(levels), figsize=(6.5 * len(levels), 4.8), squeeze=False)
-    for ax, level in zip(axes[0], levels):
-        part = rows if level is None else rows[rows["level"] == level]
+        return {}
+    paths = {}
+    for level in sorted(rows["level"].dropna().unique()):
+        part = rows[rows["level"] == level]
+        fig, ax = plt.subplots(figsize=(8, 5))
         for key, g in _series(part, ["source", "impl", "mode"]):
             g = g.groupby("L", as_index=False)["median_s"].median()
             style = "-" if key.get("mode") == "recurrent" else "--"
             label = " / ".join(str(key[k]) for k in ("impl", "mode") if k in key)
             if part["source"].nunique() > 1:
                 label += f" [{key['source']}]"
-            line, = ax.loglog(g["L"], g["median_s"] * 1e3, style, marker="o", ms=3, label=label)
-            if len(g) >= 3:
-                fit = fit_slope(g["L"].to_numpy(), g["median_s"].to_numpy())
-                ax.annotate(f"slope {fit['slope']:.2f}", (g["L"].iloc[-1], g["median_s"].iloc[-1] * 1e3),
-                            textcoords="offset points", xytext=(4, 0), fontsize=7, color=line.get_color())
+            fit = _fit(g)
+            if fit is not None:
+                label += f": {slope_label(fit)}"
+            ax.loglog(g["L"], g["median_s"] * 1e3, style, marker="o", ms=3, label=label)
         _label_axes(ax, "prefix length L (tokens)", "time per generated token (ms)",
-                    f"time per token, {level} level: re-forward (dashed) vs recurrent (solid)")
-    return _save(fig, path)
+                    f"{level} level: re-forward (dashed) vs recurrent (solid); slopes with 95 % intervals")
+        paths[level] = _save(fig, os.path.join(out_dir, f"time_per_token_{level}.png"))
+    return paths
 
 
 def plot_cumulative(data, path):
-    """Measured time to generate L tokens one after another, in both modes."""
-    rows = _rows(data, "time_per_token", "cumulative")
+    """Measured time to generate L tokens one after another, in both modes, slopes labelled."""
+    rows = _stable(_rows(data, "time_per_token", "cumulative"))
     if rows.empty:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for key, g in _series(rows, ["source", "level", "impl", "mode"]):
         g = g.groupby("L", as_index=False)["median_s"].median()
         label = " / ".join(str(key[k]) for k in ("level", "impl", "mode") if k in key)
+        fit = _fit(g)
+        label += f" ({len(g)} points): {slope_label(fit)}" if fit else f" ({len(g)} points: too few for a slope)"
         ax.loglog(g["L"], g["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3, label=label)
     _label_axes(ax, "tokens generated L", "time to generate L tokens (s)",
-                "cumulative time: quadratic (re-forward) vs linear (recurrent)")
+                "cumulative time: quadratic (re-forward, slope 2) vs linear (recurrent, slope 1)")
     return _save(fig, path)
 
 
@@ -121,79 +162,179 @@ def memory_table(data):
 
 
 def scan_grid_table(data):
-    """Every implementation's median at each grid point, as a ratio to the floor and to the best peer."""
+    """Every implementation at each grid point: absolute ms (wall-clock median), its paired ratio to
+    the floor with quartiles, and to the best peer, measured interleaved in one run."""
     rows = _rows(data, "scan_grid")
-    if rows.empty or "impl" not in rows:
+    if rows.empty or "impl" not in rows or "ratio" not in rows:
         return pd.DataFrame()
-    point = [k for k in ("source", "b", "d", "n", "l", "dtype", "threads", "direction") if k in rows]
-    med = rows.groupby(point + ["impl"], dropna=False)["median_s"].median().unstack("impl")
+    rows = rows[(rows["impl"] != "floor") & rows["ratio"].notna()]
+    floors = _rows(data, "scan_grid")
+    floors = floors[floors["impl"] == "floor"]
+    point = [k for k in ("source", "b", "d", "n", "l", "threads", "direction") if k in rows]
+    floor_ms = {tuple(r[k] for k in point): 1e3 * r["median_s"] for _, r in floors.iterrows()}
     out = []
-    for idx, r in med.iterrows():
-        key = dict(zip(point, idx if isinstance(idx, tuple) else (idx,)))
-        peers = [r[p] for p in PEERS if p in r and pd.notna(r[p])]
-        for impl, t in r.items():
-            if pd.isna(t) or impl in FLOORS:
-                continue
-            out.append(dict(key, elements_per_step=int(key.get("b", 1) * key.get("d", 1) * key.get("n", 1)), impl=impl,
-                            ms=1e3 * t,
-                            vs_floor=t / r["floor"] if "floor" in r and pd.notna(r["floor"]) else np.nan,
-                            vs_inplace_floor=t / r["floor_inplace"] if "floor_inplace" in r and pd.notna(r["floor_inplace"]) else np.nan,
-                            vs_best_peer=t / min(peers) if peers else np.nan))
-    return pd.DataFrame(out)
+    for _, r in rows.iterrows():
+        key = {k: r[k] for k in point}
+        out.append(dict(source=r.get("source"), elements_per_step=int(r["b"] * r["d"] * r["n"]), l=int(r["l"]),
+                        direction=r.get("direction", "forward"), threads=r.get("threads"), impl=r["impl"],
+                        ms=1e3 * r["median_s"], floor_ms=floor_ms.get(tuple(key.values()), np.nan),
+                        vs_floor=r["ratio"], vs_floor_q1=r["ratio_q1"], vs_floor_q3=r["ratio_q3"],
+                        vs_best_peer=r.get("vs_best_peer", np.nan), best_peer=r.get("best_peer"),
+                        unstable=bool(r.get("unstable", False))))
+    out = pd.DataFrame(out)
+    return out.sort_values(["source", "direction", "elements_per_step", "l", "impl"]).reset_index(drop=True)
 
 
 def plot_scan_grid(table, path):
+    """Ratio to the floor per grid point (sorted numerically), absolute ms written on each bar;
+    unstable points are not drawn."""
+    table = table[(table["direction"] == "forward") & ~table["unstable"]] if not table.empty else table
     if table.empty:
         return None
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    table = table.assign(point=table["elements_per_step"].astype(str) + " x " + table["l"].astype(str))
-    pivot = table.pivot_table(index="point", columns="impl", values="vs_floor", aggfunc="median")
-    pivot.plot.bar(ax=ax, logy=True, rot=30)
+    table = table[table["source"] == table["source"].iloc[0]]
+    points = sorted({(int(e), int(l)) for e, l in zip(table["elements_per_step"], table["l"])})
+    names = sorted(table["impl"].unique())
+    fig, ax = plt.subplots(figsize=(9, 5))
+    width = 0.8 / len(names)
+    for i, impl in enumerate(names):
+        part = table[table["impl"] == impl].set_index(["elements_per_step", "l"])
+        xs, ys, ms = [], [], []
+        for j, p in enumerate(points):
+            if p in part.index:
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
+                ys.append(float(part.loc[p, "vs_floor"]))
+                ms.append(float(part.loc[p, "ms"]))
+        bars = ax.bar(xs, ys, width, label=impl)
+        for bar, m in zip(bars, ms):
+            ax.annotate(f"{m:.3g} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()), rotation=90,
+                        fontsize=6, ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(points)), [f"{e:,} × {l:,}" for e, l in points], rotation=20)
     ax.axhline(1, color="k", lw=0.8)
-    _label_axes(ax, "elements per step (b·d·n) x sequence length l", "time / floor (one exp(dt ⊗ A) pass)",
-                "scan forward, float32: ratio to the floor (lower is better)")
+    _label_axes(ax, "elements per step (b·d·n) × sequence length l", "time / floor (paired, median of rounds)",
+                f"scan forward, float32, {_threads(table)} thread(s): ratio to the floor (ms on each bar)")
     return _save(fig, path)
 
 
 def peers_table(data):
-    """Decoding and prefill against mamba.py, measured side by side (ratios per round, then quartiles)."""
-    rows = data[(data["benchmark"] == "time_per_token") & data.get("ratio_to_mambapy", pd.Series(index=data.index)).notna()]
-    if rows.empty:
+    """Decoding and prefill against mamba.py, measured interleaved (paired ratio per round, then quartiles)."""
+    rows = _rows(data, "time_per_token")
+    if rows.empty or "ratio_to" not in rows:
         return pd.DataFrame()
-    cols = [c for c in ("source", "kind", "level", "impl", "L", "threads", "median_s", "ratio_to_mambapy", "ratio_q1",
-                        "ratio_q3", "speedup_over_mambapy", "same_next_tokens") if c in rows]
-    return rows[cols].sort_values([c for c in ("source", "kind", "level", "L") if c in cols]).reset_index(drop=True)
+    rows = rows[rows["ratio_to"] == "mambapy"]
+    cols = [c for c in ("source", "kind", "level", "impl", "L", "threads", "median_s", "ratio", "ratio_q1",
+                        "ratio_q3", "unstable", "speedup_over_mambapy", "same_next_tokens") if c in rows]
+    out = rows[cols].sort_values([c for c in ("source", "kind", "level", "L") if c in cols]).reset_index(drop=True)
+    return out.rename(columns={"ratio": "ratio_to_mambapy", "median_s": "cpu_s"})
 
 
 def decode_split_table(data):
     """Where a decoding step's time goes, per part, as a share of the step."""
     rows = data[data["benchmark"] == "decode_split"]
+    if "kind" in rows:
+        rows = rows[rows["kind"] != "skipped"]
     if rows.empty:
         return pd.DataFrame()
     shares = [c for c in rows if c.startswith("share_")]
-    cols = [c for c in ("source", "level", "impl", "total_s") if c in rows] + shares
+    cols = [c for c in ("source", "level", "impl", "threads", "total_s") if c in rows] + shares
     return rows[cols].rename(columns={c: c[len("share_"):] for c in shares}).reset_index(drop=True)
 
 
 def accuracy_table(data):
+    """Per implementation, dtype, regime and variant (plain; grouped B/C with an initial_state)."""
     rows = _rows(data, "accuracy")
-    if rows.empty:
+    if rows.empty or "y_error" not in rows:
         return pd.DataFrame()
-    cols = [c for c in ("source", "impl", "dtype", "regime", "l") if c in rows]
+    rows = rows[rows["y_error"].notna()]
+    cols = [c for c in ("source", "impl", "dtype", "regime", "variant", "g", "initial_state", "l") if c in rows]
     out = rows[cols].copy()
     out["y_error_rel"] = rows["y_error"] / rows["y_scale"].where(rows["y_scale"] > 0, 1)
     out["y_error_vs_loop"] = rows["y_error"] / rows["y_loop_error"].where(rows["y_loop_error"] > 0, np.nan)
-    out["state_error"] = rows["state_error"]
-    out["within_policy"] = rows["within_policy"]
+    out["y_error_vs_bound"] = rows["y_error"] / rows["y_bound"]
+    out["state_error_vs_bound"] = rows["state_error"] / rows["state_bound"]
+    out["within_policy"] = rows["within_policy"].astype(bool)
     return out.sort_values(cols).reset_index(drop=True)
 
 
+def accuracy_summary(table):
+    """One line per implementation: cases within the policy, and the failing ones named."""
+    if table.empty:
+        return pd.DataFrame()
+    out = []
+    for (source, impl), g in table.groupby(["source", "impl"]):
+        bad = g[~g["within_policy"]]
+        out.append(dict(source=source, impl=impl, cases=len(g), within_policy=int(g["within_policy"].sum()),
+                        verdict="within policy everywhere" if bad.empty else "FAILS the policy",
+                        failing=", ".join(sorted({f"{r['dtype']} {r['variant']}" for _, r in bad.iterrows()}))))
+    return pd.DataFrame(out)
+
+
 def sources_table(data):
+    """One row per source: where, with what, thread counts of its points, and the load while measured."""
     out = []
     for source, g in data.groupby("source"):
         m = next((x for x in g.get("machine", []) if isinstance(x, dict)), {})
-        out.append(dict(source=source, points=len(g), host=m.get("host"), cpus=m.get("cpus"), threads=m.get("threads"),
-                        torch=m.get("torch"), triton=m.get("triton"), gpu=m.get("cuda"), commit=m.get("commit")))
+        threads = g["threads"].dropna().astype(int).value_counts().sort_index() if "threads" in g else pd.Series(dtype=int)
+        loads = g["load_avg"].dropna() if "load_avg" in g else pd.Series(dtype=float)
+        out.append(dict(source=source, points=len(g), host=m.get("host"), cpus=m.get("cpus"),
+                        threads_of_points=", ".join(f"{t} thread(s): {n}" for t, n in threads.items()) or None,
+                        load_avg=f"{loads.min():.1f}-{loads.max():.1f}" if len(loads) else None,
+                        torch=m.get("torch"), triton=m.get("triton"), gpu=m.get("cuda"),
+                        commit=g["commit"].dropna().iloc[0] if "commit" in g and g["commit"].notna().any() else m.get("commit")))
+    return pd.DataFrame(out)
+
+
+def left_out(data, benchmark):
+    """Implementations a sweep left out of a section, with the reason ("skipped" records)."""
+    rows = data[(data["benchmark"] == benchmark)]
+    if "kind" not in rows or "reason" not in rows:
+        return []
+    rows = rows[rows["kind"] == "skipped"]
+    return sorted({f"{r['impl']}" + (f" ({r['variant']})" if isinstance(r.get("variant"), str) else "") + f": {r['reason']}"
+                   for _, r in rows.iterrows()})
+
+
+# The targets the project README states, checked against what was measured here.
+TARGETS = (
+    ("recurrent decoding is flat per token: slope <= 0.1, scan level", "slope", "scan", 0.1),
+    ("recurrent decoding is flat per token: slope <= 0.1, model level", "slope", "model", 0.1),
+    ("re-forwarding at L = 8192 costs >= 1000x a recurrent step (scan level, parallel)", "reforward", 8192, 1000),
+    ("decoding per token <= 0.7x mamba.py's step, 130m configuration", "peer", "model_130m", 0.7),
+    ("decoding per token <= 0.5x mamba.py's step, small configuration", "peer", "model_small", 0.5),
+)
+
+
+def targets_table(data, slopes):
+    out = []
+    for text, what, where, bound in TARGETS:
+        measured, status = None, "not measured"
+        if what == "slope" and not slopes.empty:
+            s = slopes[(slopes["level"] == where) & (slopes["mode"] == "recurrent") & (slopes["impl"] == "recurrent")]
+            if not s.empty:
+                r = s.iloc[0]
+                measured = f"{r['slope']:.2f} ± {r['ci95']:.2f} (L {r['L_min']}..{r['L_max']})"
+                status = "not resolved" if not r["resolved"] else ("met" if r["slope"] <= bound else "NOT met")
+        elif what == "reforward":
+            rows = _rows(data, "time_per_token", "per_token")
+            if "ratio" in rows:
+                rows = rows[(rows["level"] == "scan") & (rows["mode"] == "reforward") & (rows["impl"] == "parallel")
+                            & (rows["L"] == where) & rows["ratio"].notna()]
+                if not rows.empty:
+                    r = rows.iloc[0]
+                    measured = f"{r['ratio']:,.0f}x [{r['ratio_q1']:,.0f}, {r['ratio_q3']:,.0f}]"
+                    status = "unstable" if r.get("unstable") else ("met" if r["ratio"] >= bound else "NOT met")
+            if measured is None:
+                status = "not measured (needs L = 8192: the default sweep)"
+        elif what == "peer":
+            rows = peers_table(data)
+            if not rows.empty:
+                rows = rows[(rows["level"] == where) & (rows["kind"] == "per_token") & (rows["impl"] == "recurrent")]
+            if not rows.empty:
+                worst = rows["ratio_to_mambapy"].max()
+                measured = f"{rows['ratio_to_mambapy'].min():.2f}-{worst:.2f}x over L = {', '.join(str(int(L)) for L in rows['L'])}"
+                status = ("unstable" if rows["unstable"].fillna(False).astype(bool).any()
+                          else "met" if worst <= bound else "NOT met")
+        out.append(dict(target=text, measured=measured, status=status))
     return pd.DataFrame(out)
 
 
@@ -208,68 +349,98 @@ def _integers(df):
 
 
 def _md(df):
-    return _integers(df).to_markdown(index=False, floatfmt=".3g") if not df.empty else "_no data_"
+    return _integers(df).to_markdown(index=False, floatfmt=".3g", missingval="–") if not df.empty else "_no data_"
 
 
 def _html(df):
-    return (_integers(df).to_html(index=False, float_format=lambda x: f"{x:.3g}", border=0) if not df.empty
-            else "<p><em>no data</em></p>")
+    return (_integers(df).to_html(index=False, float_format=lambda x: f"{x:.3g}", border=0, na_rep="–")
+            if not df.empty else "<p><em>no data</em></p>")
+
+
+MISSING = {  # what a "–" (a missing value) means in each table
+    "Scan speed grid": "vs_best_peer: the implementation is itself the only peer measured at that point; "
+                       "floor_ms: no floor in that run.",
+    "Accuracy against the float64 loop": "y_error_vs_loop: the loop's own error in that dtype is 0 (float64 "
+                                         "inputs, where the loop is the oracle), so no multiple of it exists.",
+    "Against mamba.py: decoding and prefill": "speedup_over_mambapy and same_next_tokens are for prefill rows only.",
+    "Time per token": "ci95: two lengths only, no interval.",
+}
 
 
 def build(data, problems, out_dir):
     """Write report.md, report.html and the PNGs into out_dir; returns the two report paths."""
     os.makedirs(out_dir, exist_ok=True)
     grid = scan_grid_table(data)
-    figures = dict(
-        time_per_token=plot_time_per_token(data, os.path.join(out_dir, "time_per_token.png")),
-        cumulative=plot_cumulative(data, os.path.join(out_dir, "cumulative.png")),
-        scan_grid=plot_scan_grid(grid, os.path.join(out_dir, "scan_grid.png")),
-    )
+    slopes = slope_table(data)
+    accuracy = accuracy_table(data)
+    per_level = plot_time_per_token(data, out_dir)
+    figures = dict(cumulative=plot_cumulative(data, os.path.join(out_dir, "cumulative.png")),
+                   scan_grid=plot_scan_grid(grid, os.path.join(out_dir, "scan_grid.png")))
     bench = _rows(data, "pytest-benchmark")
     bench = bench[[c for c in ("source", "group", "name", "median_s", "iqr_s", "runs") if c in bench]]
     sections = [
-        ("Where these results come from", sources_table(data), None,
-         "One row per result file; compare rows measured on the same machine and commit only."),
-        ("Time per token", slope_table(data), "time_per_token",
+        ("Where these results come from", sources_table(data), [], [],
+         "One row per result file (shard files of one commit are one source); compare rows measured on the same "
+         "machine and commit only. threads_of_points counts the points measured with each torch thread count; "
+         "load_avg is the 1-minute load average while they were measured (2 cores: above 2 the machine was busy)."),
+        ("Targets the README states", targets_table(data, slopes), [], [],
+         "Each target against this run: met, NOT met, not resolved (a slope whose 95 % interval is wider than "
+         f"±{SLOPE_RESOLVED}), unstable (a paired ratio too noisy to conclude) or not measured by this sweep."),
+        ("Time per token", slopes, list(per_level.values()), left_out(data, "time_per_token"),
          "Re-forwarding the whole prefix costs time proportional to L per token (slope ≈ 1, quadratic in total); "
          "recurrent decoding with a kept state costs the same at every position (slope ≈ 0). Slopes are log-log "
-         "least-squares fits of the median time per token, with 95 % confidence half-widths."),
-        ("Cumulative generation time", pd.DataFrame(), "cumulative",
-         "Measured time to generate L tokens one after another (MambaLM.generate) in both modes."),
-        ("Memory of recurrent decoding", memory_table(data), None,
+         "least-squares fits of the median CPU time per token (1 thread; medians over interleaved rounds), with "
+         f"95 % half-widths; wider than ±{SLOPE_RESOLVED} is shown as not resolved. Points whose paired ratio is "
+         "unstable are left out of fits and figures (unstable_left_out)."),
+        ("Cumulative generation time", slope_table(data, "cumulative"), [figures["cumulative"]] if figures["cumulative"] else [],
+         [], "Measured time to generate L tokens one after another (MambaLM.generate) in both modes: slope 2 is "
+             "quadratic (re-forwarding), 1 linear (recurrent)."),
+        ("Memory of recurrent decoding", memory_table(data), [], [],
          "Peak resident memory of a process decoding L tokens: a kept state takes constant memory."),
-        ("Scan speed grid", grid, "scan_grid",
-         "Forward scan medians as ratios to the floor (one allocating exp(dt ⊗ A) pass over all b·d·l·n elements, "
-         "which no scan can beat) and to the best pure-PyTorch peer (the faster of loop and mamba.py's pscan)."),
-        ("Against mamba.py: decoding and prefill", peers_table(data), None,
+        ("Scan speed grid", grid, [figures["scan_grid"]] if figures["scan_grid"] else [], left_out(data, "scan_grid"),
+         "Forward scans against the floor, each implementation measured interleaved with it in one run (ratio: "
+         "median of per-round CPU-time ratios, with quartiles). The floor is one exp(dt ⊗ A) pass over all b·d·l·n "
+         "elements, in place into a buffer allocated outside the timed call (an allocating floor measured page "
+         "faults). It is a unit of work, not a bound: it writes every element to memory, which a scan that streams "
+         "through cache (parallel) never does, so a ratio below 1 is possible. vs_best_peer: per-round ratio to "
+         "the faster of loop and mamba.py's pscan. ms and floor_ms are absolute CPU ms. Unstable points are not drawn."),
+        ("Against mamba.py: decoding and prefill", peers_table(data), [], [],
          "Our MambaLM against mamba.py's Mamba loaded with the same weights (impls/mambapy_model.py), measured "
-         "side by side in one run: per-token decoding (ratio < 1 means ours is faster) and prompt prefill into the "
+         "interleaved in one run: per-token decoding (ratio < 1 means ours is faster) and prompt prefill into the "
          "decode cache (one parallel scan against mamba.py's token-by-token loop of step), with the next greedy "
          "tokens from both caches compared."),
-        ("Where a decoding step's time goes", decode_split_table(data), None,
+        ("Where a decoding step's time goes", decode_split_table(data), [], left_out(data, "decode_split"),
          "Each part's share of one MambaLM.step, timed inside the real step (benchmarks/decode_split.py)."),
-        ("Accuracy against the float64 loop", accuracy_table(data), None,
-         "Largest error of y relative to the oracle's scale, and as a multiple of the loop's own error in the same "
-         "dtype (the tolerance policy allows 2x plus a rounding floor)."),
-        ("pytest-benchmark timings", bench.reset_index(drop=True), None, "From --benchmark-json files."),
+        ("Accuracy: verdict per implementation", accuracy_summary(accuracy), [], left_out(data, "accuracy"),
+         "Over every dtype the implementation declares, every input regime, and both variants: plain B/C, and "
+         "grouped B/C (g > 1, several channels per group) with an initial_state. A kernel the suite fails fails here."),
+        ("Accuracy against the float64 loop", accuracy, [], [],
+         "Largest error of y relative to the oracle's scale, as a multiple of the loop's own error in the same "
+         "dtype, and as a fraction of the tolerance policy's bound (within policy: at most 1 for y and last_state)."),
+        ("pytest-benchmark timings", bench.reset_index(drop=True), [], [], "From --benchmark-json files."),
     ]
     md = ["# Selective-scan benchmark report", ""]
     body = []
     if problems:
         md += ["## Skipped or failed results", ""] + [f"- {p}" for p in problems] + [""]
         body.append("<h2>Skipped or failed results</h2><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in problems) + "</ul>")
-    for title, table, figure, text in sections:
-        png = figures.get(figure) if figure else None
-        if table.empty and not png:
+    for title, table, pngs, gone, text in sections:
+        if table.empty and not pngs:
             continue
         md += [f"## {title}", "", text, ""]
         body.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(text)}</p>")
-        if png:
+        if gone:
+            md += ["Left out of this section:", ""] + [f"- {g}" for g in gone] + [""]
+            body.append("<p>Left out of this section:</p><ul>" + "".join(f"<li>{html.escape(g)}</li>" for g in gone) + "</ul>")
+        for png in pngs:
             md += [f"![{title}]({os.path.basename(png)})", ""]
             body.append(f'<img src="{os.path.basename(png)}" alt="{html.escape(title)}" style="max-width:100%">')
         if not table.empty:
             md += [_md(table), ""]
             body.append(_html(table))
+            if title in MISSING and table.isna().any().any():
+                md += [f"– (a missing value): {MISSING[title]}", ""]
+                body.append(f"<p>– (a missing value): {html.escape(MISSING[title])}</p>")
     md_path, html_path = os.path.join(out_dir, "report.md"), os.path.join(out_dir, "report.html")
     with open(md_path, "w") as f:
         f.write("\n".join(md))
