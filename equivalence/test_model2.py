@@ -1,0 +1,360 @@
+"""The Mamba-2 language model (impls/model2.py): recurrent decoding and re-forwarding agree with the
+float64 spec, left-padded batches decode as if unpadded, sampling is reproducible across modes,
+configs and checkpoints are checked before anything is built, and the official layout is exact.
+
+The oracle for logits is the float64 model through the SSD loop (the spec) over the whole token
+sequence; the baseline is the float32 model through the loop. ``length`` for the policy is
+tolerance.terms("y", l, n): the logits are y passed through projections and norms whose rounding
+the loop run shares. Parity with transformers' Mamba2ForCausalLM: test_model2_parity.py.
+"""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import impls
+from impls.model2 import Mamba2Config, Mamba2LM, parameter_shapes
+from .tolerance import compare, terms
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds synchronisation on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    d_model: int = 16
+    n_layer: int = 2
+    vocab: int = 40
+    l: int = 12
+    b: int = 1
+    d_state: int = 8
+    headdim: int = 8
+    ngroups: int = 1
+    d_conv: int = 4
+    chunk_size: int = 8
+    D_has_hdim: bool = False
+    rmsnorm: bool = True
+    norm_before_gate: bool = False
+    bias: bool = False
+    conv_bias: bool = True
+    dt_limit: tuple = (0.0, float("inf"))
+    tie: bool = True
+    seed: int = 0
+
+    def config(self):
+        return Mamba2Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab, tie_embeddings=self.tie,
+                            ssm_cfg=dict(d_state=self.d_state, headdim=self.headdim, ngroups=self.ngroups,
+                                         d_conv=self.d_conv, chunk_size=self.chunk_size, D_has_hdim=self.D_has_hdim,
+                                         rmsnorm=self.rmsnorm, norm_before_gate=self.norm_before_gate, bias=self.bias,
+                                         conv_bias=self.conv_bias, dt_limit=self.dt_limit))
+
+    def build(self):
+        """(float32 model with every parameter randomised, float64 copy, ids (b, l))."""
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = Mamba2LM(self.config()).eval()
+        randomize_(model, gen)
+        model64 = Mamba2LM(model.config)
+        model64.load_state_dict(model.state_dict())
+        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
+        return model, model64.double().eval(), ids
+
+
+@torch.no_grad()
+def randomize_(model, gen):
+    """Move every parameter the official initialisation leaves at a constant away from it (norm gains
+    1 + N(0, 0.5), D ~ N(0, 1), biases ~ N(0, 0.3), A_log and dt_bias shifted by N(0, 0.5)), so a
+    swapped or missing term cannot hide behind a one or a zero. Weights keep their draws."""
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+            p.add_(0.5 * noise)
+        elif name.endswith("A_log") or name.endswith("dt_bias"):
+            p.add_(0.5 * noise)
+        elif name.endswith(".D"):
+            p.copy_(noise)
+        elif name.endswith(".bias"):
+            p.copy_(0.3 * noise)
+
+
+def check(what, case, got, oracle, baseline, l, n):
+    result = compare(got, oracle, baseline, terms("y", l, n))
+    assert result.ok, f"{what}, {case!r}: {result.describe()}"
+    return result
+
+
+def step_by_step(model, ids, impl, prefix=1, scan_impl="loop"):
+    """Logits at positions prefix-1 .. l-1: prefill of ``prefix`` tokens, then one step per token."""
+    logits, cache = model.prefill(ids[:, :prefix], impl=scan_impl)
+    out = [logits]
+    for t in range(prefix, ids.shape[1]):
+        out.append(model.step(ids[:, t], cache, impl=impl))
+    return torch.stack(out, 1)
+
+
+cases = st.builds(
+    Case, d_model=st.sampled_from([8, 12, 16]), n_layer=st.integers(1, 2), vocab=st.integers(8, 40),
+    l=st.integers(1, 30), b=st.integers(1, 2), d_state=st.integers(1, 8), headdim=st.sampled_from([1, 2, 4, 8]),
+    ngroups=st.sampled_from([1, 2]), d_conv=st.integers(1, 4), chunk_size=st.sampled_from([1, 3, 8, 64]),
+    D_has_hdim=st.booleans(), rmsnorm=st.booleans(), norm_before_gate=st.booleans(), bias=st.booleans(),
+    conv_bias=st.booleans(), dt_limit=st.sampled_from([(0.0, float("inf")), (0.01, 0.05)]), tie=st.booleans(),
+    seed=st.integers(0, 2**31 - 1)).filter(lambda c: (2 * c.d_model // c.headdim) % c.ngroups == 0)
+
+
+@given(case=cases)
+@example(case=Case(l=1))
+@example(case=Case(l=21, b=2, ngroups=2, D_has_hdim=True, chunk_size=8, bias=True))  # l not a multiple of chunk_size
+def test_forward_and_steps_match_the_float64_spec(case):
+    """The full forward through the chunked default and through the loop, and prefill + steps (D of
+    shape (h, p) included: the official step mishandles it), give the float64 oracle's logits."""
+    model, model64, ids = case.build()
+    l, n = ids.shape[1], case.d_state
+    with torch.no_grad():
+        oracle = model64(ids, impl="loop")
+        baseline = model(ids, impl="loop")
+        check("forward (default scan)", case, model(ids), oracle, baseline, l, n)
+        prefix = max(1, l // 2)
+        got = step_by_step(model, ids, impl=None, prefix=prefix, scan_impl=None)
+        check("prefill + steps", case, got, oracle[:, prefix - 1:], baseline[:, prefix - 1:], l, n)
+
+
+def test_every_ssd_implementation_drives_the_model(ssd_impl):
+    """Each registered SSD implementation (``--ssd-impl``) as the model's scan, and with a step as its
+    decoding step, gives the float64 oracle's logits."""
+    entry = impls.get(ssd_impl, family="ssd")
+    s = entry.supports
+    if torch.float32 not in s["dtypes"]:
+        pytest.skip(f"{ssd_impl}: declared gap: no float32")
+    # the hardest case its declared capabilities allow (a gap is declared, and tested, by the SSD suite)
+    case = Case(l=19, b=2, ngroups=2 if s["grouped"] else 1, D_has_hdim=s["D_hp"], chunk_size=8, seed=4)
+    model, model64, ids = case.build()
+    with torch.no_grad():
+        oracle, baseline = model64(ids, impl="loop"), model(ids, impl="loop")
+        check(f"forward impl={ssd_impl}", case, model(ids, impl=ssd_impl), oracle, baseline, case.l, case.d_state)
+        if entry.step is not None:
+            got = step_by_step(model, ids, impl=ssd_impl, prefix=7, scan_impl=ssd_impl)
+            check(f"prefill + steps impl={ssd_impl}", case, got, oracle[:, 6:], baseline[:, 6:], case.l, case.d_state)
+
+
+@pytest.mark.parametrize("case", [Case(l=9, b=1), Case(l=17, b=3, ngroups=2, D_has_hdim=True, d_conv=2, seed=2)],
+                         ids=["plain", "grouped-Dhp"])
+def test_recurrent_and_reforward_generate_the_same_tokens(case):
+    """Greedy tokens agree between the modes, and so do the logits each was chosen from (within policy
+    of the float64 reforward oracle on those tokens)."""
+    model, model64, ids = case.build()
+    T = 6
+    with torch.no_grad():
+        rec, rec_logits = model.generate(ids, T, mode="recurrent", return_logits=True)
+        ref, ref_logits = model.generate(ids, T, mode="reforward", impl="loop", return_logits=True)
+        assert torch.equal(rec, ref)
+        oracle = model64(rec[:, :-1], impl="loop")[:, case.l - 1:]
+        baseline = model(rec[:, :-1], impl="loop")[:, case.l - 1:]
+        check("recurrent", case, rec_logits, oracle, baseline, case.l + T, case.d_state)
+        check("reforward", case, ref_logits, oracle, baseline, case.l + T, case.d_state)
+        assert (rec[:, case.l:] < case.vocab).all()
+
+
+def test_left_padding_is_exact():
+    """A left-padded batch gives each row the logits and tokens of that row alone, unpadded, in
+    forward, prefill + steps and both generate modes (the conv window and state see zeros)."""
+    case = Case(l=13, b=1, ngroups=2, bias=True, seed=7)   # in_proj bias: padding must not leak a bias into xBC
+    model, model64, _ = case.build()
+    gen = torch.Generator().manual_seed(3)
+    lengths = [13, 4, 1]
+    rows = [torch.randint(0, case.vocab, (1, k), generator=gen) for k in lengths]
+    ids = torch.zeros(len(rows), 13, dtype=torch.long)
+    mask = torch.zeros(len(rows), 13, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 13 - r.shape[1]:], mask[i, 13 - r.shape[1]:] = r, 1
+    with torch.no_grad():
+        full = model64(ids, impl="loop", attention_mask=mask)
+        rec = model.generate(ids, 5, attention_mask=mask, return_logits=True)
+        ref = model.generate(ids, 5, mode="reforward", attention_mask=mask)
+        assert torch.equal(rec[0], ref)
+        for i, r in enumerate(rows):
+            alone = model64(r, impl="loop")
+            k = r.shape[1]
+            torch.testing.assert_close(full[i, 13 - k:], alone[0], rtol=0, atol=1e-12)
+            tokens, logits = model.generate(r, 5, return_logits=True)
+            assert torch.equal(rec[0][i, 13:], tokens[0, k:]), f"row {i}"
+            torch.testing.assert_close(rec[1][i], logits[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- sampling and arguments
+
+def test_sampling_same_seed_same_tokens_in_both_modes():
+    case = Case(l=5, b=2, seed=11)
+    model, model64, ids = case.build()
+    kw = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    a = model64.generate(ids, 8, generator=torch.Generator().manual_seed(5), **kw)
+    b = model64.generate(ids, 8, mode="reforward", impl="loop", generator=torch.Generator().manual_seed(5), **kw)
+    c = model64.generate(ids, 8, generator=torch.Generator().manual_seed(6), **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)   # the draws do depend on the generator (8 tokens, 2 rows)
+
+
+def test_eos_stops_rows_and_generation():
+    case = Case(l=4, b=2, seed=1)
+    model, _, ids = case.build()
+    free = model.generate(ids, 6)
+    eos = int(free[0, case.l + 1])                                   # row 0's second new token
+    out = model.generate(ids, 6, eos_token_id=eos)
+    assert torch.equal(out[0, :case.l + 2], free[0, :case.l + 2])
+    assert (out[0, case.l + 2:] == eos).all()
+    row1 = (free[1, case.l:] == eos).nonzero()
+    if len(row1) == 0:
+        assert out.shape[1] == case.l + 6
+    assert model.generate(ids, 0).shape == (2, case.l)
+
+
+@pytest.mark.parametrize("kw, error", [
+    (dict(max_new_tokens=-1), ValueError), (dict(max_new_tokens=2.7), TypeError), (dict(max_new_tokens=True), TypeError),
+    (dict(mode="fast"), ValueError), (dict(do_sample=True, temperature=0), ValueError),
+    (dict(do_sample=True, top_k=-1), ValueError), (dict(do_sample=True, top_p=1.5), ValueError),
+    (dict(eos_token_id=1.0), ValueError), (dict(temperature=0.5), ValueError),
+    (dict(attention_mask=torch.full((1, 3), 0.5)), ValueError), (dict(attention_mask=torch.tensor([[1, 0, 1]])), ValueError),
+    (dict(step_impl="chunked"), NotImplementedError), (dict(impl="nonesuch"), ValueError),
+])
+def test_generation_arguments_are_checked(kw, error):
+    model, _, _ = Case(n_layer=1).build()
+    kw = {"max_new_tokens": 2, **kw}
+    with pytest.raises(error):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), **kw)
+
+
+def test_bad_ids_and_tokens_raise_and_leave_the_cache():
+    model, _, ids = Case(n_layer=1, l=5).build()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        model.prefill(torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.full((1, 2), 40))
+    _, cache = model.prefill(ids)
+    before = [t.clone() for c in cache.layers for t in (c.ssm_state, c.conv_store)]
+    for bad, error in ((torch.zeros(2, dtype=torch.long), ValueError), (torch.zeros(1, 1, dtype=torch.long), ValueError),
+                       (torch.zeros(1), TypeError), (torch.tensor([40]), ValueError)):
+        with pytest.raises(error, match="token"):
+            model.step(bad, cache)
+    after = [t for c in cache.layers for t in (c.ssm_state, c.conv_store)]
+    assert all(torch.equal(x, y) for x, y in zip(before, after)) and cache.phase == 3
+
+
+# ---------------------------------------------------------------------------- config and checkpoints
+
+def official_layout(d_model, n_layer, vocab_size, d_state=128, d_conv=4, expand=2, headdim=64, ngroups=1,
+                    D_has_hdim=False, pad_multiple=8):
+    """Parameter name -> shape of an official Mamba-2 checkpoint, written out from the official
+    module (mamba_ssm/modules/mamba2.py: in_proj out = 2 d_inner + 2 ngroups d_state + nheads;
+    conv over d_inner + 2 ngroups d_state; D (d_inner,) with D_has_hdim), not from impls/model2.py."""
+    d_inner = expand * d_model
+    nheads = d_inner // headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    v = vocab_size + (-vocab_size) % pad_multiple
+    layout = {"backbone.embedding.weight": (v, d_model), "backbone.norm_f.weight": (d_model,),
+              "lm_head.weight": (v, d_model)}
+    for i in range(n_layer):
+        p = f"backbone.layers.{i}."
+        layout.update({p + "norm.weight": (d_model,), p + "mixer.in_proj.weight": (2 * d_inner + 2 * ngroups * d_state + nheads, d_model),
+                       p + "mixer.conv1d.weight": (conv_dim, 1, d_conv), p + "mixer.conv1d.bias": (conv_dim,),
+                       p + "mixer.dt_bias": (nheads,), p + "mixer.A_log": (nheads,),
+                       p + "mixer.D": (d_inner,) if D_has_hdim else (nheads,), p + "mixer.norm.weight": (d_inner,),
+                       p + "mixer.out_proj.weight": (d_model, d_inner)})
+    return layout
+
+
+def test_mamba2_130m_layout_and_size():
+    """mamba2-130m's config.json (d_model 768, 24 layers, vocab 50277 padded to a multiple of 16):
+    the official names and shapes, and its 129M parameters (tied head counted once)."""
+    config = Mamba2Config(d_model=768, n_layer=24, vocab_size=50277, ssm_cfg={"layer": "Mamba2"},
+                          pad_vocab_size_multiple=16)
+    shapes = parameter_shapes(config)
+    assert shapes == official_layout(768, 24, 50277, pad_multiple=16)
+    assert shapes["backbone.embedding.weight"] == (50288, 768)
+    total = sum(torch.Size(s).numel() for k, s in shapes.items() if k != "lm_head.weight")
+    assert 128e6 < total < 130e6
+
+
+def test_state_dict_is_the_official_layout():
+    model = Mamba2LM(Mamba2Config(d_model=32, n_layer=2, vocab_size=50, ssm_cfg=dict(d_state=16, headdim=16, ngroups=2,
+                                                                                     D_has_hdim=True)))
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == official_layout(32, 2, 50, d_state=16, headdim=16, ngroups=2, D_has_hdim=True)
+    assert model.lm_head.weight is model.backbone.embedding.weight
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(ssm_cfg=dict(headdim=7)), ValueError, "headdim"),
+    (dict(ssm_cfg=dict(headdim=4, ngroups=3)), ValueError, "ngroups"),
+    (dict(ssm_cfg=dict(dt_limit=(0.1, 0.01))), ValueError, "dt_limit"),
+    (dict(ssm_cfg=dict(A_init_range=(0, 16))), ValueError, "A_init_range"),
+    (dict(ssm_cfg=dict(chunk_size=0)), ValueError, "chunk_size"),
+    (dict(ssm_cfg=dict(d_stat=16)), ValueError, "d_stat"),
+    (dict(ssm_cfg=dict(layer="Mamba1")), NotImplementedError, "Mamba-1"),
+    (dict(d_intermediate=64), NotImplementedError, "MLP"),
+    (dict(ssm_cfg=dict(d_ssm=16)), NotImplementedError, "d_ssm"),
+    (dict(n_layer=0), ValueError, "n_layer"),
+])
+def test_config_is_checked(kw, error, match):
+    base = dict(d_model=16, n_layer=1, vocab_size=20)
+    kw = {**base, **kw, "ssm_cfg": {"headdim": 8, **kw.get("ssm_cfg", {})}}
+    with pytest.raises(error, match=match):
+        Mamba2Config(**kw)
+
+
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
+def test_official_round_trip(tmp_path, safe):
+    case = Case(D_has_hdim=True, ngroups=2, bias=True, vocab=45, l=9, b=2)
+    model, _, ids = case.build()
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["ssm_cfg"]["layer"] == "Mamba2" and cfg["ssm_cfg"]["D_has_hdim"] is True
+    loaded = Mamba2LM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, impl="loop"), model(ids, impl="loop"))
+
+
+def _never_built(monkeypatch):
+    def refuse(self, config):
+        raise AssertionError("a model was built before the checkpoint was checked")
+    monkeypatch.setattr(Mamba2LM, "__init__", refuse)
+
+
+def test_checkpoint_checked_before_building(tmp_path, monkeypatch):
+    """Wrong shapes, missing or unknown names, a Mamba-1 config, a config in neither layout, missing
+    size fields: each a ValueError naming the problem, raised before a model is allocated."""
+    model, _, _ = Case().build()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    _never_built(monkeypatch)
+    cfg_path = tmp_path / "config.json"
+    good = json.loads(cfg_path.read_text())
+
+    def with_config(cfg, match):
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=match):
+            Mamba2LM.from_pretrained(tmp_path)
+
+    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "d_state": 16}}, "shape")
+    with_config({**good, "n_layer": 3}, "missing")
+    with_config({**good, "n_layer": 1}, "unexpected")
+    with_config({**good, "ssm_cfg": {}}, "Mamba-1")
+    with_config({k: v for k, v in good.items() if k != "d_model"}, "d_model")
+    with_config({"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 40}, "num_heads")
+    with_config({"model_type": "llama", "dim": 4}, "neither layout")
+    os.remove(cfg_path)
+    with pytest.raises(FileNotFoundError):
+        Mamba2LM.from_pretrained(tmp_path)

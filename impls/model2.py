@@ -1,0 +1,803 @@
+"""A small, real Mamba-2 language model whose SSD scan runs through any registered implementation.
+
+The Mamba-2 block of the paper (Dao & Gu 2024, "Transformers are SSMs", Section 7 and Figure 6) and
+of the official code (https://github.com/state-spaces/mamba: mamba_ssm/modules/mamba2.py for the
+block, mamba_ssm/models/mixer_seq_simple.py for the stack, mamba_ssm/models/config_mamba.py for the
+config, mamba_ssm/ops/triton/layernorm_gated.py for the gated norm):
+
+    in_proj -> z, xBC, dt                     (one projection: the "parallel" block of the paper)
+    xBC -> causal depthwise conv1d (d_conv taps) -> SiLU -> x, B, C
+    y = ssd_scan(x, dt, A = -exp(A_log), B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit)
+    y = norm(y, z)   the gated RMSNorm: RMSNorm(y * silu(z)) per group of d/g channels
+                     (RMSNorm(y) * silu(z) with norm_before_gate; y * silu(z) inside the scan
+                     when rmsnorm is off)
+    out_proj(y)
+
+stacked as a pre-norm residual stream (h = h + mixer(RMSNorm(h)) per layer, then norm_f), with the
+embedding tied to the LM head by default. Parameter names and shapes are those of the official
+checkpoints (state-spaces/mamba2-130m ...), and transformers' Mamba2ForCausalLM layout is read and
+written too (LAYOUT below: the one table of field and weight names). Nothing is fetched from a hub.
+
+Letters as in the SSD interface (impls.ssd_scan): b batch, l sequence length, h heads (``nheads``),
+p head dimension (``headdim``), n state size (``d_state``), g groups of B/C (``ngroups``); also
+m = d_model, d = d_inner = expand * m = h * p, k = d_conv, c = d + 2 g n (the conv's channels,
+``conv_dim``), v = the vocabulary padded to a multiple of ``pad_vocab_size_multiple``.
+
+Two ways to generate (``Mamba2LM.generate``), as for Mamba-1 (impls/model.py):
+    "reforward"  every new token re-runs ``forward`` over the whole sequence so far;
+    "recurrent"  ``prefill``: one ``impls.ssd_scan`` over the prompt with return_final_states (the
+                 SSM state) plus the conv state, the last k-1 columns of xBC before the conv; then
+                 one ``step`` per token through ``impls.ssd_state_update``.
+
+Left padding: pass ``attention_mask`` (b, l), 1 for a real token, 0 for padding, every row 0...0 1...1.
+xBC is zeroed at padded positions before the conv and x, B, C after it, so the SSM state is exactly
+zero when a row's first real token arrives and its conv window sees zeros: as if unpadded.
+
+D of shape (h, p) (``D_has_hdim``): the official checkpoint stores it flat, (h * p,); the official
+``Mamba2.step`` repeats it as if it were (h,), which is wrong (state-spaces/mamba's decode bug, see
+/work/shared/FIELD-NOTES.md); here prefill, forward and step all pass D as (h, p).
+"""
+
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import impls
+from .frontdoor import compute_dtype
+# Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/model.py).
+from .model import (RMSNorm, _check_count, _check_ids, _check_mask, _check_sampling, _transposed_storage,
+                    load_weights, sampling_scores, stored_shapes, weight_files)
+
+STEP_DEFAULT = impls.ssd_state_update.__kwdefaults__["impl"]
+CONFIG_NAME = "config.json"
+WEIGHTS_BIN = "pytorch_model.bin"
+WEIGHTS_SAFETENSORS = "model.safetensors"
+NORM_GATED_EPS = 1e-5  # the official Mamba2 builds its gated norm with eps=1e-5, whatever norm_epsilon is
+
+# ssm_cfg keys of the official Mamba-2 mixer (mamba2.Mamba2.__init__) and their defaults.
+SSM_DEFAULTS = dict(d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, d_ssm=None, ngroups=1,
+                    A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False, dt_min=0.001,
+                    dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=True,
+                    chunk_size=256, use_mem_eff_path=True)
+
+# The two checkpoint layouts, in one table. Config: official name (top level, or in ssm_cfg) ->
+# transformers' Mamba2Config name; weights: the one name that differs. transformers has no field for
+# these official options, and its model behaves as their values here (so other values cannot be
+# written in its layout): rmsnorm True, norm_before_gate False, D_has_hdim False (its D is (h,)),
+# d_ssm None, d_intermediate 0, no attention layers, a gated-norm eps equal to layer_norm_epsilon.
+LAYOUT = dict(
+    top={"d_model": "hidden_size", "n_layer": "num_hidden_layers", "vocab_size": "vocab_size",
+         "norm_epsilon": "layer_norm_epsilon", "residual_in_fp32": "residual_in_fp32",
+         "tie_embeddings": "tie_word_embeddings"},
+    ssm={"d_state": "state_size", "d_conv": "conv_kernel", "expand": "expand", "headdim": "head_dim",
+         "ngroups": "n_groups", "chunk_size": "chunk_size", "dt_min": "time_step_min", "dt_max": "time_step_max",
+         "dt_init_floor": "time_step_floor", "dt_limit": "time_step_limit", "bias": "use_bias",
+         "conv_bias": "use_conv_bias"},
+    derived={"num_heads": "d_inner // headdim"},
+    fixed_in_transformers=dict(rmsnorm=True, norm_before_gate=False, D_has_hdim=False, d_ssm=None),
+    weights={"backbone.embedding.weight": "backbone.embeddings.weight"},
+)
+# Size fields a checkpoint's config must state (defaults never stand in for them), per layout.
+REQUIRED = dict(official=("d_model", "n_layer", "vocab_size", "ssm_cfg"),
+                transformers=("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "head_dim",
+                              "state_size", "n_groups", "expand", "conv_kernel"))
+
+
+class Mamba2Config:
+    """The fields of an official Mamba-2 ``config.json`` (mamba_ssm.models.config_mamba.MambaConfig with
+    ``ssm_cfg = {"layer": "Mamba2", ...}``), official defaults. Checked on construction: nothing is
+    built from an invalid config.
+
+    Resolved attributes: every ssm_cfg key (d_state, headdim, ngroups, chunk_size, dt_limit, ...),
+    d_inner (d), nheads (h), conv_dim (c), padded_vocab_size (v).
+
+    Raises:
+        ValueError: a size below 1, d_inner not a multiple of headdim, nheads not a multiple of
+            ngroups, a dt_limit that is not a pair lo <= hi, an A_init_range not 0 < lo <= hi, an
+            unknown ssm_cfg key;
+        NotImplementedError: a Mamba-1 layer, attention layers, MLP layers (d_intermediate), d_ssm.
+    """
+
+    FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+              "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
+              "norm_epsilon")
+
+    def __init__(self, d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
+                 attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                 pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5):
+        self.d_model, self.d_intermediate, self.n_layer = int(d_model), int(d_intermediate), int(n_layer)
+        self.vocab_size = int(vocab_size)
+        # tuples as lists, as config.json gives them back, so a saved config loads equal
+        self.ssm_cfg = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v
+                                              for k, v in dict(ssm_cfg or {}).items()}}
+        self.attn_layer_idx, self.attn_cfg = list(attn_layer_idx or []), dict(attn_cfg or {})
+        self.rms_norm, self.residual_in_fp32 = bool(rms_norm), bool(residual_in_fp32)
+        self.fused_add_norm = bool(fused_add_norm)
+        self.pad_vocab_size_multiple = int(pad_vocab_size_multiple)
+        self.tie_embeddings, self.norm_epsilon = bool(tie_embeddings), float(norm_epsilon)
+
+        where = "Mamba2Config"
+        if self.ssm_cfg["layer"] != "Mamba2":
+            raise NotImplementedError(f"{where}: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: this is the Mamba-2 "
+                                      f"model (impls/model.py's MambaLM is the Mamba-1 one)")
+        if self.attn_layer_idx or self.d_intermediate:
+            raise NotImplementedError(f"{where}: attn_layer_idx = {self.attn_layer_idx}, d_intermediate = "
+                                      f"{self.d_intermediate}: hybrid attention and MLP layers are not implemented")
+        unknown = set(self.ssm_cfg) - set(SSM_DEFAULTS) - {"layer"}
+        if unknown:
+            raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(SSM_DEFAULTS)}")
+        s = {**SSM_DEFAULTS, **self.ssm_cfg}
+        if s["d_ssm"] is not None and s["d_ssm"] != s["expand"] * self.d_model:
+            raise NotImplementedError(f"{where}: ssm_cfg.d_ssm = {s['d_ssm']}: a gated-MLP part beside the SSM is "
+                                      f"not implemented")
+        self.d_state, self.d_conv, self.expand = int(s["d_state"]), int(s["d_conv"]), s["expand"]
+        self.headdim, self.ngroups, self.chunk_size = int(s["headdim"]), int(s["ngroups"]), int(s["chunk_size"])
+        self.d_ssm, self.conv_init = s["d_ssm"], s["conv_init"]
+        self.A_init_range = tuple(float(a) for a in s["A_init_range"])
+        self.D_has_hdim, self.rmsnorm = bool(s["D_has_hdim"]), bool(s["rmsnorm"])
+        self.norm_before_gate = bool(s["norm_before_gate"])
+        self.dt_min, self.dt_max, self.dt_init_floor = float(s["dt_min"]), float(s["dt_max"]), float(s["dt_init_floor"])
+        self.dt_limit = tuple(float(a) for a in s["dt_limit"])
+        self.bias, self.conv_bias, self.use_mem_eff_path = bool(s["bias"]), bool(s["conv_bias"]), s["use_mem_eff_path"]
+
+        sizes = dict(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab_size,
+                     pad_vocab_size_multiple=self.pad_vocab_size_multiple, d_state=self.d_state, d_conv=self.d_conv,
+                     headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.chunk_size)
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small:
+            raise ValueError(f"{where}: sizes must be >= 1, got {small}")
+        self.d_inner = int(self.expand * self.d_model)
+        if self.d_inner < 1 or self.d_inner != self.expand * self.d_model or self.d_inner % self.headdim:
+            raise ValueError(f"{where}: d_inner = expand * d_model = {self.expand} * {self.d_model} must be a positive "
+                             f"integer multiple of headdim = {self.headdim}")
+        self.nheads = self.d_inner // self.headdim
+        if self.nheads % self.ngroups:
+            raise ValueError(f"{where}: nheads = {self.nheads} (d_inner / headdim) must be a multiple of "
+                             f"ngroups = {self.ngroups}")
+        if len(self.dt_limit) != 2 or not self.dt_limit[0] <= self.dt_limit[1]:
+            raise ValueError(f"{where}: dt_limit must be a pair (lo, hi) with lo <= hi, got {s['dt_limit']}")
+        if len(self.A_init_range) != 2 or not 0 < self.A_init_range[0] <= self.A_init_range[1]:
+            raise ValueError(f"{where}: A_init_range must be a pair 0 < lo <= hi, got {s['A_init_range']}")
+        self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
+        m = self.pad_vocab_size_multiple
+        self.padded_vocab_size = self.vocab_size + (-self.vocab_size) % m
+
+    def to_dict(self):
+        """The official config.json contents."""
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def to_transformers_dict(self):
+        """The same model as transformers' Mamba2Config fields (LAYOUT), for save_pretrained(layout="transformers").
+        vocab_size is the padded v (transformers' embedding has vocab_size rows).
+
+        Raises:
+            ValueError: an official option transformers' model cannot represent (LAYOUT's fixed_in_transformers,
+                a norm_epsilon other than the gated norm's 1e-5, LayerNorm blocks).
+        """
+        fixed = {k: v for k, v in LAYOUT["fixed_in_transformers"].items() if getattr(self, k) != v}
+        if not self.rms_norm:
+            fixed["rms_norm"] = True
+        if self.norm_epsilon != NORM_GATED_EPS:
+            fixed["norm_epsilon"] = NORM_GATED_EPS
+        if fixed:
+            raise ValueError(f"to_transformers_dict: transformers' Mamba2 has no field for these official options and "
+                             f"needs the values {fixed}; this config has "
+                             f"{ {k: getattr(self, k) for k in fixed} }")
+        out = dict(model_type="mamba2", architectures=["Mamba2ForCausalLM"], hidden_act="silu",
+                   num_heads=self.nheads, time_step_rank=math.ceil(self.d_model / 16))
+        out.update({t: getattr(self, o) for o, t in {**LAYOUT["top"], **LAYOUT["ssm"]}.items()})
+        out["vocab_size"] = self.padded_vocab_size
+        out["time_step_limit"] = list(self.dt_limit)   # json writes inf as Infinity, which transformers reads
+        return out
+
+    @classmethod
+    def from_transformers_dict(cls, cfg):
+        """The official config of a transformers Mamba2Config dict (LAYOUT), checked; v = vocab_size (no padding).
+
+        Raises:
+            ValueError: missing size fields (REQUIRED), num_heads != hidden_size * expand / head_dim,
+                a hidden_act other than silu, a layer_norm_epsilon other than 1e-5 (the official gated norm's).
+        """
+        missing = [k for k in REQUIRED["transformers"] if k not in cfg]
+        if missing:
+            raise ValueError(f"Mamba2 config (transformers layout): missing size fields {missing}")
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"Mamba2 config (transformers layout): hidden_act = {cfg['hidden_act']!r}: expected 'silu'")
+        eps = float(cfg.get("layer_norm_epsilon", NORM_GATED_EPS))
+        if eps != NORM_GATED_EPS:
+            raise ValueError(f"Mamba2 config (transformers layout): layer_norm_epsilon = {eps}: transformers uses it in "
+                             f"the gated norm too, where the official block has {NORM_GATED_EPS}")
+        top = {o: cfg[t] for o, t in LAYOUT["top"].items() if t in cfg}
+        ssm = {o: cfg[t] for o, t in LAYOUT["ssm"].items() if t in cfg}
+        if "dt_limit" in ssm:   # transformers' encoding of non-finite floats: {"__float__": "Infinity"}
+            ssm["dt_limit"] = [float(a["__float__"]) if isinstance(a, dict) else a for a in ssm["dt_limit"]]
+        config = cls(**top, ssm_cfg=ssm, pad_vocab_size_multiple=1)
+        if config.nheads != int(cfg["num_heads"]):
+            raise ValueError(f"Mamba2 config (transformers layout): num_heads = {cfg['num_heads']} but hidden_size * "
+                             f"expand / head_dim = {config.nheads}")
+        return config
+
+    def __repr__(self):
+        return "Mamba2Config(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+    def __eq__(self, other):
+        return isinstance(other, Mamba2Config) and self.to_dict() == other.to_dict()
+
+
+def parameter_shapes(config, layout="official"):
+    """Parameter name -> shape of a checkpoint of this config in ``layout`` ("official" or "transformers"),
+    computed from the config alone (nothing is built). lm_head.weight is included (a tied or
+    safetensors checkpoint may omit it)."""
+    c = config
+    m, d, h, k, cdim = c.d_model, c.d_inner, c.nheads, c.d_conv, c.conv_dim
+    emb = LAYOUT["weights"]["backbone.embedding.weight"] if layout == "transformers" else "backbone.embedding.weight"
+    shapes = {emb: (c.padded_vocab_size, m), "backbone.norm_f.weight": (m,), "lm_head.weight": (c.padded_vocab_size, m)}
+    for i in range(c.n_layer):
+        p = f"backbone.layers.{i}."
+        shapes.update({p + "norm.weight": (m,), p + "mixer.in_proj.weight": (2 * d + 2 * c.ngroups * c.d_state + h, m),
+                       p + "mixer.conv1d.weight": (cdim, 1, k), p + "mixer.dt_bias": (h,), p + "mixer.A_log": (h,),
+                       p + "mixer.D": (d,) if c.D_has_hdim else (h,), p + "mixer.out_proj.weight": (m, d)})
+        if c.bias:
+            shapes.update({p + "mixer.in_proj.bias": (2 * d + 2 * c.ngroups * c.d_state + h,),
+                           p + "mixer.out_proj.bias": (m,)})
+        if c.conv_bias:
+            shapes[p + "mixer.conv1d.bias"] = (cdim,)
+        if c.rmsnorm:
+            shapes[p + "mixer.norm.weight"] = (d,)
+    if not c.rms_norm:  # LayerNorm blocks carry a bias
+        shapes.update({k[:-len("weight")] + "bias": s for k, s in shapes.items()
+                       if k.endswith("norm.weight") and ".mixer." not in k})
+    return shapes
+
+
+class GatedRMSNorm(nn.Module):
+    """The official RMSNormGated (layernorm_gated.rms_norm_ref, upcast to float32 for half inputs):
+
+        norm_before_gate=False:  RMSNorm(y * silu(z)) * weight
+        norm_before_gate=True:   RMSNorm(y) * weight * silu(z)
+
+    with the mean of squares taken over each group of d / ngroups consecutive channels.
+    Args of forward: y, z (..., d). Returns (..., d) in y's dtype.
+    """
+
+    def __init__(self, d, ngroups, norm_before_gate, eps=NORM_GATED_EPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.group, self.norm_before_gate, self.eps = d // ngroups, norm_before_gate, eps
+
+    def forward(self, y, z):
+        f = compute_dtype(y.dtype)
+        x = y.to(f)
+        if not self.norm_before_gate:
+            x = x * F.silu(z.to(f))
+        if self.group == x.shape[-1]:
+            out = F.rms_norm(x, (self.group,), self.weight.to(f), self.eps)
+        else:
+            out = F.rms_norm(x.unflatten(-1, (-1, self.group)), (self.group,), None, self.eps).flatten(-2)
+            out = out * self.weight.to(f)
+        if self.norm_before_gate:
+            out = out * F.silu(z.to(f))
+        return out.to(y.dtype)
+
+
+class LayerCache:
+    """What one layer keeps between decoding steps (constant size, whatever the position).
+
+    ssm_state: (b, h, p, n) in the compute dtype, advanced in place by impls.ssd_state_update
+    conv_store: (c, b, k + 1): slots 0..k-1 a rolling buffer of the last k conv inputs (xBC), slot
+        ``phase`` written next; slot k a constant 1 that multiplies the conv bias, so that the conv
+        with its bias is one bmm by conv_taps[phase] (c, k + 1, 1), the taps rotated for that phase
+    A, dt_bias: (h,), D: (h,) or (h, p), in the compute dtype, computed once per cache
+    zxbcdt: (b, 2d + 2gn + h) the in_proj output buffer; z (b, d), xBC (b, c), dt (b, h) its views
+    conv_out: (c, b, 1) the conv's output buffer; x (b, h, p), B, C (b, g, n) its views
+    """
+
+    __slots__ = ("ssm_state", "conv_store", "conv_slots", "conv_taps", "A", "D", "dt_bias", "zxbcdt", "z", "xBC_t",
+                 "dt", "conv_out", "x", "B", "C")
+
+    def __init__(self, mixer, b, dtype, device):
+        c, k, d, h, p, g, n = mixer.conv_dim, mixer.d_conv, mixer.d_inner, mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state
+        f = compute_dtype(dtype)
+        self.ssm_state = torch.zeros(b, h, p, n, dtype=f, device=device)
+        self.A, self.D, self.dt_bias = mixer.ssm_params(f)
+        self.conv_store = torch.zeros(c, b, k + 1, dtype=dtype, device=device)
+        self.conv_store[..., k] = 1
+        self.conv_slots = self.conv_store[..., :k].unbind(-1)                     # k of (c, b)
+        w = mixer.conv1d.weight[:, 0, :].detach().to(dtype)                       # (c, k): w[:, j] multiplies x_{t-k+1+j}
+        # at phase q (the slot the current token is written to), slot s holds x_{t-k+1+j}, j = (s-q-1) mod k
+        idx = torch.tensor([[(s - q - 1) % k for s in range(k)] for q in range(k)], device=device)
+        bias = (torch.zeros(c, dtype=dtype, device=device) if mixer.conv1d.bias is None
+                else mixer.conv1d.bias.detach().to(dtype))
+        taps = torch.cat([w[:, idx].permute(1, 0, 2), bias.expand(k, c)[..., None]], -1)   # (k, c, k + 1)
+        self.conv_taps = taps[..., None].contiguous().unbind(0)                   # k of (c, k + 1, 1)
+        self.zxbcdt = torch.empty(b, 2 * d + 2 * g * n + h, dtype=dtype, device=device)
+        self.z, xBC, self.dt = self.zxbcdt.split([d, c, h], dim=-1)
+        self.xBC_t = xBC.t()                                                      # (c, b)
+        self.conv_out = torch.empty(c, b, 1, dtype=dtype, device=device)
+        xbc = self.conv_out[..., 0].t()                                           # (b, c)
+        x, B, C = xbc.split([d, g * n, g * n], dim=-1)
+        # views where the strides allow (b = 1), copies otherwise (made at each step by reshape)
+        self.x, self.B, self.C = (x, (b, h, p)), (B, (b, g, n)), (C, (b, g, n))
+
+    def tensors(self):
+        return (self.ssm_state, self.conv_store, *self.conv_taps, self.A, self.D, self.dt_bias, self.zxbcdt,
+                self.conv_out)
+
+
+class InferenceCache:
+    """The decoding state of the whole model: one LayerCache per layer, the conv buffer phase, and
+    ``checked``: the step implementations whose first call on these buffers passed the front door."""
+
+    def __init__(self, layers, k):
+        self.layers, self.k = layers, k
+        self.phase = k - 1  # the slot of the next token; prefill leaves the last k-1 inputs in slots 0..k-2
+        self.checked = {}
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for c in self.layers for t in c.tensors() if t is not None)
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 block (official name: ``Mamba2``, stored as ``mixer``), parameters as in the checkpoints:
+
+    in_proj.weight (2d + 2gn + h, m) producing [z, xBC, dt], conv1d.weight (c, 1, k), conv1d.bias (c,),
+    dt_bias (h,), A_log (h,), D (h,) or (d,) with D_has_hdim, norm.weight (d,) with rmsnorm,
+    out_proj.weight (m, d); in_proj.bias, out_proj.bias with bias.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.d_inner, self.d_state, self.d_conv, self.headdim = c.d_inner, c.d_state, c.d_conv, c.headdim
+        self.nheads, self.ngroups, self.conv_dim, self.chunk_size = c.nheads, c.ngroups, c.conv_dim, c.chunk_size
+        self.dt_limit, self.D_has_hdim = c.dt_limit, c.D_has_hdim
+        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads, bias=c.bias)
+        self.conv1d = nn.Conv1d(c.conv_dim, c.conv_dim, kernel_size=c.d_conv, groups=c.conv_dim, padding=c.d_conv - 1,
+                                bias=c.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(c.nheads))
+        self.A_log = nn.Parameter(torch.empty(c.nheads))
+        self.D = nn.Parameter(torch.empty(c.d_inner if c.D_has_hdim else c.nheads))
+        self.norm = GatedRMSNorm(c.d_inner, c.ngroups, c.norm_before_gate) if c.rmsnorm else None
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+        self.reset_ssm_parameters(c)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self, c):
+        """The official initialisation (mamba2.Mamba2.__init__): dt log-uniform in [dt_min, dt_max] (floored),
+        stored through the inverse of softplus in dt_bias; A = U(A_init_range) stored as A_log; D = 1."""
+        if c.conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -c.conv_init, c.conv_init)
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(*c.A_init_range)))
+        self.D.fill_(1.0)
+
+    def ssm_params(self, f):
+        """A = -exp(A_log) (h,), D (h,) or (h, p), dt_bias (h,), in the compute dtype f."""
+        D = self.D.detach().to(f)
+        return (-torch.exp(self.A_log.detach().to(f)), D.view(self.nheads, self.headdim) if self.D_has_hdim else D,
+                self.dt_bias.detach().to(f))
+
+    def forward(self, hidden, mask=None, impl=None, cache=None):
+        """The block over a whole sequence.
+
+        Args:
+            hidden: (b, l, m)
+            mask: (b, l) 1 for a real token, 0 for left padding, in hidden's dtype, or None
+            impl: the registered SSD implementation for impls.ssd_scan (None: its default)
+            cache: a LayerCache to fill with the state after the last token (prefill), or None
+        Returns:
+            (b, l, m)
+        """
+        b, l, _ = hidden.shape
+        d, h, p, g, n, k = self.d_inner, self.nheads, self.headdim, self.ngroups, self.d_state, self.d_conv
+        zxbcdt = self.in_proj(hidden)                                 # (b, l, 2d + 2gn + h)
+        z, xBC, dt = zxbcdt.split([d, self.conv_dim, h], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None]                               # padding enters the conv as zeros
+        conv_in = xBC.transpose(1, 2)                                 # (b, c, l)
+        xBC = F.silu(self.conv1d(conv_in)[..., :l]).transpose(1, 2)   # causal: the first l outputs of the padded conv
+        if mask is not None:
+            xBC = xBC * mask[..., None]                               # and the scan as zeros: the state stays 0
+        x, B, C = xBC.split([d, g * n, g * n], dim=-1)
+        A, D, dt_bias = self.ssm_params(compute_dtype(hidden.dtype))
+        kw = {} if impl is None else {"impl": impl}
+        out = impls.ssd_scan(x.unflatten(-1, (h, p)), dt, A, B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)),
+                             self.chunk_size, D=D, z=None if self.norm is not None else z.unflatten(-1, (h, p)),
+                             dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+                             return_final_states=cache is not None, **kw)
+        if cache is not None:
+            y, final_states = out
+            cache.ssm_state.copy_(final_states)
+            tail = conv_in[..., max(l - (k - 1), 0):]                 # the last k-1 conv inputs, fewer if l < k-1
+            cache.conv_store.zero_()
+            cache.conv_store[..., k] = 1
+            cache.conv_store[:, :, k - 1 - tail.shape[-1]:k - 1] = tail.permute(1, 0, 2)
+        else:
+            y = out
+        y = y.flatten(-2)                                             # (b, l, d)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        return self.out_proj(y)
+
+    def step(self, hidden, cache, phase, step_fn, impl):
+        """The block for one new token, from the cache, which it advances in place.
+
+        Args:
+            hidden: (b, m); cache: this layer's LayerCache; phase: the conv buffer slot for this token
+            step_fn: the implementation's step, called directly, or None: through impls.ssd_state_update
+            impl: the registered SSD implementation's name
+        Returns:
+            the block's output (b, m)
+        """
+        if self.in_proj.bias is None:
+            torch.mm(hidden, self.in_proj.weight.t(), out=cache.zxbcdt)
+        else:
+            torch.addmm(self.in_proj.bias, hidden, self.in_proj.weight.t(), out=cache.zxbcdt)
+        cache.conv_slots[phase].copy_(cache.xBC_t)
+        torch.bmm(cache.conv_store, cache.conv_taps[phase], out=cache.conv_out)   # the conv with its bias
+        F.silu(cache.conv_out, inplace=True)
+        x, B, C = (t.reshape(shape) for t, shape in (cache.x, cache.B, cache.C))
+        z = None if self.norm is not None else cache.z.unflatten(-1, (self.nheads, self.headdim))
+        if step_fn is None:
+            y = impls.ssd_state_update(cache.ssm_state, x, cache.dt, cache.A, B, C, cache.D, z, cache.dt_bias,
+                                       dt_softplus=True, dt_limit=self.dt_limit, impl=impl)
+        else:
+            y = step_fn(cache.ssm_state, x, cache.dt, cache.A, B, C, cache.D, z, cache.dt_bias, True, self.dt_limit)
+        y = y.reshape(y.shape[0], self.d_inner)
+        if self.norm is not None:
+            y = self.norm(y, cache.z)
+        return self.out_proj(y)
+
+
+class Block(nn.Module):
+    """Pre-norm residual: h + mixer(norm(h)). Official names: ``norm``, ``mixer``."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.norm = (RMSNorm(config.d_model, config.norm_epsilon) if config.rms_norm
+                     else nn.LayerNorm(config.d_model, eps=config.norm_epsilon))
+        self.mixer = Mamba2Mixer(config)
+
+
+class Backbone(nn.Module):
+    """Official ``MixerModel``: embedding, layers, norm_f."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = (RMSNorm(config.d_model, config.norm_epsilon) if config.rms_norm
+                       else nn.LayerNorm(config.d_model, eps=config.norm_epsilon))
+
+
+class Mamba2LM(nn.Module):
+    """The Mamba-2 language model (official ``MambaLMHeadModel`` with Mamba2 layers): backbone + LM head.
+
+    ``Mamba2LM(Mamba2Config(d_model=64, n_layer=2, vocab_size=256, ssm_cfg=dict(d_state=16, headdim=16)))``
+    builds a tiny random model with the official initialisation; ``state_dict()`` keys are the
+    official checkpoint's.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        self._init_weights()
+        # matrices with more outputs than inputs stored transposed: faster decoding here (_transposed_storage)
+        for module in self.modules():
+            if (isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[0] > module.weight.shape[1]
+                    and not (config.tie_embeddings and module is self.lm_head)):
+                module.weight = _transposed_storage(module.weight)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    @torch.no_grad()
+    def _init_weights(self, initializer_range=0.02):
+        """mixer_seq_simple._init_weights: embedding N(0, 0.02); Linear biases zero; out_proj rescaled by
+        1/sqrt(n_layer) (one residual per layer)."""
+        nn.init.normal_(self.backbone.embedding.weight, std=initializer_range)
+        for block in self.backbone.layers:
+            mixer = block.mixer
+            for lin in (mixer.in_proj, mixer.out_proj):
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+            mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
+
+    @property
+    def dtype(self):
+        return self.backbone.embedding.weight.dtype
+
+    def _residual_fp32(self):
+        return self.config.residual_in_fp32 and self.dtype in (torch.float16, torch.bfloat16)
+
+    # ------------------------------------------------------------------ full sequence
+
+    def forward(self, input_ids, impl=None, attention_mask=None, num_last_tokens=0):
+        """Logits for every position (each from the tokens up to it).
+
+        Args:
+            input_ids: (b, l) integer token ids, l >= 1
+            impl: the registered SSD implementation for impls.ssd_scan (None: its default)
+            attention_mask: (b, l) 1 for real tokens, 0 for left padding; None when all are real
+            num_last_tokens: if > 0, the LM head runs on the last that many positions only
+        Returns:
+            logits (b, l, v), or (b, num_last_tokens, v)
+        Raises:
+            ValueError: input_ids not (b, l >= 1); a mask that is not 0/1 left padding
+        """
+        _check_ids(input_ids, "forward", self.config.padded_vocab_size)
+        return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids), num_last_tokens)
+
+    def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
+        h = self.backbone.embedding(input_ids)                        # (b, l, m)
+        m = None if mask is None else mask.to(h.dtype)
+        residual = h.float() if self._residual_fp32() else h
+        for i, block in enumerate(self.backbone.layers):
+            out = block.mixer(block.norm(residual.to(h.dtype)), m, impl, None if cache is None else cache.layers[i])
+            residual = residual + out
+        h = self.backbone.norm_f(residual.to(h.dtype))
+        if num_last_tokens > 0:
+            h = h[:, -num_last_tokens:]
+        return self.lm_head(h)
+
+    # ------------------------------------------------------------------ recurrent decoding
+
+    def new_cache(self, batch_size):
+        """An empty InferenceCache for ``batch_size`` rows (state zero: decoding from no prompt)."""
+        device = self.backbone.embedding.weight.device
+        return InferenceCache([LayerCache(blk.mixer, batch_size, self.dtype, device) for blk in self.backbone.layers],
+                              self.config.d_conv)
+
+    @torch.no_grad()
+    def prefill(self, input_ids, impl=None, attention_mask=None):
+        """One impls.ssd_scan per layer over the prompt (return_final_states), keeping the state and the
+        last k-1 conv inputs.
+
+        Args:
+            input_ids: (b, l) with l >= 1; impl: SSD implementation (None: ssd_scan's default)
+            attention_mask: (b, l) for left-padded prompts, or None
+        Returns:
+            (logits of the last position (b, v), InferenceCache ready for ``step``)
+        """
+        _check_ids(input_ids, "prefill", self.config.padded_vocab_size)
+        mask = _check_mask(attention_mask, input_ids)
+        cache = self.new_cache(input_ids.shape[0])
+        logits = self._forward(input_ids, impl, mask, num_last_tokens=1, cache=cache)
+        return logits[:, -1], cache
+
+    @torch.no_grad()
+    def step(self, token, cache, impl=None):
+        """One new token: advance every layer's state in place.
+
+        Args:
+            token: (b,) integer ids; cache: the InferenceCache from ``prefill`` (or ``new_cache``)
+            impl: the SSD implementation for impls.ssd_state_update (None: its default, "recurrent")
+        Returns:
+            logits (b, v) for the next position
+        Raises:
+            ValueError: token not of shape (b,) (the cache is left as it was)
+        """
+        impl = STEP_DEFAULT if impl is None else impl
+        b = cache.layers[0].ssm_state.shape[0]
+        if not isinstance(token, torch.Tensor) or token.dim() != 1 or token.shape[0] != b:
+            shape = tuple(token.shape) if isinstance(token, torch.Tensor) else type(token).__name__
+            raise ValueError(f"step: token: expected a tensor of shape (b={b},) (the cache's batch), got {shape}")
+        if token.dtype.is_floating_point or token.dtype.is_complex or token.dtype == torch.bool:
+            raise TypeError(f"step: token: expected integer ids, got {token.dtype}")
+        if impl not in cache.checked:
+            _check_ssd_step_impl(impl)
+        # The step's arguments are the same buffers at every token, so the front door's verdict, which
+        # reads only their types, shapes, dtypes and devices, cannot change after the first call: that
+        # call goes through impls.ssd_state_update, later ones straight to the implementation.
+        step_fn = cache.checked.get(impl)
+        try:  # before the cache changes: an out-of-range id leaves it as it was
+            h = self.backbone.embedding(token)                        # (b, m)
+        except IndexError:
+            raise ValueError(f"step: token: ids must be in [0, {self.config.padded_vocab_size}), "
+                             f"got {token.tolist()}") from None
+        residual = h.float() if self._residual_fp32() else h
+        for block, layer_cache in zip(self.backbone.layers, cache.layers):
+            out = block.mixer.step(block.norm(residual.to(h.dtype)), layer_cache, cache.phase, step_fn, impl)
+            residual = residual + out
+        if step_fn is None:
+            cache.checked[impl] = impls.get(impl, family="ssd").step
+        cache.phase = (cache.phase + 1) % cache.k
+        return self.lm_head(self.backbone.norm_f(residual.to(h.dtype)))
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, mode="recurrent", impl=None, step_impl=None, attention_mask=None,
+                 return_logits=False, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None,
+                 eos_token_id=None, pad_token_id=None):
+        """Greedy decoding (the default) or sampling, with the arguments, checks and semantics of
+        impls.model.MambaLM.generate (transformers' GenerationMixin: temperature, top-k, top-p warpers
+        in that order, impls.model.sampling_scores). Only the first vocab_size logits compete.
+
+        Args:
+            input_ids: (b, l) integer prompt ids, l >= 1 (left-padded with ``attention_mask`` if lengths differ)
+            max_new_tokens: a non-negative int (T)
+            mode: "reforward" re-runs ``forward`` over the whole sequence so far for each token;
+                  "recurrent" runs ``prefill`` (one ssd_scan per layer) then one ``step`` per token
+            impl: the SSD implementation for the scan (None: ssd_scan's default), and for the step
+                  unless step_impl is given
+            step_impl: the step implementation in "recurrent" mode (None: impl, or ssd_state_update's default)
+            attention_mask: (b, l) of exactly 0 and 1, 1 real / 0 left padding; None when all are real
+            return_logits: also return the logits each new token was chosen from
+            do_sample, temperature, top_k, top_p, generator: sampling (greedy unless do_sample)
+            eos_token_id, pad_token_id: an id or list of ids that end a row; a finished row gets
+                  pad_token_id (default the first eos id), and generation stops once all rows finished
+        Returns:
+            tokens (b, l + t) int64, t <= T; with return_logits, (tokens, logits (b, t, v))
+        Raises:
+            TypeError / ValueError for a bad argument (each named), before anything runs
+        """
+        if mode not in ("recurrent", "reforward"):
+            raise ValueError(f"generate: mode: expected 'recurrent' or 'reforward', got {mode!r}")
+        _check_ids(input_ids, "generate", self.config.padded_vocab_size)
+        T = _check_count(max_new_tokens, "generate: max_new_tokens")
+        eos, pad = _check_sampling(self.config.padded_vocab_size, do_sample, temperature, top_k, top_p, generator,
+                                   eos_token_id, pad_token_id)
+        mask = _check_mask(attention_mask, input_ids)
+        b, l = input_ids.shape
+        V = self.config.vocab_size
+        step_impl = impl if step_impl is None else step_impl
+        if mode == "recurrent":
+            _check_ssd_step_impl(step_impl)
+        tokens = torch.empty(b, l + T, dtype=torch.long, device=input_ids.device)
+        tokens[:, :l] = input_ids
+        finished = None if eos is None else torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        full_mask = None
+        if mask is not None and mode == "reforward":
+            full_mask = torch.ones(b, l + T, dtype=mask.dtype, device=mask.device)
+            full_mask[:, :l] = mask
+        kept, cache, end = [], None, l + T
+        for t in range(l, l + T):
+            if mode == "reforward":
+                logits = self._forward(tokens[:, :t], impl, None if full_mask is None else full_mask[:, :t],
+                                       num_last_tokens=1)[:, -1]
+            elif cache is None:
+                logits, cache = self.prefill(input_ids, impl, mask)
+            else:
+                logits = self.step(tokens[:, t - 1], cache, step_impl)
+            kept.append(logits)
+            if do_sample:
+                probs = torch.softmax(sampling_scores(logits[:, :V], temperature, top_k, top_p), -1)
+                chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            else:
+                chosen = logits[:, :V].argmax(-1)
+            if finished is not None:
+                chosen = torch.where(finished, pad, chosen)
+                finished |= torch.isin(chosen, eos)
+            tokens[:, t] = chosen
+            if finished is not None and bool(finished.all()):
+                end = t + 1
+                break
+        tokens = tokens[:, :end]
+        if return_logits:
+            v = self.config.padded_vocab_size
+            return tokens, (torch.stack(kept, 1) if kept else torch.empty(b, 0, v, dtype=self.dtype))
+        return tokens
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_pretrained(self, folder, layout="official", safe_serialization=False):
+        """Write ``config.json`` and the weights in ``layout``:
+
+            "official"      the official config and names; pytorch_model.bin (torch.save of the state dict,
+                            lm_head.weight included) or, with safe_serialization, model.safetensors (the
+                            tied lm_head.weight left out: safetensors stores no shared tensors)
+            "transformers"  transformers' Mamba2Config fields and Mamba2ForCausalLM names (LAYOUT), in
+                            model.safetensors, as its save_pretrained writes them
+
+        Raises:
+            ValueError: an unknown layout; a config transformers cannot represent (to_transformers_dict).
+        """
+        if layout not in ("official", "transformers"):
+            raise ValueError(f"save_pretrained: layout: expected 'official' or 'transformers', got {layout!r}")
+        cfg = self.config.to_dict() if layout == "official" else self.config.to_transformers_dict()
+        os.makedirs(folder, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if layout == "transformers":
+            state = {LAYOUT["weights"].get(k, k): v for k, v in state.items()}
+            safe_serialization = True
+        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            if self.config.tie_embeddings:
+                state.pop("lm_head.weight")
+            save_file(state, os.path.join(folder, WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
+        else:
+            torch.save(state, os.path.join(folder, WEIGHTS_BIN))
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None):
+        """Load a local checkpoint folder in the official or transformers layout (told apart by config.json:
+        ``d_model`` and ``ssm_cfg`` against ``model_type: "mamba2"`` / ``hidden_size``). Config and
+        parameter shapes (read from the weight file's header, or a memory map for .bin) are checked
+        before any tensor of the model is allocated. Nothing is downloaded.
+
+        Args:
+            folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
+        Raises:
+            FileNotFoundError: no config.json, or neither model.safetensors nor pytorch_model.bin;
+            ValueError: a config in neither layout or missing size fields, or weights whose names or
+                shapes do not match the config (all listed, with the layout named).
+        """
+        config, layout = read_config(folder)
+        files = weight_files(folder)
+        state_shapes = stored_shapes(files)
+        expected = parameter_shapes(config, layout)
+        tied = config.tie_embeddings
+        missing = [k for k in expected if k not in state_shapes and not (tied and k == "lm_head.weight")]
+        unexpected = [k for k in state_shapes if k not in expected]
+        wrong = {k: (expected[k], s) for k, s in state_shapes.items() if k in expected and tuple(s) != expected[k]}
+        if missing or unexpected or wrong:
+            raise ValueError(f"from_pretrained({folder!r}): the weights do not match the {layout}-layout config: "
+                             f"missing {_few(missing)}, unexpected {_few(unexpected)}, "
+                             f"shape (expected, found) {_few(list(wrong.items()))}")
+        state = load_weights(files)
+        if layout == "transformers":
+            back = {t: o for o, t in LAYOUT["weights"].items()}
+            state = {back.get(k, k): v for k, v in state.items()}
+        if tied and "lm_head.weight" in state:
+            if not torch.equal(state["lm_head.weight"], state["backbone.embedding.weight"]):
+                raise ValueError(f"from_pretrained({folder!r}): tied embeddings but lm_head.weight differs from the "
+                                 f"embedding")
+            del state["lm_head.weight"]
+        model = cls(config)
+        with torch.no_grad():
+            own = model.state_dict()
+            for k, v in state.items():
+                own[k].copy_(v)
+        return model if dtype is None else model.to(dtype)
+
+
+def read_config(folder):
+    """(Mamba2Config, layout) from ``folder``/config.json, checked (see Mamba2LM.from_pretrained)."""
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
+    with open(path) as f:
+        cfg = json.load(f)
+    if cfg.get("model_type") == "mamba2" or "hidden_size" in cfg:
+        return Mamba2Config.from_transformers_dict(cfg), "transformers"
+    if "d_model" in cfg or "ssm_cfg" in cfg:
+        missing = [k for k in REQUIRED["official"] if k not in cfg]
+        if missing:
+            raise ValueError(f"from_pretrained({folder!r}): official-layout config missing size fields {missing}")
+        layer = (cfg["ssm_cfg"] or {}).get("layer", "Mamba1")
+        if layer != "Mamba2":
+            raise ValueError(f"from_pretrained({folder!r}): ssm_cfg.layer is {layer!r}, not 'Mamba2': a Mamba-1 "
+                             f"checkpoint (load it with impls.model.MambaLM)")
+        unknown = set(cfg) - set(Mamba2Config.FIELDS)
+        if unknown:
+            raise ValueError(f"from_pretrained({folder!r}): unknown official config fields {sorted(unknown)}")
+        return Mamba2Config(**cfg), "official"
+    model_type = cfg.get("model_type")
+    raise ValueError(f"from_pretrained({folder!r}): config.json is in neither layout: expected the official fields "
+                     f"{list(REQUIRED['official'])} (with ssm_cfg.layer 'Mamba2') or transformers' Mamba2 fields "
+                     f"{list(REQUIRED['transformers'])}"
+                     + (f"; its model_type is {model_type!r}" if model_type else ""))
+
+
+def _few(items, k=8):
+    return f"{items[:k]}{' ...' if len(items) > k else ''}"
+
+
+def _check_ssd_step_impl(impl):
+    """ValueError for an unknown SSD implementation, NotImplementedError for one without a step."""
+    name = STEP_DEFAULT if impl is None else impl
+    if impls.get(name, family="ssd").step is None:
+        raise NotImplementedError(f"step: SSD implementation {name!r} has no step function; those with one: "
+                                  f"{', '.join(n for n in impls.names('ssd') if impls.get(n, 'ssd').step)}")
