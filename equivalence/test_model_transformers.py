@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from impls.model import CONFIG_FIELDS, MambaLM, config_from_dict  # noqa: E402
+from .test_model_front_door import randomize_  # noqa: E402
 from .tolerance import compare, terms  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()   # its "falling back to the PyTorch path" notes
@@ -43,23 +44,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@torch.no_grad()
-def randomize_(model, seed):
-    """Move every parameter that initialisation leaves at a constant away from it (both models' names
-    end alike): norm gains 1 + N(0, 0.5), A_log + N(0, 0.5) (A stays negative), dt bias + N(0, 0.5),
-    D ~ N(0, 1), other biases ~ N(0, 0.3). Weights keep their random draws."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if name.endswith(("norm.weight", "norm_f.weight", "A_log", "dt_proj.bias")):
-            p.add_(0.5 * noise)
-        elif name.endswith(".D"):
-            p.copy_(noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.3 * noise)
-    return model
 
 
 def hf_model(seed=0, **config):

@@ -349,8 +349,7 @@ def check_weight_shapes(config, stored, layout, expected=None, optional=None):
 
     expected: official name -> shape (default parameter_shapes(config)); optional: official names that
     may be absent (default: lm_head.weight when the embeddings are tied).
-    Raises KeyError naming missing and unexpected names (and the layout the names are in, when that
-    differs from the config's), ValueError naming each shape that differs.
+    Raises KeyError naming missing and unexpected names, ValueError naming each shape that differs.
     """
     expected = parameter_shapes(config) if expected is None else expected
     if optional is None:
@@ -360,10 +359,7 @@ def check_weight_shapes(config, stored, layout, expected=None, optional=None):
     missing = [k for k in expected if k not in have and k not in optional]
     unexpected = [k for k in have if k not in expected]
     if missing or unexpected:
-        found = weights_layout(stored)
-        note = (f" (the config is in the {layout} layout, the weight names in the {found} layout)"
-                if found not in (None, layout) else "")
-        raise KeyError(f"checkpoint{note}: missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+        raise KeyError(f"checkpoint (names read in the {layout} layout): missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                        f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     wrong = [f"{k}: config gives {expected[k]}, file has {s}" for k, s in have.items() if s != expected[k]]
     if wrong:
@@ -1279,14 +1275,18 @@ class MambaLM(nn.Module):
         Raises:
             FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a config
             in neither layout, a missing size field, or a shape the config does not imply; KeyError on
-            missing or unexpected parameter names (naming the weights' layout if it is not the config's).
+            missing or unexpected parameter names.
         """
         config, layout = read_config(folder)
         files = weight_files(folder)
-        check_weight_shapes(config, stored_shapes(files), layout)
+        shapes = stored_shapes(files)
+        # The names say their own layout (backbone.embedding against backbone.embeddings), so weights
+        # under either name load with either config, as transformers' own loader also accepts both.
+        names_layout = weights_layout(shapes) or layout
+        check_weight_shapes(config, shapes, names_layout)
         model = cls(config)
         state = load_weights(files)
-        names = rename_weights(state, layout, "official")
+        names = rename_weights(state, names_layout, "official")
         model.load_official_state_dict({names[k]: v for k, v in state.items()})
         return model if dtype is None else model.to(dtype)
 

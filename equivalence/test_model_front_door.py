@@ -1,0 +1,417 @@
+"""The model's front door (impls/model.py): configs and weight files checked before anything is built,
+generation arguments checked and named, a refused step leaving the cache as it was, and sampling
+with transformers' semantics (checked against transformers' own warpers and generate where it is
+installed, a dev dependency).
+
+Tiny models throughout: the file takes about 20 s here.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import impls.model as model_mod
+from impls.model import MambaConfig, MambaLM, config_from_dict, parameter_shapes, sampling_scores
+from .test_model import _tiny, official_layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine (see test_model.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------- configs
+
+def test_missing_size_fields_are_named():
+    with pytest.raises(ValueError, match="d_model, n_layer, vocab_size"):
+        MambaConfig()
+    with pytest.raises(ValueError, match=r"n_layer\b.*transformers"):   # a transformers dict passed as official
+        MambaConfig(d_model=16, vocab_size=50, hidden_size=16, num_hidden_layers=2)
+    with pytest.raises(ValueError, match="official needs d_model, n_layer; transformers needs hidden_size, "
+                                         "num_hidden_layers"):
+        config_from_dict({"vocab_size": 50})
+    with pytest.raises(ValueError, match="missing size field.*num_hidden_layers"):
+        config_from_dict({"hidden_size": 16, "vocab_size": 50})
+    with pytest.raises(ValueError, match="missing size field.*vocab_size"):
+        config_from_dict({"d_model": 16, "n_layer": 2})
+    with pytest.raises(ValueError, match="two layouts.*official: d_model.*transformers: hidden_size"):
+        config_from_dict({"d_model": 16, "n_layer": 2, "vocab_size": 50, "hidden_size": 16})
+
+
+def test_transformers_fields_this_block_cannot_compute_are_refused():
+    sizes = {"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 50}
+    with pytest.raises(ValueError, match="hidden_act = 'gelu'"):
+        config_from_dict({**sizes, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="intermediate_size = 48"):
+        config_from_dict({**sizes, "intermediate_size": 48})
+    with pytest.raises(ValueError, match="rms_norm"):
+        MambaLM(MambaConfig(d_model=8, n_layer=1, vocab_size=16, rms_norm=False)).save_pretrained(
+            "/nonexistent", layout="transformers")
+    with pytest.raises(ValueError, match="layout"):
+        _tiny().save_pretrained("/nonexistent", layout="hf")
+
+
+def test_a_transformers_dict_maps_through_the_table():
+    """The fields written out by hand from transformers' MambaConfig docs, read into the official ones."""
+    config, layout = config_from_dict({
+        "model_type": "mamba", "hidden_size": 24, "num_hidden_layers": 3, "vocab_size": 50, "state_size": 5,
+        "conv_kernel": 3, "expand": 1, "time_step_rank": 4, "use_bias": True, "use_conv_bias": False,
+        "layer_norm_epsilon": 1e-6, "residual_in_fp32": False, "tie_word_embeddings": False,
+        "intermediate_size": 24, "eos_token_id": 0, "architectures": ["MambaForCausalLM"]})
+    assert layout == "transformers"
+    assert (config.d_model, config.n_layer, config.vocab_size, config.padded_vocab_size) == (24, 3, 50, 50)
+    assert (config.d_state, config.d_conv, config.expand, config.dt_rank, config.d_inner) == (5, 3, 1, 4, 24)
+    assert (config.bias, config.conv_bias, config.norm_epsilon, config.residual_in_fp32,
+            config.tie_embeddings) == (True, False, 1e-6, False, False)
+    assert config.extra == {"eos_token_id": 0}   # kept; the file fields (architectures, ...) are not
+
+
+@pytest.mark.parametrize("overrides", [{}, {"ssm_cfg": {"bias": True, "conv_bias": False, "d_state": 3}},
+                                       {"rms_norm": False, "tie_embeddings": False}])
+def test_parameter_shapes_are_the_models(overrides):
+    """parameter_shapes (what weight files are checked against, before building) from the config
+    alone: the model's own state_dict shapes, built on the meta device, and the official layout."""
+    config = MambaConfig(d_model=20, n_layer=2, vocab_size=61, **overrides)
+    with torch.device("meta"):
+        model = MambaLM(config)
+    assert parameter_shapes(config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if not overrides:
+        assert parameter_shapes(config) == official_layout(20, 2, 61)
+
+
+@torch.no_grad()
+def randomize_(model, seed):
+    """Move every parameter that initialisation leaves at a constant away from it (ours and
+    transformers' names end alike): norm gains 1 + N(0, 0.5), A_log + N(0, 0.5) (A stays negative),
+    dt bias + N(0, 0.5), D ~ N(0, 1), other biases ~ N(0, 0.3). Weights keep their random draws."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
+        if name.endswith(("norm.weight", "norm_f.weight", "A_log", "dt_proj.bias")):
+            p.add_(0.5 * noise)
+        elif name.endswith(".D"):
+            p.copy_(noise)
+        elif name.endswith(".bias"):
+            p.copy_(0.3 * noise)
+    return model
+
+
+def _rewrite_config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del config[k]
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+@pytest.mark.parametrize("layout", ["official", "transformers"])
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
+def test_bad_folders_are_refused_before_anything_is_built(tmp_path, layout, safe):
+    good = _tiny(ssm_cfg={"d_state": 8})
+    sizes = {"official": ("d_model", "n_layer"), "transformers": ("hidden_size", "num_hidden_layers")}[layout]
+    folders = {}
+    for name in ("missing", "shape", "names", "dropped", "ok"):
+        folders[name] = tmp_path / name
+        good.save_pretrained(folders[name], layout=layout, safe_serialization=safe)
+    _rewrite_config(folders["missing"], **{sizes[1]: None})
+    state_key = {"official": "ssm_cfg", "transformers": "state_size"}[layout]
+    _rewrite_config(folders["shape"], **{state_key: {"d_state": 16} if layout == "official" else 16})
+    other = "transformers" if layout == "official" else "official"   # the weights under the other layout's names
+    good.save_pretrained(tmp_path / "other", layout=other, safe_serialization=safe)
+    weights = "model.safetensors" if safe else "pytorch_model.bin"
+    os.replace(tmp_path / "other" / weights, folders["names"] / weights)
+    state = {k: v for k, v in good.state_dict().items() if k not in ("backbone.layers.1.mixer.D", "lm_head.weight")}
+    if layout == "transformers":
+        state = {k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in state.items()}
+    if safe:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in state.items()}, folders["dropped"] / weights)
+    else:
+        torch.save(state, folders["dropped"] / weights)
+
+    with pytest.MonkeyPatch.context() as mp:
+        def refuse(*args, **kwargs):
+            raise AssertionError("a model was built or a weight file read before the checks")
+        mp.setattr(MambaLM, "__init__", refuse)
+        mp.setattr(model_mod, "load_weights", refuse)
+        with pytest.raises(ValueError, match=f"missing size field.*{sizes[1]}"):
+            MambaLM.from_pretrained(folders["missing"])
+        with pytest.raises(ValueError, match=r"A_log: config gives \(32, 16\), file has \(32, 8\)"):
+            MambaLM.from_pretrained(folders["shape"])
+        with pytest.raises(KeyError, match=r"missing \['backbone.layers.1.mixer.D'\]"):
+            MambaLM.from_pretrained(folders["dropped"])
+        for name in ("ok", "names"):   # these get through the checks
+            with pytest.raises(AssertionError, match="before the checks"):
+                MambaLM.from_pretrained(folders[name])
+    for name in ("ok", "names"):      # weights under the other layout's names load too (transformers' loader
+        loaded = MambaLM.from_pretrained(folders[name])   # also accepts both)
+        for k, v in good.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), (name, k)
+
+
+# ---------------------------------------------------------------------------- generation arguments
+
+@pytest.mark.parametrize("value", [0.5, 0.9, 1.7, -1.0])
+def test_attention_mask_must_be_exactly_zero_or_one(value):
+    model = _tiny()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    mask[0, 0] = value
+    for call in (lambda: model.generate(ids, 2, attention_mask=mask), lambda: model(ids, attention_mask=mask),
+                 lambda: model.prefill(ids, attention_mask=mask)):
+        with pytest.raises(ValueError, match=r"attention_mask: expected only 0 \(padding\) and 1"):
+            call()
+
+
+def test_attention_mask_in_any_dtype():
+    model = _tiny()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    expected = model.generate(ids, 3, attention_mask=mask)
+    for dtype in (torch.bool, torch.float32, torch.float64, torch.int8):
+        assert torch.equal(model.generate(ids, 3, attention_mask=mask.to(dtype)), expected), dtype
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (-7, ValueError), (2.7, TypeError), (2.0, TypeError),
+                                        ("3", TypeError), (True, TypeError), (None, TypeError),
+                                        (torch.tensor(2.0), TypeError)])
+def test_max_new_tokens_must_be_a_non_negative_int(bad, error):
+    model = _tiny()
+    with pytest.raises(error, match="max_new_tokens"):
+        model.generate(torch.tensor([[1, 2]]), bad)
+
+
+def test_max_new_tokens_integers():
+    model = _tiny()
+    ids = torch.tensor([[1, 2]])
+    expected = model.generate(ids, 3)
+    assert expected.shape == (1, 5)
+    for n in (np.int64(3), torch.tensor(3)):
+        assert torch.equal(model.generate(ids, n), expected)
+    tokens, logits = model.generate(ids, 0, return_logits=True)
+    assert torch.equal(tokens, ids) and logits.shape == (1, 0, model.config.padded_vocab_size)
+
+
+@pytest.mark.parametrize("ids, error, match", [
+    (torch.zeros(2, 0, dtype=torch.long), ValueError, r"expected shape \(b, l >= 1\), got \(2, 0\)"),
+    (torch.tensor([1, 2, 3]), ValueError, r"expected shape \(b, l >= 1\), got \(3,\)"),
+    (torch.tensor([[1.0, 2.0]]), TypeError, "expected integer ids"),
+    (torch.tensor([[1, 48]]), ValueError, r"ids must be in \[0, 48\), got min 1, max 48"),
+    (torch.tensor([[-1, 2]]), ValueError, r"ids must be in \[0, 48\)"),
+])
+def test_bad_ids_are_named_in_forward_prefill_and_generate(ids, error, match):
+    model = _tiny()   # vocab 45, padded to 48 rows: ids up to 47 are valid rows
+    for where, call in (("forward", lambda: model(ids)), ("prefill", lambda: model.prefill(ids)),
+                        ("generate", lambda: model.generate(ids, 2))):
+        with pytest.raises(error, match=f"{where}: input_ids: {match}"):
+            call()
+
+
+def _snapshot(cache):
+    return ([t.clone() for c in cache.layers for t in (c.ssm_state, c.conv_store)], cache.phase)
+
+
+def _same(cache, snapshot):
+    tensors, phase = snapshot
+    return cache.phase == phase and all(torch.equal(a, b) for a, b in zip(
+        [t for c in cache.layers for t in (c.ssm_state, c.conv_store)], tensors))
+
+
+STEP_PATHS = {"fused": dict(), "module-by-module (LayerNorm)": dict(rms_norm=False),
+              "module-by-module (bfloat16)": dict()}
+
+
+@pytest.mark.parametrize("path", STEP_PATHS)
+def test_a_refused_step_names_the_token_and_leaves_the_cache_as_it_was(path):
+    model = _tiny(**STEP_PATHS[path])
+    if "bfloat16" in path:
+        model = model.to(torch.bfloat16)
+    assert (model.new_cache(1).stream is not None) == (path == "fused")
+    ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
+    _, cache = model.prefill(ids)
+    _, twin = model.prefill(ids)
+    bad_steps = [
+        (torch.tensor([[2], [6]]), ValueError, r"step: token: expected shape \(b=2,\).*got \(2, 1\)"),
+        (torch.tensor([2, 6, 5]), ValueError, r"step: token: expected shape \(b=2,\).*got \(3,\)"),
+        (torch.tensor(2), ValueError, r"step: token: expected shape \(b=2,\).*got \(\)"),
+        (torch.tensor([2.0, 6.0]), TypeError, "step: token: expected integer ids"),
+        ([2, 6], TypeError, "step: token: expected a tensor"),
+        (torch.tensor([2, 48]), ValueError, r"step: token: ids must be in \[0, 48\)"),
+        (torch.tensor([-1, 6]), ValueError, r"step: token: ids must be in \[0, 48\)"),
+    ]
+    for first in (True, False):   # before and after the first good step (the fused path checks once)
+        for token, error, match in bad_steps:
+            before = _snapshot(cache)
+            with pytest.raises(error, match=match):
+                model.step(token, cache)
+            assert _same(cache, before), f"{path}: a refused step ({match}) changed the cache"
+        for impl, error in (("loop", NotImplementedError), ("no-such-impl", ValueError)):
+            before = _snapshot(cache)
+            with pytest.raises(error, match="no step function" if error is NotImplementedError else "unknown"):
+                model.step(torch.tensor([2, 6]), cache, impl=impl)
+            assert _same(cache, before)
+        if first:
+            got, expected = model.step(torch.tensor([2, 6]), cache), model.step(torch.tensor([2, 6]), twin)
+            assert torch.equal(got, expected), f"{path}: refused steps changed what a good step computes"
+    assert torch.equal(model.step(torch.tensor([7, 7]), cache), model.step(torch.tensor([7, 7]), twin))
+
+
+def test_generate_refuses_a_step_implementation_without_a_step_before_prefilling(monkeypatch):
+    model = _tiny()
+    monkeypatch.setattr(MambaLM, "prefill", lambda *a, **k: pytest.fail("prefilled before checking step_impl"))
+    with pytest.raises(NotImplementedError, match="'parallel' has no step function"):
+        model.generate(torch.tensor([[1, 2]]), 3, step_impl="parallel")
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(temperature=0.7), ValueError, "temperature given but do_sample=False"),
+    (dict(top_k=5, top_p=0.9), ValueError, "top_k, top_p given but do_sample=False"),
+    (dict(generator=torch.Generator()), ValueError, "generator given but do_sample=False"),
+    (dict(do_sample=1), TypeError, "do_sample"),
+    (dict(do_sample=True, temperature=0.0), ValueError, "temperature: expected a positive finite"),
+    (dict(do_sample=True, temperature=-1.0), ValueError, "temperature"),
+    (dict(do_sample=True, temperature=math.inf), ValueError, "temperature"),
+    (dict(do_sample=True, temperature="hot"), TypeError, "temperature"),
+    (dict(do_sample=True, top_k=-1), ValueError, "top_k"),
+    (dict(do_sample=True, top_k=2.5), TypeError, "top_k"),
+    (dict(do_sample=True, top_p=1.5), ValueError, "top_p"),
+    (dict(do_sample=True, top_p=-0.1), ValueError, "top_p"),
+    (dict(do_sample=True, generator=123), TypeError, "generator"),
+    (dict(eos_token_id=48), ValueError, r"eos_token_id: expected ids in \[0, 48\)"),
+    (dict(eos_token_id=[1, "x"]), ValueError, "eos_token_id"),
+    (dict(eos_token_id=[]), ValueError, "eos_token_id: an empty list"),
+    (dict(eos_token_id=1, pad_token_id=-1), ValueError, "pad_token_id"),
+    (dict(pad_token_id=0), ValueError, "pad_token_id pads rows finished by eos_token_id"),
+])
+def test_decoding_arguments_are_checked(kwargs, error, match):
+    model = _tiny()
+    with pytest.raises(error, match=match):
+        model.generate(torch.tensor([[1, 2]]), 3, **kwargs)
+
+
+# ---------------------------------------------------------------------------- sampling
+
+def _hf_warpers(temperature, top_k, top_p):
+    """transformers' own warpers, in its generate's order (utils.py, _get_logits_processor)."""
+    gen = pytest.importorskip("transformers.generation.logits_process")
+    chain = []
+    if temperature != 1.0:
+        chain.append(gen.TemperatureLogitsWarper(temperature))
+    if top_k:
+        chain.append(gen.TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        chain.append(gen.TopPLogitsWarper(top_p))
+
+    def apply(scores):
+        for w in chain:
+            scores = w(None, scores)
+        return scores
+    return apply
+
+
+@settings(max_examples=200, deadline=None)
+@example(seed=0, b=1, V=7, temperature=1.0, top_k=3, top_p=None, ties=True)
+@example(seed=1, b=2, V=5, temperature=0.5, top_k=None, top_p=0.0, ties=False)
+@example(seed=2, b=2, V=9, temperature=2.0, top_k=9, top_p=1.0, ties=True)
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 3), V=st.integers(1, 40),
+       temperature=st.sampled_from([1.0, 0.3, 0.7, 1.5, 4.0]), top_k=st.one_of(st.none(), st.integers(0, 45)),
+       top_p=st.one_of(st.none(), st.floats(0.0, 1.0)), ties=st.booleans())
+def test_sampling_scores_are_transformers_warpers(seed, b, V, temperature, top_k, top_p, ties):
+    """The same scores, -inf where a token is filtered, as transformers' warpers give, bit for bit,
+    on the same float32 logits (tied logits drawn too: a top-k cut inside a tie keeps all of it)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, V, generator=gen) * 3
+    if ties:
+        logits = logits.round()
+    expected = _hf_warpers(temperature, top_k, top_p)(logits.clone())
+    got = sampling_scores(logits, temperature, top_k, top_p)
+    assert torch.equal(got, expected), (got, expected)
+
+
+def test_sampling_scores_by_hand():
+    """Written from the definitions, not from either implementation."""
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1]]))
+    inf = -math.inf
+    assert torch.equal(sampling_scores(logits, top_k=1), torch.tensor([[logits[0, 0], inf, inf, inf]]))
+    assert torch.equal(sampling_scores(logits, top_k=2), logits.masked_fill(torch.tensor([[0, 0, 0, 1]]).bool(), inf))
+    kept = sampling_scores(logits, top_p=0.6).isfinite()   # 0.5 < 0.6: one 0.2 more reaches 0.7
+    assert kept.sum() == 2 and kept[0, 0] and not kept[0, 3]
+    assert sampling_scores(logits, top_p=0.0).isfinite().sum() == 1   # the most probable always stays
+    assert torch.allclose(sampling_scores(logits, temperature=0.5), logits * 2)
+
+
+def _sampled(model, ids, mode, seed, **kw):
+    return model.generate(ids, 12, mode=mode, do_sample=True, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.6, top_k=8), dict(top_p=0.8), dict(top_k=5, top_p=0.9)])
+def test_sampling_is_reproducible_and_the_same_in_both_modes(kw):
+    """Float64 so the two modes' logits agree to ~1e-15 and no draw can fall between them."""
+    model = _tiny(seed=2, d_model=24).double()
+    ids = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
+    a = _sampled(model, ids, "recurrent", 7, **kw)
+    assert torch.equal(a, _sampled(model, ids, "recurrent", 7, **kw))
+    assert torch.equal(a, _sampled(model, ids, "reforward", 7, **kw))
+    others = [_sampled(model, ids, "recurrent", s, **kw) for s in (8, 9, 10)]
+    assert any(not torch.equal(a, o) for o in others), "sampling gave the same tokens for every seed"
+    assert (a[:, 4:] < model.config.vocab_size).all()
+
+
+def test_sampling_matches_transformers_generate_under_the_same_seed(tmp_path):
+    """Our sampling and transformers' generate, same weights, same global seed (both draw with
+    torch.multinomial from softmax of float32 scores): the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ours = _tiny(seed=3, d_model=24, vocab_size=64).eval()
+    ours.save_pretrained(tmp_path, layout="transformers")
+    theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
+    for kw in (dict(temperature=0.8, top_k=0), dict(top_k=6), dict(top_k=0, top_p=0.7)):
+        torch.manual_seed(11)
+        expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True,
+                                   eos_token_id=None, **kw)
+        for mode in ("recurrent", "reforward"):
+            torch.manual_seed(11)
+            got = ours.generate(ids, 10, mode=mode, do_sample=True, **kw)
+            assert torch.equal(got, expected), (kw, mode, got, expected)
+
+
+def test_eos_stops_as_in_transformers(tmp_path):
+    """A row that emits eos_token_id gets pad_token_id after it (default: the first eos id), and
+    generation stops once every row has: against transformers' generate (greedy: exact tokens)."""
+    transformers = pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ours = randomize_(_tiny(seed=1, d_model=24, vocab_size=64, tie_embeddings=False).eval(), 1)
+    ours.save_pretrained(tmp_path, layout="transformers")
+    theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
+    free = ours.generate(ids, 10)
+    eos = int(free[0, 6])                                      # row 0's third new token
+    assert len(set(free[0, 4:].tolist())) > 3, free            # a test of stopping needs varied tokens
+    for kw in (dict(eos_token_id=eos, pad_token_id=1), dict(eos_token_id=[63, eos])):
+        stops = set(kw["eos_token_id"]) if isinstance(kw["eos_token_id"], list) else {kw["eos_token_id"]}
+        stop = 4 + next(i for i, t in enumerate(free[0, 4:].tolist()) if t in stops) + 1
+        pad = kw.get("pad_token_id", 63)
+        expected = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                   **kw)
+        for mode in ("recurrent", "reforward"):
+            tokens, logits = ours.generate(ids, 10, mode=mode, return_logits=True, **kw)
+            assert torch.equal(tokens, expected), (kw, mode, tokens, expected)
+            assert logits.shape[1] == tokens.shape[1] - 4
+            assert torch.equal(tokens[0, :stop], free[0, :stop]) and (tokens[0, stop:] == pad).all(), (kw, tokens)
+    stop = 4 + free[0, 4:].tolist().index(eos) + 1
+    single = ours.generate(ids[:1], 10, eos_token_id=eos)   # its only row finishes: the output is shorter
+    assert torch.equal(single, free[:1, :stop]) and stop < 14
