@@ -47,6 +47,7 @@ DEFAULT_SUPPORTS = dict(
     grouped=True,                   # B/C with g groups
     initial_state=True,             # initial_state argument
     gradients=False,                # autograd through the scan
+    varlen=False,                   # packed sequences (cu_seqlens) and a batch-indexed step (state_batch_indices)
     case_limits=None,               # dict of upper bounds on b, d, n, l for the property tests, if slow
 )
 
@@ -124,9 +125,11 @@ def get(name, family="selective"):
         raise ValueError(f"unknown {kind}implementation {name!r}; registered: {', '.join(registry)}") from None
 
 
-def _require(entry, where, dims, grouped, has_initial_state, tensors):
+def _require(entry, where, dims, grouped, has_initial_state, tensors, varlen=None):
     s = entry.supports
     gaps = []
+    if varlen and not s["varlen"]:
+        gaps.append(varlen)
     if dims["input_dtype"] not in s["dtypes"]:
         gaps.append(f"input dtype {dims['input_dtype']}")
     if grouped and not s["grouped"]:
@@ -140,7 +143,7 @@ def _require(entry, where, dims, grouped, has_initial_state, tensors):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False, *, impl="parallel"):
+                   initial_state=None, return_last_state=False, *, cu_seqlens=None, impl="parallel"):
     """The Mamba-1 selective scan through the implementation named ``impl``.
 
     dt = softplus(delta + delta_bias) (each optional); h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t;
@@ -149,48 +152,75 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Args:
         u, delta: (b, d, l); A: (d, n) real; B, C: (b, n, l) or (b, g, n, l)
         D, delta_bias: (d,) optional; z: (b, d, l) optional; initial_state: (b, d, n) optional
+        cu_seqlens: (nseq + 1,) int32, optional: nseq sequences packed end to end along time, with
+            b = 1; sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1] and is scanned as if alone
+            (nothing crosses a boundary), from initial_state[i] with initial_state (nseq, d, n)
     Returns:
         y: (b, d, l) in u's dtype, or (y, last_state) with last_state (b, d, n) in the compute
-        dtype when return_last_state.
+        dtype when return_last_state; with cu_seqlens, last_state is (nseq, d, n), each
+        sequence's state after its last token (its initial state, or zeros, for a length-0 one).
+    Raises:
+        ValueError or TypeError naming the argument for bad input (impls/frontdoor.py), a malformed
+        cu_seqlens included; NotImplementedError when the implementation lacks what the call needs
+        (cu_seqlens needs the capability ``varlen``).
     """
     entry = get(impl)
-    dims = frontdoor.check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if cu_seqlens is None:
+        dims = frontdoor.check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    else:
+        dims = frontdoor.check_scan_packed(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     _require(entry, "selective_scan", dims, B.dim() == 4 or C.dim() == 4, initial_state is not None,
-             (u, delta, A, B, C, D, z, delta_bias, initial_state))
+             (u, delta, A, B, C, D, z, delta_bias, initial_state),
+             varlen=cu_seqlens is not None and "packed sequences (cu_seqlens)")
     b, d, l, n, f = dims["b"], dims["d"], dims["l"], dims["n"], dims["compute_dtype"]
+    states = b if cu_seqlens is None else dims["nseq"]
     if u.numel() == 0:  # l = 0 (or b, d = 0): empty output, the state passes through unchanged
         last = (initial_state.to(f) if initial_state is not None
-                else torch.zeros(b, d, n, dtype=f, device=u.device))
+                else torch.zeros(states, d, n, dtype=f, device=u.device))
         y = u.new_empty(b, d, l)
         return (y, last) if return_last_state else y
-    out = entry.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+    packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens)
+    out = entry.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, **packed)
     y, last = out if return_last_state else (out, None)
     frontdoor.check_result("selective_scan", impl, "y", y, (b, d, l), u.dtype)
     if return_last_state:
-        frontdoor.check_result("selective_scan", impl, "last_state", last, (b, d, n), f)
+        frontdoor.check_result("selective_scan", impl, "last_state", last, (states, d, n), f)
         return y, last
     return y
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                           *, impl="recurrent"):
+                           *, state_batch_indices=None, impl="recurrent"):
     """One decoding step: advance ``state`` by one token in place and return the token's output.
 
     Args:
         state: (b, d, n) in the compute dtype, updated in place (left untouched if the call raises
-               before the implementation runs)
+               before the implementation runs); with state_batch_indices, a (slots, d, n) cache
         x, dt: (b, d); A: (d, n); B, C: (b, n) or (b, g, n); D, dt_bias: (d,) optional; z: (b, d) optional
+        state_batch_indices: (b,) int32, optional: row i advances cache slot state_batch_indices[i];
+            a negative index marks a padding row: its output is zeros and no slot is touched
     Returns:
         y: (b, d) in x's dtype
+    Raises:
+        ValueError or TypeError naming the argument for bad input, an index >= slots or a slot used
+        twice included, with the state untouched; NotImplementedError when the implementation has no
+        step or lacks what the call needs (state_batch_indices needs the capability ``varlen``).
     """
     entry = get(impl)
     if entry.step is None:
         raise NotImplementedError(f"selective_state_update: implementation {impl!r} has no step function; "
                                   f"those with one: {', '.join(k for k, v in _REGISTRY.items() if v.step)}")
-    dims = frontdoor.check_step(state, x, dt, A, B, C, D, z, dt_bias)
+    if state_batch_indices is None:
+        dims = frontdoor.check_step(state, x, dt, A, B, C, D, z, dt_bias)
+    else:
+        dims = frontdoor.check_step_indexed(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     _require(entry, "selective_state_update", dims, B.dim() == 3 or C.dim() == 3, False,
-             (state, x, dt, A, B, C, D, z, dt_bias))
-    y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+             (state, x, dt, A, B, C, D, z, dt_bias),
+             varlen=state_batch_indices is not None and "a batch-indexed state cache (state_batch_indices)")
+    if state_batch_indices is None:
+        y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    else:
+        y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices=state_batch_indices)
     frontdoor.check_result("selective_state_update", impl, "y", y, (dims["b"], dims["d"]), x.dtype)
     return y
 
@@ -336,14 +366,15 @@ def load_plugins():
     return status
 
 
-register("loop", loop.selective_scan, gradients=True)
-register("recurrent", recurrent.selective_scan, step=recurrent.selective_state_update)
-register("parallel", parallel.selective_scan, gradients=True)
+register("loop", loop.selective_scan, gradients=True, varlen=True)
+register("recurrent", recurrent.selective_scan, step=recurrent.selective_state_update, varlen=True)
+register("parallel", parallel.selective_scan, gradients=True, varlen=True)
 
 # Triton kernels (impls/triton_scan.py), when triton is installed. Imported on first call only.
 # Without a GPU they run in Triton's interpreter, one program after another, so the property tests
 # fold their cases into small sizes (odd sizes stay odd; l still spans several 16-token chunks);
-# on a GPU they run natively, at the suite's full sizes.
+# on a GPU they run natively, at the suite's full sizes. Declared gap: varlen (the kernels take no
+# cu_seqlens or state_batch_indices yet; the Triton issue may add them).
 import importlib.util  # noqa: E402
 
 if importlib.util.find_spec("triton") is not None:
@@ -352,14 +383,17 @@ if importlib.util.find_spec("triton") is not None:
              gradients=True, case_limits=dict(b=2, d=40, n=16, l=40) if _interpreted else None)
 
 # mamba.py's pscan and step (impls/mambapy_adapter.py), the pure-PyTorch peer, when mambapy is
-# installed (a dev dependency). It has one B and C per token: grouped B/C is a declared gap.
+# installed (a dev dependency). It has one B and C per token: grouped B/C is a declared gap, and so
+# is varlen (mamba.py has no packed sequences and no batch-indexed cache).
 if importlib.util.find_spec("mambapy") is not None:
     register("mambapy", lazy("mambapy_adapter", "selective_scan"), step=lazy("mambapy_adapter", "selective_state_update"),
              gradients=True, grouped=False)
 
 # The official kernels (impls/mamba_ssm_adapter.py), where mamba_ssm imports and there is a GPU.
 # Their known gaps are declared; their known bugs are in equivalence/xfails/mamba_ssm.txt.
-MAMBA_SSM_SUPPORTS = dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), initial_state=False, gradients=True)
+# varlen=False: the official Mamba-1 kernel has no packed sequences (requested since 2024).
+MAMBA_SSM_SUPPORTS = dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), initial_state=False, gradients=True,
+                          varlen=False)
 
 
 def register_mamba_ssm(name="mamba_ssm"):

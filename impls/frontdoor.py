@@ -184,3 +184,111 @@ def check_result(where, impl, arg, x, shape, dtype):
         got = (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
         raise RuntimeError(f"{where}: implementation {impl!r} returned {arg} {got}, "
                            f"expected shape {tuple(shape)} and dtype {dtype}")
+
+
+# --- packed variable-length sequences and batch-indexed decoding (the varlen issue) -----------
+# Both helpers are family-neutral (the SSD front door can import them): they check only the index
+# tensors, against sizes the caller has already checked.
+
+def check_cu_seqlens(where, cu_seqlens, b, l, device):
+    """Validate the offsets of packed sequences laid end to end along time.
+
+    Args:
+        where: the public function's name, for the message
+        cu_seqlens: (nseq + 1,) int32 on the inputs' device: 0, then each sequence's end, the last
+                    equal to l (the official ``cu_seqlens`` of varlen attention and Mamba-2)
+        b: the inputs' batch size, which must be 1 (sequences are packed along time, not batch)
+        l: the packed length
+    Returns:
+        nseq, and the offsets as a Python list (read once: on a GPU, one synchronisation)
+    Raises:
+        TypeError if cu_seqlens is not a tensor; ValueError naming cu_seqlens for the wrong dtype or
+        rank, another device, b != 1, a first offset other than 0, a decrease, or a last offset
+        other than l.
+    """
+    arg = "cu_seqlens"
+    if not isinstance(cu_seqlens, torch.Tensor):
+        _fail(TypeError, where, arg, "a torch.Tensor", type(cu_seqlens).__name__)
+    if cu_seqlens.dtype != torch.int32:
+        _fail(ValueError, where, arg, "dtype torch.int32", cu_seqlens.dtype)
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        _fail(ValueError, where, arg, "shape (nseq + 1,), at least one offset", tuple(cu_seqlens.shape))
+    _device(where, arg, cu_seqlens, device)
+    if b != 1:
+        _fail(ValueError, where, arg, "packed inputs with batch size b=1 (sequences laid end to end in time)", f"b={b}")
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0:
+        _fail(ValueError, where, arg, "a first offset of 0", offsets[0])
+    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        if e < s:
+            _fail(ValueError, where, arg, "non-decreasing offsets", f"cu_seqlens[{i + 1}]={e} < cu_seqlens[{i}]={s}")
+    if offsets[-1] != l:
+        _fail(ValueError, where, arg, f"a last offset equal to the packed length l={l}", offsets[-1])
+    return len(offsets) - 1, offsets
+
+
+def check_state_batch_indices(where, state_batch_indices, b, slots, device):
+    """Validate the cache slot of each row of a batch-indexed decoding step.
+
+    Args:
+        state_batch_indices: (b,) int32 on the inputs' device; row i reads and writes cache slot
+                             state_batch_indices[i]; a negative value marks a padding row (its
+                             output is zeros, no slot is touched), as in the official step
+        b: the batch size of the step's inputs; slots: the state cache's first dimension
+    Returns:
+        the indices as a Python list
+    Raises:
+        TypeError if not a tensor; ValueError naming state_batch_indices for the wrong dtype or
+        shape, another device, an index >= slots, or a slot given to two rows (the result would
+        depend on the order of the writes).
+    """
+    arg = "state_batch_indices"
+    if not isinstance(state_batch_indices, torch.Tensor):
+        _fail(TypeError, where, arg, "a torch.Tensor", type(state_batch_indices).__name__)
+    if state_batch_indices.dtype != torch.int32:
+        _fail(ValueError, where, arg, "dtype torch.int32", state_batch_indices.dtype)
+    if tuple(state_batch_indices.shape) != (b,):
+        _fail(ValueError, where, arg, f"shape (b={b},)", tuple(state_batch_indices.shape))
+    _device(where, arg, state_batch_indices, device)
+    indices = state_batch_indices.tolist()
+    for i, s in enumerate(indices):
+        if s >= slots:
+            _fail(ValueError, where, arg, f"slots below the cache's {slots} (negative: a padding row)",
+                  f"state_batch_indices[{i}]={s}")
+    used = [s for s in indices if s >= 0]
+    if len(set(used)) != len(used):
+        _fail(ValueError, where, arg, "each cache slot at most once", indices)
+    return indices
+
+
+def check_scan_packed(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
+    """check_scan for packed inputs: u (1, d, l), initial_state (nseq, d, n), cu_seqlens (nseq + 1,).
+    Returns check_scan's dict with nseq and offsets (the list) added."""
+    where = "selective_scan"
+    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    dims = _check(where, named, "u", ("b", "d", "l"), True)
+    nseq, offsets = check_cu_seqlens(where, cu_seqlens, dims["b"], dims["l"], u.device)
+    if initial_state is not None:
+        _tensor(where, "initial_state", initial_state)
+        _device(where, "initial_state", initial_state, u.device)
+        _shape(where, "initial_state", initial_state, (nseq, dims["d"], dims["n"]), ("nseq", "d", "n"))
+        _dtype(where, "initial_state", initial_state, (dims["compute_dtype"],), f"the compute dtype for u in {u.dtype}")
+    return dict(dims, nseq=nseq, offsets=offsets)
+
+
+def check_step_indexed(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
+    """check_step for a (slots, d, n) state cache read and written through state_batch_indices (b,).
+    Returns check_step's dict with slots and indices (the list) added."""
+    where = "selective_state_update"
+    if not isinstance(state, torch.Tensor):
+        _fail(TypeError, where, "state", "a torch.Tensor", type(state).__name__)
+    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    dims = _check(where, named, "x", ("b", "d"), False)
+    _tensor(where, "state", state)
+    _device(where, "state", state, x.device)
+    if state.dim() != 3:
+        _fail(ValueError, where, "state", f"shape (slots, d={dims['d']}, n={dims['n']})", tuple(state.shape))
+    _shape(where, "state", state, (state.shape[0], dims["d"], dims["n"]), ("slots", "d", "n"))
+    _dtype(where, "state", state, (dims["compute_dtype"],), f"the compute dtype for x in {x.dtype}")
+    indices = check_state_batch_indices(where, state_batch_indices, dims["b"], state.shape[0], x.device)
+    return dict(dims, slots=state.shape[0], indices=indices)

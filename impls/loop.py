@@ -15,7 +15,7 @@ from .frontdoor import compute_dtype, per_channel
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False):
+                   initial_state=None, return_last_state=False, cu_seqlens=None):
     """Selective scan, one time step after another.
 
     Args:
@@ -29,10 +29,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus (threshold 20, as the official kernel) to delta + delta_bias
         initial_state: (b, d, n) state before the first token, optional (zeros)
         return_last_state: also return the state after the last token
+        cu_seqlens: (nseq + 1,) int32, optional: packed sequences (b = 1), each scanned alone from
+            initial_state[i], initial_state (nseq, d, n); see _packed
     Returns:
         y: (b, d, l) in u's dtype; with return_last_state, (y, last_state) with last_state (b, d, n)
-        in the compute dtype (float32, or float64 for float64 inputs)
+        in the compute dtype (float32, or float64 for float64 inputs); (nseq, d, n) with cu_seqlens
     """
+    if cu_seqlens is not None:
+        return _packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, cu_seqlens)
     b, d, l = u.shape
     n = A.shape[1]
     f = compute_dtype(u.dtype)
@@ -68,3 +72,28 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = y * F.silu(z.to(f))                                 # gating of the Mamba block
     y = y.to(u.dtype)
     return (y, h) if return_last_state else y
+
+
+def _packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, cu_seqlens):
+    """Packed sequences, by definition: each sequence cut out and scanned alone by the loop above.
+
+    u, delta, z: (1, d, l); B, C: (1, n, l) or (1, g, n, l); cu_seqlens: (nseq + 1,) int32 offsets
+    (checked by the front door); initial_state: (nseq, d, n) or None. Returns y (1, d, l) and,
+    with return_last_state, last_state (nseq, d, n): a length-0 sequence passes its initial state
+    (or zeros) through.
+    """
+    offsets = cu_seqlens.tolist()
+
+    def cut(X, s, e):
+        return None if X is None else X[..., s:e]
+
+    ys, lasts = [], []
+    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        y, last = selective_scan(u[..., s:e], delta[..., s:e], A, cut(B, s, e), cut(C, s, e), D, cut(z, s, e),
+                                 delta_bias, delta_softplus,
+                                 None if initial_state is None else initial_state[i:i + 1], True)
+        ys.append(y)
+        lasts.append(last)
+    y = torch.cat(ys, -1) if ys else u[..., :0].clone()
+    last = torch.cat(lasts) if lasts else u.new_zeros(0, u.shape[1], A.shape[1], dtype=compute_dtype(u.dtype))
+    return (y, last) if return_last_state else y

@@ -47,6 +47,18 @@ q_t = exp(dt_t A) lambda_t h_{t-1}:
     dL/dinitial_state = exp(dt_0 A) lambda_0
 
 and the softplus, bias, D and gate gradients follow elementwise in the caller's layout.
+
+Packed sequences (cu_seqlens, b = 1). Chunks are laid over the packed tokens regardless of where
+sequences start, so a sequence may start or end anywhere in a chunk, and a chunk may hold several.
+A step at a sequence's first token starts from that sequence's own initial state: just before it,
+the chunk's state is overwritten with initial_state[i] (or zeros), so the step computes
+Ā_s h0_i + B̄_s x_s, exactly the first step of the sequence scanned alone (no decay from the
+chunk's start). A chunk in which a sequence starts passes nothing of its starting state on: the
+carry skips it (multiplying by a decay of 0 would still pass a NaN or inf across). Each
+sequence's last state is copied out after its last token (wherever that falls in a chunk), and a
+length-0 sequence passes its initial state through.
+Backwards, the same boundaries: dL/dlast_state[i] enters the adjoint at sequence i's last token,
+and at its first token the adjoint Ā_s lambda_s is dL/dinitial_state[i] and stops there.
 """
 
 import math
@@ -81,7 +93,7 @@ class _Plan:
     another; a segment into K chunks of T tokens, run side by side. Only the last segment is
     padded. Channels are G groups of dG (G is the lcm of B's and C's group counts)."""
 
-    def __init__(self, u, A, B, C):
+    def __init__(self, u, A, B, C, offsets=None):
         self.b, self.d, self.l = u.shape
         self.n = A.shape[1]
         self.device = u.device
@@ -100,6 +112,7 @@ class _Plan:
         self.L = self.K * self.T
         self.segments = [(a, min(a + self.L, self.l)) for a in range(0, self.l, self.L)]
         self.M = self.b * self.K * self.G       # independent (1 x n) @ (n x dG) products per step
+        self.bounds = None if offsets is None else _Boundaries(self, offsets)
 
     def empty(self, *shape):
         return torch.empty(*shape, dtype=self.f, device=self.device)
@@ -126,10 +139,42 @@ class _Plan:
         return h.to(self.f).view(self.b, self.G, self.dG, self.n).transpose(-1, -2)
 
     def from_state(self, h):
-        """(b, G, n, dG) -> a new (b, d, n) tensor (never a view of a buffer)."""
-        out = self.empty(self.b, self.d, self.n)
-        out.view(self.b, self.G, self.dG, self.n).copy_(h.transpose(-1, -2))
+        """(b, G, n, dG) -> a new (b, d, n) tensor (never a view of a buffer); any leading size."""
+        out = self.empty(h.shape[0], self.d, self.n)
+        out.view(h.shape[0], self.G, self.dG, self.n).copy_(h.transpose(-1, -2))
         return out
+
+    def to_states(self, h):
+        """(nseq, d, n) -> (nseq, G, n, dG) view: per-sequence states in a chunk's layout."""
+        return h.to(self.f).view(h.shape[0], self.G, self.dG, self.n).transpose(-1, -2)
+
+    def restarted(self, s):
+        """The chunks of segment s in which a packed sequence starts (none without cu_seqlens)."""
+        return () if self.bounds is None else self.bounds.restarted[s]
+
+    def rows(self, k):
+        """Chunk k's rows of a (M, ...) per-step view (b = 1: rows k*G .. k*G + G - 1)."""
+        return slice(k * self.G, (k + 1) * self.G)
+
+
+class _Boundaries:
+    """Where packed sequences start and end (b = 1), per segment s:
+    first[s][j] and last[s][j]: [(chunk k, sequence i), ...] for the sequences whose first (last)
+    token is step j of chunk k; restarted[s]: the chunks in which a sequence starts."""
+
+    def __init__(self, p, offsets):
+        self.nseq = len(offsets) - 1
+        self.first = [{} for _ in p.segments]
+        self.last = [{} for _ in p.segments]
+        self.restarted = [set() for _ in p.segments]
+        for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
+            if e == a:
+                continue  # a length-0 sequence: its state passes through, no token to mark
+            for pos, table in ((a, self.first), (e - 1, self.last)):
+                seg, offset = divmod(pos, p.L)
+                k, j = divmod(offset, p.T)
+                table[seg].setdefault(j, []).append((k, i))
+            self.restarted[a // p.L].add(a % p.L // p.T)
 
 
 # --- moving data between the caller's (b, ..., l) layout and segments ------------------------
@@ -207,7 +252,8 @@ class _Inputs:
 
     def chunk_decays(self, dt):
         """(b, K, G, n, dG): each chunk's total decay exp(A * sum of dt), a product of decays, <= 1
-        for A <= 0 and dt >= 0 (nothing is ever divided by it)."""
+        for A <= 0 and dt >= 0 (nothing is ever divided by it). A chunk in which a packed sequence
+        starts passes nothing of its starting state on: _carry skips its decay."""
         p = self.p
         return torch.mul(dt.sum(0).view(p.b, p.K, p.G, 1, p.dG), self.A).exp_()
 
@@ -218,27 +264,40 @@ def _per_step(p, seg, *shape):
     return seg.view(p.T, *shape).unbind(0)
 
 
-def _carry(p, ends, P, starts, backwards=False):
+def _carry(p, ends, P, starts, backwards=False, restarted=()):
     """starts[:, k + 1] <- P[:, k] starts[:, k] + ends[:, k] for k = 0..K-2, in order: each chunk
     starts where the one before it ended (the short sequential part of the scan). Backwards, for
-    adjoints: starts[:, k - 1] <- P[:, k] starts[:, k] + ends[:, k] for k = K-1..1."""
+    adjoints: starts[:, k - 1] <- P[:, k] starts[:, k] + ends[:, k] for k = K-1..1. For a chunk in
+    ``restarted`` (a packed sequence starts in it) only ends[:, k] passes: 0 * starts would still
+    carry a NaN or inf of the sequence before across the boundary."""
     ends, P, starts = ends.unbind(1), P.unbind(1), starts.unbind(1)
     for k in (range(p.K - 1, 0, -1) if backwards else range(p.K - 1)):
-        torch.addcmul(ends[k], P[k], starts[k], out=starts[k - 1 if backwards else k + 1])
+        to = starts[k - 1 if backwards else k + 1]
+        if k in restarted:
+            to.copy_(ends[k])
+        else:
+            torch.addcmul(ends[k], P[k], starts[k], out=to)
 
 
-def _steps(p, dAs, xs, Bs, h, Cs=None, ys=None):
+def _steps(p, dAs, xs, Bs, h, Cs=None, ys=None, s=None, h0=None, last=None):
     """Step h (b*K*G, n, dG) in place through a segment: h_t = Ā_t h_{t-1} + x_t B_t (eq. 2a),
     reading out y_t = <C_t, h_t> (eq. 2b), with Cs[t] (b*K*G, 1, n), into ys[t] (b*K*G, 1, dG)
     when given. The state stays in cache; a step reads its decays and a few per-token values,
     nothing else of segment size.
+
+    Packed sequences (p.bounds, this is segment s): before a sequence's first token its chunk's
+    state is set to h0[i] (nseq, G, n, dG), or zeros when h0 is None; after its last token the
+    state is copied into last[i] when last is given.
 
     In float64, the oracle's dtype, where the tolerance is a few ulps, each step rounds as the
     loop does: x B is rounded before it is added (no fused multiply-add), and the n products of
     the readout are summed over a contiguous innermost n, in the loop's order (under cancellation
     another order of that sum differs by more than a few ulps)."""
     exact = p.f == torch.float64
+    first, final = (p.bounds.first[s], p.bounds.last[s]) if p.bounds is not None else ({}, {})
     for j in range(p.T):
+        for k, i in first.get(j, ()):
+            h[p.rows(k)] = 0 if h0 is None else h0[i]
         if exact:
             h.mul_(dAs[j]).add_(xs[j] * Bs[j])
         else:
@@ -248,6 +307,9 @@ def _steps(p, dAs, xs, Bs, h, Cs=None, ys=None):
                 ys[j].view(p.M, p.dG).copy_((h.transpose(1, 2) * Cs[j]).contiguous().sum(-1))
             else:
                 torch.bmm(Cs[j], h, out=ys[j])
+        if last is not None:
+            for k, i in final.get(j, ()):
+                last[i] = h[p.rows(k)]
     return h
 
 
@@ -266,7 +328,13 @@ def _forward(p, x_in, initial_state, save):
     hv = h.view(p.M, p.n, p.dG)
     ys = p.empty(p.T, p.M, 1, p.dG)
     carry = torch.zeros(p.b, p.G, p.n, p.dG, dtype=p.f, device=p.device)
-    if initial_state is not None:
+    h0 = last = None
+    if p.bounds is not None:                 # packed: each sequence starts from its own state
+        h0 = None if initial_state is None else p.to_states(initial_state)
+        last = torch.zeros(p.bounds.nseq, p.G, p.n, p.dG, dtype=p.f, device=p.device)
+        if h0 is not None:
+            last.copy_(h0)                   # what a length-0 sequence returns
+    elif initial_state is not None:
         carry.copy_(p.to_state(initial_state))
     for s, (a, e) in enumerate(p.segments):
         dt_native, _ = x_in.dt(a, e)
@@ -279,12 +347,12 @@ def _forward(p, x_in, initial_state, save):
         starts[:, 0] = carry
         if p.K > 1:
             h.zero_()
-            _steps(p, dAs, xs, Bs, hv)                               # pass 1: each chunk from zero
-            _carry(p, h, x_in.chunk_decays(dt), starts)
+            _steps(p, dAs, xs, Bs, hv, s=s, h0=h0)                   # pass 1: each chunk from zero
+            _carry(p, h, x_in.chunk_decays(dt), starts, restarted=p.restarted(s))
         if save:
             saved_starts[s] = starts
         h.copy_(starts)
-        _steps(p, dAs, xs, Bs, hv, Cs, ys.unbind(0))                # pass 2: from the true starts
+        _steps(p, dAs, xs, Bs, hv, Cs, ys.unbind(0), s, h0, last)   # pass 2: from the true starts
         carry.copy_(h[:, p.K - 1])
         yb = _scatter(p, ys.view(p.T, p.b, p.K, p.d), e - a)
         if x_in.D is not None:
@@ -294,14 +362,16 @@ def _forward(p, x_in, initial_state, save):
         if z is not None:
             yb *= F.silu(x_in.native(z, a, e))                       # the Mamba block's gate
         y[..., a:e] = yb
-    return y, p.from_state(carry), (saved_starts, y_pre)
+    return y, p.from_state(carry if last is None else last), (saved_starts, y_pre)
 
 
 # --- backward ------------------------------------------------------------------------------
 
-def _backward(p, x_in, saved, gy, glast, needs):
+def _backward(p, x_in, saved, gy, glast, needs, initial_state=None):
     """Gradients for (u, delta, A, B, C, D, z, delta_bias, initial_state), None where not needed.
-    Segments run last to first; in each, the adjoint runs backwards through every chunk at once."""
+    Segments run last to first; in each, the adjoint runs backwards through every chunk at once.
+    Packed (p.bounds): glast and the gradient of initial_state are (nseq, d, n), and the forward's
+    initial_state is needed again (the state a sequence's first step starts from)."""
     saved_starts, y_pre = saved
     u, delta, z = x_in.u, x_in.delta, x_in.z
     f, dev = p.f, p.device
@@ -328,8 +398,32 @@ def _backward(p, x_in, saved, gy, glast, needs):
     gA_steps = torch.zeros(p.M, p.n, p.dG, dtype=f, device=dev)   # sum over steps of q_t dt_t
     R = p.state()                                # the adjoint arriving at each chunk's end
     incoming = torch.zeros(p.b, p.G, p.n, p.dG, dtype=f, device=dev)   # ... at the segment's end
-    if glast is not None:
+    bounds = p.bounds
+    if bounds is not None:
+        # per sequence: the state its first step starts from, dL/dlast_state entering at its last
+        # token, and dL/dinitial_state: glast itself for a length-0 sequence, otherwise overwritten
+        # where the adjoint reaches the sequence's first token
+        h0 = None if initial_state is None else p.to_states(initial_state)
+        gl = None if glast is None else p.to_states(glast)
+        gh0s = torch.zeros(bounds.nseq, p.G, p.n, p.dG, dtype=f, device=dev)
+        if gl is not None:
+            gh0s.copy_(gl)
+    elif glast is not None:
         incoming.copy_(p.to_state(glast))
+
+    def enter(j, s):
+        """Packed: dL/dlast_state of the sequences whose last token is step j joins the adjoint."""
+        if gl is not None:
+            for k, i in bounds.last[s].get(j, ()):
+                lv[p.rows(k)] += gl[i]
+
+    def leave(j, s, record):
+        """Packed: at a sequence's first token the adjoint (already times Ā_t) is dL/dinitial_state
+        and goes no further back."""
+        for k, i in bounds.first[s].get(j, ()):
+            if record:
+                gh0s[i] = lv[p.rows(k)]
+            lv[p.rows(k)] = 0
     for s in reversed(range(len(p.segments))):
         a, e = p.segments[s]
         used = e - a
@@ -356,30 +450,44 @@ def _backward(p, x_in, saved, gy, glast, needs):
         x_in.decays(dt, dA)
         starts = saved_starts[s]
         prev = starts.view(p.M, p.n, p.dG)
+        first = bounds.first[s] if bounds is not None else {}
         for j in range(p.T):
             torch.mul(dAs[j], prev, out=Hs[j]).addcmul_(xs[j], Bs[j])
+            for k, i in first.get(j, ()):      # a sequence's first step starts from its own state
+                r = p.rows(k)
+                Hs[j][r] = dAs[j][r] * (0 if h0 is None else h0[i]) + xs[j][r] * Bs[j][r]
             prev = Hs[j]
         # the adjoint arriving at the end of every chunk: backward pass 1 and its carry
         R[:, p.K - 1] = incoming
         if p.K > 1:
             lam.zero_()
             for j in range(p.T - 1, -1, -1):    # each chunk from a zero adjoint
+                if bounds is not None:
+                    enter(j, s)
                 lv.addcmul_(Cs[j], gs[j]).mul_(dAs[j])
-            _carry(p, lam, x_in.chunk_decays(dt), R, backwards=True)
+                if bounds is not None:
+                    leave(j, s, record=False)
+            _carry(p, lam, x_in.chunk_decays(dt), R, backwards=True, restarted=p.restarted(s))
         # backward pass 2, the true adjoint: lambda_t = C_t dL/dy_t + (what arrives from t + 1)
         lam.copy_(R)
         dts = _per_step(p, dt, p.M, 1, p.dG)
         bulk = p.M * p.n * p.dG < Q_PER_STEP_FROM
         for j in range(p.T - 1, -1, -1):
+            if bounds is not None:
+                enter(j, s)
             lv.addcmul_(Cs[j], gs[j])                                       # lambda_t
             torch.bmm(xs[j], lv.transpose(1, 2), out=gBs_[j])               # sum_d lambda_t x_t
             torch.bmm(Bs_rows[j], lv, out=gxs_[j])                          # sum_n lambda_t B_t
             lv.mul_(dAs[j])                                                 # Ā_t lambda_t, to t - 1
             prev = Hs[j - 1] if j else starts.view(p.M, p.n, p.dG)
-            if bulk:                                                        # q_t over the spent decays
-                torch.mul(lv, prev, out=dAs[j])
-            else:
-                torch.mul(lv, prev, out=q)
+            qj = dAs[j] if bulk else q                                      # q_t over the spent decays
+            torch.mul(lv, prev, out=qj)
+            if bounds is not None:
+                for k, i in bounds.first[s].get(j, ()):                     # h_{t-1} is the sequence's own h0
+                    r = p.rows(k)
+                    qj[r] = 0 if h0 is None else lv[r] * h0[i]
+                leave(j, s, record=True)
+            if not bulk:
                 gA_steps.addcmul_(q, dts[j])                                # dL/dA: q_t dt_t
                 torch.sum(qg.mul_(x_in.A), -2, out=gdts_[j])                # dL/ddt_t: sum_n q_t A
         incoming = lam[:, 0].clone()            # exp(dt A) lambda at the segment's first token
@@ -407,7 +515,7 @@ def _backward(p, x_in, saved, gy, glast, needs):
                 gdelta[..., a:e] = gv
             if need_bias:
                 gbias += gv.sum((0, 2))[:, None]
-    gh0 = p.from_state(incoming) if need_h0 else None
+    gh0 = None if not need_h0 else p.from_state(incoming if bounds is None else gh0s)
     if need_A:
         gA = gA_steps.view(p.b * p.K, p.G, p.n, p.dG).sum(0).transpose(1, 2).reshape(p.d, p.n)
     return (gu, gdelta, gA, gB, gC, None if gD is None else gD[:, 0], gz,
@@ -427,17 +535,18 @@ class _SelectiveScan(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, plan):
         x_in = _Inputs(plan, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         y, last, (starts, y_pre) = _forward(plan, x_in, initial_state, save=True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts, y_pre)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, starts, y_pre,
+                              initial_state if plan.bounds is not None else None)
         ctx.plan, ctx.delta_softplus = plan, delta_softplus
         return y, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, glast):
-        u, delta, A, B, C, D, z, delta_bias, starts, y_pre = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, starts, y_pre, initial_state = ctx.saved_tensors
         p = ctx.plan
         x_in = _Inputs(p, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
-        grads = _backward(p, x_in, (starts, y_pre), gy, glast, ctx.needs_input_grad[:9])
+        grads = _backward(p, x_in, (starts, y_pre), gy, glast, ctx.needs_input_grad[:9], initial_state)
         gB, gC = grads[3], grads[4]
         if gB is not None and B.dim() == 3:
             gB = gB.squeeze(1)
@@ -447,7 +556,7 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   initial_state=None, return_last_state=False):
+                   initial_state=None, return_last_state=False, cu_seqlens=None):
     """Selective scan by chunks side by side (see the module docstring); differentiable in every tensor.
 
     Args:
@@ -461,11 +570,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: apply softplus (threshold 20) to delta + delta_bias
         initial_state: (b, d, n) state before the first token, optional (zeros)
         return_last_state: also return the state after the last token
+        cu_seqlens: (nseq + 1,) int32, optional: packed sequences with b = 1, each scanned as if
+            alone from initial_state[i], initial_state (nseq, d, n) (module docstring)
     Returns:
         y: (b, d, l) in u's dtype; with return_last_state, (y, last_state) with last_state
-        (b, d, n) in the compute dtype (float32, or float64 for float64 inputs)
+        (b, d, n) in the compute dtype (float32, or float64 for float64 inputs); (nseq, d, n)
+        with cu_seqlens
     """
-    plan = _Plan(u, A, B, C)
+    plan = _Plan(u, A, B, C, None if cu_seqlens is None else cu_seqlens.tolist())
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y, last = _SelectiveScan.apply(*tensors, delta_softplus, plan)

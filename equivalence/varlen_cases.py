@@ -1,0 +1,462 @@
+"""Packed variable-length sequences: cases, and the properties every varlen implementation keeps.
+
+A packed call lays nseq sequences end to end along time (b = 1) and marks their boundaries with
+``cu_seqlens`` (nseq + 1,) int32: 0, then each sequence's end. The properties, for any family:
+
+    alone       a packed call equals each sequence scanned alone, in values, in last states and in
+                gradients, initial states included
+    no crossing perturbing one sequence (its tokens and its initial state, with finite values or
+                a NaN or inf) changes no output and no state of another, bit for bit
+    prefill     a sequence split across two packed calls at any point, its state carried from the
+                first to the second, equals one call
+    decoding    batch-indexed decoding (state_batch_indices into a cache of slots, rows in any
+                order, padding rows among them) equals decoding each sequence alone; padding rows
+                output zeros and no slot but a row's own is touched
+
+The first half of this module is family-neutral (the drawn lengths, the chunk geometry they are
+meant to exercise); the second half is the Mamba-1 family (``selective_scan``, time last). The SSD
+family can reuse the first half and write its own ``inputs``/``scan``/``step`` the same way.
+"""
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+import impls
+from impls.frontdoor import compute_dtype
+
+from .cases import DTYPES, REGIMES, Case, make_inputs
+from .tolerance import assert_close
+
+# --- family-neutral: sequence lengths around a chunk, and what a packing covers ---------------
+
+CATEGORIES = (
+    "length 0",
+    "length 1",
+    "shorter than a chunk",
+    "equal to a chunk",
+    "straddles a chunk boundary",
+    "starts mid-chunk",
+    "ends at a chunk end",
+    "several sequences in one chunk",
+)
+
+
+def covered(offsets, chunk_starts):
+    """Which CATEGORIES a packing exercises, given where the chunks of the implementation under
+    test start (sorted packed positions, 0 first). offsets: cu_seqlens as a list."""
+    starts = sorted(set(chunk_starts))
+    ends_of_chunks = set(starts[1:]) | {offsets[-1]}
+
+    def chunk_of(t):
+        return max(i for i, s in enumerate(starts) if s <= t)
+
+    found = set()
+    per_chunk = {}
+    for a, e in zip(offsets, offsets[1:]):
+        length = e - a
+        if length == 0:
+            found.add("length 0")
+            continue
+        if length == 1:
+            found.add("length 1")
+        k = chunk_of(a)
+        size = (starts[k + 1] if k + 1 < len(starts) else offsets[-1]) - starts[k]
+        if length < size:
+            found.add("shorter than a chunk")
+        if a == starts[k] and length == size:
+            found.add("equal to a chunk")
+        if chunk_of(e - 1) != k:
+            found.add("straddles a chunk boundary")
+        if a != starts[k]:
+            found.add("starts mid-chunk")
+        if e in ends_of_chunks:
+            found.add("ends at a chunk end")
+        per_chunk[k] = per_chunk.get(k, 0) + 1
+    if any(v > 1 for v in per_chunk.values()):
+        found.add("several sequences in one chunk")
+    return found
+
+
+@st.composite
+def sequence_lengths(draw, chunk, max_seqs=6, max_total=None):
+    """nseq >= 1 lengths drawn around a nominal ``chunk``: 0, 1, shorter than, equal to and longer
+    than a chunk; sometimes one is stretched so that a sequence ends exactly at a chunk end
+    (multiple of ``chunk`` in packed position). Shrinks towards one sequence of length 1."""
+    kinds = st.one_of(st.just(1), st.just(0), st.integers(2, max(2, chunk - 1)), st.just(chunk),
+                      st.integers(chunk + 1, 3 * chunk))
+    lengths = draw(st.lists(kinds, min_size=1, max_size=max_seqs))
+    if len(lengths) > 1 and draw(st.booleans()):
+        i = draw(st.integers(0, len(lengths) - 2))
+        end = sum(lengths[:i + 1])
+        lengths[i] += -end % chunk
+    if max_total is not None:
+        while sum(lengths) > max_total:
+            j = lengths.index(max(lengths))
+            lengths[j] //= 2
+    return tuple(lengths)
+
+
+def offsets_of(lengths):
+    """cu_seqlens as a list: 0 and each sequence's end."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+# --- Mamba-1: cases and inputs ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class VarlenCase:
+    """A packed Mamba-1 call: sequence lengths and the options of equivalence.cases.Case (b = 1)."""
+    lengths: tuple
+    d: int
+    n: int
+    g: int = 0
+    dtype: str = "f32"
+    regime: str = "mamba"
+    D: bool = True
+    z: bool = True
+    delta_bias: bool = True
+    softplus: bool = True
+    initial_state: bool = True
+    seed: int = 0
+
+    @property
+    def id(self):
+        opts = "".join(f"-{k}" for k in ("D", "z", "delta_bias", "softplus", "initial_state") if getattr(self, k))
+        return (f"lens{'_'.join(map(str, self.lengths))}-d{self.d}-n{self.n}-g{self.g}-{self.dtype}-"
+                f"{self.regime}{opts}-s{self.seed}")
+
+    @property
+    def offsets(self):
+        return offsets_of(self.lengths)
+
+    @property
+    def l(self):
+        return sum(self.lengths)
+
+    @property
+    def nseq(self):
+        return len(self.lengths)
+
+    def packed_case(self):
+        """The equivalence.cases.Case whose (1, d, l) inputs are the packed inputs."""
+        return Case(b=1, d=self.d, n=self.n, l=self.l, g=self.g, dtype=self.dtype, regime=self.regime, D=self.D,
+                    z=self.z, delta_bias=self.delta_bias, softplus=self.softplus, seed=self.seed)
+
+
+@st.composite
+def varlen_cases(draw, chunk=8, dtypes=tuple(DTYPES), regimes=REGIMES, max_d=6, max_n=4, max_seqs=6, max_total=80):
+    d = draw(st.integers(1, max_d))
+    divisors = [g for g in range(1, d + 1) if d % g == 0]
+    return VarlenCase(
+        lengths=draw(sequence_lengths(chunk, max_seqs, max_total)), d=d, n=draw(st.integers(1, max_n)),
+        g=draw(st.sampled_from([0] + divisors)), dtype=draw(st.sampled_from(dtypes)),
+        regime=draw(st.sampled_from(regimes)), D=draw(st.booleans()), z=draw(st.booleans()),
+        delta_bias=draw(st.booleans()), softplus=draw(st.booleans()), initial_state=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)))
+
+
+TIME_ARGS = ("u", "delta", "z", "B", "C")
+SEQUENCE_ARGS = TIME_ARGS + ("initial_state",)   # what belongs to one sequence
+
+
+def packed_inputs(case, dtype=None):
+    """selective_scan keyword arguments for the packed call: u, delta, z (1, d, l), B, C (1, n, l)
+    or (1, g, n, l), initial_state (nseq, d, n) or None, cu_seqlens (nseq + 1,) int32. With
+    dtype=torch.float64, the same values in float64 (the oracle's inputs)."""
+    x = make_inputs(case.packed_case(), dtype)
+    if case.initial_state:
+        gen = torch.Generator().manual_seed(case.seed + 7)
+        h0 = torch.randn(case.nseq, case.d, case.n, generator=gen, dtype=torch.float64)
+        h0 = h0.to(compute_dtype(DTYPES[case.dtype]))
+        x["initial_state"] = h0 if dtype is None else h0.to(dtype)
+    x["cu_seqlens"] = torch.tensor(case.offsets, dtype=torch.int32)
+    return x
+
+
+def sequence(x, i):
+    """The arguments of sequence i of packed inputs x, as an ordinary (b = 1) call."""
+    offsets = x["cu_seqlens"].tolist()
+    a, e = offsets[i], offsets[i + 1]
+    out = {k: (v[..., a:e] if k in TIME_ARGS and v is not None else v) for k, v in x.items() if k != "cu_seqlens"}
+    if x["initial_state"] is not None:
+        out["initial_state"] = x["initial_state"][i:i + 1]
+    return out
+
+
+def scan_alone(name, x):
+    """Each sequence of packed inputs x scanned alone by ``name`` (no cu_seqlens), concatenated:
+    y (1, d, l) and last_state (nseq, d, n). Differentiable where ``name`` is."""
+    ys, lasts = [], []
+    for i in range(x["cu_seqlens"].numel() - 1):
+        y, last = impls.selective_scan(**sequence(x, i), return_last_state=True, impl=name)
+        ys.append(y)
+        lasts.append(last)
+    return torch.cat(ys, -1), torch.cat(lasts)
+
+
+def repro(name, case, note=""):
+    return (f"impls.selective_scan(**equivalence.varlen_cases.packed_inputs(equivalence.varlen_cases.{case!r}), "
+            f"return_last_state=True, impl={name!r}){'  # ' + note if note else ''}")
+
+
+def _time_last(X, d):
+    """B or C (1, n, l) or (1, g, n, l) -> (1, d or 1, l, n)."""
+    return (X.repeat_interleave(d // X.shape[1], dim=1) if X.dim() == 4 else X[:, None]).transpose(-1, -2)
+
+
+def magnitudes(x64, weights=None):
+    """Sums of |terms| for packed inputs (float64), the scale of the tolerance's floor (as
+    equivalence.checks.magnitudes, per sequence: each restarts from |initial_state[i]|).
+
+    Returns (y scale, last_state scale, {argument: sum of |summands| of its gradient} or None),
+    the first two as tensors (1, d, l) and (nseq, d, n). weights: the loss's (1, d, l) and
+    (nseq, d, n) weights, as in check_gradients."""
+    d, l = x64["u"].shape[1], x64["u"].shape[2]
+    offsets = x64["cu_seqlens"].tolist()
+    raw = x64["delta"] if x64["delta_bias"] is None else x64["delta"] + x64["delta_bias"][:, None]
+    dt = F.softplus(raw) if x64["delta_softplus"] else raw
+    grad = weights is not None
+    leaves = {k: x64[k].abs().requires_grad_(grad) for k in ("u", "B", "C", "D", "initial_state") if x64[k] is not None}
+    if x64["z"] is not None:
+        leaves["z"] = x64["z"].clone().requires_grad_(grad)
+    n = x64["A"].shape[1]
+    decay = torch.exp(dt[..., None] * x64["A"][:, None, :])                       # (1, d, l, n)
+    B = _time_last(leaves["B"], d)
+    X = (dt.abs() * leaves["u"])[..., None] * B                                   # |dt B u|
+    states, previous = [], []
+    h0s = leaves.get("initial_state", torch.zeros(len(offsets) - 1, d, n, dtype=torch.float64))
+    lasts = []
+    for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
+        h = h0s[i:i + 1]
+        for t in range(a, e):
+            previous.append(h)
+            h = decay[:, :, t] * h + X[:, :, t]
+            states.append(h)
+        lasts.append(h)
+    H = torch.stack(states, 2) if states else decay                              # (1, d, l, n)
+    y = (H * _time_last(leaves["C"], d)).sum(-1)
+    if "D" in leaves:
+        y = y + leaves["D"][:, None] * leaves["u"]
+    if "z" in leaves:
+        y = y * F.silu(leaves["z"]).abs()
+    last = torch.cat(lasts)
+    if not grad:
+        return y.detach(), last.detach(), None
+    loss = (y * weights[0].abs()).sum() + (last * weights[1].abs()).sum()
+    grads = torch.autograd.grad(loss, [X, *leaves.values()], allow_unused=True)
+    lam = grads[0] if grads[0] is not None else torch.zeros_like(X)   # None when l = 0
+    sums = {k: (torch.zeros_like(v) if g is None else g.abs()) for (k, v), g in zip(leaves.items(), grads[1:])}
+    before = torch.stack(previous, 2) if previous else decay                    # h_{t-1}
+    decay_terms = (decay * lam * before).detach()                                 # Ā_t lambda_t h_{t-1}
+    sums["A"] = (dt.abs()[..., None] * decay_terms).sum((0, 2))
+    dsoftplus = torch.sigmoid(raw) if x64["delta_softplus"] else 1.0
+    sums["delta"] = dsoftplus * ((x64["A"].abs()[:, None, :] * decay_terms).sum(-1)
+                                 + (lam.detach() * B.detach()).sum(-1) * leaves["u"].detach())
+    if x64["delta_bias"] is not None:
+        sums["delta_bias"] = sums["delta"].sum((0, 2))
+    return y.detach(), last.detach(), sums
+
+
+def _max(t):
+    t = t.detach()
+    t = t[torch.isfinite(t)]
+    return float(t.max()) if t.numel() else None
+
+
+def _terms(case, output):
+    """Rounded terms in one element (equivalence.tolerance.terms): the longest sequence's steps,
+    plus the readout's n for y."""
+    longest = max(case.lengths)
+    return longest + case.n if output == "y" else longest
+
+
+# --- Mamba-1: the properties ------------------------------------------------------------------
+
+def check_alone(name, case):
+    """Values and last states of a packed call against each sequence scanned alone by the float64
+    loop (no cu_seqlens: the oracle never takes the packed path), under the tolerance policy."""
+    x = packed_inputs(case)
+    y, last = impls.selective_scan(**x, return_last_state=True, impl=name)
+    ref = scan_alone("loop", packed_inputs(case, torch.float64))
+    same = scan_alone("loop", x)
+    sy, ss, _ = magnitudes(packed_inputs(case, torch.float64))
+    where = repro(name, case)
+    assert_close(f"{name} packed: y", y, ref[0], same[0], _terms(case, "y"), where, scale=_max(sy))
+    assert_close(f"{name} packed: last_state", last, ref[1], same[1], _terms(case, "last"), where, scale=_max(ss))
+
+
+def _gradients(scan, x, weights, wrt):
+    leaves = {k: (v.detach().requires_grad_() if k in wrt else v) for k, v in x.items()}
+    y, last = scan(leaves)
+    loss = (y.double() * weights[0]).sum() + (last.double() * weights[1]).sum()
+    if not loss.requires_grad:   # no token and no initial state: nothing depends on any input
+        return dict.fromkeys(wrt)
+    return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)))
+
+
+def check_alone_gradients(name, case):
+    """Gradients of a random linear function of (y, last_state) of the packed call, for every
+    tensor input, initial states included, against float64 autograd through the loop run on each
+    sequence alone (the shared parameters' gradients summed over the sequences)."""
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    weights = (torch.randn(1, case.d, case.l, generator=gen, dtype=torch.float64),
+               torch.randn(case.nseq, case.d, case.n, generator=gen, dtype=torch.float64))
+    x, x64 = packed_inputs(case), packed_inputs(case, torch.float64)
+    wrt = [k for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state") if x[k] is not None]
+
+    def packed(leaves):
+        return impls.selective_scan(**leaves, return_last_state=True, impl=name)
+
+    got = _gradients(packed, x, weights, wrt)
+    ref = _gradients(lambda v: scan_alone("loop", v), x64, weights, wrt)
+    same = _gradients(lambda v: scan_alone("loop", v), x, weights, wrt)
+    sums = magnitudes(x64, weights)[2]
+    terms = case.l * (case.d // max(case.g, 1) + case.n)
+    for k in wrt:
+        zero = torch.zeros_like(x64[k])        # an input no output depends on (l = 0) has no gradient
+        g, r, s = (zero.to(x[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
+        assert_close(f"{name} packed: grad {k}", g, r, s, terms, repro(name, case, f"gradient of {k}"),
+                     scale=_max(sums[k]))
+
+
+def _perturbed(x, i, gen, value):
+    """A copy of packed inputs x with sequence i's tokens and initial state redrawn, or set to
+    ``value`` (nan, inf) at one token of u when given."""
+    out = dict(x)
+    offsets = x["cu_seqlens"].tolist()
+    a, e = offsets[i], offsets[i + 1]
+    for k in SEQUENCE_ARGS:
+        v = x[k]
+        if v is None or (k != "initial_state" and e == a):
+            continue
+        v = v.clone()
+        part = v[i:i + 1] if k == "initial_state" else v[..., a:e]
+        part.copy_(torch.randn(part.shape, generator=gen, dtype=torch.float64).to(v.dtype))
+        if value is not None and k == "u" and e > a:
+            part[..., (e - a) // 2] = float(value)
+        out[k] = v
+    return out
+
+
+def check_no_crossing(name, case, i, value=None):
+    """Perturbing sequence i (tokens and initial state; with ``value``, also a NaN or inf in u)
+    changes no output and no last state of any other sequence, bit for bit."""
+    i %= case.nseq
+    x = packed_inputs(case)
+    x2 = _perturbed(x, i, torch.Generator().manual_seed(case.seed + 11), value)
+    y, last = impls.selective_scan(**x, return_last_state=True, impl=name)
+    y2, last2 = impls.selective_scan(**x2, return_last_state=True, impl=name)
+    offsets = case.offsets
+    where = repro(name, case, f"sequence {i} perturbed" + (f", u = {value} at its middle token" if value else ""))
+    for j in range(case.nseq):
+        if j == i:
+            continue
+        a, e = offsets[j], offsets[j + 1]
+        if not torch.equal(y[..., a:e], y2[..., a:e]) or not torch.equal(last[j], last2[j]):
+            raise AssertionError(f"{name}: perturbing sequence {i} changed sequence {j}'s output or last state\n"
+                                 f"  reproduce: {where}")
+
+
+def check_prefill(name, case, i, k):
+    """Chunked prefill: sequence i split at token k across two packed calls (the sequences before
+    it and its first k tokens; then its remaining tokens, from the first call's last state, and the
+    sequences after it): the outputs and last states equal the float64 loop on each alone."""
+    i %= case.nseq
+    k = min(k, case.lengths[i])
+    x = packed_inputs(case)
+    offsets = case.offsets
+    cut = offsets[i] + k
+
+    def part(lo, hi, seqs, h0):
+        lens = [max(0, min(offsets[j + 1], hi) - max(offsets[j], lo)) for j in seqs]
+        out = {key: (v[..., lo:hi] if key in TIME_ARGS and v is not None else v) for key, v in x.items()}
+        out["cu_seqlens"] = torch.tensor(offsets_of(lens), dtype=torch.int32)
+        out["initial_state"] = h0
+        return out
+
+    h0 = x["initial_state"]
+    first = part(0, cut, range(i + 1), None if h0 is None else h0[:i + 1])
+    y1, last1 = impls.selective_scan(**first, return_last_state=True, impl=name)
+    others = h0 if h0 is not None else last1.new_zeros(case.nseq, case.d, case.n)   # zeros: no initial states
+    second = part(cut, case.l, range(i, case.nseq), torch.cat([last1[i:i + 1], others[i + 1:]]))
+    y2, last2 = impls.selective_scan(**second, return_last_state=True, impl=name)
+    y = torch.cat([y1, y2], -1)
+    last = torch.cat([last1[:i], last2])
+    ref = scan_alone("loop", packed_inputs(case, torch.float64))
+    same = scan_alone("loop", x)
+    sy, ss, _ = magnitudes(packed_inputs(case, torch.float64))
+    where = repro(name, case, f"sequence {i} split at its token {k} across two calls")
+    assert_close(f"{name} split prefill: y", y, ref[0], same[0], _terms(case, "y"), where, scale=_max(sy))
+    assert_close(f"{name} split prefill: last_state", last, ref[1], same[1], _terms(case, "last"), where,
+                 scale=_max(ss))
+
+
+def check_decoding(name, case, order_seed, padding):
+    """Decoding every sequence at once through state_batch_indices: a cache of nseq + 2 slots,
+    sequence i in a shuffled slot, each step's rows (the sequences with a token left, plus
+    ``padding`` rows of index -1) in a shuffled order. Outputs and final slots equal the float64
+    loop on each sequence alone; padding rows output exactly zeros; the spare slots are untouched."""
+    x = packed_inputs(case)
+    offsets = case.offsets
+    gen = torch.Generator().manual_seed(order_seed)
+    nslots = case.nseq + 2
+    slot_of = torch.randperm(nslots, generator=gen)[:case.nseq].tolist()
+    f = x["A"].dtype
+    cache = torch.randn(nslots, case.d, case.n, generator=gen, dtype=torch.float64).to(f)
+    for i, s in enumerate(slot_of):
+        cache[s] = 0 if x["initial_state"] is None else x["initial_state"][i]
+    spare = [s for s in range(nslots) if s not in slot_of]
+    spare_before = cache[spare].clone()
+    y = torch.full_like(x["u"], float("nan"))
+    where = repro(name, case, f"decoded through state_batch_indices, order seed {order_seed}, {padding} padding rows")
+    for t in range(max(case.lengths, default=0)):
+        live = [i for i in range(case.nseq) if t < case.lengths[i]]
+        rows = live + [-1] * padding
+        rows = [rows[r] for r in torch.randperm(len(rows), generator=gen).tolist()]
+        pos = [offsets[i] + t if i >= 0 else 0 for i in rows]   # a padding row reads some token
+
+        def take(X):  # (1, ..., l) -> (rows, ...): each row's token
+            return None if X is None else X[0][..., pos].movedim(-1, 0)
+
+        indices = torch.tensor([slot_of[i] if i >= 0 else -1 for i in rows], dtype=torch.int32)
+        out = impls.selective_state_update(cache, take(x["u"]), take(x["delta"]), x["A"], take(x["B"]),
+                                           take(x["C"]), x["D"], take(x["z"]), x["delta_bias"], x["delta_softplus"],
+                                           state_batch_indices=indices, impl=name)
+        for r, i in enumerate(rows):
+            if i < 0:
+                if not torch.equal(out[r], torch.zeros_like(out[r])):
+                    raise AssertionError(f"{name}: a padding row's output is not zero\n  reproduce: {where}")
+            else:
+                y[0, :, offsets[i] + t] = out[r]
+    if not torch.equal(cache[spare], spare_before):
+        raise AssertionError(f"{name}: decoding changed a cache slot no row owns\n  reproduce: {where}")
+    last = cache[slot_of]
+    ref = scan_alone("loop", packed_inputs(case, torch.float64))
+    same = scan_alone("loop", x)
+    sy, ss, _ = magnitudes(packed_inputs(case, torch.float64))
+    assert_close(f"{name} decoding: y", y, ref[0], same[0], _terms(case, "y"), where, scale=_max(sy))
+    assert_close(f"{name} decoding: slots", last, ref[1], same[1], _terms(case, "last"), where, scale=_max(ss))
+
+
+def chunk_starts(name, case):
+    """Packed positions where the chunks of ``name`` start on this case: parallel's plan (with
+    whatever plan constants are in force), every token for a step-by-step implementation, and 0
+    alone for one that scans in one piece (the loop)."""
+    if case.l == 0:
+        return [0]
+    if name == "parallel":
+        from impls import parallel
+
+        x = packed_inputs(case)
+        p = parallel._Plan(x["u"], x["A"], x["B"], x["C"])
+        return sorted({a + k * p.T for a, _ in p.segments for k in range(p.K) if a + k * p.T < max(case.l, 1)})
+    if name == "recurrent":
+        return list(range(max(case.l, 1)))
+    return [0]
+
