@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PYTHON) -m pytest
 
-# The default sweep resumes results/results.jsonl if an earlier run was interrupted;
-# `make clean-results` starts afresh.
+# The default sweep resumes results/results.jsonl, reusing only points measured at this commit, tree,
+# machine and settings (it says how many); after a code change it measures everything again, and the
+# report shows the file's latest run only, listing what it left out. `make clean-results` starts afresh.
 report: $(STAMP)
 	$(VENV)/bin/scanbench sweep --resume --out results/results.jsonl
 	$(VENV)/bin/scanbench report --results results/results.jsonl --out results/report

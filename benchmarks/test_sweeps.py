@@ -17,3 +17,25 @@ def test_default_sweeps_measure_an_installed_plugin(monkeypatch):
     assert "my_kernel" in {p["impl"] for p in accuracy.points("quick", None)}
     # the floor is every group's denominator, so it comes with any choice
     assert {p["impl"] for p in scan_grid.points("quick", ["parallel"])} == {"parallel", "floor"}
+
+
+def test_accuracy_sweep_catches_the_grouped_bug_of_the_example_plugin(monkeypatch):
+    """my_kernel is right for ungrouped B/C and wrong for g > 1: the accuracy sweep (and so the
+    report) must say it fails, not "within policy"."""
+    monkeypatch.syspath_prepend(EXAMPLE)
+    monkeypatch.setattr(metadata, "entry_points", fake_entry_points("my_kernel:register"))
+    if "my_kernel" not in impls.names():
+        assert impls.load_plugins() == {"my_kernel": None}
+    pts = [p for p in accuracy.points("quick", ["my_kernel"]) if p.get("dtype") == "f32" and p["regime"] == "mamba"]
+    by_variant = {p["variant"]: p for p in pts}
+    assert by_variant["grouped+initial_state"]["g"] > 1 and by_variant["grouped+initial_state"]["initial_state"]
+    assert accuracy.measure(by_variant["plain"])["within_policy"]
+    assert not accuracy.measure(by_variant["grouped+initial_state"])["within_policy"]
+
+
+def test_accuracy_sweep_names_declared_gaps():
+    gaps = [p for p in accuracy.points("quick", ["mambapy"]) if p.get("kind") == "skipped"]
+    assert len(gaps) == 1 and "grouped B/C" in gaps[0]["reason"]
+    measured = [p for p in accuracy.points("quick", ["mambapy"])
+                if p.get("variant") == "grouped+initial_state" and p.get("kind") != "skipped"]
+    assert measured and all(p["g"] == 0 and p["initial_state"] for p in measured)   # still tests initial_state

@@ -76,7 +76,7 @@ def latest_run(path, records):
         runs.setdefault(_run_of(r), []).append(r)
     if len(runs) <= 1:
         return records, []
-    latest = max(runs, key=lambda k: max(str(r.get("finished", "")) for r in runs[k]))
+    latest = _run_of(records[-1])   # files are appended to: the last line is the latest run's
     problems = []
     for k, rs in runs.items():
         if k != latest:

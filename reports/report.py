@@ -209,6 +209,8 @@ def plot_scan_grid(table, path):
             ax.annotate(f"{m:.3g} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()), rotation=90,
                         fontsize=6, ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
     ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, 0.5), high * 3)  # room for the ms labels, and the floor's line in view
     ax.set_xticks(range(len(points)), [f"{e:,} × {l:,}" for e, l in points], rotation=20)
     ax.axhline(1, color="k", lw=0.8)
     _label_axes(ax, "elements per step (b·d·n) × sequence length l", "time / floor (paired, median of rounds)",
@@ -307,7 +309,7 @@ TARGETS = (
 def targets_table(data, slopes):
     out = []
     for text, what, where, bound in TARGETS:
-        measured, status = None, "not measured"
+        measured, status = "–", "not measured"
         if what == "slope" and not slopes.empty:
             s = slopes[(slopes["level"] == where) & (slopes["mode"] == "recurrent") & (slopes["impl"] == "recurrent")]
             if not s.empty:
@@ -323,7 +325,7 @@ def targets_table(data, slopes):
                     r = rows.iloc[0]
                     measured = f"{r['ratio']:,.0f}x [{r['ratio_q1']:,.0f}, {r['ratio_q3']:,.0f}]"
                     status = "unstable" if r.get("unstable") else ("met" if r["ratio"] >= bound else "NOT met")
-            if measured is None:
+            if measured == "–":
                 status = "not measured (needs L = 8192: the default sweep)"
         elif what == "peer":
             rows = peers_table(data)

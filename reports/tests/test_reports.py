@@ -12,7 +12,7 @@ from benchmarks.common import append_jsonl, paired_ratio
 from equivalence import planted_bugs
 from reports import cli
 from reports.load import load
-from reports.report import scan_grid_table, slope_table
+from reports.report import scan_grid_table, slope_label, slope_table, targets_table
 
 MACHINE = dict(host="testhost", machine="x86_64", cpus=2, threads=1, torch="2.13.0", commit="abc1234")
 ROUNDS = 15
@@ -62,6 +62,7 @@ def write_results(path, speed=1.0, slow_point=None, seed=0, noise=0.03, load_noi
     records.append(_point("time_per_token", kind="per_token", level="model_small", impl="recurrent", mode="recurrent",
                           L=256, median_s=speed * 1e-3, threads=1,
                           **paired_ratio([0.6] * ROUNDS, [1.0] * ROUNDS, to="mambapy")))
+    records.append(_point("scan_grid", kind="skipped", impl="triton", reason="interpreted (case_limits ...)"))
     records.append(_point("decode_split", level="model_small", impl="recurrent", median_s=speed * 1e-3, total_s=speed * 1e-3,
                           share_projections=0.4, share_scan_step=0.35, share_conv=0.1, share_norm=0.1, share_overhead=0.05))
     for r in records:
@@ -382,3 +383,36 @@ def test_interleaved_pairs_share_the_load():
     assert r["ratio_q1"] == r["ratio_q3"] == pytest.approx(2.0) and not r["unstable"]
     assert max(timed["b"]["times_s"]) == pytest.approx(3 * min(timed["b"]["times_s"]))   # the load was there
     assert len(timed["a"]["times_s"]) == 8 and timed["a"]["calls_per_block"] == 1
+
+
+def test_report_sections_say_what_was_left_out_unstable_and_unresolved(tmp_path):
+    path = tmp_path / "a.jsonl"
+    records = write_results(path)
+    noisy = [r for r in records if r.get("kind") == "per_token" and r["mode"] == "reforward" and r["impl"] == "loop"]
+    append_jsonl(path, dict(noisy[0], L=2048, median_s=1.0, key=noisy[0]["key"] + "2048",
+                            **paired_ratio([1.0, 5.0, 1.0, 5.0, 3.0], [1.0] * 5, to="recurrent/recurrent")))
+    for L in (64, 256, 1024):   # the default step, flat
+        append_jsonl(path, _point("time_per_token", kind="per_token", level="scan", impl="recurrent", mode="recurrent",
+                                  L=L, median_s=1e-4 * (1 + 0.01 * (L == 256)), threads=1))
+    data, _ = load([str(path)])
+    slopes = slope_table(data).set_index(["impl", "mode"])
+    assert slopes.loc[("loop", "reforward"), "unstable_left_out"] == 1                  # never fitted
+    assert slopes.loc[("loop", "reforward"), "slope"] == pytest.approx(1.0, abs=1e-9)
+    grid = scan_grid_table(data)
+    assert grid[["elements_per_step", "l"]].drop_duplicates().values.tolist() == [[1024, 512], [1024, 2048]]
+    assert (grid["ms"] > 0).all() and grid["threads"].eq(1).all()
+    targets = targets_table(data, slope_table(data))["status"].tolist()
+    # flat scan-level decoding (slope 0); no model-level, L = 8192 or 130m points; 0.6x mamba.py > 0.5
+    assert targets == ["met", "not measured", "not measured (needs L = 8192: the default sweep)", "not measured",
+                       "NOT met"]
+    assert cli.main(["report", "--results", str(path), "--out", str(tmp_path / "r")]) == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    scan = md[md.index("## Scan speed grid"):]
+    assert "Left out of this section:" in scan and "triton: interpreted" in scan
+    assert "threads_of_points" in md and "load_avg" in md
+
+
+def test_slope_labels_carry_their_interval():
+    assert slope_label(dict(slope=0.94, ci_low=0.9, ci_high=0.98)) == "slope 0.94 ± 0.04"
+    assert slope_label(dict(slope=0.94, ci_low=-6.39, ci_high=8.27)) == "slope not resolved (±7.33)"
+    assert slope_label(dict(slope=1.0, ci_low=float("nan"), ci_high=float("nan"))) == "slope not resolved"
