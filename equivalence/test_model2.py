@@ -130,6 +130,78 @@ def test_forward_and_steps_match_the_float64_spec(case):
         check("prefill + steps", case, got, oracle[:, prefix - 1:], baseline[:, prefix - 1:], l, n)
 
 
+def reference_mixer(mixer, hidden):
+    """The Mamba-2 block written out token by token in float64 from the official module
+    (mamba_ssm/modules/mamba2.py, Mamba2.step, and layernorm_gated.rms_norm_ref), sharing no code
+    with impls/model2.py: in_proj -> [z, xBC, dt]; causal conv over xBC (k taps) + SiLU; dt =
+    clamp(softplus(dt + dt_bias), dt_limit); state = exp(dt A) state + dt x B^T per head (head i
+    reads group i // (h / g)); y = state C + D x; then RMSNorm(y * silu(z)) per group (or
+    RMSNorm(y) * silu(z) with norm_before_gate, or y * silu(z) without rmsnorm); out_proj.
+    hidden: (b, l, m) float64 -> (b, l, m)."""
+    P = {k: v.detach().double() for k, v in mixer.state_dict().items()}
+    c = mixer
+    b, l, _ = hidden.shape
+    d, h, p, g, n, k = c.d_inner, c.nheads, c.headdim, c.ngroups, c.d_state, c.d_conv
+    proj = hidden @ P["in_proj.weight"].T + (P["in_proj.bias"] if "in_proj.bias" in P else 0)
+    z, xBC, dt = proj[..., :d], proj[..., d:d + c.conv_dim], proj[..., d + c.conv_dim:]
+    w = P["conv1d.weight"][:, 0]                                       # (c, k)
+    padded = torch.cat([torch.zeros(b, k - 1, c.conv_dim, dtype=torch.float64), xBC], 1)
+    conv = sum(padded[:, j:j + l] * w[:, j] for j in range(k)) + (P["conv1d.bias"] if "conv1d.bias" in P else 0)
+    conv = conv * torch.sigmoid(conv)
+    x, B, C = conv[..., :d], conv[..., d:d + g * n], conv[..., d + g * n:]
+    A = -torch.exp(P["A_log"])
+    D = P["D"].view(h, p) if P["D"].numel() == d else P["D"][:, None].expand(h, p)
+    lo, hi = c.dt_limit
+    dt = torch.nn.functional.softplus(dt + P["dt_bias"]).clamp(lo, hi)   # (b, l, h)
+    state = torch.zeros(b, h, p, n, dtype=torch.float64)
+    ys = []
+    for t in range(l):
+        for i in range(h):
+            grp = i // (h // g)
+            Bt, Ct = B[:, t, grp * n:(grp + 1) * n], C[:, t, grp * n:(grp + 1) * n]
+            xi = x[:, t, i * p:(i + 1) * p]
+            state[:, i] = torch.exp(dt[:, t, i] * A[i])[:, None, None] * state[:, i] + \
+                dt[:, t, i][:, None, None] * xi[:, :, None] * Bt[:, None, :]
+        y = torch.stack([state[:, i] @ C[:, t, (i // (h // g)) * n:(i // (h // g) + 1) * n, None]
+                         for i in range(h)], 1)[..., 0] + D * x[:, t].view(b, h, p)
+        ys.append(y.reshape(b, d))
+    y = torch.stack(ys, 1)
+    gate = z * torch.sigmoid(z)
+    if "norm.weight" not in P:
+        y = y * gate
+    else:
+        before = c.norm.norm_before_gate
+        v = y if before else y * gate
+        grouped = v.view(b, l, g, d // g)
+        v = (grouped / torch.sqrt(grouped.pow(2).mean(-1, keepdim=True) + 1e-5)).view(b, l, d) * P["norm.weight"]
+        y = v * gate if before else v
+    return y @ P["out_proj.weight"].T + (P["out_proj.bias"] if "out_proj.bias" in P else 0)
+
+
+@pytest.mark.parametrize("case", [
+    Case(l=11, b=2, ngroups=2, D_has_hdim=True, chunk_size=4, bias=True, dt_limit=(0.01, 0.05), seed=21),
+    Case(l=9, d_conv=3, norm_before_gate=True, ngroups=2, chunk_size=8, conv_bias=False, seed=22),
+    Case(l=7, rmsnorm=False, headdim=4, chunk_size=2, seed=23),
+], ids=["grouped-Dhp-bias-dtlimit", "norm_before_gate", "no-rmsnorm"])
+def test_mixer_matches_a_written_out_reference(case):
+    """Each block's forward, and its prefill + steps, against reference_mixer in float64 (an
+    independent reading of the official block: the options transformers lacks are covered here)."""
+    model, model64, _ = case.build()
+    mixer = model64.backbone.layers[0].mixer
+    hidden = torch.randn(case.b, case.l, case.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference_mixer(mixer, hidden)
+        torch.testing.assert_close(mixer(hidden, impl="loop"), want, rtol=1e-10, atol=1e-10)
+        cache = model64.new_cache(case.b)
+        half = case.l // 2
+        mixer(hidden[:, :half], impl="loop", cache=cache.layers[0])
+        steps, phase = [], case.d_conv - 1
+        for t in range(half, case.l):
+            steps.append(mixer.step(hidden[:, t], cache.layers[0], phase, None, "recurrent"))
+            phase = (phase + 1) % case.d_conv
+        torch.testing.assert_close(torch.stack(steps, 1), want[:, half:], rtol=1e-10, atol=1e-10)
+
+
 def test_every_ssd_implementation_drives_the_model(ssd_impl):
     """Each registered SSD implementation (``--ssd-impl``) as the model's scan, and with a step as its
     decoding step, gives the float64 oracle's logits."""
