@@ -9,13 +9,15 @@ softplus; no initial_state, which mamba.py's pscan lacks). Implementations:
     mambapy          the mambapy package's pscan (a pure-PyTorch Blelloch scan over (b, l, d, n)
                      tensors), registered through its adapter (impls/mambapy_adapter.py), which the
                      equivalence suite checks like every implementation
-    floor            one elementwise pass computing exp(dt ⊗ A) over all b·d·l·n elements, in place:
-                     torch.mul(dt, A, out=buf); buf.exp_(), into a buffer allocated once, outside the
-                     timed region. An allocating floor (torch.exp(dt.unsqueeze(-1) * A)) measured
-                     page faults rather than work: 0.38, 0.93 and 29.6 ms at d = 64, l = 512, 2048,
-                     8192. The floor is a unit of work, not a lower bound: it writes all b·d·l·n
-                     elements to memory, which a scan streaming through cache (parallel) never
-                     does, so a ratio below 1 is possible
+    floor            one elementwise pass computing exp(dt ⊗ A) over all b·d·l·n elements, in
+                     place, in pieces along l of at most FLOOR_PIECE_BYTES (1 MiB) into one buffer
+                     allocated outside the timed region: torch.mul(dt_piece, A, out=buf); buf.exp_().
+                     An allocating floor (torch.exp(dt.unsqueeze(-1) * A)) measured page faults rather
+                     than work: 0.38, 0.93 and 29.6 ms at d = 64, l = 512, 2048, 8192. A floor writing
+                     the whole tensor to memory measured memory bandwidth, which other processes on a
+                     shared machine take: its ratio to a scan that streams through cache (parallel)
+                     moved by half between runs. In cache-sized pieces the floor is the exps' work, as
+                     the scans' is. It is a unit of work, not a lower bound
 Implementations run interpreted (declared ``case_limits``: Triton's interpreter on a CPU) are left
 out with a "skipped" record giving the reason.
 
@@ -34,8 +36,7 @@ descheduled thread at every parallel region, and an implementation is slowed by 
 not its work: a ratio between a many-op scan and the two-op floor then measures the load.
 
 Points whose estimated memory would not fit in what the machine has free are refused with a
-MemoryError (recorded by the runner, visible in the report); a floor whose buffer alone would be
-over FLOOR_PIECE_BYTES is run over l in pieces (floor_pieces).
+MemoryError (recorded by the runner, visible in the report).
 """
 
 import json
@@ -56,7 +57,7 @@ PEERS = ("loop", "mambapy")          # the faster of these at a point is the bes
 MEMORY_POINT = dict(b=1, d=1536, n=16, l=65536)
 THREADS = int(os.environ.get("SCAN_GRID_THREADS", "1"))
 ROUNDS, BLOCK_S, GROUP_BUDGET_S = 21, 0.025, 20.0   # interleaved rounds; seconds per block; per group
-FLOOR_PIECE_BYTES = 2 << 30
+FLOOR_PIECE_BYTES = 1 << 20   # the floor's buffer: 1 MiB, reused piece after piece, so it stays in cache
 # Peak memory of one call, in full (b, d, l, n) float32 tensors, for refusing what cannot fit.
 FULL_TENSORS = {("mambapy", "forward"): 5, ("mambapy", "forward+backward"): 9,
                 ("loop", "forward+backward"): 6}
@@ -159,8 +160,8 @@ def _refuse_if_too_big(point, full_bytes):
 
 
 def _floor_call(point):
-    """exp(dt ⊗ A) over all b·d·l·n elements into a buffer made here (outside the timed call), in
-    pieces along l if the buffer would be too big. Returns (fn, pieces)."""
+    """exp(dt ⊗ A) over all b·d·l·n elements, in pieces along l of at most FLOOR_PIECE_BYTES, into
+    one buffer made here (outside the timed call). Returns (fn, pieces)."""
     b, d, n, l = point["b"], point["d"], point["n"], point["l"]
     gen = torch.Generator().manual_seed(0)
     dt = torch.rand(b, d, l, generator=gen) * 0.1
@@ -222,7 +223,7 @@ def _measure_group(point, members):
             _refuse_if_too_big(p, full_bytes)
             if impl == "floor":
                 fn, pieces = _floor_call(p)
-                extra = dict(floor_pieces=pieces, floor="in place, buffer allocated outside the timed call")
+                extra = dict(floor_pieces=pieces, floor="in place, 1 MiB pieces, buffer allocated outside the timed call")
             else:
                 fn, extra = _scan_call(p), {}
             t0 = time.perf_counter()
