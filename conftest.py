@@ -63,17 +63,41 @@ def _load(spec):
     return getattr(mod, attr)
 
 
+def _python_name(spec):
+    """'pkg.mod:fn' -> ('pkg.mod', 'pkg.mod.fn'): the import and the expression, for a plain script."""
+    module, _, attr = spec.partition(":")
+    return module, f"{module}.{attr}"
+
+
+def _register_probed(name, scan, step, setup):
+    """Register a plain function under ``name`` with the capabilities its tiny probe calls showed
+    (equivalence/checks.py: probe_capabilities), and how a plain script registers it the same way."""
+    from equivalence.checks import PROBED, SETUP, probe_capabilities
+
+    supports, notes = probe_capabilities(scan)
+    impls.register(name, scan, step=step, **supports)
+    PROBED[name] = notes
+    SETUP[name] = setup
+
+
 def _select(config):
     from impls.recurrent import scan_by_stepping
+    from equivalence.checks import SETUP
 
-    step = _load(config.getoption("impl_step")) if config.getoption("impl_step") else None
+    step_spec = config.getoption("impl_step")
+    step = _load(step_spec) if step_spec else None
     chosen = []
     for spec in config.getoption("impl"):
         if spec in impls.names():
             chosen.append(spec)
         elif ":" in spec:
             if spec not in impls.names():
-                impls.register(spec, _load(spec), step=step)
+                module, expr = _python_name(spec)
+                setup = f"import {module}; impls.register({spec!r}, {expr})"
+                if step is not None:
+                    smodule, sexpr = _python_name(step_spec)
+                    setup = f"import {module}, {smodule}; impls.register({spec!r}, {expr}, step={sexpr})"
+                _register_probed(spec, _load(spec), step, setup)
             chosen.append(spec)
             step = None
         elif "." in spec or importlib.util.find_spec(spec) is not None:
@@ -82,6 +106,8 @@ def _select(config):
             added = [n for n in impls.names() if n not in before]
             if not added:
                 raise pytest.UsageError(f"--impl {spec}: importing it registered no implementation")
+            for name in added:  # declared at registration: those capabilities stand, nothing is probed
+                SETUP[name] = f"import {spec}"
             chosen += added
         elif spec == "mamba_ssm":
             raise pytest.UsageError("--impl mamba_ssm: registered only where the mamba_ssm package imports and "
@@ -90,14 +116,19 @@ def _select(config):
             raise pytest.UsageError(f"--impl {spec}: not a registered implementation "
                                     f"({', '.join(impls.names())}), a module, or module:function")
     if step is not None:  # a step on its own: its scan is the step, token by token
-        name = config.getoption("impl_step")
+        name = step_spec
         if name not in impls.names():
-            impls.register(name, scan_by_stepping(step), step=step)
+            module, expr = _python_name(name)
+            _register_probed(name, scan_by_stepping(step), step,
+                             f"import {module}; from impls.recurrent import scan_by_stepping; "
+                             f"impls.register({name!r}, scan_by_stepping({expr}), step={expr})")
         chosen.append(name)
     return tuple(dict.fromkeys(chosen)) or impls.names()
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "only_for(name): tests of one implementation's internals, collected only "
+                                       "when that implementation is under test")
     if not config.getoption("hypothesis_profile", None):
         settings.load_profile(os.environ.get("SCAN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
     config.selected_impls = _select(config)
@@ -116,7 +147,30 @@ def _xfail_prefixes(config):
             for parts in lines if parts[0].strip()}
 
 
+# The order a failure is best met in: values (the drawn, shrunk case first, then the pinned edge
+# cases), then invariants, then gradients; everything else after. A forward bug then shows first as
+# a wrong value on the smallest case, not as a failed split or gradient, whose names point away from it.
+ORDER = ("equivalence/test_values.py", "equivalence/test_invariants.py", "equivalence/test_gradients.py")
+
+
+def _rank(item):
+    path = item.nodeid.split("::")[0]
+    if path not in ORDER:
+        return 2 * len(ORDER)
+    return 2 * ORDER.index(path) + ("::test_pinned_" in item.nodeid)
+
+
 def pytest_collection_modifyitems(config, items):
+    # Tests of one implementation's internals (pytest.mark.only_for) are not collected when it is not
+    # under test: deselected (one count in the summary), not a skip line each.
+    keep, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("only_for")
+        (dropped if marker and marker.args[0] not in config.selected_impls else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+    items.sort(key=_rank)  # stable: within a rank, the files' own order
     prefixes = _xfail_prefixes(config)
     used = set()
     for item in items:
@@ -127,6 +181,28 @@ def pytest_collection_modifyitems(config, items):
     for prefix in set(prefixes) - used:
         config.issue_config_time_warning(pytest.PytestConfigWarning(
             f"--xfails-file: {prefix!r} matches no collected test"), stacklevel=2)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failed property check, say what the failing case needs: the check re-run once, for the
+    final (shrunk) failure only, with each option off and each axis reduced (checks.what_it_needs)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or call.excinfo is None:
+        return
+    from equivalence.checks import CaseFailure, what_it_needs
+
+    failure, todo = None, [call.excinfo.value]
+    while todo and failure is None:  # hypothesis may wrap several distinct failures in a group
+        e = todo.pop(0)
+        if isinstance(e, CaseFailure):
+            failure = e
+        todo += list(getattr(e, "exceptions", ())) + [x for x in (e.__cause__, e.__context__) if x is not None]
+    if failure is not None:
+        lines = what_it_needs(failure)
+        report.sections.append((f"what the failure needs ({failure.case.id}, re-run with each option off and "
+                                f"each axis reduced)", "\n".join(lines)))
 
 
 def pytest_report_header(config):
@@ -152,6 +228,8 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize(fixture, [
                 n if has(impls.get(n)) else pytest.param(n, marks=pytest.mark.skip(reason=f"{n}: declared gap: {gap}"))
                 for n in metafunc.config.selected_impls])
+
+
 # ---- Mamba-2 SSD (issue 15): the SSD family's plug-in options and fixtures --------------------------
 # Hook implementations of their own (specname), so the SSD block and the Mamba-1 hooks above stay apart.
 #     pytest --ssd-impl chunked                     # SSD tests of one registered SSD implementation

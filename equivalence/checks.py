@@ -5,6 +5,10 @@ The tests draw cases with hypothesis and call these; test_planted_bugs.py asks h
 a case on which each planted bug fails one of them.
 """
 
+import dataclasses
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -29,9 +33,114 @@ def supported(entry, case):
     return case.torch_dtype in s["dtypes"] and (s["grouped"] or not case.g) and (s["initial_state"] or not case.initial_state)
 
 
+# name -> Python statements that register it in a plain script, for implementations that a plain
+# ``import impls`` does not register (``--impl mod:fn``, ``--impl-step``, a module registering on
+# import): filled by conftest.py, read by repro().
+SETUP = {}
+
+
 def repro(name, case, call="selective_scan"):
-    return (f"impls.{call}(**equivalence.cases.make_inputs(equivalence.cases.{case!r}), "
+    """One line that reproduces the call in a plain Python script (python -c "..."), whatever
+    registered ``name``: the imports and registration it needs, then the call on the case's inputs."""
+    setup = SETUP.get(name, "")
+    return (f"import impls, equivalence.cases; {setup + '; ' if setup else ''}"
+            f"out = impls.{call}(**equivalence.cases.make_inputs(equivalence.cases.{case!r}), "
             f"return_last_state=True, impl={name!r})")
+
+
+class CaseFailure(AssertionError):
+    """A property check failed on a case. Carries what is needed to re-run the check on other cases
+    (conftest.py does so once, for the final, shrunk failure, to say what the bug needs)."""
+
+    def __init__(self, message, name, case, rerun):
+        super().__init__(message)
+        self.name, self.case, self.rerun = name, case, rerun
+
+
+def _case_check(check):
+    """Decorate a check(name, case, *extra): its AssertionError becomes a CaseFailure that can re-run it."""
+
+    @functools.wraps(check)
+    def wrapper(name, case, *extra):
+        case = case.within(impls.get(name).supports["case_limits"])  # what it runs on is what it reports
+        try:
+            return check(name, case, *extra)
+        except CaseFailure:
+            raise
+        except AssertionError as e:
+            raise CaseFailure(str(e), name, case, lambda c: check(name, c, *extra)) from None
+
+    return wrapper
+
+
+OPTIONS = ("D", "z", "delta_bias", "softplus", "initial_state", "strided")
+
+
+def what_it_needs(failure, budget_s=120.0):
+    """What a failing case needs in order to fail, found by re-running the check with each option
+    off, each axis reduced, the grouping, dtype and regime made plain, one change at a time.
+
+    Returns lines such as "fails only with g > 1 and d/g > 1", "only with initial_state",
+    "only at l >= 65 (passes at l = 64)", and what the failure does not need. Axes are searched by
+    bisection (assuming a failure at some size persists at larger ones); re-runs stop after budget_s.
+    """
+    case, start = failure.case, time.monotonic()
+    tried = {}
+
+    def fails(**change):
+        c = dataclasses.replace(case, **change)
+        if c.g and c.d % c.g:
+            return True
+        if c not in tried:
+            if time.monotonic() - start > budget_s:
+                raise TimeoutError
+            try:
+                failure.rerun(c)
+                tried[c] = False
+            except Exception:  # an AssertionError, or a crash: either way it still fails
+                tried[c] = True
+        return tried[c]
+
+    needs, not_needed, notes = [], [], []
+    try:
+        for opt in OPTIONS:
+            if getattr(case, opt) and not (case.poison and case.poison[0] == opt):  # the poison needs its argument
+                (needs if not fails(**{opt: False}) else not_needed).append(opt)
+        if case.poison:
+            arg, _, value = case.poison
+            if not fails(poison=()):
+                needs.append(f"the {value} in {arg}")
+        if case.g > 1:
+            if not fails(g=0) and not fails(g=1):
+                needs.append("g > 1")
+                if case.d // case.g > 1 and not fails(d=case.g):
+                    needs.append("d/g > 1")
+        elif case.g == 1 and not fails(g=0):
+            needs.append("grouped B/C (g = 1)")
+        if case.dtype != "f32" and not fails(dtype="f32"):
+            needs.append(f"dtype {case.dtype} (passes in f32)")
+        if case.regime != "mamba" and not fails(regime="mamba"):
+            needs.append(f"the {case.regime} regime (passes in mamba)")
+        for axis in ("b", "d", "n", "l"):
+            step = case.g if axis == "d" and case.g else 1
+            lo, hi = 1, getattr(case, axis) // step      # hi fails; find the smallest multiple that does
+            if hi == 1:
+                continue
+            if fails(**{axis: step}):
+                notes.append(f"{axis} = {step}")
+                continue
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fails(**{axis: mid * step}) else (mid, hi)
+            needs.append(f"{axis} >= {hi * step} (passes at {axis} = {lo * step})")
+    except TimeoutError:
+        notes.append(f"(stopped after {budget_s:.0f} s of re-runs)")
+    lines = ["fails only with " + " and ".join(needs) if needs else "fails with every option off and every axis at its smallest"]
+    if not_needed:
+        lines.append("still fails without " + ", ".join(not_needed))
+    if notes:
+        lines.append("still fails at " + ", ".join(notes))
+    return lines
 
 
 def oracle(case):
@@ -114,16 +223,24 @@ def scales(case):
     return tuple(_finite_max(t) for t in magnitudes(case)[:2])
 
 
+def infinite_decay(case):
+    """Whether the case's poison makes a step's dt -inf, so its decay exp(dt A) is +inf (A < 0)."""
+    return bool(case.poison) and case.poison[0] in ("delta", "delta_bias") and case.poison[2] == "-inf" and not case.softplus
+
+
 def assert_matches_oracle(what, case, y, state, ref, same, where):
     sy, ss = scales(case)
-    assert_close(f"{what}: y", y, ref[0], same[0], terms("y", case.l, case.n), where, scale=sy)
-    assert_close(f"{what}: last_state", state, ref[1], same[1], terms("last_state", case.l, case.n), where, scale=ss)
+    kinds = not infinite_decay(case)  # which non-finite value an infinite decay gives is order-dependent
+    assert_close(f"{what}: y", y, ref[0], same[0], terms("y", case.l, case.n), where, scale=sy, exact_kinds=kinds)
+    assert_close(f"{what}: last_state", state, ref[1], same[1], terms("last_state", case.l, case.n), where,
+                 scale=ss, exact_kinds=kinds)
 
 
 def time_slice(inputs, start, stop):
     return {k: (v[..., start:stop] if k in TIME_ARGS and v is not None else v) for k, v in inputs.items()}
 
 
+@_case_check
 def check_values(name, case):
     """Values and last_state against the float64 loop; an undeclared capability must be refused."""
     entry, case = prepare(name, case)
@@ -139,6 +256,7 @@ def check_values(name, case):
     assert_matches_oracle(name, case, y, state, ref, same, repro(name, case))
 
 
+@_case_check
 def check_split(name, case, k):
     """Scan the first k tokens, continue from last_state: the same as one scan of everything."""
     entry, case = prepare(name, case)
@@ -153,6 +271,7 @@ def check_split(name, case, k):
                           repro(name, case) + f"  # split at k={k}")
 
 
+@_case_check
 def check_prefill_then_decode(name, case, k):
     """Prefill k tokens with the scan, then one step per token: the generation path of a model."""
     entry, case = prepare(name, case)
@@ -189,6 +308,7 @@ def _perturbed(x, keys, index, gen):
     return out
 
 
+@_case_check
 def check_causality(name, case, t):
     """Changing token t changes no output before t (bit for bit) and does change the output from t on."""
     entry, case = prepare(name, case)
@@ -201,13 +321,23 @@ def check_causality(name, case, t):
     y = impls.selective_scan(**x, impl=name)
     y2 = impls.selective_scan(**x2, impl=name)
     where = repro(name, case) + f"  # token {t} perturbed"
-    if not torch.equal(y[..., :t], y2[..., :t]):
-        bad = (y[..., :t] != y2[..., :t]).nonzero()[0].tolist()
-        raise AssertionError(f"{name}: changing token {t} changed the output at {bad}, before it\n  reproduce: {where}")
-    if torch.equal(y[..., t:], y2[..., t:]):
-        raise AssertionError(f"{name}: changing token {t} changed no output at all\n  reproduce: {where}")
+    changed = ~_same(y[..., :t], y2[..., :t])
+    if changed.any():
+        bi, c, s = (changed.nonzero()[0]).tolist()
+        raise AssertionError(f"{name}: output t={s} (batch row {bi}, channel {c}) changed by input t={t}: information "
+                             f"flowed backwards in time ({y[bi, c, s].item()!r} became {y2[bi, c, s].item()!r}; "
+                             f"inputs u, delta, z, B, C changed at token {t} only)\n  reproduce: {where}")
+    if _same(y[..., t:], y2[..., t:]).all():
+        raise AssertionError(f"{name}: changing input t={t} changed no output at all (outputs t >= {t} should depend on it)"
+                             f"\n  reproduce: {where}")
 
 
+def _same(a, b):
+    """Elementwise: bit-for-bit equal values, NaN equal to NaN."""
+    return (a == b) | (torch.isnan(a) & torch.isnan(b))
+
+
+@_case_check
 def check_batch_independence(name, case, j):
     """Changing batch row j changes no other row (bit for bit)."""
     entry, case = prepare(name, case)
@@ -219,11 +349,13 @@ def check_batch_independence(name, case, j):
     x2 = _perturbed(x, BATCH_ARGS, (j,), gen)
     y, s = impls.selective_scan(**x, return_last_state=True, impl=name)
     y2, s2 = impls.selective_scan(**x2, return_last_state=True, impl=name)
-    others = [i for i in range(case.b) if i != j]
-    if not (torch.equal(y[others], y2[others]) and torch.equal(s[others], s2[others])):
-        raise AssertionError(f"{name}: changing batch row {j} changed other rows\n  reproduce: {repro(name, case)}")
+    for i in range(case.b):
+        if i != j and not (_same(y[i], y2[i]).all() and _same(s[i], s2[i]).all()):
+            raise AssertionError(f"{name}: changing input batch row {j} changed output batch row {i}"
+                                 f"\n  reproduce: {repro(name, case)}  # batch row {j} perturbed")
 
 
+@_case_check
 def check_nan_propagation(name, case, t):
     """A NaN in u at (0, 0, t) makes y[0, 0, t:] NaN and leaves everything else as it was."""
     entry, case = prepare(name, case)
@@ -236,12 +368,19 @@ def check_nan_propagation(name, case, t):
     y = impls.selective_scan(**{**x, "u": u}, impl=name)
     y_clean = impls.selective_scan(**x, impl=name)
     where = repro(name, case) + f"  # u[0, 0, {t}] = nan"
-    if not torch.isnan(y[0, 0, t:]).all():
-        raise AssertionError(f"{name}: a NaN input at token {t} did not reach every later output of its channel\n  reproduce: {where}")
-    mask = torch.ones_like(y, dtype=torch.bool)
-    mask[0, 0, t:] = False
-    if not torch.equal(y[mask], y_clean[mask]):
-        raise AssertionError(f"{name}: a NaN input at (0, 0, {t}) changed outputs outside its channel's future\n  reproduce: {where}")
+    missed = ~torch.isnan(y[0, 0, t:])
+    if missed.any():
+        s = t + int(missed.nonzero()[0])
+        raise AssertionError(f"{name}: the NaN in input u at (batch row 0, channel 0, t={t}) did not reach output t={s} "
+                             f"of its channel, which is {y[0, 0, s].item()!r}\n  reproduce: {where}")
+    outside = ~_same(y, y_clean)
+    outside[0, 0, t:] = False
+    if outside.any():
+        bi, c, s = outside.nonzero()[0].tolist()
+        flow = ("information flowed backwards in time" if (bi, c) == (0, 0)
+                else "it leaked into another batch row" if bi != 0 else "it leaked into another channel")
+        raise AssertionError(f"{name}: output (batch row {bi}, channel {c}, t={s}) changed, to {y[bi, c, s].item()!r}, "
+                             f"by the NaN in input u at (batch row 0, channel 0, t={t}): {flow}\n  reproduce: {where}")
 
 
 def _gradients(name, x, weights):
@@ -252,6 +391,7 @@ def _gradients(name, x, weights):
     return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt])))
 
 
+@_case_check
 def check_gradients(name, case):
     """Gradients of a random linear function of (y, last_state) for every tensor input,
     against float64 autograd through the loop, under the same tolerance policy."""
@@ -271,6 +411,50 @@ def check_gradients(name, case):
     for k in got:
         assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], terms, repro(name, case) + f"  # gradient of {k}",
                      scale=_finite_max(sums[k]))
+
+
+# name -> {capability: how its probe call went}, for implementations registered from a plain function
+PROBED = {}
+
+
+def probe_capabilities(scan):
+    """What a plain scan function can do, found by tiny calls rather than assumed.
+
+    scan: a function with the selective_scan signature (without ``impl``), called positionally as
+    the registry calls it. Calls: each input dtype; grouped B/C (d = 4, g = 2); initial_state; and,
+    if float32 runs, a backward pass to every input. A capability is on when its call returns
+    without raising; what a call returns is not judged here (that is the tests' job).
+    Returns (capabilities for impls.register, {capability: "ok" or the exception it raised}).
+    """
+    from .cases import DTYPES, Case
+
+    tiny = Case(b=1, d=2, n=2, l=3)
+
+    def attempt(case, grad=False):
+        x = make_inputs(case)
+        args = [x[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        args += [x["delta_softplus"], x["initial_state"], True]
+        try:
+            if grad:
+                args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+                y, s = scan(*args)
+                leaves = [a for a in args if isinstance(a, torch.Tensor)]
+                torch.autograd.grad((y.double().sum() + s.double().sum()), leaves, allow_unused=True)
+            else:
+                with torch.no_grad():
+                    scan(*args)
+            return "ok"
+        except Exception as e:  # whatever it raises, the capability is off, and the header says why
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+    notes = {f"dtype {k}": attempt(dataclasses.replace(tiny, dtype=k)) for k in DTYPES}
+    notes["grouped"] = attempt(Case(b=1, d=4, n=2, l=3, g=2))
+    notes["initial_state"] = attempt(dataclasses.replace(tiny, initial_state=True))
+    notes["gradients"] = attempt(tiny, grad=True) if notes["dtype f32"] == "ok" else "not tried (float32 fails)"
+    supports = dict(dtypes=tuple(v for k, v in DTYPES.items() if notes[f"dtype {k}"] == "ok"),
+                    grouped=notes["grouped"] == "ok", initial_state=notes["initial_state"] == "ok",
+                    gradients=notes["gradients"] == "ok")
+    return supports, notes
 
 
 def _version(package):
@@ -299,6 +483,10 @@ def describe(name):
         wraps = None
     if wraps:
         version += f", wrapping {_version(wraps)}"
-    return f"{name}: {e.module} ({version}), step={'yes' if e.step else 'no'}, supports {caps}"
+    line = f"{name}: {e.module} ({version}), step={'yes' if e.step else 'no'}, supports {caps}"
+    if name in PROBED:
+        failed = {k: v for k, v in PROBED[name].items() if v != "ok"}
+        line += " (probed by tiny calls" + (f"; refused: {failed}" if failed else "") + ")"
+    return line
 
 

@@ -26,6 +26,8 @@ BUGS = (
     "low_precision_state",      # keeps the state in the input dtype (bfloat16/float16 accumulation)
     "batch_leak",               # every batch row reads B of row 0
     "last_state_one_early",     # returns h_{l-1} instead of h_l
+    "overflowing_softplus",     # softplus as log1p(exp(x)), no threshold: inf once exp(x) overflows (x > 88.7 in float32)
+    "padded_lanes",             # pads n to a power of two with B = C = 0 and reads out every lane: 0 * inf = NaN
 )
 
 
@@ -35,7 +37,9 @@ def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     f = compute_dtype(u.dtype)
     acc = u.dtype if bug == "low_precision_state" else f
     dt = delta.to(f) + (delta_bias.to(f)[:, None] if delta_bias is not None else 0)
-    if delta_softplus and bug != "missing_softplus":
+    if delta_softplus and bug == "overflowing_softplus":
+        dt = torch.log1p(torch.exp(dt))
+    elif delta_softplus and bug != "missing_softplus":
         dt = F.softplus(dt)
     B = (B if B.dim() == 4 else B[:, None]).to(f)
     C = (C if C.dim() == 4 else C[:, None]).to(f)
@@ -47,6 +51,12 @@ def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
         return X[:, group]                                     # (b, d, n, l)
 
     B, C = spread(B), spread(C)
+    n = A.shape[1]
+    if bug == "padded_lanes":  # a kernel's block of 2^k state lanes, the padding loaded as 0
+        pad = (1 << (n - 1).bit_length()) - n
+        A, B, C = F.pad(A, (0, pad)), F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
+        if initial_state is not None:
+            initial_state = F.pad(initial_state, (0, pad))
     if bug == "batch_leak":
         B = B[:1].expand_as(B)
     h = torch.zeros(b, d, A.shape[1], dtype=acc)
@@ -65,7 +75,7 @@ def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
         y = y + D[:, None] * u.to(f)
     if z is not None:
         y = y * (torch.sigmoid(z.to(f)) if bug == "wrong_gate" else F.silu(z.to(f)))
-    last = (previous if bug == "last_state_one_early" else h).to(f)
+    last = (previous if bug == "last_state_one_early" else h)[..., :n].to(f)
     return (y.to(u.dtype), last) if return_last_state else y.to(u.dtype)
 
 

@@ -112,3 +112,77 @@ def test_register_rejects_unknown_capabilities_and_duplicates():
         impls.register("test-typo", impls.get("loop").scan, gradient=True)
     with pytest.raises(ValueError, match="already registered"):
         impls.register("loop", impls.get("loop").scan)
+
+
+# ---- aliasing: an argument written in place must own its memory ------------------------------------
+
+def _expanded_state():
+    """Every channel's state is one shared row (a broadcast view): each channel's update would land there."""
+    return torch.full((2, 1, 4), 0.5).expand(2, 6, 4)
+
+
+def _state_inside(name):
+    """state and another argument as views of one buffer, overlapping."""
+    def change(args):
+        buf = torch.zeros(2, 6, 4)
+        other = {"x": buf[:, :, 0], "dt": buf[:, :, 1], "B": buf[:, 0, :], "C": buf[:, 1, :]}[name]
+        other.copy_(args[name])
+        return dict(state=buf, **{name: other})
+    return change
+
+
+ALIASED = {
+    "state-expanded": (lambda args: dict(state=_expanded_state()), "internal overlap"),
+    "state-as_strided": (lambda args: dict(state=torch.zeros(50).as_strided((2, 6, 4), (1, 4, 1))), "internal overlap"),
+    "state-shares-x": (_state_inside("x"), "shared with x"),
+    "state-shares-dt": (_state_inside("dt"), "shared with dt"),
+    "state-shares-B": (_state_inside("B"), "shared with B"),
+    "state-shares-C": (_state_inside("C"), "shared with C"),
+}
+
+
+PLUGGED_CALLS = []  # calls that reached the plugged-in step below: there must be none
+
+
+def _plugged_in():
+    """A step from outside the package, registered as a user would: the front door guards it too."""
+    if "test-plugged-step" not in impls.names():
+        impls.register("test-plugged-step", impls.get("loop").scan, step=lambda *a: PLUGGED_CALLS.append(a))
+    return "test-plugged-step"
+
+
+@pytest.mark.parametrize("change, words", ALIASED.values(), ids=ALIASED.keys())
+@pytest.mark.parametrize("name", [n for n in impls.names() if impls.get(n).step is not None] + ["plugged-in"])
+def test_step_refuses_a_state_that_shares_memory_before_anything_runs(name, change, words):
+    name = _plugged_in() if name == "plugged-in" else name
+    ran = PLUGGED_CALLS
+    args = step_args()
+    args.update(change(args))
+    state = args["state"]
+    before = state.clone()
+    with pytest.raises(ValueError) as info:
+        impls.selective_state_update(**args, impl=name)
+    assert "selective_state_update: state:" in str(info.value) and words in str(info.value), str(info.value)
+    assert torch.equal(state, before) and not ran
+
+
+def test_disjoint_views_of_one_buffer_are_accepted():
+    """Views that interleave without sharing an element, and odd strides that do not overlap, pass."""
+    from impls.frontdoor import check_no_overlap
+
+    buf = torch.zeros(2, 6, 8)
+    check_no_overlap("f", dict(state=buf[..., ::2]), dict(x=buf[..., 1::2], other=buf[:1, :1, 1]))
+    check_no_overlap("f", dict(state=torch.zeros(20).as_strided((3, 2), (2, 3))), {})   # offsets 0 3 2 5 4 7
+    check_no_overlap("f", dict(state=torch.zeros(0, 3).expand(0, 3)), dict(x=None))
+    with pytest.raises(ValueError, match="f: state: .*shared with out"):
+        check_no_overlap("f", dict(state=buf[..., :4], out=buf[..., 3:5]), {})
+
+
+def test_step_is_refused_when_its_state_overlaps_after_a_cached_signature():
+    """The step's checks are cached by the arguments' signature; memory is checked on every call."""
+    args = step_args()
+    impls.selective_state_update(**args)        # this signature passes and is remembered
+    buf = torch.zeros(2, 6, 4)
+    aliased = dict(args, state=buf, x=buf[:, :, 0])
+    with pytest.raises(ValueError, match="state: .*shared with x"):
+        impls.selective_state_update(**aliased)

@@ -40,9 +40,9 @@ def stand_in(tmp_path, monkeypatch):
         (tmp_path / path).write_text(text)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(mamba_ssm_adapter, "DEVICE", "cpu")
-    monkeypatch.setattr(impls, "_REGISTRY", dict(impls._REGISTRY))
     impls.register_mamba_ssm("mamba_ssm_standin")
-    return "mamba_ssm_standin"
+    yield "mamba_ssm_standin"
+    impls._REGISTRY.pop("mamba_ssm_standin")  # for this test only: the next one registers it afresh
 
 
 # the stand-in is set up once and is the same for every drawn case: nothing in it is per-case state

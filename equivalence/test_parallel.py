@@ -39,10 +39,8 @@ def small_plan():
             setattr(parallel, k, v)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _only_when_parallel_is_under_test(request):
-    if "parallel" not in request.config.selected_impls:
-        pytest.skip("parallel is not among the implementations under test (--impl)")
+# collected only when parallel is under test (conftest.py deselects it otherwise: no skip line per test)
+pytestmark = pytest.mark.only_for("parallel")
 
 
 def _plan(case):

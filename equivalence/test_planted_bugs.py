@@ -1,6 +1,7 @@
 """The suite catches real bugs: for each planted bug hypothesis finds a case that the checks reject,
 and the correct control is rejected by none. Also through the command line, as a kernel author runs it."""
 
+import re
 import subprocess
 import sys
 
@@ -22,6 +23,8 @@ def rejected(name, drawn):
     case, k = drawn
     try:
         check_values(name, case)
+        if case.poison:  # a non-finite input is a values test only, as in test_values.py
+            return False
         check_split(name, case, k)
         check_causality(name, case, k)
         check_batch_independence(name, case, k)
@@ -37,23 +40,37 @@ def _register(name):
     return key
 
 
+# what the property tests draw: plain cases, and cases with one non-finite input (test_values.py)
+DRAWN = st.tuples(st.one_of(cases(), cases(poison=True)), st.integers(0, 300))
+
+
 @pytest.mark.parametrize("bug", planted_bugs.BUGS)
 def test_suite_finds_the_planted_bug(bug):
     name = _register(bug)
-    find(st.tuples(cases(), st.integers(0, 300)), lambda drawn: rejected(name, drawn), settings=SEARCH)
+    find(DRAWN, lambda drawn: rejected(name, drawn), settings=SEARCH)
 
 
 def test_suite_accepts_the_correct_control():
     name = _register("correct")
-    examples = st.tuples(cases(), st.integers(0, 300))
+    examples = DRAWN
     with pytest.raises(NoSuchExample):
         find(examples, lambda drawn: rejected(name, drawn), settings=settings(SEARCH, max_examples=60))
 
 
 @pytest.mark.parametrize("target, fails", [("missing_softplus", True), ("correct", False)])
 def test_command_line_plugin(target, fails):
+    """As a kernel author runs it: the header shows the capabilities its tiny calls found (the
+    gradients included: a plain function is not assumed to lack them); a failure comes on the
+    shrunk case, says what it needs, and its reproduce line runs as-is in a plain script."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "--hypothesis-profile", "ci",
            f"--impl=equivalence.planted_bugs:{target}", "equivalence/test_values.py"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert (run.returncode != 0) == fails, run.stdout[-3000:]
     assert f"equivalence.planted_bugs:{target}" in run.stdout
+    assert "'gradients': True" in run.stdout and "(probed by tiny calls)" in run.stdout, run.stdout[:3000]
+    if fails:
+        assert "what the failure needs" in run.stdout and "fails only with softplus" in run.stdout, run.stdout[-3000:]
+        line = re.search(r"reproduce: (.*)", run.stdout).group(1)
+        script = subprocess.run([sys.executable, "-c", line + "; print(out[0].shape)"], capture_output=True,
+                                text=True, timeout=300)
+        assert script.returncode == 0 and "torch.Size" in script.stdout, (line, script.stderr[-2000:])

@@ -6,12 +6,12 @@ import sys
 from importlib import metadata
 
 import pytest
-from hypothesis import find
-from hypothesis import strategies as st
+import torch
+from hypothesis import find, settings
+from hypothesis.errors import NoSuchExample
 
 import impls
-from .cases import cases
-from .test_planted_bugs import SEARCH, rejected
+from .test_planted_bugs import DRAWN, SEARCH, rejected
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "my_kernel")
 
@@ -21,13 +21,32 @@ def fake_entry_points(*values):
     return lambda group=None, **kw: [e for e in eps if e.group == group]
 
 
+def _groups_read(scan):
+    """Which group of B each of d = 4 channels reads (g = 2), measured directly: one token, dt = 1,
+    u = 1, C = 1, and B = 1 in group 0 only, so channel c's output is 1 exactly when it reads group 0."""
+    b, d, n, l, g = 1, 4, 1, 1, 2
+    B = torch.zeros(b, g, n, l)
+    B[:, 0] = 1.0
+    y = scan(torch.ones(b, d, l), torch.ones(b, d, l), -torch.ones(d, n), B, torch.ones(b, g, n, l))
+    return [0 if float(v) > 0.5 else 1 for v in y[0, :, 0]]
+
+
 def test_installed_package_registers_through_the_entry_point_and_its_bug_is_found(monkeypatch):
+    """The example as shipped has its group-mapping bug, and the suite finds it, on a grouped case
+    with several channels per group; once a reader has made the README's fix, the suite finds
+    nothing. Which of the two holds is measured independently of the suite (_groups_read)."""
     monkeypatch.syspath_prepend(EXAMPLE)
     monkeypatch.setattr(metadata, "entry_points", fake_entry_points("my_kernel:register"))
     assert impls.load_plugins() == {"my_kernel": None}
     assert "my_kernel" in impls.names() and impls.get("my_kernel").module == "my_kernel"
-    drawn = find(st.tuples(cases(), st.integers(0, 300)), lambda d: rejected("my_kernel", d), settings=SEARCH)
-    assert drawn[0].g > 1 and drawn[0].d > drawn[0].g  # the bug is in the group mapping
+    fixed = _groups_read(impls.get("my_kernel").scan) == [0, 0, 1, 1]   # the interface: c // (d // g)
+    if not fixed:
+        assert _groups_read(impls.get("my_kernel").scan) == [0, 1, 0, 1]  # the documented bug: c % g
+        drawn = find(DRAWN, lambda d: rejected("my_kernel", d), settings=SEARCH)
+        assert drawn[0].g > 1 and drawn[0].d > drawn[0].g  # the bug is in the group mapping
+    else:
+        with pytest.raises(NoSuchExample):
+            find(DRAWN, lambda d: rejected("my_kernel", d), settings=settings(SEARCH, max_examples=100))
 
 
 def test_a_broken_plugin_warns_and_registers_nothing(monkeypatch):
@@ -55,3 +74,30 @@ def test_header_names_module_version_and_wrapped_package():
     if "mambapy" in impls.names():
         assert f"wrapping mambapy {metadata.version('mambapy')}" in describe("mambapy")
         assert "'grouped': False" in describe("mambapy")
+
+
+def test_a_plain_functions_capabilities_are_probed():
+    """Each capability is what a tiny call showed: a float64 refusal, a grouped crash and a scan that
+    detaches its result each turn one capability off, and only that one."""
+    from .checks import probe_capabilities
+
+    loop = impls.get("loop").scan
+
+    def picky(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+              return_last_state=False):
+        if u.dtype == torch.float64:
+            raise TypeError("no float64 here")
+        if B.dim() == 4:
+            raise RuntimeError("shape mismatch in my grouped path")
+        return loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+
+    def detached(*args):
+        y, s = loop(*args)
+        return y.detach(), s.detach()
+
+    supports, notes = probe_capabilities(picky)
+    assert supports["dtypes"] == (torch.float16, torch.bfloat16, torch.float32) and not supports["grouped"]
+    assert supports["initial_state"] and supports["gradients"], notes
+    assert "RuntimeError: shape mismatch" in notes["grouped"] and "TypeError" in notes["dtype f64"]
+    supports, notes = probe_capabilities(detached)
+    assert not supports["gradients"] and supports["grouped"] and len(supports["dtypes"]) == 4, notes

@@ -24,10 +24,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _only_when_triton_is_under_test(request):
-    if "triton" not in request.config.selected_impls:
-        pytest.skip("triton is not among the implementations under test (--impl)")
+# collected only when triton is under test (conftest.py deselects it otherwise: no skip line per test)
+pytestmark = pytest.mark.only_for("triton")
 
 
 @pytest.fixture(params=[8, 32], ids=lambda b: f"block{b}")

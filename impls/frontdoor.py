@@ -15,7 +15,8 @@ Dtype policy:
     y comes back in the input dtype, last_state in the compute dtype.
 
 Every check raises before anything is computed or written, with a message that names the
-argument, what was expected and what was given.
+argument, what was expected and what was given. Arguments written in place (the step's ``state``)
+must own their memory: ``check_no_overlap``, reusable by any front door with output arguments.
 """
 
 import torch
@@ -157,6 +158,63 @@ def _signature(args):
     return tuple(None if t is None else (type(t), t.shape, t.dtype, t.device) for t in args)
 
 
+def _span(t):
+    """Bytes from t's first element to the end of its last (strides are never negative in torch)."""
+    return (sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+
+def _element_bytes(t):
+    """Every byte address t's elements occupy, as a flat int64 tensor (only for the rare exact check)."""
+    offsets = torch.arange(_span(t) // t.element_size(), dtype=torch.int64).as_strided(t.shape, t.stride())
+    starts = t.data_ptr() + offsets.reshape(-1) * t.element_size()
+    return (starts[:, None] + torch.arange(t.element_size())).reshape(-1)
+
+
+def _internal_overlap(t):
+    """Whether two elements of t share memory (a zero stride over a size > 1, expand, as_strided)."""
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:  # not provably disjoint from the dims below: decide exactly
+            return _element_bytes(t).unique().numel() < t.numel() * t.element_size()
+        reach += stride * (size - 1)
+    return False
+
+
+def _shares_memory(a, b):
+    """Whether a and b have an element byte in common (ranges first; exact only when they intersect)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    pa, pb = a.data_ptr(), b.data_ptr()
+    if pa + _span(a) <= pb or pb + _span(b) <= pa:
+        return False
+    return bool(torch.isin(_element_bytes(a), _element_bytes(b)).any())
+
+
+def check_no_overlap(where, written, read):
+    """Arguments written in place must own their memory, before anything runs.
+
+    Args:
+        where: the public function's name, for the message
+        written: {argument name: tensor or None} of arguments the call writes (the step's ``state``)
+        read: {argument name: tensor or None} of every other tensor argument
+    Raises:
+        ValueError naming the argument: a written tensor with internal overlap (elements sharing
+        memory, as ``torch.full(...).expand(...)`` makes: every channel's update would land in one
+        row), or one sharing memory with another argument (the kernel would read what it has just
+        overwritten). Disjoint views of one buffer are fine.
+    """
+    for arg, t in written.items():
+        if t is None or t.numel() == 0:
+            continue
+        if _internal_overlap(t):
+            _fail(ValueError, where, arg, "a tensor whose elements do not share memory (it is written in place)",
+                  f"internal overlap: shape {tuple(t.shape)} with strides {t.stride()}")
+        for other, u in {**written, **read}.items():
+            if other != arg and isinstance(u, torch.Tensor) and _shares_memory(t, u):
+                _fail(ValueError, where, arg, "memory of its own (it is written in place)",
+                      f"memory shared with {other}")
+
+
 def check_step(state, x, dt, A, B, C, D, z, dt_bias):
     """Validate selective_state_update arguments (shapes in impls.selective_state_update).
     Returns dict(b, d, n, l, g_B, g_C, input_dtype, compute_dtype), as the scan's check does."""
@@ -166,11 +224,14 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias):
     except Exception:  # an argument without these attributes, or unhashable ones: not a tensor, checked below
         key = dims = None
     if dims is not None:
+        # the signature says nothing about memory: aliasing is checked on every call
+        check_no_overlap("selective_state_update", dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
         return dict(dims)
     if not isinstance(state, torch.Tensor):
         _fail(TypeError, "selective_state_update", "state", "a torch.Tensor", type(state).__name__)
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
     dims = _check("selective_state_update", named, "x", ("b", "d"), False)
+    check_no_overlap("selective_state_update", dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
     if key is not None:
         if len(_STEP_PASSED) >= _STEP_PASSED_MAX:
             _STEP_PASSED.clear()
@@ -291,4 +352,5 @@ def check_step_indexed(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices
     _shape(where, "state", state, (state.shape[0], dims["d"], dims["n"]), ("slots", "d", "n"))
     _dtype(where, "state", state, (dims["compute_dtype"],), f"the compute dtype for x in {x.dtype}")
     indices = check_state_batch_indices(where, state_batch_indices, dims["b"], state.shape[0], x.device)
+    check_no_overlap(where, dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
     return dict(dims, slots=state.shape[0], indices=indices)

@@ -52,6 +52,12 @@ offsets, ``m_`` masks, ``i_`` program indices, ``s_`` strides. Every offset is c
 increments): b·d·l beyond 2^31 elements must not wrap, as it did in the official kernels at 61K-512K
 tokens. Sizes that are not powers of two (d = 37, n = 5) are padded to the block and masked.
 
+Padding (_PADDING): d and n need not be powers of two, so a block has lanes beyond d or n. Their
+loads read 0, but 0 is not harmless: with u = inf a padded state lane computes dt u B = inf * 0 = NaN,
+and a readout summed over the block would turn a real inf into NaN. So every state and every
+summand is zeroed outside (d, n) with tl.where before it is summed or carried: no padded lane
+contributes to a real output, whatever the input (equivalence/test_triton.py pins n = 3 and 5).
+
 Devices: tensors on a CUDA device run there. Without a GPU, CPU tensors run in the interpreter; on a
 machine with a GPU, CPU tensors (the equivalence suite builds its cases on the CPU) are copied to it
 and the results copied back, gradients flowing through the copies, the step's state written back in
@@ -134,9 +140,11 @@ def _softplus(x):
 
 @triton.jit
 def _silu(z):
-    """z / (1 + exp(-z)), the very formula of torch's silu (z * sigmoid(z) would round twice more).
-    -z is clamped at 80 so that exp cannot overflow: below z = -80 silu is below 1e-33 either way."""
-    return _div(z, 1.0 + tl.exp(-tl.where(z < -80.0, -80.0, z)))
+    """z / (1 + exp(-z)), the very formula of torch's silu (z * sigmoid(z) would round twice more),
+    overflow included: for a very negative z, exp(-z) = inf and silu = z / inf = -0, as torch's; for
+    z = -inf, -inf / inf = NaN, as torch's. (Clamping -z, as this once did, gave -inf at z = -inf and
+    -1.8e-5 at z = -1e30.)"""
+    return _div(z, 1.0 + tl.exp(-z))
 
 
 @triton.jit
@@ -218,6 +226,7 @@ def _scan_fwd_kernel(
 
         b_dA = tl.exp(b_dt[:, None] * b_A)                               # Ā = exp(ΔA)
         h = b_dA * h + (b_dt * b_u)[:, None] * b_B                        # h_t = Ā h_{t-1} + ΔB x_t
+        h = tl.where(m_dn, h, 0.0)                                        # padded lanes: see _PADDING
         b_y = tl.sum(h * b_C, axis=1)                                     # y_t = C_t h_t
         if HAS_D:
             b_y += b_D * b_u
@@ -323,7 +332,7 @@ def _scan_bwd_kernel(
             if SOFTPLUS:
                 b_dt = _softplus(b_dt)
             b_B = tl.load(p_B, mask=m_dn, other=0.0).to(COMPUTE)
-            h = tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_u)[:, None] * b_B
+            h = tl.where(m_dn, tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_u)[:, None] * b_B, 0.0)
             p_s += BLOCK_D * BLOCK_N
             p_u += s_ul
             p_t += s_tl
@@ -357,7 +366,7 @@ def _scan_bwd_kernel(
             b_gy = tl.load(p_g, mask=m_d, other=0.0).to(COMPUTE)
 
             b_dA = tl.exp(b_dt[:, None] * b_A)
-            h = b_dA * h_prev + (b_dt * b_u)[:, None] * b_B               # h_t, recomputed
+            h = tl.where(m_dn, b_dA * h_prev + (b_dt * b_u)[:, None] * b_B, 0.0)   # h_t, recomputed
             if HAS_Z:
                 b_z = tl.load(p_z, mask=m_d, other=0.0).to(COMPUTE)
                 b_sig = _sigmoid(b_z)
@@ -370,22 +379,22 @@ def _scan_bwd_kernel(
             else:
                 b_g = b_gy
 
-            dh += b_g[:, None] * b_C                                      # y_t reads h_t
-            contrib_C = b_g[:, None] * h
+            dh = tl.where(m_dn, dh + b_g[:, None] * b_C, 0.0)             # y_t reads h_t
+            contrib_C = tl.where(m_dn, b_g[:, None] * h, 0.0)
             if REDUCE_C:
                 tl.store(p_dC, tl.sum(contrib_C, axis=0), mask=m_n)
             else:
                 tl.store(p_dC, contrib_C, mask=m_dn)
             b_dtu = b_dt * b_u
-            contrib_B = dh * b_dtu[:, None]
+            contrib_B = tl.where(m_dn, dh * b_dtu[:, None], 0.0)
             if REDUCE_B:
                 tl.store(p_dB, tl.sum(contrib_B, axis=0), mask=m_n)
             else:
                 tl.store(p_dB, contrib_B, mask=m_dn)
             dh_dA = dh * b_dA * h_prev
-            b_ddt = tl.sum(dh_dA * b_A + dh * b_B * b_u[:, None], axis=1)
+            b_ddt = tl.sum(tl.where(m_dn, dh_dA * b_A + dh * b_B * b_u[:, None], 0.0), axis=1)
             acc_dA += dh_dA * b_dt[:, None]
-            b_du = tl.sum(dh * b_B, axis=1) * b_dt
+            b_du = tl.sum(tl.where(m_dn, dh * b_B, 0.0), axis=1) * b_dt
             if HAS_D:
                 b_du += b_D * b_g
                 acc_dD += b_g * b_u
@@ -394,7 +403,7 @@ def _scan_bwd_kernel(
             acc_dbias += b_ddt
             tl.store(du_ptr + o_t, b_du, mask=m_d)
             tl.store(dt_ptr + o_t, b_ddt, mask=m_d)
-            dh = b_dA * dh                                                # on to h_{t-1}
+            dh = tl.where(m_dn, b_dA * dh, 0.0)                           # on to h_{t-1}
 
             p_s -= BLOCK_D * BLOCK_N
             p_u -= s_ul
@@ -453,7 +462,7 @@ def _step_kernel(
     b_C = tl.load(C_ptr + _row_offsets(i_b, o_d // dpg_C, s_Cb, s_Cg)[:, None] + o_n64 * s_Cn,
                   mask=m_dn, other=0.0).to(COMPUTE)
 
-    h = tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_x)[:, None] * b_B
+    h = tl.where(m_dn, tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_x)[:, None] * b_B, 0.0)  # see _PADDING
     tl.store(p_h, h.to(state_ptr.dtype.element_ty), mask=m_dn)      # in place
     b_y = tl.sum(h * b_C, axis=1)
     if HAS_D:
