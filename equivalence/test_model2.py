@@ -264,6 +264,27 @@ def test_left_padding_is_exact():
             torch.testing.assert_close(rec[1][i], logits[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, rms_norm", [(torch.float32, False), (torch.bfloat16, True)], ids=["layernorm-f32", "bf16"])
+def test_module_by_module_step(dtype, rms_norm):
+    """Models the fused step does not take (LayerNorm blocks; half precision, whose residual stream is
+    float32) decode through the module-by-module step: prefill + steps give the float64 oracle's logits."""
+    case = Case(l=14, b=2, ngroups=2, D_has_hdim=True, chunk_size=4, seed=31)
+    model, _, ids = case.build()
+    config = Mamba2Config(**{**model.config.to_dict(), "rms_norm": rms_norm})
+    ours = Mamba2LM(config)
+    state = ours.state_dict()
+    state.update({k: v for k, v in model.state_dict().items() if k in state})
+    ours.load_state_dict(state)
+    model64 = Mamba2LM(config)
+    model64.load_state_dict(state)
+    model, model64 = ours.to(dtype).eval(), model64.double().eval()
+    assert model.new_cache(2).stream is None     # the module-by-module path
+    with torch.no_grad():
+        oracle, baseline = model64(ids, impl="loop"), model(ids, impl="loop")
+        check("prefill + steps", case, step_by_step(model, ids, impl=None, prefix=5), oracle[:, 4:], baseline[:, 4:],
+              case.l, case.d_state)
+
+
 # ---------------------------------------------------------------------------- sampling and arguments
 
 def test_sampling_same_seed_same_tokens_in_both_modes():

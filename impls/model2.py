@@ -49,8 +49,8 @@ import torch.nn.functional as F
 import impls
 from .frontdoor import compute_dtype
 # Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/model.py).
-from .model import (RMSNorm, _check_count, _check_ids, _check_mask, _check_sampling, _transposed_storage,
-                    load_weights, sampling_scores, stored_shapes, weight_files)
+from .model import (RMSNorm, ResidualStream, _check_count, _check_ids, _check_mask, _check_sampling,
+                    _transposed_storage, load_weights, sampling_scores, stored_shapes, weight_files)
 
 STEP_DEFAULT = impls.ssd_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
@@ -297,7 +297,7 @@ class LayerCache:
     """
 
     __slots__ = ("ssm_state", "conv_store", "conv_slots", "conv_taps", "A", "D", "dt_bias", "zxbcdt", "z", "xBC_t",
-                 "dt", "conv_out", "x", "B", "C")
+                 "dt", "conv_out", "x", "B", "C", "norm_eps", "norm_sq")
 
     def __init__(self, mixer, b, dtype, device):
         c, k, d, h, p, g, n = mixer.conv_dim, mixer.d_conv, mixer.d_inner, mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state
@@ -322,10 +322,13 @@ class LayerCache:
         x, B, C = xbc.split([d, g * n, g * n], dim=-1)
         # views where the strides allow (b = 1), copies otherwise (made at each step by reshape)
         self.x, self.B, self.C = (x, (b, h, p)), (B, (b, g, n)), (C, (b, g, n))
+        # the fused step's gated norm (Mamba2Mixer.gated_norm_): eps and the per-group mean of squares
+        self.norm_eps = torch.full((1, 1, 1), NORM_GATED_EPS, dtype=dtype, device=device)
+        self.norm_sq = torch.empty(b * g, 1, 1, dtype=dtype, device=device)
 
     def tensors(self):
         return (self.ssm_state, self.conv_store, *self.conv_taps, self.A, self.D, self.dt_bias, self.zxbcdt,
-                self.conv_out)
+                self.conv_out, self.norm_eps, self.norm_sq)
 
 
 class InferenceCache:
@@ -336,9 +339,13 @@ class InferenceCache:
         self.layers, self.k = layers, k
         self.phase = k - 1  # the slot of the next token; prefill leaves the last k-1 inputs in slots 0..k-2
         self.checked = {}
+        self.stream = self.eps = None   # the fused step's residual stream and block-norm eps (Mamba2LM.new_cache)
 
     def nbytes(self):
-        return sum(t.numel() * t.element_size() for c in self.layers for t in c.tensors() if t is not None)
+        tensors = [t for c in self.layers for t in c.tensors()]
+        if self.stream is not None:
+            tensors += [*self.stream.tensors(), self.eps]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class Mamba2Mixer(nn.Module):
@@ -425,15 +432,18 @@ class Mamba2Mixer(nn.Module):
             y = self.norm(y, z)
         return self.out_proj(y)
 
-    def step(self, hidden, cache, phase, step_fn, impl):
+    def step(self, hidden, cache, phase, step_fn, impl, residual=None):
         """The block for one new token, from the cache, which it advances in place.
 
         Args:
             hidden: (b, m); cache: this layer's LayerCache; phase: the conv buffer slot for this token
             step_fn: the implementation's step, called directly, or None: through impls.ssd_state_update
             impl: the registered SSD implementation's name
+            residual: None, or (b, m) in the model dtype, float32/float64 only (the fused step): then the
+                gated norm runs in place in fewer ops (gated_norm_) and the block's output is added to
+                residual in place by out_proj's own addmm, which is returned
         Returns:
-            the block's output (b, m)
+            the block's output (b, m), or residual + it
         """
         if self.in_proj.bias is None:
             torch.mm(hidden, self.in_proj.weight.t(), out=cache.zxbcdt)
@@ -450,9 +460,30 @@ class Mamba2Mixer(nn.Module):
         else:
             y = step_fn(cache.ssm_state, x, cache.dt, cache.A, B, C, cache.D, z, cache.dt_bias, True, self.dt_limit)
         y = y.reshape(y.shape[0], self.d_inner)
+        if residual is None:
+            return self.out_proj(self.norm(y, cache.z) if self.norm is not None else y)
         if self.norm is not None:
-            y = self.norm(y, cache.z)
-        return self.out_proj(y)
+            y = self.gated_norm_(y, cache)
+        residual.addmm_(y, self.out_proj.weight.t())
+        if self.out_proj.bias is not None:
+            residual.add_(self.out_proj.bias)
+        return residual
+
+    def gated_norm_(self, y, cache):
+        """GatedRMSNorm's formula on y (b, d), in place, for float32/float64: the per-group mean of
+        squares as one baddbmm of y by itself (b g, 1, d/g) @ (b g, d/g, 1) with eps as its input, then
+        rsqrt_, and the multiplies (F.rms_norm on a CPU dispatches about eight ops). Returns y."""
+        norm, b = self.norm, y.shape[0]
+        gate = F.silu(cache.z)
+        if not norm.norm_before_gate:
+            y.mul_(gate)
+        rows = y.view(b * self.ngroups, 1, norm.group)
+        torch.baddbmm(cache.norm_eps, rows, rows.transpose(1, 2), alpha=1.0 / norm.group, out=cache.norm_sq)
+        rows.mul_(cache.norm_sq.rsqrt_())
+        y.mul_(norm.weight)
+        if norm.norm_before_gate:
+            y.mul_(gate)
+        return y
 
 
 class Block(nn.Module):
@@ -552,9 +583,19 @@ class Mamba2LM(nn.Module):
 
     def new_cache(self, batch_size):
         """An empty InferenceCache for ``batch_size`` rows (state zero: decoding from no prompt)."""
-        device = self.backbone.embedding.weight.device
-        return InferenceCache([LayerCache(blk.mixer, batch_size, self.dtype, device) for blk in self.backbone.layers],
-                              self.config.d_conv)
+        w = self.backbone.embedding.weight
+        cache = InferenceCache([LayerCache(blk.mixer, batch_size, self.dtype, w.device) for blk in self.backbone.layers],
+                               self.config.d_conv)
+        if self._fused_decoding():
+            cache.stream = ResidualStream(batch_size, self.config.d_model, w)
+            cache.eps = torch.full((1, 1, 1), self.config.norm_epsilon, dtype=w.dtype, device=w.device)
+        return cache
+
+    def _fused_decoding(self):
+        """Whether ``step`` takes the fused path: RMSNorm blocks and a float32 or float64 model (compute
+        dtype = model dtype, no float32 residual copy). Half-precision and LayerNorm models take the
+        module-by-module step, the same arithmetic."""
+        return self.config.rms_norm and self.dtype in (torch.float32, torch.float64)
 
     @torch.no_grad()
     def prefill(self, input_ids, impl=None, attention_mask=None):
@@ -598,19 +639,33 @@ class Mamba2LM(nn.Module):
         # reads only their types, shapes, dtypes and devices, cannot change after the first call: that
         # call goes through impls.ssd_state_update, later ones straight to the implementation.
         step_fn = cache.checked.get(impl)
-        try:  # before the cache changes: an out-of-range id leaves it as it was
-            h = self.backbone.embedding(token)                        # (b, m)
-        except IndexError:
-            raise ValueError(f"step: token: ids must be in [0, {self.config.padded_vocab_size}), "
-                             f"got {token.tolist()}") from None
-        residual = h.float() if self._residual_fp32() else h
-        for block, layer_cache in zip(self.backbone.layers, cache.layers):
-            out = block.mixer.step(block.norm(residual.to(h.dtype)), layer_cache, cache.phase, step_fn, impl)
-            residual = residual + out
+        v = self.config.padded_vocab_size
+        if cache.stream is not None:
+            # the fused step (float32/float64, RMSNorm): the residual stream and its norms in buffers
+            # made once per cache (impls.model.ResidualStream), the block outputs added in place
+            stream = cache.stream
+            try:  # before the cache changes: an out-of-range id leaves it as it was
+                torch.index_select(self.backbone.embedding.weight, 0, token, out=stream.residual)
+            except IndexError:
+                raise ValueError(f"step: token: ids must be in [0, {v}), got {token.tolist()}") from None
+            for block, layer_cache in zip(self.backbone.layers, cache.layers):
+                block.mixer.step(stream.normalize(block.norm.weight, cache.eps), layer_cache, cache.phase, step_fn,
+                                 impl, residual=stream.residual)
+            logits = torch.mm(stream.normalize(self.backbone.norm_f.weight, cache.eps), self.lm_head.weight.t())
+        else:
+            try:
+                h = self.backbone.embedding(token)                    # (b, m)
+            except IndexError:
+                raise ValueError(f"step: token: ids must be in [0, {v}), got {token.tolist()}") from None
+            residual = h.float() if self._residual_fp32() else h
+            for block, layer_cache in zip(self.backbone.layers, cache.layers):
+                out = block.mixer.step(block.norm(residual.to(h.dtype)), layer_cache, cache.phase, step_fn, impl)
+                residual = residual + out
+            logits = self.lm_head(self.backbone.norm_f(residual.to(h.dtype)))
         if step_fn is None:
             cache.checked[impl] = impls.get(impl, family="ssd").step
         cache.phase = (cache.phase + 1) % cache.k
-        return self.lm_head(self.backbone.norm_f(residual.to(h.dtype)))
+        return logits
 
     # ------------------------------------------------------------------ generation
 
