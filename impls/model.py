@@ -10,16 +10,23 @@ mamba_ssm/models/mixer_seq_simple.py for the stack, mamba_ssm/models/config_mamb
     out_proj(y)
 
 stacked as a pre-norm residual stream (h = h + mixer(RMSNorm(h)) per layer, then norm_f), with the
-embedding tied to the LM head. Parameter names and shapes are those of the official checkpoints, so
-``MambaLM.from_pretrained(folder)`` loads a downloaded ``state-spaces/mamba-130m`` folder
-(config.json plus pytorch_model.bin or model.safetensors). Nothing is ever fetched from a hub.
+embedding tied to the LM head. Parameter names and shapes are those of the official checkpoints.
+
+Checkpoints, in both layouts: ``MambaLM.from_pretrained(folder)`` loads a downloaded official folder
+(``state-spaces/mamba-130m``) or a transformers one (``state-spaces/mamba-130m-hf``, or anything
+``MambaForCausalLM.save_pretrained`` wrote), and ``save_pretrained(folder, layout="official" |
+"transformers")`` writes either. What differs between the layouts is in one table (CONFIG_FIELDS,
+WEIGHT_PREFIXES: plain dicts, read by plain functions). Nothing is built before the config's size
+fields are found (no default stands in for a size) and every parameter's name and shape, read from
+the weight file's header, matches the config. Nothing is ever fetched from a hub.
 
 Letters as in impls/frontdoor.py: b batch, l sequence length, d channels of the scan (the official
 ``d_inner`` = expand * d_model), n state size (``d_state``); also m = d_model, r = dt_rank,
 k = d_conv, v = the vocabulary padded to a multiple of ``pad_vocab_size_multiple`` (the official
 model pads it too: mamba-130m's vocab_size 50277 gives v = 50280 logits).
 
-Two ways to generate (``MambaLM.generate``):
+Two ways to generate (``MambaLM.generate``: greedy by default, or sampling with transformers'
+semantics, temperature, top_k, top_p, a torch.Generator, and eos_token_id stopping):
     "reforward"  every new token re-runs the whole sequence so far through ``forward`` (what a minimal
                  Mamba without a cache does): time per token grows with l, quadratic in total;
     "recurrent"  one scan over the prompt (``prefill``: the SSM state from ``return_last_state`` and
@@ -64,6 +71,8 @@ from .frontdoor import compute_dtype
 # selective_state_update's default implementation (a keyword default there), for MambaLM.step's impl=None
 STEP_DEFAULT = impls.selective_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
+# token ids: a set lookup, since a decoding step checks its token every time
+INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 WEIGHTS_BIN = "pytorch_model.bin"
 WEIGHTS_SAFETENSORS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"   # sharded safetensors (large transformers checkpoints)
@@ -197,16 +206,25 @@ TRANSFORMERS_FILE_FIELDS = ("architectures", "dtype", "torch_dtype", "transforme
 WEIGHT_PREFIXES = {"backbone.embedding.": "backbone.embeddings."}
 
 
-def config_layout(d, size_fields=SIZE_FIELDS):
-    """Which layout a config.json dict is in: "official" or "transformers", told by its size fields
-    (d_model / n_layer against hidden_size / num_hidden_layers; vocab_size is in both).
+def layout_markers(official_fields, table=CONFIG_FIELDS, transformers_extra=(*TRANSFORMERS_FIXED, *TRANSFORMERS_FILE_FIELDS)):
+    """The top-level fields found in one layout's config.json only: {"official": set, "transformers": set}
+    (official_fields: the official config's top-level fields; table: official -> transformers)."""
+    official = set(official_fields) | {k for k in table if "." not in k}
+    hf = set(table.values()) | set(transformers_extra)
+    return {"official": official - hf, "transformers": hf - official}
 
-    Raises ValueError if it has fields of both layouts, or of neither (naming each layout's missing
-    size fields); a dict that picks a layout but lacks some of its size fields is refused later,
-    by the reader of that layout, naming them.
+
+def config_layout(d, markers=None, size_fields=SIZE_FIELDS):
+    """Which layout a config.json dict is in, "official" or "transformers", told by the fields only
+    one of them has (layout_markers: d_model, ssm_cfg, ... against hidden_size, state_size,
+    model_type, ...).
+
+    Raises ValueError if it has fields of both layouts, or of neither (naming each layout's size
+    fields). A dict that picks a layout but lacks some of its size fields is refused by
+    ``config_from_dict``, naming them.
     """
-    own = {layout: [k for k in fields if k in d and not all(k in f for f in size_fields.values())]
-           for layout, fields in size_fields.items()}
+    markers = layout_markers(MambaConfig.FIELDS) if markers is None else markers
+    own = {layout: sorted(k for k in d if k in fields) for layout, fields in markers.items()}
     found = [layout for layout, keys in own.items() if keys]
     if len(found) > 1:
         raise ValueError("config: fields of two layouts: " +
@@ -833,7 +851,7 @@ def _check_token(token, cache, impl):
         raise TypeError(f"step: token: expected a tensor of shape (b={b},), got {type(token).__name__}")
     if token.dim() != 1 or token.shape[0] != b:  # index_select would resize a buffer, not fail
         raise ValueError(f"step: token: expected shape (b={b},) (the cache's batch), got {tuple(token.shape)}")
-    if token.dtype.is_floating_point or token.dtype.is_complex or token.dtype == torch.bool:
+    if token.dtype not in INTEGER_DTYPES:
         raise TypeError(f"step: token: expected integer ids, got {token.dtype}")
     if token.device != state.device:
         raise ValueError(f"step: token: on {token.device}, the cache on {state.device}")
