@@ -416,3 +416,39 @@ def test_slope_labels_carry_their_interval():
     assert slope_label(dict(slope=0.94, ci_low=0.9, ci_high=0.98)) == "slope 0.94 ± 0.04"
     assert slope_label(dict(slope=0.94, ci_low=-6.39, ci_high=8.27)) == "slope not resolved (±7.33)"
     assert slope_label(dict(slope=1.0, ci_low=float("nan"), ci_high=float("nan"))) == "slope not resolved"
+
+
+def test_check_needs_significance_as_well_as_the_threshold():
+    """30 % slower in each of 3 rounds: beyond the threshold, but 3 rounds against 3 cannot reach
+    p < 0.01 in a Mann-Whitney test (its smallest p is 0.05), so it is not a regression; with 15
+    rounds each, it is."""
+    import pandas as pd
+
+    from reports.check import speed_rows
+
+    def frame(pairs):
+        return pd.DataFrame([dict(key="k", benchmark="scan_grid", impl="parallel", ratio_to="floor", unstable=False,
+                                  ratio_pairs=pairs)])
+    for rounds, status in ((3, "ok"), (15, "REGRESSION")):
+        base = [2.0 * (1 + 0.01 * i) for i in range(rounds)]
+        baseline = dict(speed={"k": dict(ratio=float(np.median(base)), pairs=base, unstable=False)})
+        rows = speed_rows(baseline, frame([1.3 * x for x in base]), threshold=0.2)
+        assert rows["status"].tolist() == [status] and rows["change"].iloc[0] == pytest.approx(0.3)
+
+
+def test_check_tolerance_widens_to_the_baselines_own_run_to_run_spread():
+    """Two baseline runs of a point at 2.0 and 2.6 (30 % apart): a run at 2.85, 23 % over the pooled
+    median (2.3) but within the spread the baseline measured itself, passes; 3.4 does not."""
+    import pandas as pd
+
+    from reports.check import paired_points, speed_rows
+
+    def frame(runs):
+        return pd.DataFrame([dict(key="k", benchmark="scan_grid", impl="parallel", ratio_to="floor", unstable=False,
+                                  source=f"run{i}", ratio_pairs=[r * (1 + 0.001 * j) for j in range(15)])
+                             for i, r in enumerate(runs)])
+    baseline = dict(speed=paired_points(frame([2.0, 2.6])))
+    assert baseline["speed"]["k"]["runs"] == pytest.approx([2.0, 2.6], rel=0.01)
+    for now, status in ((2.85, "ok"), (3.4, "REGRESSION")):
+        rows = speed_rows(baseline, frame([now]), threshold=0.2)
+        assert rows["status"].tolist() == [status] and rows["tolerance"].iloc[0] == pytest.approx(0.3, rel=0.01)
