@@ -1,0 +1,183 @@
+"""Packed against padded: one call over nseq sequences laid end to end (cu_seqlens, b = 1) against
+one call over the same sequences padded to the longest (b = nseq), Mamba-1 ``selective_scan``.
+
+    python -m benchmarks.varlen [--impl parallel] [--nseq 64] [--d 64] [--n 16] [--seed 0]
+                                [--rounds 7] [--threads 1] [--out results/varlen.jsonl]
+
+Lengths are log-uniform between 16 and 4096 (scipy.stats.loguniform): long-tailed, most sequences
+short, a few near 4096, so padding to the longest multiplies the work several times. The padded
+call pads on the right with delta = -inf: softplus(-inf) = 0, so a padded step has dt = 0 (decay 1,
+no input) and every row's last state is its sequence's last state, exactly. Both calls therefore
+compute the same answer, and the run checks that they agree before it times them.
+
+Time: the two calls interleaved (benchmarks.common.interleaved: rounds, order alternated), and
+the speed-up is the median over rounds of the per-round ratio padded / packed of this process's CPU
+time (benchmarks.common.paired_ratio), with its quartiles. Peak memory: each call once in a fresh
+process (so neither inherits the other's freed pages or parallel's reused buffers), the peak
+resident bytes while it runs above the resident bytes just before (inputs already allocated); on a
+GPU, torch.cuda.max_memory_allocated above the allocated bytes before. One JSON line per run.
+
+One thread by default: on this shared 2-core machine a second OpenMP thread waiting for a
+descheduled one made even the CPU-time ratio swing threefold from round to round.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+import scipy.stats
+import torch
+
+import impls
+
+from .common import append_jsonl, code_state, interleaved, machine_info, paired_ratio, peak_rss_during
+
+MIN_LEN, MAX_LEN = 16, 4096
+
+
+def draw_lengths(nseq, seed):
+    """nseq lengths, log-uniform in [MIN_LEN, MAX_LEN], as a list of ints."""
+    x = scipy.stats.loguniform(MIN_LEN, MAX_LEN).rvs(nseq, random_state=seed)
+    return [int(v) for v in np.clip(np.round(x), MIN_LEN, MAX_LEN)]
+
+
+def make_inputs(lengths, d, n, seed, device="cpu"):
+    """(packed, padded): selective_scan keyword arguments for the same sequences.
+
+    packed: u, delta, z (1, d, L), B, C (1, n, L) with L = sum(lengths), cu_seqlens (nseq + 1,);
+    padded: u, delta, z (nseq, d, Lmax), B, C (nseq, n, Lmax), delta = -inf past each length.
+    Shared: A (d, n) = -(1..n) per channel, D and delta_bias (d,), delta_softplus; Mamba's
+    initialisation (dt log-uniform in [1e-3, 0.1]), float32."""
+    gen = torch.Generator().manual_seed(seed)
+    L, Lmax, nseq = sum(lengths), max(lengths), len(lengths)
+    dt = torch.exp(np.log(1e-3) + (np.log(0.1) - np.log(1e-3)) * torch.rand(1, d, L, generator=gen))
+    packed = dict(u=torch.randn(1, d, L, generator=gen), delta=torch.log(torch.expm1(dt)),
+                  B=torch.randn(1, n, L, generator=gen), C=torch.randn(1, n, L, generator=gen),
+                  z=torch.randn(1, d, L, generator=gen))
+    shared = dict(A=-torch.arange(1, n + 1, dtype=torch.float32).expand(d, n).contiguous(), D=torch.ones(d),
+                  delta_bias=torch.zeros(d), delta_softplus=True)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    padded = {k: torch.zeros(nseq, v.shape[1], Lmax) for k, v in packed.items()}
+    padded["delta"].fill_(float("-inf"))                  # softplus(-inf) = 0: a padded step changes nothing
+    for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
+        for k, v in packed.items():
+            padded[k][i, :, :e - a] = v[0, :, a:e]
+    packed["cu_seqlens"] = torch.tensor(offsets, dtype=torch.int32)
+    move = lambda x: {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in x.items()}  # noqa: E731
+    return move({**packed, **shared}), move({**padded, **shared})
+
+
+def _agree(impl, packed, padded, lengths):
+    """The largest |difference| between the packed and the padded call's outputs and last states,
+    relative to the largest |output|: the two layouts must compute the same answer."""
+    y1, s1 = impls.selective_scan(**packed, return_last_state=True, impl=impl)
+    y2, s2 = impls.selective_scan(**padded, return_last_state=True, impl=impl)
+    offsets = packed["cu_seqlens"].tolist()
+    err = max(max(float((y1[0, :, a:e] - y2[i, :, :e - a]).abs().max()) for i, (a, e) in enumerate(zip(offsets, offsets[1:]))),
+              float((s1 - s2).abs().max()))
+    return err / max(float(y1.abs().max()), float(s1.abs().max()), 1e-30)
+
+
+def _memory_child(args, side, queue):
+    torch.set_num_threads(args["threads"])
+    packed, padded = make_inputs(args["lengths"], args["d"], args["n"], args["seed"], args["device"])
+    x = packed if side == "packed" else padded
+    if args["device"] == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        impls.selective_scan(**x, return_last_state=True, impl=args["impl"])
+        torch.cuda.synchronize()
+        queue.put(dict(peak_added_bytes=torch.cuda.max_memory_allocated() - before, kind="cuda allocated"))
+        return
+    _, peak, before = peak_rss_during(lambda: impls.selective_scan(**x, return_last_state=True, impl=args["impl"]))
+    queue.put(dict(peak_added_bytes=peak - before, kind="resident (RSS)"))
+
+
+def peak_memory(args, side):
+    """Peak memory added by one call of ``side`` ("packed" or "padded"), measured in a fresh process."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_child, args=(args, side, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the {side} memory measurement failed (exit code {proc.exitcode})")
+    return queue.get(timeout=10)
+
+
+def run(impl="parallel", nseq=64, d=64, n=16, seed=0, rounds=7, threads=1, device="cpu", out=None, log=print,
+        memory=True):
+    """Measure one point; returns the record (and appends it to ``out`` as a JSON line when given).
+    memory=False skips the peak-memory measurement (two fresh processes)."""
+    torch.set_num_threads(threads)
+    lengths = draw_lengths(nseq, seed)
+    packed, padded = make_inputs(lengths, d, n, seed, device)
+    L, Lmax = sum(lengths), max(lengths)
+    log(f"varlen: {impl}, {nseq} sequences, lengths {min(lengths)}..{Lmax} (median {int(np.median(lengths))}), "
+        f"{L} tokens packed, {nseq * Lmax} padded; d={d}, n={n}, {threads} threads, {device}")
+    disagreement = _agree(impl, packed, padded, lengths)
+    if not disagreement < 1e-4:
+        raise RuntimeError(f"packed and padded calls disagree: relative difference {disagreement:.3g}")
+    log(f"  packed and padded agree to {disagreement:.2g} (relative); timing {rounds} interleaved rounds ...")
+
+    def call(x):
+        def fn():
+            impls.selective_scan(**x, return_last_state=True, impl=impl)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return fn
+
+    t = interleaved({"packed": call(packed), "padded": call(padded)}, rounds=rounds, block_s=0.0)
+    speedup = paired_ratio(t["padded"]["cpu_s"], t["packed"]["cpu_s"], to="packed")
+    log(f"  packed {t['packed']['median_s'] * 1e3:.1f} ms, padded {t['padded']['median_s'] * 1e3:.1f} ms (median "
+        f"wall); speed-up {speedup['ratio']:.2f}x [{speedup['ratio_q1']:.2f}, {speedup['ratio_q3']:.2f}]"
+        f"{' UNSTABLE' if speedup['unstable'] else ''}; measuring peak memory in fresh processes ...")
+    margs = dict(impl=impl, lengths=lengths, d=d, n=n, seed=seed, threads=threads, device=device)
+    mem = {side: (peak_memory(margs, side) if memory else dict(peak_added_bytes=None, kind="not measured"))
+           for side in ("packed", "padded")}
+    input_bytes = {side: sum(v.numel() * v.element_size() for k, v in x.items()
+                             if isinstance(v, torch.Tensor) and k != "cu_seqlens")
+                   for side, x in (("packed", packed), ("padded", padded))}
+    if memory:
+        log(f"  peak memory added: packed {mem['packed']['peak_added_bytes'] / 2**20:.1f} MiB, "
+            f"padded {mem['padded']['peak_added_bytes'] / 2**20:.1f} MiB; inputs {input_bytes['packed'] / 2**20:.1f} "
+            f"vs {input_bytes['padded'] / 2**20:.1f} MiB")
+    record = dict(benchmark="varlen", impl=impl, nseq=nseq, d=d, n=n, seed=seed, threads=threads, device=device,
+                  lengths=lengths, packed_tokens=L, padded_tokens=nseq * Lmax, disagreement=disagreement,
+                  packed={k: t["packed"][k] for k in ("median_s", "iqr_s", "cpu_median_s", "times_s", "cpu_s")}
+                  | dict(input_bytes=input_bytes["packed"], **mem["packed"]),
+                  padded={k: t["padded"][k] for k in ("median_s", "iqr_s", "cpu_median_s", "times_s", "cpu_s")}
+                  | dict(input_bytes=input_bytes["padded"], **mem["padded"]),
+                  speedup=speedup, machine=machine_info(), **code_state())
+    if out:
+        append_jsonl(out, record)
+        log(f"  appended to {out}")
+    return record
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.varlen", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impl", default="parallel", help="a registered implementation with varlen (default parallel)")
+    parser.add_argument("--nseq", type=int, default=64)
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--n", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=os.path.join("results", "varlen.jsonl"))
+    args = parser.parse_args(argv)
+    if args.impl not in impls.names() or not impls.get(args.impl).supports["varlen"]:
+        parser.error(f"--impl {args.impl}: not a registered implementation with varlen "
+                     f"({', '.join(n for n in impls.names() if impls.get(n).supports['varlen'])})")
+    record = run(args.impl, args.nseq, args.d, args.n, args.seed, args.rounds, args.threads, args.device, args.out)
+    json.dump({k: record[k] for k in ("impl", "packed_tokens", "padded_tokens", "speedup")}, sys.stdout, default=str)
+    print()
+
+
+if __name__ == "__main__":
+    main()
