@@ -85,6 +85,18 @@ def slope_table(data, kind="per_token"):
     return pd.DataFrame(out)
 
 
+def reforward_table(data):
+    """Re-forwarding the prefix against one recurrent step at the same L, measured interleaved."""
+    rows = _rows(data, "time_per_token", "per_token")
+    if rows.empty or "ratio_to" not in rows:
+        return pd.DataFrame()
+    rows = rows[(rows["mode"] == "reforward") & rows["ratio"].notna() & (rows["ratio_to"] != "mambapy")]
+    cols = [c for c in ("source", "level", "impl", "L", "threads", "median_s", "ratio", "ratio_q1", "ratio_q3", "unstable")
+            if c in rows]
+    out = rows[cols].sort_values([c for c in ("source", "level", "impl", "L") if c in cols]).reset_index(drop=True)
+    return out.rename(columns={"median_s": "reforward_s", "ratio": "reforward_over_step"})
+
+
 def _threads(rows):
     """The thread counts of rows' points, as '1' or '1, 2'."""
     if "threads" not in rows:
@@ -394,6 +406,9 @@ def build(data, problems, out_dir):
          "least-squares fits of the median CPU time per token (1 thread; medians over interleaved rounds), with "
          f"95 % half-widths; wider than ±{SLOPE_RESOLVED} is shown as not resolved. Points whose paired ratio is "
          "unstable are left out of fits and figures (unstable_left_out)."),
+        ("Re-forwarding against a recurrent step", reforward_table(data), [], [],
+         "The time to re-run the whole prefix for one token, as a multiple of one recurrent step at the same L "
+         "(reforward_over_step: median of per-round CPU-time ratios, with quartiles, measured interleaved)."),
         ("Cumulative generation time", slope_table(data, "cumulative"), [figures["cumulative"]] if figures["cumulative"] else [],
          [], "Measured time to generate L tokens one after another (MambaLM.generate) in both modes: slope 2 is "
              "quadratic (re-forwarding), 1 linear (recurrent)."),
