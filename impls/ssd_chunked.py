@@ -47,11 +47,13 @@ from .ssd_loop import effective_dt, skip
 BLOCK_TOKENS = 512  # tokens per block of chunks (at least one chunk)
 
 
-def _block(x, a, dt, B, C, state, T):
+def _block(x, a, dt, B, C, state, T, inplace):
     """One block of K whole chunks of T tokens.
 
     x: (b, m, h, p) in the compute dtype, m = K T; a, dt: (b, m, h) log-decay and step size;
-    B, C: (b, m, g, n) in the compute dtype; state: (b, h, p, n) the state before the block.
+    B, C: (b, m, g, n) in the compute dtype; state: (b, h, p, n) the state before the block;
+    inplace: reuse intermediates in place (no autograd graph: without gradients, about a third
+    fewer passes over memory, and no allocation per intermediate). Same arithmetic either way.
     Returns (y (b, m, h, p) without the D and z terms, the state after the block).
     """
     b, m, h, p = x.shape
@@ -65,42 +67,53 @@ def _block(x, a, dt, B, C, state, T):
 
     # seg[j, i] = s(i, j) = a_{j+1} + ... + a_i for i > j, accumulated from zero; 0 for i <= j
     later = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [j, i]: i > j
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu()  # [j, i]: i >= j
-    seg = torch.where(later, a[..., None, :], 0.0).cumsum(-1)           # (b, h, K, T, T) [j, i]
+    seg = torch.where(later, a[..., None, :], 0.0).cumsum_(-1)          # (b, h, K, T, T) [j, i]
     decay_from_start = a.cumsum(-1)                                      # a_0 + ... + a_i
-    decay_to_end = seg[..., -1]                                          # s(T-1, j)
+    w = seg[..., -1].exp() * dt                                          # exp(s(T-1, j)) dt_j
 
-    # 1. intra-chunk: Mt[j, i] = (B_j . C_i) exp(s(i, j)) dt_j, i >= j (transposed: j is the row)
-    BC = torch.matmul(Bc, Cc.transpose(-1, -2))                          # (b, g, K, T, T) [j, i]
-    Mt = BC[:, :, None] * (seg.exp() * dt[..., None]).view(b, g, hg, K, T, T)
-    Mt = torch.where(causal, Mt, 0.0).view(b, h, K, T, T)
-    X = x.reshape(b, K, T, h, p).permute(0, 3, 1, 2, 4)                     # (b, h, K, T, p)
-    finite = bool(torch.isfinite(x).all())
+    # 1. intra-chunk: Mt[j, i] = (B_j . C_i) exp(s(i, j)) dt_j, i >= j (transposed: j is the row),
+    #    the non-causal entries set by a mask, never multiplied by 0 (a NaN in B_j or dt_j, j > i,
+    #    must not reach y_i)
+    BC = torch.matmul(Bc, Cc.transpose(-1, -2))[:, :, None]              # (b, g, 1, K, T, T) [j, i]
+    if inplace:
+        Mt = seg.exp_().mul_(dt[..., None]).view(b, g, hg, K, T, T).mul_(BC).masked_fill_(later.T, 0.0)
+    else:
+        Mt = torch.where(later.T, 0.0, BC * (seg.exp() * dt[..., None]).view(b, g, hg, K, T, T))
+    X = x.reshape(b, K, T, h, p).permute(0, 3, 1, 2, 4)                  # (b, h, K, T, p)
+    # a non-finite x makes the sum non-finite (a finite sum that overflows only takes the slow path)
+    finite = bool(torch.isfinite(x.sum()))
     X_diag = X if finite else torch.where(torch.isfinite(X), X, 0.0)
-    y_diag = torch.matmul(Mt.transpose(-1, -2), X_diag)                  # (b, h, K, T, p)
+    y_diag = torch.matmul(Mt.view(b, h, K, T, T).transpose(-1, -2), X_diag)  # (b, h, K, T, p)
     if not finite:  # NaN from the bad token on, in its channel and chunk (later chunks get it via the state)
         seen = (~torch.isfinite(X)).cumsum(3) > 0
         y_diag = y_diag + torch.where(seen, float("nan"), 0.0)
 
     # 2. each chunk's state from zero, heads of a group folded into one matmul with the group's B
-    w = (decay_to_end.exp() * dt).permute(0, 2, 3, 1)                    # (b, K, T, h)
-    XW = (X.permute(0, 2, 3, 1, 4) * w[..., None]).reshape(b, K, T, g, hg * p).permute(0, 3, 1, 4, 2)
-    S = torch.matmul(XW, Bc)                                             # (b, g, K, hg p, n)
+    XW = (X * w[..., None]).permute(0, 2, 3, 1, 4).reshape(b, K, T, g, hg * p).permute(0, 3, 1, 4, 2)
+    S = torch.matmul(XW, Bc).view(b, g, K, hg, p, n)                    # (b, g, K, hg, p, n)
 
-    # 3. the state pass, sequential (as exact as the loop)
-    total = decay_from_start[..., -1].exp().view(b, g, hg, K)            # each chunk's whole decay
+    # 3. the state pass, sequential (as exact as the loop): H[k] is the state before chunk k
+    total = decay_from_start[..., -1].exp().view(b, g, hg, K)[..., None, None]  # each chunk's whole decay
     state = state.reshape(b, g, hg, p, n)
-    carried = []
-    for k in range(K):
-        carried.append(state)
-        state = total[..., k, None, None] * state + S[:, :, k].view(b, g, hg, p, n)
-    H = torch.stack(carried, 2).view(b, g, K, hg * p, n)                 # the state before each chunk
+    if inplace:
+        H = torch.empty(b, g, K + 1, hg, p, n, dtype=x.dtype, device=x.device)
+        H[:, :, 0] = state
+        for k in range(K):
+            torch.addcmul(S[:, :, k], H[:, :, k], total[:, :, :, k], out=H[:, :, k + 1])
+        state, H = H[:, :, K], H[:, :, :K]
+    else:  # unbind, not S[:, :, k]: each indexing's backward would zero-fill a whole copy of S
+        carried = []
+        for total_k, S_k in zip(total.unbind(3), S.unbind(2)):
+            carried.append(state)
+            state = total_k * state + S_k
+        H = torch.stack(carried, 2)
 
-    # 4. inter-chunk readout: exp(a_0 + ... + a_i) C_i H_{k-1}
-    y_off = torch.matmul(Cc, H.transpose(-1, -2)).view(b, g, K, T, hg, p)
-    y_off = y_off * decay_from_start.exp().view(b, g, hg, K, T).permute(0, 1, 3, 4, 2)[..., None]
-    y = y_diag.view(b, g, hg, K, T, p).permute(0, 1, 3, 4, 2, 5) + y_off  # (b, g, K, T, hg, p)
-    return y.permute(0, 2, 3, 1, 4, 5).reshape(b, m, h, p), state.view(b, h, p, n)
+    # 4. inter-chunk readout: exp(a_0 + ... + a_i) C_i H_{k-1}, plus the intra-chunk part
+    y = torch.matmul(Cc, H.reshape(b, g, K, hg * p, n).transpose(-1, -2)).view(b, g, K, T, hg, p)
+    from_start = decay_from_start.exp().view(b, g, hg, K, T).permute(0, 1, 3, 4, 2)[..., None]
+    y_diag = y_diag.view(b, g, hg, K, T, p).permute(0, 1, 3, 4, 2, 5)
+    y = y.mul_(from_start).add_(y_diag) if inplace else y * from_start + y_diag   # (b, g, K, T, hg, p)
+    return y.permute(0, 2, 3, 1, 4, 5).reshape(b, m, h, p), state.reshape(b, h, p, n)
 
 
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
@@ -127,18 +140,27 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
     a = dt * A.to(f)                                                     # log-decay of each token
     state = (torch.zeros(b, h, p, n, dtype=f, device=x.device) if initial_states is None
              else initial_states.to(f))
-    out = x.new_empty(b, l, h, p)
     whole = l - l % T
     K = max(1, BLOCK_TOKENS // T)
     bounds = [(s, min(s + K * T, whole), T) for s in range(0, whole, K * T)]
     if whole < l:
         bounds.append((whole, l, l - whole))  # the last, shorter chunk on its own
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias, initial_states)))
+    # without gradients each block's result goes straight into out; with them, blocks are joined
+    # by one cat (assigning into slices of out would copy the whole gradient once per block)
+    out, ys = (x.new_empty(b, l, h, p), None) if inplace else (None, [])
     for s, e, t in bounds:
         x_f = x[:, s:e].to(f)
-        y, state = _block(x_f, a[:, s:e], dt[:, s:e], B[:, s:e].to(f), C[:, s:e].to(f), state, t)
+        y, state = _block(x_f, a[:, s:e], dt[:, s:e], B[:, s:e].to(f), C[:, s:e].to(f), state, t, inplace)
         if D is not None:
-            y = y + skip(D.to(f), x_f)
+            y = y.add_(skip(D.to(f), x_f)) if inplace else y + skip(D.to(f), x_f)
         if z is not None:
-            y = y * F.silu(z[:, s:e].to(f))
-        out[:, s:e] = y
+            y = y.mul_(F.silu(z[:, s:e].to(f))) if inplace else y * F.silu(z[:, s:e].to(f))
+        if inplace:
+            out[:, s:e] = y
+        else:
+            ys.append(y)
+    if not inplace:
+        out = torch.cat(ys, 1).to(x.dtype)
     return (out, state) if return_final_states else out
