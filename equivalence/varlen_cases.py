@@ -13,9 +13,11 @@ A packed call lays nseq sequences end to end along time (b = 1) and marks their 
                 order, padding rows among them) equals decoding each sequence alone; padding rows
                 output zeros and no slot but a row's own is touched
 
-The first half of this module is family-neutral (the drawn lengths, the chunk geometry they are
-meant to exercise); the second half is the Mamba-1 family (``selective_scan``, time last). The SSD
-family can reuse the first half and write its own ``inputs``/``scan``/``step`` the same way.
+Written once for both families: the drawn lengths, the chunk geometry they are meant to exercise
+(``covered``) and the properties (``check_*``), which reach a family only through a ``Family``:
+its inputs, its public scan and step, its sums of |terms| for the tolerance's floor. ``SELECTIVE``
+is Mamba-1 (``selective_scan``, time last); the SSD family needs its own Family (time on axis 1,
+``initial_states``) and case type with ``lengths``, ``offsets``, ``l``, ``nseq`` and ``seed``.
 """
 
 import dataclasses
@@ -162,7 +164,6 @@ def varlen_cases(draw, chunk=8, dtypes=tuple(DTYPES), regimes=REGIMES, max_d=6, 
 
 
 TIME_ARGS = ("u", "delta", "z", "B", "C")
-SEQUENCE_ARGS = TIME_ARGS + ("initial_state",)   # what belongs to one sequence
 
 
 def packed_inputs(case, dtype=None):
@@ -177,27 +178,6 @@ def packed_inputs(case, dtype=None):
         x["initial_state"] = h0 if dtype is None else h0.to(dtype)
     x["cu_seqlens"] = torch.tensor(case.offsets, dtype=torch.int32)
     return x
-
-
-def sequence(x, i):
-    """The arguments of sequence i of packed inputs x, as an ordinary (b = 1) call."""
-    offsets = x["cu_seqlens"].tolist()
-    a, e = offsets[i], offsets[i + 1]
-    out = {k: (v[..., a:e] if k in TIME_ARGS and v is not None else v) for k, v in x.items() if k != "cu_seqlens"}
-    if x["initial_state"] is not None:
-        out["initial_state"] = x["initial_state"][i:i + 1]
-    return out
-
-
-def scan_alone(name, x):
-    """Each sequence of packed inputs x scanned alone by ``name`` (no cu_seqlens), concatenated:
-    y (1, d, l) and last_state (nseq, d, n). Differentiable where ``name`` is."""
-    ys, lasts = [], []
-    for i in range(x["cu_seqlens"].numel() - 1):
-        y, last = impls.selective_scan(**sequence(x, i), return_last_state=True, impl=name)
-        ys.append(y)
-        lasts.append(last)
-    return torch.cat(ys, -1), torch.cat(lasts)
 
 
 def repro(name, case, note=""):
@@ -263,32 +243,90 @@ def magnitudes(x64, weights=None):
     return y.detach(), last.detach(), sums
 
 
+# --- the properties, family-neutral: written once, run for any family described by a Family ---
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the varlen properties need to know about one family of scans (Mamba-1: SELECTIVE below).
+
+    inputs(case, dtype=None): packed keyword arguments of the scan, cu_seqlens included, the
+        per-sequence states under ``state_arg``; dtype=torch.float64 gives the oracle's copy
+    scan(name, x): (y, last states) of one call through the public function, packed or not
+    step(name, cache, x, tokens, indices): one batch-indexed decoding step; tokens holds each of
+        ``step_args`` for the rows, (rows, ...); returns the rows' outputs
+    magnitudes(x64, weights=None): (y scale, states scale, {argument: gradient scale} or None),
+        sums of |terms| (equivalence/tolerance.py)
+    terms(case, output): rounded terms per element of "y", "state" or "gradient"
+    repro(name, case, note): a line that reproduces the call
+    """
+    name: str
+    time_args: tuple       # arguments with a time axis
+    time_dim: int          # the time axis of those arguments and of y (with the batch axis first)
+    state_arg: str         # the per-sequence initial states' argument
+    step_args: tuple       # the time arguments a decoding step takes one token of, in its order
+    inputs: object
+    scan: object
+    step: object
+    magnitudes: object
+    terms: object
+    repro: object
+
+    def cut(self, X, a, e):
+        return X.narrow(self.time_dim, a, e - a)
+
+    def token(self, X, pos):
+        """(1, ..., l, ...) -> (rows, ...): token pos[r] of X for row r."""
+        td = self.time_dim - 1 if self.time_dim > 0 else self.time_dim       # in X[0]
+        return X[0].index_select(td, torch.tensor(pos, dtype=torch.long)).movedim(td, 0)
+
+
+def sequence(x, i, family=None):
+    """The arguments of sequence i of packed inputs x, as an ordinary (b = 1) call."""
+    family = family or SELECTIVE
+    offsets = x["cu_seqlens"].tolist()
+    a, e = offsets[i], offsets[i + 1]
+    out = {k: (family.cut(v, a, e) if k in family.time_args and v is not None else v)
+           for k, v in x.items() if k != "cu_seqlens"}
+    if x[family.state_arg] is not None:
+        out[family.state_arg] = x[family.state_arg][i:i + 1]
+    return out
+
+
+def scan_alone(name, x, family=None):
+    """Each sequence of packed inputs x scanned alone by ``name`` (no cu_seqlens), concatenated:
+    y along time and the last states (nseq, ...). Differentiable where ``name`` is."""
+    family = family or SELECTIVE
+    ys, lasts = [], []
+    for i in range(x["cu_seqlens"].numel() - 1):
+        y, last = family.scan(name, sequence(x, i, family))
+        ys.append(y)
+        lasts.append(last)
+    return torch.cat(ys, family.time_dim), torch.cat(lasts)
+
+
 def _max(t):
     t = t.detach()
     t = t[torch.isfinite(t)]
     return float(t.max()) if t.numel() else None
 
 
-def _terms(case, output):
-    """Rounded terms in one element (equivalence.tolerance.terms): the longest sequence's steps,
-    plus the readout's n for y."""
-    longest = max(case.lengths)
-    return longest + case.n if output == "y" else longest
+def _against_alone(what, name, case, family, y, last, where):
+    """y and last states against each sequence scanned alone by the float64 loop (no cu_seqlens:
+    the oracle never takes the packed path), under the tolerance policy."""
+    x64 = family.inputs(case, torch.float64)
+    ref = scan_alone("loop", x64, family)
+    same = scan_alone("loop", family.inputs(case), family)
+    sy, ss, _ = family.magnitudes(x64)
+    assert_close(f"{name} {what}: y", y, ref[0], same[0], family.terms(case, "y"), where, scale=_max(sy))
+    assert_close(f"{name} {what}: last states", last, ref[1], same[1], family.terms(case, "state"), where,
+                 scale=_max(ss))
 
 
-# --- Mamba-1: the properties ------------------------------------------------------------------
-
-def check_alone(name, case):
-    """Values and last states of a packed call against each sequence scanned alone by the float64
-    loop (no cu_seqlens: the oracle never takes the packed path), under the tolerance policy."""
-    x = packed_inputs(case)
-    y, last = impls.selective_scan(**x, return_last_state=True, impl=name)
-    ref = scan_alone("loop", packed_inputs(case, torch.float64))
-    same = scan_alone("loop", x)
-    sy, ss, _ = magnitudes(packed_inputs(case, torch.float64))
-    where = repro(name, case)
-    assert_close(f"{name} packed: y", y, ref[0], same[0], _terms(case, "y"), where, scale=_max(sy))
-    assert_close(f"{name} packed: last_state", last, ref[1], same[1], _terms(case, "last"), where, scale=_max(ss))
+def check_alone(name, case, family=None):
+    """Values and last states of a packed call equal each sequence scanned alone."""
+    family = family or SELECTIVE
+    y, last = family.scan(name, family.inputs(case))
+    _against_alone("packed", name, case, family, y, last, family.repro(name, case, ""))
 
 
 def _gradients(scan, x, weights, wrt):
@@ -300,154 +338,136 @@ def _gradients(scan, x, weights, wrt):
     return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)))
 
 
-def check_alone_gradients(name, case):
-    """Gradients of a random linear function of (y, last_state) of the packed call, for every
-    tensor input, initial states included, against float64 autograd through the loop run on each
-    sequence alone (the shared parameters' gradients summed over the sequences)."""
+def check_alone_gradients(name, case, family=None):
+    """Gradients of a random linear function of (y, last states) of the packed call, for every
+    floating tensor input, initial states included, against float64 autograd through the loop run
+    on each sequence alone (the shared parameters' gradients summed over the sequences)."""
+    family = family or SELECTIVE
+    x, x64 = family.inputs(case), family.inputs(case, torch.float64)
+    y0, s0 = scan_alone("loop", x64, family)
     gen = torch.Generator().manual_seed(case.seed + 3)
-    weights = (torch.randn(1, case.d, case.l, generator=gen, dtype=torch.float64),
-               torch.randn(case.nseq, case.d, case.n, generator=gen, dtype=torch.float64))
-    x, x64 = packed_inputs(case), packed_inputs(case, torch.float64)
-    wrt = [k for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state") if x[k] is not None]
-
-    def packed(leaves):
-        return impls.selective_scan(**leaves, return_last_state=True, impl=name)
-
-    got = _gradients(packed, x, weights, wrt)
-    ref = _gradients(lambda v: scan_alone("loop", v), x64, weights, wrt)
-    same = _gradients(lambda v: scan_alone("loop", v), x, weights, wrt)
-    sums = magnitudes(x64, weights)[2]
-    terms = case.l * (case.d // max(case.g, 1) + case.n)
+    weights = (torch.randn(y0.shape, generator=gen, dtype=torch.float64),
+               torch.randn(s0.shape, generator=gen, dtype=torch.float64))
+    wrt = [k for k, v in x.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    got = _gradients(lambda v: family.scan(name, v), x, weights, wrt)
+    ref = _gradients(lambda v: scan_alone("loop", v, family), x64, weights, wrt)
+    same = _gradients(lambda v: scan_alone("loop", v, family), x, weights, wrt)
+    sums = family.magnitudes(x64, weights)[2]
     for k in wrt:
         zero = torch.zeros_like(x64[k])        # an input no output depends on (l = 0) has no gradient
         g, r, s = (zero.to(x[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
-        assert_close(f"{name} packed: grad {k}", g, r, s, terms, repro(name, case, f"gradient of {k}"),
-                     scale=_max(sums[k]))
+        assert_close(f"{name} packed: grad {k}", g, r, s, family.terms(case, "gradient"),
+                     family.repro(name, case, f"gradient of {k}"), scale=_max(sums[k]))
 
 
-def _perturbed(x, i, gen, value):
-    """A copy of packed inputs x with sequence i's tokens and initial state redrawn, or set to
-    ``value`` (nan, inf) at one token of u when given."""
+def _perturbed(x, i, gen, value, family):
+    """A copy of packed inputs x with sequence i's tokens and initial state redrawn, and with
+    ``value`` (nan, inf) at its middle token of the first time argument when given."""
     out = dict(x)
     offsets = x["cu_seqlens"].tolist()
     a, e = offsets[i], offsets[i + 1]
-    for k in SEQUENCE_ARGS:
+    for k in family.time_args + (family.state_arg,):
         v = x[k]
-        if v is None or (k != "initial_state" and e == a):
+        if v is None or (k != family.state_arg and e == a):
             continue
         v = v.clone()
-        part = v[i:i + 1] if k == "initial_state" else v[..., a:e]
+        part = v[i:i + 1] if k == family.state_arg else family.cut(v, a, e)
         part.copy_(torch.randn(part.shape, generator=gen, dtype=torch.float64).to(v.dtype))
-        if value is not None and k == "u" and e > a:
-            part[..., (e - a) // 2] = float(value)
+        if value is not None and k == family.time_args[0]:
+            family.cut(part, (e - a) // 2, (e - a) // 2 + 1).fill_(float(value))
         out[k] = v
     return out
 
 
-def check_no_crossing(name, case, i, value=None):
-    """Perturbing sequence i (tokens and initial state; with ``value``, also a NaN or inf in u)
-    changes no output and no last state of any other sequence, bit for bit."""
+def check_no_crossing(name, case, i, value=None, family=None):
+    """Perturbing sequence i (tokens and initial state; with ``value``, also a NaN or inf) changes
+    no output and no last state of any other sequence, bit for bit."""
+    family = family or SELECTIVE
     i %= case.nseq
-    x = packed_inputs(case)
-    x2 = _perturbed(x, i, torch.Generator().manual_seed(case.seed + 11), value)
-    y, last = impls.selective_scan(**x, return_last_state=True, impl=name)
-    y2, last2 = impls.selective_scan(**x2, return_last_state=True, impl=name)
+    x = family.inputs(case)
+    x2 = _perturbed(x, i, torch.Generator().manual_seed(case.seed + 11), value, family)
+    y, last = family.scan(name, x)
+    y2, last2 = family.scan(name, x2)
     offsets = case.offsets
-    where = repro(name, case, f"sequence {i} perturbed" + (f", u = {value} at its middle token" if value else ""))
+    where = family.repro(name, case, f"sequence {i} perturbed" + (f", {value} at its middle token" if value else ""))
     for j in range(case.nseq):
         if j == i:
             continue
         a, e = offsets[j], offsets[j + 1]
-        if not torch.equal(y[..., a:e], y2[..., a:e]) or not torch.equal(last[j], last2[j]):
+        if not torch.equal(family.cut(y, a, e), family.cut(y2, a, e)) or not torch.equal(last[j], last2[j]):
             raise AssertionError(f"{name}: perturbing sequence {i} changed sequence {j}'s output or last state\n"
                                  f"  reproduce: {where}")
 
 
-def check_prefill(name, case, i, k):
+def check_prefill(name, case, i, k, family=None):
     """Chunked prefill: sequence i split at token k across two packed calls (the sequences before
     it and its first k tokens; then its remaining tokens, from the first call's last state, and the
-    sequences after it): the outputs and last states equal the float64 loop on each alone."""
+    sequences after it) equals each sequence scanned alone."""
+    family = family or SELECTIVE
     i %= case.nseq
     k = min(k, case.lengths[i])
-    x = packed_inputs(case)
+    x = family.inputs(case)
     offsets = case.offsets
     cut = offsets[i] + k
 
     def part(lo, hi, seqs, h0):
         lens = [max(0, min(offsets[j + 1], hi) - max(offsets[j], lo)) for j in seqs]
-        out = {key: (v[..., lo:hi] if key in TIME_ARGS and v is not None else v) for key, v in x.items()}
+        out = {key: (family.cut(v, lo, hi) if key in family.time_args and v is not None else v) for key, v in x.items()}
         out["cu_seqlens"] = torch.tensor(offsets_of(lens), dtype=torch.int32)
-        out["initial_state"] = h0
+        out[family.state_arg] = h0
         return out
 
-    h0 = x["initial_state"]
-    first = part(0, cut, range(i + 1), None if h0 is None else h0[:i + 1])
-    y1, last1 = impls.selective_scan(**first, return_last_state=True, impl=name)
-    others = h0 if h0 is not None else last1.new_zeros(case.nseq, case.d, case.n)   # zeros: no initial states
-    second = part(cut, case.l, range(i, case.nseq), torch.cat([last1[i:i + 1], others[i + 1:]]))
-    y2, last2 = impls.selective_scan(**second, return_last_state=True, impl=name)
-    y = torch.cat([y1, y2], -1)
-    last = torch.cat([last1[:i], last2])
-    ref = scan_alone("loop", packed_inputs(case, torch.float64))
-    same = scan_alone("loop", x)
-    sy, ss, _ = magnitudes(packed_inputs(case, torch.float64))
-    where = repro(name, case, f"sequence {i} split at its token {k} across two calls")
-    assert_close(f"{name} split prefill: y", y, ref[0], same[0], _terms(case, "y"), where, scale=_max(sy))
-    assert_close(f"{name} split prefill: last_state", last, ref[1], same[1], _terms(case, "last"), where,
-                 scale=_max(ss))
+    h0 = x[family.state_arg]
+    y1, last1 = family.scan(name, part(0, cut, range(i + 1), None if h0 is None else h0[:i + 1]))
+    others = h0 if h0 is not None else last1.new_zeros(case.nseq, *last1.shape[1:])   # zeros: no initial states
+    y2, last2 = family.scan(name, part(cut, case.l, range(i, case.nseq), torch.cat([last1[i:i + 1], others[i + 1:]])))
+    _against_alone("split prefill", name, case, family, torch.cat([y1, y2], family.time_dim),
+                   torch.cat([last1[:i], last2]), family.repro(name, case, f"sequence {i} split at its token {k}"))
 
 
-def check_decoding(name, case, order_seed, padding):
+def check_decoding(name, case, order_seed, padding, family=None):
     """Decoding every sequence at once through state_batch_indices: a cache of nseq + 2 slots,
     sequence i in a shuffled slot, each step's rows (the sequences with a token left, plus
-    ``padding`` rows of index -1) in a shuffled order. Outputs and final slots equal the float64
-    loop on each sequence alone; padding rows output exactly zeros; the spare slots are untouched."""
-    x = packed_inputs(case)
+    ``padding`` rows of index -1) in a shuffled order. Outputs and final slots equal each sequence
+    scanned alone; padding rows output exactly zeros; the spare slots are untouched."""
+    family = family or SELECTIVE
+    x = family.inputs(case)
     offsets = case.offsets
     gen = torch.Generator().manual_seed(order_seed)
+    y0, s0 = scan_alone("loop", x, family)                      # only for the shapes and dtypes
     nslots = case.nseq + 2
     slot_of = torch.randperm(nslots, generator=gen)[:case.nseq].tolist()
-    f = x["A"].dtype
-    cache = torch.randn(nslots, case.d, case.n, generator=gen, dtype=torch.float64).to(f)
-    for i, s in enumerate(slot_of):
-        cache[s] = 0 if x["initial_state"] is None else x["initial_state"][i]
-    spare = [s for s in range(nslots) if s not in slot_of]
+    cache = torch.randn(nslots, *s0.shape[1:], generator=gen, dtype=torch.float64).to(s0.dtype)
+    for i, slot in enumerate(slot_of):
+        cache[slot] = 0 if x[family.state_arg] is None else x[family.state_arg][i]
+    spare = [slot for slot in range(nslots) if slot not in slot_of]
     spare_before = cache[spare].clone()
-    y = torch.full_like(x["u"], float("nan"))
-    where = repro(name, case, f"decoded through state_batch_indices, order seed {order_seed}, {padding} padding rows")
+    y = torch.full_like(y0, float("nan"))
+    where = family.repro(name, case, f"decoded through state_batch_indices, order seed {order_seed}, "
+                                     f"{padding} padding rows")
+    td = family.time_dim - 1 if family.time_dim > 0 else family.time_dim
     for t in range(max(case.lengths, default=0)):
-        live = [i for i in range(case.nseq) if t < case.lengths[i]]
-        rows = live + [-1] * padding
+        rows = [i for i in range(case.nseq) if t < case.lengths[i]] + [-1] * padding
         rows = [rows[r] for r in torch.randperm(len(rows), generator=gen).tolist()]
-        pos = [offsets[i] + t if i >= 0 else 0 for i in rows]   # a padding row reads some token
-
-        def take(X):  # (1, ..., l) -> (rows, ...): each row's token
-            return None if X is None else X[0][..., pos].movedim(-1, 0)
-
+        pos = [offsets[i] + t if i >= 0 else 0 for i in rows]    # a padding row reads some token
+        tokens = {k: (None if x[k] is None else family.token(x[k], pos)) for k in family.step_args}
         indices = torch.tensor([slot_of[i] if i >= 0 else -1 for i in rows], dtype=torch.int32)
-        out = impls.selective_state_update(cache, take(x["u"]), take(x["delta"]), x["A"], take(x["B"]),
-                                           take(x["C"]), x["D"], take(x["z"]), x["delta_bias"], x["delta_softplus"],
-                                           state_batch_indices=indices, impl=name)
+        out = family.step(name, cache, x, tokens, indices)
         for r, i in enumerate(rows):
             if i < 0:
                 if not torch.equal(out[r], torch.zeros_like(out[r])):
                     raise AssertionError(f"{name}: a padding row's output is not zero\n  reproduce: {where}")
             else:
-                y[0, :, offsets[i] + t] = out[r]
+                y[0].select(td, offsets[i] + t).copy_(out[r])
     if not torch.equal(cache[spare], spare_before):
         raise AssertionError(f"{name}: decoding changed a cache slot no row owns\n  reproduce: {where}")
-    last = cache[slot_of]
-    ref = scan_alone("loop", packed_inputs(case, torch.float64))
-    same = scan_alone("loop", x)
-    sy, ss, _ = magnitudes(packed_inputs(case, torch.float64))
-    assert_close(f"{name} decoding: y", y, ref[0], same[0], _terms(case, "y"), where, scale=_max(sy))
-    assert_close(f"{name} decoding: slots", last, ref[1], same[1], _terms(case, "last"), where, scale=_max(ss))
+    _against_alone("decoding", name, case, family, y, cache[slot_of], where)
 
 
 def chunk_starts(name, case):
-    """Packed positions where the chunks of ``name`` start on this case: parallel's plan (with
-    whatever plan constants are in force), every token for a step-by-step implementation, and 0
-    alone for one that scans in one piece (the loop)."""
+    """Packed positions where the chunks of Mamba-1's ``name`` start on this case: parallel's plan
+    (with whatever plan constants are in force), every token for a step-by-step implementation, and
+    0 alone for one that scans in one piece (the loop)."""
     if case.l == 0:
         return [0]
     if name == "parallel":
@@ -460,3 +480,27 @@ def chunk_starts(name, case):
         return list(range(max(case.l, 1)))
     return [0]
 
+
+# --- Mamba-1 as a Family ------------------------------------------------------------------------
+
+def _selective_scan(name, x):
+    return impls.selective_scan(**x, return_last_state=True, impl=name)
+
+
+def _selective_step(name, cache, x, tokens, indices):
+    return impls.selective_state_update(cache, tokens["u"], tokens["delta"], x["A"], tokens["B"], tokens["C"], x["D"],
+                                        tokens["z"], x["delta_bias"], x["delta_softplus"],
+                                        state_batch_indices=indices, impl=name)
+
+
+def _selective_terms(case, output):
+    """Rounded terms per element (equivalence/tolerance.py's terms): the longest sequence's steps,
+    plus the readout's n for y; a gradient sums over every token and over channels or states."""
+    longest = max(case.lengths)
+    return dict(y=longest + case.n, state=longest,
+                gradient=case.l * (case.d // max(case.g, 1) + case.n))[output]
+
+
+SELECTIVE = Family(name="selective", time_args=TIME_ARGS, time_dim=-1, state_arg="initial_state",
+                   step_args=("u", "delta", "B", "C", "z"), inputs=packed_inputs, scan=_selective_scan,
+                   step=_selective_step, magnitudes=magnitudes, terms=_selective_terms, repro=repro)
