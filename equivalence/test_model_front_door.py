@@ -75,7 +75,26 @@ def test_a_transformers_dict_maps_through_the_table():
     assert (config.d_state, config.d_conv, config.expand, config.dt_rank, config.d_inner) == (5, 3, 1, 4, 24)
     assert (config.bias, config.conv_bias, config.norm_epsilon, config.residual_in_fp32,
             config.tie_embeddings) == (True, False, 1e-6, False, False)
-    assert config.extra == {"eos_token_id": 0}   # kept; the file fields (architectures, ...) are not
+    assert config.extra == {} and config.transformers_extra == {"eos_token_id": 0}   # not the file fields
+
+
+def test_a_transformers_folder_saved_in_the_official_layout_has_only_official_fields(tmp_path):
+    """The official loader (mamba_ssm: MambaConfig(**config.json), a dataclass) refuses fields it does
+    not know, so transformers' own fields go back to the transformers layout only."""
+    model = _tiny()
+    model.save_pretrained(tmp_path / "hf", layout="transformers")
+    _rewrite_config(tmp_path / "hf", eos_token_id=0, use_cache=True, initializer_range=0.1)
+    loaded = MambaLM.from_pretrained(tmp_path / "hf")
+    loaded.save_pretrained(tmp_path / "official")
+    with open(tmp_path / "official" / "config.json") as f:
+        official = json.load(f)
+    assert set(official) == {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                             "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm",
+                             "pad_vocab_size_multiple", "tie_embeddings", "norm_epsilon"}
+    loaded.save_pretrained(tmp_path / "hf2", layout="transformers")
+    with open(tmp_path / "hf2" / "config.json") as f:
+        again = json.load(f)
+    assert (again["eos_token_id"], again["use_cache"], again["initializer_range"]) == (0, True, 0.1)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"ssm_cfg": {"bias": True, "conv_bias": False, "d_state": 3}},

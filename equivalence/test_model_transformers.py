@@ -231,3 +231,17 @@ def test_a_transformers_folder_builds_its_own_size(tmp_path, monkeypatch):
     monkeypatch.setattr(MambaLM, "__init__", watching_init)
     model = MambaLM.from_pretrained(tmp_path)
     assert built == [(16, 2)] and sum(p.numel() for p in model.parameters()) < 20_000
+
+
+def test_a_sharded_transformers_checkpoint_loads(tmp_path):
+    """Large transformers checkpoints come in shards (model.safetensors.index.json and its files)."""
+    theirs = hf_model(seed=8)
+    theirs.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    ours = MambaLM.from_pretrained(tmp_path)
+    for name, p in theirs.state_dict().items():
+        if name == "lm_head.weight":   # tied: the embedding itself
+            assert ours.lm_head.weight is ours.backbone.embedding.weight
+            continue
+        assert torch.equal(ours.state_dict()[name.replace("backbone.embeddings.", "backbone.embedding.")], p), name

@@ -121,6 +121,9 @@ class MambaConfig:
         self.tie_embeddings = bool(tie_embeddings)
         self.norm_epsilon = float(norm_epsilon)
         self.extra = dict(extra)  # fields this code does not know: kept, written back, otherwise ignored
+        # the transformers fields outside the table, when read from that layout (config_from_dict):
+        # written back to that layout only, since the official loader refuses fields it does not know
+        self.transformers_extra = {}
 
         if self.ssm_cfg.get("layer", "Mamba1") != "Mamba1":
             raise NotImplementedError(f"MambaConfig: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: "
@@ -258,13 +261,15 @@ def map_config(d, table):
 
 
 def transformers_to_official(d):
-    """A transformers MambaConfig dict -> an official config.json dict.
+    """A transformers MambaConfig dict -> (official config.json dict, the transformers fields
+    outside the table).
 
     The vocabulary is transformers' vocab_size rows with no further padding (pad_vocab_size_multiple
     1): transformers has no notion of padding rows, so every row is a token, as its generate treats
-    it. Fields outside the table (token ids, initializer_range, use_cache, ...) are kept as unknown
-    fields; architectures, dtype, transformers_version and intermediate_size describe the file and
-    are dropped (intermediate_size after checking it is expand * hidden_size).
+    it. The fields outside the table (token ids, initializer_range, use_cache, ...) come back
+    separately, to be written back to the transformers layout only; architectures, dtype,
+    transformers_version and intermediate_size describe the file and are dropped (intermediate_size
+    after checking it is expand * hidden_size).
 
     Raises ValueError for a missing size field or a field whose value this block cannot compute.
     """
@@ -279,13 +284,14 @@ def transformers_to_official(d):
                          f"expand * hidden_size = {expand} * {d['hidden_size']}")
     for key in (*TRANSFORMERS_FIXED, *TRANSFORMERS_FILE_FIELDS):
         rest.pop(key, None)
-    return {**mapped, "pad_vocab_size_multiple": 1, **rest}
+    return {**mapped, "pad_vocab_size_multiple": 1}, rest
 
 
 def official_to_transformers(config):
     """A MambaConfig -> transformers' MambaConfig dict (what its save_pretrained writes), with the
     resolved sizes (dt_rank as a number) and vocab_size = the padded row count. Unknown fields kept
-    from loading are written too. Raises ValueError for what transformers' model cannot express."""
+    from loading, official (config.extra) or transformers' own (config.transformers_extra), are
+    written too. Raises ValueError for what transformers' model cannot express."""
     for key, value in OFFICIAL_FIXED_FOR_TRANSFORMERS.items():
         if getattr(config, key) != value:
             raise ValueError(f"layout='transformers': {key} = {getattr(config, key)!r} has no counterpart in "
@@ -295,7 +301,7 @@ def official_to_transformers(config):
         out[hf] = getattr(config, official.split(".")[-1])
     out["vocab_size"] = config.padded_vocab_size
     out["intermediate_size"] = config.d_inner
-    return {**out, **config.extra}
+    return {**out, **config.transformers_extra, **config.extra}
 
 
 def config_from_dict(d):
@@ -303,7 +309,10 @@ def config_from_dict(d):
     missing size fields, or the fields of two layouts, before anything is built."""
     layout = config_layout(d)
     if layout == "transformers":
-        return MambaConfig(**transformers_to_official(d)), layout
+        official, rest = transformers_to_official(d)
+        config = MambaConfig(**official)
+        config.transformers_extra = rest
+        return config, layout
     _require_fields(d, layout)
     return MambaConfig(**d), layout
 
