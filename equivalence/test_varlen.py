@@ -42,10 +42,11 @@ def _small_parallel_plan():
 
 # Fixtures over the implementations under test; those without what a test needs are skipped
 # with the declared gap as the reason (visible, never silently passed).
+VARLEN = (lambda e: e.supports["varlen"], "varlen")
 VARLEN_FIXTURES = {   # fixture: what the implementation must have, as (capability, gap's name) pairs
-    "varlen_impl": ((lambda e: e.supports["varlen"], "varlen"),),
-    "varlen_gradient_impl": ((lambda e: e.supports["varlen"], "varlen"), (lambda e: e.supports["gradients"], "gradients")),
-    "varlen_stepping_impl": ((lambda e: e.supports["varlen"], "varlen"), (lambda e: e.step is not None, "no step function")),
+    "varlen_impl": (VARLEN,),
+    "varlen_gradient_impl": (VARLEN, (lambda e: e.supports["gradients"], "gradients")),
+    "varlen_stepping_impl": (VARLEN, (lambda e: e.step is not None, "no step function")),
 }
 
 

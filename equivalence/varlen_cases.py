@@ -197,7 +197,7 @@ def magnitudes(x64, weights=None):
     Returns (y scale, last_state scale, {argument: sum of |summands| of its gradient} or None),
     the first two as tensors (1, d, l) and (nseq, d, n). weights: the loss's (1, d, l) and
     (nseq, d, n) weights, as in check_gradients."""
-    d, l = x64["u"].shape[1], x64["u"].shape[2]
+    d = x64["u"].shape[1]
     offsets = x64["cu_seqlens"].tolist()
     raw = x64["delta"] if x64["delta_bias"] is None else x64["delta"] + x64["delta_bias"][:, None]
     dt = F.softplus(raw) if x64["delta_softplus"] else raw

@@ -65,7 +65,8 @@ def _tokens(bug, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
 def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
           return_last_state=False, cu_seqlens=None):
     if cu_seqlens is None:   # every bug here is about packing; an unpacked call is the loop's
-        return loop.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+        return loop.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                   return_last_state)
     offsets = cu_seqlens.tolist()
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, offsets)
     if bug == "boundary_ignored_in_dB":

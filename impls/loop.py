@@ -36,7 +36,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         in the compute dtype (float32, or float64 for float64 inputs); (nseq, d, n) with cu_seqlens
     """
     if cu_seqlens is not None:
-        return _packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, cu_seqlens)
+        return _packed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state,
+                       cu_seqlens)
     b, d, l = u.shape
     n = A.shape[1]
     f = compute_dtype(u.dtype)
