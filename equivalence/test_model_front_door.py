@@ -46,8 +46,27 @@ def test_missing_size_fields_are_named():
         config_from_dict({"model_type": "mamba", "state_size": 16, "vocab_size": 50})
     with pytest.raises(ValueError, match="missing size field.*vocab_size"):
         config_from_dict({"d_model": 16, "n_layer": 2})
-    with pytest.raises(ValueError, match="two layouts.*official: d_model.*transformers: hidden_size"):
-        config_from_dict({"d_model": 16, "n_layer": 2, "vocab_size": 50, "hidden_size": 16})
+    with pytest.raises(ValueError, match="disagree: d_model: 16 .official fields. against 24 .transformers"):
+        config_from_dict({"d_model": 16, "n_layer": 2, "vocab_size": 50, "hidden_size": 24})
+    with pytest.raises(ValueError, match="d_state: 8 .official fields. against 16"):
+        config_from_dict({"d_model": 16, "n_layer": 2, "vocab_size": 50, "ssm_cfg": {"d_state": 8},
+                          "hidden_size": 16, "state_size": 16})
+
+
+def test_a_config_with_both_layouts_fields_in_agreement_is_read():
+    """A converted checkpoint may keep its original fields beside transformers' (transformers ignores
+    them): read when both give the same model, the official-only ones (rms_norm, ...) included."""
+    config, layout = config_from_dict({
+        "d_model": 24, "n_layer": 2, "ssm_cfg": {}, "rms_norm": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": 8, "hidden_size": 24, "num_hidden_layers": 2, "state_size": 16,
+        "time_step_rank": 2, "vocab_size": 56, "model_type": "mamba", "d_inner": 48, "eos_token_id": 0})
+    assert layout == "transformers"
+    assert (config.d_model, config.n_layer, config.d_state, config.dt_rank, config.padded_vocab_size) == (
+        24, 2, 16, 2, 56)
+    assert config.transformers_extra == {"d_inner": 48, "eos_token_id": 0}
+    with pytest.raises(ValueError, match="dt_rank: 2 .official fields. against 5"):
+        config_from_dict({"d_model": 24, "n_layer": 2, "hidden_size": 24, "num_hidden_layers": 2,
+                          "time_step_rank": 5, "vocab_size": 56})
 
 
 def test_transformers_fields_this_block_cannot_compute_are_refused():

@@ -218,20 +218,18 @@ def layout_markers(official_fields, table=CONFIG_FIELDS, transformers_extra=(*TR
 
 
 def config_layout(d, markers=None, size_fields=SIZE_FIELDS):
-    """Which layout a config.json dict is in, "official" or "transformers", told by the fields only
-    one of them has (layout_markers: d_model, ssm_cfg, ... against hidden_size, state_size,
-    model_type, ...).
+    """Which layout a config.json dict is in, told by the fields only one of them has
+    (layout_markers: d_model, ssm_cfg, ... against hidden_size, state_size, model_type, ...):
+    "official", "transformers", or "both" (a converted checkpoint may keep its original fields
+    beside transformers' ones, which transformers ignores; config_from_dict requires them to agree).
 
-    Raises ValueError if it has fields of both layouts, or of neither (naming each layout's size
-    fields). A dict that picks a layout but lacks some of its size fields is refused by
-    ``config_from_dict``, naming them.
+    Raises ValueError if it has neither layout's fields (naming each layout's size fields). A dict
+    that picks a layout but lacks some of its size fields is refused by ``config_from_dict``.
     """
     markers = layout_markers(MambaConfig.FIELDS) if markers is None else markers
-    own = {layout: sorted(k for k in d if k in fields) for layout, fields in markers.items()}
-    found = [layout for layout, keys in own.items() if keys]
+    found = [layout for layout, fields in markers.items() if any(k in fields for k in d)]
     if len(found) > 1:
-        raise ValueError("config: fields of two layouts: " +
-                         "; ".join(f"{layout}: {', '.join(own[layout])}" for layout in found))
+        return "both"
     if not found:
         raise ValueError("config: neither layout's size fields: " + "; ".join(
             f"{layout} needs {', '.join(k for k in fields if k not in d)}" for layout, fields in size_fields.items()))
@@ -304,10 +302,37 @@ def official_to_transformers(config):
     return {**out, **config.transformers_extra, **config.extra}
 
 
+def _read_both(d):
+    """A config with fields of both layouts: the official reading (the official fields, each
+    layout's defaults for the rest) and the transformers reading must give the same model. Returns
+    the official reading, with the transformers fields outside the table kept for that layout."""
+    official_only = layout_markers(MambaConfig.FIELDS)["official"]
+    official = {k: v for k, v in d.items() if k in official_only or k in SIZE_FIELDS["official"]}
+    hf = {k: v for k, v in d.items() if k not in official_only}
+    for o, h in CONFIG_FIELDS.items():   # a size given in one form only stands for both
+        if o in SIZE_FIELDS["official"] and h in SIZE_FIELDS["transformers"]:
+            official.setdefault(o, hf.get(h))
+            hf.setdefault(h, official[o])
+    _require_fields(official, "official")
+    hf_reading, rest = transformers_to_official(hf)
+    a, b = MambaConfig(**official), MambaConfig(**hf_reading)
+    attrs = [o.split(".")[-1] for o in CONFIG_FIELDS if o != "vocab_size"] + ["padded_vocab_size", "d_inner"]
+    conflicts = [f"{k}: {getattr(a, k)!r} (official fields) against {getattr(b, k)!r} (transformers fields)"
+                 for k in attrs if getattr(a, k) != getattr(b, k)]
+    if conflicts:
+        raise ValueError("config: the official and the transformers fields disagree: " + "; ".join(conflicts))
+    a.transformers_extra = rest
+    return a
+
+
 def config_from_dict(d):
-    """A config.json dict in either layout -> (MambaConfig, layout). Raises ValueError naming the
-    missing size fields, or the fields of two layouts, before anything is built."""
+    """A config.json dict in either layout, or with both layouts' fields in agreement -> (MambaConfig,
+    layout), layout "official" or "transformers" (for both: "transformers", the layout that keeps
+    such a config). Raises ValueError naming the missing size fields, or the fields of two layouts
+    that disagree, before anything is built."""
     layout = config_layout(d)
+    if layout == "both":
+        return _read_both(d), "transformers"
     if layout == "transformers":
         official, rest = transformers_to_official(d)
         config = MambaConfig(**official)
