@@ -42,7 +42,8 @@ def test_missing_size_fields_are_named():
         config_from_dict({"vocab_size": 50})
     with pytest.raises(ValueError, match="missing size field.*num_hidden_layers"):
         config_from_dict({"hidden_size": 16, "vocab_size": 50})
-    with pytest.raises(ValueError, match=r"\(transformers layout\): missing size field\(s\) hidden_size, num_hidden_layers"):
+    with pytest.raises(ValueError, match=r"\(transformers layout\): missing size field\(s\) hidden_size, "
+                                         r"num_hidden_layers"):
         config_from_dict({"model_type": "mamba", "state_size": 16, "vocab_size": 50})
     with pytest.raises(ValueError, match="missing size field.*vocab_size"):
         config_from_dict({"d_model": 16, "n_layer": 2})

@@ -167,8 +167,11 @@ class MambaConfig:
 #
 # Two layouts of the same Mamba-1 weights exist: the official one (state-spaces/mamba-*, the
 # mamba_ssm code) and transformers' (state-spaces/mamba-*-hf, transformers' MambaForCausalLM).
-# Everything that differs between them is in the tables below, plain dicts so a Mamba-2 model can
-# keep its own tables and reuse the functions (map_config, rename_weights, check_weight_shapes).
+# Everything that differs between them is in the tables below, plain dicts, so that a Mamba-2 model
+# can keep its own tables and pass them to the same functions: layout_markers / config_layout (which
+# layout a config.json is in), map_config (rename its fields), rename_weights / weights_layout
+# (weight names), weight_files / stored_shapes (names and shapes from the file headers, nothing
+# loaded) and check_weight_shapes (against the shapes its config implies, before building).
 
 LAYOUTS = ("official", "transformers")
 
@@ -209,7 +212,8 @@ TRANSFORMERS_FILE_FIELDS = ("architectures", "dtype", "torch_dtype", "transforme
 WEIGHT_PREFIXES = {"backbone.embedding.": "backbone.embeddings."}
 
 
-def layout_markers(official_fields, table=CONFIG_FIELDS, transformers_extra=(*TRANSFORMERS_FIXED, *TRANSFORMERS_FILE_FIELDS)):
+def layout_markers(official_fields, table=CONFIG_FIELDS,
+                   transformers_extra=(*TRANSFORMERS_FIXED, *TRANSFORMERS_FILE_FIELDS)):
     """The top-level fields found in one layout's config.json only: {"official": set, "transformers": set}
     (official_fields: the official config's top-level fields; table: official -> transformers)."""
     official = set(official_fields) | {k for k in table if "." not in k}
@@ -395,23 +399,24 @@ def parameter_shapes(config):
     return shapes
 
 
-def check_weight_shapes(config, stored, layout, expected=None, optional=None):
+def check_weight_shapes(config, stored, layout, expected=None, optional=None, prefixes=WEIGHT_PREFIXES):
     """Check a checkpoint's names and shapes (stored: name in ``layout`` -> shape, read from the file's
     header) against the config, before any model is built.
 
     expected: official name -> shape (default parameter_shapes(config)); optional: official names that
-    may be absent (default: lm_head.weight when the embeddings are tied).
+    may be absent (default: lm_head.weight when the embeddings are tied); prefixes: the weight-name table.
     Raises KeyError naming missing and unexpected names, ValueError naming each shape that differs.
     """
     expected = parameter_shapes(config) if expected is None else expected
     if optional is None:
         optional = {"lm_head.weight"} if config.tie_embeddings else set()
-    to_official = rename_weights(stored, layout, "official")
+    to_official = rename_weights(stored, layout, "official", prefixes)
     have = {to_official[k]: tuple(s) for k, s in stored.items()}
     missing = [k for k in expected if k not in have and k not in optional]
     unexpected = [k for k in have if k not in expected]
     if missing or unexpected:
-        raise KeyError(f"checkpoint (names read in the {layout} layout): missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+        raise KeyError(f"checkpoint (names read in the {layout} layout): "
+                       f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
                        f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
     wrong = [f"{k}: config gives {expected[k]}, file has {s}" for k, s in have.items() if s != expected[k]]
     if wrong:
