@@ -37,9 +37,14 @@ quadratic in total; 0 = constant per token), as the Mamba-1 sweep has them:
         only); recurrent  Mamba2LM.step after a prefill of L tokens
 --split: where a fused decoding step's time goes (each part of Mamba2LM's fused step, timed alone
     over all layers on the cache's own buffers, against the whole step), at each size.
+
+It is also a sweep module for benchmarks/runner.py (``points(size, names)``, ``measure(point)``,
+``group(point)``): one point per (what, size, L) of the comparison, per slope level/mode and per
+decode split size; "quick" runs the small model only.
 """
 
 import argparse
+import json
 import time
 
 import torch
@@ -105,7 +110,8 @@ def prefill_pair(ours, peer, L, scan_impl):
     return ours_prefill, peer_prefill
 
 
-def measure(what, size, L, fns, rounds, block_s, threads, extra):
+def measure_pair(what, size, L, fns, rounds, block_s, threads, extra):
+    """Time the pair (ours, transformers') interleaved; one record with both medians and the paired ratio."""
     t0 = time.perf_counter()
     res = interleaved({"ours": fns[0], "transformers": fns[1]}, rounds=rounds, block_s=block_s)
     ratio = paired_ratio(res["ours"]["times_s"], res["transformers"]["times_s"], to="transformers")
@@ -233,6 +239,58 @@ def split_records(size, L=256, step_impl="recurrent", scan_impl="chunked", min_r
     return records
 
 
+# ------------------------------------------------------------------------------ as a runner sweep
+
+SWEEP_SIZES = {"quick": ["small"], "default": ["small", "130m"], "long": ["small", "130m"]}
+SWEEP_L = {"quick": [64], "default": [64, 1024], "long": [64, 1024, 4096]}
+SWEEP_SLOPE_L = {"quick": [64, 128, 256], "default": SLOPE_L, "long": SLOPE_L + [4096]}
+_built = {}
+
+
+def points(size, names=None):
+    """The sweep's points (names: SSD implementation names; the step and scan used are "recurrent" and
+    "chunked" unless named)."""
+    names = list(names or [])
+    step_impl = next((n for n in names if impls.get(n, "ssd").step is not None), "recurrent")
+    scan_impl = next((n for n in names if n != step_impl), "chunked")
+    common = dict(step_impl=step_impl, scan_impl=scan_impl, dtype="float32", batch=1, threads=1)
+    out = []
+    for name in SWEEP_SIZES[size]:
+        out += [dict(kind="model2_vs_transformers", what="decode", size=name, L=L, **common) for L in SWEEP_L[size]]
+        out.append(dict(kind="model2_vs_transformers", what="prefill", size=name, L=PREFILL_L, **common))
+        out.append(dict(kind="model2_decode_split", size=name, L=256, **common))
+    out.append(dict(kind="model2_slopes", lengths=SWEEP_SLOPE_L[size], **common))
+    return out
+
+
+def group(point):
+    return json.dumps(point, sort_keys=True)
+
+
+def measure(point):
+    torch.set_num_threads(point["threads"])
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if point["kind"] == "model2_slopes":
+        recs = slope_records(point["lengths"], point["step_impl"], point["scan_impl"])
+        return dict(per_token=[r for r in recs if r["kind"] == "model2_per_token"],
+                    slopes=[r for r in recs if r["kind"] == "model2_slope"])
+    if point["kind"] == "model2_decode_split":
+        recs = split_records(point["size"], point["L"], point["step_impl"], point["scan_impl"])
+        return dict(step_median_s=recs[0]["step_median_s"], parts={r["part"]: r["median_s"] for r in recs})
+    if point["size"] not in _built:
+        _built.clear()
+        _built[point["size"]] = build(point["size"])
+    ours, peer = _built[point["size"]]
+    if point["what"] == "decode":
+        fns, rounds = decode_pair(ours, peer, point["L"], point["step_impl"], point["scan_impl"]), 15
+    else:
+        fns, rounds = prefill_pair(ours, peer, point["L"], point["scan_impl"]), 7
+    rec = measure_pair(point["what"], point["size"], point["L"], fns, rounds, 0.1, point["threads"], {})
+    return {k: v for k, v in rec.items() if k not in point}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -270,10 +328,10 @@ def main(argv=None):
     for size in args.sizes:
         ours, peer = build(size)
         for L in args.L:
-            records.append(measure("decode", size, L, decode_pair(ours, peer, L, args.step_impl, args.scan_impl),
+            records.append(measure_pair("decode", size, L, decode_pair(ours, peer, L, args.step_impl, args.scan_impl),
                                    args.rounds, args.block_s, args.threads, extra))
         if not args.no_prefill:
-            records.append(measure("prefill", size, args.prefill_L, prefill_pair(ours, peer, args.prefill_L, args.scan_impl),
+            records.append(measure_pair("prefill", size, args.prefill_L, prefill_pair(ours, peer, args.prefill_L, args.scan_impl),
                                    max(5, args.rounds // 2), args.block_s, args.threads, extra))
         del ours, peer
     if args.out:

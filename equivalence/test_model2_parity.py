@@ -267,3 +267,5 @@ def test_speed_benchmark_runs(tmp_path):
         (lv, m) for lv in ("scan", "model") for m in ("reforward", "recurrent")}
     split = model2_speed.split_records("small", L=4, min_run_s=0)
     assert abs(sum(r["share"] for r in split) - 1) < 1e-9 and "ssd_step" in {r["part"] for r in split}
+    kinds = [p["kind"] for p in model2_speed.points("default")]    # as a runner sweep
+    assert kinds.count("model2_vs_transformers") == 6 and kinds.count("model2_decode_split") == 2
