@@ -417,6 +417,38 @@ from . import ssd_mapped  # noqa: E402
 
 ssd_mapped.register_all()
 
+# transformers' Mamba-2 pure-PyTorch chunked SSD (impls/transformers_ssd_adapter.py), the CPU peer of
+# `chunked`. Registered on request only (importing impls.transformers_ssd_adapter registers it:
+# `pytest --ssd-impl impls.transformers_ssd_adapter --xfails-file equivalence/xfails/transformers_ssd.txt`;
+# the SSD benchmark does so): its known bugs, listed in that file with their reasons, would fail the
+# default run. Gaps: D (h, p); float64 (its scan computes in float32); the half dtypes (it adds dt_bias
+# and applies softplus in the input dtype, far outside the tolerance policy). Its step has no dt_limit,
+# a capability the entry would share with the scan: the entry carries the scan only, and the step is
+# checked in equivalence/test_ssd_adapters.py on the cases it can serve.
+TRANSFORMERS_SSD_SUPPORTS = dict(dtypes=(torch.float32,), D_hp=False, gradients=True)
+
+
+def register_transformers_ssd(name="transformers"):
+    """Register transformers' pure-PyTorch SSD scan in the ssd family under ``name``."""
+    return register(name, lazy("transformers_ssd_adapter", "ssd_scan"), family="ssd", **TRANSFORMERS_SSD_SUPPORTS)
+
+
+# The official Mamba-2 kernels (impls/mamba_ssm_ssd_adapter.py), where mamba_ssm imports and there is
+# a GPU. Gap: float64. Its step has no dt_limit (nor the clamp at 0 of a negative dt): a known official
+# bug, an expected failure in equivalence/xfails/mamba_ssm_ssd.txt, while its scan's dt_limit is tested.
+MAMBA_SSM_SSD_SUPPORTS = dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), gradients=True)
+
+
+def register_mamba_ssm_ssd(name="mamba_ssm"):
+    """Register the official Mamba-2 kernels' adapter in the ssd family under ``name``
+    (equivalence/test_ssd_adapters.py registers it over a stand-in package, on the CPU)."""
+    return register(name, lazy("mamba_ssm_ssd_adapter", "ssd_scan"), step=lazy("mamba_ssm_ssd_adapter", "ssd_state_update"),
+                    family="ssd", **MAMBA_SSM_SSD_SUPPORTS)
+
+
+if importlib.util.find_spec("mamba_ssm") is not None and torch.cuda.is_available():
+    register_mamba_ssm_ssd()
+
 # Installed packages last: built-in names are taken first, so a plugin cannot shadow them.
 BUILTIN = names()
 PLUGINS = load_plugins()
