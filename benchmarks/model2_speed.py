@@ -294,7 +294,7 @@ def measure(point):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--L", nargs="+", type=int, default=[64, 1024], help="decode positions")
+    parser.add_argument("--L", nargs="*", type=int, default=[64, 1024], help="decode positions (none: prefill only)")
     parser.add_argument("--prefill-L", type=int, default=PREFILL_L)
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--rounds", type=int, default=15)
