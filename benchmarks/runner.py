@@ -56,7 +56,7 @@ def point_key(sweep, point):
 
 def settings(size):
     """What, beyond the point's parameters, decides what was measured."""
-    return dict(size=size, env={k: os.environ[k] for k in SETTINGS_ENV if k in os.environ})
+    return dict(size=size, env={k: os.environ[k] for k in SETTINGS_ENV if os.environ.get(k)})
 
 
 def provenance(size):

@@ -363,7 +363,11 @@ def _integers(df):
 
 
 def _md(df):
-    return _integers(df).to_markdown(index=False, floatfmt=".3g", missingval="–") if not df.empty else "_no data_"
+    if df.empty:
+        return "_no data_"
+    df = _integers(df)
+    df = df.astype(object).where(df.notna(), None)   # tabulate's missingval replaces None, not NaN
+    return df.to_markdown(index=False, floatfmt=".3g", missingval="–")
 
 
 def _html(df):
