@@ -245,23 +245,30 @@ def check_nonfinite_propagation(name, case, arg, t, poison):
     x = poisoned(make_inputs(case), arg, t, value)
     ref = scan("loop", case, poisoned(reference_inputs(case), arg, t, value), return_final_states=True)
     same = scan("loop", case, x, return_final_states=True)
-    got = scan(name, case, x, return_final_states=True)
     where = repro(name, case) + f"  # {arg}[0, {t}, 0...] = {poison}"
     scale = scales(case)
-    for what, a, r, s, length, sc in zip(("out", "final_states"), got, ref, same,
-                                         (ssd_terms("out", case.l, case.n), ssd_terms("final_states", case.l, case.n)), scale):
-        bad = torch.isfinite(a) != torch.isfinite(s)
-        if bad.any():
-            raise AssertionError(f"{name}: {arg} = {poison} at token {t}: {what} finite where the loop's is not, or "
-                                 f"the reverse, at {int(bad.sum())} positions, first {bad.nonzero()[0].tolist()}\n  reproduce: {where}")
-        if poison == "nan" and not torch.equal(torch.isnan(a), torch.isnan(s)):
-            raise AssertionError(f"{name}: {arg} = nan at token {t}: {what} has an infinity where the loop has NaN, or "
-                                 f"the reverse\n  reproduce: {where}")
-        keep = torch.isfinite(s)
-        zero = torch.zeros((), dtype=a.dtype)
-        assert_close(f"{name}, {arg} = {poison} at {t}: {what}", torch.where(keep, a, zero),
-                     torch.where(keep, r, torch.zeros((), dtype=r.dtype)), torch.where(keep, s, zero), length, where,
-                     scale=sc)
+    lengths = (ssd_terms("out", case.l, case.n), ssd_terms("final_states", case.l, case.n))
+    # with gradients an implementation may take another path (autograd-friendly ops): check both
+    runs = [(scan(name, case, x, return_final_states=True), "")]
+    if entry.supports["gradients"] and case.dtype in ("f32", "f64"):
+        leaves = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+        runs.append((tuple(t.detach() for t in scan(name, case, leaves, return_final_states=True)), " (inputs requiring grad)"))
+    for got, mode in runs:
+        for what, a, r, s, length, sc in zip(("out", "final_states"), got, ref, same, lengths, scale):
+            what = what + mode
+            bad = torch.isfinite(a) != torch.isfinite(s)
+            if bad.any():
+                raise AssertionError(f"{name}: {arg} = {poison} at token {t}: {what} finite where the loop's is not, "
+                                     f"or the reverse, at {int(bad.sum())} positions, first {bad.nonzero()[0].tolist()}"
+                                     f"\n  reproduce: {where}")
+            if poison == "nan" and not torch.equal(torch.isnan(a), torch.isnan(s)):
+                raise AssertionError(f"{name}: {arg} = nan at token {t}: {what} has an infinity where the loop has NaN, "
+                                     f"or the reverse\n  reproduce: {where}")
+            keep = torch.isfinite(s)
+            zero = torch.zeros((), dtype=a.dtype)
+            assert_close(f"{name}, {arg} = {poison} at {t}: {what}", torch.where(keep, a, zero),
+                         torch.where(keep, r, torch.zeros((), dtype=r.dtype)), torch.where(keep, s, zero), length, where,
+                         scale=sc)
 
 
 def gradient_magnitudes(case, weights):

@@ -61,14 +61,6 @@ def test_chunk_size_must_be_a_positive_integer(chunk_size, exc):
         impls.ssd_scan(**scan_args(), chunk_size=chunk_size)
 
 
-@pytest.mark.parametrize("varlen", [dict(seq_idx=torch.zeros(2, 5, dtype=torch.int32)),
-                                    dict(cu_seqlens=torch.tensor([0, 5], dtype=torch.int32)),
-                                    dict(return_varlen_states=True)], ids=["seq_idx", "cu_seqlens", "varlen_states"])
-def test_packed_sequences_are_not_implemented_yet(varlen):
-    with pytest.raises(NotImplementedError, match="varlen"):
-        impls.ssd_scan(**scan_args(), chunk_size=4, **varlen)
-
-
 BAD_STEPS = {
     "state-shape": (dict(state=torch.zeros(2, 4, 3, 5)), ValueError, ["state", "(b=2, h=4, p=3, n=6)"]),
     "state-dtype": (dict(state=torch.zeros(2, 4, 3, 6, dtype=torch.float64)), TypeError, ["state", "float64"]),
@@ -89,6 +81,21 @@ def test_step_refuses_bad_input_and_leaves_state_untouched(change, exc, words):
         impls.ssd_state_update(**args)
     assert all(w in str(info.value) for w in words), str(info.value)
     assert torch.equal(args["state"], before)
+
+
+def test_step_refuses_a_state_sharing_memory():
+    args = step_args()
+    buf = torch.zeros(2 * 4 * 3 * 6 + 2 * 4 * 3)
+    state, x = buf[:144].view(2, 4, 3, 6), buf[144:].view(2, 4, 3)  # disjoint views of one buffer are fine
+    state.copy_(args["state"]), x.copy_(args["x"])
+    impls.ssd_state_update(**dict(args, state=state, x=x))
+    aliased = torch.zeros(2, 4, 3, 6)
+    before = aliased.clone()
+    with pytest.raises(ValueError, match="state.*memory shared with z"):
+        impls.ssd_state_update(**dict(args, state=aliased, z=aliased[..., 0]))
+    with pytest.raises(ValueError, match="state.*internal overlap"):
+        impls.ssd_state_update(**dict(args, state=torch.zeros(2, 4, 3, 1).expand(2, 4, 3, 6)))
+    assert torch.equal(aliased, before)
 
 
 def test_step_updates_state_in_place():

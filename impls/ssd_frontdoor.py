@@ -26,7 +26,7 @@ import numbers
 
 import torch
 
-from .frontdoor import INPUT_DTYPES, _device, _dtype, _fail, _shape, _tensor, compute_dtype
+from .frontdoor import INPUT_DTYPES, _device, _dtype, _fail, _shape, _tensor, check_no_overlap, compute_dtype
 
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
 
@@ -140,7 +140,8 @@ def _untie(where, arg, t, keep, tied_shape, tied_names):
 
 
 def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
-    """Validate ssd_state_update arguments (shapes in impls.ssd_state_update) and untie the
+    """Validate ssd_state_update arguments (shapes in impls.ssd_state_update; a state that shares
+    memory with another argument or with itself is refused, as Mamba-1's) and untie the
     official "tied" form: A (h, p, n) -> (h,), dt (b, h, p) -> (b, h), dt_bias (h, p) -> (h,)
     (D (h, p) is a form of its own and is kept).
 
@@ -148,6 +149,7 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     """
     where = "ssd_state_update"
     dt_limit = check_dt_limit(where, dt_limit)
+    read = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)  # as given (tied forms included)
     for arg, t in dict(state=state, x=x, dt=dt, A=A, dt_bias=dt_bias).items():
         if t is not None:
             _tensor(where, arg, t)
@@ -164,4 +166,6 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     dims = _check(where, named, "x", 0)
     if tied_n is not None and tied_n != dims["n"]:
         _fail(ValueError, where, "A", f"the tied form (h, p, n={dims['n']}), n as in B", f"n={tied_n}")
+    # the state is written in place: it must own its memory (impls/frontdoor.py)
+    check_no_overlap(where, dict(state=state), read)
     return dims, dict(dt=dt, A=A, dt_bias=dt_bias), dt_limit
