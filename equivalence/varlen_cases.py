@@ -256,7 +256,7 @@ class Family:
         ``step_args`` for the rows, (rows, ...); returns the rows' outputs
     magnitudes(x64, weights=None): (y scale, states scale, {argument: gradient scale} or None),
         sums of |terms| (equivalence/tolerance.py)
-    terms(case, output): rounded terms per element of "y", "state" or "gradient"
+    terms(case, output, arg=None): rounded terms per element of "y", "state" or "gradient" (of arg)
     repro(name, case, note): a line that reproduces the call
     """
     name: str
@@ -356,7 +356,7 @@ def check_alone_gradients(name, case, family=None):
     for k in wrt:
         zero = torch.zeros_like(x64[k])        # an input no output depends on (l = 0) has no gradient
         g, r, s = (zero.to(x[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
-        assert_close(f"{name} packed: grad {k}", g, r, s, family.terms(case, "gradient"),
+        assert_close(f"{name} packed: grad {k}", g, r, s, family.terms(case, "gradient", k),
                      family.repro(name, case, f"gradient of {k}"), scale=_max(sums[k]))
 
 
@@ -493,9 +493,10 @@ def _selective_step(name, cache, x, tokens, indices):
                                         state_batch_indices=indices, impl=name)
 
 
-def _selective_terms(case, output):
+def _selective_terms(case, output, arg=None):
     """Rounded terms per element (equivalence/tolerance.py's terms): the longest sequence's steps,
-    plus the readout's n for y; a gradient sums over every token and over channels or states."""
+    plus the readout's n for y; a gradient (of any argument ``arg``) sums over every token and over
+    channels or states."""
     longest = max(case.lengths)
     return dict(y=longest + case.n, state=longest,
                 gradient=case.l * (case.d // max(case.g, 1) + case.n))[output]
@@ -504,3 +505,171 @@ def _selective_terms(case, output):
 SELECTIVE = Family(name="selective", time_args=TIME_ARGS, time_dim=-1, state_arg="initial_state",
                    step_args=("u", "delta", "B", "C", "z"), inputs=packed_inputs, scan=_selective_scan,
                    step=_selective_step, magnitudes=magnitudes, terms=_selective_terms, repro=repro)
+
+
+# --- Mamba-2 (SSD) as a Family: impls.ssd_scan with cu_seqlens, time on axis 1 ----------------
+
+@dataclasses.dataclass(frozen=True)
+class SSDVarlenCase:
+    """A packed SSD call: sequence lengths and the options of equivalence.ssd_cases.SSDCase (b = 1);
+    initial_states, when on, are one per sequence (nseq, h, p, n)."""
+    lengths: tuple
+    h: int
+    p: int
+    n: int
+    g: int = 1
+    dtype: str = "f32"
+    regime: str = "mamba2"
+    D: str = "h"
+    z: bool = True
+    dt_bias: bool = True
+    softplus: bool = True
+    dt_limit: str = "default"
+    initial_states: bool = True
+    chunk_size: int = 8
+    seed: int = 0
+
+    @property
+    def id(self):
+        opts = "".join(f"-{k}" for k in ("z", "dt_bias", "softplus", "initial_states") if getattr(self, k))
+        return (f"lens{'_'.join(map(str, self.lengths))}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-{self.dtype}-"
+                f"{self.regime}-D{self.D}-lim{self.dt_limit}{opts}-cs{self.chunk_size}-s{self.seed}")
+
+    offsets = VarlenCase.offsets
+    l = VarlenCase.l
+    nseq = VarlenCase.nseq
+
+    def packed_case(self):
+        """The equivalence.ssd_cases.SSDCase whose (1, l, h, p) inputs are the packed inputs."""
+        from .ssd_cases import SSDCase
+
+        return SSDCase(b=1, l=self.l, h=self.h, p=self.p, n=self.n, g=self.g, dtype=self.dtype, regime=self.regime,
+                       D=self.D, z=self.z, dt_bias=self.dt_bias, softplus=self.softplus, dt_limit=self.dt_limit,
+                       chunk_size=self.chunk_size, seed=self.seed)
+
+
+@st.composite
+def ssd_varlen_cases(draw, chunk=8, dtypes=tuple(DTYPES), regimes=("mamba2", "stress", "slow"), max_h=4, max_p=4,
+                     max_n=4, max_seqs=6, max_total=80):
+    h = draw(st.integers(1, max_h))
+    return SSDVarlenCase(
+        lengths=draw(sequence_lengths(chunk, max_seqs, max_total)), h=h, p=draw(st.integers(1, max_p)),
+        n=draw(st.integers(1, max_n)), g=draw(st.sampled_from([g for g in range(1, h + 1) if h % g == 0])),
+        dtype=draw(st.sampled_from(dtypes)), regime=draw(st.sampled_from(regimes)),
+        D=draw(st.sampled_from(("none", "h", "hp"))), z=draw(st.booleans()), dt_bias=draw(st.booleans()),
+        softplus=draw(st.booleans()), dt_limit=draw(st.sampled_from(("default", "tight"))),
+        initial_states=draw(st.booleans()), chunk_size=draw(st.sampled_from((chunk, 1, 3, chunk + 5))),
+        seed=draw(st.integers(0, 2**32 - 1)))
+
+
+SSD_TIME_ARGS = ("x", "dt", "B", "C", "z")
+
+
+def ssd_packed_inputs(case, dtype=None):
+    """impls.ssd_scan keyword arguments for the packed call: x, z (1, l, h, p), dt (1, l, h), B, C
+    (1, l, g, n), initial_states (nseq, h, p, n) or None, cu_seqlens (nseq + 1,) int32, chunk_size,
+    dt_softplus, dt_limit. With dtype=torch.float64, the same values in float64."""
+    from .ssd_cases import make_inputs as ssd_make_inputs
+
+    x = ssd_make_inputs(case.packed_case(), dtype)
+    x["initial_states"] = None
+    if case.initial_states:
+        gen = torch.Generator().manual_seed(case.seed + 7)
+        h0 = torch.randn(case.nseq, case.h, case.p, case.n, generator=gen, dtype=torch.float64)
+        h0 = h0.to(compute_dtype(DTYPES[case.dtype]))
+        x["initial_states"] = h0 if dtype is None else h0.to(dtype)
+    x["cu_seqlens"] = torch.tensor(case.offsets, dtype=torch.int32)
+    x["chunk_size"] = case.chunk_size
+    return x
+
+
+def ssd_repro(name, case, note=""):
+    return (f"impls.ssd_scan(**equivalence.varlen_cases.ssd_packed_inputs(equivalence.varlen_cases.{case!r}), "
+            f"return_final_states=True, impl={name!r}){'  # ' + note if note else ''}")
+
+
+def ssd_magnitudes(x64, weights=None):
+    """Sums of |terms| for packed SSD inputs (float64), as magnitudes() for Mamba-1 and
+    equivalence/ssd_checks.py's magnitudes and gradient_magnitudes, each sequence restarting from
+    |initial_states[i]|. Returns (out scale (1, l, h, p), final states scale (nseq, h, p, n),
+    {argument: gradient scale} or None); weights as in check_alone_gradients."""
+    from impls.ssd_loop import effective_dt, per_head
+
+    h = x64["x"].shape[2]
+    p, n = x64["x"].shape[3], x64["B"].shape[-1]
+    offsets = x64["cu_seqlens"].tolist()
+    raw = x64["dt"] + (x64["dt_bias"] if x64["dt_bias"] is not None else 0)
+    dt = effective_dt(x64["dt"], x64["dt_bias"], x64["dt_softplus"], x64["dt_limit"], torch.float64)   # (1, l, h)
+    decay = torch.exp(dt * x64["A"])
+    grad = weights is not None
+    leaves = {k: x64[k].abs().requires_grad_(grad)
+              for k in ("x", "B", "C", "D", "initial_states") if x64[k] is not None}
+    if x64["z"] is not None:
+        leaves["z"] = x64["z"].clone().requires_grad_(grad)
+    B, C = per_head(leaves["B"], h), per_head(leaves["C"], h)                                 # (1, l, h, n)
+    inp = (dt.abs()[..., None] * leaves["x"])[..., None] * B[:, :, :, None, :]                # (1, l, h, p, n)
+    h0s = leaves.get("initial_states", torch.zeros(len(offsets) - 1, h, p, n, dtype=torch.float64))
+    states, previous, lasts = [], [], []
+    for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
+        state = h0s[i:i + 1]
+        for t in range(a, e):
+            previous.append(state)
+            state = decay[:, t, :, None, None] * state + inp[:, t]
+            states.append(state)
+        lasts.append(state)
+    H = torch.stack(states, 1) if states else inp                                           # (1, l, h, p, n)
+    y = (H * C[:, :, :, None, :]).sum(-1)
+    if "D" in leaves:
+        y = y + (leaves["D"][:, None] if leaves["D"].dim() == 1 else leaves["D"]) * leaves["x"]
+    if "z" in leaves:
+        y = y * F.silu(leaves["z"]).abs()
+    last = torch.cat(lasts)
+    if not grad:
+        return y.detach(), last.detach(), None
+    loss = (y * weights[0].abs()).sum() + (last * weights[1].abs()).sum()
+    grads = torch.autograd.grad(loss, [inp, *leaves.values()], allow_unused=True)
+    lam = grads[0] if grads[0] is not None else torch.zeros_like(inp)                         # dL/dh_t
+    sums = {k: (torch.zeros_like(v) if g is None else g.abs()) for (k, v), g in zip(leaves.items(), grads[1:])}
+    before = torch.stack(previous, 1).detach() if previous else inp.detach()                  # h_{t-1}
+    decay_terms = (decay[..., None, None] * lam * before).sum((-1, -2))                       # (1, l, h)
+    input_terms = ((lam * B[:, :, :, None, :].detach()).sum(-1) * x64["x"].abs()).sum(-1)     # (1, l, h)
+    sums["A"] = (dt.abs() * decay_terms).sum((0, 1))
+    dsoftplus = torch.where(raw > 20, 1.0, torch.sigmoid(raw)) if x64["dt_softplus"] else torch.ones_like(raw)
+    sums["dt"] = dsoftplus * (x64["A"].abs() * decay_terms + input_terms)
+    if x64["dt_bias"] is not None:
+        sums["dt_bias"] = sums["dt"].sum((0, 1))
+    return y.detach(), last.detach(), sums
+
+
+def _ssd_terms(case, output, arg=None):
+    """Rounded terms per element, as equivalence/tolerance.py's ssd_terms (the longest sequence) and
+    equivalence/ssd_checks.py's gradient_terms (every packed token, b = 1) for ``arg``."""
+    from .ssd_checks import gradient_terms
+    from .tolerance import ssd_terms
+
+    longest = max(case.lengths)
+    if output == "gradient":
+        return gradient_terms(dataclasses.replace(case.packed_case(), l=max(case.l, 1)), arg)
+    return ssd_terms("out" if output == "y" else "final_states", longest, case.n)
+
+
+def _ssd_scan(name, x):
+    return impls.ssd_scan(**x, return_final_states=True, impl=name)
+
+
+def _ssd_step(name, cache, x, tokens, indices):
+    return impls.ssd_state_update(cache, tokens["x"], tokens["dt"], x["A"], tokens["B"], tokens["C"], x["D"],
+                                  tokens["z"], x["dt_bias"], x["dt_softplus"], x["dt_limit"],
+                                  state_batch_indices=indices, impl=name)
+
+
+SSD = Family(name="ssd", time_args=SSD_TIME_ARGS, time_dim=1, state_arg="initial_states", step_args=SSD_TIME_ARGS,
+             inputs=ssd_packed_inputs, scan=_ssd_scan, step=_ssd_step, magnitudes=ssd_magnitudes, terms=_ssd_terms,
+             repro=ssd_repro)
+
+
+def ssd_chunk_starts(case):
+    """Packed positions where a chunk of case.chunk_size starts when the chunks are laid over the
+    whole packed sequence, as the official kernel and the planted bugs lay them (impls/ssd_chunked.py
+    restarts its chunks at each sequence instead, which is why it passes)."""
+    return list(range(0, max(case.l, 1), case.chunk_size))

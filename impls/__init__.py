@@ -253,24 +253,33 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n), head i reads group i // (h // g)
         chunk_size: positive int, a performance setting only (any l, results differ by rounding)
         D: (h,) or (h, p) optional; z: (b, l, h, p) optional; dt_bias: (h,) optional
-        initial_states: (b, h, p, n) optional (zeros)
-        seq_idx, cu_seqlens, return_varlen_states: packed sequences; NotImplementedError unless the
-            implementation declares varlen (none does yet)
+        initial_states: (b, h, p, n) optional (zeros); (nseq, h, p, n) with cu_seqlens
+        seq_idx: (b, l) int32 optional: a new sequence wherever it changes, negative = padding
+            (outputs zeros, contributes to no state); initial_states reaches a row's first sequence
+        cu_seqlens: (nseq + 1,) int32 optional, b = 1: sequence i is tokens cu_seqlens[i]:cu_seqlens[i+1],
+            scanned as if alone from initial_states[i]
+        return_varlen_states: with cu_seqlens, also return varlen_states (nseq, h, p, n)
+        (packed sequences: impls/ssd_varlen.py; they need the capability ``varlen``)
         dt_softplus: bool; dt_limit: (lo, hi) with lo <= hi
-        return_final_states: also return the state after the last token
+        return_final_states: also return the state after the last token (with cu_seqlens, after
+            each sequence's last token: (nseq, h, p, n))
     Returns:
         out (b, l, h, p) in x's dtype, or (out, final_states) with final_states (b, h, p, n) in the
-        compute dtype (float32, float64 for float64 inputs).
+        compute dtype (float32, float64 for float64 inputs); then varlen_states if asked, the
+        official order: out, [final_states], [varlen_states].
     Raises:
-        ValueError / TypeError at the front door (impls/ssd_frontdoor.py) naming the argument;
-        NotImplementedError for what the implementation does not declare.
+        ValueError / TypeError at the front door (impls/ssd_frontdoor.py, impls/ssd_varlen.py)
+        naming the argument, malformed cu_seqlens or seq_idx included; NotImplementedError for what
+        the implementation does not declare.
     """
-    from . import ssd_frontdoor
+    from . import ssd_frontdoor, ssd_varlen
 
     entry = get(impl, "ssd")
-    dims, chunk_size, dt_limit = ssd_frontdoor.check_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias,
-                                                          initial_states, dt_limit)
     varlen = seq_idx is not None or cu_seqlens is not None or bool(return_varlen_states)
+    dims, chunk_size, dt_limit = ssd_frontdoor.check_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias,
+                                                          None if varlen else initial_states, dt_limit)
+    if varlen:
+        dims = ssd_varlen.check_packed(x, initial_states, seq_idx, cu_seqlens, return_varlen_states, dims)
     _require_ssd(entry, "ssd_scan", dims, (x, dt, A, B, C, D, z, dt_bias, initial_states),
                  grouped=dims["g"] > 1, initial_states=initial_states is not None,
                  dt_limit=dt_limit != ssd_frontdoor.DEFAULT_DT_LIMIT, D_hp=D is not None and D.dim() == 2,
@@ -283,8 +292,17 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         return (out, final) if return_final_states else out
     res = entry.scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                      dt_softplus, dt_limit, return_final_states, return_varlen_states)
-    if varlen:  # the varlen issue defines what comes back
-        return res
+    if varlen:
+        res = list(res) if isinstance(res, tuple) else [res]
+        states = b if dims["nseq"] is None else dims["nseq"]
+        wanted = [("out", (b, l, h, p), x.dtype)] + [("final_states", (states, h, p, n), f)] * bool(return_final_states)
+        wanted += [("varlen_states", (dims["nseq"], h, p, n), f)] * bool(return_varlen_states)
+        if len(res) != len(wanted):
+            raise RuntimeError(f"ssd_scan: implementation {impl!r} returned {len(res)} results, expected "
+                               f"{len(wanted)}: {', '.join(w[0] for w in wanted)}")
+        for r, (what, shape, dtype) in zip(res, wanted):
+            frontdoor.check_result("ssd_scan", impl, what, r, shape, dtype)
+        return res[0] if len(res) == 1 else tuple(res)
     out, final = res if return_final_states else (res, None)
     frontdoor.check_result("ssd_scan", impl, "out", out, (b, l, h, p), x.dtype)
     if return_final_states:
@@ -294,7 +312,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=(0.0, float("inf")), *, impl="recurrent"):
+                     dt_limit=(0.0, float("inf")), *, state_batch_indices=None, impl="recurrent"):
     """One Mamba-2 decoding step: advance ``state`` by one token in place and return its output.
 
     Args:
@@ -305,8 +323,14 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
         dt_bias: (h,) or the tied (h, p) optional. Tied forms are the official Mamba2.step's
         broadcasts (zero strides, one value per head); they are untied before the implementation runs.
         dt_softplus: bool; dt_limit: (lo, hi), applied after softplus, as in ssd_scan
+        state_batch_indices: (b,) int32 optional: ``state`` is then a (slots, h, p, n) cache and row
+            r advances slot state_batch_indices[r]; negative = padding row (output zeros, no slot
+            touched); needs the capability ``varlen``
     Returns:
         y: (b, h, p) in x's dtype
+    Raises:
+        ValueError / TypeError naming the argument (an index >= slots or a slot used twice
+        included), the state untouched; NotImplementedError for what the implementation lacks.
     """
     from . import ssd_frontdoor
 
@@ -314,12 +338,23 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     if entry.step is None:
         raise NotImplementedError(f"ssd_state_update: implementation {impl!r} has no step function; those "
                                   f"with one: {', '.join(k for k in names('ssd') if get(k, 'ssd').step)}")
-    dims, untied, dt_limit = ssd_frontdoor.check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    indexed = state_batch_indices is not None
+    # a (slots, h, p, n) cache is checked on its own (impls/ssd_varlen.py); no state has overlap with the rest
+    dims, untied, dt_limit = ssd_frontdoor.check_step(None if indexed else state, x, dt, A, B, C, D, z, dt_bias,
+                                                      dt_limit)
+    if indexed:
+        dims = ssd_varlen.check_step_indexed(state, x, state_batch_indices, dims)
+        frontdoor.check_no_overlap("ssd_state_update", dict(state=state),
+                                   dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
     dt, A, dt_bias = untied["dt"], untied["A"], untied["dt_bias"]
     _require_ssd(entry, "ssd_state_update", dims, (state, x, dt, A, B, C, D, z, dt_bias),
                  grouped=dims["g"] > 1, dt_limit=dt_limit != ssd_frontdoor.DEFAULT_DT_LIMIT,
-                 D_hp=D is not None and D.dim() == 2)
-    y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
+                 D_hp=D is not None and D.dim() == 2, varlen=indexed)
+    if indexed:
+        y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit,
+                       state_batch_indices=state_batch_indices)
+    else:
+        y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
     frontdoor.check_result("ssd_state_update", impl, "y", y, (dims["b"], dims["h"], dims["p"]), x.dtype)
     return y
 
@@ -409,10 +444,15 @@ if importlib.util.find_spec("mamba_ssm") is not None and torch.cuda.is_available
 # The Mamba-2 SSD family: the spec, the chunked default, the step (and its scan by stepping).
 from . import ssd_chunked, ssd_loop, ssd_recurrent  # noqa: E402
 
-register("loop", ssd_loop.ssd_scan, family="ssd", gradients=True)
-register("chunked", ssd_chunked.ssd_scan, family="ssd", gradients=True)
-register("recurrent", ssd_recurrent.ssd_scan, step=ssd_recurrent.ssd_state_update, family="ssd")
+# varlen (impls/ssd_varlen.py): the loop cuts each sequence out (the definition), chunked restarts its
+# chunks at each sequence's first token (vLLM's layout), recurrent steps each sequence from its own
+# state and its step takes state_batch_indices.
+register("loop", ssd_loop.ssd_scan, family="ssd", gradients=True, varlen=True)
+register("chunked", ssd_chunked.ssd_scan, family="ssd", gradients=True, varlen=True)
+register("recurrent", ssd_recurrent.ssd_scan, step=ssd_recurrent.ssd_state_update, family="ssd", varlen=True)
 # Every grouped Mamba-1 implementation (parallel, ...) through the d = h p mapping, under its own name.
+# Declared gap there: varlen (the mapping does not translate seq_idx, padding or b > 1 rows into
+# Mamba-1's cu_seqlens, nor state_batch_indices).
 from . import ssd_mapped  # noqa: E402
 
 ssd_mapped.register_all()
@@ -422,7 +462,8 @@ ssd_mapped.register_all()
 # `pytest --ssd-impl impls.transformers_ssd_adapter --xfails-file equivalence/xfails/transformers_ssd.txt`;
 # the SSD benchmark does so): its known bugs, listed in that file with their reasons, would fail the
 # default run. Gaps: D (h, p); float64 (its scan computes in float32); the half dtypes (it adds dt_bias
-# and applies softplus in the input dtype, far outside the tolerance policy). Its step has no dt_limit,
+# and applies softplus in the input dtype, far outside the tolerance policy); varlen (its torch path
+# takes no seq_idx or cu_seqlens, its step no state_batch_indices). Its step has no dt_limit,
 # a capability the entry would share with the scan: the entry carries the scan only, and the step is
 # checked in equivalence/test_ssd_adapters.py on the cases it can serve.
 TRANSFORMERS_SSD_SUPPORTS = dict(dtypes=(torch.float32,), D_hp=False, gradients=True)
@@ -434,8 +475,11 @@ def register_transformers_ssd(name="transformers"):
 
 
 # The official Mamba-2 kernels (impls/mamba_ssm_ssd_adapter.py), where mamba_ssm imports and there is
-# a GPU. Gap: float64. Its step has no dt_limit (nor the clamp at 0 of a negative dt): a known official
-# bug, an expected failure in equivalence/xfails/mamba_ssm_ssd.txt, while its scan's dt_limit is tested.
+# a GPU. Gaps: float64; varlen (it has seq_idx, cu_seqlens and return_varlen_states, but its
+# initial_states reaches only a row's first sequence: no per-sequence initial states, which the
+# varlen properties need; its step's state_batch_indices is not wired through the adapter). Its
+# step has no dt_limit (nor the clamp at 0 of a negative dt): a known official bug, an expected
+# failure in equivalence/xfails/mamba_ssm_ssd.txt, while its scan's dt_limit is tested.
 MAMBA_SSM_SSD_SUPPORTS = dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), gradients=True)
 
 

@@ -41,6 +41,7 @@ Differentiable for every input through autograd.
 import torch
 import torch.nn.functional as F
 
+from . import ssd_varlen
 from .frontdoor import compute_dtype
 from .ssd_loop import effective_dt, skip
 
@@ -126,12 +127,15 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         l need not be a multiple); D: (h,) or (h, p) optional; z: (b, l, h, p) optional;
         dt_bias: (h,) optional; initial_states: (b, h, p, n) optional; dt_softplus: bool;
         dt_limit: (lo, hi); return_final_states: bool. seq_idx, cu_seqlens, return_varlen_states:
-        packed sequences, NotImplementedError (the varlen issue).
+        packed sequences (impls/ssd_varlen.py), each chunked from its own first token.
     Returns:
         out (b, l, h, p) in x's dtype, or (out, final_states (b, h, p, n) in the compute dtype)
     """
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
-        raise NotImplementedError("ssd_chunked: packed sequences (seq_idx, cu_seqlens) belong to the varlen issue")
+        # packed sequences in vLLM's layout: chunks restart at each sequence's first token (none
+        # straddles a boundary), so a state decays from its own sequence's start (impls/ssd_varlen.py)
+        return ssd_varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+                                     cu_seqlens, dt_softplus, dt_limit, return_final_states, return_varlen_states)
     b, l, h, p = x.shape
     n = B.shape[-1]
     f = compute_dtype(x.dtype)

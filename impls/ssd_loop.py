@@ -13,6 +13,7 @@ Every other SSD implementation is checked against this function run in float64.
 import torch
 import torch.nn.functional as F
 
+from . import ssd_varlen
 from .frontdoor import compute_dtype
 
 
@@ -55,7 +56,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         chunk_size: ignored here (a performance setting of chunked implementations)
         D: (h,) or (h, p) skip connection, optional; z: (b, l, h, p) gate, optional
         dt_bias: (h,) optional; initial_states: (b, h, p, n) optional (zeros)
-        seq_idx, cu_seqlens, return_varlen_states: packed sequences, not supported (NotImplementedError)
+        seq_idx, cu_seqlens, return_varlen_states: packed sequences (impls/ssd_varlen.py: with
+            cu_seqlens, initial_states and final_states are (nseq, h, p, n)), each scanned alone
         dt_softplus: softplus (threshold 20) on dt + dt_bias; dt_limit: (lo, hi) clamp, always applied
         return_final_states: also return the state after the last token
     Returns:
@@ -63,7 +65,9 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         final_states (b, h, p, n) in the compute dtype (float32, or float64 for float64 inputs)
     """
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
-        raise NotImplementedError("ssd_loop: packed sequences (seq_idx, cu_seqlens) belong to the varlen issue")
+        # packed sequences, by definition: each sequence cut out and scanned alone (impls/ssd_varlen.py)
+        return ssd_varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+                                     cu_seqlens, dt_softplus, dt_limit, return_final_states, return_varlen_states)
     b, l, h, p = x.shape
     n = B.shape[-1]
     f = compute_dtype(x.dtype)

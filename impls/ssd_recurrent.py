@@ -12,13 +12,17 @@ impls/ssd_frontdoor.py.
 import torch
 import torch.nn.functional as F
 
+from . import ssd_varlen
 from .frontdoor import compute_dtype
 from .ssd_loop import effective_dt, per_head, skip
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=(0.0, float("inf"))):
+                     dt_limit=(0.0, float("inf")), state_batch_indices=None):
     """Advance the state by one token, in place, and return the token's output.
+
+    With state_batch_indices (b,) int32, ``state`` is a (slots, h, p, n) cache and row r advances
+    slot state_batch_indices[r]; a negative index is a padding row (output zeros, no slot touched).
 
     Args:
         state: (b, h, p, n) in the compute dtype; overwritten with the new state
@@ -28,6 +32,9 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     Returns:
         y: (b, h, p) in x's dtype
     """
+    if state_batch_indices is not None:
+        return ssd_varlen.indexed_step(ssd_state_update, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+                                       dt_limit, state_batch_indices)
     f = compute_dtype(x.dtype)
     h = x.shape[1]
     x_f = x.to(f)
@@ -54,7 +61,10 @@ def scan_by_stepping(step):
                  seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                  return_final_states=False, return_varlen_states=False):
         if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
-            raise NotImplementedError("scan by stepping: packed sequences belong to the varlen issue")
+            # packed sequences: each stepped through alone from its own state (impls/ssd_varlen.py)
+            return ssd_varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+                                         seq_idx, cu_seqlens, dt_softplus, dt_limit, return_final_states,
+                                         return_varlen_states)
         b, l, h, p = x.shape
         f = compute_dtype(x.dtype)
         state = (torch.zeros(b, h, p, B.shape[-1], dtype=f, device=x.device) if initial_states is None
