@@ -11,6 +11,8 @@ its D is (h,) only (no D_has_hdim), and its cached step ignores time_step_limit 
 its chunked forward applies.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -242,6 +244,22 @@ def test_transformers_saved_folder_loads_in_ours(tmp_path, tie):
         assert torch.equal(again(ids, impl="loop"), baseline)
         again.save_pretrained(tmp_path / "hf2", layout="transformers")
         assert torch.equal(Mamba2ForCausalLM.from_pretrained(tmp_path / "hf2").eval()(ids).logits, peer(ids).logits)
+
+
+def test_transformers_defaults_fill_absent_fields(tmp_path):
+    """A transformers config without tie_word_embeddings is untied, as transformers reads it (the
+    official default is tied): the folder's own lm_head is used, not the embedding."""
+    case = Case(d_model=16, n_layer=1, vocab=32, l=6, headdim=8, chunk_size=4, tie=False, seed=13)
+    model, _, ids = case.build()
+    model.save_pretrained(tmp_path, layout="transformers")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = Mamba2LM.from_pretrained(tmp_path)
+    peer = Mamba2ForCausalLM.from_pretrained(tmp_path).eval()
+    assert not loaded.config.tie_embeddings and not peer.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, impl="loop"), model(ids, impl="loop"))
 
 
 def test_configs_transformers_cannot_hold_are_refused(tmp_path):

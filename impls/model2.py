@@ -211,7 +211,10 @@ class Mamba2Config:
         if eps != NORM_GATED_EPS:
             raise ValueError(f"Mamba2 config (transformers layout): layer_norm_epsilon = {eps}: transformers uses it in "
                              f"the gated norm too, where the official block has {NORM_GATED_EPS}")
-        top = {o: cfg[t] for o, t in LAYOUT["top"].items() if t in cfg}
+        # transformers' own default where a field is absent; the only one that differs from the
+        # official default is tie_word_embeddings (False there, tie_embeddings True here)
+        top = {o: cfg.get(t, False) if t == "tie_word_embeddings" else cfg[t]
+               for o, t in LAYOUT["top"].items() if t in cfg or t == "tie_word_embeddings"}
         ssm = {o: cfg[t] for o, t in LAYOUT["ssm"].items() if t in cfg}
         if "dt_limit" in ssm:   # transformers' encoding of non-finite floats: {"__float__": "Infinity"}
             ssm["dt_limit"] = [float(a["__float__"]) if isinstance(a, dict) else a for a in ssm["dt_limit"]]
