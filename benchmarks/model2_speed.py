@@ -239,6 +239,64 @@ def split_records(size, L=256, step_impl="recurrent", scan_impl="chunked", min_r
     return records
 
 
+# ------------------------------------------------------- Mamba-2 rows of the time-per-token sweep
+
+# benchmarks/time_per_token.py adds these points (per_token_points) and measures their groups here
+# (per_token_group), so its report draws and fits them like the Mamba-1 levels: "ssd_scan" (one
+# mamba2-130m layer's SSD scan, SCAN) and "model2" (a small Mamba2LM, MODEL2).
+MODEL2 = dict(d_model=128, n_layer=2, vocab_size=256)   # Mamba-2 defaults inside: d_state 128, headdim 64 (h 4)
+LEVELS = ("ssd_scan", "model2")
+PER_TOKEN_L = {"quick": [64, 128, 256, 512], "default": [64, 128, 256, 512, 1024], "long": [64, 256, 1024, 4096, 16384]}
+_small2 = {}
+
+
+def per_token_points(size, threads=1):
+    """Re-forward (``chunked``) and recurrent (``recurrent``, prefilled by ``chunked``) time per token
+    at each L, at both Mamba-2 levels, as time_per_token's "per_token" points."""
+    out = []
+    for level, shape in (("ssd_scan", {k: v for k, v in SCAN.items()}), ("model2", dict(model=MODEL2))):
+        for L in PER_TOKEN_L[size]:
+            common = dict(kind="per_token", level=level, L=L, dtype="float32", threads=threads, **shape)
+            out += [dict(common, mode="reforward", impl="chunked"),
+                    dict(common, mode="recurrent", impl="recurrent", prefill_impl="chunked")]
+    return out
+
+
+@torch.no_grad()
+def per_token_group(point, members, timed_group):
+    """Time one (level, L) group's members ({(mode, impl)}) with time_per_token's timed_group(calls,
+    reference): the recurrent step is the reference of the ratios, as for Mamba-1."""
+    L, pre = point["L"], point.get("prefill_impl") or "chunked"
+    calls = {}
+    if point["level"] == "ssd_scan":
+        a = scan_inputs(L + 1)
+        kw = dict(D=a["D"], dt_bias=a["dt_bias"], dt_softplus=True)
+        prefix = {k: a[k][:, :L] for k in ("x", "dt", "B", "C")}
+        token = [a[k][:, L].contiguous() for k in ("x", "dt")] + [a["A"]] + [a[k][:, L].contiguous() for k in ("B", "C")]
+        for mode, impl in members:
+            if mode == "reforward":
+                calls[(mode, impl)] = lambda impl=impl: impls.ssd_scan(prefix["x"], prefix["dt"], a["A"], prefix["B"],
+                                                                       prefix["C"], SCAN["chunk_size"], impl=impl, **kw)
+            else:
+                _, state = impls.ssd_scan(prefix["x"], prefix["dt"], a["A"], prefix["B"], prefix["C"], SCAN["chunk_size"],
+                                          return_final_states=True, impl=pre, **kw)
+                calls[(mode, impl)] = lambda impl=impl, s=state: impls.ssd_state_update(s, *token, impl=impl, **kw)
+    else:
+        if "model" not in _small2:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                _small2["model"] = Mamba2LM(Mamba2Config(**MODEL2, ssm_cfg={"layer": "Mamba2"})).eval()
+        model = _small2["model"]
+        ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(1))
+        for mode, impl in members:
+            if mode == "reforward":
+                calls[(mode, impl)] = lambda impl=impl: model(ids, impl=impl, num_last_tokens=1)[:, -1].argmax(-1)
+            else:
+                logits, cache = model.prefill(ids, impl=pre)
+                calls[(mode, impl)] = lambda impl=impl, c=cache, t=logits.argmax(-1): model.step(t, c, impl=impl).argmax(-1)
+    return timed_group(calls, next((m for m in members if m[0] == "recurrent"), None))
+
+
 # ------------------------------------------------------------------------------ as a runner sweep
 
 SWEEP_SIZES = {"quick": ["small"], "default": ["small", "130m"], "long": ["small", "130m"]}

@@ -69,6 +69,7 @@ import time
 import torch
 
 import impls
+from . import model2_speed
 from .common import interleaved, paired_ratio, peak_rss_during
 
 THREADS = 1
@@ -152,6 +153,8 @@ def points(size, names):
         out += [dict(kind="memory", level="scan", mode="recurrent", impl=n, L=L, **SCAN, **common) for n in stepping]
     if peer_wanted:
         out += peer_points(size, stepping, fast, pre, common)
+    if names is None:  # Mamba-2 levels "ssd_scan" and "model2" (benchmarks/model2_speed.py)
+        out += model2_speed.per_token_points(size, THREADS)
     _note_members(out)
     return out
 
@@ -471,6 +474,9 @@ def measure(point):
             return _peer_per_token(point)
         if point["kind"] == "cumulative":
             return _model_cumulative(point)
+        if point["level"] in model2_speed.LEVELS:
+            return _from_group(point, lambda p: model2_speed.per_token_group(
+                p, _members.get(group(p)) or [(p["mode"], p["impl"])], _timed_group))
         if point["level"] == "scan":
             return _scan_per_token(point)
         return _model_per_token(point)

@@ -285,5 +285,13 @@ def test_speed_benchmark_runs(tmp_path):
         (lv, m) for lv in ("scan", "model") for m in ("reforward", "recurrent")}
     split = model2_speed.split_records("small", L=4, min_run_s=0)
     assert abs(sum(r["share"] for r in split) - 1) < 1e-9 and "ssd_step" in {r["part"] for r in split}
+    # the Mamba-2 rows of time_per_token: every (level, L) group measures both modes
+    pts = model2_speed.per_token_points("quick")
+    assert {(p["level"], p["mode"]) for p in pts} == {(lv, m) for lv in model2_speed.LEVELS for m in ("reforward", "recurrent")}
+    for level in model2_speed.LEVELS:
+        point = dict(next(p for p in pts if p["level"] == level), L=4)
+        ran = model2_speed.per_token_group(point, [("reforward", "chunked"), ("recurrent", "recurrent")],
+                                           lambda calls, ref: {k: fn() for k, fn in calls.items()})
+        assert set(ran) == {("reforward", "chunked"), ("recurrent", "recurrent")}
     kinds = [p["kind"] for p in model2_speed.points("default")]    # as a runner sweep
     assert kinds.count("model2_vs_transformers") == 6 and kinds.count("model2_decode_split") == 2
