@@ -193,6 +193,10 @@ def cases(draw, dtypes=SHRINK_ORDER, regimes=REGIMES + EDGE_REGIMES, max_b=3, ma
     return case
 
 
+# The plainest case, the one hypothesis shrinks towards: every size 1, every option off. Pinned with
+# @example in the drawn tests (it is as small as a failure can be, so it pre-empts nothing smaller).
+SMALLEST = Case(b=1, d=1, n=1, l=1, D=False, z=False, delta_bias=False, softplus=False)
+
 # Known edge cases, each run by a test of its own (test_values.py: test_pinned_edge_case), never as
 # an @example of a drawn test: hypothesis does not shrink an @example, so a failing one would
 # pre-empt the smaller, shrunk failure. Single token, single channel, single state, long sequences

@@ -134,13 +134,15 @@ def what_it_needs(failure, budget_s=120.0):
                 lo, hi = (lo, mid) if fails(**{axis: mid * step}) else (mid, hi)
             needs.append(f"{axis} >= {hi * step} (passes at {axis} = {lo * step})")
     except TimeoutError:
-        notes.append(f"(stopped after {budget_s:.0f} s of re-runs)")
+        stopped = f"(re-runs stopped after {budget_s:.0f} s: what is listed was found before that)"
+    else:
+        stopped = None
     lines = ["fails only with " + " and ".join(needs) if needs else "fails with every option off and every axis at its smallest"]
     if not_needed:
         lines.append("still fails without " + ", ".join(not_needed))
     if notes:
         lines.append("still fails at " + ", ".join(notes))
-    return lines
+    return lines + ([stopped] if stopped else [])
 
 
 def oracle(case):

@@ -4,7 +4,8 @@
 
 For each bug in equivalence/planted_bugs.py it runs what a kernel author runs,
 ``pytest -x --impl equivalence.planted_bugs:NAME`` (derandomized: the ``ci`` hypothesis profile), and
-reads off the first failing test, the case it failed on (from its reproduce line) and what the
+reads off the first failing test, the case it failed on (from its reproduce line, shown as Case.id:
+sizes, grouping, dtype, regime, the options that are on, the seed) and what the
 failure needs (conftest.py's re-run with each option off and each axis reduced). Prints a markdown
 table (pandas), one row per bug as it finishes.
 """
@@ -18,6 +19,7 @@ import time
 import pandas as pd
 
 from . import planted_bugs
+from .cases import Case
 
 
 def first_failure(bug, timeout=900):
@@ -28,10 +30,10 @@ def first_failure(bug, timeout=900):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     seconds = time.monotonic() - start
     failed = re.search(r"^FAILED (\S+)", run.stdout, re.M)
-    case = re.search(r"reproduce: .*?equivalence\.cases\.(Case\(.*?\))\)", run.stdout)
+    case = re.search(r"reproduce: .*?equivalence\.cases\.(Case\(.*?\))\), return_last_state", run.stdout)
     needs = re.search(r"what the failure needs \(.*?\) -+\n(.*?)(?:\n=|\n_|\Z)", run.stdout, re.S)
     return dict(bug=bug, first_failure=failed.group(1).split("::", 1)[1] if failed else "none (passed)",
-                case=case.group(1) if case else "", needs="; ".join(needs.group(1).strip().splitlines()) if needs else "",
+                case=eval(case.group(1), {"Case": Case}).id if case else "", needs="; ".join(needs.group(1).strip().splitlines()) if needs else "",
                 seconds=round(seconds))
 
 

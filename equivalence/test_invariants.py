@@ -2,43 +2,44 @@
 
 Drawn tests first, the pinned long cases after them as tests of their own (see test_values.py)."""
 
-import pytest
+import dataclasses
+
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from .cases import Case, cases
+from .cases import SMALLEST, Case, cases
 from .checks import (check_batch_independence, check_causality, check_nan_propagation,
                      check_prefill_then_decode, check_split)
 
 positions = st.integers(0, 400)  # folded to the case's length by each check
 
 
-@example(case=Case(b=1, d=1, n=1, l=1), k=0)
-@example(case=Case(b=1, d=1, n=1, l=1), k=1)
+@example(case=SMALLEST, k=0)
+@example(case=SMALLEST, k=1)
 @given(case=cases(), k=positions)
 def test_split_then_continue(continuing_impl, case, k):
     check_split(continuing_impl, case, k)
 
 
-@example(case=Case(b=1, d=1, n=1, l=1), k=0)
+@example(case=SMALLEST, k=0)
 @given(case=cases(max_l=120), k=positions)
 def test_prefill_then_decode_equals_full_scan(stepping_impl, case, k):
     check_prefill_then_decode(stepping_impl, case, k)
 
 
-@example(case=Case(b=1, d=1, n=1, l=1), t=0)
+@example(case=SMALLEST, t=0)
 @given(case=cases(), t=positions)
 def test_causality(impl, case, t):
     check_causality(impl, case, t)
 
 
-@example(case=Case(b=2, d=1, n=1, l=1), j=1)
+@example(case=dataclasses.replace(SMALLEST, b=2), j=1)
 @given(case=cases(min_b=2), j=st.integers(0, 2))
 def test_batch_rows_are_independent(impl, case, j):
     check_batch_independence(impl, case, j)
 
 
-@example(case=Case(b=1, d=1, n=1, l=1), t=0)
+@example(case=SMALLEST, t=0)
 @given(case=cases(), t=positions)
 def test_nan_propagates_and_stays_in_its_channel(impl, case, t):
     check_nan_propagation(impl, case, t)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import impls
 from . import planted_bugs
-from .cases import cases
-from .checks import check_batch_independence, check_causality, check_split, check_values
+from .cases import Case, cases
+from .checks import CaseFailure, check_batch_independence, check_causality, check_split, check_values, what_it_needs
 
 SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
@@ -74,3 +74,18 @@ def test_command_line_plugin(target, fails):
         script = subprocess.run([sys.executable, "-c", line + "; print(out[0].shape)"], capture_output=True,
                                 text=True, timeout=300)
         assert script.returncode == 0 and "torch.Size" in script.stdout, (line, script.stderr[-2000:])
+
+
+@pytest.mark.parametrize("bug, case, needs", [
+    ("wrong_group_mapping", Case(b=2, d=12, n=3, l=9, g=3, initial_state=True, seed=5), "fails only with g > 1 and d/g > 1"),
+    ("batch_leak", Case(b=3, d=2, n=2, l=4, z=False, seed=6), "b >= 2 (passes at b = 1)"),
+    ("state_lost_at_chunk", Case(b=1, d=2, n=2, l=100, D=False, seed=7), "l >= 65 (passes at l = 64)"),
+    ("ignored_initial_state", Case(b=1, d=3, n=2, l=5, g=1, initial_state=True, seed=8), "fails only with initial_state"),
+])
+def test_a_failure_says_what_it_needs(bug, case, needs):
+    """The re-runs behind "what the failure needs" name the option or axis each bug depends on."""
+    name = _register(bug)
+    with pytest.raises(CaseFailure) as info:
+        check_values(name, case)
+    lines = what_it_needs(info.value)
+    assert needs in lines[0], lines

@@ -22,16 +22,19 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     C = (C if C.dim() == 4 else C[:, None]).to(f)
     g = B.shape[1]
     # BUG: channels are split as (d/g, g), i.e. channel c reads group c % g. The interface says
-    # channel c reads group c // (d // g), a (g, d/g) split. Fix: view(b, g, d // g, ...) below,
-    # and broadcast B, C with [:, :, None] instead of [:, None, :].
-    split = lambda x: x.reshape(b, d // g, g, *x.shape[2:])       # noqa: E731
-    h = (torch.zeros(b, d, n, dtype=f) if initial_state is None else initial_state.to(f)).reshape(b, d // g, g, n)
-    dA = torch.exp(split(dt)[..., None] * A.to(f).reshape(d // g, g, n)[:, :, None])      # (b, d/g, g, l, n)
-    dBu = (split(dt) * split(u.to(f)))[..., None] * B.transpose(-1, -2)[:, None]           # (b, d/g, g, l, n)
+    # channel c reads group c // (d // g), a (g, d/g) split. The fix is these two lines, as
+    #     split = lambda x: x.reshape(b, g, d // g, *x.shape[2:])
+    #     per_group = lambda X: X[:, :, None]
+    split = lambda x: x.reshape(b, d // g, g, *x.shape[2:])      # noqa: E731  (b, d, ...) -> split channels
+    per_group = lambda X: X[:, None]                             # noqa: E731  (b, g, ...) against them
+    h = split(torch.zeros(b, d, n, dtype=f) if initial_state is None else initial_state.to(f))
+    dA = torch.exp(split(dt)[..., None] * split(A.to(f).expand(b, d, n))[..., None, :])   # (b, *split, l, n)
+    dBu = (split(dt) * split(u.to(f)))[..., None] * per_group(B.transpose(-1, -2))      # (b, *split, l, n)
+    C = per_group(C.transpose(-1, -2))
     ys = []
     for t in range(l):
         h = dA[..., t, :] * h + dBu[..., t, :]
-        ys.append((h * C[:, None, :, :, t]).sum(-1).reshape(b, d))
+        ys.append((h * C[..., t, :]).sum(-1).reshape(b, d))
     y = torch.stack(ys, -1) if ys else u.new_zeros(b, d, 0, dtype=f)
     if D is not None:
         y = y + D.to(f)[:, None] * u.to(f)
