@@ -218,7 +218,7 @@ def plot_scan_grid(table, path):
                 ms.append(float(part.loc[p, "ms"]))
         bars = ax.bar(xs, ys, width, label=impl)
         for bar, m in zip(bars, ms):
-            ax.annotate(f"{m:.3g} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()), rotation=90,
+            ax.annotate(f"{m:.3g} ms" if m < 100 else f"{m:,.0f} ms", (bar.get_x() + bar.get_width() / 2, bar.get_height()), rotation=90,
                         fontsize=6, ha="center", va="bottom", xytext=(0, 2), textcoords="offset points")
     ax.set_yscale("log")
     low, high = ax.get_ylim()
