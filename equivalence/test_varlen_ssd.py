@@ -4,6 +4,9 @@ test that declares ``varlen``; the others are skipped with the declared gap as t
 packings run in tests of their own and cover every boundary geometry on a chunk grid laid over
 the packed sequence. The official ``seq_idx`` semantics and ``return_varlen_states`` are checked
 here too, against cu_seqlens and against each sequence scanned alone.
+
+parallel (through the d = h p mapping, its Mamba-1 packed path) runs on test_varlen.py's shrunk
+plan: chunks of 3 to 8 tokens over the packed tokens, so sequences start and end mid-chunk.
 """
 
 import pytest
@@ -13,9 +16,16 @@ from hypothesis import strategies as st
 
 import impls
 
+from .test_varlen import small_plan
 from .varlen_cases import (CATEGORIES, SSD, SSDVarlenCase, check_alone, check_alone_gradients, check_decoding,
                            check_no_crossing, check_prefill, covered, scan_alone, ssd_chunk_starts,
                            ssd_packed_inputs, ssd_varlen_cases)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _small_parallel_plan():
+    with small_plan():
+        yield
 
 
 def _needs(name, gradients=False, step=False):

@@ -450,9 +450,9 @@ from . import ssd_chunked, ssd_loop, ssd_recurrent  # noqa: E402
 register("loop", ssd_loop.ssd_scan, family="ssd", gradients=True, varlen=True)
 register("chunked", ssd_chunked.ssd_scan, family="ssd", gradients=True, varlen=True)
 register("recurrent", ssd_recurrent.ssd_scan, step=ssd_recurrent.ssd_state_update, family="ssd", varlen=True)
-# Every grouped Mamba-1 implementation (parallel, ...) through the d = h p mapping, under its own name.
-# Declared gap there: varlen (the mapping does not translate seq_idx, padding or b > 1 rows into
-# Mamba-1's cu_seqlens, nor state_batch_indices).
+# Every grouped Mamba-1 implementation (parallel, ...) through the d = h p mapping, under its own name,
+# with its Mamba-1 varlen: cu_seqlens and state_batch_indices pass through the mapping, seq_idx rows
+# are packed into one cu_seqlens call (impls/ssd_varlen.py: through_cu_seqlens).
 from . import ssd_mapped  # noqa: E402
 
 ssd_mapped.register_all()

@@ -21,6 +21,7 @@ implementations (``RESERVED``: loop, recurrent and triton mean the native SSD on
 
 import torch
 
+from . import ssd_varlen
 from .frontdoor import INPUT_DTYPES, compute_dtype
 from .ssd_loop import effective_dt
 
@@ -54,7 +55,7 @@ def to_selective(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_
     )
     if x.dim() == 4:
         args.update(u=_channels(x.to(f)), initial_state=None if initial_states is None
-                    else initial_states.to(f).reshape(x.shape[0], h * p, n))
+                    else initial_states.to(f).reshape(-1, h * p, n))   # (b or nseq, d, n)
     else:
         args.update(x=_channels(x.to(f)), dt=args.pop("delta"))
     return args
@@ -68,12 +69,21 @@ def mapped_scan(name):
                  seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                  return_final_states=False, return_varlen_states=False):
         if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
-            raise NotImplementedError(f"{name} through the SSD mapping: packed sequences belong to the varlen issue")
+            # packed sequences: seq_idx rows packed into one cu_seqlens call of the Mamba-1 kernel
+            return ssd_varlen.through_cu_seqlens(packed, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+                                                 seq_idx, cu_seqlens, dt_softplus, dt_limit, return_final_states,
+                                                 return_varlen_states)
         b, l, h, p = x.shape
         args = to_selective(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit)
         y, last = impls.selective_scan(**args, return_last_state=True, impl=name)
         out = y.movedim(-1, 1).reshape(b, l, h, p).to(x.dtype)
         return (out, last.reshape(b, h, p, -1)) if return_final_states else out
+
+    def packed(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens, dt_softplus, dt_limit):
+        b, l, h, p = x.shape
+        args = to_selective(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit)
+        y, last = impls.selective_scan(**args, return_last_state=True, cu_seqlens=cu_seqlens, impl=name)
+        return y.movedim(-1, 1).reshape(b, l, h, p).to(x.dtype), last.reshape(-1, h, p, last.shape[-1])
 
     ssd_scan.__qualname__ = ssd_scan.__name__ = f"ssd_scan (through the d = h p mapping onto {name})"
     return ssd_scan
@@ -85,14 +95,15 @@ def mapped_step(name):
     import impls
 
     def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                         dt_limit=(0.0, float("inf"))):
-        b, h, p, n = state.shape
+                         dt_limit=(0.0, float("inf")), state_batch_indices=None):
+        b, h, p, n = state.shape           # b: the cache's slots with state_batch_indices
         args = to_selective(x, dt, A, B, C, D, z, dt_bias, None, dt_softplus, dt_limit)
         flat = state.view(b, h * p, n) if state.is_contiguous() else state.reshape(b, h * p, n).clone()
-        y = impls.selective_state_update(flat, **args, impl=name)
+        indexed = {} if state_batch_indices is None else dict(state_batch_indices=state_batch_indices)
+        y = impls.selective_state_update(flat, **args, **indexed, impl=name)
         if flat.data_ptr() != state.data_ptr():
             state.copy_(flat.view(b, h, p, n))
-        return y.reshape(b, h, p).to(x.dtype)
+        return y.reshape(x.shape[0], h, p).to(x.dtype)
 
     return ssd_state_update
 
@@ -122,6 +133,7 @@ def register_all():
         dtypes = tuple(t for t in INPUT_DTYPES if compute_dtype(t) in e.supports["dtypes"])
         impls.register(name, mapped_scan(name), step=mapped_step(name) if e.step else None, family="ssd",
                        dtypes=dtypes, gradients=e.supports["gradients"], initial_states=e.supports["initial_state"],
+                       varlen=e.supports["varlen"],
                        case_limits=_limits(e.supports["case_limits"]))
         added.append(name)
     return added

@@ -156,6 +156,63 @@ def by_sequence(scan):
     return packed_scan
 
 
+def through_cu_seqlens(packed_scan, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                       seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                       return_final_states=False, return_varlen_states=False):
+    """A packed call served by ``packed_scan``, which takes cu_seqlens only: called as
+    packed_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states (nseq, h, p, n), cu_seqlens)
+    on b = 1 inputs, returning (out (1, l, h, p), final states (nseq, h, p, n)). seq_idx rows are
+    packed into one such call: each row's sequences (padding dropped) laid end to end, the row's
+    initial state given to its first sequence, zeros to the others; outputs scattered back, zeros
+    at padding. Differentiable where ``packed_scan`` is. Shapes and returns as impls.ssd_scan."""
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    f = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if cu_seqlens is not None:
+        out, per_seq = packed_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, cu_seqlens,
+                                   dt_softplus, dt_limit)
+        finals = per_seq
+    else:
+        runs = runs_of(x, seq_idx, None)
+        rows = [r for r in range(b) for a, e in runs[r] for _ in range(a, e)]
+        times = [t for r in range(b) for a, e in runs[r] for t in range(a, e)]
+        index = (torch.tensor(rows, dtype=torch.long, device=x.device),
+                 torch.tensor(times, dtype=torch.long, device=x.device))
+        offsets = [0]
+        for a, e in (run for r in range(b) for run in runs[r]):
+            offsets.append(offsets[-1] + e - a)
+        h0 = None
+        if initial_states is not None:
+            first = [i == 0 for r in range(b) for i in range(len(runs[r]))]
+            owner = [r for r in range(b) for _ in runs[r]]
+            h0 = torch.stack([initial_states[r] if is_first else torch.zeros_like(initial_states[r])
+                              for r, is_first in zip(owner, first)]) if owner else initial_states[:0]
+
+        def pack(X):
+            return None if X is None else X[index][None]
+
+        packed_out, per_run = packed_scan(pack(x), pack(dt), A, pack(B), pack(C), chunk_size, D, pack(z), dt_bias, h0,
+                                          torch.tensor(offsets, dtype=torch.int32, device=x.device), dt_softplus,
+                                          dt_limit)
+        out = x.new_zeros(b, l, h, p).index_put(index, packed_out[0])
+        finals, k = [], 0
+        for r in range(b):
+            k += len(runs[r])
+            if runs[r]:
+                finals.append(per_run[k - 1])
+            else:
+                finals.append(initial_states[r].to(f) if initial_states is not None
+                              else x.new_zeros(h, p, n, dtype=f))
+        finals = torch.stack(finals)
+        per_seq = None
+    res = [out]
+    if return_final_states:
+        res.append(finals)
+    if return_varlen_states:
+        res.append(per_seq)
+    return res[0] if len(res) == 1 else tuple(res)
+
+
 def check_step_indexed(state, x, state_batch_indices, dims):
     """Front-door checks of ssd_state_update's (slots, h, p, n) cache and its state_batch_indices (b,)
     int32 (impls/frontdoor.py's check_state_batch_indices: an index >= slots or a slot used twice
