@@ -18,11 +18,6 @@ Shapes follow the official Mamba-1 ``selective_scan_fn`` / ``selective_state_upd
 (b, d, l, n, g) are defined in impls/frontdoor.py. Both public functions check their arguments
 (impls/frontdoor.py) and what the implementation returns, so a plugged-in implementation gets the
 same errors and guarantees as the built-in ones.
-
-Shapes follow the official Mamba-1 ``selective_scan_fn`` / ``selective_state_update``; letters
-(b, d, l, n, g) are defined in impls/frontdoor.py. Both public functions check their arguments
-(impls/frontdoor.py) and what the implementation returns, so a plugged-in implementation gets the
-same errors and guarantees as the built-in ones.
 """
 
 import dataclasses
@@ -359,105 +354,6 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     return y
 
 
-def _require_ssd(entry, where, dims, tensors, **needs):
-    """Refuse (NotImplementedError) a call that needs a capability ``entry`` does not declare.
-    needs: capability name -> whether this call needs it."""
-    s = entry.supports
-    gaps = [f"input dtype {dims['input_dtype']}"] if dims["input_dtype"] not in s["dtypes"] else []
-    gaps += [{"grouped": "grouped B/C (g > 1)", "D_hp": "D of shape (h, p)",
-              "dt_limit": "a dt_limit other than (0, inf)", "varlen": "packed sequences (varlen)"}.get(k, k)
-             for k, needed in needs.items() if needed and not s[k]]
-    if torch.is_grad_enabled() and not s["gradients"] and any(t is not None and t.requires_grad for t in tensors):
-        gaps.append("gradients (an input requires grad)")
-    if gaps:
-        raise NotImplementedError(f"{where}: implementation {entry.name!r} does not support {', '.join(gaps)}")
-
-
-def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
-             cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
-             return_varlen_states=False, *, impl="chunked"):
-    """The Mamba-2 SSD scan through the SSD implementation named ``impl``; the signature of the
-    official ``mamba_chunk_scan_combined`` (without its state_dtype).
-
-    dt <- clamp(softplus?(dt + dt_bias), *dt_limit) (softplus threshold 20; the clamp always, so the
-    default lower limit 0 turns a negative dt into 0); h_t = exp(dt_t A) h_{t-1} + dt_t x_t (x) B_t;
-    y_t = h_t C_t + D x_t; out = y silu(z). Dao & Gu 2024, eq. (1); the spec is impls/ssd_loop.py.
-
-    Args:
-        x: (b, l, h, p); dt: (b, l, h); A: (h,); B, C: (b, l, g, n), head i reads group i // (h // g)
-        chunk_size: positive int, a performance setting only (any l, results differ by rounding)
-        D: (h,) or (h, p) optional; z: (b, l, h, p) optional; dt_bias: (h,) optional
-        initial_states: (b, h, p, n) optional (zeros)
-        seq_idx, cu_seqlens, return_varlen_states: packed sequences; NotImplementedError unless the
-            implementation declares varlen (none does yet)
-        dt_softplus: bool; dt_limit: (lo, hi) with lo <= hi
-        return_final_states: also return the state after the last token
-    Returns:
-        out (b, l, h, p) in x's dtype, or (out, final_states) with final_states (b, h, p, n) in the
-        compute dtype (float32, float64 for float64 inputs).
-    Raises:
-        ValueError / TypeError at the front door (impls/ssd_frontdoor.py) naming the argument;
-        NotImplementedError for what the implementation does not declare.
-    """
-    from . import ssd_frontdoor
-
-    entry = get(impl, "ssd")
-    dims, chunk_size, dt_limit = ssd_frontdoor.check_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias,
-                                                          initial_states, dt_limit)
-    varlen = seq_idx is not None or cu_seqlens is not None or bool(return_varlen_states)
-    _require_ssd(entry, "ssd_scan", dims, (x, dt, A, B, C, D, z, dt_bias, initial_states),
-                 grouped=dims["g"] > 1, initial_states=initial_states is not None,
-                 dt_limit=dt_limit != ssd_frontdoor.DEFAULT_DT_LIMIT, D_hp=D is not None and D.dim() == 2,
-                 varlen=varlen)
-    b, l, h, p, n, f = dims["b"], dims["l"], dims["h"], dims["p"], dims["n"], dims["compute_dtype"]
-    if x.numel() == 0 and not varlen:  # l = 0 (or b, h, p = 0): empty output, the state passes through
-        final = (initial_states.to(f) if initial_states is not None
-                 else torch.zeros(b, h, p, n, dtype=f, device=x.device))
-        out = x.new_empty(b, l, h, p)
-        return (out, final) if return_final_states else out
-    res = entry.scan(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
-                     dt_softplus, dt_limit, return_final_states, return_varlen_states)
-    if varlen:  # the varlen issue defines what comes back
-        return res
-    out, final = res if return_final_states else (res, None)
-    frontdoor.check_result("ssd_scan", impl, "out", out, (b, l, h, p), x.dtype)
-    if return_final_states:
-        frontdoor.check_result("ssd_scan", impl, "final_states", final, (b, h, p, n), f)
-        return out, final
-    return out
-
-
-def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=(0.0, float("inf")), *, impl="recurrent"):
-    """One Mamba-2 decoding step: advance ``state`` by one token in place and return its output.
-
-    Args:
-        state: (b, h, p, n) in the compute dtype, updated in place (left untouched whenever the call
-               raises at the front door)
-        x: (b, h, p); dt: (b, h) or the tied (b, h, p); A: (h,) or the tied (h, p, n);
-        B, C: (b, g, n); D: (h,) or (h, p) optional; z: (b, h, p) optional;
-        dt_bias: (h,) or the tied (h, p) optional. Tied forms are the official Mamba2.step's
-        broadcasts (zero strides, one value per head); they are untied before the implementation runs.
-        dt_softplus: bool; dt_limit: (lo, hi), applied after softplus, as in ssd_scan
-    Returns:
-        y: (b, h, p) in x's dtype
-    """
-    from . import ssd_frontdoor
-
-    entry = get(impl, "ssd")
-    if entry.step is None:
-        raise NotImplementedError(f"ssd_state_update: implementation {impl!r} has no step function; those "
-                                  f"with one: {', '.join(k for k in names('ssd') if get(k, 'ssd').step)}")
-    dims, untied, dt_limit = ssd_frontdoor.check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
-    dt, A, dt_bias = untied["dt"], untied["A"], untied["dt_bias"]
-    _require_ssd(entry, "ssd_state_update", dims, (state, x, dt, A, B, C, D, z, dt_bias),
-                 grouped=dims["g"] > 1, dt_limit=dt_limit != ssd_frontdoor.DEFAULT_DT_LIMIT,
-                 D_hp=D is not None and D.dim() == 2)
-    y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)
-    frontdoor.check_result("ssd_state_update", impl, "y", y, (dims["b"], dims["h"], dims["p"]), x.dtype)
-    return y
-
-
 def lazy(module, attr):
     """A function that imports impls.<module> on first call: ``import impls`` never imports GPU or
     compile-heavy code (Triton kernels), so collecting the tests on a CPU machine compiles nothing."""
@@ -591,17 +487,6 @@ def register_mamba_ssm_ssd(name="mamba_ssm"):
 
 if importlib.util.find_spec("mamba_ssm") is not None and torch.cuda.is_available():
     register_mamba_ssm_ssd()
-
-# The Mamba-2 SSD family: the spec, the chunked default, the step (and its scan by stepping).
-from . import ssd_chunked, ssd_loop, ssd_recurrent  # noqa: E402
-
-register("loop", ssd_loop.ssd_scan, family="ssd", gradients=True)
-register("chunked", ssd_chunked.ssd_scan, family="ssd", gradients=True)
-register("recurrent", ssd_recurrent.ssd_scan, step=ssd_recurrent.ssd_state_update, family="ssd")
-# Every grouped Mamba-1 implementation (parallel, ...) through the d = h p mapping, under its own name.
-from . import ssd_mapped  # noqa: E402
-
-ssd_mapped.register_all()
 
 # Installed packages last: built-in names are taken first, so a plugin cannot shadow them.
 BUILTIN = names()
