@@ -143,6 +143,33 @@ def test_seq_idx_and_varlen_states_agree_with_cu_seqlens(ssd_impl, case, seed):
     assert torch.equal(got_final[0], row_last), "seq_idx: final_states is not the row's last sequence's state"
 
 
+@pytest.mark.parametrize("case", PINNED[:3], ids=lambda c: c.id)
+def test_seq_idx_gradients_equal_those_through_cu_seqlens(ssd_impl, case):
+    """The gradients of the seq_idx call (the same boundaries, the row's initial state on its first
+    sequence) equal those of the cu_seqlens call with zeros for the others, bit for bit: both are
+    the same arithmetic, and the cu_seqlens path is checked against the loop above."""
+    name = _needs(ssd_impl, gradients=True)
+    x = ssd_packed_inputs(case)
+    first = [i for i, n in enumerate(case.lengths) if n][0]
+    h0 = x["initial_states"]
+    by_idx = dict(x, cu_seqlens=None, seq_idx=_seq_idx_of(case, torch.Generator().manual_seed(case.seed)),
+                  initial_states=h0[first:first + 1])
+    by_cu = dict(x, initial_states=torch.where(torch.arange(case.nseq)[:, None, None, None] == first, h0,
+                                               torch.zeros_like(h0)))
+    wrt = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
+    gen = torch.Generator().manual_seed(case.seed + 5)
+    w = torch.randn(1, case.l, case.h, case.p, generator=gen, dtype=torch.float64)
+
+    def grads(kw):   # the last sequence is non-empty in these cases: final_states[-1] is the row's
+        leaves = {k: (v.detach().requires_grad_() if k in wrt and v is not None else v) for k, v in kw.items()}
+        out, final = impls.ssd_scan(**leaves, return_final_states=True, impl=name)
+        loss = (out.double() * w).sum() + final[-1].double().sum()
+        return torch.autograd.grad(loss, [leaves[k] for k in wrt if leaves[k] is not None])
+
+    for k, a, b in zip([k for k in wrt if x[k] is not None], grads(by_idx), grads(by_cu)):
+        assert torch.equal(a, b), f"{name}: gradient of {k} through seq_idx differs from cu_seqlens'"
+
+
 def test_seq_idx_padding_contributes_nothing_and_outputs_zeros(ssd_impl):
     """b = 2 rows with padding (negative seq_idx) at the start, between and after sequences, and a
     label reused after a change (a new sequence): each sequence equals itself scanned alone (the
