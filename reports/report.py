@@ -242,6 +242,24 @@ def peers_table(data):
     return out.rename(columns={"ratio": "ratio_to_mambapy", "median_s": "cpu_s"})
 
 
+def ssd_grid_table(data):
+    """The SSD benchmark (benchmarks/ssd_grid.py): one row per implementation at each point, its
+    per-round ratio to chunked (interleaved), the floor's rate, (f+b)/f, and the memory point."""
+    rows = data[data["benchmark"] == "ssd_grid"] if "benchmark" in data else data.iloc[:0]
+    out = []
+    for _, r in rows.iterrows():
+        for impl, m in (r.get("results") if isinstance(r.get("results"), dict) else {}).items():
+            fb = m.get("forward_backward_over_forward") or {}
+            out.append(dict(source=r.get("source"), l=r["l"], chunk_size=r["chunk_size"], direction=r["direction"],
+                            threads=r.get("threads"), impl=impl, ms=1e3 * m["median_s"], ratio_to_chunked=m.get("ratio"),
+                            ratio_q1=m.get("ratio_q1"), ratio_q3=m.get("ratio_q3"), unstable=m.get("unstable"),
+                            gflop_per_s=m.get("gflop_per_s"), fb_over_f=fb.get("ratio"),
+                            beyond_io_mib=(m["beyond_inputs_and_output_bytes"] / 2 ** 20
+                                           if "beyond_inputs_and_output_bytes" in m else None),
+                            beyond_in_chunks=m.get("beyond_in_chunks")))
+    return pd.DataFrame(out)
+
+
 def decode_split_table(data):
     """Where a decoding step's time goes, per part, as a share of the step."""
     rows = data[data["benchmark"] == "decode_split"]
@@ -425,6 +443,12 @@ def build(data, problems, out_dir):
          "faults). It is a unit of work, not a bound: it writes every element to memory, which a scan that streams "
          "through cache (parallel) never does, so a ratio below 1 is possible. vs_best_peer: per-round ratio to "
          "the faster of loop and mamba.py's pscan. ms and floor_ms are absolute CPU ms. Unstable points are not drawn."),
+        ("SSD scan grid (Mamba-2)", ssd_grid_table(data), [], [],
+         "benchmarks/ssd_grid.py at mamba2-130m's layer (b=1, h=24, p=64, n=128, g=1): chunked, the loop, the mapped "
+         "parallel, transformers' torch SSD and the floor (the chunked algorithm's four batched matmuls on the same "
+         "shapes, by torch.matmul), measured interleaved; ratio_to_chunked is the median of per-round wall-clock "
+         "ratios, with quartiles; fb_over_f is chunked's forward+backward over its forward; the memory point gives "
+         "the peak resident memory beyond the inputs and the output, in MiB and in chunks' worth."),
         ("Against mamba.py: decoding and prefill", peers_table(data), [], [],
          "Our MambaLM against mamba.py's Mamba loaded with the same weights (impls/mambapy_model.py), measured "
          "interleaved in one run: per-token decoding (ratio < 1 means ours is faster) and prompt prefill into the "
