@@ -110,11 +110,13 @@ def _block(x, a, dt, B, C, state, T, saved=None):
     state, H = H[:, :, K], H[:, :, :K]
 
     # 4. inter-chunk readout: exp(a_0 + ... + a_i) C_i H_{k-1}, plus the intra-chunk part
-    y = torch.matmul(Cc, H.reshape(b, g, K, hg * p, n).transpose(-1, -2)).view(b, g, K, T, hg, p)
-    y = y.mul_(from_start.view(b, g, hg, K, T).permute(0, 1, 3, 4, 2)[..., None])
+    raw = torch.matmul(Cc, H.reshape(b, g, K, hg * p, n).transpose(-1, -2)).view(b, g, K, T, hg, p)
+    E = from_start.view(b, g, hg, K, T).permute(0, 1, 3, 4, 2)[..., None]
+    y = raw * E if saved is not None else raw.mul_(E)  # the backward needs C_i H_k itself
     y = y.add_(y_diag.view(b, g, hg, K, T, p).permute(0, 1, 3, 4, 2, 5))  # (b, g, K, T, hg, p)
     if saved is not None:
-        saved.update(L=L, Mt=Mt, w=w, from_start=from_start, total=total, H=H, X=X, XW=XW, Bc=Bc, Cc=Cc, dt=dt, T=T)
+        saved.update(L=L, Mt=Mt, w=w, from_start=from_start, total=total, H=H, X=X, XW=XW, Bc=Bc, Cc=Cc, dt=dt, T=T,
+                     raw=raw, BC=BC)
     return y.permute(0, 2, 3, 1, 4, 5).reshape(b, m, h, p), state.reshape(b, h, p, n)
 
 
@@ -129,8 +131,8 @@ def _block_backward(sv, gy, g_after):
     H_{k+1} = E_{T-1} H_k + S_k, and a reaches L through s(i, j) = a_{j+1} + ... + a_i and E through
     its cumulative sum; every sum over tokens is a cumulative sum or a matmul, no division.
     """
-    L, Mt, w, E, total, H, X, XW, Bc, Cc, dt, T = (sv[k] for k in ("L", "Mt", "w", "from_start", "total", "H", "X",
-                                                                   "XW", "Bc", "Cc", "dt", "T"))
+    L, Mt, w, E, total, H, X, XW, Bc, Cc, dt, T, raw, BC = (
+        sv[k] for k in ("L", "Mt", "w", "from_start", "total", "H", "X", "XW", "Bc", "Cc", "dt", "T", "raw", "BC"))
     b, h, K, _, p = X.shape
     g, n = Bc.shape[1], Bc.shape[-1]
     hg, m = h // g, K * T
@@ -140,7 +142,6 @@ def _block_backward(sv, gy, g_after):
 
     # 4. readout y_i += E_i C_i H_k: gradients of E, C and H (heads of a group folded)
     Hf = H.reshape(b, g, K, hg * p, n)
-    raw = torch.matmul(Cc, Hf.transpose(-1, -2)).view(b, g, K, T, hg, p)  # C_i H_k, recomputed
     gE = (gy_g * raw).sum(-1).permute(0, 1, 4, 2, 3).reshape(b, h, K, T)   # d/dE_i
     gyE = (gy_g * E_g).reshape(b, g, K, T, hg * p)
     gH_read = torch.matmul(gyE.transpose(-1, -2), Cc).view(b, g, K, hg, p, n)
@@ -167,7 +168,6 @@ def _block_backward(sv, gy, g_after):
     gy_h = gy.reshape(b, K, T, h, p).permute(0, 3, 1, 2, 4)              # (b, h, K, T, p)
     gX += torch.matmul(Mt, gy_h)
     gMt = torch.matmul(X, gy_h.transpose(-1, -2)).masked_fill_(later.T, 0.0)  # [j, i] = x_j . gy_i
-    BC = torch.matmul(Bc, Cc.transpose(-1, -2))[:, :, None]              # (b, g, 1, K, T, T)
     gML = (gMt * L).view(b, g, hg, K, T, T)                              # gMt L
     gBC = (gML * dt.reshape(b, g, hg, K, T)[..., None]).sum(2)           # (b, g, K, T, T)
     R = (gML * BC).view(b, h, K, T, T)                                   # gMt L BC: d/dlog L, before dt_j
