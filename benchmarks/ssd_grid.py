@@ -51,7 +51,7 @@ the inputs and output and of one chunk's working set (see ``chunk_bytes``).
 One thread by default (SSD_GRID_THREADS=2 measures on two, a different point key): on this shared
 2-core machine a two-thread run waits on a descheduled thread at every parallel region whenever
 another process holds a core, which slows an implementation by its number of ops, not its work
-(measured: chunked 2.6 s a call at l = 2048 on two threads under load, against 0.35-0.9 s on one).
+(measured: chunked 2.6 s a call at l = 2048 on two threads under load, against 0.16-0.4 s on one).
 """
 
 import argparse
@@ -77,11 +77,12 @@ IMPLS = ("chunked", "loop", "parallel", "transformers", "floor")
 MEMORY_L = 65536
 THREADS = int(os.environ.get("SSD_GRID_THREADS", "1"))
 ROUNDS = {"quick": 3, "default": 5, "long": 5}
-# Slow implementations are measured only up to this l (on this shared machine under load, 2 threads:
-# the loop took 11 s a call at l = 512, the mapped parallel 17 s at 512 and 106 s at 2048), and
-# without a chunk size of their own at chunk_size 256 only; neither is timed with gradients (the
-# loop's autograd holds every state; parallel's backward at l = 2048 would take minutes a call).
-MAX_L = {"loop": 512, "parallel": 2048}
+# Slow implementations are measured only up to this l, without a chunk size of their own at
+# chunk_size 256 only, and in the long sweep only (one thread, l = 2048: the loop about 1 s a call, the
+# mapped parallel 3 s; two threads on this machine under load: the loop 11 s at l = 512, parallel 106 s
+# at 2048). Neither is timed with gradients (the loop's autograd holds every state; parallel's backward
+# at this shape takes far longer than the forward).
+MAX_L = {"loop": 2048, "parallel": 2048}
 CHUNKLESS = ("loop", "parallel")
 
 
