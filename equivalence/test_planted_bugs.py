@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hypothesis import HealthCheck, Phase, find, settings
 from hypothesis.errors import NoSuchExample
 from hypothesis import strategies as st
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 import impls
 from . import planted_bugs
 from .cases import Case, cases
-from .checks import CaseFailure, check_batch_independence, check_causality, check_split, check_values, what_it_needs
+from .checks import (CaseFailure, check_batch_independence, check_causality, check_nan_propagation, check_split,
+                     check_values, what_it_needs)
 
 SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
@@ -89,3 +91,38 @@ def test_a_failure_says_what_it_needs(bug, case, needs):
         check_values(name, case)
     lines = what_it_needs(info.value)
     assert needs in lines[0], lines
+
+
+def _looks_ahead(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                 return_last_state=False):
+    """The correct scan, plus a small share of the next token's input: information flows backwards."""
+    out = planted_bugs.correct(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+    y, last = out if return_last_state else (out, None)
+    y = y + 1e-3 * torch.cat([u[..., 1:], torch.zeros_like(u[..., :1])], -1)
+    return (y, last) if return_last_state else y
+
+
+def _mixes_channels(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                    return_last_state=False):
+    """The correct scan, plus a share of the mean over channels: a NaN leaks into other channels."""
+    out = planted_bugs.correct(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+    y, last = out if return_last_state else (out, None)
+    y = y + 1e-3 * u.mean(1, keepdim=True)
+    return (y, last) if return_last_state else y
+
+
+def test_causality_and_nan_failures_name_the_positions():
+    """The failure says which output changed and which input changed it, and how the information flowed."""
+    for key, fn in (("test-looks-ahead", _looks_ahead), ("test-mixes-channels", _mixes_channels)):
+        if key not in impls.names():
+            impls.register(key, fn)
+    case = Case(b=1, d=3, n=2, l=6, seed=3)
+    with pytest.raises(CaseFailure, match=r"output t=2 \(batch row 0, channel \d\) changed by input t=3: "
+                                          r"information flowed backwards in time"):
+        check_causality("test-looks-ahead", case, 3)
+    with pytest.raises(CaseFailure, match=r"output \(batch row 0, channel 0, t=2\) changed, to nan, by the NaN in "
+                                          r"input u at \(batch row 0, channel 0, t=3\): information flowed backwards"):
+        check_nan_propagation("test-looks-ahead", case, 3)
+    with pytest.raises(CaseFailure, match=r"output \(batch row 0, channel 1, t=3\) changed, to nan, by the NaN in "
+                                          r"input u at \(batch row 0, channel 0, t=3\): it leaked into another channel"):
+        check_nan_propagation("test-mixes-channels", case, 3)
