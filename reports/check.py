@@ -9,8 +9,9 @@ the spec shows up as well.
 Speed: ratios whose two sides were measured interleaved in one process (benchmarks/common.py), of
 two kinds whose sides do the same kind of work, so that another process's load moves both alike
 (``gated``): each implementation to the floor in the scan grid, re-forward to recurrent generation
-(cumulative), and ours to mamba.py. (Re-forwarding one prefix against one recurrent step, a 100 ms
-scan against a 0.1 ms step, moved up to 3x between runs of unchanged code on this shared machine:
+(cumulative), and our decoding step to mamba.py's. (Re-forwarding one prefix against one recurrent
+step, a 100 ms scan against a 0.1 ms step, moved up to 3x between runs of unchanged code on this
+shared machine, and one parallel-scan prefill against mamba.py's token-by-token prefill by 23 %:
 those ratios are reported, not gated.) For each point the baseline keeps its per-round ratios and
 each run's median. A point regresses when both hold, as asv and pyperf decide:
   - its median ratio grew by more than its tolerance over the baseline's: the threshold, or the
@@ -61,8 +62,12 @@ def golden():
 
 def gated(record):
     """Whether a record's paired ratio is one the speed check judges (see the module docstring)."""
-    return (record.get("benchmark") == "scan_grid" or record.get("ratio_to") == "mambapy"
-            or (record.get("benchmark") == "time_per_token" and record.get("kind") == "cumulative"))
+    if record.get("benchmark") == "scan_grid":
+        return True
+    # prefill (one scan against mamba.py's token-by-token loop) is left out: its sides do unlike work,
+    # and it moved +23 % between runs of unchanged code at different loads
+    return record.get("benchmark") == "time_per_token" and (
+        record.get("kind") == "cumulative" or (record.get("ratio_to") == "mambapy" and record.get("kind") != "prefill"))
 
 
 def paired_points(data):
