@@ -57,6 +57,37 @@ def test_memory_floor_bytes_at_the_target_size():
     assert gpu_check.backward_bytes(b, d, n, l) > gpu_check.forward_bytes(b, d, n, l)
 
 
+def test_ssd_memory_floor_and_flops_at_mamba2_shapes():
+    """The SSD floor counts x, z, out (b·l·h·p each) and B, C (b·l·g·n each) plus dt; the FLOP count
+    is the chunked algorithm's products, dominated by the state terms 4 p n per token and head."""
+    b, l, h, p, n = 1, 8192, 80, 64, 128
+    fwd = gpu_check.ssd_forward_bytes(b, l, h, p, n, itemsize=2)
+    assert fwd == 2 * (3 * b * l * h * p + 2 * b * l * n + b * l * h) + 12 * h
+    assert 250e6 < fwd < 260e6                                   # about a quarter GB in bfloat16
+    assert gpu_check.ssd_backward_bytes(b, l, h, p, n, itemsize=2) > fwd
+    assert gpu_check.ssd_forward_bytes(b, l, h, p, n, has_z=False) < gpu_check.ssd_forward_bytes(b, l, h, p, n)
+    flops = gpu_check.ssd_flops(b, l, h, p, n, 256)
+    assert flops == 2 * b * l * h * (2 * p * n + 256 * (n + p) / 2)
+    assert gpu_check.ssd_flops(b, 100, h, p, n, 256) == 2 * b * 100 * h * (2 * p * n + 100 * (n + p) / 2)  # Q = l
+    assert gpu_check.ssd_step_bytes(64, 24, 64, 128) > 2 * 4 * 64 * 24 * 64 * 128
+
+
+def test_ssd_targets_and_table():
+    row = dict(shape="mamba2-2.7b", b=1, l=8192, h=80, p=64, n=128, g=1, op="forward",
+               ms={"triton": 0.5, "chunked": 20.0, "mamba_ssm": 0.4}, floor_ms=0.1, triton_gbs=500.0, triton_tflops=3.0)
+    bench = dict(names=["triton", "chunked", "mamba_ssm"], rows=[row], step=[], step_names=[])
+    t = gpu_check.ssd_targets(bench)
+    assert t["ssd_forward_speedup_vs_chunked"]["value"] == pytest.approx(40) and t["ssd_forward_speedup_vs_chunked"]["met"]
+    assert t["ssd_forward_over_official"]["value"] == pytest.approx(1.25) and t["ssd_forward_over_official"]["met"]
+    t = gpu_check.ssd_targets(dict(bench, rows=[dict(row, ms={"triton": 0.5, "chunked": 5.0})]))
+    assert not t["ssd_forward_speedup_vs_chunked"]["met"] and t["ssd_forward_over_official"]["value"] is None
+    assert "mamba_ssm" in t["ssd_forward_over_official"]["note"]
+    table = "\n".join(gpu_check.format_ssd_table(dict(ssd_bench=bench, ssd_targets=t,
+                                                     ssd_big=dict(checks={"ssd step y": dict(ok=False, elements=2**31 + 1)}))))
+    for words in ("mamba2-2.7b l8192 forward", "500", "not met", "ssd step y", "FAIL"):
+        assert words in table, (words, table)
+
+
 def test_pytest_summary():
     text = "....F\n=== short test summary info ===\nFAILED x\n1 failed, 4 passed, 2 skipped in 3.21s\n"
     assert gpu_check.pytest_summary(text) == {"failed": 1, "passed": 4, "skipped": 2}
@@ -110,4 +141,9 @@ def test_smoke_run_of_every_phase(tmp_path):
     assert results["smoke"] and results["ok"]
     assert results["big"]["checks"] and all(c["ok"] for c in results["big"]["checks"].values())
     assert results["bench"]["scan"][0]["ms"]["triton"] > 0 and results["bench"]["fwd_configs"]
+    assert results["ssd_big"]["ok"] and len(results["ssd_big"]["checks"]) == 6
+    assert {r["op"] for r in results["ssd_bench"]["rows"]} == {"forward", "backward", "forward+backward"}
+    assert all(r["ms"]["triton"] > 0 and r["ms"]["chunked"] > 0 for r in results["ssd_bench"]["rows"] if r["op"] == "forward")
+    assert results["ssd_bench"]["step"][0]["ms"]["triton"] > 0
+    assert results["suite"]["files"]["smoke_ssd"]["ok"]
     assert "SMOKE" in r.stdout and "PASSED" in r.stdout

@@ -452,6 +452,13 @@ from . import ssd_mapped  # noqa: E402
 
 ssd_mapped.register_all()
 
+# The chunked SSD scan and the decode step as Triton kernels (impls/triton_ssd.py), imported on first
+# call only. Without a GPU they run in Triton's interpreter, so the property tests fold their cases
+# into small sizes (l still spans several chunks of the drawn chunk sizes). Declared gap: varlen.
+if importlib.util.find_spec("triton") is not None:
+    register("triton", lazy("triton_ssd", "ssd_scan"), step=lazy("triton_ssd", "ssd_state_update"), family="ssd",
+             gradients=True, case_limits=dict(b=2, l=24, h=2, p=6, n=6) if _interpreted else None)
+
 # transformers' Mamba-2 pure-PyTorch chunked SSD (impls/transformers_ssd_adapter.py), the CPU peer of
 # `chunked`. Registered on request only (importing impls.transformers_ssd_adapter registers it:
 # `pytest --ssd-impl impls.transformers_ssd_adapter --xfails-file equivalence/xfails/transformers_ssd.txt`;

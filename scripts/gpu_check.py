@@ -1,4 +1,4 @@
-"""GPU check of the Triton kernels (impls/triton_scan.py), for when a machine with a GPU is lent.
+"""GPU check of the Triton kernels (impls/triton_scan.py, impls/triton_ssd.py), for when a machine with a GPU is lent.
 Run it through scripts/gpu_check.sh:
 
     scripts/gpu_check.sh OUTPUT_DIR            # on a machine with a CUDA device
@@ -16,6 +16,15 @@ is recorded and the other phases still run); suite and big run side by side, ben
          events directly, median of 3) of the scan forward, forward + backward and the step:
          triton against parallel (when registered) and loop (recurrent for the step); the device
          copy bandwidth and the memory floor; a sweep of launch configurations.
+
+  ssd_big    the Mamba-2 SSD kernels (impls/triton_ssd.py) past 2^31 elements: forward and backward
+         on x of b·l·h·p = 2^31 + 2^17 elements, the step on a state of b·h·p·n > 2^31, each checked
+         against the same heads or rows computed on a compact copy.
+  ssd_bench  the SSD forward, forward + backward and step at mamba2-130m's (h=24) and mamba2-2.7b's
+         (h=80) layer shapes (p=64, n=128, g=1, chunk_size=256), l = 2048, 8192, 65536: triton
+         against chunked (the torch SSD, same GPU), the official mamba_chunk_scan_combined when
+         mamba_ssm imports (registered as mamba_ssm), and the memory floor, in ms, GB/s and TFLOP/s.
+         The SSD suite (values, invariants, gradients, step, test_triton_ssd.py) runs in the suite phase.
 
 Writes OUTPUT_DIR/gpu_check.json (complete or not at all) and prints a short table.
 Exit status: 0 every check passed; 1 a check failed, or a phase crashed or ran out of time (the
@@ -41,7 +50,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_CUDA = 0, 1, 2, 3
 
 SUITE_FILES = ["equivalence/test_values.py", "equivalence/test_invariants.py",
                "equivalence/test_gradients.py", "equivalence/test_triton.py"]
+SSD_SUITE_FILES = ["equivalence/test_ssd_values.py", "equivalence/test_ssd_invariants.py",
+                   "equivalence/test_ssd_gradients.py", "equivalence/test_ssd_step.py",
+                   "equivalence/test_triton_ssd.py"]
 SUITE_TIMEOUT_S, BIG_TIMEOUT_S, BENCH_TIMEOUT_S = 240, 240, 200
+SSD_BIG_TIMEOUT_S, SSD_BENCH_TIMEOUT_S = 240, 300
 
 MAIN_SIZE = dict(b=8, d=1536, n=16, l=8192)      # the size of the targets
 BENCH_SIZES = [MAIN_SIZE, dict(b=2, d=768, n=16, l=2048)]
@@ -52,7 +65,18 @@ FWD_CONFIGS = [(4, 1, 3), (8, 1, 3), (16, 1, 3), (16, 1, 1), (16, 2, 3), (32, 1,
 BWD_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2)]
 TARGET_SPEEDUP_VS_PARALLEL, TARGET_FLOOR_RATIO = 20.0, 2.0
 
+# the SSD grid: mamba2-130m and mamba2-2.7b layers (d_model 768 and 2560, expand 2, headdim 64,
+# d_state 128, one group), batch 1, chunk_size 256 (the official default)
+SSD_SHAPES = {"mamba2-130m": dict(h=24, p=64, n=128, g=1), "mamba2-2.7b": dict(h=80, p=64, n=128, g=1)}
+SSD_LENGTHS = [2048, 8192, 65536]
+SSD_CHUNK = 256
+SSD_STEP_BATCH = 64
+SMOKE_SSD_SHAPES = {"tiny": dict(h=2, p=4, n=4, g=1)}
+SMOKE_SSD_LENGTHS = [24]
+SMOKE_SSD_CHUNK = 8
+
 SMOKE_SUITE = ["equivalence/test_triton.py", "-k", "offset_helpers"]
+SMOKE_SSD_SUITE = ["equivalence/test_triton_ssd.py", "-k", "growth"]
 SMOKE_BENCH_SIZES = [dict(b=1, d=8, n=4, l=16)]
 SMOKE_STEP_SIZE = dict(b=2, d=8, n=4)
 SMOKE_FWD_CONFIGS, SMOKE_BWD_CONFIGS = [(4, 1, 1)], [(4, 1)]
@@ -72,7 +96,7 @@ def parse_args(argv):
                                        f"{EXIT_USAGE} usage error, {EXIT_NO_CUDA} no CUDA device (nothing written)")
     p.add_argument("output_dir", help=f"folder for {RESULT_NAME} (created if missing)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to test this script")
-    p.add_argument("--phase", choices=["big", "bench"], help=argparse.SUPPRESS)   # internal: one phase
+    p.add_argument("--phase", choices=["big", "bench", "ssd_big", "ssd_bench"], help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)
 
 
@@ -93,6 +117,31 @@ def backward_bytes(b, d, n, l, g=1, itemsize=4, param_itemsize=4):
 def step_bytes(b, d, n, itemsize=4):
     """The state read and written, x, dt, z, B, C read, y written."""
     return itemsize * (2 * b * d * n + 4 * b * d + 2 * b * n) + itemsize * (d * n + 2 * d)
+
+
+def ssd_forward_bytes(b, l, h, p, n, g=1, itemsize=4, has_z=True):
+    """Bytes the SSD forward must move at the least: x (and z) read, out written (b·l·h·p each),
+    B and C read (b·l·g·n each), dt read (b·l·h, in the input dtype), A, D, dt_bias once (float32)."""
+    return itemsize * ((3 if has_z else 2) * b * l * h * p + 2 * b * l * g * n + b * l * h) + 4 * 3 * h
+
+
+def ssd_backward_bytes(b, l, h, p, n, g=1, itemsize=4, has_z=True):
+    """Bytes the SSD backward must move at the least: x, z, d out, B, C, dt read; dx, dz, dB, dC,
+    d dt written; parameters and their gradients once."""
+    return itemsize * ((5 if has_z else 3) * b * l * h * p + 4 * b * l * g * n + 2 * b * l * h) + 4 * 6 * h
+
+
+def ssd_flops(b, l, h, p, n, chunk_size):
+    """Multiply-adds x 2 of the chunked algorithm's products: per token and head, the chunk state
+    (p n), the readout of the carried state (p n), and the causal half of the within-chunk C B^T
+    (Q n / 2) and of its product with dt x (Q p / 2), Q = min(chunk_size, l)."""
+    Q = min(chunk_size, l)
+    return 2 * b * l * h * (2 * p * n + Q * (n + p) / 2)
+
+
+def ssd_step_bytes(b, h, p, n, g=1, itemsize=4):
+    """The state read and written (b·h·p·n each), x, z read and y written, dt, B, C read."""
+    return 4 * 2 * b * h * p * n + itemsize * (3 * b * h * p + b * h + 2 * b * g * n) + 4 * 3 * h
 
 
 def pytest_summary(text):
@@ -154,6 +203,7 @@ def format_table(results):
     for name, best in (("forward", bench.get("best_fwd_config")), ("backward", bench.get("best_bwd_config"))):
         if best:
             out.append(f"  best {name} launch config: {best['config']} at {_fmt_ms(best['ms'])} ms")
+    out.extend(format_ssd_table(results))
     out.append(f"  {'PASSED' if results.get('ok') else 'FAILED'} in {results.get('duration_s', 0):.0f} s")
     return "\n".join(out)
 
@@ -429,6 +479,229 @@ def phase_bench(smoke):
     return out
 
 
+# ---- the SSD phases (impls/triton_ssd.py) -------------------------------------------------------
+
+def _compare_into(torch, results, name, big, small, elements):
+    """Record whether ``big`` (rows of a run past 2^31 elements) equals ``small`` (the same rows from
+    a compact copy) to within 1e-6 of its scale: a wrapped offset reads another row entirely."""
+    diff = (big.double() - small.double()).abs()
+    scale = float(small.double().abs().max()) or 1.0
+    max_diff = float(diff.max())
+    results[name] = dict(ok=bool(torch.isfinite(big).all()) and max_diff <= 1e-6 * scale,
+                         bitwise_equal=bool(torch.equal(big, small)), max_abs_diff=max_diff, elements=elements)
+
+
+def phase_ssd_big(smoke):
+    torch, impls, _, dev = _setup(smoke)
+    from impls import triton_ssd as tss
+    gen = torch.Generator(device=dev).manual_seed(0)
+    results = {}
+    # the scan: x and z of b·l·h·p = 2^31 + 2^16 bfloat16 elements; the last heads against a compact copy
+    b, l, h, p, n = (1, 40, 4, 4, 4) if smoke else (1, 2**20 + 32, 32, 64, 16)
+    chunk, ch = (8 if smoke else 256), 2
+    bf = torch.bfloat16
+    x = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=bf)
+    z = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=bf)
+    dt = (0.001 + 0.1 * torch.rand(b, l, h, device=dev, generator=gen)).to(bf)
+    A = -(1 + 15 * torch.rand(h, device=dev, generator=gen))
+    B = torch.randn(b, l, 1, n, device=dev, generator=gen, dtype=bf)
+    C = torch.randn(b, l, 1, n, device=dev, generator=gen, dtype=bf)
+    D = torch.ones(h, device=dev)
+    elements = b * l * h * p
+
+    def last_heads(t):
+        return t[:, :, h - ch:].contiguous()
+
+    with torch.no_grad():
+        out, final = tss.ssd_scan(x, dt, A, B, C, chunk, D, z, return_final_states=True)
+        small, small_final = tss.ssd_scan(last_heads(x), last_heads(dt), A[h - ch:], B, C, chunk, D[h - ch:],
+                                          last_heads(z), return_final_states=True)
+        _compare_into(torch, results, "ssd forward out", out[:, :, h - ch:], small, elements)
+        _compare_into(torch, results, "ssd forward final_states", final[:, h - ch:], small_final, elements)
+    del out, final, small, small_final
+    gy = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=bf)
+    leaves = [t.detach().requires_grad_() for t in (x, z)]
+    grads = torch.autograd.grad(tss.ssd_scan(leaves[0], dt, A, B, C, chunk, D, leaves[1]), leaves, gy)
+    del leaves
+    compact = [last_heads(t).requires_grad_() for t in (x, z)]
+    small_grads = torch.autograd.grad(tss.ssd_scan(compact[0], last_heads(dt), A[h - ch:], B, C, chunk, D[h - ch:],
+                                                   compact[1]), compact, last_heads(gy))
+    for name, big_g, small_g in zip(("dx", "dz"), grads, small_grads):
+        _compare_into(torch, results, f"ssd backward {name}", big_g[:, :, h - ch:], small_g, elements)
+    del grads, x, z, gy, B, C
+
+    # the step: a state of b·h·p·n = 2^31 + 2^21 float32 elements (mamba2-130m's layer, 10,924 rows)
+    sb, sh, sp, sn = (3, 2, 4, 4) if smoke else (10924, 24, 64, 128)
+    state = torch.randn(sb, sh, sp, sn, device=dev, generator=gen)
+    xs, zs = (torch.randn(sb, sh, sp, device=dev, generator=gen) for _ in range(2))
+    dts = torch.rand(sb, sh, device=dev, generator=gen)
+    Bs, Cs = (torch.randn(sb, 1, sn, device=dev, generator=gen) for _ in range(2))
+    As = -(1 + 15 * torch.rand(sh, device=dev, generator=gen))
+    Ds, bias = torch.ones(sh, device=dev), torch.zeros(sh, device=dev)
+    last_row = state[-1:].clone()
+    y = tss.ssd_state_update(state, xs, dts, As, Bs, Cs, Ds, zs, bias, True)
+    ys = tss.ssd_state_update(last_row, xs[-1:], dts[-1:], As, Bs[-1:], Cs[-1:], Ds, zs[-1:], bias, True)
+    _compare_into(torch, results, "ssd step y", y[-1:], ys, sb * sh * sp * sn)
+    _compare_into(torch, results, "ssd step state", state[-1:], last_row, sb * sh * sp * sn)
+    return dict(checks=results, ok=all(r["ok"] for r in results.values()))
+
+
+def _ssd_inputs(torch, dev, b, l, h, p, n, g, dtype, gen):
+    """Mamba-2's initialisation: A = -U(1, 16) per head, dt log-uniform in [1e-3, 0.1] through softplus."""
+    dtv = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * torch.rand(b, l, h, device=dev, generator=gen))
+    bias = 0.1 * torch.randn(h, device=dev, generator=gen)
+    return dict(x=torch.randn(b, l, h, p, device=dev, generator=gen).to(dtype),
+                dt=(torch.log(torch.expm1(dtv)) - bias).to(dtype),
+                A=-(1 + 15 * torch.rand(h, device=dev, generator=gen)),
+                B=torch.randn(b, l, g, n, device=dev, generator=gen).to(dtype),
+                C=torch.randn(b, l, g, n, device=dev, generator=gen).to(dtype),
+                D=torch.ones(h, device=dev), z=torch.randn(b, l, h, p, device=dev, generator=gen).to(dtype),
+                dt_bias=bias, dt_softplus=True)
+
+
+def phase_ssd_bench(smoke):
+    torch, impls, _, dev = _setup(smoke)
+    started = time.time()
+    measure = _timer(torch, smoke)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    ssd_names = impls.names(family="ssd")
+    names = [nm for nm in ("triton", "chunked", "mamba_ssm") if nm in ssd_names]
+    chunk = SMOKE_SSD_CHUNK if smoke else SSD_CHUNK
+    out = dict(names=names, rows=[], step=[], errors=[], methods={}, chunk_size=chunk, dtype="bfloat16",
+               notes=["backward = (forward + backward) - forward",
+                      "TFLOP/s: ssd_flops for the forward, 3x it for forward + backward, 2x for the backward",
+                      "GB/s: the memory floor's bytes (ssd_forward_bytes, ssd_backward_bytes) over the time"])
+
+    def timed(key, fn):
+        try:
+            ms, method = measure(fn)
+            out["methods"][method] = out["methods"].get(method, 0) + 1
+            return ms
+        except Exception as e:  # an out-of-memory peer, say: recorded, the rest goes on
+            out["errors"].append(f"{key}: {type(e).__name__}: {str(e)[:300]}")
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    numel = 2**18 if smoke else 2**28
+    src = torch.empty(numel, device=dev)
+    dst = torch.empty_like(src)
+    ms = timed("copy", lambda: dst.copy_(src))
+    bandwidth = 2 * 4 * numel / (ms * 1e-3) if ms else None
+    out["copy_bandwidth_gbs"] = bandwidth / 1e9 if bandwidth else None
+    del src, dst
+
+    dtype = torch.bfloat16
+    for shape_name, shape in (SMOKE_SSD_SHAPES if smoke else SSD_SHAPES).items():
+        h, p, n, g = shape["h"], shape["p"], shape["n"], shape["g"]
+        for l in (SMOKE_SSD_LENGTHS if smoke else SSD_LENGTHS):
+            if time.time() - started > SSD_BENCH_TIMEOUT_S - 40:
+                out["errors"].append(f"{shape_name} l={l} and later: not measured, time budget")
+                break
+            b = 1
+            x = _ssd_inputs(torch, dev, b, l, h, p, n, g, dtype, gen)
+            gy = torch.randn(b, l, h, p, device=dev, generator=gen).to(dtype)
+            flops = ssd_flops(b, l, h, p, n, chunk)
+            fbytes, bbytes = ssd_forward_bytes(b, l, h, p, n, g, 2), ssd_backward_bytes(b, l, h, p, n, g, 2)
+            rows = {op: dict(shape=shape_name, b=b, l=l, h=h, p=p, n=n, g=g, op=op, ms={}, bytes=nb, flops=fl)
+                    for op, nb, fl in (("forward", fbytes, flops), ("backward", bbytes, 2 * flops),
+                                       ("forward+backward", fbytes + bbytes, 3 * flops))}
+            for name in names:
+                with torch.no_grad():
+                    rows["forward"]["ms"][name] = timed(f"{name} forward {shape_name} l={l}",
+                                                        lambda: impls.ssd_scan(**x, chunk_size=chunk, impl=name))
+                if not impls.get(name, family="ssd").supports["gradients"]:
+                    continue
+                leaves = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+                wrt = [v for v in leaves.values() if isinstance(v, torch.Tensor)]
+
+                def fwd_bwd():
+                    torch.autograd.grad(impls.ssd_scan(**leaves, chunk_size=chunk, impl=name), wrt, gy)
+                fb = timed(f"{name} forward+backward {shape_name} l={l}", fwd_bwd)
+                rows["forward+backward"]["ms"][name] = fb
+                if fb is not None and rows["forward"]["ms"][name] is not None:
+                    rows["backward"]["ms"][name] = fb - rows["forward"]["ms"][name]
+                del leaves, wrt
+            for row in rows.values():
+                row["floor_ms"] = 1e3 * row["bytes"] / bandwidth if bandwidth else None
+                tri = row["ms"].get("triton")
+                row["triton_gbs"] = row["bytes"] / (tri * 1e-3) / 1e9 if tri else None
+                row["triton_tflops"] = row["flops"] / (tri * 1e-3) / 1e12 if tri else None
+                out["rows"].append(row)
+            del x, gy
+
+    # the step at each shape, a batch of SSD_STEP_BATCH sequences
+    step_names = [nm for nm in ("triton", "recurrent", "mamba_ssm") if nm in ssd_names and impls.get(nm, "ssd").step]
+    out["step_names"] = step_names
+    for shape_name, shape in (SMOKE_SSD_SHAPES if smoke else SSD_SHAPES).items():
+        h, p, n, g = shape["h"], shape["p"], shape["n"], shape["g"]
+        b = 2 if smoke else SSD_STEP_BATCH
+        x = _ssd_inputs(torch, dev, b, 1, h, p, n, g, dtype, gen)
+        state = torch.zeros(b, h, p, n, device=dev)
+        row = dict(shape=shape_name, b=b, h=h, p=p, n=n, g=g, op="step", ms={}, bytes=ssd_step_bytes(b, h, p, n, g, 2))
+        for nm in step_names:
+            args = (state, x["x"][:, 0], x["dt"][:, 0], x["A"], x["B"][:, 0], x["C"][:, 0], x["D"], x["z"][:, 0],
+                    x["dt_bias"], True)
+            row["ms"][nm] = timed(f"{nm} step {shape_name}", lambda: impls.ssd_state_update(*args, impl=nm))
+        row["floor_ms"] = 1e3 * row["bytes"] / bandwidth if bandwidth else None
+        out["step"].append(row)
+    out["ok"] = not any(e.startswith("triton") for e in out["errors"])
+    return out
+
+
+def ssd_targets(ssd_bench):
+    """Issue 17's targets for the SSD forward at mamba2-2.7b's layer, l = 8192: at least 20x faster
+    than chunked on the same GPU, and within 1.5x of the official kernel's time. Reported, not enforced."""
+    row = next((r for r in ssd_bench.get("rows", []) if r["op"] == "forward" and r["shape"] == "mamba2-2.7b"
+                and r["l"] == 8192), None)
+    ms = row["ms"] if row else {}
+    tri, chunked, official = ms.get("triton"), ms.get("chunked"), ms.get("mamba_ssm")
+    out = {}
+    out["ssd_forward_speedup_vs_chunked"] = (
+        dict(value=chunked / tri, target=20.0, met=chunked / tri >= 20.0) if tri and chunked
+        else dict(value=None, target=20.0, met=False, note="not measured"))
+    out["ssd_forward_over_official"] = (
+        dict(value=tri / official, target=1.5, met=tri / official <= 1.5) if tri and official
+        else dict(value=None, target=1.5, met=False, note="mamba_ssm not importable here" if tri else "not measured"))
+    return out
+
+
+def format_ssd_table(results):
+    """The SSD part of the printed table."""
+    out = []
+    big = results.get("ssd_big", {})
+    for k, r in big.get("checks", {}).items():
+        out.append(f"  past 2^31: {k:<24} {'ok  ' if r.get('ok') else 'FAIL'} {r.get('elements', '')} elements, "
+                   f"max |diff| {r.get('max_abs_diff', '?')}")
+    if big.get("error"):
+        out.append(f"  ssd past 2^31: FAIL {big['error']}")
+    bench = results.get("ssd_bench", {})
+    if bench.get("error"):
+        out.append(f"  ssd bench: FAIL {bench['error']}")
+    names = bench.get("names", [])
+    if bench.get("rows"):
+        out.append("")
+        out.append(f"  {'SSD scan, bfloat16 (ms, median)':<36}" + "".join(f"{nm:>11}" for nm in names)
+                   + f"{'floor':>9}{'GB/s':>9}{'TFLOP/s':>9}")
+        for row in bench["rows"]:
+            label = f"{row['shape']} l{row['l']} {row['op']}"
+            cells = "".join(f"{_fmt_ms(row['ms'].get(nm)):>11}" for nm in names)
+            rates = "".join(f"{(format(v, '.3g') if v else '-'):>9}" for v in (row.get("triton_gbs"), row.get("triton_tflops")))
+            out.append(f"  {label:<36}{cells}{_fmt_ms(row.get('floor_ms')):>9}{rates}")
+    step_names = bench.get("step_names", [])
+    for row in bench.get("step", []):
+        out.append(f"  {'step ' + row['shape'] + ' b' + str(row['b']):<36}"
+                   + "".join(f"{nm}={_fmt_ms(row['ms'].get(nm))} " for nm in step_names) + f"floor={_fmt_ms(row.get('floor_ms'))}")
+    for key, label, fmt in (("ssd_forward_speedup_vs_chunked", "SSD forward, chunked / triton", ">= {:g}x"),
+                            ("ssd_forward_over_official", "SSD forward, triton / official", "<= {:g}x")):
+        r = results.get("ssd_targets", {}).get(key, {})
+        if r.get("value") is not None:
+            out.append(f"  {label:<32} {r['value']:.2f}x  (target {fmt.format(r['target'])}: {'met' if r['met'] else 'not met'})")
+        elif r:
+            out.append(f"  {label:<32} -  ({r.get('note', 'not measured')})")
+    return out
+
+
 # ---- the driver ----------------------------------------------------------------------------------
 
 def _run_phase(phase, smoke, timeout):
@@ -452,10 +725,14 @@ def _run_phase(phase, smoke, timeout):
 
 def _run_suite(smoke):
     env = dict(os.environ, CI="true")
-    jobs = {"smoke": SMOKE_SUITE} if smoke else {f: [f] for f in SUITE_FILES}
+    if smoke:
+        jobs = {"smoke": ["--impl", "triton", *SMOKE_SUITE], "smoke_ssd": ["--ssd-impl", "triton", *SMOKE_SSD_SUITE]}
+    else:
+        jobs = {**{f: ["--impl", "triton", f] for f in SUITE_FILES},
+                **{f: ["--ssd-impl", "triton", f] for f in SSD_SUITE_FILES}}
 
     def one(args):
-        cmd = [sys.executable, "-m", "pytest", "--impl", "triton", "-q", "-p", "no:cacheprovider", *args]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
         t0 = time.time()
         try:
             run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUITE_TIMEOUT_S)
@@ -465,7 +742,7 @@ def _run_suite(smoke):
         return dict(ok=run.returncode == 0 and counts.get("passed", 0) > 0, returncode=run.returncode,
                     counts=counts, duration_s=time.time() - t0, output_tail=run.stdout[-3000:])
 
-    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(min(len(jobs), 5)) as pool:
         files = dict(zip(jobs, pool.map(one, jobs.values())))
     return dict(files=files, ok=all(r["ok"] for r in files.values()))
 
@@ -473,7 +750,7 @@ def _run_suite(smoke):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.phase:                                    # internal: one phase, in this process
-        result = (phase_big if args.phase == "big" else phase_bench)(args.smoke)
+        result = dict(big=phase_big, bench=phase_bench, ssd_big=phase_ssd_big, ssd_bench=phase_ssd_bench)[args.phase](args.smoke)
         with open(args.output_dir, "w") as f:         # here output_dir is the result file
             json.dump(result, f, default=str)
         return EXIT_OK
@@ -494,17 +771,23 @@ def main(argv=None):
                    triton=triton.__version__, python=sys.version.split()[0],
                    device="CPU (smoke)" if args.smoke else torch.cuda.get_device_name(0),
                    cuda=None if args.smoke else torch.version.cuda)
-    print(f"gpu_check: suite and big (2^31) phases, then bench; about {(max(SUITE_TIMEOUT_S, BIG_TIMEOUT_S) + BENCH_TIMEOUT_S) // 60} min at most",
+    print(f"gpu_check: suite and big (2^31) phases, then bench and ssd_bench; about "
+          f"{(max(SUITE_TIMEOUT_S, BIG_TIMEOUT_S, SSD_BIG_TIMEOUT_S) + BENCH_TIMEOUT_S + SSD_BENCH_TIMEOUT_S) // 60} min at most",
           flush=True)
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
         suite = pool.submit(_run_suite, args.smoke)
         big = pool.submit(_run_phase, "big", args.smoke, BIG_TIMEOUT_S)
+        ssd_big = pool.submit(_run_phase, "ssd_big", args.smoke, SSD_BIG_TIMEOUT_S)
         if args.smoke:  # nothing is measured in a smoke run: no need to keep the timings alone
             bench = pool.submit(_run_phase, "bench", args.smoke, BENCH_TIMEOUT_S)
-        results["suite"], results["big"] = suite.result(), big.result()
+            ssd_bench = pool.submit(_run_phase, "ssd_bench", args.smoke, SSD_BENCH_TIMEOUT_S)
+        results["suite"], results["big"], results["ssd_big"] = suite.result(), big.result(), ssd_big.result()
     results["bench"] = bench.result() if args.smoke else _run_phase("bench", args.smoke, BENCH_TIMEOUT_S)
+    results["ssd_bench"] = (ssd_bench.result() if args.smoke
+                            else _run_phase("ssd_bench", args.smoke, SSD_BENCH_TIMEOUT_S))
     results["targets"] = targets(results["bench"]) if results["bench"].get("scan") else {}
-    results["ok"] = all(results[k].get("ok") for k in ("suite", "big", "bench"))
+    results["ssd_targets"] = ssd_targets(results["ssd_bench"])
+    results["ok"] = all(results[k].get("ok") for k in ("suite", "big", "bench", "ssd_big", "ssd_bench"))
     results["duration_s"] = time.time() - started
     path = os.path.join(args.output_dir, RESULT_NAME)
     write_atomically(path, results)
