@@ -23,8 +23,8 @@ Traps avoided, each of which someone has fallen into:
     - The state pass runs sequentially in the compute dtype, so it is as exact as the loop (the
       official torch reference computes it through exp of chunk segment sums and warns that it is
       "much less numerically stable").
-    - Masked entries are set with torch.where, not multiplied by 0: a NaN or inf in a later token's
-      B, C or dt must not reach an earlier output. A non-finite x is the one input that the
+    - Masked entries are set by a select (torch.where, triu_), not multiplied by 0: a NaN or inf
+      in a later token's B, C or dt must not reach an earlier output. A non-finite x is the one input that the
       intra-chunk matmul would still smear over its chunk's earlier tokens (0 x inf is NaN), so
       where x has one, that matmul runs on x with non-finite entries zeroed and each output from
       the bad token on, in its channel, is made NaN, as the loop's is.
@@ -72,8 +72,8 @@ def _block(x, a, dt, B, C, state, T, saved=None):
     Cc = C.reshape(b, K, T, g, n).permute(0, 3, 1, 2, 4)
 
     # seg[j, i] = s(i, j) = a_{j+1} + ... + a_i for i > j, accumulated from zero; 0 for i <= j
-    later = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [j, i]: i > j
-    seg = torch.where(later, a[..., None, :], 0.0).cumsum_(-1)          # (b, h, K, T, T) [j, i]
+    # (a copy and triu_ select, 1.1x-4x faster than torch.where with a broadcast mask)
+    seg = a.new_empty(b, h, K, T, T).copy_(a[..., None, :].expand(b, h, K, T, T)).triu_(1).cumsum_(-1)
     # a decay below the smallest normal float is set to exactly 0 (exp(-inf)) rather than to a
     # subnormal: an error below 1.2e-38 per decay (float32), as the loop's own underflow, where
     # subnormals made exp and every product after it 3x slower here. NaN stays NaN.
@@ -87,7 +87,7 @@ def _block(x, a, dt, B, C, state, T, saved=None):
     BC = torch.matmul(Bc, Cc.transpose(-1, -2))[:, :, None]              # (b, g, 1, K, T, T) [j, i]
     L = seg.exp_()                                                       # exp(s(i, j)) where i >= j
     Mt = (L * dt[..., None] if saved is not None else L.mul_(dt[..., None])).view(b, g, hg, K, T, T)
-    Mt = Mt.mul_(BC).masked_fill_(later.T, 0.0).view(b, h, K, T, T)
+    Mt = Mt.mul_(BC).triu_().view(b, h, K, T, T)  # triu_ keeps i >= j (a select, 2x masked_fill's speed)
     X = x.reshape(b, K, T, h, p).permute(0, 3, 1, 2, 4)                  # (b, h, K, T, p)
     # a non-finite x makes the sum non-finite (a finite sum that overflows only takes the slow path)
     finite = bool(torch.isfinite(x.sum()))
@@ -136,7 +136,6 @@ def _block_backward(sv, gy, g_after):
     b, h, K, _, p = X.shape
     g, n = Bc.shape[1], Bc.shape[-1]
     hg, m = h // g, K * T
-    later = torch.ones(T, T, dtype=torch.bool, device=X.device).triu(1)  # [j, i]: i > j
     gy_g = gy.reshape(b, K, T, g, hg, p).permute(0, 3, 1, 2, 4, 5)      # (b, g, K, T, hg, p)
     E_g = E.view(b, g, hg, K, T).permute(0, 1, 3, 4, 2)[..., None]      # (b, g, K, T, hg, 1)
 
@@ -167,10 +166,10 @@ def _block_backward(sv, gy, g_after):
     # 1. y_diag = Mt^T X: gradients of x and Mt; Mt = BC L dt_j
     gy_h = gy.reshape(b, K, T, h, p).permute(0, 3, 1, 2, 4)              # (b, h, K, T, p)
     gX += torch.matmul(Mt, gy_h)
-    gMt = torch.matmul(X, gy_h.transpose(-1, -2)).masked_fill_(later.T, 0.0)  # [j, i] = x_j . gy_i
-    gML = (gMt * L).view(b, g, hg, K, T, T)                              # gMt L
-    gBC = (gML * dt.reshape(b, g, hg, K, T)[..., None]).sum(2)           # (b, g, K, T, T)
+    gMt = torch.matmul(X, gy_h.transpose(-1, -2)).triu_()               # [j, i] = x_j . gy_i, i >= j
+    gML = gMt.mul_(L).view(b, g, hg, K, T, T)                            # gMt L (in place: no new (T, T) buffers)
     R = (gML * BC).view(b, h, K, T, T)                                   # gMt L BC: d/dlog L, before dt_j
+    gBC = gML.mul_(dt.reshape(b, g, hg, K, T)[..., None]).sum(2)         # (b, g, K, T, T)
     gdt = R.sum(-1) + gw * L[..., -1]                                    # Mt and w are linear in dt_j
     gseg = R.mul_(dt[..., None])
     gseg[..., -1] += gw * w
@@ -178,8 +177,10 @@ def _block_backward(sv, gy, g_after):
     gC += torch.matmul(gBC.transpose(-1, -2), Bc)
 
     # a: s(i, j) sums a_r over j < r <= i; log E_i sums a_r over r <= i (total = E_{T-1})
-    after = gseg.flip(-1).cumsum(-1).flip(-1)                            # [j, r] = Σ_{i >= r} gseg[j, i]
-    ga = torch.where(later, after, 0.0).sum(-2)                          # Σ_{j < r}
+    # after[j, c] = Σ_{i >= r} gseg[j, i] with r = T-1-c (one flip of the (T, T) matrix, not two)
+    after = gseg.flip(-1).cumsum_(-1)
+    later_flipped = torch.ones(T, T, dtype=torch.bool, device=X.device).triu(1).flip(-1)  # [j, c]: r > j
+    ga = torch.where(later_flipped, after, 0.0).sum(-2).flip(-1)         # Σ_{j < r}
     gE = gE * E
     gE[..., -1] += gtotal.reshape(b, h, K) * E[..., -1]
     ga += gE.flip(-1).cumsum(-1).flip(-1)
