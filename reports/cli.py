@@ -75,6 +75,10 @@ def check(args):
             raise UsageError(str(e)) from None
         import impls
         names = runner.resolve_impls(args.impl) or list(impls.names())
+        other = [n for n in names if n not in impls.names()]
+        if other:   # e.g. an SSD (Mamba-2) name: the golden cases are selective_scan cases
+            raise UsageError(f"--impl {' '.join(other)}: the numeric check runs selective_scan (Mamba-1) "
+                             f"implementations only: {', '.join(impls.names())}")
         speed = None
         if data is not None:
             speed = speed_rows(baseline, data, args.threshold, args.alpha)

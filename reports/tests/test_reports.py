@@ -452,3 +452,23 @@ def test_check_tolerance_widens_to_the_baselines_own_run_to_run_spread():
     for now, status in ((2.85, "ok"), (3.4, "REGRESSION")):
         rows = speed_rows(baseline, frame([now]), threshold=0.2)
         assert rows["status"].tolist() == [status] and rows["tolerance"].iloc[0] == pytest.approx(0.3, rel=0.01)
+
+
+def _raising_scan(*args, **kwargs):
+    raise RuntimeError("boom")
+
+
+def test_check_a_raising_kernel_is_a_numeric_failure_not_a_traceback(baseline, capsys):
+    name = "check:raising"
+    if name not in impls.names():
+        impls.register(name, _raising_scan)
+    assert cli.main(["check", "--baseline", str(baseline), "--impl", name]) == 1
+    out = capsys.readouterr().out
+    assert "outside the tolerance policy" in out and "RuntimeError: boom" in out
+
+
+def test_check_an_ssd_name_is_a_usage_error(baseline, capsys):
+    ssd = "chunked"   # an SSD (Mamba-2) name only
+    assert ssd in impls.names(family="ssd") and ssd not in impls.names()
+    assert cli.main(["check", "--baseline", str(baseline), "--impl", ssd]) == 2
+    _one_line_error(capsys, "scanbench check: error:", ssd, "selective_scan")
