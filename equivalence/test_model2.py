@@ -459,3 +459,127 @@ def test_checkpoint_checked_before_building(tmp_path, monkeypatch):
     os.remove(cfg_path)
     with pytest.raises(FileNotFoundError):
         Mamba2LM.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------- a newcomer's findings
+
+def test_save_pretrained_options_are_keyword_only(tmp_path):
+    """m.save_pretrained("out", "transformers") once meant layout here and safe_serialization in MambaLM."""
+    model, _, _ = Case(n_layer=1).build()
+    with pytest.raises(TypeError):
+        model.save_pretrained(tmp_path, "transformers")
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path, layout="transformers", safe_serialization=False)
+    assert not os.listdir(tmp_path)   # nothing written by a refused call
+    model.save_pretrained(tmp_path / "hf", layout="transformers")
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    model.save_pretrained(tmp_path / "official")   # the official format by default, as MambaLM's
+    assert sorted(os.listdir(tmp_path / "official")) == ["config.json", "pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("extra, named", [
+    # nheads = 2 * d_model / headdim follows: 2 * 64 / 8 = 16 and 2 * 64 / 4 = 32 against 2 * 16 / 8 = 4
+    ({"d_model": 64}, ["d_model: 64 (official fields) against 16", "nheads: 16 (official fields) against 4"]),
+    ({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "headdim": 4}},
+     ["d_model: 64 (official fields) against 16", "headdim: 4 (official fields) against 8",
+      "nheads: 32 (official fields) against 4"]),
+    ({"ssm_cfg": {"layer": "Mamba2", "chunk_size": 4}}, ["chunk_size: 4 (official fields) against 8"]),
+], ids=["d_model", "d_model-and-headdim", "chunk_size"])
+def test_official_and_transformers_fields_that_disagree_are_refused(tmp_path, monkeypatch, extra, named):
+    """A transformers config.json with official fields beside it: both must describe the same model,
+    as for Mamba-1 (impls.model.config_from_dict); each disagreement is named."""
+    model, _, _ = Case(n_layer=1).build()
+    model.save_pretrained(tmp_path, layout="transformers")
+    cfg_path = tmp_path / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**hf, **extra}))
+    with monkeypatch.context() as mp:
+        _never_built(mp)
+        with pytest.raises(ValueError, match="disagree") as info:
+            Mamba2LM.from_pretrained(tmp_path)
+    for words in named:
+        assert words in str(info.value)
+    assert str(info.value).count("against") == len(named)
+
+
+def test_official_and_transformers_fields_in_agreement_are_read(tmp_path):
+    model, _, ids = Case(n_layer=1).build()
+    model.save_pretrained(tmp_path, layout="transformers")
+    cfg_path = tmp_path / "config.json"
+    hf = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**hf, "d_model": 16, "n_layer": 1,
+                                    "ssm_cfg": {"layer": "Mamba2", "headdim": 8, "chunk_size": 8}}))
+    loaded = Mamba2LM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, impl="loop"), model(ids, impl="loop"))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("d_model", 32.9), ("n_layer", "2"), ("vocab_size", 40.0), ("n_layer", True),
+    ("ssm_cfg.chunk_size", 2.5), ("ssm_cfg.headdim", "8"), ("ssm_cfg.d_state", 8.0),
+])
+def test_sizes_must_be_integers(tmp_path, field, value):
+    """config.json sizes are not truncated: 2.5 once loaded as chunk_size 2, "2" as n_layer 2."""
+    model, _, _ = Case(n_layer=1).build()
+    model.save_pretrained(tmp_path)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if field.startswith("ssm_cfg."):
+        cfg["ssm_cfg"][field.split(".")[1]] = value
+    else:
+        cfg[field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"{field} must be an integer"):
+        Mamba2LM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("hf_field, official", [("hidden_size", "d_model"), ("chunk_size", "ssm_cfg.chunk_size")])
+def test_transformers_sizes_must_be_integers(tmp_path, hf_field, official):
+    model, _, _ = Case(n_layer=1).build()
+    model.save_pretrained(tmp_path, layout="transformers")
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, hf_field: cfg[hf_field] + 0.5}))
+    with pytest.raises(ValueError, match=f"{official} must be an integer"):
+        Mamba2LM.from_pretrained(tmp_path)
+
+
+def test_generate_with_a_scan_only_impl_asks_for_step_impl():
+    """impl is the step implementation too unless step_impl is given (README): an impl without a
+    step is an error naming step_impl, not a silent switch to another implementation."""
+    model, _, ids = Case(n_layer=1, l=5).build()
+    with pytest.raises(NotImplementedError, match=r"generate: impl 'chunked' has no step.*pass step_impl=\.\.\."):
+        model.generate(ids, 2, impl="chunked")
+    got = model.generate(ids, 2, impl="chunked", step_impl="recurrent")
+    assert torch.equal(got, model.generate(ids, 2, mode="reforward", impl="chunked"))
+    assert torch.equal(model.generate(ids, 2, mode="reforward", impl="chunked"),
+                       model.generate(ids, 2, mode="reforward", impl="loop"))
+
+
+def test_a_mamba1_transformers_folder_is_named(tmp_path):
+    from impls.model import MambaConfig, MambaLM
+    MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=40)).save_pretrained(tmp_path, layout="transformers")
+    with pytest.raises(ValueError, match="model_type 'mamba': a Mamba-1 checkpoint"):
+        Mamba2LM.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
+    model, _, _ = Case(n_layer=1).build()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
+        Mamba2LM.from_pretrained(tmp_path, dtype="float16")
+    assert Mamba2LM.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        Mamba2LM.from_pretrained(tmp_path)
+
+
+def test_attention_mask_errors_name_the_method():
+    model, _, _ = Case(n_layer=1).build()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for method, call in [("generate", lambda m: model.generate(ids, 1, attention_mask=m)),
+                         ("forward", lambda m: model(ids, attention_mask=m)),
+                         ("prefill", lambda m: model.prefill(ids, attention_mask=m))]:
+        with pytest.raises(ValueError, match=f"^{method}: attention_mask: only left padding"):
+            call(torch.tensor([[1, 0, 1]]))

@@ -455,3 +455,60 @@ def test_eos_stops_as_in_transformers(tmp_path):
     stop = 4 + free[0, 4:].tolist().index(eos) + 1
     single = ours.generate(ids[:1], 10, eos_token_id=eos)   # its only row finishes: the output is shorter
     assert torch.equal(single, free[:1, :stop]) and stop < 14
+
+
+# ---------------------------------------------------------------------------- a newcomer's findings
+
+def test_save_pretrained_options_are_keyword_only(tmp_path):
+    """save_pretrained(folder, "transformers") once wrote the official layout here (the second
+    argument was safe_serialization, and in Mamba2LM layout): now a TypeError in both."""
+    with pytest.raises(TypeError):
+        _tiny().save_pretrained(tmp_path, "transformers")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("d_model", 32.9), ("n_layer", "2"), ("vocab_size", 45.0), ("n_layer", True), ("pad_vocab_size_multiple", 8.5),
+    ("ssm_cfg.d_state", 2.5), ("ssm_cfg.d_conv", "4"), ("ssm_cfg.dt_rank", 1.5),
+])
+def test_sizes_must_be_integers(field, value):
+    """Sizes are not truncated: d_model 32.9 once built a 32-wide model, n_layer "2" two layers."""
+    cfg = {"d_model": 16, "n_layer": 2, "vocab_size": 45, "ssm_cfg": {}}
+    if field.startswith("ssm_cfg."):
+        cfg["ssm_cfg"][field.split(".")[1]] = value
+    else:
+        cfg[field] = value
+    with pytest.raises(ValueError, match=f"{field} must be an integer"):
+        config_from_dict(cfg)
+
+
+@pytest.mark.parametrize("hf_field, official", [("hidden_size", "d_model"), ("state_size", "ssm_cfg.d_state"),
+                                                ("num_hidden_layers", "n_layer")])
+def test_transformers_sizes_must_be_integers(hf_field, official):
+    cfg = {"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 48, "state_size": 8}
+    with pytest.raises(ValueError, match=f"{official} must be an integer"):
+        config_from_dict({**cfg, hf_field: cfg[hf_field] + 0.5})
+
+
+def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
+    model = _tiny()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
+        MambaLM.from_pretrained(tmp_path, dtype="float16")
+    assert MambaLM.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        MambaLM.from_pretrained(tmp_path)
+
+
+def test_attention_mask_errors_name_the_method():
+    model = _tiny()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    for method, call in [("generate", lambda m: model.generate(ids, 1, attention_mask=m)),
+                         ("forward", lambda m: model(ids, attention_mask=m)),
+                         ("prefill", lambda m: model.prefill(ids, attention_mask=m))]:
+        with pytest.raises(ValueError, match=f"^{method}: attention_mask: only left padding"):
+            call(torch.tensor([[1, 0, 1]]))
+        with pytest.raises(TypeError, match=f"^{method}: attention_mask: expected a tensor"):
+            call([[1, 1, 1]])

@@ -70,6 +70,9 @@ BAD_STEPS = {
     "D-shape": (dict(D=torch.randn(3, 4)), ValueError, ["D", "(h=4, p=3)"]),
     "dt_limit": (dict(dt_limit=(1.0, 0.0)), ValueError, ["dt_limit", "lo <= hi"]),
     "tied-A-n": (dict(A=-torch.ones(4, 3, 5)), ValueError, ["A", "n=6"]),
+    # x's p (2) against the state's (3): either may be wrong, so both are named, x with its shape
+    "x-p-against-state": (dict(x=torch.randn(2, 4, 2), z=None), ValueError,
+                          ["state", "p=2", "x of shape (2, 4, 2)", "x is not", "(2, 4, 3, 6)"]),
 }
 
 

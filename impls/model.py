@@ -83,6 +83,14 @@ SSM_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001
                     use_fast_path=True)
 
 
+def check_int(where, name, value):
+    """value if it is an int (bool excluded: True is no size); ValueError naming the field otherwise.
+    config.json sizes are read as given: 2.5 or "2" is refused, not truncated to 2."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where}: {name} must be an integer, got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
 class MambaConfig:
     """The fields of an official Mamba ``config.json`` (mamba_ssm.models.config_mamba.MambaConfig),
     with the official defaults except for the sizes d_model, n_layer and vocab_size, which must be
@@ -107,17 +115,17 @@ class MambaConfig:
                 hint = (" (these fields are transformers' MambaConfig: read such a dict with "
                         "impls.model.config_from_dict, or the folder with MambaLM.from_pretrained)")
             raise ValueError(f"MambaConfig: missing size field(s) {', '.join(missing)}{hint}")
-        self.d_model = int(d_model)
-        self.d_intermediate = int(d_intermediate)
-        self.n_layer = int(n_layer)
-        self.vocab_size = int(vocab_size)
+        self.d_model = check_int("MambaConfig", "d_model", d_model)
+        self.d_intermediate = check_int("MambaConfig", "d_intermediate", d_intermediate)
+        self.n_layer = check_int("MambaConfig", "n_layer", n_layer)
+        self.vocab_size = check_int("MambaConfig", "vocab_size", vocab_size)
         self.ssm_cfg = dict(ssm_cfg or {})
         self.attn_layer_idx = list(attn_layer_idx or [])
         self.attn_cfg = dict(attn_cfg or {})
         self.rms_norm = bool(rms_norm)
         self.residual_in_fp32 = bool(residual_in_fp32)
         self.fused_add_norm = bool(fused_add_norm)
-        self.pad_vocab_size_multiple = int(pad_vocab_size_multiple)
+        self.pad_vocab_size_multiple = check_int("MambaConfig", "pad_vocab_size_multiple", pad_vocab_size_multiple)
         self.tie_embeddings = bool(tie_embeddings)
         self.norm_epsilon = float(norm_epsilon)
         self.extra = dict(extra)  # fields this code does not know: kept, written back, otherwise ignored
@@ -139,9 +147,12 @@ class MambaConfig:
                              f"got {self.d_model}, {self.n_layer}, {self.vocab_size}, {self.pad_vocab_size_multiple}")
 
         s = {**SSM_DEFAULTS, **self.ssm_cfg}
-        self.d_state, self.d_conv, self.expand = int(s["d_state"]), int(s["d_conv"]), s["expand"]
+        self.d_state = check_int("MambaConfig", "ssm_cfg.d_state", s["d_state"])
+        self.d_conv = check_int("MambaConfig", "ssm_cfg.d_conv", s["d_conv"])
+        self.expand = s["expand"]
         self.d_inner = int(self.expand * self.d_model)
-        self.dt_rank = math.ceil(self.d_model / 16) if s["dt_rank"] == "auto" else int(s["dt_rank"])
+        self.dt_rank = (math.ceil(self.d_model / 16) if s["dt_rank"] == "auto"
+                        else check_int("MambaConfig", "ssm_cfg.dt_rank", s["dt_rank"]))
         self.dt_min, self.dt_max, self.dt_init = float(s["dt_min"]), float(s["dt_max"]), s["dt_init"]
         self.dt_scale, self.dt_init_floor = float(s["dt_scale"]), float(s["dt_init_floor"])
         self.conv_bias, self.bias = bool(s["conv_bias"]), bool(s["bias"])
@@ -433,6 +444,16 @@ def read_config(folder):
         return config_from_dict(json.load(f))
 
 
+def check_dtype_arg(where, dtype):
+    """from_pretrained's dtype: None or a torch.dtype (a string such as "float16" is refused, not guessed)."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{where}: dtype: expected a torch.dtype (e.g. torch.float16) or None, got {dtype!r}")
+
+
+def _safetensors_error(path, e):
+    return ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})")
+
+
 def weight_files(folder):
     """The weight files of a folder, in the order they are preferred: model.safetensors, the shards of
     model.safetensors.index.json, or pytorch_model.bin. FileNotFoundError if none."""
@@ -458,8 +479,13 @@ def stored_shapes(files):
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
-            with safe_open(path, framework="pt") as f:
-                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            from safetensors import SafetensorError
+
+            try:
+                with safe_open(path, framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except SafetensorError as e:
+                raise _safetensors_error(path, e) from e
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             shapes.update({k: tuple(v.shape) for k, v in state.items()})
@@ -471,9 +497,13 @@ def load_weights(files):
     state = {}
     for path in files:
         if path.endswith(".safetensors"):
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            state.update(load_file(path))
+            try:
+                state.update(load_file(path))
+            except SafetensorError as e:
+                raise _safetensors_error(path, e) from e
         else:
             state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     return state
@@ -842,26 +872,27 @@ class Backbone(nn.Module):
                        else nn.LayerNorm(config.d_model, eps=config.norm_epsilon))
 
 
-def _check_mask(attention_mask, input_ids):
+def _check_mask(attention_mask, input_ids, where):
     """attention_mask: (b, l) of exactly 0 and 1, in any dtype (0.5 is refused, not rounded), with every
-    row 0...0 1...1 (left padding, at least one real token). Returns it as int64, or None if all ones."""
+    row 0...0 1...1 (left padding, at least one real token). Returns it as int64, or None if all ones.
+    Errors start with ``where`` (the calling method: "generate", "forward", "prefill")."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask: expected a tensor, got {type(attention_mask).__name__}")
+        raise TypeError(f"{where}: attention_mask: expected a tensor, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), "
+        raise ValueError(f"{where}: attention_mask: expected shape {tuple(input_ids.shape)} (that of input_ids), "
                          f"got {tuple(attention_mask.shape)}")
     if not ((attention_mask == 0) | (attention_mask == 1)).all():
         bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)]
-        raise ValueError(f"attention_mask: expected only 0 (padding) and 1 (real token), got values such as "
+        raise ValueError(f"{where}: attention_mask: expected only 0 (padding) and 1 (real token), got values such as "
                          f"{bad[:4].tolist()}")
     m = attention_mask.to(torch.long)
     if m.shape[1] and not (m[:, 1:] >= m[:, :-1]).all():
-        raise ValueError("attention_mask: only left padding is supported (every row 0...0 1...1); "
+        raise ValueError(f"{where}: attention_mask: only left padding is supported (every row 0...0 1...1); "
                          "pad prompts of different lengths on the left")
     if m.shape[1] and not m[:, -1].all():
-        raise ValueError("attention_mask: every row needs at least one real token")
+        raise ValueError(f"{where}: attention_mask: every row needs at least one real token")
     return None if m.all() else m
 
 
@@ -1065,7 +1096,7 @@ class MambaLM(nn.Module):
             TypeError for ids that are not integers
         """
         _check_ids(input_ids, "forward", self.config.padded_vocab_size)
-        return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids), num_last_tokens)
+        return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
 
     def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
         h = self.backbone.embedding(input_ids)                       # (b, l, m)
@@ -1110,7 +1141,7 @@ class MambaLM(nn.Module):
             (logits of the last position (b, v), InferenceCache ready for ``step``)
         """
         _check_ids(input_ids, "prefill", self.config.padded_vocab_size)
-        mask = _check_mask(attention_mask, input_ids)
+        mask = _check_mask(attention_mask, input_ids, "prefill")
         cache = self.new_cache(input_ids.shape[0])
         logits = self._forward(input_ids, impl, mask, num_last_tokens=1, cache=cache)
         return logits[:, -1], cache
@@ -1226,7 +1257,7 @@ class MambaLM(nn.Module):
         eos, pad = _check_sampling(self.config.padded_vocab_size, do_sample, temperature, top_k, top_p,
                                    generator, eos_token_id, pad_token_id)
         b, l = input_ids.shape
-        mask = _check_mask(attention_mask, input_ids)
+        mask = _check_mask(attention_mask, input_ids, "generate")
         if mode == "recurrent":
             step_impl = impl if step_impl is None else step_impl
             _check_step_impl(STEP_DEFAULT if step_impl is None else step_impl)
@@ -1279,7 +1310,7 @@ class MambaLM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_pretrained(self, folder, safe_serialization=None, layout="official"):
+    def save_pretrained(self, folder, *, layout="official", safe_serialization=None):
         """Write a checkpoint folder in ``layout``:
 
         "official": ``config.json`` (the official fields, then the unknown ones kept from loading) and
@@ -1290,6 +1321,8 @@ class MambaLM(nn.Module):
             unless safe_serialization=False: a folder transformers' MambaForCausalLM.from_pretrained loads.
 
         safetensors stores no shared tensors, so a tied lm_head.weight is left out of it.
+        layout and safe_serialization are keyword-only (as in Mamba2LM.save_pretrained): a positional
+        second argument is a TypeError, never silently taken for the other one.
         Raises ValueError for an unknown layout, or a model transformers cannot express (LayerNorm).
         """
         if layout not in LAYOUTS:
@@ -1331,9 +1364,11 @@ class MambaLM(nn.Module):
             folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
         Raises:
             FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a config
-            in neither layout, a missing size field, or a shape the config does not imply; KeyError on
-            missing or unexpected parameter names.
+            in neither layout, a missing size field, a size that is not an integer, a weight file that
+            cannot be read (named), or a shape the config does not imply; KeyError on missing or
+            unexpected parameter names; TypeError for a dtype that is not a torch.dtype.
         """
+        check_dtype_arg("from_pretrained", dtype)
         config, layout = read_config(folder)
         files = weight_files(folder)
         shapes = stored_shapes(files)

@@ -50,7 +50,8 @@ import impls
 from .frontdoor import compute_dtype
 # Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/model.py).
 from .model import (RMSNorm, ResidualStream, _check_count, _check_ids, _check_mask, _check_sampling,
-                    _transposed_storage, load_weights, sampling_scores, stored_shapes, weight_files)
+                    _transposed_storage, check_dtype_arg, check_int, config_layout, layout_markers, load_weights,
+                    sampling_scores, stored_shapes, weight_files)
 
 STEP_DEFAULT = impls.ssd_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
@@ -96,8 +97,8 @@ class Mamba2Config:
     d_inner (d), nheads (h), conv_dim (c), padded_vocab_size (v).
 
     Raises:
-        ValueError: a size below 1, d_inner not a multiple of headdim, nheads not a multiple of
-            ngroups, a dt_limit that is not a pair lo <= hi, an A_init_range not 0 < lo <= hi, an
+        ValueError: a size that is not an int (bool, float or string: the field named), a size below 1,
+            d_inner not a multiple of headdim, nheads not a multiple of ngroups, a dt_limit that is not a pair lo <= hi, an A_init_range not 0 < lo <= hi, an
             unknown ssm_cfg key;
         NotImplementedError: a Mamba-1 layer, attention layers, MLP layers (d_intermediate), d_ssm.
     """
@@ -109,18 +110,20 @@ class Mamba2Config:
     def __init__(self, d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
                  attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                  pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5):
-        self.d_model, self.d_intermediate, self.n_layer = int(d_model), int(d_intermediate), int(n_layer)
-        self.vocab_size = int(vocab_size)
+        where = "Mamba2Config"
+        # sizes as given: 2.5 or "2" in a config.json is refused, not truncated (check_int)
+        self.d_model, self.n_layer = check_int(where, "d_model", d_model), check_int(where, "n_layer", n_layer)
+        self.d_intermediate = check_int(where, "d_intermediate", d_intermediate)
+        self.vocab_size = check_int(where, "vocab_size", vocab_size)
         # tuples as lists, as config.json gives them back, so a saved config loads equal
         self.ssm_cfg = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v
                                               for k, v in dict(ssm_cfg or {}).items()}}
         self.attn_layer_idx, self.attn_cfg = list(attn_layer_idx or []), dict(attn_cfg or {})
         self.rms_norm, self.residual_in_fp32 = bool(rms_norm), bool(residual_in_fp32)
         self.fused_add_norm = bool(fused_add_norm)
-        self.pad_vocab_size_multiple = int(pad_vocab_size_multiple)
+        self.pad_vocab_size_multiple = check_int(where, "pad_vocab_size_multiple", pad_vocab_size_multiple)
         self.tie_embeddings, self.norm_epsilon = bool(tie_embeddings), float(norm_epsilon)
 
-        where = "Mamba2Config"
         if self.ssm_cfg["layer"] != "Mamba2":
             raise NotImplementedError(f"{where}: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: this is the Mamba-2 "
                                       f"model (impls/model.py's MambaLM is the Mamba-1 one)")
@@ -134,8 +137,9 @@ class Mamba2Config:
         if s["d_ssm"] is not None and s["d_ssm"] != s["expand"] * self.d_model:
             raise NotImplementedError(f"{where}: ssm_cfg.d_ssm = {s['d_ssm']}: a gated-MLP part beside the SSM is "
                                       f"not implemented")
-        self.d_state, self.d_conv, self.expand = int(s["d_state"]), int(s["d_conv"]), s["expand"]
-        self.headdim, self.ngroups, self.chunk_size = int(s["headdim"]), int(s["ngroups"]), int(s["chunk_size"])
+        self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = (
+            check_int(where, f"ssm_cfg.{k}", s[k]) for k in ("d_state", "d_conv", "headdim", "ngroups", "chunk_size"))
+        self.expand = s["expand"]
         self.d_ssm, self.conv_init = s["d_ssm"], s["conv_init"]
         self.A_init_range = tuple(float(a) for a in s["A_init_range"])
         self.D_has_hdim, self.rmsnorm = bool(s["D_has_hdim"]), bool(s["rmsnorm"])
@@ -568,7 +572,7 @@ class Mamba2LM(nn.Module):
             ValueError: input_ids not (b, l >= 1); a mask that is not 0/1 left padding
         """
         _check_ids(input_ids, "forward", self.config.padded_vocab_size)
-        return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids), num_last_tokens)
+        return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
 
     def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
         h = self.backbone.embedding(input_ids)                        # (b, l, m)
@@ -612,7 +616,7 @@ class Mamba2LM(nn.Module):
             (logits of the last position (b, v), InferenceCache ready for ``step``)
         """
         _check_ids(input_ids, "prefill", self.config.padded_vocab_size)
-        mask = _check_mask(attention_mask, input_ids)
+        mask = _check_mask(attention_mask, input_ids, "prefill")
         cache = self.new_cache(input_ids.shape[0])
         logits = self._forward(input_ids, impl, mask, num_last_tokens=1, cache=cache)
         return logits[:, -1], cache
@@ -687,7 +691,9 @@ class Mamba2LM(nn.Module):
                   "recurrent" runs ``prefill`` (one ssd_scan per layer) then one ``step`` per token
             impl: the SSD implementation for the scan (None: ssd_scan's default), and for the step
                   unless step_impl is given
-            step_impl: the step implementation in "recurrent" mode (None: impl, or ssd_state_update's default)
+            step_impl: the step implementation in "recurrent" mode (None: impl, or ssd_state_update's default
+                  when impl is None too); an impl without a step function (chunked, ...) is not replaced by
+                  another silently: NotImplementedError asking for step_impl
             attention_mask: (b, l) of exactly 0 and 1, 1 real / 0 left padding; None when all are real
             return_logits: also return the logits each new token was chosen from
             do_sample, temperature, top_k, top_p, generator: sampling (greedy unless do_sample)
@@ -704,9 +710,15 @@ class Mamba2LM(nn.Module):
         T = _check_count(max_new_tokens, "generate: max_new_tokens")
         eos, pad = _check_sampling(self.config.padded_vocab_size, do_sample, temperature, top_k, top_p, generator,
                                    eos_token_id, pad_token_id)
-        mask = _check_mask(attention_mask, input_ids)
+        mask = _check_mask(attention_mask, input_ids, "generate")
         b, l = input_ids.shape
         V = self.config.vocab_size
+        if mode == "recurrent" and step_impl is None and impl is not None:
+            if impls.get(impl, family="ssd").step is None:   # unknown names raise ValueError here
+                raise NotImplementedError(
+                    f"generate: impl {impl!r} has no step function, and mode='recurrent' steps with impl unless "
+                    f"step_impl is given: pass step_impl=... (one of "
+                    f"{', '.join(n for n in impls.names('ssd') if impls.get(n, 'ssd').step)})")
         step_impl = impl if step_impl is None else step_impl
         if mode == "recurrent":
             _check_ssd_step_impl(step_impl)
@@ -747,26 +759,35 @@ class Mamba2LM(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_pretrained(self, folder, layout="official", safe_serialization=False):
+    def save_pretrained(self, folder, *, layout="official", safe_serialization=None):
         """Write ``config.json`` and the weights in ``layout``:
 
             "official"      the official config and names; pytorch_model.bin (torch.save of the state dict,
-                            lm_head.weight included) or, with safe_serialization, model.safetensors (the
+                            lm_head.weight included) or, with safe_serialization=True, model.safetensors (the
                             tied lm_head.weight left out: safetensors stores no shared tensors)
             "transformers"  transformers' Mamba2Config fields and Mamba2ForCausalLM names (LAYOUT), in
                             model.safetensors, as its save_pretrained writes them
 
+        layout and safe_serialization are keyword-only, with the defaults of MambaLM.save_pretrained
+        (safe_serialization None: each layout's own format), so a positional second argument is a
+        TypeError rather than silently read as the other one.
+
         Raises:
-            ValueError: an unknown layout; a config transformers cannot represent (to_transformers_dict).
+            ValueError: an unknown layout; safe_serialization=False with layout="transformers" (its
+                layout is safetensors only here); a config transformers cannot represent (to_transformers_dict).
         """
         if layout not in ("official", "transformers"):
             raise ValueError(f"save_pretrained: layout: expected 'official' or 'transformers', got {layout!r}")
+        if layout == "transformers" and safe_serialization is False:
+            raise ValueError("save_pretrained: layout='transformers' is written as model.safetensors only; "
+                             "pass safe_serialization=None or True")
         cfg = self.config.to_dict() if layout == "official" else self.config.to_transformers_dict()
         os.makedirs(folder, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if layout == "transformers":
             state = {LAYOUT["weights"].get(k, k): v for k, v in state.items()}
             safe_serialization = True
+        safe_serialization = bool(safe_serialization)
         with open(os.path.join(folder, CONFIG_NAME), "w") as f:
             json.dump(cfg, f, indent=2)
         if safe_serialization:
@@ -789,9 +810,13 @@ class Mamba2LM(nn.Module):
             folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
         Raises:
             FileNotFoundError: no config.json, or neither model.safetensors nor pytorch_model.bin;
-            ValueError: a config in neither layout or missing size fields, or weights whose names or
-                shapes do not match the config (all listed, with the layout named).
+            ValueError: a config in neither layout or missing size fields, a Mamba-1 config, official and
+                transformers fields that disagree (each named), a size that is not an int, a weight file
+                that cannot be read (named), or weights whose names or shapes do not match the config
+                (all listed, with the layout named);
+            TypeError: a dtype that is not a torch.dtype (strings such as "float16" are not guessed).
         """
+        check_dtype_arg(f"from_pretrained({folder!r})", dtype)
         config, layout = read_config(folder)
         files = weight_files(folder)
         state_shapes = stored_shapes(files)
@@ -828,9 +853,18 @@ def read_config(folder):
         raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
     with open(path) as f:
         cfg = json.load(f)
-    if cfg.get("model_type") == "mamba2" or "hidden_size" in cfg:
+    if cfg.get("model_type") == "mamba":
+        raise ValueError(f"from_pretrained({folder!r}): model_type 'mamba': a Mamba-1 checkpoint in transformers' "
+                         f"layout (load it with impls.model.MambaLM)")
+    try:   # another model_type is another model, whatever fields it shares
+        layout = config_layout(cfg, MARKERS, REQUIRED) if cfg.get("model_type", "mamba2") == "mamba2" else None
+    except ValueError:
+        layout = None
+    if layout == "both":
+        return _read_both(cfg, folder), "transformers"
+    if layout == "transformers":
         return Mamba2Config.from_transformers_dict(cfg), "transformers"
-    if "d_model" in cfg or "ssm_cfg" in cfg:
+    if layout == "official":
         missing = [k for k in REQUIRED["official"] if k not in cfg]
         if missing:
             raise ValueError(f"from_pretrained({folder!r}): official-layout config missing size fields {missing}")
@@ -847,6 +881,35 @@ def read_config(folder):
                      f"{list(REQUIRED['official'])} (with ssm_cfg.layer 'Mamba2') or transformers' Mamba2 fields "
                      f"{list(REQUIRED['transformers'])}"
                      + (f"; its model_type is {model_type!r}" if model_type else ""))
+
+
+# The top-level fields found in one layout's config.json only (impls.model.layout_markers): the
+# transformers fields outside LAYOUT's table are markers too, except rms_norm, which both layouts have.
+MARKERS = layout_markers(Mamba2Config.FIELDS,
+                         {**LAYOUT["top"], **{f"ssm_cfg.{k}": v for k, v in LAYOUT["ssm"].items()}},
+                         ("model_type", "architectures", "num_heads", "hidden_act", "time_step_rank", "rms_norm"))
+
+
+def _read_both(cfg, folder):
+    """A config.json with both layouts' fields (a converted checkpoint may keep its original fields):
+    the official reading (each field given in one form only stands for both) and the transformers
+    reading must be the same model. Returns the official reading; ValueError naming each disagreement,
+    as impls.model.config_from_dict does for Mamba-1."""
+    hf = Mamba2Config.from_transformers_dict({k: v for k, v in cfg.items() if k not in MARKERS["official"]})
+    official = {k: v for k, v in cfg.items() if k in Mamba2Config.FIELDS}
+    if "vocab_size" not in official:
+        official["pad_vocab_size_multiple"] = official.get("pad_vocab_size_multiple", 1)
+    for o in LAYOUT["top"]:
+        official.setdefault(o, getattr(hf, o))
+    official["ssm_cfg"] = {**{o: getattr(hf, o) for o in LAYOUT["ssm"]}, **(official.get("ssm_cfg") or {})}
+    ours = Mamba2Config(**official)
+    attrs = [o for o in (*LAYOUT["top"], *LAYOUT["ssm"]) if o != "vocab_size"] + ["padded_vocab_size", "nheads"]
+    conflicts = [f"{k}: {getattr(ours, k)!r} (official fields) against {getattr(hf, k)!r} (transformers fields)"
+                 for k in attrs if getattr(ours, k) != getattr(hf, k)]
+    if conflicts:
+        raise ValueError(f"from_pretrained({folder!r}): config.json: the official and the transformers fields "
+                         f"disagree: " + "; ".join(conflicts))
+    return ours
 
 
 def _few(items, k=8):

@@ -103,7 +103,10 @@ def _check(where, named, lead, time):
             _shape(where, arg, t, (h,), ("h",))
             _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg in ("initial_states", "state"):
-            _shape(where, arg, t, (b, h, p, n), ("b", "h", "p", "n"))
+            # b, h, p come from x and n from B: a mismatch may be either one's fault, so name both
+            if tuple(t.shape) != (b, h, p, n):
+                _fail(ValueError, where, arg, f"shape (b={b}, h={h}, p={p}, n={n}) (b, h, p from {lead} of shape "
+                      f"{tuple(x.shape)}, n from B); if {arg} is right, {lead} is not", tuple(t.shape))
             _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg == "A":
             _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
