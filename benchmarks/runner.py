@@ -86,6 +86,10 @@ def resolve_impls(specs):
         known |= set(impls.names(family="ssd"))
     except TypeError:  # a registry without families
         pass
+    # a plugin module in the current directory is found, as `python -m` and pytest (rootdir) find it
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     chosen = []
     for spec in specs:
         if spec in known or spec in impls.names():
@@ -96,9 +100,11 @@ def resolve_impls(specs):
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):
             found = False
+        if not found and attr:
+            raise UsageError(f"--impl {spec}: cannot import module {module!r} (is it on PYTHONPATH?)")
         if not found:
             raise UsageError(f"--impl {spec}: not a registered implementation ({', '.join(impls.names())}), "
-                             "a module, or module:function")
+                             f"module:function, or a module (cannot import module {module!r}: is it on PYTHONPATH?)")
         before = set(impls.names())
         try:
             mod = importlib.import_module(module)

@@ -472,3 +472,17 @@ def test_check_an_ssd_name_is_a_usage_error(baseline, capsys):
     assert ssd in impls.names(family="ssd") and ssd not in impls.names()
     assert cli.main(["check", "--baseline", str(baseline), "--impl", ssd]) == 2
     _one_line_error(capsys, "scanbench check: error:", ssd, "selective_scan")
+
+
+def test_impl_module_in_the_current_directory_is_found_and_a_missing_one_named(tmp_path, baseline, monkeypatch, capsys):
+    import sys
+
+    (tmp_path / "cwd_plugin_3f9a.py").write_text(
+        "from impls.loop import selective_scan\n\ndef my_scan(*args, **kwargs):\n    return selective_scan(*args, **kwargs)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])  # as the console script
+    assert cli.main(["check", "--baseline", str(baseline), "--impl", "cwd_plugin_3f9a:my_scan"]) == 0
+    assert "cwd_plugin_3f9a:my_scan" in impls.names()
+    capsys.readouterr()
+    assert cli.main(["check", "--baseline", str(baseline), "--impl", "no_such_module_3f9a:my_scan"]) == 2
+    _one_line_error(capsys, "cannot import module 'no_such_module_3f9a' (is it on PYTHONPATH?)")
