@@ -10,7 +10,8 @@ No silent mixing: a file holds one run. When a file holds points of several runs
 tree, machine or settings, as `scanbench sweep --resume` leaves after a code change), only its
 latest run's points are kept and the others are reported as left out, with how many. Shards
 (`scanbench sweep --shard I/N`, one file each, possibly from several machines) of one commit and
-settings are merged into one source, "shards @ COMMIT".
+settings are merged into one source, "shards @ COMMIT". A point recorded twice in one source (a
+file given twice, a copied shard) is kept once, with a note.
 """
 
 import json
@@ -115,4 +116,10 @@ def load(paths):
             problems.append(f"{path}: {int(missing.sum())} record(s) without a 'benchmark' field; skipped")
         frames.append(frame[~missing])
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["benchmark", "source"])
+    if "key" in data:   # the same file passed twice, or a copied shard: one run measured each point once
+        dup = data["key"].notna() & data.duplicated(subset=["source", "key"], keep="last")
+        if dup.any():
+            problems.append(f"{int(dup.sum())} duplicate point(s) (same key in the same run, e.g. a file given "
+                            "twice or a copied shard) counted once, the last kept")
+            data = data[~dup].reset_index(drop=True)
     return data, problems

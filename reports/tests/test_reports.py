@@ -486,3 +486,18 @@ def test_impl_module_in_the_current_directory_is_found_and_a_missing_one_named(t
     capsys.readouterr()
     assert cli.main(["check", "--baseline", str(baseline), "--impl", "no_such_module_3f9a:my_scan"]) == 2
     _one_line_error(capsys, "cannot import module 'no_such_module_3f9a' (is it on PYTHONPATH?)")
+
+
+def test_report_counts_a_file_given_twice_or_a_copied_shard_once(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    records = write_results(path, seed=3)
+    data, problems = load([str(path), str(path)])
+    assert len(data) == len(records) and any("duplicate point(s)" in p for p in problems)
+    shard = tmp_path / "shard1.jsonl"
+    for r in records:
+        append_jsonl(shard, dict(r, shard="1/1"))
+    copy = tmp_path / "shard1_copy.jsonl"
+    copy.write_text(shard.read_text())
+    assert cli.main(["report", "--results", str(shard), str(copy), "--out", str(tmp_path / "rep")]) == 0
+    assert "duplicate point(s)" in capsys.readouterr().err
+    assert (tmp_path / "rep" / "report.md").exists()
