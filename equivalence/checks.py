@@ -423,14 +423,23 @@ def probe_capabilities(scan):
     """What a plain scan function can do, found by tiny calls rather than assumed.
 
     scan: a function with the selective_scan signature (without ``impl``), called positionally as
-    the registry calls it. Calls: each input dtype; grouped B/C (d = 4, g = 2); initial_state; and,
-    if float32 runs, a backward pass to every input. A capability is on when its call returns
-    without raising; what a call returns is not judged here (that is the tests' job).
-    Returns (capabilities for impls.register, {capability: "ok" or the exception it raised}).
+    the registry calls it. Calls: each input dtype; grouped B/C (d = 4, g = 2); initial_state; and a
+    backward pass to every input. The base capability (float32, ungrouped, no initial_state, no
+    gradients) is required, never probed away. Any other capability is a gap only when its call
+    raises NotImplementedError, the interface's way to refuse (or, for gradients, when the output
+    has no autograd graph: nothing to differentiate). Any other exception, a TypeError included,
+    means "supported but broken": the capability stays on, so the tests run and fail with the
+    kernel's own error instead of passing on a refusal the kernel never made.
+    What a call returns is not judged here (that is the tests' job).
+    Returns (capabilities for impls.register, {capability: "ok", "gap: <exception>" or
+    "broken: <exception>"}).
     """
     from .cases import DTYPES, Case
 
     tiny = Case(b=1, d=2, n=2, l=3)
+
+    def said(e):
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
 
     def attempt(case, grad=False):
         x = make_inputs(case)
@@ -440,22 +449,28 @@ def probe_capabilities(scan):
             if grad:
                 args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
                 y, s = scan(*args)
+                if not (y.requires_grad or s.requires_grad):
+                    return "gap: output has no autograd graph (not differentiable)"
                 leaves = [a for a in args if isinstance(a, torch.Tensor)]
                 torch.autograd.grad((y.double().sum() + s.double().sum()), leaves, allow_unused=True)
             else:
                 with torch.no_grad():
                     scan(*args)
             return "ok"
-        except Exception as e:  # whatever it raises, the capability is off, and the header says why
-            return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        except NotImplementedError as e:  # the interface's refusal: a declared gap
+            return "gap: " + said(e)
+        except Exception as e:  # anything else is a bug in a supported path: the tests show it
+            return "broken: " + said(e)
 
     notes = {f"dtype {k}": attempt(dataclasses.replace(tiny, dtype=k)) for k in DTYPES}
     notes["grouped"] = attempt(Case(b=1, d=4, n=2, l=3, g=2))
     notes["initial_state"] = attempt(dataclasses.replace(tiny, initial_state=True))
-    notes["gradients"] = attempt(tiny, grad=True) if notes["dtype f32"] == "ok" else "not tried (float32 fails)"
-    supports = dict(dtypes=tuple(v for k, v in DTYPES.items() if notes[f"dtype {k}"] == "ok"),
-                    grouped=notes["grouped"] == "ok", initial_state=notes["initial_state"] == "ok",
-                    gradients=notes["gradients"] == "ok")
+    notes["gradients"] = attempt(tiny, grad=True)
+    if notes["dtype f32"].startswith("gap"):  # the base call is required: its refusal is a failure too
+        notes["dtype f32"] = "broken (the base call is required): " + notes["dtype f32"][len("gap: "):]
+    on = {k: not v.startswith("gap") for k, v in notes.items()}
+    supports = dict(dtypes=tuple(v for k, v in DTYPES.items() if on[f"dtype {k}"]),
+                    grouped=on["grouped"], initial_state=on["initial_state"], gradients=on["gradients"])
     return supports, notes
 
 
@@ -487,8 +502,10 @@ def describe(name):
         version += f", wrapping {_version(wraps)}"
     line = f"{name}: {e.module} ({version}), step={'yes' if e.step else 'no'}, supports {caps}"
     if name in PROBED:
-        failed = {k: v for k, v in PROBED[name].items() if v != "ok"}
-        line += " (probed by tiny calls" + (f"; refused: {failed}" if failed else "") + ")"
+        gaps = {k: v[len("gap: "):] for k, v in PROBED[name].items() if v.startswith("gap")}
+        broken = {k: v[len("broken"):].lstrip(": ") for k, v in PROBED[name].items() if v.startswith("broken")}
+        line += (" (probed by tiny calls" + (f"; refused (NotImplementedError): {gaps}" if gaps else "")
+                 + (f"; raised, so tested and expected to fail: {broken}" if broken else "") + ")")
     return line
 
 

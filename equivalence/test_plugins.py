@@ -77,8 +77,9 @@ def test_header_names_module_version_and_wrapped_package():
 
 
 def test_a_plain_functions_capabilities_are_probed():
-    """Each capability is what a tiny call showed: a float64 refusal, a grouped crash and a scan that
-    detaches its result each turn one capability off, and only that one."""
+    """Each capability is what a tiny call showed: a float64 NotImplementedError and a scan that
+    detaches its result each turn one capability off, and only that one; a grouped crash is not a
+    refusal: grouped stays on (supported but broken), so the tests run and show the crash."""
     from .checks import probe_capabilities
 
     loop = impls.get("loop").scan
@@ -86,7 +87,7 @@ def test_a_plain_functions_capabilities_are_probed():
     def picky(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
               return_last_state=False):
         if u.dtype == torch.float64:
-            raise TypeError("no float64 here")
+            raise NotImplementedError("no float64 here")
         if B.dim() == 4:
             raise RuntimeError("shape mismatch in my grouped path")
         return loop(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
@@ -96,8 +97,44 @@ def test_a_plain_functions_capabilities_are_probed():
         return y.detach(), s.detach()
 
     supports, notes = probe_capabilities(picky)
-    assert supports["dtypes"] == (torch.float16, torch.bfloat16, torch.float32) and not supports["grouped"]
+    assert supports["dtypes"] == (torch.float16, torch.bfloat16, torch.float32) and supports["grouped"]
     assert supports["initial_state"] and supports["gradients"], notes
-    assert "RuntimeError: shape mismatch" in notes["grouped"] and "TypeError" in notes["dtype f64"]
+    assert notes["grouped"].startswith("broken: RuntimeError: shape mismatch"), notes
+    assert notes["dtype f64"].startswith("gap: NotImplementedError"), notes
     supports, notes = probe_capabilities(detached)
     assert not supports["gradients"] and supports["grouped"] and len(supports["dtypes"]) == 4, notes
+
+
+def test_the_base_call_is_required_not_probed_away():
+    """A function that refuses even the plainest call (float32, ungrouped) keeps float32 on."""
+    from .checks import probe_capabilities
+
+    def refuses(*args):
+        raise NotImplementedError("nothing works yet")
+
+    supports, notes = probe_capabilities(refuses)
+    assert supports["dtypes"] == (torch.float32,) and not supports["grouped"], notes
+    assert notes["dtype f32"].startswith("broken (the base call is required)"), notes
+
+
+CRASHING = """
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+         initial_state=None, return_last_state=False):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+"""
+
+
+@pytest.mark.parametrize("option", ["--impl", "--impl-step"])
+def test_a_kernel_that_crashes_on_every_call_fails_the_values_test(tmp_path, option):
+    """The newcomer's finding: a kernel raising on every call passed (every probe a 'gap', every
+    value test asserting NotImplementedError). It must fail, with its own error in the output; also
+    when a scan is passed by mistake as --impl-step. The header still says what was probed."""
+    (tmp_path / "crashing_kernel_xyz.py").write_text(CRASHING)
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile",
+           "ci", f"{option}=crashing_kernel_xyz:scan", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout[-3000:]
+    assert "1 failed" in run.stdout and "RuntimeError: CUDA error: an illegal memory access" in run.stdout
+    assert "(probed by tiny calls; raised, so tested and expected to fail: {'dtype f16'" in run.stdout, run.stdout[:3000]
