@@ -484,7 +484,9 @@ def test_save_pretrained_options_are_keyword_only(tmp_path):
      ["d_model: 64 (official fields) against 16", "headdim: 4 (official fields) against 8",
       "nheads: 32 (official fields) against 4"]),
     ({"ssm_cfg": {"layer": "Mamba2", "chunk_size": 4}}, ["chunk_size: 4 (official fields) against 8"]),
-], ids=["d_model", "d_model-and-headdim", "chunk_size"])
+    # 40 rows (Case.vocab): an official padding to a multiple of 16 makes 48 of them
+    ({"pad_vocab_size_multiple": 16}, ["padded_vocab_size: 48 (official fields) against 40"]),
+], ids=["d_model", "d_model-and-headdim", "chunk_size", "vocab-padding"])
 def test_official_and_transformers_fields_that_disagree_are_refused(tmp_path, monkeypatch, extra, named):
     """A transformers config.json with official fields beside it: both must describe the same model,
     as for Mamba-1 (impls.model.config_from_dict); each disagreement is named."""
@@ -503,15 +505,22 @@ def test_official_and_transformers_fields_that_disagree_are_refused(tmp_path, mo
 
 
 def test_official_and_transformers_fields_in_agreement_are_read(tmp_path):
-    model, _, ids = Case(n_layer=1).build()
+    torch.manual_seed(0)   # 45 rows, unpadded: transformers' layout stores the row count
+    model = Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=45, pad_vocab_size_multiple=1,
+                                  ssm_cfg=dict(d_state=8, headdim=8, chunk_size=8))).eval()
+    ids = torch.randint(0, 45, (1, 7))
     model.save_pretrained(tmp_path, layout="transformers")
     cfg_path = tmp_path / "config.json"
     hf = json.loads(cfg_path.read_text())
-    cfg_path.write_text(json.dumps({**hf, "d_model": 16, "n_layer": 1,
-                                    "ssm_cfg": {"layer": "Mamba2", "headdim": 8, "chunk_size": 8}}))
-    loaded = Mamba2LM.from_pretrained(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids, impl="loop"), model(ids, impl="loop"))
+    # vocab_size 45 is not a multiple of the official default padding (8 would make 48 rows and
+    # disagree): beside transformers' fields it is their row count unless pad_vocab_size_multiple is stated
+    for extra in ({"d_model": 16}, {"d_model": 16, "n_layer": 1, "pad_vocab_size_multiple": 5},
+                  {"n_layer": 1, "ssm_cfg": {"layer": "Mamba2", "headdim": 8, "chunk_size": 8}}):
+        cfg_path.write_text(json.dumps({**hf, **extra}))
+        loaded = Mamba2LM.from_pretrained(tmp_path)
+        assert loaded.config.padded_vocab_size == 45 and loaded.config.d_model == 16
+        with torch.no_grad():
+            assert torch.equal(loaded(ids, impl="loop"), model(ids, impl="loop"))
 
 
 @pytest.mark.parametrize("field, value", [

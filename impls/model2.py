@@ -897,8 +897,9 @@ def _read_both(cfg, folder):
     as impls.model.config_from_dict does for Mamba-1."""
     hf = Mamba2Config.from_transformers_dict({k: v for k, v in cfg.items() if k not in MARKERS["official"]})
     official = {k: v for k, v in cfg.items() if k in Mamba2Config.FIELDS}
-    if "vocab_size" not in official:
-        official["pad_vocab_size_multiple"] = official.get("pad_vocab_size_multiple", 1)
+    # vocab_size is both layouts' field; unless an official pad_vocab_size_multiple is stated beside
+    # it, it is transformers' row count, which no padding follows
+    official.setdefault("pad_vocab_size_multiple", 1)
     for o in LAYOUT["top"]:
         official.setdefault(o, getattr(hf, o))
     official["ssm_cfg"] = {**{o: getattr(hf, o) for o in LAYOUT["ssm"]}, **(official.get("ssm_cfg") or {})}
