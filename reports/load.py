@@ -54,11 +54,12 @@ def _commit(record):
 
 
 def _run_of(record):
-    """What makes a run: commit, tree, machine (not for shards, which may come from several) and settings."""
+    """What makes a run within one file: commit, tree, machine and settings, exactly what
+    `scanbench sweep --resume` requires to reuse a point (benchmarks.runner.same_provenance), so a
+    point resume reused is never left out here. Shards of several machines are several files."""
     m = record.get("machine") if isinstance(record.get("machine"), dict) else {}
-    return json.dumps([record.get("commit", m.get("commit")), record.get("dirty"),
-                       None if record.get("shard") else machine_key(m), record.get("settings")],
-                      sort_keys=True, default=str)
+    return json.dumps([record.get("commit", m.get("commit")), record.get("dirty"), machine_key(m),
+                       record.get("settings")], sort_keys=True, default=str)
 
 
 def _label(path, record):
@@ -102,7 +103,7 @@ def load(paths):
         records, left_out = latest_run(path, records)
         problems += left_out
         frame = pd.DataFrame(records)
-        frame["source"] = [_label(path, r) for r in records]
+        frame["source"] = _label(path, records[-1])   # one run, one name (a resumed shard file included)
         if "error" in frame:
             for _, row in frame[frame["error"].notna()].iterrows():
                 what = " ".join(str(row[k]) for k in ("benchmark", "key") if k in row and pd.notna(row[k]))
@@ -116,6 +117,15 @@ def load(paths):
             problems.append(f"{path}: {int(missing.sum())} record(s) without a 'benchmark' field; skipped")
         frames.append(frame[~missing])
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["benchmark", "source"])
+    if "shard" in data:  # a shard set that is not complete says which parts it lacks
+        for source, g in data[data["shard"].notna()].groupby("source"):
+            if not source.startswith("shards @"):
+                continue
+            parts = {tuple(int(x) for x in str(v).split("/")) for v in g["shard"].unique()}
+            n = max(n for _, n in parts)
+            missing = [f"{i}/{n}" for i in range(1, n + 1) if (i, n) not in parts]
+            if missing:
+                problems.append(f"{source}: shard(s) {', '.join(missing)} missing: this report covers part of the sweep")
     if "key" in data:   # the same file passed twice, or a copied shard: one run measured each point once
         dup = data["key"].notna() & data.duplicated(subset=["source", "key"], keep="last")
         if dup.any():

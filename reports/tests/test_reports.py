@@ -501,3 +501,22 @@ def test_report_counts_a_file_given_twice_or_a_copied_shard_once(tmp_path, capsy
     assert cli.main(["report", "--results", str(shard), str(copy), "--out", str(tmp_path / "rep")]) == 0
     assert "duplicate point(s)" in capsys.readouterr().err
     assert (tmp_path / "rep" / "report.md").exists()
+
+
+def test_resume_and_report_agree_on_one_run_and_missing_shards_are_named(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    out = tmp_path / "r.jsonl"
+    n = len(accuracy.points("quick", ["loop"]))
+    monkeypatch.setattr(runner, "code_state", lambda: dict(commit="aaaaaaa", dirty=False))
+    monkeypatch.setattr(accuracy, "measure", lambda point: dict(y_error=0.0))
+    assert cli.main(ACCURACY + ["--out", str(out), "--shard", "1/2"]) == 0
+    half = len(out.read_text().splitlines())
+    assert 0 < half < n
+    data, problems = load([str(out)])
+    assert len(data) == half and any("shard(s) 2/2 missing" in p for p in problems), problems
+    capsys.readouterr()
+    assert cli.main(ACCURACY + ["--out", str(out), "--resume"]) == 0      # the whole sweep, reusing shard 1/2
+    assert f"reused {half} point(s)" in capsys.readouterr().err
+    data, problems = load([str(out)])
+    assert len(data) == n and data["source"].nunique() == 1 and not problems, problems
