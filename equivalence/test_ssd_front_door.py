@@ -70,9 +70,12 @@ BAD_STEPS = {
     "D-shape": (dict(D=torch.randn(3, 4)), ValueError, ["D", "(h=4, p=3)"]),
     "dt_limit": (dict(dt_limit=(1.0, 0.0)), ValueError, ["dt_limit", "lo <= hi"]),
     "tied-A-n": (dict(A=-torch.ones(4, 3, 5)), ValueError, ["A", "n=6"]),
-    # x's p (2) against the state's (3): either may be wrong, so both are named, x with its shape
-    "x-p-against-state": (dict(x=torch.randn(2, 4, 2), z=None), ValueError,
-                          ["state", "p=2", "x of shape (2, 4, 2)", "x is not", "(2, 4, 3, 6)"]),
+    # x's p (2) against the state's (3): x is checked against the state before z and D (h, p), and
+    # the message names both shapes, since either may be the wrong one
+    "x-p-against-state": (dict(x=torch.randn(2, 4, 2)), ValueError,
+                          ["x: expected shape (b, h=4, p=3)", "state of shape (2, 4, 3, 6)", "state is not", "(2, 4, 2)"]),
+    "x-p-against-state-and-D": (dict(x=torch.randn(2, 4, 2), z=None, D=torch.randn(4, 3)), ValueError,
+                                ["x: expected shape (b, h=4, p=3)", "(2, 4, 2)"]),
 }
 
 

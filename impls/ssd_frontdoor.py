@@ -156,6 +156,11 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     for arg, t in dict(state=state, x=x, dt=dt, A=A, dt_bias=dt_bias).items():
         if t is not None:
             _tensor(where, arg, t)
+    # x (b, h, p) is checked against the state first (h, p: the slots of an indexed cache are not b):
+    # otherwise z, D (h, p) or the state itself would be blamed for x's p
+    if state is not None and state.dim() == 4 and x.dim() == 3 and tuple(x.shape[1:]) != tuple(state.shape[1:3]):
+        _fail(ValueError, where, "x", f"shape (b, h={state.shape[1]}, p={state.shape[2]}) (h, p those of state of "
+              f"shape {tuple(state.shape)}; if x is right, state is not)", tuple(x.shape))
     tied_n = None
     if x.dim() == 3 and A.dim() == 3:
         h, p = x.shape[1:]
