@@ -125,6 +125,19 @@ def resolve_impls(specs):
     return list(dict.fromkeys(chosen))
 
 
+def check_writable(out):
+    """UsageError unless the results file ``out`` can be appended to (tried, then left as it was)."""
+    existed = os.path.exists(out)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write there ({e.strerror})") from None
+    if not existed:
+        os.remove(out)
+
+
 def parse_shard(text):
     """"I/N" -> (I, N) with 1 <= I <= N; UsageError otherwise."""
     try:
@@ -155,8 +168,8 @@ def plan(sweeps, size, names, shard=None):
 
 def run(sweeps=None, size="default", impls_=None, out=DEFAULT_OUT, resume=False, progress=True, shard=None,
         log=print):
-    """Run the sweeps; returns the number of points measured now. Raises UsageError for a bad
-    sweep name, implementation or output path."""
+    """Run the sweeps; returns (points measured now, how many of them raised). Raises UsageError for
+    a bad sweep name, implementation or output path (checked before anything is measured)."""
     sweeps = sweeps or available_sweeps()
     unknown = [s for s in sweeps if s not in available_sweeps()]
     if unknown:
@@ -191,8 +204,9 @@ def run(sweeps=None, size="default", impls_=None, out=DEFAULT_OUT, resume=False,
     if resume:
         log(f"resume: reused {reused} point(s) of {out} (same commit, tree, machine and settings); "
             f"{ignored} recorded under another commit, tree, machine or settings not reused")
+    check_writable(out)
     extra = dict(now, shard=f"{shard[0]}/{shard[1]}" if shard else None)
-    measured = 0
+    measured = errored = 0
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress, file=sys.stderr)
     for sweep, module, point in bar:
         bar.set_postfix_str(f"{sweep} {point.get('impl', '')} {point.get('L', point.get('l', ''))}")
@@ -203,10 +217,11 @@ def run(sweeps=None, size="default", impls_=None, out=DEFAULT_OUT, resume=False,
             raise
         except Exception as e:  # recorded, visible in the report, and retried by --resume
             record["error"] = f"{type(e).__name__}: {e}"
+            errored += 1
         record.update(extra, load_avg=os.getloadavg()[0], finished=datetime.datetime.now().isoformat(timespec="seconds"))
         append_jsonl(out, record)
         measured += 1
-    return measured
+    return measured, errored
 
 
 def add_arguments(parser):
@@ -231,7 +246,7 @@ def main(argv=None, prog="scanbench sweep"):
 def run_args(args, prog="scanbench sweep"):
     try:
         shard = parse_shard(args.shard) if args.shard else None
-        n = run(args.sweep, args.size or "default", args.impl, args.out, args.resume, shard=shard,
+        n, errored = run(args.sweep, args.size or "default", args.impl, args.out, args.resume, shard=shard,
                 log=lambda m: print(m, file=sys.stderr))
     except KeyboardInterrupt:
         print(f"\ninterrupted: everything finished so far is in {args.out}; rerun with --resume", file=sys.stderr)
@@ -239,7 +254,10 @@ def run_args(args, prog="scanbench sweep"):
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{n} point(s) measured; results in {args.out}")
+    print(f"{n} point(s) measured, {errored} of them errors; results in {args.out}")
+    if n and errored == n:   # nothing was measured at all: not a success
+        print(f"{prog}: every point raised (see the \"error\" fields in {args.out})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -4,7 +4,8 @@
     scanbench report [--results FILE ...] [--out DIR]
     scanbench check  --baseline FILE [--results FILE ...] [--threshold 0.2] [--impl NAME ...] [--update-baseline]
 
-Exit status: 0 pass; 1 a regression or a numeric failure (check), nothing to report (report);
+Exit status: 0 pass; 1 a regression or a numeric failure (check), nothing to report (report),
+every point an error (sweep);
 2 a usage error (a missing, empty or unreadable results file, an unknown implementation, a baseline
 that covers none of the results), reported in one line.
 """
@@ -48,6 +49,18 @@ def report(args):
         data, problems = _load_results(args.results)
     except UsageError as e:
         print(f"scanbench report: error: {e} (run `scanbench sweep` first)", file=sys.stderr)
+        return 2
+    try:
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a file; give a directory for the report")
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {args.out}: cannot create the report directory ({e.strerror})") from None
+        if not os.access(args.out, os.W_OK):
+            raise UsageError(f"--out {args.out}: not writable")
+    except UsageError as e:
+        print(f"scanbench report: error: {e}", file=sys.stderr)
         return 2
     for p in problems:
         print(f"warning: {p}", file=sys.stderr)

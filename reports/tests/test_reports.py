@@ -520,3 +520,33 @@ def test_resume_and_report_agree_on_one_run_and_missing_shards_are_named(tmp_pat
     assert f"reused {half} point(s)" in capsys.readouterr().err
     data, problems = load([str(out)])
     assert len(data) == n and data["source"].nunique() == 1 and not problems, problems
+
+
+def test_an_all_error_sweep_exits_1_and_says_how_many_errored(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    def broken(point):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(accuracy, "measure", broken)
+    out = tmp_path / "r.jsonl"
+    n = len(accuracy.points("quick", ["loop"]))
+    assert cli.main(ACCURACY + ["--out", str(out)]) == 1
+    assert f"{n} point(s) measured, {n} of them errors" in capsys.readouterr().out
+
+
+def test_bad_output_paths_are_one_line_usage_errors_before_measuring(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    monkeypatch.setattr(accuracy, "measure", lambda point: pytest.fail("measured before checking --out"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert cli.main(ACCURACY + ["--out", "/proc/x.jsonl"]) == 2
+    _one_line_error(capsys, "scanbench sweep: error:", "/proc/x.jsonl", "cannot write")
+    assert cli.main(ACCURACY + ["--out", str(a_file / "r.jsonl")]) == 2
+    _one_line_error(capsys, "scanbench sweep: error:", "cannot write")
+    results = tmp_path / "r.jsonl"
+    write_results(results, seed=2)
+    for out, words in ((a_file, ("is a file",)), (a_file / "sub", ("cannot create",))):
+        assert cli.main(["report", "--results", str(results), "--out", str(out)]) == 2
+        _one_line_error(capsys, "scanbench report: error:", *words)
