@@ -186,3 +186,25 @@ def test_step_is_refused_when_its_state_overlaps_after_a_cached_signature():
     aliased = dict(args, state=buf, x=buf[:, :, 0])
     with pytest.raises(ValueError, match="state: .*shared with x"):
         impls.selective_state_update(**aliased)
+
+
+def test_step_blames_the_argument_that_disagrees_with_state():
+    """Sizes come from a fixed order (the step: b and d from state, the argument it writes, n from
+    A); the argument that disagrees is named, with where the size came from. The newcomer's case:
+    state (1, 4, 3), A (4, 3), x (1, 5) blamed A."""
+    args = dict(state=torch.zeros(1, 4, 3), x=torch.randn(1, 5), dt=torch.randn(1, 4), A=-torch.ones(4, 3),
+                B=torch.randn(1, 3), C=torch.randn(1, 3))
+    with pytest.raises(ValueError, match=r"^selective_state_update: x: expected shape \(b=1, d=4\) as state has "
+                                         r"d = 4, got \(1, 5\)$"):
+        impls.selective_state_update(**args, impl="recurrent")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(A=-torch.ones(5, 4)), r"A: expected shape \(d=6, n=4\) as u has d = 6, got \(5, 4\)"),
+    (dict(B=torch.randn(2, 3, 5)), r"B: expected shape \(b=2, n=4, l=5\) as A has n = 4, got \(2, 3, 5\)"),
+    (dict(z=torch.randn(2, 6, 4)), r"z: expected shape \(b=2, d=6, l=5\) as u has l = 5, got \(2, 6, 4\)"),
+])
+def test_scan_names_where_each_size_came_from(change, message):
+    """The scan takes b, d and l from u and n from A (impls/frontdoor.py: _check)."""
+    with pytest.raises(ValueError, match=message):
+        impls.selective_scan(**scan_args(**change), impl="loop")

@@ -54,10 +54,15 @@ def _tensor(where, arg, x):
         _fail(TypeError, where, arg, "a floating tensor", x.dtype)
 
 
-def _shape(where, arg, x, expected, names):
+def _shape(where, arg, x, expected, names, sources=None):
+    """x must have shape ``expected`` (sizes named ``names``). sources: {size name: the argument it
+    was taken from}; a wrong size taken from another argument is reported with that argument."""
     if tuple(x.shape) != tuple(expected):
         spelled = ", ".join(f"{k}={v}" for k, v in zip(names, expected))
-        _fail(ValueError, where, arg, f"shape ({spelled})", tuple(x.shape))
+        why = [] if len(x.shape) != len(expected) else [
+            f"{sources[k]} has {k} = {v}" for k, v, got in zip(names, expected, x.shape)
+            if got != v and (sources or {}).get(k, arg) != arg]
+        _fail(ValueError, where, arg, f"shape ({spelled})" + (f" as {', '.join(why)}" if why else ""), tuple(x.shape))
 
 
 def _dtype(where, arg, x, allowed, why):
@@ -70,40 +75,52 @@ def _device(where, arg, x, device):
         _fail(ValueError, where, arg, f"a tensor on {device} (the device of the first input)", x.device)
 
 
-def _groups(where, arg, X, b, d, n, tail, tail_names):
+def _groups(where, arg, X, b, d, n, tail, tail_names, sources=None):
     """B/C: (b, n, *tail) or (b, g, n, *tail) with g dividing d. Returns g (1 when ungrouped)."""
     if X.dim() == 2 + len(tail):
-        _shape(where, arg, X, (b, n, *tail), ("b", "n", *tail_names))
+        _shape(where, arg, X, (b, n, *tail), ("b", "n", *tail_names), sources)
         return 1
     if X.dim() == 3 + len(tail):
         g = X.shape[1]
         if g < 1 or d % g != 0:
             _fail(ValueError, where, arg, f"a group count g that divides d={d}", f"g={g}")
-        _shape(where, arg, X, (b, g, n, *tail), ("b", "g", "n", *tail_names))
+        _shape(where, arg, X, (b, g, n, *tail), ("b", "g", "n", *tail_names), sources)
         return g
     ranks = f"rank {2 + len(tail)} (b, n{''.join(', ' + t for t in tail_names)}) or {3 + len(tail)} (b, g, n, ...)"
     _fail(ValueError, where, arg, ranks, f"rank {X.dim()} with shape {tuple(X.shape)}")
 
 
-def _check(where, named, lead, lead_names, has_time):
+# Each argument's sizes, for the arguments sizes are taken from (the rest are checked in _check).
+_LAYOUTS = {"u": ("b", "d", "l"), "x": ("b", "d"), "A": ("d", "n"), "state": ("b", "d", "n")}
+
+
+def _check(where, named, lead, lead_names, has_time, sizes_from=None):
     """Shared checks for the scan (inputs carry a time axis l) and the step (they don't).
 
     named: dict argument name -> tensor or None, in the order of the public signature;
-    lead:  the name of the first input (u for the scan, x for the step), whose shape is (b, d, *time).
+    lead:  the name of the first input (u for the scan, x for the step), whose shape is (b, d, *time)
+           and whose dtype is the input dtype;
+    sizes_from: {size: argument} where each size (b, d, n, l) is taken from, before anything else is
+           checked against it (default: b, d and l from lead, n from A). The scan takes them from u
+           and A; the step takes b and d from state, the argument it writes, and n from A. A wrong
+           size elsewhere is reported on that argument, naming where the size came from.
     Returns dict(b, d, n, l, g_B, g_C, input_dtype, compute_dtype).
     """
     for arg, x in named.items():
         if x is not None:
             _tensor(where, arg, x)
     x0 = named[lead]
-    if x0.dim() != 2 + has_time:
-        _fail(ValueError, where, lead, f"rank {2 + has_time} ({', '.join(lead_names)})", f"rank {x0.dim()} with shape {tuple(x0.shape)}")
-    b, d = x0.shape[:2]
-    time = tuple(x0.shape[2:])
+    layouts = dict(_LAYOUTS, **{lead: lead_names})
+    sources = {"b": lead, "d": lead, "n": "A", **({"l": lead} if has_time else {}), **(sizes_from or {})}
+    for arg in dict.fromkeys((lead, *sources.values())):  # the ranks of the arguments sizes are read from
+        t, layout = named[arg], layouts[arg]
+        if t.dim() != len(layout):
+            _fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})", f"rank {t.dim()} with shape {tuple(t.shape)}")
+    sizes = {size: named[arg].shape[layouts[arg].index(size)] for size, arg in sources.items()}
+    b, d, n = sizes["b"], sizes["d"], sizes["n"]
+    time = (sizes["l"],) if has_time else ()
     A = named["A"]
-    if A.dim() != 2 or A.shape[0] != d:
-        _fail(ValueError, where, "A", f"shape (d={d}, n)", tuple(A.shape))
-    n = A.shape[1]
+    _shape(where, "A", A, (d, n), ("d", "n"), sources)
     if n < 1:
         _fail(ValueError, where, "A", "at least one state (n >= 1)", tuple(A.shape))
 
@@ -115,20 +132,20 @@ def _check(where, named, lead, lead_names, has_time):
     full_names = ("b", "d", *tail_names)
     groups = {}
     for arg, x in named.items():
-        if x is None or arg == lead:
+        if x is None:
             continue
         _device(where, arg, x, x0.device)
-        if arg in ("delta", "dt", "z"):
-            _shape(where, arg, x, full, full_names)
+        if arg in ("u", "x", "delta", "dt", "z"):
+            _shape(where, arg, x, full, full_names, sources)
             _dtype(where, arg, x, (in_dtype,), f"the dtype of {lead}")
         elif arg in ("B", "C"):
-            groups[arg] = _groups(where, arg, x, b, d, n, time, tail_names)
+            groups[arg] = _groups(where, arg, x, b, d, n, time, tail_names, sources)
             _dtype(where, arg, x, tuple(dict.fromkeys((in_dtype, f))), f"the input or compute dtype for {lead} in {in_dtype}")
         elif arg in ("D", "delta_bias", "dt_bias"):
-            _shape(where, arg, x, (d,), ("d",))
+            _shape(where, arg, x, (d,), ("d",), sources)
             _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg in ("initial_state", "state"):
-            _shape(where, arg, x, (b, d, n), ("b", "d", "n"))
+            _shape(where, arg, x, (b, d, n), ("b", "d", "n"), sources)
             _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg == "A":
             _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
@@ -230,7 +247,7 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias):
     if not isinstance(state, torch.Tensor):
         _fail(TypeError, "selective_state_update", "state", "a torch.Tensor", type(state).__name__)
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
-    dims = _check("selective_state_update", named, "x", ("b", "d"), False)
+    dims = _check("selective_state_update", named, "x", ("b", "d"), False, dict(b="state", d="state"))
     check_no_overlap("selective_state_update", dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
     if key is not None:
         if len(_STEP_PASSED) >= _STEP_PASSED_MAX:
