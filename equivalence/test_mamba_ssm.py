@@ -7,6 +7,8 @@ pass the value, gradient and decode checks. With a GPU and mamba_ssm installed, 
 are under test in every other file, and the known constant-B bug is checked here.
 """
 
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -30,8 +32,24 @@ STAND_IN = {
 }
 
 
+def _cached_mamba_ssm():
+    return [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]
+
+
 @pytest.fixture
-def stand_in(tmp_path, monkeypatch):
+def uncached_mamba_ssm(monkeypatch):
+    """No ``mamba_ssm`` module cached before or after the test: the Mamba-1 and the SSD stand-in
+    packages differ, and a worker that ran one test would otherwise import the other's from
+    sys.modules (seen under pytest -n 2: ModuleNotFoundError for the SSD one's ssd_combined)."""
+    for name in _cached_mamba_ssm():
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in _cached_mamba_ssm():
+        del sys.modules[name]
+
+
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch, uncached_mamba_ssm):
     """'mamba_ssm_standin': the adapter over a stand-in package, on the CPU, for this test only."""
     if "mamba_ssm" in impls.names():
         pytest.skip("the real mamba_ssm is installed: the adapter is tested through it")

@@ -29,6 +29,7 @@ from impls import transformers_ssd_adapter as tf_adapter
 
 from .ssd_cases import SSDCase, cases, make_inputs, reference_inputs
 from .ssd_checks import check_step_equals_scan, check_values
+from .test_mamba_ssm import uncached_mamba_ssm  # noqa: F401  (a fixture)
 from .tolerance import assert_close, ssd_terms
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
@@ -210,7 +211,7 @@ STAND_IN = {
 
 
 @pytest.fixture
-def mamba_ssm_ssd(tmp_path, monkeypatch):
+def mamba_ssm_ssd(tmp_path, monkeypatch, uncached_mamba_ssm):
     """The official kernels where they are registered (mamba_ssm and a GPU); elsewhere
     'mamba_ssm_standin': the adapter over the stand-in package, on the CPU, for this test only."""
     if "mamba_ssm" in impls.names("ssd"):
