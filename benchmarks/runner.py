@@ -16,10 +16,11 @@ and the 1-minute load average when the point finished. A point that raises is re
 and the sweep goes on.
 
 No stale data: with resume=True a point already in the output file is skipped only when its record
-matches the point's key, commit, dirty state, machine and settings; the run says how many it
-reused and how many it ignored. Sharding: shard=(i, n) runs the i-th of n disjoint parts (whole
-groups, dealt round-robin), so n machines together run the sweep once; `scanbench report` merges
-their files.
+matches the point's key, commit, dirty state, machine and settings, and, for an implementation
+plugged in as MODULE or MODULE:FUNCTION, the hash of its module's source file ("plugin_source",
+recorded in the point: such a file is often untracked); the run says how many it reused and how
+many it ignored. Sharding: shard=(i, n) runs the i-th of n disjoint parts (whole groups, dealt
+round-robin), so n machines together run the sweep once; `scanbench report` merges their files.
 
     scanbench sweep [--quick | --long] [--sweep NAME ...] [--impl NAME|MODULE|MODULE:FUNCTION ...]
                     [--out FILE] [--resume] [--shard I/N]
@@ -27,6 +28,7 @@ their files.
 
 import argparse
 import datetime
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -48,6 +50,23 @@ SETTINGS_ENV = ("SCAN_GRID_THREADS", "SSD_GRID_THREADS", planted.ENV, "OMP_NUM_T
 
 class UsageError(ValueError):
     """A bad command line or input file: reported in one line, exit status 2."""
+
+
+# name -> source file of implementations plugged in from the command line (MODULE or MODULE:FUNCTION):
+# such a file is often untracked, so the tree's dirty flag cannot see it change
+PLUGIN_FILES = {}
+
+
+def plugin_source(name):
+    """A short hash of the source file a plugged-in implementation came from; None for the registry's own."""
+    path = PLUGIN_FILES.get(name)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()[:12]
+    except OSError:
+        return "unreadable"
 
 
 def point_key(sweep, point):
@@ -116,11 +135,14 @@ def resolve_impls(specs):
                 raise UsageError(f"--impl {spec}: {module!r} has no function {attr!r}")
             if spec not in impls.names():
                 impls.register(spec, fn)
+            PLUGIN_FILES.setdefault(spec, getattr(mod, "__file__", None))
             chosen.append(spec)
         else:
             added = [n for n in impls.names() if n not in before]
             if not added:
                 raise UsageError(f"--impl {spec}: importing it registered no implementation")
+            for n in added:
+                PLUGIN_FILES.setdefault(n, getattr(mod, "__file__", None))
             chosen += added
     return list(dict.fromkeys(chosen))
 
@@ -186,31 +208,38 @@ def run(sweeps=None, size="default", impls_=None, out=DEFAULT_OUT, resume=False,
     if plant:
         log(f"planted slowdown ({planted.ENV}): {plant}; recorded in every point's settings")
     now = provenance(size)
-    done, ignored = set(), 0
+    done, ignored = {}, 0   # key -> the plugin source hash it was measured with
     if resume and os.path.exists(out):
         for r in read_jsonl(out)[0]:
             if "error" in r or "key" not in r:
                 continue
             if same_provenance(r, now):
-                done.add(r["key"])
+                done[r["key"]] = r.get("plugin_source")
             else:
                 ignored += 1
     try:
         todo = plan(sweeps, size, names, shard)
     except ValueError as e:   # an implementation a sweep does not know
         raise UsageError(str(e)) from None
-    reused = sum(point_key(s, p) in done for s, _, p in todo)
-    todo = [(s, m, p) for s, m, p in todo if point_key(s, p) not in done]
+    def reusable(s, p):  # a plugged-in kernel whose source file changed is measured again
+        key = point_key(s, p)
+        return key in done and done[key] == plugin_source(p.get("impl"))
+
+    stale = sum(point_key(s, p) in done and not reusable(s, p) for s, _, p in todo)
+    reused = sum(reusable(s, p) for s, _, p in todo)
+    todo = [(s, m, p) for s, m, p in todo if not reusable(s, p)]
     if resume:
         log(f"resume: reused {reused} point(s) of {out} (same commit, tree, machine and settings); "
-            f"{ignored} recorded under another commit, tree, machine or settings not reused")
+            f"{ignored} recorded under another commit, tree, machine or settings not reused"
+            + (f"; {stale} of a plugged-in implementation whose source file changed measured again" if stale else ""))
     check_writable(out)
     extra = dict(now, shard=f"{shard[0]}/{shard[1]}" if shard else None)
     measured = errored = 0
     bar = tqdm(todo, desc="sweep", unit="point", disable=not progress, file=sys.stderr)
     for sweep, module, point in bar:
         bar.set_postfix_str(f"{sweep} {point.get('impl', '')} {point.get('L', point.get('l', ''))}")
-        record = dict(benchmark=sweep, key=point_key(sweep, point), **point)
+        record = dict(benchmark=sweep, key=point_key(sweep, point), **point,
+                      plugin_source=plugin_source(point.get("impl")))
         try:
             record.update(module.measure(point))
         except KeyboardInterrupt:

@@ -550,3 +550,27 @@ def test_bad_output_paths_are_one_line_usage_errors_before_measuring(tmp_path, m
     for out, words in ((a_file, ("is a file",)), (a_file / "sub", ("cannot create",))):
         assert cli.main(["report", "--results", str(results), "--out", str(out)]) == 2
         _one_line_error(capsys, "scanbench report: error:", *words)
+
+
+def test_resume_measures_again_when_a_plugged_in_kernels_source_changes(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks import accuracy
+
+    plugin = tmp_path / "resume_plugin_7c1e.py"
+    plugin.write_text("from impls.loop import selective_scan as my_scan\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(runner, "code_state", lambda: dict(commit="aaaaaaa", dirty=False))   # the tree is unchanged
+    monkeypatch.setattr(accuracy, "measure", lambda point: dict(y_error=0.0))
+    out = tmp_path / "r.jsonl"
+    argv = ["sweep", "--quick", "--sweep", "accuracy", "--impl", "resume_plugin_7c1e:my_scan", "--out", str(out), "--resume"]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    n = len(accuracy.points("quick", ["resume_plugin_7c1e:my_scan"]))
+    assert f"reused {n} point(s)" in capsys.readouterr().err
+    first = json.loads(out.read_text().splitlines()[0])["plugin_source"]
+    plugin.write_text("from impls.loop import selective_scan\n\ndef my_scan(*a, **k):\n    return 1.01 * selective_scan(*a, **k)\n")
+    assert cli.main(argv) == 0
+    assert "reused 0 point(s)" in capsys.readouterr().err
+    last = json.loads(out.read_text().splitlines()[-1])["plugin_source"]
+    assert first and last and first != last and len(out.read_text().splitlines()) == 2 * n
