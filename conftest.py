@@ -129,6 +129,8 @@ def _select(config):
 def pytest_configure(config):
     config.addinivalue_line("markers", "only_for(name): tests of one implementation's internals, collected only "
                                        "when that implementation is under test")
+    config.addinivalue_line("markers", "ssd_family: a Mamba-2 (SSD) test: deselected when only --impl/--impl-step "
+                                       "is given (conftest.py: _is_ssd_test)")
     if not config.getoption("hypothesis_profile", None):
         settings.load_profile(os.environ.get("SCAN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
     config.selected_impls = _select(config)
@@ -209,6 +211,8 @@ def pytest_report_header(config):
     from equivalence.checks import describe
 
     lines = [f"hypothesis profile: {settings().max_examples} examples per property"]
+    if _family_only(config) == "ssd":  # Mamba-1 tests are deselected: no Mamba-1 lines
+        return lines
     return lines + ["implementation under test: " + describe(n) for n in config.selected_impls]
 
 
@@ -301,17 +305,33 @@ def pytest_configure_ssd(config):
     config.selected_ssd_impls = _select_ssd(config)
 
 
+# The SSD family's tests (Mamba-2: the SSD scans, their varlen, the Mamba-2 model): files by name, a
+# module or test marked ``pytest.mark.ssd_family``, a test using an SSD fixture, or, in a file of both
+# families, a test whose name has "ssd" as a word (test_ssd_..., test_an_ssd_run_...).
+SSD_FILES = ("test_ssd", "test_triton_ssd", "test_varlen_ssd", "test_model2")
+
+
 def _is_ssd_test(item):
     name = os.path.basename(str(item.fspath))
-    return name.startswith(("test_ssd", "test_triton_ssd")) or any(f in SSD_FIXTURES for f in getattr(item, "fixturenames", ()))
+    return (name.startswith(SSD_FILES) or item.get_closest_marker("ssd_family") is not None
+            or "ssd" in getattr(item, "originalname", item.name).split("_")
+            or any(f in SSD_FIXTURES for f in getattr(item, "fixturenames", ())))
+
+
+def _family_only(config):
+    """"ssd" when only --ssd-impl/--ssd-impl-step is given, "selective" when only --impl/--impl-step,
+    None when neither or both (everything collected runs)."""
+    ssd = bool(config.getoption("ssd_impl") or config.getoption("ssd_impl_step"))
+    selective = bool(config.getoption("impl") or config.getoption("impl_step"))
+    return None if ssd == selective else ("ssd" if ssd else "selective")
 
 
 @pytest.hookimpl(specname="pytest_collection_modifyitems", trylast=True)
 def pytest_collection_modifyitems_ssd(config, items):
-    ssd_only = bool(config.getoption("ssd_impl") or config.getoption("ssd_impl_step"))
-    selective_only = bool(config.getoption("impl") or config.getoption("impl_step"))
-    if ssd_only == selective_only:  # neither, or both: everything collected runs
+    only = _family_only(config)
+    if only is None:  # neither, or both: everything collected runs
         return
+    ssd_only = only == "ssd"
     keep = [item for item in items if _is_ssd_test(item) == ssd_only]
     if len(keep) < len(items):
         config.hook.pytest_deselected(items=[item for item in items if _is_ssd_test(item) != ssd_only])
@@ -322,6 +342,8 @@ def pytest_collection_modifyitems_ssd(config, items):
 def pytest_report_header_ssd(config):
     from equivalence.ssd_checks import describe
 
+    if _family_only(config) == "selective":  # their tests are deselected: no SSD lines
+        return []
     return ["SSD implementation under test: " + describe(n) for n in config.selected_ssd_impls]
 
 

@@ -138,3 +138,18 @@ def test_a_kernel_that_crashes_on_every_call_fails_the_values_test(tmp_path, opt
     assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout[-3000:]
     assert "1 failed" in run.stdout and "RuntimeError: CUDA error: an illegal memory access" in run.stdout
     assert "(probed by tiny calls; raised, so tested and expected to fail: {'dtype f16'" in run.stdout, run.stdout[:3000]
+
+
+def test_impl_alone_restricts_the_run_to_mamba1_tests():
+    """As --ssd-impl alone deselects the Mamba-1 tests, --impl alone deselects the SSD family's: the
+    SSD files, the SSD varlen files, the Mamba-2 model's, SSD-named tests in a mixed file, and the
+    SSD header lines."""
+    files = ["equivalence/test_model2.py", "equivalence/test_model2_parity.py", "equivalence/test_varlen_ssd.py",
+             "equivalence/test_varlen_benchmark.py", "equivalence/test_front_door.py"]
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist", "--impl=loop", *files]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "SSD implementation under test" not in run.stdout and "implementation under test: loop" in run.stdout
+    for gone in ("test_model2", "test_varlen_ssd", "test_ssd_packed", "test_an_ssd_run"):
+        assert gone not in run.stdout.replace("deselected", ""), run.stdout[-3000:]
+    assert "<Function test_a_run_records_both_sides>" in run.stdout and "<Module test_front_door.py>" in run.stdout
