@@ -160,6 +160,24 @@ def check_writable(out):
         os.remove(out)
 
 
+def repair_last_line(path, log=print):
+    """Make the file end at a line's end before appending to it: a last line cut short (a run killed
+    mid-write) is dropped, one that is whole JSON but lacks its newline gets it; either is said."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:
+            f.truncate(start)
+            log(f"warning: {path}: its last line was cut short ({len(data) - start} bytes, not JSON); dropped")
+            return
+        f.write(b"\n")
+        log(f"warning: {path}: its last line lacked a newline; added")
+
+
 def parse_shard(text):
     """"I/N" -> (I, N) with 1 <= I <= N; UsageError otherwise."""
     try:
@@ -207,6 +225,8 @@ def run(sweeps=None, size="default", impls_=None, out=DEFAULT_OUT, resume=False,
         raise UsageError(str(e)) from None
     if plant:
         log(f"planted slowdown ({planted.ENV}): {plant}; recorded in every point's settings")
+    if resume and os.path.exists(out):
+        repair_last_line(out, log)
     now = provenance(size)
     done, ignored = {}, 0   # key -> the plugin source hash it was measured with
     if resume and os.path.exists(out):

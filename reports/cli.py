@@ -11,6 +11,7 @@ that covers none of the results), reported in one line.
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -73,6 +74,12 @@ def check(args):
     from .check import make_baseline, numeric_rows, read_baseline, speed_rows, write_baseline
 
     try:
+        if not (math.isfinite(args.threshold) and args.threshold >= 0):
+            raise UsageError(f"--threshold {args.threshold}: need a finite fraction >= 0, e.g. 0.2")
+        if not 0 < args.alpha < 1:
+            raise UsageError(f"--alpha {args.alpha}: need a significance level between 0 and 1, e.g. 0.01")
+        if args.update_baseline and not args.results:
+            raise UsageError("--update-baseline needs --results (the paired ratios the baseline keeps)")
         data, problems = _load_results(args.results) if args.results else (None, [])
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)

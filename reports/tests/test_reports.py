@@ -574,3 +574,31 @@ def test_resume_measures_again_when_a_plugged_in_kernels_source_changes(tmp_path
     assert "reused 0 point(s)" in capsys.readouterr().err
     last = json.loads(out.read_text().splitlines()[-1])["plugin_source"]
     assert first and last and first != last and len(out.read_text().splitlines()) == 2 * n
+
+
+@pytest.mark.parametrize("extra, words", [(["--threshold", "-5"], ("--threshold -5",)),
+                                          (["--threshold", "nan"], ("--threshold nan",)),
+                                          (["--alpha", "2"], ("--alpha 2",)),
+                                          (["--update-baseline"], ("--update-baseline needs --results",))])
+def test_check_validates_threshold_alpha_and_update_baseline(tmp_path, baseline, capsys, extra, words):
+    before = baseline.read_text()
+    assert cli.main(["check", "--baseline", str(baseline), "--impl", "loop"] + extra) == 2
+    _one_line_error(capsys, "scanbench check: error:", *words)
+    assert baseline.read_text() == before
+
+
+def test_resume_after_a_truncated_last_line_drops_it_with_a_warning(tmp_path, monkeypatch, capsys):
+    from benchmarks import accuracy
+
+    out = tmp_path / "r.jsonl"
+    monkeypatch.setattr(runner, "code_state", lambda: dict(commit="aaaaaaa", dirty=False))
+    monkeypatch.setattr(accuracy, "measure", lambda point: dict(y_error=0.0))
+    n = len(accuracy.points("quick", ["loop"]))
+    assert cli.main(ACCURACY + ["--out", str(out)]) == 0
+    text = out.read_text()
+    out.write_text(text[: len(text) - 20])        # killed while writing the last line
+    capsys.readouterr()
+    assert cli.main(ACCURACY + ["--out", str(out), "--resume"]) == 0
+    assert "cut short" in capsys.readouterr().err
+    records, problems = runner.read_jsonl(str(out))
+    assert not problems and len(records) == n and len({r["key"] for r in records}) == n
