@@ -59,6 +59,12 @@ def _fit(g):
     return fit_slope(g["L"].to_numpy(), g["median_s"].to_numpy()) if len(g) >= 3 else None
 
 
+def not_fitted(stable):
+    """The label of a series too short to fit: 'not fitted: N stable points' (N distinct lengths)."""
+    n = stable["L"].nunique() if "L" in stable else len(stable)
+    return f"not fitted: {n} stable point{'' if n == 1 else 's'}"
+
+
 def slope_label(fit):
     """'slope 1.00 ± 0.03', or 'slope not resolved (± 0.45)' when the 95 % half-width exceeds SLOPE_RESOLVED."""
     half = (fit["ci_high"] - fit["ci_low"]) / 2
@@ -76,12 +82,15 @@ def slope_table(data, kind="per_token"):
     for key, g in _series(rows, ["source", "level", "impl", "mode"]):
         dropped = len(g) - len(_stable(g))
         fit = _fit(_stable(g))
-        if fit is None:
+        common = dict(unstable_left_out=dropped, L_min=int(g["L"].min()), L_max=int(g["L"].max()),
+                      threads=_threads(g), ms_at_L_max=1e3 * float(g.sort_values("L")["median_s"].iloc[-1]))
+        if fit is None:   # still a row: every series the figure draws is accounted for
+            out.append(dict(key, slope=np.nan, ci95=np.nan, resolved=False, fit=not_fitted(_stable(g)),
+                            points=int(_stable(g)["L"].nunique()), **common))
             continue
         half = (fit["ci_high"] - fit["ci_low"]) / 2
         out.append(dict(key, slope=fit["slope"], ci95=half, resolved=bool(np.isfinite(half) and half <= SLOPE_RESOLVED),
-                        points=fit["n"], unstable_left_out=dropped, L_min=int(g["L"].min()), L_max=int(g["L"].max()),
-                        threads=_threads(g), ms_at_L_max=1e3 * float(g.sort_values("L")["median_s"].iloc[-1])))
+                        fit="fitted", points=fit["n"], **common))
     return pd.DataFrame(out)
 
 
@@ -135,8 +144,7 @@ def plot_time_per_token(data, out_dir):
             if part["source"].nunique() > 1:
                 label += f" [{key['source']}]"
             fit = _fit(g)
-            if fit is not None:
-                label += f": {slope_label(fit)}"
+            label += f": {slope_label(fit)}" if fit is not None else f": {not_fitted(g)}"
             ax.loglog(g["L"], g["median_s"] * 1e3, style, marker="o", ms=3, label=label)
         _label_axes(ax, "prefix length L (tokens)", "time per generated token (ms)",
                     f"{level} level: re-forward (dashed) vs recurrent (solid); slopes with 95 % intervals")
@@ -154,7 +162,7 @@ def plot_cumulative(data, path):
         g = g.groupby("L", as_index=False)["median_s"].median()
         label = " / ".join(str(key[k]) for k in ("level", "impl", "mode") if k in key)
         fit = _fit(g)
-        label += f" ({len(g)} points): {slope_label(fit)}" if fit else f" ({len(g)} points: too few for a slope)"
+        label += f" ({len(g)} points): {slope_label(fit)}" if fit else f": {not_fitted(g)}"
         ax.loglog(g["L"], g["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3, label=label)
     _label_axes(ax, "tokens generated L", "time to generate L tokens (s)",
                 "cumulative time: quadratic (re-forward, slope 2) vs linear (recurrent, slope 1)")
@@ -344,7 +352,8 @@ def targets_table(data, slopes):
             s = slopes[(slopes["level"] == where) & (slopes["mode"] == "recurrent") & (slopes["impl"] == "recurrent")]
             if not s.empty:
                 r = s.iloc[0]
-                measured = f"{r['slope']:.2f} ± {r['ci95']:.2f} (L {r['L_min']}..{r['L_max']})"
+                measured = (f"{r['slope']:.2f} ± {r['ci95']:.2f} (L {r['L_min']}..{r['L_max']})" if r["fit"] == "fitted"
+                            else f"{r['fit']} (L {r['L_min']}..{r['L_max']})")
                 status = "not resolved" if not r["resolved"] else ("met" if r["slope"] <= bound else "NOT met")
         elif what == "reforward":
             rows = _rows(data, "time_per_token", "per_token")

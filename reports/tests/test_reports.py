@@ -90,8 +90,10 @@ def test_report_from_two_files_with_malformed_lines(tmp_path, capsys):
     assert "Against mamba.py" in md and "Where a decoding step's time goes" in md and "scan_step" in md
     data, problems = load([str(a), str(b)])
     slopes = slope_table(data)
-    assert len(slopes) == 8 and data["source"].nunique() == 2
-    for _, row in slopes.iterrows():  # the laws the files were written with
+    fitted = slopes[slopes["fit"] == "fitted"]   # each file's one-point model_small series: a 'not fitted' row
+    assert len(fitted) == 8 and (slopes["fit"] == "not fitted: 1 stable point").sum() == 2
+    assert data["source"].nunique() == 2
+    for _, row in fitted.iterrows():  # the laws the files were written with
         assert row["slope"] == pytest.approx(1.0 if row["mode"] == "reforward" else 0.0, abs=1e-9)
     grid = scan_grid_table(data)
     par = grid[grid["impl"] == "parallel"]
@@ -602,3 +604,27 @@ def test_resume_after_a_truncated_last_line_drops_it_with_a_warning(tmp_path, mo
     assert "cut short" in capsys.readouterr().err
     records, problems = runner.read_jsonl(str(out))
     assert not problems and len(records) == n and len({r["key"] for r in records}) == n
+
+
+def test_a_series_too_short_to_fit_is_labelled_and_has_a_table_row(tmp_path, monkeypatch):
+    from reports import report
+
+    path = tmp_path / "r.jsonl"
+    for L in (64, 128, 256):
+        append_jsonl(path, _point("time_per_token", kind="per_token", level="scan", impl="parallel", mode="reforward",
+                                  L=L, median_s=1e-5 * L, threads=1))
+    for L in (64, 128):   # two lengths only
+        append_jsonl(path, _point("time_per_token", kind="per_token", level="scan", impl="recurrent", mode="recurrent",
+                                  L=L, median_s=2e-5, threads=1))
+    data, _ = load([str(path)])
+    table = slope_table(data).set_index("impl")
+    assert table.loc["recurrent", "fit"] == "not fitted: 2 stable points" and np.isnan(table.loc["recurrent", "slope"])
+    assert table.loc["parallel", "fit"] == "fitted"
+    labels = []
+    monkeypatch.setattr(report, "_save", lambda fig, p: labels.extend(fig.axes[0].get_legend_handles_labels()[1]) or p)
+    report.plot_time_per_token(data, str(tmp_path))
+    assert any(lab.startswith("recurrent / recurrent") and lab.endswith("not fitted: 2 stable points") for lab in labels), labels
+    assert any(lab.startswith("parallel / reforward: slope") for lab in labels), labels
+    monkeypatch.undo()
+    assert cli.main(["report", "--results", str(path), "--out", str(tmp_path / "rep")]) == 0
+    assert "not fitted: 2 stable points" in (tmp_path / "rep" / "report.md").read_text()
