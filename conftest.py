@@ -5,6 +5,7 @@
     pytest --impl my_package.my_module       # a module that calls impls.register(...) on import
     pytest --impl my_module:my_scan          # any function with the selective_scan signature
     pytest --impl-step my_module:my_step     # a step function (its scan is the step run per token)
+    pytest --impl-step recurrent             # or a registered name with a step (its step)
     pytest --hypothesis-profile thorough     # profiles: ci, dev, thorough
 """
 
@@ -45,22 +46,37 @@ def pytest_addoption(parser):
     group.addoption("--xfails-file", default=None, metavar="FILE",
                     help="expected failures: one test-id prefix per line (# comments allowed), for an "
                          "implementation's known gaps; listed tests run and are reported as xfail/xpass")
-    group.addoption("--impl-step", default=None, metavar="MODULE:FUNCTION",
-                    help="a selective_state_update-like step function to test (with --impl MODULE:FUNCTION, "
-                         "its step; alone, also its scan, run token by token)")
+    group.addoption("--impl-step", default=None, metavar="MODULE:FUNCTION|NAME",
+                    help="a selective_state_update-like step function to test, or a registered name with a "
+                         "step (with --impl MODULE:FUNCTION, its step; alone, also its scan, run token by token)")
 
 
-def _load(spec):
+def _load(spec, option="--impl"):
     module, _, attr = spec.partition(":")
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise pytest.UsageError(f"--impl {spec}: cannot import {module!r}: {e}") from None
+        raise pytest.UsageError(f"{option} {spec}: cannot import {module!r}: {e}") from None
     if not attr:
         return mod
     if not callable(getattr(mod, attr, None)):
-        raise pytest.UsageError(f"--impl {spec}: {module!r} has no function {attr!r}")
+        raise pytest.UsageError(f"{option} {spec}: {module!r} has no function {attr!r}")
     return getattr(mod, attr)
+
+
+def _load_step(spec):
+    """--impl-step: MODULE:FUNCTION, or a registered name with a step (its step is used).
+    Returns (step, the expression a plain script gets it by, the registered name or None)."""
+    with_step = [n for n in impls.names() if impls.get(n).step is not None]
+    if spec in impls.names():
+        if impls.get(spec).step is None:
+            raise pytest.UsageError(f"--impl-step {spec}: {spec!r} has no step function; expected MODULE:FUNCTION "
+                                    f"or a registered name with a step ({', '.join(with_step)})")
+        return impls.get(spec).step, f"impls.get({spec!r}).step", spec
+    if ":" not in spec:
+        raise pytest.UsageError(f"--impl-step {spec}: expected MODULE:FUNCTION or a registered name with a step "
+                                f"({', '.join(with_step)})")
+    return _load(spec, "--impl-step"), _python_name(spec)[1], None
 
 
 def _python_name(spec):
@@ -85,7 +101,7 @@ def _select(config):
     from equivalence.checks import SETUP
 
     step_spec = config.getoption("impl_step")
-    step = _load(step_spec) if step_spec else None
+    step, step_expr, step_registered = _load_step(step_spec) if step_spec else (None, None, None)
     chosen = []
     for spec in config.getoption("impl"):
         if spec in impls.names():
@@ -95,8 +111,8 @@ def _select(config):
                 module, expr = _python_name(spec)
                 setup = f"import {module}; impls.register({spec!r}, {expr})"
                 if step is not None:
-                    smodule, sexpr = _python_name(step_spec)
-                    setup = f"import {module}, {smodule}; impls.register({spec!r}, {expr}, step={sexpr})"
+                    imports = module if step_registered else f"{module}, {_python_name(step_spec)[0]}"
+                    setup = f"import {imports}; impls.register({spec!r}, {expr}, step={step_expr})"
                 _register_probed(spec, _load(spec), step, setup)
             chosen.append(spec)
             step = None
@@ -115,11 +131,15 @@ def _select(config):
         else:
             raise pytest.UsageError(f"--impl {spec}: not a registered implementation "
                                     f"({', '.join(impls.names())}), a module, or module:function")
-    if step is not None:  # a step on its own: its scan is the step, token by token
+    if step is not None and step_registered:  # a registered name on its own: that implementation
+        chosen.append(step_registered)
+    elif step is not None:  # a step on its own: its scan is the step, token by token
         name = step_spec
         if name not in impls.names():
             module, expr = _python_name(name)
-            _register_probed(name, scan_by_stepping(step), step,
+            scan = scan_by_stepping(step)
+            scan.__module__ = step.__module__  # the header names the step's module, not impls.recurrent
+            _register_probed(name, scan, step,
                              f"import {module}; from impls.recurrent import scan_by_stepping; "
                              f"impls.register({name!r}, scan_by_stepping({expr}), step={expr})")
         chosen.append(name)

@@ -153,3 +153,32 @@ def test_impl_alone_restricts_the_run_to_mamba1_tests():
     for gone in ("test_model2", "test_varlen_ssd", "test_ssd_packed", "test_an_ssd_run"):
         assert gone not in run.stdout.replace("deselected", ""), run.stdout[-3000:]
     assert "<Function test_a_run_records_both_sides>" in run.stdout and "<Module test_front_door.py>" in run.stdout
+
+
+STEP = """
+import impls
+
+def step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    return impls.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, impl="recurrent")
+"""
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("step_mod_xyz:step", "implementation under test: step_mod_xyz:step: step_mod_xyz ("),
+    ("recurrent", "implementation under test: recurrent: impls.recurrent"),
+    ("loop", "ERROR: --impl-step loop: 'loop' has no step function; expected MODULE:FUNCTION or a registered name "
+             "with a step (recurrent"),
+    ("step_mod_xyz", "ERROR: --impl-step step_mod_xyz: expected MODULE:FUNCTION or a registered name with a step"),
+    ("no_such_mod_xyz:f", "ERROR: --impl-step no_such_mod_xyz:f: cannot import"),
+])
+def test_impl_step_names_its_option_and_module(tmp_path, spec, expected):
+    """--impl-step's errors name --impl-step (not --impl) and what it takes; a step's header line
+    names the step's module (not impls.recurrent, where its scan-by-stepping is built)."""
+    (tmp_path / "step_mod_xyz.py").write_text(STEP)
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
+           f"--impl-step={spec}", "equivalence/test_tolerance.py"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    assert expected in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
+    assert (run.returncode == 0) == (not expected.startswith("ERROR")), run.returncode
