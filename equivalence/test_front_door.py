@@ -208,3 +208,16 @@ def test_scan_names_where_each_size_came_from(change, message):
     """The scan takes b, d and l from u and n from A (impls/frontdoor.py: _check)."""
     with pytest.raises(ValueError, match=message):
         impls.selective_scan(**scan_args(**change), impl="loop")
+
+
+@pytest.mark.parametrize("flag", ["yes", "no", 1, torch.tensor(True), None])
+def test_softplus_flags_must_be_bools(flag):
+    """delta_softplus / dt_softplus read by truthiness would take "no" as True: a TypeError naming
+    the argument instead, before anything runs (the step's state untouched)."""
+    with pytest.raises(TypeError, match=r"^selective_scan: delta_softplus: expected a bool"):
+        impls.selective_scan(**scan_args(delta_softplus=flag), impl="loop")
+    args = step_args(dt_softplus=flag)
+    before = args["state"].clone()
+    with pytest.raises(TypeError, match=r"^selective_state_update: dt_softplus: expected a bool"):
+        impls.selective_state_update(**args)
+    assert torch.equal(args["state"], before)

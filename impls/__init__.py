@@ -156,10 +156,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         sequence's state after its last token (its initial state, or zeros, for a length-0 one).
     Raises:
         ValueError or TypeError naming the argument for bad input (impls/frontdoor.py), a malformed
-        cu_seqlens included; NotImplementedError when the implementation lacks what the call needs
-        (cu_seqlens needs the capability ``varlen``).
+        cu_seqlens and a delta_softplus that is not a bool included; NotImplementedError when the
+        implementation lacks what the call needs (cu_seqlens needs the capability ``varlen``).
     """
     entry = get(impl)
+    frontdoor.check_bool("selective_scan", "delta_softplus", delta_softplus)
     if cu_seqlens is None:
         dims = frontdoor.check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state)
     else:
@@ -197,14 +198,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Returns:
         y: (b, d) in x's dtype
     Raises:
-        ValueError or TypeError naming the argument for bad input, an index >= slots or a slot used
-        twice included, with the state untouched; NotImplementedError when the implementation has no
-        step or lacks what the call needs (state_batch_indices needs the capability ``varlen``).
+        ValueError or TypeError naming the argument for bad input, an index >= slots, a slot used
+        twice and a dt_softplus that is not a bool included, with the state untouched;
+        NotImplementedError when the implementation has no step or lacks what the call needs
+        (state_batch_indices needs the capability ``varlen``).
     """
     entry = get(impl)
     if entry.step is None:
         raise NotImplementedError(f"selective_state_update: implementation {impl!r} has no step function; "
                                   f"those with one: {', '.join(k for k, v in _REGISTRY.items() if v.step)}")
+    frontdoor.check_bool("selective_state_update", "dt_softplus", dt_softplus)
     if state_batch_indices is None:
         dims = frontdoor.check_step(state, x, dt, A, B, C, D, z, dt_bias)
     else:

@@ -256,6 +256,13 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias):
     return dict(dims)
 
 
+def check_bool(where, arg, value):
+    """A flag (delta_softplus, dt_softplus) must be a bool: "yes", 0 or a tensor would be read by
+    truthiness, "no" as True. Raises TypeError naming the argument."""
+    if not isinstance(value, bool):
+        _fail(TypeError, where, arg, "a bool (True or False)", f"{type(value).__name__} {value!r}")
+
+
 def check_result(where, impl, arg, x, shape, dtype):
     """An implementation's output must have the promised shape and dtype: never pass on a wrong one."""
     if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape) or x.dtype != dtype:
