@@ -85,6 +85,20 @@ def _python_name(spec):
     return module, f"{module}.{attr}"
 
 
+def _on_path(*specs):
+    """The statements that put each spec's module where a plain script finds it: the folder it was
+    imported from (a script's sys.path[0] is the script's own folder, not where pytest ran)."""
+    roots = []
+    for spec in specs:
+        module = spec.partition(":")[0]
+        found = importlib.util.find_spec(module.split(".")[0])
+        if found is not None and found.origin and found.origin not in ("built-in", "frozen"):
+            top = os.path.dirname(found.origin)
+            roots.append(os.path.dirname(top) if found.submodule_search_locations else top)
+    roots = list(dict.fromkeys(roots))
+    return f"import sys; sys.path[:0] = {roots!r}; " if roots else ""
+
+
 def _register_probed(name, scan, step, setup):
     """Register a plain function under ``name`` with the capabilities its tiny probe calls showed
     (equivalence/checks.py: probe_capabilities), and how a plain script registers it the same way."""
@@ -109,10 +123,11 @@ def _select(config):
         elif ":" in spec:
             if spec not in impls.names():
                 module, expr = _python_name(spec)
-                setup = f"import {module}; impls.register({spec!r}, {expr})"
+                setup = _on_path(spec) + f"import {module}; impls.register({spec!r}, {expr})"
                 if step is not None:
                     imports = module if step_registered else f"{module}, {_python_name(step_spec)[0]}"
-                    setup = f"import {imports}; impls.register({spec!r}, {expr}, step={step_expr})"
+                    setup = (_on_path(spec, *([] if step_registered else [step_spec]))
+                             + f"import {imports}; impls.register({spec!r}, {expr}, step={step_expr})")
                 _register_probed(spec, _load(spec), step, setup)
             chosen.append(spec)
             step = None
@@ -123,7 +138,7 @@ def _select(config):
             if not added:
                 raise pytest.UsageError(f"--impl {spec}: importing it registered no implementation")
             for name in added:  # declared at registration: those capabilities stand, nothing is probed
-                SETUP[name] = f"import {spec}"
+                SETUP[name] = _on_path(spec) + f"import {spec}"
             chosen += added
         elif spec == "mamba_ssm":
             raise pytest.UsageError("--impl mamba_ssm: registered only where the mamba_ssm package imports and "
@@ -140,7 +155,7 @@ def _select(config):
             scan = scan_by_stepping(step)
             scan.__module__ = step.__module__  # the header names the step's module, not impls.recurrent
             _register_probed(name, scan, step,
-                             f"import {module}; from impls.recurrent import scan_by_stepping; "
+                             _on_path(name) + f"import {module}; from impls.recurrent import scan_by_stepping; "
                              f"impls.register({name!r}, scan_by_stepping({expr}), step={expr})")
         chosen.append(name)
     return tuple(dict.fromkeys(chosen)) or impls.names()

@@ -1,6 +1,7 @@
 """Implementations from installed packages: the entry point, its failure modes, and the xfails file."""
 
 import os
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -182,3 +183,31 @@ def test_impl_step_names_its_option_and_module(tmp_path, spec, expected):
                          cwd=os.path.join(os.path.dirname(__file__), os.pardir))
     assert expected in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
     assert (run.returncode == 0) == (not expected.startswith("ERROR")), run.returncode
+
+
+WRONG = """
+import impls
+
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+         initial_state=None, return_last_state=False):
+    y, s = impls.get("loop").scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, True)
+    return (1.5 * y, s) if return_last_state else 1.5 * y
+"""
+
+
+def test_reproduce_line_of_a_plain_function_runs_in_a_script_elsewhere(tmp_path):
+    """A script's sys.path[0] is its own folder: the reproduce line puts the kernel's folder on
+    sys.path itself, so it runs from any folder, without PYTHONPATH."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "wrong_kernel_xyz.py").write_text(WRONG)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile", "ci",
+           "--impl=wrong_kernel_xyz:scan", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    assert run.returncode == 1 and "reproduce: " in run.stdout, run.stdout[-3000:]
+    line = re.search(r"reproduce: (.*)", run.stdout).group(1)
+    plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = subprocess.run([sys.executable, "-c", line + "; print(out[0].shape)"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env=plain)
+    assert script.returncode == 0 and "torch.Size" in script.stdout, (line, script.stderr[-2000:])
