@@ -45,6 +45,7 @@ BAD_SCANS = {
     "x-int": (dict(x=torch.ones(2, 5, 4, 3, dtype=torch.int64)), TypeError, ["x", "floating", "int64"]),
     "B-not-tensor": (dict(B=[[1.0]]), TypeError, ["B", "torch.Tensor", "list"]),
     "device-mix": (dict(D=torch.randn(4, device="meta")), ValueError, ["D", "meta"]),
+    "dt_softplus-not-bool": (dict(dt_softplus="no"), TypeError, ["dt_softplus", "bool", "'no'"]),
 }
 
 
@@ -69,6 +70,7 @@ BAD_STEPS = {
     "dt-shape": (dict(dt=torch.randn(2, 5)), ValueError, ["dt", "(b=2, h=4)"]),
     "D-shape": (dict(D=torch.randn(3, 4)), ValueError, ["D", "(h=4, p=3)"]),
     "dt_limit": (dict(dt_limit=(1.0, 0.0)), ValueError, ["dt_limit", "lo <= hi"]),
+    "dt_softplus-not-bool": (dict(dt_softplus=1), TypeError, ["dt_softplus", "bool"]),
     "tied-A-n": (dict(A=-torch.ones(4, 3, 5)), ValueError, ["A", "n=6"]),
     # x's p (2) against the state's (3): x is checked against the state before z and D (h, p), and
     # the message names both shapes, since either may be the wrong one

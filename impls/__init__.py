@@ -273,6 +273,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
     from . import ssd_frontdoor, ssd_varlen
 
     entry = get(impl, "ssd")
+    frontdoor.check_bool("ssd_scan", "dt_softplus", dt_softplus)
     varlen = seq_idx is not None or cu_seqlens is not None or bool(return_varlen_states)
     dims, chunk_size, dt_limit = ssd_frontdoor.check_scan(x, dt, A, B, C, chunk_size, D, z, dt_bias,
                                                           None if varlen else initial_states, dt_limit)
@@ -336,6 +337,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     if entry.step is None:
         raise NotImplementedError(f"ssd_state_update: implementation {impl!r} has no step function; those "
                                   f"with one: {', '.join(k for k in names('ssd') if get(k, 'ssd').step)}")
+    frontdoor.check_bool("ssd_state_update", "dt_softplus", dt_softplus)
     indexed = state_batch_indices is not None
     # a (slots, h, p, n) cache is checked on its own (impls/ssd_varlen.py); no state has overlap with the rest
     dims, untied, dt_limit = ssd_frontdoor.check_step(None if indexed else state, x, dt, A, B, C, D, z, dt_bias,
