@@ -852,22 +852,23 @@ class MambaMixer(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual: h + mixer(norm(h)). Official names: ``norm``, ``mixer``."""
+    """Pre-norm residual: h + mixer(norm(h)). Official names: ``norm``, ``mixer``. ``mixer`` is the
+    layer's class (Mamba-1's MambaMixer, or impls/model2.py's Mamba2Mixer), built from the config."""
 
-    def __init__(self, config):
+    def __init__(self, config, mixer=None):
         super().__init__()
         self.norm = (RMSNorm(config.d_model, config.norm_epsilon) if config.rms_norm
                      else nn.LayerNorm(config.d_model, eps=config.norm_epsilon))
-        self.mixer = MambaMixer(config)
+        self.mixer = (mixer or MambaMixer)(config)
 
 
 class Backbone(nn.Module):
-    """Official ``MixerModel``: embedding, layers, norm_f."""
+    """Official ``MixerModel``: embedding, layers, norm_f; ``mixer`` as for Block."""
 
-    def __init__(self, config):
+    def __init__(self, config, mixer=None):
         super().__init__()
         self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, mixer) for _ in range(config.n_layer))
         self.norm_f = (RMSNorm(config.d_model, config.norm_epsilon) if config.rms_norm
                        else nn.LayerNorm(config.d_model, eps=config.norm_epsilon))
 
@@ -1022,6 +1023,48 @@ def sampling_scores(logits, temperature=1.0, top_k=None, top_p=None):
         drop[..., -1] = False
         scores = scores.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return scores
+
+
+def decode_tokens(input_ids, max_new_tokens, logits_at, vocab_size, eos, pad, sampling, return_logits,
+                  logits_width, logits_dtype):
+    """The token loop both models' ``generate`` share.
+
+    Args:
+        input_ids: (b, l) int64 prompt; max_new_tokens: T >= 0 (checked by the caller)
+        logits_at: (tokens (b, l + T), t) -> logits (b, v) that choose tokens[:, t]
+        vocab_size: V, the real vocabulary: padded rows beyond it are never chosen
+        eos, pad: from _check_sampling (eos None: no stop token); sampling: None (greedy) or a dict
+              of sampling_scores' arguments plus ``generator``
+        logits_width, logits_dtype: v and the dtype of the empty logits returned when T = 0
+    Returns:
+        tokens (b, l + t) int64, t <= T (every row finished at an eos id stops the loop early);
+        with return_logits, (tokens, logits (b, t, v))
+    """
+    b, l = input_ids.shape
+    tokens = torch.empty(b, l + max_new_tokens, dtype=torch.long, device=input_ids.device)
+    tokens[:, :l] = input_ids
+    finished = None if eos is None else torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    kept, end = [], l + max_new_tokens
+    for t in range(l, l + max_new_tokens):
+        logits = logits_at(tokens, t)
+        kept.append(logits)
+        if sampling is not None:
+            scores = sampling_scores(logits[:, :vocab_size], sampling["temperature"], sampling["top_k"],
+                                     sampling["top_p"])
+            chosen = torch.multinomial(torch.softmax(scores, -1), 1, generator=sampling["generator"])[:, 0]
+        else:
+            chosen = logits[:, :vocab_size].argmax(-1)
+        if finished is not None:
+            chosen = torch.where(finished, pad, chosen)
+            finished |= torch.isin(chosen, eos)
+        tokens[:, t] = chosen
+        if finished is not None and bool(finished.all()):
+            end = t + 1
+            break
+    tokens = tokens[:, :end]
+    if return_logits:
+        return tokens, (torch.stack(kept, 1) if kept else torch.empty(b, 0, logits_width, dtype=logits_dtype))
+    return tokens
 
 
 def _transposed_storage(weight):
@@ -1261,52 +1304,28 @@ class MambaLM(nn.Module):
         if mode == "recurrent":
             step_impl = impl if step_impl is None else step_impl
             _check_step_impl(STEP_DEFAULT if step_impl is None else step_impl)
-        tokens = torch.empty(b, l + T, dtype=torch.long, device=input_ids.device)
-        tokens[:, :l] = input_ids
-        V = self.config.vocab_size
-        kept = []
-        finished = None if eos is None else torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-
         if mode == "reforward":
             full_mask = None
             if mask is not None:
                 full_mask = torch.ones(b, l + T, dtype=mask.dtype, device=mask.device)
                 full_mask[:, :l] = mask
 
-            def logits_at(t):   # the logits that choose tokens[:, t]
+            def logits_at(tokens, t):   # the logits that choose tokens[:, t]
                 return self._forward(tokens[:, :t], impl, None if full_mask is None else full_mask[:, :t],
                                      num_last_tokens=1)[:, -1]
         else:
             cache = None
 
-            def logits_at(t):
+            def logits_at(tokens, t):
                 nonlocal cache
                 if cache is None:
                     logits, cache = self.prefill(input_ids, impl, mask)
                     return logits
                 return self.step(tokens[:, t - 1], cache, step_impl)
 
-        end = l + T
-        for t in range(l, l + T):
-            logits = logits_at(t)
-            kept.append(logits)
-            if do_sample:
-                probs = torch.softmax(sampling_scores(logits[:, :V], temperature, top_k, top_p), -1)
-                chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                chosen = logits[:, :V].argmax(-1)
-            if finished is not None:
-                chosen = torch.where(finished, pad, chosen)
-                finished |= torch.isin(chosen, eos)
-            tokens[:, t] = chosen
-            if finished is not None and bool(finished.all()):
-                end = t + 1
-                break
-        tokens = tokens[:, :end]
-        if return_logits:
-            v = self.config.padded_vocab_size
-            return tokens, (torch.stack(kept, 1) if kept else torch.empty(b, 0, v, dtype=self.dtype))
-        return tokens
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
+        return decode_tokens(input_ids, T, logits_at, self.config.vocab_size, eos, pad, sampling, return_logits,
+                             self.config.padded_vocab_size, self.dtype)
 
     # ------------------------------------------------------------------ checkpoints
 

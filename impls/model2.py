@@ -49,9 +49,9 @@ import torch.nn.functional as F
 import impls
 from .frontdoor import compute_dtype
 # Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/model.py).
-from .model import (RMSNorm, ResidualStream, _check_count, _check_ids, _check_mask, _check_sampling,
-                    _transposed_storage, check_dtype_arg, check_int, config_layout, layout_markers, load_weights,
-                    sampling_scores, stored_shapes, weight_files)
+from .model import (Backbone, ResidualStream, _check_count, _check_ids, _check_mask, _check_sampling,
+                    _transposed_storage, check_dtype_arg, check_int, config_layout, decode_tokens, layout_markers,
+                    load_weights, stored_shapes, weight_files)
 
 STEP_DEFAULT = impls.ssd_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
@@ -493,27 +493,6 @@ class Mamba2Mixer(nn.Module):
         return y
 
 
-class Block(nn.Module):
-    """Pre-norm residual: h + mixer(norm(h)). Official names: ``norm``, ``mixer``."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.norm = (RMSNorm(config.d_model, config.norm_epsilon) if config.rms_norm
-                     else nn.LayerNorm(config.d_model, eps=config.norm_epsilon))
-        self.mixer = Mamba2Mixer(config)
-
-
-class Backbone(nn.Module):
-    """Official ``MixerModel``: embedding, layers, norm_f."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = (RMSNorm(config.d_model, config.norm_epsilon) if config.rms_norm
-                       else nn.LayerNorm(config.d_model, eps=config.norm_epsilon))
-
-
 class Mamba2LM(nn.Module):
     """The Mamba-2 language model (official ``MambaLMHeadModel`` with Mamba2 layers): backbone + LM head.
 
@@ -525,7 +504,7 @@ class Mamba2LM(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.backbone = Backbone(config)
+        self.backbone = Backbone(config, Mamba2Mixer)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self._init_weights()
         # matrices with more outputs than inputs stored transposed: faster decoding here (_transposed_storage)
@@ -722,40 +701,25 @@ class Mamba2LM(nn.Module):
         step_impl = impl if step_impl is None else step_impl
         if mode == "recurrent":
             _check_ssd_step_impl(step_impl)
-        tokens = torch.empty(b, l + T, dtype=torch.long, device=input_ids.device)
-        tokens[:, :l] = input_ids
-        finished = None if eos is None else torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         full_mask = None
         if mask is not None and mode == "reforward":
             full_mask = torch.ones(b, l + T, dtype=mask.dtype, device=mask.device)
             full_mask[:, :l] = mask
-        kept, cache, end = [], None, l + T
-        for t in range(l, l + T):
+        cache = None
+
+        def logits_at(tokens, t):   # the logits that choose tokens[:, t]
+            nonlocal cache
             if mode == "reforward":
-                logits = self._forward(tokens[:, :t], impl, None if full_mask is None else full_mask[:, :t],
-                                       num_last_tokens=1)[:, -1]
-            elif cache is None:
+                return self._forward(tokens[:, :t], impl, None if full_mask is None else full_mask[:, :t],
+                                     num_last_tokens=1)[:, -1]
+            if cache is None:
                 logits, cache = self.prefill(input_ids, impl, mask)
-            else:
-                logits = self.step(tokens[:, t - 1], cache, step_impl)
-            kept.append(logits)
-            if do_sample:
-                probs = torch.softmax(sampling_scores(logits[:, :V], temperature, top_k, top_p), -1)
-                chosen = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            else:
-                chosen = logits[:, :V].argmax(-1)
-            if finished is not None:
-                chosen = torch.where(finished, pad, chosen)
-                finished |= torch.isin(chosen, eos)
-            tokens[:, t] = chosen
-            if finished is not None and bool(finished.all()):
-                end = t + 1
-                break
-        tokens = tokens[:, :end]
-        if return_logits:
-            v = self.config.padded_vocab_size
-            return tokens, (torch.stack(kept, 1) if kept else torch.empty(b, 0, v, dtype=self.dtype))
-        return tokens
+                return logits
+            return self.step(tokens[:, t - 1], cache, step_impl)
+
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
+        return decode_tokens(input_ids, T, logits_at, V, eos, pad, sampling, return_logits,
+                             self.config.padded_vocab_size, self.dtype)
 
     # ------------------------------------------------------------------ checkpoints
 
