@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import impls
 from impls.ssd_loop import effective_dt, per_head
 
+from .checks import _perturbed
 from .ssd_cases import SCAN_ARGS, TIME_ARGS, make_inputs, reference_inputs
 from .tolerance import assert_close, ssd_terms
 
@@ -168,19 +169,6 @@ def check_chunk_size_invariance(name, case, chunk_sizes):
         out, state = scan(name, case, x, chunk_size=cs, return_final_states=True)
         assert_matches_oracle(f"{name}, chunk_size={cs}", case, out, state, ref, same,
                               repro(name, case).replace(f"chunk_size={case.chunk_size}", f"chunk_size={cs}"))
-
-
-def _perturbed(x, keys, index, gen):
-    """A copy of the inputs with fresh random values at ``index`` of each argument in ``keys``."""
-    out = dict(x)
-    for k in keys:
-        if x[k] is not None:
-            # same strides as the original: elementwise kernels may round differently on another
-            # layout, and the comparisons below are bit for bit
-            v = torch.empty_strided(x[k].shape, x[k].stride(), dtype=x[k].dtype).copy_(x[k])
-            v[index] = torch.randn(v[index].shape, generator=gen, dtype=torch.float64).to(v.dtype)
-            out[k] = v
-    return out
 
 
 def check_causality(name, case, t):
