@@ -16,7 +16,7 @@ import impls
 from impls.frontdoor import per_channel
 
 from .cases import SCAN_ARGS, make_inputs, reference_inputs
-from .tolerance import assert_close, terms
+from .tolerance import GATE_ULPS, TRANSCENDENTAL_ULPS, assert_close, conditioning, dt_ulps, terms
 
 TIME_ARGS = ("u", "delta", "z", "B", "C")   # the arguments with a time axis (last)
 BATCH_ARGS = TIME_ARGS + ("initial_state",)
@@ -206,12 +206,29 @@ def magnitudes(case, weights=None):
     previous = torch.cat([h0[:, :, None], H[:, :, :-1]], 2)                      # h_{t-1}
     decay_terms = (decay * lam * previous).detach()                               # Ā_t lambda_t h_{t-1}
     sums["A"] = (dt.abs()[..., None] * decay_terms).sum((0, 2))
-    dsoftplus = torch.sigmoid(raw) if x["delta_softplus"] else 1.0
+    # softplus' derivative, exactly 1 above its threshold (20) where softplus is the identity
+    dsoftplus = torch.where(raw > 20, 1.0, torch.sigmoid(raw)) if x["delta_softplus"] else 1.0
     sums["delta"] = dsoftplus * ((x["A"].abs()[:, None, :] * decay_terms).sum(-1)
                                  + (lam.detach() * B.detach()).sum(-1) * leaves["u"].detach())
     if x["delta_bias"] is not None:
         sums["delta_bias"] = sums["delta"].sum((0, 2))
     return y.detach(), last.detach(), sums
+
+
+def conditionings(case):
+    """Ulps a rounding can grow to (equivalence/tolerance.py: conditioning) for each element of
+    y (b, d, l) and last_state (b, d, n), and for every gradient element (a number: the whole
+    sequence's, forwards and through the adjoint)."""
+    x = reference_inputs(case)
+    raw = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][:, None]
+    dt = F.softplus(raw) if x["delta_softplus"] else raw                          # (b, d, l)
+    dt_rel = dt_ulps(raw, x["delta_softplus"], x["delta_bias"] is not None)[..., None]
+    cum = conditioning(dt[..., None] * x["A"][:, None, :], dt_rel, 2)             # (b, d, l, n)
+    gate = GATE_ULPS if x["z"] is not None else 0
+    last = cum[:, :, -1]
+    finite = last[torch.isfinite(last)]
+    grad = (float(finite.max()) if finite.numel() else 0.0) + 2 * TRANSCENDENTAL_ULPS + gate
+    return cum.amax(-1) + gate, last, grad
 
 
 def _finite_max(t):
@@ -231,11 +248,13 @@ def infinite_decay(case):
 
 
 def assert_matches_oracle(what, case, y, state, ref, same, where):
-    sy, ss = scales(case)
+    sy, ss, _ = magnitudes(case)
+    ky, ks, _ = conditionings(case)
     kinds = not infinite_decay(case)  # which non-finite value an infinite decay gives is order-dependent
-    assert_close(f"{what}: y", y, ref[0], same[0], terms("y", case.l, case.n), where, scale=sy, exact_kinds=kinds)
+    assert_close(f"{what}: y", y, ref[0], same[0], terms("y", case.l, case.n), where, scale=sy, exact_kinds=kinds,
+                 conditioning=ky)
     assert_close(f"{what}: last_state", state, ref[1], same[1], terms("last_state", case.l, case.n), where,
-                 scale=ss, exact_kinds=kinds)
+                 scale=ss, exact_kinds=kinds, conditioning=ks)
 
 
 def time_slice(inputs, start, stop):
@@ -412,7 +431,7 @@ def check_gradients(name, case):
     sums = magnitudes(case, weights)[2]
     for k in got:
         assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], terms, repro(name, case) + f"  # gradient of {k}",
-                     scale=_finite_max(sums[k]))
+                     scale=sums[k], conditioning=conditionings(case)[2])
 
 
 # name -> {capability: how its probe call went}, for implementations registered from a plain function

@@ -14,7 +14,7 @@ from impls.ssd_loop import effective_dt, per_head
 
 from .checks import _perturbed
 from .ssd_cases import SCAN_ARGS, TIME_ARGS, make_inputs, reference_inputs
-from .tolerance import assert_close, ssd_terms
+from .tolerance import GATE_ULPS, TRANSCENDENTAL_ULPS, assert_close, conditioning, dt_ulps, ssd_terms
 
 BATCH_ARGS = TIME_ARGS + ("initial_states",)
 
@@ -75,6 +75,21 @@ def magnitudes(case):
     return y, state
 
 
+def conditionings(case):
+    """Ulps a rounding can grow to (equivalence/tolerance.py: conditioning) for each element of
+    out (b, l, h, p) and final_states (b, h, p, n), and for every gradient element (a number)."""
+    x = reference_inputs(case)
+    raw = x["dt"] + (x["dt_bias"] if x["dt_bias"] is not None else 0)
+    dt = effective_dt(x["dt"], x["dt_bias"], x["dt_softplus"], x["dt_limit"], torch.float64)   # (b, l, h)
+    cum = conditioning(dt * x["A"], dt_ulps(raw, x["dt_softplus"], x["dt_bias"] is not None), 1)
+    gate = GATE_ULPS if x["z"] is not None else 0
+    last = cum[:, -1]
+    finite = last[torch.isfinite(last)]
+    grad = (float(finite.max()) if finite.numel() else 0.0) + 2 * TRANSCENDENTAL_ULPS + gate
+    out = (cum + gate)[..., None].expand(case.b, case.l, case.h, case.p)
+    return out, last[:, :, None, None].expand(case.b, case.h, case.p, case.n), grad
+
+
 def _finite_max(t):
     t = t.detach()
     t = t[torch.isfinite(t)]
@@ -86,10 +101,12 @@ def scales(case):
 
 
 def assert_matches_oracle(what, case, out, state, ref, same, where):
-    so, ss = scales(case)
-    assert_close(f"{what}: out", out, ref[0], same[0], ssd_terms("out", case.l, case.n), where, scale=so)
+    so, ss = magnitudes(case)
+    ko, ks, _ = conditionings(case)
+    assert_close(f"{what}: out", out, ref[0], same[0], ssd_terms("out", case.l, case.n), where, scale=so,
+                 conditioning=ko)
     assert_close(f"{what}: final_states", state, ref[1], same[1], ssd_terms("final_states", case.l, case.n),
-                 where, scale=ss)
+                 where, scale=ss, conditioning=ks)
 
 
 def time_slice(inputs, start, stop):
@@ -349,4 +366,4 @@ def check_gradients(name, case):
     sums = gradient_magnitudes(case, weights)
     for k in got:
         assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], gradient_terms(case, k),
-                     repro(name, case) + f"  # gradient of {k}", scale=_finite_max(sums[k]))
+                     repro(name, case) + f"  # gradient of {k}", scale=sums[k], conditioning=conditionings(case)[2])

@@ -7,7 +7,7 @@ from hypothesis import example, given, strategies as st
 import impls
 from .cases import Case, cases, make_inputs, reference_inputs
 from .checks import magnitudes
-from .tolerance import compare, terms
+from .tolerance import compare, conditioning, dt_ulps, terms
 
 
 def runs(case):
@@ -74,6 +74,7 @@ def test_sums_of_absolute_terms_bound_the_oracle(case):
 
 
 @given(case=cases(max_l=64))
+@example(case=Case(b=1, d=1, n=1, l=4, regime="extreme", D=False, z=False, delta_bias=False, softplus=True))
 def test_sums_of_absolute_summands_bound_the_gradients(case):
     """The gradients' sums of |summands| are at least the float64 gradients' |values|, for every
     argument (|sum| <= sum|summands|): the magnitude run's adjoint and chain rule are what they claim."""
@@ -92,3 +93,33 @@ def test_sums_of_absolute_summands_bound_the_gradients(case):
     for k in names:
         finite = torch.isfinite(ref[k]) & torch.isfinite(sums[k])
         assert (sums[k][finite] >= ref[k].abs()[finite] * (1 - 1e-9)).all(), k
+
+
+def test_one_rounding_of_the_decay_argument_grows_by_its_magnitude():
+    """Closed form, one step from an initial state: h = exp(dt A) h0. A kernel that rounds dt A
+    once more (exp2 with a rounded log2(e), say) is off by |dt A| ulps of h: at dt A = -34 in
+    float64, 34 ulps, which the old floor (its terms alone, loop error 0) refused. The conditioning
+    allows it, and a result 100 times further off still fails."""
+    dt, A, h0 = torch.tensor([2.0], dtype=torch.float64), -17.0, 1.5
+    oracle = torch.exp(dt * A) * h0
+    sound = torch.exp(dt * A * (1 + torch.finfo(torch.float64).eps)) * h0
+    k = conditioning((dt * A)[:, None], dt_ulps(dt, softplus=False, biased=False)[:, None], 0)[-1]
+    assert not compare(sound, oracle, None, 1).ok
+    assert compare(sound, oracle, None, 1, conditioning=k).ok
+    assert not compare(oracle * (1 + 100 * 34 * torch.finfo(torch.float64).eps), oracle, None, 1, conditioning=k).ok
+
+
+def test_a_decay_from_cumulative_sums_is_within_the_conditioning():
+    """Closed form, no inputs after the first token: h_t = exp(sum_{r<=t} dt_r A) x_0. A chunked
+    kernel forms the window's decay as exp(cs_t - cs_0) from float32 cumulative sums; after one
+    strong step (dt A = -300) the small steps' digits are lost in the sum (a relative error of
+    about eps |cs_t| in the decay), where the loop's product keeps them. Sound, and allowed."""
+    dtA = torch.tensor([-300.0] + [-1e-3] * 7, dtype=torch.float64)
+    oracle = torch.exp(dtA.cumsum(0) - dtA[0])                    # the window after the first step
+    cs = dtA.float().cumsum(0)
+    chunked = torch.exp(cs - cs[0])
+    loop = torch.cat([torch.ones(1), torch.cumprod(torch.exp(dtA[1:].float()), 0)])
+    k = conditioning(dtA, torch.zeros(()), 0)
+    assert (chunked.double() - oracle).abs().max() > 5 * (loop.double() - oracle).abs().max()   # it does lose digits
+    assert not compare(chunked, oracle, loop, 8).ok
+    assert compare(chunked, oracle, loop, 8, conditioning=k).ok

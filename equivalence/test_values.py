@@ -7,9 +7,11 @@ bfloat16, strides) are tests of their own, so they never pre-empt a drawn, shrun
 """
 
 import pytest
+import torch
 from hypothesis import example, given
 
-from .cases import PINNED, SMALLEST, Case, cases
+import impls
+from .cases import PINNED, SMALLEST, Case, cases, make_inputs
 from .checks import check_prefill_then_decode, check_values
 
 
@@ -24,7 +26,22 @@ def test_non_finite_inputs_give_the_loops_pattern(impl, case):
     """inf, -inf or NaN in one element of u, delta, B, C, z, D, delta_bias or initial_state: every
     output is NaN, +inf, -inf or finite exactly where the loop's is (and within the policy elsewhere).
     n = 3 or 5 with inf in u is where a kernel's padded state lanes (B loaded as 0) turn inf into NaN."""
+    if not impls.get(impl).supports["nonfinite_inputs"]:
+        pytest.skip(f"{impl}: declared gap: non-finite inputs")
     check_values(impl, case)
+
+
+def test_mambapy_turns_an_inf_state_into_nan_where_decays_underflow():
+    """The declared gap of mambapy, pinned: its pscan multiplies the decays of several steps (an
+    underflow to 0 under strong decay) before applying them to an inf state, 0 x inf = NaN; the
+    loop applies them one by one and stays inf."""
+    if "mambapy" not in impls.names():
+        pytest.skip("mambapy not installed")
+    case = Case(b=1, d=1, n=1, l=7, regime="stress", D=False, z=False, delta_bias=False, softplus=False,
+                seed=0, poison=("u", 0, "inf"))
+    y, _ = impls.selective_scan(**make_inputs(case), return_last_state=True, impl="mambapy")
+    y_loop, _ = impls.selective_scan(**make_inputs(case), return_last_state=True, impl="loop")
+    assert torch.isinf(y_loop).all() and torch.isnan(y[0, 0, -1])
 
 
 @pytest.mark.parametrize("case", PINNED, ids=lambda c: c.id)

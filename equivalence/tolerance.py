@@ -4,39 +4,60 @@ An implementation's result is compared with the float64 oracle (the loop run in 
 same, already rounded, inputs). Its error may be at most
 
     FACTOR x (the error the loop itself makes in the same dtype on the same inputs)
-    + eps(compute dtype) x length x scale
-
-with scale = max|oracle|, or the largest sum of |terms| where an element is a sum that cancels
-(below),
+    + eps(compute dtype) x max over elements of (length + conditioning_i) x scale_i
 
 where the error is the largest absolute difference over the tensor, length is the number of
 rounded terms accumulated into each element (``terms``: l + n for y, whose readout sums n products
-of a state built over l steps; l for states), and the compute dtype is float32 for half and float32
+of a state built over l steps; l for states), scale_i is element i's sum of |terms| (below: never
+less than |oracle_i|), conditioning_i is how many ulps one rounding inside element i's computation
+can grow to on its way there (below), and the compute dtype is float32 for half and float32
 results, float64 for float64 ones.
 
 Why this shape: the loop in the same dtype is the honest measure of what that dtype can do on
 these inputs (bfloat16 rounding, float32 under strong decay), so a fixed rtol is either too loose
 for float32 or too tight for bfloat16. FACTOR = 2 leaves room for a different but equally sound
 order of operations (a result rounded to the other neighbour costs up to one ulp where the loop
-paid half). The floor covers float64, where the loop *is* the oracle and its own error is zero:
-a float64 result may differ by rounding that grows at most linearly with the number of terms,
-which is still ~1e-13 relative at l = 1000. With it, a 2 % error in a bfloat16 result fails
+paid half). The floor covers what the loop's own error cannot: in float64 the loop *is* the oracle
+and its error is zero, and in float32 it can be zero by luck (l = 1). There a sound result may
+still differ by rounding that grows linearly with the number of terms, and by rounding that the
+computation amplifies (the conditioning). With the floor, a 2 % error in a bfloat16 result fails
 (the loop's bfloat16 error is at most half an ulp, 0.4 %).
 
-Sums under cancellation. max|oracle| is the right scale for the floor only where no element is a
-sum of terms much larger than itself. Many are: y_t = <C_t, h_t> can be 0.002 from products of size
-2; dL/ddelta_t sums, over n, a decay term and an input term of opposite signs; dL/ddelta_bias and
+Sums under cancellation. max|oracle| is the right scale only where no element is a sum of terms
+much larger than itself. Many are: y_t = <C_t, h_t> can be 0.002 from products of size 2;
+dL/ddelta_t sums, over n, a decay term and an input term of opposite signs; dL/ddelta_bias and
 dL/dA sum over batch and time, dL/dC over channels. Each term rounded to its nearest float then
-moves the sum by up to eps x sum|terms| (the classic bound for a rounded sum), and in float64,
-where the loop's own error is zero, any order of summation but the loop's exceeds a floor relative
-to |sum|. So the checks pass ``scale``: the largest sum of |terms| of an element, from the scan's
-recursion run in float64 with every term made non-negative, and its adjoint for the gradients
-(equivalence/checks.py: ``magnitudes``; tested never to fall below |oracle|, for the outputs and
-every gradient). Measured on mamba.py's pscan, which reads out y with a BLAS matmul: float64 y 38
-ulps of max|y| off at l = 1 (n = 5, cancelling); a float32 dL/ddelta_bias 10x the loop's error with
-every dL/ddelta within one ulp; float64 dL/dA and dL/ddelta likewise. Our own `parallel` had a
-float32 dL/ddelta (l = 1, n = 1, from an initial state) 1.2x over the old bound: the same
-cancellation, found by the thorough profile.
+moves the sum by up to eps x sum|terms| (the classic bound for a rounded sum), in any order of
+summation. So the checks pass ``scale``: each element's sum of |terms|, from the scan's recursion
+run in float64 with every term made non-negative, and its adjoint for the gradients
+(``magnitudes`` in equivalence/checks.py and ssd_checks.py; tested never to fall below |oracle|).
+Measured on mamba.py's pscan, which reads out y with a BLAS matmul: float64 y 38 ulps of max|y|
+off at l = 1 (n = 5, cancelling); a float32 dL/ddelta_bias 10x the loop's error with every
+dL/ddelta within one ulp.
+
+Conditioning: the amplification a first-order error analysis gives (``conditioning``). A rounding
+is a relative error of eps/2 in one intermediate value; what it does to the result is that
+error times the condition number of the rest of the computation. Three places amplify:
+- exp(dt A): a relative error r in its argument x = dt A becomes a relative error |x| r in the
+  decay. dt A is formed by one product (one rounding), and dt carries the error of the dt
+  pipeline (``dt_ulps``), so one step's decay carries |dt A| (dt_ulps + 1) + TRANSCENDENTAL_ULPS
+  ulps (exp itself: within an ulp or two in any sound libm; a kernel may use exp2 with a rounded
+  log2(e) factor, another |x| ulp, counted by the factor 2 below).
+- A window's decay, prod_{s<r<=t} exp(dt_r A) = exp(sum dt_r A), is formed either as a product
+  (the loop: its ulps add up) or as exp of a difference of cumulative sums (chunked kernels:
+  the sums' roundings are relative to the sum from the chunk's start, not the window's). Both are
+  bounded by the sum over the sequence so far of each step's ulps, counted twice (the two
+  cumulative sums of a difference). For element t: 2 x sum_{r<=t} step ulps.
+- The dt pipeline: softplus(raw) with raw = delta + delta_bias rounded once. d log softplus / d
+  log raw = raw sigmoid(raw) / softplus(raw), which is |raw| for a very negative raw: raw = -30
+  rounded by half an ulp moves dt by 30 ulps. Without a bias raw is an input, exact.
+- The gate silu(z) = z sigmoid(z): an exp, a sum and a quotient, GATE_ULPS (z is exact).
+A gradient element sums over the whole sequence through the adjoint, which runs the decays
+backwards: its conditioning is the whole sequence's (the forward prefix and the backward suffix),
+plus the derivatives of softplus and silu (a sigmoid each).
+Derived on closed forms (equivalence/test_tolerance.py): one step, exp(dt A) with dt rounded,
+passes at |dt A| = 34 and a 4x larger error fails; a cumulative-sum decay exp(cs_t - cs_s) in
+float32 passes where the old floor failed.
 
 Non-finite values: where the loop (or, without a loop run, the oracle cast to the result's
 dtype) is NaN or inf, the result must be the same kind of non-finite value; everywhere else it
@@ -46,8 +67,31 @@ must be finite. NaN is never allowed to vanish and never allowed to appear.
 import dataclasses
 
 import torch
+import torch.nn.functional as F
+from hypothesis import target
+from hypothesis.control import current_build_context, currently_in_test_context
 
 FACTOR = 2.0
+TRANSCENDENTAL_ULPS = 2   # one exp, log1p or sigmoid, evaluated by any sound method
+GATE_ULPS = 3             # silu(z) = z / (1 + exp(-z)): an exp, a sum and a quotient
+
+
+def dt_ulps(raw, softplus, biased):
+    """Relative error of dt, in eps, elementwise: raw (any shape) = delta + delta_bias (float64)."""
+    if not softplus:
+        return torch.full_like(raw, 1.0 if biased else 0.0)
+    # torch's softplus is the identity above 20, as every kernel here: its condition number is 1 there
+    cond = torch.where(raw > 20, torch.ones_like(raw), (raw * torch.sigmoid(raw) / F.softplus(raw)).abs())
+    return (cond if biased else torch.zeros_like(raw)) + TRANSCENDENTAL_ULPS
+
+
+def conditioning(dtA, dt_rel, time_dim):
+    """Ulps a rounding can grow to by step t, for every step: 2 x sum_{r<=t} of each step decay's
+    ulps (see the module docstring), plus the worst dt pipeline so far (the input term dt B u
+    carries dt's error). dtA: dt A broadcast to the state's shape with a time axis; dt_rel: dt_ulps,
+    broadcastable to dtA. Returns dtA's shape; NaN or inf where dtA is not finite."""
+    step = dtA.abs() * (dt_rel + 1) + TRANSCENDENTAL_ULPS
+    return 2 * step.cumsum(time_dim) + torch.broadcast_to(dt_rel, dtA.shape).cummax(time_dim).values
 
 
 def terms(output, l, n):
@@ -71,7 +115,7 @@ class Comparison:
 
     def describe(self):
         return (f"error {self.error:.3g} vs bound {self.bound:.3g} "
-                f"(= {FACTOR} x loop error {self.loop_error:.3g} + floor), worst at {self.worst_index}, "
+                f"(= {FACTOR} x loop error {self.loop_error:.3g} + floor, conditioning included), worst at {self.worst_index}, "
                 f"non-finite mismatches: {self.nonfinite_mismatch}")
 
 
@@ -80,11 +124,13 @@ def _kind(x):
     return torch.isnan(x) * 1 + (x == float("inf")) * 2 + (x == float("-inf")) * 3
 
 
-def compare(actual, oracle, loop=None, length=1, scale=None, exact_kinds=True):
+def compare(actual, oracle, loop=None, length=1, scale=None, exact_kinds=True, conditioning=0.0):
     """Apply the policy. actual: any shape and floating dtype; oracle: float64, same shape;
     loop: the loop's result in actual's dtype (None means actual is float64 and the oracle is its loop);
-    scale: what the floor is relative to, when not max|oracle| (a sum under cancellation: the
-    largest sum of |summands| of an element);
+    scale: what the floor is relative to, when not |oracle|: each element's sum of |summands|
+    (a tensor of actual's shape) or the largest of them (a number);
+    conditioning: ulps a rounding can grow to, a number or a tensor of actual's shape (the floor
+    is eps x max over elements of (length + conditioning) x scale);
     exact_kinds=False: only finite against non-finite is compared, not which non-finite value. Only
     for an infinite decay (dt = -inf, so exp(dt A) = inf): products and sums of infinities of both
     signs are inf or NaN depending on the order they are formed in (inf * (inf - inf) against
@@ -106,16 +152,43 @@ def compare(actual, oracle, loop=None, length=1, scale=None, exact_kinds=True):
         lp = loop.detach().double().cpu()
         lfin = finite & torch.isfinite(lp)
         loop_error = float(torch.where(lfin, (lp - o).abs(), torch.zeros_like(lp)).max()) if lp.numel() else 0.0
-    if scale is None:
-        scale = float(torch.where(torch.isfinite(o), o.abs(), torch.zeros_like(o)).max()) if o.numel() else 0.0
+    scale = o.abs() if scale is None else torch.as_tensor(scale, dtype=torch.float64).cpu()
+    conditioning = torch.as_tensor(conditioning, dtype=torch.float64).cpu()
+    # past an infinite or NaN step the conditioning is not finite, and so is the oracle there
+    conditioning = torch.where(torch.isfinite(conditioning), conditioning, torch.zeros((), dtype=torch.float64))
+    weighted = (max(length, 1) + conditioning) * scale
+    weighted = weighted[torch.isfinite(weighted)]
     eps = torch.finfo(torch.float64 if actual.dtype == torch.float64 else torch.float32).eps
-    bound = FACTOR * loop_error + eps * max(length, 1) * scale
+    bound = FACTOR * loop_error + eps * (float(weighted.max()) if weighted.numel() else 0.0)
     return Comparison(error, loop_error, bound, mismatch, worst)
 
 
-def assert_close(what, actual, oracle, loop=None, length=1, repro="", scale=None, exact_kinds=True):
+_targeted = [None, set()]  # (the hypothesis test case, the labels it has reported)
+
+
+def report_margin(what, c):
+    """Inside a hypothesis test, report error / bound as a target (labelled by what was compared:
+    "y", "grad A"), so that the search climbs towards the bound instead of drawing blindly; the
+    false-alarm run (equivalence/false_alarms.py) reads the largest back. A label counts once per
+    test case (hypothesis' rule): its first comparison."""
+    if not currently_in_test_context():
+        return
+    context = current_build_context()
+    if _targeted[0] is not context:
+        _targeted[:] = [context, set()]
+    label = what.rsplit(": ", 1)[-1]
+    if label in _targeted[1]:
+        return
+    _targeted[1].add(label)
+    ratio = c.error / c.bound if c.bound > 0 else (0.0 if c.error == 0 else 1e6)
+    target(min(ratio + c.nonfinite_mismatch, 1e6), label=label)
+
+
+def assert_close(what, actual, oracle, loop=None, length=1, repro="", scale=None, exact_kinds=True,
+                 conditioning=0.0):
     """compare() and raise AssertionError with a reproducing snippet if the policy is not met."""
-    c = compare(actual, oracle, loop, length, scale, exact_kinds)
+    c = compare(actual, oracle, loop, length, scale, exact_kinds, conditioning)
+    report_margin(what, c)
     if not c.ok:
         raise AssertionError(f"{what}: {c.describe()}\n  reproduce: {repro}")
     return c

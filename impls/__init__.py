@@ -43,6 +43,7 @@ DEFAULT_SUPPORTS = dict(
     initial_state=True,             # initial_state argument
     gradients=False,                # autograd through the scan
     varlen=False,                   # packed sequences (cu_seqlens) and a batch-indexed step (state_batch_indices)
+    nonfinite_inputs=True,          # one inf or NaN input gives non-finite outputs exactly where the loop's are
     case_limits=None,               # dict of upper bounds on b, d, n, l for the property tests, if slow
 )
 
@@ -419,10 +420,12 @@ if importlib.util.find_spec("triton") is not None:
 
 # mamba.py's pscan and step (impls/mambapy_adapter.py), the pure-PyTorch peer, when mambapy is
 # installed (a dev dependency). It has one B and C per token: grouped B/C is a declared gap, and so
-# is varlen (mamba.py has no packed sequences and no batch-indexed cache).
+# is varlen (mamba.py has no packed sequences and no batch-indexed cache). Non-finite inputs too: the
+# pscan multiplies decays together before applying them, so where a product of decays underflows to
+# 0 an inf state becomes 0 x inf = NaN, where the loop's stays inf (pinned in test_values.py).
 if importlib.util.find_spec("mambapy") is not None:
     register("mambapy", lazy("mambapy_adapter", "selective_scan"), step=lazy("mambapy_adapter", "selective_state_update"),
-             gradients=True, grouped=False)
+             gradients=True, grouped=False, nonfinite_inputs=False)
 
 # The official kernels (impls/mamba_ssm_adapter.py), where mamba_ssm imports and there is a GPU.
 # Their known gaps are declared; their known bugs are in equivalence/xfails/mamba_ssm.txt.
