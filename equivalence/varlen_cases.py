@@ -30,7 +30,7 @@ import impls
 from impls.frontdoor import compute_dtype
 
 from .cases import DTYPES, REGIMES, Case, make_inputs
-from .tolerance import assert_close
+from .tolerance import GATE_ULPS, TRANSCENDENTAL_ULPS, assert_close, conditioning, dt_ulps
 
 # --- family-neutral: sequence lengths around a chunk, and what a packing covers ---------------
 
@@ -235,7 +235,7 @@ def magnitudes(x64, weights=None):
     before = torch.stack(previous, 2) if previous else decay                    # h_{t-1}
     decay_terms = (decay * lam * before).detach()                                 # Ā_t lambda_t h_{t-1}
     sums["A"] = (dt.abs()[..., None] * decay_terms).sum((0, 2))
-    dsoftplus = torch.sigmoid(raw) if x64["delta_softplus"] else 1.0
+    dsoftplus = torch.where(raw > 20, 1.0, torch.sigmoid(raw)) if x64["delta_softplus"] else 1.0
     sums["delta"] = dsoftplus * ((x64["A"].abs()[:, None, :] * decay_terms).sum(-1)
                                  + (lam.detach() * B.detach()).sum(-1) * leaves["u"].detach())
     if x64["delta_bias"] is not None:
@@ -256,6 +256,8 @@ class Family:
         ``step_args`` for the rows, (rows, ...); returns the rows' outputs
     magnitudes(x64, weights=None): (y scale, states scale, {argument: gradient scale} or None),
         sums of |terms| (equivalence/tolerance.py)
+    conditioning(x64): ulps a rounding can grow to (equivalence/tolerance.py), one number for every
+        output and gradient of the pack: the whole pack's, which bounds each sequence's
     terms(case, output, arg=None): rounded terms per element of "y", "state" or "gradient" (of arg)
     repro(name, case, note): a line that reproduces the call
     """
@@ -268,6 +270,7 @@ class Family:
     scan: object
     step: object
     magnitudes: object
+    conditioning: object
     terms: object
     repro: object
 
@@ -317,9 +320,11 @@ def _against_alone(what, name, case, family, y, last, where):
     ref = scan_alone("loop", x64, family)
     same = scan_alone("loop", family.inputs(case), family)
     sy, ss, _ = family.magnitudes(x64)
-    assert_close(f"{name} {what}: y", y, ref[0], same[0], family.terms(case, "y"), where, scale=_max(sy))
+    k = family.conditioning(x64)
+    assert_close(f"{name} {what}: y", y, ref[0], same[0], family.terms(case, "y"), where, scale=_max(sy),
+                 conditioning=k)
     assert_close(f"{name} {what}: last states", last, ref[1], same[1], family.terms(case, "state"), where,
-                 scale=_max(ss))
+                 scale=_max(ss), conditioning=k)
 
 
 def check_alone(name, case, family=None):
@@ -357,7 +362,8 @@ def check_alone_gradients(name, case, family=None):
         zero = torch.zeros_like(x64[k])        # an input no output depends on (l = 0) has no gradient
         g, r, s = (zero.to(x[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
         assert_close(f"{name} packed: grad {k}", g, r, s, family.terms(case, "gradient", k),
-                     family.repro(name, case, f"gradient of {k}"), scale=_max(sums[k]))
+                     family.repro(name, case, f"gradient of {k}"), scale=_max(sums[k]),
+                     conditioning=family.conditioning(x64))
 
 
 def _perturbed(x, i, gen, value, family):
@@ -493,6 +499,23 @@ def _selective_step(name, cache, x, tokens, indices):
                                         state_batch_indices=indices, impl=name)
 
 
+def _pack_conditioning(dtA, raw, softplus, biased, gated, time_dim):
+    """The conditioning of a whole pack (equivalence/tolerance.py): its cumulative sum at the last
+    token, the largest over channels, plus the sigmoids of a gradient and the gate."""
+    if dtA.shape[time_dim] == 0:
+        return 0.0
+    cum = conditioning(dtA, dt_ulps(raw, softplus, biased), time_dim).select(time_dim, -1)
+    cum = cum[torch.isfinite(cum)]
+    return (float(cum.max()) if cum.numel() else 0.0) + 2 * TRANSCENDENTAL_ULPS + (GATE_ULPS if gated else 0)
+
+
+def _selective_conditioning(x64):
+    raw = x64["delta"] if x64["delta_bias"] is None else x64["delta"] + x64["delta_bias"][:, None]
+    dt = F.softplus(raw) if x64["delta_softplus"] else raw                        # (1, d, l)
+    return _pack_conditioning(dt[..., None] * x64["A"][:, None, :], raw[..., None], x64["delta_softplus"],
+                              x64["delta_bias"] is not None, x64["z"] is not None, 2)
+
+
 def _selective_terms(case, output, arg=None):
     """Rounded terms per element (equivalence/tolerance.py's terms): the longest sequence's steps,
     plus the readout's n for y; a gradient (of any argument ``arg``) sums over every token and over
@@ -504,7 +527,8 @@ def _selective_terms(case, output, arg=None):
 
 SELECTIVE = Family(name="selective", time_args=TIME_ARGS, time_dim=-1, state_arg="initial_state",
                    step_args=("u", "delta", "B", "C", "z"), inputs=packed_inputs, scan=_selective_scan,
-                   step=_selective_step, magnitudes=magnitudes, terms=_selective_terms, repro=repro)
+                   step=_selective_step, magnitudes=magnitudes, conditioning=_selective_conditioning,
+                   terms=_selective_terms, repro=repro)
 
 
 # --- Mamba-2 (SSD) as a Family: impls.ssd_scan with cu_seqlens, time on axis 1 ----------------
@@ -641,6 +665,15 @@ def ssd_magnitudes(x64, weights=None):
     return y.detach(), last.detach(), sums
 
 
+def _ssd_conditioning(x64):
+    from impls.ssd_loop import effective_dt
+
+    raw = x64["dt"] + (x64["dt_bias"] if x64["dt_bias"] is not None else 0)
+    dt = effective_dt(x64["dt"], x64["dt_bias"], x64["dt_softplus"], x64["dt_limit"], torch.float64)   # (1, l, h)
+    return _pack_conditioning(dt * x64["A"], raw, x64["dt_softplus"], x64["dt_bias"] is not None,
+                              x64["z"] is not None, 1)
+
+
 def _ssd_terms(case, output, arg=None):
     """Rounded terms per element, as equivalence/tolerance.py's ssd_terms (the longest sequence) and
     equivalence/ssd_checks.py's gradient_terms (every packed token, b = 1) for ``arg``."""
@@ -664,7 +697,8 @@ def _ssd_step(name, cache, x, tokens, indices):
 
 
 SSD = Family(name="ssd", time_args=SSD_TIME_ARGS, time_dim=1, state_arg="initial_states", step_args=SSD_TIME_ARGS,
-             inputs=ssd_packed_inputs, scan=_ssd_scan, step=_ssd_step, magnitudes=ssd_magnitudes, terms=_ssd_terms,
+             inputs=ssd_packed_inputs, scan=_ssd_scan, step=_ssd_step, magnitudes=ssd_magnitudes,
+             conditioning=_ssd_conditioning, terms=_ssd_terms,
              repro=ssd_repro)
 
 
