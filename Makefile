@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 
 # Two worker processes (pytest-xdist, a dev dependency): measured faster than one on this 2-core
 # machine (README, "Test times"). The suite passes the same either way.
+# Each run draws a fresh hypothesis seed, printed in the header and beside each failure; SEED=N
+# replays that run's draws exactly.
 test: $(STAMP)
-	$(PYTHON) -m pytest -n 2
+	$(PYTHON) -m pytest -n 2 $(if $(SEED),--hypothesis-seed $(SEED))
 
 # The default sweep resumes results/results.jsonl, reusing only points measured at this commit, tree,
 # machine and settings (it says how many); after a code change it measures everything again, and the

@@ -33,9 +33,37 @@ import impls
 # is loaded explicitly in pytest_configure, so the settings below are the ones in force.
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
+settings.register_profile("ci", max_examples=25, database=None, **_COMMON)
 settings.register_profile("dev", max_examples=25, **_COMMON)
 settings.register_profile("thorough", max_examples=500, **_COMMON)
+
+# Every run draws from one seed, printed in the header and beside every failure, so that any run,
+# a user's or CI's, is replayed exactly by `make test SEED=N` (pytest --hypothesis-seed N). A user's
+# run draws a fresh seed, CI's is the commit's: reproducible, yet every commit draws anew (a fixed
+# derandomized draw passed in CI every time while users' fresh draws failed). With a seed given,
+# hypothesis keeps no database, so one failure is not replayed into every later run.
+SEED_ENV = "SCAN_HYPOTHESIS_SEED"   # also how the xdist workers get the controller's seed
+
+# A failure near the bound once spent over five minutes shrinking; a shrunk case is worth a minute,
+# and the first, unshrunk case is printed as soon as it fails (equivalence/tolerance.py). Hypothesis
+# keeps this limit monkeypatchable for this purpose.
+SHRINKING_SECONDS = 60
+
+
+def _run_seed():
+    import secrets
+    import subprocess
+
+    if os.environ.get(SEED_ENV):
+        return int(os.environ[SEED_ENV])
+    if os.environ.get("CI"):
+        try:
+            head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+            return int(head[:8], 16)
+        except (OSError, subprocess.CalledProcessError, ValueError):
+            pass
+    return secrets.randbelow(2**32)
 
 
 def pytest_addoption(parser):
@@ -169,6 +197,16 @@ def pytest_configure(config):
     if not config.getoption("hypothesis_profile", None):
         settings.load_profile(os.environ.get("SCAN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
     config.selected_impls = _select(config)
+    from hypothesis.internal.conjecture import engine
+
+    engine.MAX_SHRINKING_SECONDS = SHRINKING_SECONDS
+
+
+@pytest.hookimpl(tryfirst=True, specname="pytest_configure")  # before hypothesis' reads --hypothesis-seed
+def pytest_configure_seed(config):
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = str(_run_seed())
+    os.environ[SEED_ENV] = str(config.option.hypothesis_seed)
 
 
 def _xfail_prefixes(config):
@@ -228,6 +266,9 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when != "call" or not report.failed or call.excinfo is None:
         return
+    seed = item.config.option.hypothesis_seed
+    report.sections.append(("replay", f"this run's hypothesis seed is {seed}: make test SEED={seed}, or\n"
+                                      f"pytest '{item.nodeid}' --hypothesis-seed {seed}"))
     from equivalence.checks import CaseFailure, what_it_needs
 
     failure, todo = None, [call.excinfo.value]
@@ -245,7 +286,8 @@ def pytest_runtest_makereport(item, call):
 def pytest_report_header(config):
     from equivalence.checks import describe
 
-    lines = [f"hypothesis profile: {settings().max_examples} examples per property"]
+    lines = [f"hypothesis profile: {settings().max_examples} examples per property; seed "
+             f"{config.option.hypothesis_seed} (replay this run: make test SEED={config.option.hypothesis_seed})"]
     if _family_only(config) == "ssd":  # Mamba-1 tests are deselected: no Mamba-1 lines
         return lines
     return lines + ["implementation under test: " + describe(n) for n in config.selected_impls]

@@ -65,6 +65,8 @@ must be finite. NaN is never allowed to vanish and never allowed to appear.
 """
 
 import dataclasses
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -184,12 +186,27 @@ def report_margin(what, c):
     target(min(ratio + c.nonfinite_mismatch, 1e6), label=label)
 
 
+_announced = set()
+
+
+def _announce_first_failure(what, c, repro):
+    """Print a test's first failing comparison at once, before hypothesis shrinks it (which can take
+    a minute): the unshrunk case is already enough to start on."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    if not test or test in _announced:
+        return
+    _announced.add(test)
+    print(f"\n{test}: first failure, unshrunk (shrinking follows): {what}: {c.describe()}\n  reproduce: {repro}",
+          file=sys.__stderr__, flush=True)
+
+
 def assert_close(what, actual, oracle, loop=None, length=1, repro="", scale=None, exact_kinds=True,
                  conditioning=0.0):
     """compare() and raise AssertionError with a reproducing snippet if the policy is not met."""
     c = compare(actual, oracle, loop, length, scale, exact_kinds, conditioning)
     report_margin(what, c)
     if not c.ok:
+        _announce_first_failure(what, c, repro)
         raise AssertionError(f"{what}: {c.describe()}\n  reproduce: {repro}")
     return c
 
