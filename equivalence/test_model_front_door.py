@@ -502,6 +502,18 @@ def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
         MambaLM.from_pretrained(tmp_path)
 
 
+def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
+    """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
+    model = _tiny().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)                 # digits float32 cannot hold
+    model.save_pretrained(tmp_path)
+    loaded = MambaLM.from_pretrained(tmp_path, dtype=torch.float64)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_attention_mask_errors_name_the_method():
     model = _tiny()
     ids = torch.zeros(1, 3, dtype=torch.long)

@@ -1380,7 +1380,8 @@ class MambaLM(nn.Module):
         (stored_shapes), against those the config implies (check_weight_shapes).
 
         Args:
-            folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
+            folder: path of the folder; dtype: build the model in this dtype, so the weights are copied
+                into it without passing through float32 (None: float32)
         Raises:
             FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a config
             in neither layout, a missing size field, a size that is not an integer, a weight file that
@@ -1395,11 +1396,11 @@ class MambaLM(nn.Module):
         # under either name load with either config, as transformers' own loader also accepts both.
         names_layout = weights_layout(shapes) or layout
         check_weight_shapes(config, shapes, names_layout)
-        model = cls(config)
+        model = cls(config) if dtype is None else cls(config).to(dtype)   # before the copy: no float32 on the way
         state = load_weights(files)
         names = rename_weights(state, names_layout, "official")
         model.load_official_state_dict({names[k]: v for k, v in state.items()})
-        return model if dtype is None else model.to(dtype)
+        return model
 
     @torch.no_grad()
     def load_official_state_dict(self, state):

@@ -771,7 +771,8 @@ class Mamba2LM(nn.Module):
         before any tensor of the model is allocated. Nothing is downloaded.
 
         Args:
-            folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
+            folder: path of the folder; dtype: build the model in this dtype, so the weights are copied
+                into it without passing through float32 (None: float32)
         Raises:
             FileNotFoundError: no config.json, or neither model.safetensors nor pytorch_model.bin;
             ValueError: a config in neither layout or missing size fields, a Mamba-1 config, official and
@@ -802,12 +803,12 @@ class Mamba2LM(nn.Module):
                 raise ValueError(f"from_pretrained({folder!r}): tied embeddings but lm_head.weight differs from the "
                                  f"embedding")
             del state["lm_head.weight"]
-        model = cls(config)
+        model = cls(config) if dtype is None else cls(config).to(dtype)   # before the copy: no float32 on the way
         with torch.no_grad():
             own = model.state_dict()
             for k, v in state.items():
                 own[k].copy_(v)
-        return model if dtype is None else model.to(dtype)
+        return model
 
 
 def read_config(folder):
