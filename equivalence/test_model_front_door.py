@@ -514,6 +514,15 @@ def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
+def test_an_implementation_without_gradients_names_the_models_parameters():
+    """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
+    model, ids = _tiny(), torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match=r"model's parameters requiring grad.*torch.no_grad\(\)"):
+        model(ids, impl="recurrent")
+    with torch.no_grad():
+        assert model(ids, impl="recurrent").shape == (1, 3, model.config.padded_vocab_size)
+
+
 def test_attention_mask_errors_name_the_method():
     model = _tiny()
     ids = torch.zeros(1, 3, dtype=torch.long)

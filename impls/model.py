@@ -910,6 +910,22 @@ def _check_ids(input_ids, where, v):
                          f"max {int(input_ids.max())}")
 
 
+def _check_impl_gradients(model, impl, family, where):
+    """Refuse a scan implementation without gradients while autograd is on and the model's own
+    parameters require grad (any nn.Module's default): the scan would blame "an input", and running
+    it without a graph would hand back logits that silently cannot be trained through."""
+    if impl is None or not torch.is_grad_enabled() or impls.get(impl, family).supports["gradients"]:
+        return
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    if trainable:
+        with_grads = [k for k in impls.names(family) if impls.get(k, family).supports["gradients"]]
+        raise NotImplementedError(
+            f"{where}: impl {impl!r} has no gradients, and autograd is on with the model's parameters "
+            f"requiring grad ({len(trainable)}, e.g. {trainable[0]}): for inference call it under "
+            f"torch.no_grad() (or torch.inference_mode()); to train, pick an implementation with "
+            f"gradients: {', '.join(with_grads)}")
+
+
 def _check_token(token, cache, impl):
     """A step's token: an integer tensor (b,) for the cache's batch, on its device; and an
     implementation with a step. Checked before the cache changes, so a refused step leaves it as it
@@ -1136,9 +1152,12 @@ class MambaLM(nn.Module):
             logits (b, l, v), or (b, num_last_tokens, v)
         Raises:
             ValueError for ids that are not (b, l >= 1) or outside the vocabulary, or a bad attention_mask;
-            TypeError for ids that are not integers
+            TypeError for ids that are not integers;
+            NotImplementedError for an impl without gradients while autograd is on (call it under
+            torch.no_grad() for inference)
         """
         _check_ids(input_ids, "forward", self.config.padded_vocab_size)
+        _check_impl_gradients(self, impl, "selective", "forward")
         return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
 
     def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):

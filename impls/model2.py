@@ -49,9 +49,9 @@ import torch.nn.functional as F
 import impls
 from .frontdoor import compute_dtype
 # Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/model.py).
-from .model import (Backbone, ResidualStream, _check_count, _check_ids, _check_mask, _check_sampling,
-                    _transposed_storage, check_dtype_arg, check_int, config_layout, decode_tokens, layout_markers,
-                    load_weights, stored_shapes, weight_files)
+from .model import (Backbone, ResidualStream, _check_count, _check_ids, _check_impl_gradients, _check_mask,
+                    _check_sampling, _transposed_storage, check_dtype_arg, check_int, config_layout, decode_tokens,
+                    layout_markers, load_weights, stored_shapes, weight_files)
 
 STEP_DEFAULT = impls.ssd_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
@@ -549,8 +549,11 @@ class Mamba2LM(nn.Module):
             logits (b, l, v), or (b, num_last_tokens, v)
         Raises:
             ValueError: input_ids not (b, l >= 1); a mask that is not 0/1 left padding
+            NotImplementedError: an impl without gradients while autograd is on (call it under
+                torch.no_grad() for inference)
         """
         _check_ids(input_ids, "forward", self.config.padded_vocab_size)
+        _check_impl_gradients(self, impl, "ssd", "forward")
         return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
 
     def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
