@@ -210,6 +210,21 @@ def test_step_tied_form_and_state_batch_indices():
     assert torch.equal(slots[[0, 2, 3]], before[[0, 2, 3]])
 
 
+def test_state_batch_indices_through_the_front_door():
+    """The kernel's state_batch_indices are declared, so impls.ssd_state_update takes them: the same
+    outputs and slots as the recurrent step's."""
+    case = SSDCase(b=3, l=1, h=2, p=3, n=4, regime="stress", D="h", seed=13)
+    args, _ = _step_args(case)
+    slots = torch.randn(5, 2, 3, 4, generator=torch.Generator().manual_seed(2))
+    same_slots = slots.clone()
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32)
+    y = impls.ssd_state_update(slots, **args, state_batch_indices=idx, impl="triton")
+    same = impls.ssd_state_update(same_slots, **args, state_batch_indices=idx, impl="recurrent")
+    assert_close("step with state_batch_indices: y", y, same.double(), same, ssd_terms("out", 1, case.n))
+    assert_close("step with state_batch_indices: slots", slots, same_slots.double(), same_slots,
+                 ssd_terms("final_states", 1, case.n))
+
+
 def test_step_updates_a_strided_state_in_place():
     case = SSDCase(b=2, l=1, h=3, p=4, n=5, initial_states=True, seed=11)
     args, x = _step_args(case)
