@@ -472,7 +472,8 @@ ssd_mapped.register_all()
 # scans (varlen); its step does take state_batch_indices.
 if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("triton_ssd", "ssd_scan"), step=lazy("triton_ssd", "ssd_state_update"), family="ssd",
-             gradients=True, state_batch_indices=True, case_limits=dict(b=2, l=24, h=2, p=6, n=6) if _interpreted else None)
+             gradients=True, state_batch_indices=True,
+             case_limits=dict(b=2, l=24, h=2, p=6, n=6) if _interpreted else None)
 
 # transformers' Mamba-2 pure-PyTorch chunked SSD (impls/transformers_ssd_adapter.py), the CPU peer of
 # `chunked`. Registered on request only (importing impls.transformers_ssd_adapter registers it:

@@ -1419,10 +1419,13 @@ class MambaLM(nn.Module):
             folder: path of the folder; dtype: build the model in this dtype, so the weights are copied
                 into it without passing through float32 (None: float32)
         Raises:
-            FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a config
+            FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a file
+            given for the folder, a config
             in neither layout, a missing size field, a size that is not an integer, a weight file that
             cannot be read (named), or a shape the config does not imply; KeyError on missing or
-            unexpected parameter names; TypeError for a dtype that is not a torch.dtype.
+            unexpected parameter names; TypeError for a dtype that is not a torch.dtype. A Mamba-2
+            config (NotImplementedError in the official layout, ValueError in transformers') names
+            impls.model2.Mamba2LM.
         """
         check_dtype_arg("from_pretrained", dtype)
         config, layout = read_config(folder)

@@ -778,6 +778,7 @@ class Mamba2LM(nn.Module):
                 into it without passing through float32 (None: float32)
         Raises:
             FileNotFoundError: no config.json, or neither model.safetensors nor pytorch_model.bin;
+            ValueError: a file given for the folder;
             ValueError: a config in neither layout or missing size fields, a Mamba-1 config, official and
                 transformers fields that disagree (each named), a size that is not an int, a weight file
                 that cannot be read (named), or weights whose names or shapes do not match the config
