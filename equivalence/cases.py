@@ -16,7 +16,9 @@ sweep keeps to the four above):
     extreme   every documented rule at once: delta + delta_bias per element from 0 through the
               softplus threshold (20) to past float32's exp overflow (about 88.7); delta exactly 0
               at about a fifth of the positions; |A| log-uniform in [1e-4, 1e3], so dt A runs from
-              about -1e-10 (a decay of 1 in float32) to -1e5 (a decay of exactly 0)
+              about -1e-10 (a decay of 1 in float32) to -1e5 (a decay of exactly 0); z below -100
+              (log-uniform down to -1e35, past float32's exp overflow: silu(z) = -0) at about a fifth
+              of the positions, clipped to the input dtype's range
 
 Non-finite inputs: ``Case.poison = (argument, flat index, "inf" | "-inf" | "nan")`` writes that value
 into one element of the argument (the index is taken modulo its size), so a failure on a poisoned
@@ -130,6 +132,7 @@ def make_inputs(case, dtype=None):
             bias = 0.1 * randn(d).abs()   # >= 0: without softplus, dt = bias where delta is 0 must not grow h
             delta = raw - (bias[:, None] if case.delta_bias else 0)
             delta[rand(b, d, l) < 0.2] = 0.0
+            z = torch.where(rand(b, d, l) < 0.2, -torch.pow(10.0, 2 + 33 * rand(b, d, l)), z)
         else:
             bias = 0.1 * randn(d)
             raw = torch.log(torch.expm1(dt)) if case.softplus else dt  # inverse of softplus (dt > 0)
@@ -137,6 +140,7 @@ def make_inputs(case, dtype=None):
 
     in_dtype = case.torch_dtype
     f = compute_dtype(in_dtype)
+    z = z.clamp(min=-torch.finfo(in_dtype).max)
     values = dict(u=(u, in_dtype), delta=(delta, in_dtype), A=(A, f), B=(B, in_dtype), C=(C, in_dtype),
                   D=(D, f) if case.D else None, z=(z, in_dtype) if case.z else None,
                   delta_bias=(bias, f) if case.delta_bias else None,

@@ -15,7 +15,8 @@ Options beyond the regime:
     dt_limit   "default" (0, inf) or "tight" (0.01, 0.05): the clamp bites in every regime
     extreme_dt one token in five gets a raw dt from EXTREME_RAW_DT: with softplus, dt + dt_bias
                crossing the softplus threshold 20 and past float32's exp overflow (88.7); without
-               it, negative values the lower limit must turn into 0
+               it, negative values the lower limit must turn into 0; and a fifth of the gate z
+               below -100 (log-uniform down to -1e35, clipped to the input dtype's range)
 """
 
 import dataclasses
@@ -119,10 +120,13 @@ def make_inputs(case, dtype=None):
         pick = torch.randint(len(EXTREME_RAW_DT), (b, l, h), generator=gen)
         every_fifth = torch.rand(b, l, h, generator=gen, dtype=torch.float64) < 0.2
         raw = torch.where(every_fifth, torch.tensor(EXTREME_RAW_DT, dtype=torch.float64)[pick], raw)
+        # the gate too: far below where exp(-z) overflows (silu(z) = -0), down to -1e35
+        z = torch.where(rand(b, l, h, p) < 0.2, -torch.pow(10.0, 2 + 33 * rand(b, l, h, p)), z)
     dt_raw = raw - (bias if case.dt_bias else 0)
 
     in_dtype = case.torch_dtype
     f = compute_dtype(in_dtype)
+    z = z.clamp(min=-torch.finfo(in_dtype).max)
     values = dict(x=(x, in_dtype), dt=(dt_raw, in_dtype), A=(A, f), B=(B, in_dtype), C=(C, in_dtype),
                   D=None if case.D == "none" else (D, f), z=(z, in_dtype) if case.z else None,
                   dt_bias=(bias, f) if case.dt_bias else None,

@@ -36,6 +36,9 @@ BAD_SCANS = {
     "u-int": (dict(u=torch.ones(2, 6, 5, dtype=torch.int64)), TypeError, ["u", "floating", "int64"]),
     "B-not-tensor": (dict(B=[[1.0]]), TypeError, ["B", "torch.Tensor", "list"]),
     "device-mix": (dict(D=torch.randn(6, device="meta")), ValueError, ["D", "meta"]),
+    "u-delta-in-b-l-d": (dict(u=torch.randn(2, 5, 6), delta=torch.rand(2, 5, 6)), ValueError,
+                         ["u: expected layout (b, d, l)", "looks (b, l, d)", "transpose(1, 2)", "(2, 5, 6)"]),
+    "A-transposed": (dict(A=-torch.rand(4, 6)), ValueError, ["A: expected shape (d=6, n=4)", "transposed", "(4, 6)"]),
 }
 
 

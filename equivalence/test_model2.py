@@ -584,6 +584,28 @@ def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
         Mamba2LM.from_pretrained(tmp_path)
 
 
+def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
+    """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
+    _, model, _ = Case(n_layer=1).build()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3)   # digits float32 cannot hold
+    model.save_pretrained(tmp_path)
+    loaded = Mamba2LM.from_pretrained(tmp_path, dtype=torch.float64)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_an_implementation_without_gradients_names_the_models_parameters():
+    """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
+    model, _, ids = Case(n_layer=1).build()
+    with pytest.raises(NotImplementedError, match=r"model's parameters requiring grad.*torch.no_grad\(\)"):
+        model(ids, impl="recurrent")
+    with torch.no_grad():
+        assert model(ids, impl="recurrent").shape == model(ids).shape
+
+
 def test_attention_mask_errors_name_the_method():
     model, _, _ = Case(n_layer=1).build()
     ids = torch.zeros(1, 3, dtype=torch.long)

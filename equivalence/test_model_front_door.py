@@ -249,11 +249,12 @@ def test_max_new_tokens_integers():
     (torch.zeros(2, 0, dtype=torch.long), ValueError, r"expected shape \(b, l >= 1\), got \(2, 0\)"),
     (torch.tensor([1, 2, 3]), ValueError, r"expected shape \(b, l >= 1\), got \(3,\)"),
     (torch.tensor([[1.0, 2.0]]), TypeError, "expected integer ids"),
-    (torch.tensor([[1, 48]]), ValueError, r"ids must be in \[0, 48\), got min 1, max 48"),
-    (torch.tensor([[-1, 2]]), ValueError, r"ids must be in \[0, 48\)"),
+    (torch.tensor([[1, 48]]), ValueError, r"ids must be in \[0, vocab_size = 45\), got id 48"),
+    (torch.tensor([[1, 46]]), ValueError, r"ids must be in \[0, vocab_size = 45\), got id 46"),   # a padding row
+    (torch.tensor([[-1, 2]]), ValueError, r"ids must be in \[0, vocab_size = 45\), got id -1"),
 ])
 def test_bad_ids_are_named_in_forward_prefill_and_generate(ids, error, match):
-    model = _tiny()   # vocab 45, padded to 48 rows: ids up to 47 are valid rows
+    model = _tiny()   # vocab 45, padded to 48 rows: rows 45-47 are padding, not tokens
     for where, call in (("forward", lambda: model(ids)), ("prefill", lambda: model.prefill(ids)),
                         ("generate", lambda: model.generate(ids, 2))):
         with pytest.raises(error, match=f"{where}: input_ids: {match}"):
@@ -500,6 +501,63 @@ def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
         MambaLM.from_pretrained(tmp_path)
+
+
+def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
+    """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
+    model = _tiny().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)                 # digits float32 cannot hold
+    model.save_pretrained(tmp_path)
+    loaded = MambaLM.from_pretrained(tmp_path, dtype=torch.float64)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_an_implementation_without_gradients_names_the_models_parameters():
+    """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
+    model, ids = _tiny(), torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match=r"model's parameters requiring grad.*torch.no_grad\(\)"):
+        model(ids, impl="recurrent")
+    with torch.no_grad():
+        assert model(ids, impl="recurrent").shape == (1, 3, model.config.padded_vocab_size)
+
+
+def _tiny_mamba2():
+    from impls.model2 import Mamba2Config, Mamba2LM
+
+    torch.manual_seed(0)
+    return Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=45, ssm_cfg=dict(d_state=8, headdim=8, chunk_size=8)))
+
+
+@pytest.mark.parametrize("layout", ["official", "transformers"])
+def test_a_mamba2_folder_points_at_mamba2lm(tmp_path, layout):
+    _tiny_mamba2().save_pretrained(tmp_path, layout=layout)
+    with pytest.raises((ValueError, NotImplementedError), match="Mamba-2 checkpoint: load it with impls.model2.Mamba2LM"):
+        MambaLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("make", [_tiny, _tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_a_file_given_for_the_folder_is_named(tmp_path, make):
+    model = make()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"folder: expected a checkpoint folder .*got the file .*config.json'; "
+                                         r"pass its folder"):
+        type(model).from_pretrained(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        type(model).from_pretrained(tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("make", [_tiny, _tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_ids_past_vocab_size_in_the_padding_rows_are_refused(make):
+    model = make()   # vocab 45 in 48 rows
+    assert model.config.padded_vocab_size == 48
+    ids = torch.tensor([[3, 46]])
+    for where, call in (("forward", lambda: model(ids)), ("prefill", lambda: model.prefill(ids)),
+                        ("generate", lambda: model.generate(ids, 1))):
+        with pytest.raises(ValueError, match=rf"^{where}: input_ids: .*vocab_size = 45\), got id 46"):
+            call()
 
 
 def test_attention_mask_errors_name_the_method():

@@ -87,6 +87,27 @@ def test_growth_where_A_is_positive_is_not_clamped():
     _against_loop("A > 0", x, 16)
 
 
+# silu(z) = z / (1 + exp(-z)), torch's formula, wherever z lies: 0 far below -80 (where exp(-z)
+# overflows), NaN at -inf (-inf / inf, as the loop's F.silu), inf at +inf.
+EXTREME_Z = [-float("inf"), -1e35, -1e4, -100.0, -88.0, -80.0, -1.0, 0.0, 1.0, 100.0, float("inf")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_gate_is_silu_for_every_z(dtype):
+    """The gate far below -80 and at the infinities, in the scan and in the step, is the loop's."""
+    case = SSDCase(b=1, l=len(EXTREME_Z), h=1, p=2, n=3, regime="mamba2", D="h", chunk_size=4, seed=12)
+    x = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in make_inputs(case).items()}
+    x["z"] = torch.tensor(EXTREME_Z, dtype=dtype)[None, :, None, None].expand(1, -1, 1, 2).contiguous()
+    _against_loop(f"z from -inf to inf, {dtype}", x, 4)
+    args, _ = _step_args(case)
+    args = {k: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    for zt in EXTREME_Z:
+        step = dict(args, z=torch.full((1, 1, 2), zt, dtype=dtype))
+        y = impls.ssd_state_update(torch.full((1, 1, 2, 3), 0.5, dtype=dtype), **step, impl="triton")
+        same = impls.ssd_state_update(torch.full((1, 1, 2, 3), 0.5, dtype=dtype), **step, impl="recurrent")
+        assert_close(f"step with z = {zt}, {dtype}", y, same.double(), same, ssd_terms("out", 1, 3))
+
+
 def _wide_views(x, fill=float("nan")):
     """The same values as views into a wider NaN-filled buffer, the way in_proj's output is split
     (x, z, B, C, dt side by side on the last axis): a kernel reading one element past any edge or
@@ -187,6 +208,21 @@ def test_step_tied_form_and_state_batch_indices():
     assert torch.equal(yi[0], y[0]) and torch.equal(yi[2], y[2]) and torch.equal(yi[1], torch.zeros_like(yi[1]))
     assert torch.equal(slots[4], untied_state[0]) and torch.equal(slots[1], untied_state[2])
     assert torch.equal(slots[[0, 2, 3]], before[[0, 2, 3]])
+
+
+def test_state_batch_indices_through_the_front_door():
+    """The kernel's state_batch_indices are declared, so impls.ssd_state_update takes them: the same
+    outputs and slots as the recurrent step's."""
+    case = SSDCase(b=3, l=1, h=2, p=3, n=4, regime="stress", D="h", seed=13)
+    args, _ = _step_args(case)
+    slots = torch.randn(5, 2, 3, 4, generator=torch.Generator().manual_seed(2))
+    same_slots = slots.clone()
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32)
+    y = impls.ssd_state_update(slots, **args, state_batch_indices=idx, impl="triton")
+    same = impls.ssd_state_update(same_slots, **args, state_batch_indices=idx, impl="recurrent")
+    assert_close("step with state_batch_indices: y", y, same.double(), same, ssd_terms("out", 1, case.n))
+    assert_close("step with state_batch_indices: slots", slots, same_slots.double(), same_slots,
+                 ssd_terms("final_states", 1, case.n))
 
 
 def test_step_updates_a_strided_state_in_place():

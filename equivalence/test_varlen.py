@@ -46,7 +46,8 @@ VARLEN = (lambda e: e.supports["varlen"], "varlen")
 VARLEN_FIXTURES = {   # fixture: what the implementation must have, as (capability, gap's name) pairs
     "varlen_impl": (VARLEN,),
     "varlen_gradient_impl": (VARLEN, (lambda e: e.supports["gradients"], "gradients")),
-    "varlen_stepping_impl": (VARLEN, (lambda e: e.step is not None, "no step function")),
+    "varlen_stepping_impl": ((lambda e: e.supports["state_batch_indices"], "state_batch_indices"),
+                             (lambda e: e.step is not None, "no step function")),
 }
 
 

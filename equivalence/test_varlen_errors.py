@@ -101,8 +101,9 @@ def test_without_varlen_a_packed_call_is_refused(name):
         impls.selective_scan(**packed_inputs(CASE), impl=name)
 
 
-@pytest.mark.parametrize("name", [n for n in gap_names() if impls.get(n).step is not None])
-def test_without_varlen_a_batch_indexed_step_is_refused_and_the_state_untouched(name):
+@pytest.mark.parametrize("name", [n for n in impls.names()
+                                  if impls.get(n).step is not None and not impls.get(n).supports["state_batch_indices"]])
+def test_without_state_batch_indices_a_batch_indexed_step_is_refused_and_the_state_untouched(name):
     args = _step_args()
     before = args["state"].clone()
     with pytest.raises(NotImplementedError, match="state_batch_indices"):

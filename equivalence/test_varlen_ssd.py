@@ -29,10 +29,13 @@ def _small_parallel_plan():
 
 
 def _needs(name, gradients=False, step=False):
-    """Skip, naming the declared gap, an implementation that lacks what the test needs."""
+    """Skip, naming the declared gap, an implementation that lacks what the test needs: the packed
+    scan (varlen), or with step=True a step taking state_batch_indices."""
     e = impls.get(name, "ssd")
-    lacking = (("varlen", not e.supports["varlen"]), ("gradients", gradients and not e.supports["gradients"]),
-               ("no step function", step and e.step is None))
+    lacking = (("varlen", not step and not e.supports["varlen"]),
+               ("gradients", gradients and not e.supports["gradients"]),
+               ("no step function", step and e.step is None),
+               ("state_batch_indices", step and not e.supports["state_batch_indices"]))
     gaps = [g for g, lacks in lacking if lacks]
     if gaps:
         pytest.skip(f"{name}: declared gap: {', '.join(gaps)}")

@@ -86,7 +86,7 @@ def test_an_implementation_without_varlen_says_so():
     with pytest.raises(NotImplementedError, match="varlen"):
         impls.ssd_scan(**_x(), impl=name)
     cache = torch.zeros(3, 2, 3, 4)
-    with pytest.raises(NotImplementedError, match="varlen"):
+    with pytest.raises(NotImplementedError, match="state_batch_indices"):
         impls.ssd_state_update(cache, *_step_args(2), state_batch_indices=i32(0, 1), impl=name)
 
 

@@ -42,7 +42,8 @@ DEFAULT_SUPPORTS = dict(
     grouped=True,                   # B/C with g groups
     initial_state=True,             # initial_state argument
     gradients=False,                # autograd through the scan
-    varlen=False,                   # packed sequences (cu_seqlens) and a batch-indexed step (state_batch_indices)
+    varlen=False,                   # packed sequences (cu_seqlens)
+    state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
     nonfinite_inputs=True,          # one inf or NaN input gives non-finite outputs exactly where the loop's are
     case_limits=None,               # dict of upper bounds on b, d, n, l for the property tests, if slow
 )
@@ -68,8 +69,11 @@ SSD_DEFAULT_SUPPORTS = dict(
     dt_limit=True,                  # a dt_limit other than the default (0, inf)
     D_hp=True,                      # D of shape (h, p)
     varlen=False,                   # seq_idx, cu_seqlens, return_varlen_states (the varlen issue)
+    state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
     case_limits=None,               # dict of upper bounds on b, l, h, p, n for the property tests, if slow
 )
+
+INDEXED_GAP = "a batch-indexed state cache (state_batch_indices)"
 
 _REGISTRY = {}  # the "selective" family
 _FAMILIES = {"selective": (_REGISTRY, DEFAULT_SUPPORTS), "ssd": ({}, SSD_DEFAULT_SUPPORTS)}
@@ -101,6 +105,8 @@ def register(name, scan, step=None, family="selective", **capabilities):
         raise TypeError(f"register({name!r}): scan and step must be callables")
     supports = {**defaults, **capabilities}
     supports["dtypes"] = tuple(supports["dtypes"])
+    if supports["state_batch_indices"] is None:   # a packed-sequence implementation decodes them too
+        supports["state_batch_indices"] = supports["varlen"]
     module = getattr(getattr(scan, "func", scan), "__module__", "?")  # through functools.partial
     registry[name] = Implementation(name, scan, step, supports, module, family)
     return registry[name]
@@ -121,11 +127,13 @@ def get(name, family="selective"):
         raise ValueError(f"unknown {kind}implementation {name!r}; registered: {', '.join(registry)}") from None
 
 
-def _require(entry, where, dims, grouped, has_initial_state, tensors, varlen=None):
+def _require(entry, where, dims, grouped, has_initial_state, tensors, varlen=False, indexed=False):
     s = entry.supports
     gaps = []
     if varlen and not s["varlen"]:
-        gaps.append(varlen)
+        gaps.append("packed sequences (cu_seqlens)")
+    if indexed and not s["state_batch_indices"]:
+        gaps.append(INDEXED_GAP)
     if dims["input_dtype"] not in s["dtypes"]:
         gaps.append(f"input dtype {dims['input_dtype']}")
     if grouped and not s["grouped"]:
@@ -168,7 +176,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         dims = frontdoor.check_scan_packed(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens)
     _require(entry, "selective_scan", dims, B.dim() == 4 or C.dim() == 4, initial_state is not None,
              (u, delta, A, B, C, D, z, delta_bias, initial_state),
-             varlen=cu_seqlens is not None and "packed sequences (cu_seqlens)")
+             varlen=cu_seqlens is not None)
     b, d, l, n, f = dims["b"], dims["d"], dims["l"], dims["n"], dims["compute_dtype"]
     states = b if cu_seqlens is None else dims["nseq"]
     if u.numel() == 0:  # l = 0 (or b, d = 0): empty output, the state passes through unchanged
@@ -202,7 +210,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         ValueError or TypeError naming the argument for bad input, an index >= slots, a slot used
         twice and a dt_softplus that is not a bool included, with the state untouched;
         NotImplementedError when the implementation has no step or lacks what the call needs
-        (state_batch_indices needs the capability ``varlen``).
+        (state_batch_indices needs the capability ``state_batch_indices``).
     """
     entry = get(impl)
     if entry.step is None:
@@ -215,7 +223,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dims = frontdoor.check_step_indexed(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices)
     _require(entry, "selective_state_update", dims, B.dim() == 3 or C.dim() == 3, False,
              (state, x, dt, A, B, C, D, z, dt_bias),
-             varlen=state_batch_indices is not None and "a batch-indexed state cache (state_batch_indices)")
+             indexed=state_batch_indices is not None)
     if state_batch_indices is None:
         y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     else:
@@ -230,7 +238,8 @@ def _require_ssd(entry, where, dims, tensors, **needs):
     s = entry.supports
     gaps = [f"input dtype {dims['input_dtype']}"] if dims["input_dtype"] not in s["dtypes"] else []
     gaps += [{"grouped": "grouped B/C (g > 1)", "D_hp": "D of shape (h, p)",
-              "dt_limit": "a dt_limit other than (0, inf)", "varlen": "packed sequences (varlen)"}.get(k, k)
+              "dt_limit": "a dt_limit other than (0, inf)", "varlen": "packed sequences (varlen)",
+              "state_batch_indices": INDEXED_GAP}.get(k, k)
              for k, needed in needs.items() if needed and not s[k]]
     if torch.is_grad_enabled() and not s["gradients"] and any(t is not None and t.requires_grad for t in tensors):
         gaps.append("gradients (an input requires grad)")
@@ -325,7 +334,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
         dt_softplus: bool; dt_limit: (lo, hi), applied after softplus, as in ssd_scan
         state_batch_indices: (b,) int32 optional: ``state`` is then a (slots, h, p, n) cache and row
             r advances slot state_batch_indices[r]; negative = padding row (output zeros, no slot
-            touched); needs the capability ``varlen``
+            touched); needs the capability ``state_batch_indices``
     Returns:
         y: (b, h, p) in x's dtype
     Raises:
@@ -350,7 +359,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     dt, A, dt_bias = untied["dt"], untied["A"], untied["dt_bias"]
     _require_ssd(entry, "ssd_state_update", dims, (state, x, dt, A, B, C, D, z, dt_bias),
                  grouped=dims["g"] > 1, dt_limit=dt_limit != ssd_frontdoor.DEFAULT_DT_LIMIT,
-                 D_hp=D is not None and D.dim() == 2, varlen=indexed)
+                 D_hp=D is not None and D.dim() == 2, state_batch_indices=indexed)
     if indexed:
         y = entry.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit,
                        state_batch_indices=state_batch_indices)
@@ -462,10 +471,12 @@ ssd_mapped.register_all()
 
 # The chunked SSD scan and the decode step as Triton kernels (impls/triton_ssd.py), imported on first
 # call only. Without a GPU they run in Triton's interpreter, so the property tests fold their cases
-# into small sizes (l still spans several chunks of the drawn chunk sizes). Declared gap: varlen.
+# into small sizes (l still spans several chunks of the drawn chunk sizes). Declared gap: packed
+# scans (varlen); its step does take state_batch_indices.
 if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("triton_ssd", "ssd_scan"), step=lazy("triton_ssd", "ssd_state_update"), family="ssd",
-             gradients=True, case_limits=dict(b=2, l=24, h=2, p=6, n=6) if _interpreted else None)
+             gradients=True, state_batch_indices=True,
+             case_limits=dict(b=2, l=24, h=2, p=6, n=6) if _interpreted else None)
 
 # transformers' Mamba-2 pure-PyTorch chunked SSD (impls/transformers_ssd_adapter.py), the CPU peer of
 # `chunked`. Registered on request only (importing impls.transformers_ssd_adapter registers it:

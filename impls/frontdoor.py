@@ -94,6 +94,21 @@ def _groups(where, arg, X, b, d, n, tail, tail_names, sources=None):
 _LAYOUTS = {"u": ("b", "d", "l"), "x": ("b", "d"), "A": ("d", "n"), "state": ("b", "d", "n")}
 
 
+def _swapped_layout(where, named, lead, has_time, d):
+    """Where A's rows are not d, name a swapped layout if the other sizes show one, before the shape
+    check blames A for it: A given as (n, d) (its columns are d and its rows B's n), or u and delta in
+    the model's (b, l, d) layout (u's last axis is A's d and its middle axis B's l)."""
+    A, B, x = named["A"], named["B"], named[lead]
+    B_n, B_l = (B.shape[-2], B.shape[-1]) if has_time and B.dim() >= 3 else (B.shape[-1], None)
+    if A.shape[1] == d and A.shape[0] == B_n:
+        _fail(ValueError, where, "A", f"shape (d={d}, n={B_n}), not transposed: A.shape is (n, d) here; pass A.t()",
+              tuple(A.shape))
+    if has_time and x.shape[-1] == A.shape[0] and x.shape[1] == B_l:
+        _fail(ValueError, where, lead, f"layout (b, d, l); it looks (b, l, d), its last axis A's d = {A.shape[0]} "
+              f"and its middle one B's l = {B_l}: pass {lead}.transpose(1, 2) (and delta, z likewise)",
+              tuple(x.shape))
+
+
 def _check(where, named, lead, lead_names, has_time, sizes_from=None):
     """Shared checks for the scan (inputs carry a time axis l) and the step (they don't).
 
@@ -120,6 +135,8 @@ def _check(where, named, lead, lead_names, has_time, sizes_from=None):
     b, d, n = sizes["b"], sizes["d"], sizes["n"]
     time = (sizes["l"],) if has_time else ()
     A = named["A"]
+    if A.shape[0] != d:
+        _swapped_layout(where, named, lead, has_time, d)
     _shape(where, "A", A, (d, n), ("d", "n"), sources)
     if n < 1:
         _fail(ValueError, where, "A", "at least one state (n >= 1)", tuple(A.shape))

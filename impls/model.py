@@ -71,6 +71,7 @@ from .frontdoor import compute_dtype
 # selective_state_update's default implementation (a keyword default there), for MambaLM.step's impl=None
 STEP_DEFAULT = impls.selective_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
+MAMBA2_HINT = "; a Mamba-2 checkpoint: load it with impls.model2.Mamba2LM"
 # token ids: a set lookup, since a decoding step checks its token every time
 INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 WEIGHTS_BIN = "pytorch_model.bin"
@@ -135,7 +136,8 @@ class MambaConfig:
 
         if self.ssm_cfg.get("layer", "Mamba1") != "Mamba1":
             raise NotImplementedError(f"MambaConfig: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: "
-                                      f"only the Mamba-1 block is implemented")
+                                      f"only the Mamba-1 block is implemented here"
+                                      + MAMBA2_HINT * (self.ssm_cfg["layer"] == "Mamba2"))
         if self.attn_layer_idx:
             raise NotImplementedError(f"MambaConfig: attn_layer_idx = {self.attn_layer_idx}: "
                                       f"hybrid attention layers are not implemented")
@@ -289,7 +291,8 @@ def transformers_to_official(d):
     _require_fields(d, "transformers")
     for key, value in TRANSFORMERS_FIXED.items():
         if d.get(key, value) != value:
-            raise ValueError(f"config (transformers layout): {key} = {d[key]!r}: only {value!r} is implemented")
+            raise ValueError(f"config (transformers layout): {key} = {d[key]!r}: only {value!r} is implemented"
+                             + MAMBA2_HINT * (d[key] == "mamba2"))
     mapped, rest = map_config(d, {v: k for k, v in CONFIG_FIELDS.items()})
     expand = mapped.get("ssm_cfg", {}).get("expand", SSM_DEFAULTS["expand"])
     if rest.get("intermediate_size") not in (None, int(expand * d["hidden_size"])):
@@ -435,12 +438,23 @@ def check_weight_shapes(config, stored, layout, expected=None, optional=None, pr
                          + "; ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""))
 
 
-def read_config(folder):
-    """config.json of a checkpoint folder -> (MambaConfig, layout). FileNotFoundError if absent."""
+def config_path(folder):
+    """folder/config.json: FileNotFoundError if either is absent; ValueError if ``folder`` is a file
+    (its config.json, or a weight file, given where the folder is expected)."""
+    if os.path.isfile(folder):
+        raise ValueError(f"from_pretrained: folder: expected a checkpoint folder (config.json beside the weights), "
+                         f"got the file {os.fspath(folder)!r}; pass its folder {os.path.dirname(folder) or '.'!r}")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"from_pretrained: folder: no such folder {os.fspath(folder)!r}")
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
-    with open(path) as f:
+    return path
+
+
+def read_config(folder):
+    """config.json of a checkpoint folder -> (MambaConfig, layout). FileNotFoundError if absent."""
+    with open(config_path(folder)) as f:
         return config_from_dict(json.load(f))
 
 
@@ -897,17 +911,36 @@ def _check_mask(attention_mask, input_ids, where):
     return None if m.all() else m
 
 
-def _check_ids(input_ids, where, v):
-    """input_ids: an integer tensor (b, l) with l >= 1 and every id in [0, v) (v the padded vocabulary)."""
+def _check_ids(input_ids, where, vocab_size):
+    """input_ids: an integer tensor (b, l) with l >= 1 and every id a token, in [0, vocab_size): the
+    embedding's rows past vocab_size are padding (to a multiple of pad_vocab_size_multiple), no token's."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{where}: input_ids: expected a tensor, got {type(input_ids).__name__}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise TypeError(f"{where}: input_ids: expected integer ids, got {input_ids.dtype}")
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"{where}: input_ids: expected shape (b, l >= 1), got {tuple(input_ids.shape)}")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= v):
-        raise ValueError(f"{where}: input_ids: ids must be in [0, {v}), got min {int(input_ids.min())}, "
-                         f"max {int(input_ids.max())}")
+    if input_ids.numel():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{where}: input_ids: ids must be in [0, vocab_size = {vocab_size}), got id "
+                             f"{lo if lo < 0 else hi}")
+
+
+def _check_impl_gradients(model, impl, family, where):
+    """Refuse a scan implementation without gradients while autograd is on and the model's own
+    parameters require grad (any nn.Module's default): the scan would blame "an input", and running
+    it without a graph would hand back logits that silently cannot be trained through."""
+    if impl is None or not torch.is_grad_enabled() or impls.get(impl, family).supports["gradients"]:
+        return
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    if trainable:
+        with_grads = [k for k in impls.names(family) if impls.get(k, family).supports["gradients"]]
+        raise NotImplementedError(
+            f"{where}: impl {impl!r} has no gradients, and autograd is on with the model's parameters "
+            f"requiring grad ({len(trainable)}, e.g. {trainable[0]}): for inference call it under "
+            f"torch.no_grad() (or torch.inference_mode()); to train, pick an implementation with "
+            f"gradients: {', '.join(with_grads)}")
 
 
 def _check_token(token, cache, impl):
@@ -1136,9 +1169,12 @@ class MambaLM(nn.Module):
             logits (b, l, v), or (b, num_last_tokens, v)
         Raises:
             ValueError for ids that are not (b, l >= 1) or outside the vocabulary, or a bad attention_mask;
-            TypeError for ids that are not integers
+            TypeError for ids that are not integers;
+            NotImplementedError for an impl without gradients while autograd is on (call it under
+            torch.no_grad() for inference)
         """
-        _check_ids(input_ids, "forward", self.config.padded_vocab_size)
+        _check_ids(input_ids, "forward", self.config.vocab_size)
+        _check_impl_gradients(self, impl, "selective", "forward")
         return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
 
     def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
@@ -1183,7 +1219,7 @@ class MambaLM(nn.Module):
         Returns:
             (logits of the last position (b, v), InferenceCache ready for ``step``)
         """
-        _check_ids(input_ids, "prefill", self.config.padded_vocab_size)
+        _check_ids(input_ids, "prefill", self.config.vocab_size)
         mask = _check_mask(attention_mask, input_ids, "prefill")
         cache = self.new_cache(input_ids.shape[0])
         logits = self._forward(input_ids, impl, mask, num_last_tokens=1, cache=cache)
@@ -1295,7 +1331,7 @@ class MambaLM(nn.Module):
         """
         if mode not in ("recurrent", "reforward"):
             raise ValueError(f"generate: mode: expected 'recurrent' or 'reforward', got {mode!r}")
-        _check_ids(input_ids, "generate", self.config.padded_vocab_size)
+        _check_ids(input_ids, "generate", self.config.vocab_size)
         T = _check_count(max_new_tokens, "generate: max_new_tokens")
         eos, pad = _check_sampling(self.config.padded_vocab_size, do_sample, temperature, top_k, top_p,
                                    generator, eos_token_id, pad_token_id)
@@ -1380,12 +1416,16 @@ class MambaLM(nn.Module):
         (stored_shapes), against those the config implies (check_weight_shapes).
 
         Args:
-            folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
+            folder: path of the folder; dtype: build the model in this dtype, so the weights are copied
+                into it without passing through float32 (None: float32)
         Raises:
-            FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a config
+            FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a file
+            given for the folder, a config
             in neither layout, a missing size field, a size that is not an integer, a weight file that
             cannot be read (named), or a shape the config does not imply; KeyError on missing or
-            unexpected parameter names; TypeError for a dtype that is not a torch.dtype.
+            unexpected parameter names; TypeError for a dtype that is not a torch.dtype. A Mamba-2
+            config (NotImplementedError in the official layout, ValueError in transformers') names
+            impls.model2.Mamba2LM.
         """
         check_dtype_arg("from_pretrained", dtype)
         config, layout = read_config(folder)
@@ -1395,11 +1435,11 @@ class MambaLM(nn.Module):
         # under either name load with either config, as transformers' own loader also accepts both.
         names_layout = weights_layout(shapes) or layout
         check_weight_shapes(config, shapes, names_layout)
-        model = cls(config)
+        model = cls(config) if dtype is None else cls(config).to(dtype)   # before the copy: no float32 on the way
         state = load_weights(files)
         names = rename_weights(state, names_layout, "official")
         model.load_official_state_dict({names[k]: v for k, v in state.items()})
-        return model if dtype is None else model.to(dtype)
+        return model
 
     @torch.no_grad()
     def load_official_state_dict(self, state):

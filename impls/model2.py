@@ -49,9 +49,9 @@ import torch.nn.functional as F
 import impls
 from .frontdoor import compute_dtype
 # Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/model.py).
-from .model import (Backbone, ResidualStream, _check_count, _check_ids, _check_mask, _check_sampling,
-                    _transposed_storage, check_dtype_arg, check_int, config_layout, decode_tokens, layout_markers,
-                    load_weights, stored_shapes, weight_files)
+from .model import (Backbone, ResidualStream, _check_count, _check_ids, _check_impl_gradients, _check_mask,
+                    _check_sampling, _transposed_storage, check_dtype_arg, check_int, config_layout, config_path,
+                    decode_tokens, layout_markers, load_weights, stored_shapes, weight_files)
 
 STEP_DEFAULT = impls.ssd_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
@@ -549,8 +549,11 @@ class Mamba2LM(nn.Module):
             logits (b, l, v), or (b, num_last_tokens, v)
         Raises:
             ValueError: input_ids not (b, l >= 1); a mask that is not 0/1 left padding
+            NotImplementedError: an impl without gradients while autograd is on (call it under
+                torch.no_grad() for inference)
         """
-        _check_ids(input_ids, "forward", self.config.padded_vocab_size)
+        _check_ids(input_ids, "forward", self.config.vocab_size)
+        _check_impl_gradients(self, impl, "ssd", "forward")
         return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
 
     def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
@@ -594,7 +597,7 @@ class Mamba2LM(nn.Module):
         Returns:
             (logits of the last position (b, v), InferenceCache ready for ``step``)
         """
-        _check_ids(input_ids, "prefill", self.config.padded_vocab_size)
+        _check_ids(input_ids, "prefill", self.config.vocab_size)
         mask = _check_mask(attention_mask, input_ids, "prefill")
         cache = self.new_cache(input_ids.shape[0])
         logits = self._forward(input_ids, impl, mask, num_last_tokens=1, cache=cache)
@@ -685,7 +688,7 @@ class Mamba2LM(nn.Module):
         """
         if mode not in ("recurrent", "reforward"):
             raise ValueError(f"generate: mode: expected 'recurrent' or 'reforward', got {mode!r}")
-        _check_ids(input_ids, "generate", self.config.padded_vocab_size)
+        _check_ids(input_ids, "generate", self.config.vocab_size)
         T = _check_count(max_new_tokens, "generate: max_new_tokens")
         eos, pad = _check_sampling(self.config.padded_vocab_size, do_sample, temperature, top_k, top_p, generator,
                                    eos_token_id, pad_token_id)
@@ -771,9 +774,11 @@ class Mamba2LM(nn.Module):
         before any tensor of the model is allocated. Nothing is downloaded.
 
         Args:
-            folder: path of the folder; dtype: convert the parameters to this dtype (None: float32)
+            folder: path of the folder; dtype: build the model in this dtype, so the weights are copied
+                into it without passing through float32 (None: float32)
         Raises:
             FileNotFoundError: no config.json, or neither model.safetensors nor pytorch_model.bin;
+            ValueError: a file given for the folder;
             ValueError: a config in neither layout or missing size fields, a Mamba-1 config, official and
                 transformers fields that disagree (each named), a size that is not an int, a weight file
                 that cannot be read (named), or weights whose names or shapes do not match the config
@@ -802,20 +807,17 @@ class Mamba2LM(nn.Module):
                 raise ValueError(f"from_pretrained({folder!r}): tied embeddings but lm_head.weight differs from the "
                                  f"embedding")
             del state["lm_head.weight"]
-        model = cls(config)
+        model = cls(config) if dtype is None else cls(config).to(dtype)   # before the copy: no float32 on the way
         with torch.no_grad():
             own = model.state_dict()
             for k, v in state.items():
                 own[k].copy_(v)
-        return model if dtype is None else model.to(dtype)
+        return model
 
 
 def read_config(folder):
     """(Mamba2Config, layout) from ``folder``/config.json, checked (see Mamba2LM.from_pretrained)."""
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
-    with open(path) as f:
+    with open(config_path(folder)) as f:
         cfg = json.load(f)
     if cfg.get("model_type") == "mamba":
         raise ValueError(f"from_pretrained({folder!r}): model_type 'mamba': a Mamba-1 checkpoint in transformers' "

@@ -94,10 +94,9 @@ def _check(where, named, lead, time):
             _shape(where, arg, t, (b, *tl, g, n), bc_names)
             _dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
         elif arg == "D":
-            if t.dim() == 2:
-                _shape(where, arg, t, (h, p), ("h", "p"))
-            else:
-                _shape(where, arg, t, (h,), ("h",))  # the message names (h,); (h, p) is the other form
+            if tuple(t.shape) not in ((h,), (h, p)):
+                flat = f" (a flat (h*p,) D is D.view({h}, {p}))" if tuple(t.shape) == (h * p,) else ""
+                _fail(ValueError, where, arg, f"shape (h={h}) or (h={h}, p={p}){flat}", tuple(t.shape))
             _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg == "dt_bias":
             _shape(where, arg, t, (h,), ("h",))

@@ -139,11 +139,11 @@ def _softplus(x):
 
 
 @triton.jit
-def _silu(z):
+def silu(z):
     """z / (1 + exp(-z)), the very formula of torch's silu (z * sigmoid(z) would round twice more),
     overflow included: for a very negative z, exp(-z) = inf and silu = z / inf = -0, as torch's; for
     z = -inf, -inf / inf = NaN, as torch's. (Clamping -z, as this once did, gave -inf at z = -inf and
-    -1.8e-5 at z = -1e30.)"""
+    -1.8e-5 at z = -1e30.) Public: the Triton SSD kernels gate with it too."""
     return _div(z, 1.0 + tl.exp(-z))
 
 
@@ -232,7 +232,7 @@ def _scan_fwd_kernel(
             b_y += b_D * b_u
         if HAS_Z:
             b_z = tl.load(p_z, mask=m_d, other=0.0).to(COMPUTE)
-            b_y = b_y * _silu(b_z)                                        # y silu(z)
+            b_y = b_y * silu(b_z)                                        # y silu(z)
         tl.store(p_y, b_y.to(y_ptr.dtype.element_ty), mask=m_d)
 
         p_u += s_ul
@@ -375,7 +375,7 @@ def _scan_bwd_kernel(
                     b_y += b_D * b_u
                 # d/dz of y z sigmoid(z) = y sigmoid(z) (1 + z (1 - sigmoid(z)))
                 tl.store(dz_ptr + o_t, b_gy * b_y * b_sig * (1.0 + b_z * (1.0 - b_sig)), mask=m_d)
-                b_g = b_gy * _silu(b_z)                                   # gradient of y before the gate
+                b_g = b_gy * silu(b_z)                                   # gradient of y before the gate
             else:
                 b_g = b_gy
 
@@ -469,7 +469,7 @@ def _step_kernel(
         b_y += tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(COMPUTE) * b_x
     if HAS_Z:
         b_z = tl.load(z_ptr + _row_offsets(i_b, o_d, s_zb, s_zd), mask=m_d, other=0.0).to(COMPUTE)
-        b_y = b_y * _silu(b_z)
+        b_y = b_y * silu(b_z)
     tl.store(y_ptr + tl.cast(i_b, tl.int64) * d + o_d, b_y.to(y_ptr.dtype.element_ty), mask=m_d)
 
 

@@ -80,6 +80,7 @@ import triton.language as tl  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
 from .frontdoor import compute_dtype  # noqa: E402
+from .triton_scan import silu  # noqa: E402  (torch's z / (1 + exp(-z)) for every z, infinities included)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
@@ -122,11 +123,6 @@ def _softplus(x):
     w = 1.0 + e
     log1p = tl.where(w == 1.0, e, tl.log(w) * _div(e, tl.where(w == 1.0, 1.0, w - 1.0)))
     return tl.where(x > 20.0, x, log1p)
-
-
-@triton.jit
-def _silu(z):
-    return _div(z, 1.0 + tl.exp(-tl.where(z < -80.0, -80.0, z)))
 
 
 @triton.jit
@@ -386,7 +382,7 @@ def _chunk_scan_kernel(
     if HAS_Z:
         b_z = tl.load(z_ptr + tl.cast(i_b, tl.int64) * s_zb + o_t[:, None] * s_zl + tl.cast(i_h, tl.int64) * s_zh
                       + tl.cast(o_p, tl.int64)[None, :] * s_zp, mask=m_mp, other=0.0).to(COMPUTE)
-        acc = acc * _silu(b_z)
+        acc = acc * silu(b_z)
     tl.store(out_ptr + o_out, acc.to(out_ptr.dtype.element_ty), mask=m_mp)
 
 
@@ -614,7 +610,7 @@ def _step_kernel(
         if HAS_D:
             b_y += tl.load(D_ptr + h64 * s_Dh + p64 * s_Dp, mask=m_p, other=0.0).to(COMPUTE) * b_x
         if HAS_Z:
-            b_y = b_y * _silu(tl.load(z_ptr + b64 * s_zb + h64 * s_zh + p64 * s_zp, mask=m_p, other=0.0).to(COMPUTE))
+            b_y = b_y * silu(tl.load(z_ptr + b64 * s_zb + h64 * s_zh + p64 * s_zp, mask=m_p, other=0.0).to(COMPUTE))
         tl.store(y_ptr + o_y, b_y.to(y_ptr.dtype.element_ty), mask=m_p)
 
 
