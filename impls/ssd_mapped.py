@@ -133,7 +133,8 @@ def register_all():
         dtypes = tuple(t for t in INPUT_DTYPES if compute_dtype(t) in e.supports["dtypes"])
         impls.register(name, mapped_scan(name), step=mapped_step(name) if e.step else None, family="ssd",
                        dtypes=dtypes, gradients=e.supports["gradients"], initial_states=e.supports["initial_state"],
-                       varlen=e.supports["varlen"],
+                       varlen=e.supports["varlen"], deterministic=e.supports["deterministic"],
+                       batch_invariant=e.supports["batch_invariant"],
                        case_limits=_limits(e.supports["case_limits"]))
         added.append(name)
     return added
