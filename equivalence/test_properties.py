@@ -66,8 +66,8 @@ def test_nonfinite_input_changes_no_earlier_output(impl, case, t, poison):
 
 # Measured on the Triton SSD kernel before its fix: a NaN in x or dt at token 9 moved tokens 0-8 of
 # its chunk (one tile of the interpreter's 16 positions) by an ulp, where loop and chunked did not.
-@example(case=ssd_cases.SSDCase(b=1, l=12, h=1, p=2, n=2, chunk_size=17), t=9, poison="nan")
-@example(case=ssd_cases.SSDCase(b=1, l=12, h=1, p=2, n=2, chunk_size=17), t=9, poison="inf")
+@example(case=ssd_cases.SSDCase(b=1, l=12, h=2, p=3, n=2, chunk_size=17), t=9, poison="nan")
+@example(case=ssd_cases.SSDCase(b=1, l=12, h=2, p=3, n=2, chunk_size=17), t=9, poison="inf")
 @FEW
 @given(case=SSD_CASES, t=positions, poison=poisons)
 def test_ssd_nonfinite_input_changes_no_earlier_output(ssd_impl, case, t, poison):
