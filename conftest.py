@@ -300,6 +300,7 @@ IMPL_FIXTURES = {
     "stepping_impl": (lambda e: e.step is not None, "no step function"),
     "gradient_impl": (lambda e: e.supports["gradients"], "no gradient support"),
     "continuing_impl": (lambda e: e.supports["initial_state"], "no initial_state support"),
+    "deterministic_impl": (lambda e: e.supports["deterministic"], "not deterministic"),
 }
 
 
@@ -325,6 +326,7 @@ SSD_FIXTURES = {
     "ssd_stepping_impl": (lambda e: e.step is not None, "no step function"),
     "ssd_gradient_impl": (lambda e: e.supports["gradients"], "no gradient support"),
     "ssd_continuing_impl": (lambda e: e.supports["initial_states"], "no initial_states support"),
+    "ssd_deterministic_impl": (lambda e: e.supports["deterministic"], "not deterministic"),
 }
 
 

@@ -7,6 +7,7 @@ the loop. ``correct`` has no mistake: the control. Use them from the command lin
 """
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,38 @@ BUGS = (
     "last_state_one_early",     # returns h_{l-1} instead of h_l
     "overflowing_softplus",     # softplus as log1p(exp(x)), no threshold: inf once exp(x) overflows (x > 88.7 in float32)
     "padded_lanes",             # pads n to a power of two with B = C = 0 and reads out every lane: 0 * inf = NaN
+    # each caught by one of the properties of equivalence/properties.py only
+    "gradient_order_by_call",   # dA summed over time in an order that turns with every call (as atomics would)
+    "readout_order_by_batch",   # with more than one batch row, the readout sums the lanes in another order
+    "unwritten_padded_lanes",   # pads n to a power of two in a torch.empty state, never writes the padding, masks it by * 0
+    "guarded_path_on_nonfinite_dt",  # a non-finite dt anywhere sends every token's readout down another summation order
 )
+
+# What a bug needs declared to be tested where it shows (test_planted_bugs.py registers each so)
+CAPABILITIES = {"gradient_order_by_call": dict(gradients=True)}
+
+_CALLS = itertools.count()
+
+
+class _SharedOverTime(torch.autograd.Function):
+    """A parameter (d, n) broadcast to every (b, d, l, n) step; its gradient summed back over batch
+    and time in an order rotated by a call counter, as an atomic add across programs would."""
+
+    @staticmethod
+    def forward(ctx, A, b, l):
+        return A[None, :, None, :].expand(b, -1, l, -1).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        turn = next(_CALLS) % grad.shape[2]
+        return grad.roll(turn, 2).sum((0, 2)), None, None
+
+
+def _rowwise(fn, X):
+    """fn on each batch row alone: torch's CPU softplus and silu round the last elements of a
+    tensor (its scalar tail) differently from the rest, so on the whole batch a row's bits would
+    depend on the batch around it, and the control would not be batch invariant."""
+    return torch.cat([fn(X[i:i + 1]) for i in range(X.shape[0])]) if X.shape[0] else fn(X)
 
 
 def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -40,7 +72,7 @@ def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
     if delta_softplus and bug == "overflowing_softplus":
         dt = torch.log1p(torch.exp(dt))
     elif delta_softplus and bug != "missing_softplus":
-        dt = F.softplus(dt)
+        dt = _rowwise(F.softplus, dt)
     B = (B if B.dim() == 4 else B[:, None]).to(f)
     C = (C if C.dim() == 4 else C[:, None]).to(f)
     channel = torch.arange(d)
@@ -57,24 +89,37 @@ def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
         A, B, C = F.pad(A, (0, pad)), F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
         if initial_state is not None:
             initial_state = F.pad(initial_state, (0, pad))
+    if bug == "unwritten_padded_lanes":  # a kernel's block of 2^k lanes whose padding is masked by a multiply
+        pad = (1 << (n - 1).bit_length()) - n
+        A, B, C = F.pad(A, (0, pad)), F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
     if bug == "batch_leak":
         B = B[:1].expand_as(B)
     h = torch.zeros(b, d, A.shape[1], dtype=acc)
-    if initial_state is not None and bug != "ignored_initial_state":
+    if bug == "unwritten_padded_lanes":
+        h = torch.empty(b, d, A.shape[1], dtype=acc)
+        h[..., :n] = 0 if initial_state is None else initial_state.to(acc)
+    elif initial_state is not None and bug != "ignored_initial_state":
         h = initial_state.to(acc)
+    if bug == "gradient_order_by_call":
+        A = _SharedOverTime.apply(A, b, l)                     # (b, d, l, n): the same values
+    # the guarded path: taken for the whole call when any dt is not finite
+    reordered = (bug == "readout_order_by_batch" and b > 1) or (
+        bug == "guarded_path_on_nonfinite_dt" and not torch.isfinite(dt).all())
     previous, ys = h, []
     for t in range(l):
         if bug == "state_lost_at_chunk" and t and t % CHUNK == 0:
             h = torch.zeros_like(h)
         previous = h
-        h = (torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t].to(f))[:, :, None] * B[..., t]).to(acc)
+        A_t = A[:, :, t] if bug == "gradient_order_by_call" else A
+        h = (torch.exp(dt[:, :, t, None] * A_t) * h + (dt[:, :, t] * u[:, :, t].to(f))[:, :, None] * B[..., t]).to(acc)
         read = previous if bug == "one_token_shift" else h
-        ys.append((read.to(f) * C[..., t]).sum(-1))
+        terms = read.to(f) * C[..., t]
+        ys.append(terms.flip(-1).sum(-1) if reordered else terms.sum(-1))
     y = torch.stack(ys, -1)
     if D is not None and bug != "lost_D_skip":
         y = y + D[:, None] * u.to(f)
     if z is not None:
-        y = y * (torch.sigmoid(z.to(f)) if bug == "wrong_gate" else F.silu(z.to(f)))
+        y = y * (torch.sigmoid(z.to(f)) if bug == "wrong_gate" else _rowwise(F.silu, z.to(f)))
     last = (previous if bug == "last_state_one_early" else h)[..., :n].to(f)
     return (y.to(u.dtype), last) if return_last_state else y.to(u.dtype)
 

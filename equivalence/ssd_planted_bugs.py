@@ -14,6 +14,7 @@ the compute dtype, so that the control is as accurate as the loop.
 """
 
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,31 @@ BUGS = (
     "states_bf16_between_chunks",     # the state carried between chunks rounded to bfloat16
     "nan_for_non_power_of_two_chunk",  # the chunk padded to a power of two with uninitialised (NaN) memory, masked by a multiply
     "ignored_initial_states",         # always starts from zeros
+    # each caught by one of the properties of equivalence/properties.py only
+    "gradient_order_by_call",         # dA summed over time in an order that turns with every call (as atomics would)
+    "chunk_size_by_batch",            # with more than one batch row, chunks of half the size
+    "unwritten_chunk_padding",        # the last chunk padded to chunk_size in torch.empty memory, never written, masked by * 0
+    "guarded_path_on_nonfinite_chunk",  # a NaN or inf in a chunk's dt x sends the whole chunk down a masked sum
 )
+
+# What a bug needs declared to be tested where it shows (test_ssd_planted_bugs.py registers each so)
+CAPABILITIES = {"gradient_order_by_call": dict(gradients=True)}
+
+_CALLS = itertools.count()
+
+
+class _SharedOverTime(torch.autograd.Function):
+    """A parameter (h,) broadcast to every (b, l, h) token; its gradient summed back over batch and
+    time in an order rotated by a call counter, as an atomic add across programs would."""
+
+    @staticmethod
+    def forward(ctx, A, b, l):
+        return A.expand(b, l, -1).clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        turn = next(_CALLS) % max(grad.shape[1], 1)
+        return grad.roll(turn, 1).sum((0, 1)), None, None
 
 
 def _dt(bug, dt, dt_bias, dt_softplus, dt_limit, f):
@@ -73,6 +98,21 @@ def _scan(bug, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
           return_varlen_states=False):
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
         raise NotImplementedError("ssd_planted_bugs: no packed sequences")
+    # one batch row at a time: torch's batched CPU kernels (softplus, silu, the einsums' matmuls)
+    # round a row differently with other rows around it, and the control must be batch invariant
+    outs, finals = [], []
+    for i in range(x.shape[0]):
+        x_i, dt_i, B_i, C_i, z_i, h0_i = (t if t is None else t[i:i + 1] for t in (x, dt, B, C, z, initial_states))
+        out, final = _scan_row(bug, x.shape[0], x_i, dt_i, A, B_i, C_i, chunk_size, D, z_i, dt_bias, h0_i,
+                               dt_softplus, dt_limit)
+        outs.append(out)
+        finals.append(final)
+    out, final = torch.cat(outs), torch.cat(finals)
+    return (out, final) if return_final_states else out
+
+
+def _scan_row(bug, batch, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_limit):
+    """One batch row (b = 1) of a batch of ``batch`` rows: (out, final_states)."""
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
     f = compute_dtype(x.dtype)
@@ -81,12 +121,14 @@ def _scan(bug, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
     group = head % g if bug == "wrong_group_mapping" else head // (h // g)
     B, C = B.to(f)[:, :, group], C.to(f)[:, :, group]                        # (b, l, h, n)
     u = dt[..., None] * x.to(f)                                              # dt x: (b, l, h, p)
+    if bug == "gradient_order_by_call":
+        A = _SharedOverTime.apply(A.to(f), b, l)                             # (b, l, h): the same values
     a = dt * A.to(f)                                                         # log decays: (b, l, h)
 
     state = torch.zeros(b, h, p, n, dtype=f, device=x.device)
     if initial_states is not None and bug != "ignored_initial_states":
         state = initial_states.to(f)
-    Q = chunk_size
+    Q = chunk_size if bug != "chunk_size_by_batch" or batch == 1 else (chunk_size + 1) // 2
     ys, last_full = [], state
     for start in range(0, l, Q):
         a_c, u_c, B_c, C_c = (t[:, start:start + Q] for t in (a, u, B, C))
@@ -102,7 +144,22 @@ def _scan(bug, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
             u_p = F.pad(u_c, (0, 0, 0, 0, 0, pad), value=float("nan"))
             y = torch.einsum("btsh,bshp->bthp", scores * mask, u_p)[:, :T]
         else:
-            y = torch.einsum("btsh,bshp->bthp", scores * torch.exp(seg), u_c)  # within the chunk
+            # within the chunk; tl.where-style masks, never a product with 0, so that a NaN or inf
+            # at token s reaches no earlier token, not even by a rounding: the finite part is one
+            # einsum whatever the input, the non-finite entries are added under the mask
+            causal = seg != float("-inf")
+            w = torch.where(causal, scores * torch.exp(seg), 0.0)           # (b, t, s, h)
+            bad = ~torch.isfinite(u_c)                                       # (b, s, h, p)
+            if bug == "unwritten_chunk_padding" and T < Q:
+                u_p = torch.empty(b, Q, h, p, dtype=f, device=x.device)     # padding never written
+                u_p[:, :T] = u_c
+                y = torch.einsum("btsh,bshp->bthp", F.pad(w, (0, 0, 0, Q - T)), u_p)
+            elif bug == "guarded_path_on_nonfinite_chunk" and bad.any():
+                y = torch.where(causal[..., None], w[..., None] * u_c[:, None], 0.0).sum(2)
+            else:
+                y = torch.einsum("btsh,bshp->bthp", w, u_c.masked_fill(bad, 0.0))
+                if bad.any():
+                    y = y + torch.where(causal[..., None] & bad[:, None], w[..., None] * u_c[:, None], 0.0).sum(2)
         into = a_c.cumsum(1)                                                 # decay from chunk start to t
         carried = torch.einsum("bthn,bhpn->bthp", C_c, state)
         y = y + (carried if bug == "carry_undecayed_readout" else carried * torch.exp(into)[..., None])
@@ -129,8 +186,7 @@ def _scan(bug, x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
     if z is not None:
         y = y * F.silu(z.to(f))
     final = last_full if bug == "final_state_of_last_full_chunk" else state
-    out = y.to(x.dtype)
-    return (out, final) if return_final_states else out
+    return y.to(x.dtype), final
 
 
 correct = functools.partial(_scan, None)

@@ -14,22 +14,49 @@ from hypothesis import strategies as st
 import impls
 from . import planted_bugs
 from .cases import Case, cases
-from .checks import (CaseFailure, check_batch_independence, check_causality, check_nan_propagation, check_split,
-                     check_values, what_it_needs)
+from .checks import (CaseFailure, check_batch_independence, check_causality, check_gradients,
+                     check_nan_propagation, check_split, check_values, what_it_needs)
+from .properties import (NONFINITE, SELECTIVE, check_batch_invariance, check_determinism, check_nonfinite_causality,
+                         check_unwritten_memory, fresh_memory)
 
 SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+# the size the four properties' checks fold each drawn case to
+SMALL = dict(b=3, d=8, n=6, l=24)
 
 
-def rejected(name, drawn):
-    case, k = drawn
+def checks(name, drawn):
+    """{property: a call of its check} on one drawn case, in the order the search runs them: the
+    four properties of equivalence/properties.py first, on the case folded small (they need no long
+    sequence, and every planted scan is a Python loop), then the checks of values and invariants."""
+    case, k, poison = drawn
+    small = case.within(SMALL)
+    return {
+        "determinism": lambda: check_determinism(SELECTIVE, name, small),
+        "batch invariance": lambda: check_batch_invariance(SELECTIVE, name, small, k),
+        "unwritten memory": lambda: check_unwritten_memory(SELECTIVE, name, small),
+        "non-finite causality": lambda: check_nonfinite_causality(SELECTIVE, name, small, k, poison),
+        "values": lambda: check_values(name, case),
+        "split": lambda: check_split(name, case, k),
+        "causality": lambda: check_causality(name, case, k),
+        "batch independence": lambda: check_batch_independence(name, case, k),
+    }
+
+
+def rejected(name, drawn, only=None):
+    """Whether a check rejects ``name`` on the drawn case (with ``only``, that one check). A case
+    with a non-finite input is a values test only, as in test_values.py.
+    Fresh memory is zero throughout (as a CPU often gives it; the unwritten-memory check fills it
+    with NaN for its own calls): stale memory would make a bug that reads memory it never wrote fail
+    other checks only by chance, and hypothesis could not replay what it found."""
+    todo = checks(name, drawn)
+    if drawn[0].poison:
+        todo = {"values": todo["values"]}
     try:
-        check_values(name, case)
-        if case.poison:  # a non-finite input is a values test only, as in test_values.py
-            return False
-        check_split(name, case, k)
-        check_causality(name, case, k)
-        check_batch_independence(name, case, k)
+        with fresh_memory(0.0):
+            for prop, check in todo.items():
+                if only in (None, prop):
+                    check()
     except AssertionError:
         return True
     return False
@@ -38,18 +65,40 @@ def rejected(name, drawn):
 def _register(name):
     key = f"planted:{name}"
     if key not in impls.names():
-        impls.register(key, getattr(planted_bugs, name))
+        impls.register(key, getattr(planted_bugs, name), **planted_bugs.CAPABILITIES.get(name, {}))
     return key
 
 
-# what the property tests draw: plain cases, and cases with one non-finite input (test_values.py)
-DRAWN = st.tuples(st.one_of(cases(), cases(poison=True)), st.integers(0, 300))
+# what the property tests draw: plain cases, and cases with one non-finite input (test_values.py),
+# a position, and a non-finite value for the non-finite causality check
+DRAWN = st.tuples(st.one_of(cases(), cases(poison=True)), st.integers(0, 300), st.sampled_from(tuple(NONFINITE)))
 
 
 @pytest.mark.parametrize("bug", planted_bugs.BUGS)
 def test_suite_finds_the_planted_bug(bug):
     name = _register(bug)
     find(DRAWN, lambda drawn: rejected(name, drawn), settings=SEARCH)
+
+
+# The bugs that only one property catches, and that property
+ONLY = {"gradient_order_by_call": "determinism", "readout_order_by_batch": "batch invariance",
+        "unwritten_padded_lanes": "unwritten memory", "guarded_path_on_nonfinite_dt": "non-finite causality"}
+
+
+@pytest.mark.parametrize("bug", ONLY)
+def test_only_its_property_catches_the_planted_bug(bug):
+    """Hypothesis finds a case its property rejects; on that case every other check passes, those
+    the search runs and the NaN-propagation and gradient checks too. Fresh memory is zero there (as
+    a CPU often gives it): what a NaN fill exposes, stale memory would show only by chance."""
+    name = _register(bug)
+    drawn = find(DRAWN, lambda drawn: rejected(name, drawn, only=ONLY[bug]), settings=SEARCH)
+    case, k = drawn[:2]
+    others = {**checks(name, drawn), "NaN propagation": lambda: check_nan_propagation(name, case, k),
+              "gradients": lambda: check_gradients(name, case)}
+    with fresh_memory(0.0):
+        for prop, check in others.items():
+            if prop != ONLY[bug]:
+                check()
 
 
 def test_suite_accepts_the_correct_control():

@@ -134,6 +134,7 @@ def register_all():
         impls.register(name, mapped_scan(name), step=mapped_step(name) if e.step else None, family="ssd",
                        dtypes=dtypes, gradients=e.supports["gradients"], initial_states=e.supports["initial_state"],
                        varlen=e.supports["varlen"], state_batch_indices=e.supports["state_batch_indices"],
+                       deterministic=e.supports["deterministic"], batch_invariant=e.supports["batch_invariant"],
                        case_limits=_limits(e.supports["case_limits"]))
         added.append(name)
     return added

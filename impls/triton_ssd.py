@@ -43,9 +43,12 @@ Numerics, where this departs from the official kernels on purpose:
     its decay weight set by tl.where: nothing outside the real data reaches a result (the kind of
     the Mamba-1 kernel's padded-lane bug);
   - a NaN or inf in x (or dt) at token j must not reach the outputs of earlier tokens of its chunk,
-    but in a tl.dot the 0 above the diagonal times inf is NaN. Tiles that reach above the diagonal
-    therefore check their dt x for non-finite values and, only when there is one, sum the
-    products under the mask instead (a rare path that keeps the loop's causality);
+    not even in their last bit (the loop is the spec: y_i reads no input after i), but in a tl.dot
+    the 0 above the diagonal times inf is NaN. Tiles that reach above the diagonal therefore check
+    their dt x for non-finite values and, only when there is one, run the same tl.dot with those
+    entries set to 0 and add them back as masked products (a rare path that keeps the loop's
+    causality bit for bit; summing the whole tile under the mask instead moved earlier outputs by
+    an ulp);
   - float32 tl.dot runs with input_precision="ieee": TF32 would cost about 1e-3 relative.
 
 Kernel conventions (after flash-linear-attention, as impls/triton_scan.py): ``p_`` pointers, ``b_``
@@ -361,8 +364,14 @@ def _chunk_scan_kernel(
         b_x = tl.load(p_x + (t_start + o_k)[:, None] * s_xl, mask=m_k[:, None] & m_p[None, :], other=0.0).to(COMPUTE)
         b_xdt = b_x * b_dt[:, None]
         if k0 + BLOCK_K > i_m * BLOCK_M + 1 and _nonfinite(b_xdt):
-            # a NaN or inf above the diagonal: 0 x inf in tl.dot would leak it backwards in time
-            acc += tl.sum(tl.where(causal[:, :, None], b_L[:, :, None] * b_xdt[None, :, :], 0.0), axis=1)
+            # a NaN or inf above the diagonal: 0 x inf in tl.dot would leak it backwards in time.
+            # The finite entries still go through the same tl.dot (a sum over the tile in another
+            # order would move earlier outputs by an ulp: information flowing backwards too); only
+            # the non-finite ones are added under the causal mask
+            b_bad = b_xdt * 0.0 != 0.0
+            acc += tl.dot(b_L, tl.where(b_bad, 0.0, b_xdt), input_precision=DOT_PRECISION)
+            acc += tl.sum(tl.where(causal[:, :, None] & b_bad[None, :, :], b_L[:, :, None] * b_xdt[None, :, :], 0.0),
+                          axis=1)
         else:
             acc += tl.dot(b_L, b_xdt, input_precision=DOT_PRECISION)
 
