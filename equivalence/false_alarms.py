@@ -33,12 +33,14 @@ PROPERTY_FILES = (
     "equivalence/test_values.py", "equivalence/test_invariants.py", "equivalence/test_gradients.py",
     "equivalence/test_ssd_values.py", "equivalence/test_ssd_invariants.py", "equivalence/test_ssd_gradients.py",
     "equivalence/test_ssd_step.py", "equivalence/test_varlen.py", "equivalence/test_varlen_ssd.py",
+    "equivalence/test_properties.py",
 )
 TRANSFORMERS = ["--ssd-impl", "impls.transformers_ssd_adapter", "--xfails-file", "equivalence/xfails/transformers_ssd.txt"]
 
 
 def family(nodeid):
-    return "ssd" if "ssd" in nodeid.split("::")[0] else "selective"
+    """Which family a test id belongs to: SSD test files and tests are named so."""
+    return "ssd" if "ssd" in nodeid.split("::")[0] or "ssd" in nodeid.split("::")[-1] else "selective"
 
 
 def split(nodeid):
