@@ -122,6 +122,19 @@ def numeric_rows(baseline, names):
     return pd.DataFrame(rows)
 
 
+def verdict(change, tolerance, p_up, p_down, unstable, alpha=ALPHA):
+    """The gate's rule for one point (see the module docstring): REGRESSION, faster, ok or unstable.
+    change: now / before - 1 of the median ratios; p_up, p_down: one-sided Mann-Whitney p-values of
+    "now is slower" and "now is faster"."""
+    if unstable:
+        return "unstable"
+    if change > tolerance and p_up < alpha:
+        return "REGRESSION"
+    if change < -tolerance and p_down < alpha:
+        return "faster"
+    return "ok"
+
+
 def speed_rows(baseline, data, threshold, alpha=ALPHA):
     """One row per point with a paired ratio in both the baseline and data: point, what it is a ratio
     of, baseline and now (median ratios), change (now / baseline - 1), tolerance (the threshold, or
@@ -140,14 +153,7 @@ def speed_rows(baseline, data, threshold, alpha=ALPHA):
         logs_now, logs_base = np.log(n["pairs"]), np.log(b["pairs"])
         p_up = float(mannwhitneyu(logs_now, logs_base, alternative="greater").pvalue)
         p_down = float(mannwhitneyu(logs_now, logs_base, alternative="less").pvalue)
-        if n["unstable"] or b.get("unstable"):
-            status = "unstable"
-        elif change > tolerance and p_up < alpha:
-            status = "REGRESSION"
-        elif change < -tolerance and p_down < alpha:
-            status = "faster"
-        else:
-            status = "ok"
+        status = verdict(change, tolerance, p_up, p_down, n["unstable"] or b.get("unstable"), alpha)
         rows.append(dict(point=key, of=f"{n['impl']} / {n['ratio_to']}", baseline=b["ratio"], now=n["ratio"],
                          now_q1=n["ratio_q1"], now_q3=n["ratio_q3"], change=change, tolerance=tolerance, p=p_up,
                          status=status))

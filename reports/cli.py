@@ -3,6 +3,7 @@
     scanbench sweep  [--quick | --long] [--impl NAME|MODULE|MODULE:FUNCTION ...] [--out FILE] [--resume] [--shard I/N]
     scanbench report [--results FILE ...] [--out DIR]
     scanbench check  --baseline FILE [--results FILE ...] [--threshold 0.2] [--impl NAME ...] [--update-baseline]
+    scanbench continuous BASE [HEAD] [--quick] [--threshold 0.2] [--out FILE]   (the speed gate)
 
 Exit status: 0 pass; 1 a regression or a numeric failure (check), nothing to report (report),
 every point an error (sweep);
@@ -127,6 +128,16 @@ def check(args):
     return 1 if (regressions or not failed.empty) else 0
 
 
+def continuous(args):
+    from . import continuous as gate
+
+    try:
+        return gate.run(args)
+    except UsageError as e:
+        print(f"scanbench continuous: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="scanbench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +158,10 @@ def main(argv=None):
                    help="implementations to check numerically (default: all registered)")
     p.add_argument("--update-baseline", action="store_true", help="write a new baseline from --results and the golden cases")
     p.set_defaults(func=check)
+    p = sub.add_parser("continuous", help="speed gate: BASE against HEAD (default: the working tree), interleaved")
+    from .continuous import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=continuous)
     args = parser.parse_args(argv)
     return args.func(args)
 
