@@ -142,10 +142,16 @@ def main():
     sys.path[:] = [tree] + [p for p in sys.path if os.path.realpath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
     import torch
     torch.set_num_threads(1)
-    import impls
-    hello = dict(impls=os.path.realpath(impls.__file__), torch=torch.__version__, defaults=defaults())
     try:
-        if args.plugin:
+        import impls
+    except Exception as e:  # noqa: BLE001 (a tree whose impls cannot be imported: reported in one line)
+        print(json.dumps(dict(error=f"{tree}: cannot import impls: {type(e).__name__}: {e}")), flush=True)
+        return
+    hello = dict(impls=os.path.realpath(impls.__file__), torch=torch.__version__, defaults=defaults())
+    if not hello["impls"].startswith(tree + os.sep):   # e.g. an installed copy, when the tree has none
+        hello["error"] = f"{tree} has no impls package (imported {hello['impls']} instead)"
+    try:
+        if args.plugin and "error" not in hello:
             hello["plugin"] = load_plugin(args.plugin, args.plugin_path, args.family)
     except Exception as e:  # noqa: BLE001 (reported to the parent in one line)
         hello["error"] = f"--impl {args.plugin}: {type(e).__name__}: {e}"

@@ -72,7 +72,7 @@ def report(args):
 
 
 def check(args):
-    from .check import make_baseline, numeric_rows, read_baseline, speed_rows, write_baseline
+    from .check import comparable, fingerprints, make_baseline, numeric_rows, read_baseline, speed_rows, write_baseline
 
     try:
         if not (math.isfinite(args.threshold) and args.threshold >= 0):
@@ -85,7 +85,11 @@ def check(args):
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)
         if args.update_baseline:
-            write_baseline(args.baseline, make_baseline(data))
+            try:
+                made = make_baseline(data)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            write_baseline(args.baseline, made)
             print(f"baseline written: {args.baseline}")
             return 0
         try:
@@ -115,7 +119,13 @@ def check(args):
     if not failed.empty:
         print(failed.to_markdown(index=False, floatfmt=".3g"))
     regressions = 0
-    if speed is not None:
+    if speed is not None and not comparable(baseline, data):
+        # another machine's speeds: shown as history, never a verdict
+        print(f"speed: not comparable: the baseline was measured on {_machine(baseline.get('fingerprint'))}, "
+              f"these results on {' and '.join(_machine(f) for f in fingerprints(data)) or 'an unrecorded machine'}; "
+              "speed baselines are per machine (gate speed with `scanbench continuous BASE`)")
+        print(speed.assign(status="not comparable").to_markdown(index=False, floatfmt=".3g"))
+    elif speed is not None:
         moved = speed[speed["status"] != "ok"]
         regressions = int((speed["status"] == "REGRESSION").sum())
         unstable = int((speed["status"] == "unstable").sum())
@@ -136,6 +146,12 @@ def continuous(args):
     except UsageError as e:
         print(f"scanbench continuous: error: {e}", file=sys.stderr)
         return 2
+
+
+def _machine(fp):
+    if not fp:
+        return "an unrecorded machine (a baseline without a fingerprint)"
+    return f"{fp['cpu_model']}, {fp['cpus']} cores, torch {fp['torch']}, BLAS {fp['blas']}"
 
 
 def main(argv=None):

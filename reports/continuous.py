@@ -117,7 +117,14 @@ class Worker:
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", GLIBC_TUNABLES=MALLOC_TUNABLES)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      cwd=tree, env=env)
-        self.hello = self._answer()
+        self._hello = None
+
+    @property
+    def hello(self):
+        """What the worker said on starting (read on first use, so that both workers start at once)."""
+        if self._hello is None:
+            self._hello = self._answer()
+        return self._hello
 
     def _answer(self):
         line = self.proc.stdout.readline()
@@ -181,13 +188,17 @@ def compare(base_tree, head_tree, size="quick", threshold=0.2, alpha=ALPHA, plan
     info: dict of the workers' hello, the fingerprint and the load averages while measuring).
     Raises UsageError where a tree or the plugin cannot be loaded."""
     plant_name, plant_factor = planted.parse(plant) if plant else (None, None)
+    for side, tree in (("BASE", base_tree), ("HEAD", head_tree)):
+        if not os.path.isdir(os.path.join(tree, "impls")):
+            raise UsageError(f"{side} ({tree}) has no impls package: not a tree of this suite")
     workers = []
     cpu = min(os.sched_getaffinity(0))
     try:
         for tree, side, path in ((base_tree, "BASE", base_plugin_path), (head_tree, "HEAD", head_plugin_path)):
             workers.append(Worker(tree, side, cpu, plugin, path, family))
-            if "error" in workers[-1].hello:
-                raise UsageError(f"{side}: {workers[-1].hello['error']}")
+        for w in workers:
+            if "error" in w.hello:
+                raise UsageError(f"{w.side}: {w.hello['error']}")
         base, head = workers
         if not base.hello["defaults"]:
             raise UsageError(f"BASE ({base_tree}) has no selective_scan or ssd_scan to measure")
