@@ -203,6 +203,8 @@ def compare(base_tree, head_tree, size="quick", threshold=0.2, alpha=ALPHA, plan
         if not base.hello["defaults"]:
             raise UsageError(f"BASE ({base_tree}) has no selective_scan or ssd_scan to measure")
         defaults = {f: d for f, d in head.hello["defaults"].items() if base.hello["defaults"].get(f) == d}
+        notes = [f"{f}: default {base.hello['defaults'].get(f)} at BASE, {d} at HEAD: not gated (nothing alike to compare)"
+                 for f, d in head.hello["defaults"].items() if f not in defaults]
         todo = chosen or points(defaults, size, plugin, family)
         if plant_name and plant_name not in {p["impl"] for p in todo}:
             raise UsageError(f"{planted.ENV}={plant}: {plant_name!r} is not among the gated implementations "
@@ -230,7 +232,7 @@ def compare(base_tree, head_tree, size="quick", threshold=0.2, alpha=ALPHA, plan
         for w in workers:
             w.close()
     info = dict(base=base.hello, head=head.hello, fingerprint=fingerprint(machine), load_avg=(min(loads), max(loads)),
-                cpu=cpu)
+                cpu=cpu, notes=notes)
     return pd.DataFrame(rows), info
 
 
@@ -333,6 +335,8 @@ def report(rows, info, threshold, alpha):
     lo, hi = info["load_avg"]
     print(f"machine: {fp['cpu_model']}, {fp['cpus']} cores, torch {fp['torch']}, BLAS {fp['blas']}; both sides on "
           f"CPU {info['cpu']}; load average {lo:.1f}-{hi:.1f} while measured")
+    for note in info.get("notes", []):
+        print(note)
     shown = rows.reindex(columns=["section", "id", "base_ms", "head_ms", "ratio", "ratio_q1", "ratio_q3", "tolerance",
                                   "p", "status"])
     print(shown.to_markdown(index=False, floatfmt=".3g"))
