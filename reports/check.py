@@ -14,9 +14,9 @@ results of another fingerprint are "not comparable": shown, never failing the ru
 (unchanged code on a second machine of the same kind failed with 8 "regressions" against a
 baseline of another machine, every ratio to the floor doubled together).
 
-On the machine of the baseline: ratios whose two sides were measured interleaved in one process (benchmarks/common.py), of
-two kinds (``gated``): each implementation to the floor in the scan grid, and our decoding step
-to mamba.py's. Ratios whose sides do unlike work are reported, not gated: re-forwarding against
+On the machine of the baseline: ratios whose two sides were measured interleaved in one process
+(benchmarks/common.py), of two kinds (``gated``): each implementation to the floor in the scan
+grid, and our decoding step to mamba.py's. Ratios whose sides do unlike work are reported, not gated: re-forwarding against
 recurrent decoding (one 100 ms scan against one 0.1 ms step moved up to 3x between runs of unchanged
 code on this shared machine), and one parallel-scan prefill against mamba.py's token-by-token
 prefill (23 %). For each point the baseline keeps its per-round ratios and
