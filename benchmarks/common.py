@@ -21,6 +21,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
 import threading
 import time
@@ -166,6 +167,33 @@ def machine_key(machine):
     return {k: machine.get(k) for k in ("host", "machine", "processor", "cpus", "python", "torch", "triton", "cuda")}
 
 
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), or platform.processor() where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def blas():
+    """The BLAS torch was built with (BLAS_INFO in torch.__config__.show(): mkl, open, ...)."""
+    found = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return found.group(1) if found else None
+
+
+FINGERPRINT = ("cpu_model", "cpus", "torch", "blas")
+
+
+def fingerprint(machine):
+    """The part of a machine description that decides whether speeds are comparable: CPU model,
+    core count, torch and BLAS (a field an old record lacks is None, so it matches no new record)."""
+    return {k: machine.get(k) for k in FINGERPRINT}
+
+
 def machine_info():
     """Where and with what a result was measured: recorded beside every result file."""
     try:  # from the package metadata: importing triton here would fix its interpreter setting too early
@@ -173,7 +201,7 @@ def machine_info():
     except importlib.metadata.PackageNotFoundError:
         triton_version = None
     return dict(host=platform.node(), machine=platform.machine(), processor=platform.processor(),
-                cpus=os.cpu_count(), threads=torch.get_num_threads(), python=platform.python_version(),
+                cpu_model=cpu_model(), blas=blas(), cpus=os.cpu_count(), threads=torch.get_num_threads(), python=platform.python_version(),
                 torch=torch.__version__, triton=triton_version,
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 commit=_git_commit())

@@ -1,49 +1,53 @@
 #!/usr/bin/env bash
-# Measure the regression gate's false-alarm and detection rates (README, "The regression gate").
+# Measure the speed gate's false-alarm and detection rates (README, "The regression gate").
 #
-#   benchmarks/measure_gate.sh OUT_DIR [REPS]      # REPS rounds of five conditions (default 5)
+#   benchmarks/measure_gate.sh OUT_DIR [REPS] [CONDITION ...]   # REPS rounds (default 5) of the conditions
 #
-# Runs a snapshot of HEAD (git archive into OUT_DIR/snap), so edits made meanwhile do not change
-# the code under test. Makes a baseline from two quick sweeps, then, REPS times: unchanged code
-# quiet and beside two busy processes, a planted 2x slowdown of parallel (SCANBENCH_PLANT) quiet and
-# loaded, and a planted 1.3x quiet; each a quick sweep then `scanbench check`. One line per run in
-# OUT_DIR/summary.tsv: condition, rep, exit status, sweep seconds, load average, time, check's line.
+# Clones HEAD into OUT_DIR/snap, so edits made meanwhile do not change the code under test, and
+# runs `scanbench continuous HEAD --quick` there: BASE is the commit, HEAD its clean working tree,
+# the same code. Conditions (all by default, in this order, one round of each per rep):
+#   quiet_unchanged, loaded_unchanged         unchanged code, alone and beside two busy processes
+#   quiet_2x_parallel, loaded_2x_parallel     SCANBENCH_PLANT=parallel=2 (HEAD's side only)
+#   quiet_2x_chunked, loaded_2x_chunked       SCANBENCH_PLANT=chunked=2
+#   quiet_1.3x_parallel                       SCANBENCH_PLANT=parallel=1.3
+# One line per run in OUT_DIR/summary.tsv: condition, rep, exit status, wall seconds, load average
+# at the start, time, continuous's summary line and the points it flagged.
 set -u
-OUT=$(realpath -m "${1:?usage: benchmarks/measure_gate.sh OUT_DIR [REPS]}")
+OUT=$(realpath -m "${1:?usage: benchmarks/measure_gate.sh OUT_DIR [REPS] [CONDITION ...]}")
 REPS=${2:-5}
+shift $(( $# >= 2 ? 2 : $# ))
+CONDITIONS=${*:-quiet_unchanged loaded_unchanged quiet_2x_parallel loaded_2x_parallel quiet_2x_chunked loaded_2x_chunked quiet_1.3x_parallel}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=$ROOT/.venv/bin/python
-SWEEPS="--sweep scan_grid --sweep time_per_token"   # the sweeps with gated ratios
-mkdir -p "$OUT/snap"
-git -C "$ROOT" archive HEAD | tar -x -C "$OUT/snap"
+mkdir -p "$OUT"
+[ -d "$OUT/snap" ] || git clone -q "$ROOT" "$OUT/snap"
 cd "$OUT/snap"
-BASE=$OUT/baseline.json
 SUM=$OUT/summary.tsv
 
-run_one() {  # condition rep plant loaded
-  local cond=$1 rep=$2 plant=$3 loaded=$4 out=$OUT/$1-$2.jsonl pids=""
+run_one() {  # condition rep
+  local cond=$1 rep=$2 plant="" loaded=0 pids="" log=$OUT/$1-$2.log
+  case $cond in
+    loaded_*) loaded=1 ;;
+  esac
+  case $cond in
+    *_2x_parallel) plant=parallel=2 ;;
+    *_2x_chunked) plant=chunked=2 ;;
+    *_1.3x_parallel) plant=parallel=1.3 ;;
+  esac
   if [ "$loaded" = 1 ]; then
     for _ in 1 2; do "$PY" -c "while True: pass" & pids="$pids $!"; done
   fi
-  local t0 l0
+  local t0 l0 rc
   t0=$(date +%s); l0=$(cut -d' ' -f1 /proc/loadavg)
-  SCANBENCH_PLANT=$plant "$PY" -m reports.cli sweep --quick $SWEEPS --out "$out" > "$OUT/$1-$2.sweep.log" 2>&1
-  local t1; t1=$(date +%s)
-  "$PY" -m reports.cli check --baseline "$BASE" --results "$out" > "$OUT/$1-$2.check.log" 2>&1
-  local rc=$?
+  SCANBENCH_PLANT=$plant "$PY" -m reports.cli continuous HEAD --quick --out "$OUT/$1-$2.jsonl" > "$log" 2> "$log.err"
+  rc=$?
   for p in $pids; do kill "$p"; done
-  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$cond" "$rep" "$rc" "$((t1 - t0))" "$l0" "$(date -u +%H:%M:%S)" \
-    "$(grep '^speed:' "$OUT/$1-$2.check.log")" >> "$SUM"
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$cond" "$rep" "$rc" "$(($(date +%s) - t0))" "$l0" "$(date -u +%H:%M:%S)" \
+    "$(grep '^speed:' "$log")" "$(grep '^REGRESSION:' "$log" | cut -d' ' -f2,5 | tr '\n' ' ')" >> "$SUM"
 }
 
-if [ ! -f "$BASE" ]; then
-  for i in 1 2; do "$PY" -m reports.cli sweep --quick $SWEEPS --out "$OUT/base-$i.jsonl" > "$OUT/base-$i.log" 2>&1; done
-  "$PY" -m reports.cli check --baseline "$BASE" --update-baseline --results "$OUT/base-1.jsonl" "$OUT/base-2.jsonl"
-fi
 for rep in $(seq 1 "$REPS"); do
-  run_one quiet_unchanged "$rep" "" 0
-  run_one loaded_unchanged "$rep" "" 1
-  run_one quiet_2x "$rep" "parallel=2" 0
-  run_one loaded_2x "$rep" "parallel=2" 1
-  run_one quiet_1.3x "$rep" "parallel=1.3" 0
+  for cond in $CONDITIONS; do
+    run_one "$cond" "$rep"
+  done
 done

@@ -6,13 +6,20 @@ float64 golden outputs stored in the baseline, under the suite's tolerance polic
 float64 loop itself is compared with the golden results too, with the floor only, so a change to
 the spec shows up as well.
 
-Speed: ratios whose two sides were measured interleaved in one process (benchmarks/common.py), of
-two kinds whose sides do the same kind of work, so that another process's load moves both alike
-(``gated``): each implementation to the floor in the scan grid, re-forward to recurrent generation
-(cumulative), and our decoding step to mamba.py's. (Re-forwarding one prefix against one recurrent
-step, a 100 ms scan against a 0.1 ms step, moved up to 3x between runs of unchanged code on this
-shared machine, and one parallel-scan prefill against mamba.py's token-by-token prefill by 23 %:
-those ratios are reported, not gated.) For each point the baseline keeps its per-round ratios and
+Speed here is history, not the gate: the gate is `scanbench continuous` (reports/continuous.py),
+which measures both versions of the code side by side in one run. A baseline's speed section is
+valid on the machine it was measured on only: it records the machine's fingerprint (CPU model,
+core count, torch, BLAS: benchmarks.common.fingerprint) and the load average while measured, and
+results of another fingerprint are "not comparable": shown, never failing the run nor passing it
+(unchanged code on a second machine of the same kind failed with 8 "regressions" against a
+baseline of another machine, every ratio to the floor doubled together).
+
+On the machine of the baseline: ratios whose two sides were measured interleaved in one process
+(benchmarks/common.py), of two kinds (``gated``): each implementation to the floor in the scan
+grid, and our decoding step to mamba.py's. Ratios whose sides do unlike work are reported, not gated: re-forwarding against
+recurrent decoding (one 100 ms scan against one 0.1 ms step moved up to 3x between runs of unchanged
+code on this shared machine), and one parallel-scan prefill against mamba.py's token-by-token
+prefill (23 %). For each point the baseline keeps its per-round ratios and
 each run's median. A point regresses when both hold, as asv and pyperf decide:
   - its median ratio grew by more than its tolerance over the baseline's: the threshold, or the
     spread between the baseline's own runs of that point if wider (max / min - 1 of their medians:
@@ -33,7 +40,7 @@ import torch
 from scipy.stats import mannwhitneyu
 
 import impls
-from benchmarks.common import machine_info
+from benchmarks.common import fingerprint
 from equivalence.cases import Case, make_inputs, reference_inputs
 from equivalence.checks import scales, supported
 from equivalence.tolerance import compare, terms
@@ -64,10 +71,10 @@ def gated(record):
     """Whether a record's paired ratio is one the speed check judges (see the module docstring)."""
     if record.get("benchmark") == "scan_grid":
         return True
-    # prefill (one scan against mamba.py's token-by-token loop) is left out: its sides do unlike work,
-    # and it moved +23 % between runs of unchanged code at different loads
-    return record.get("benchmark") == "time_per_token" and (
-        record.get("kind") == "cumulative" or (record.get("ratio_to") == "mambapy" and record.get("kind") != "prefill"))
+    # a step against a step only: re-forward / recurrent (cumulative) and prefill (one scan against
+    # mamba.py's token-by-token loop) do unlike work on their two sides
+    return (record.get("benchmark") == "time_per_token" and record.get("ratio_to") == "mambapy"
+            and record.get("kind") == "per_token" and record.get("mode") == "recurrent")
 
 
 def paired_points(data):
@@ -122,6 +129,19 @@ def numeric_rows(baseline, names):
     return pd.DataFrame(rows)
 
 
+def verdict(change, tolerance, p_up, p_down, unstable, alpha=ALPHA):
+    """The gate's rule for one point (see the module docstring): REGRESSION, faster, ok or unstable.
+    change: now / before - 1 of the median ratios; p_up, p_down: one-sided Mann-Whitney p-values of
+    "now is slower" and "now is faster"."""
+    if unstable:
+        return "unstable"
+    if change > tolerance and p_up < alpha:
+        return "REGRESSION"
+    if change < -tolerance and p_down < alpha:
+        return "faster"
+    return "ok"
+
+
 def speed_rows(baseline, data, threshold, alpha=ALPHA):
     """One row per point with a paired ratio in both the baseline and data: point, what it is a ratio
     of, baseline and now (median ratios), change (now / baseline - 1), tolerance (the threshold, or
@@ -140,14 +160,7 @@ def speed_rows(baseline, data, threshold, alpha=ALPHA):
         logs_now, logs_base = np.log(n["pairs"]), np.log(b["pairs"])
         p_up = float(mannwhitneyu(logs_now, logs_base, alternative="greater").pvalue)
         p_down = float(mannwhitneyu(logs_now, logs_base, alternative="less").pvalue)
-        if n["unstable"] or b.get("unstable"):
-            status = "unstable"
-        elif change > tolerance and p_up < alpha:
-            status = "REGRESSION"
-        elif change < -tolerance and p_down < alpha:
-            status = "faster"
-        else:
-            status = "ok"
+        status = verdict(change, tolerance, p_up, p_down, n["unstable"] or b.get("unstable"), alpha)
         rows.append(dict(point=key, of=f"{n['impl']} / {n['ratio_to']}", baseline=b["ratio"], now=n["ratio"],
                          now_q1=n["ratio_q1"], now_q3=n["ratio_q3"], change=change, tolerance=tolerance, p=p_up,
                          status=status))
@@ -155,14 +168,34 @@ def speed_rows(baseline, data, threshold, alpha=ALPHA):
                                        "status"])
 
 
+def fingerprints(data):
+    """The distinct machine fingerprints of results (a list of dicts)."""
+    if data is None or "machine" not in data:
+        return []
+    found = {json.dumps(fingerprint(m), sort_keys=True) for m in data["machine"] if isinstance(m, dict)}
+    return [json.loads(f) for f in sorted(found)]
+
+
+def comparable(baseline, data):
+    """Whether the speed of data can be judged against the baseline: measured on a machine of the
+    baseline's fingerprint (an old baseline without one is comparable with nothing)."""
+    found = fingerprints(data)
+    return "fingerprint" in baseline and found == [baseline["fingerprint"]]
+
+
 def make_baseline(data):
-    """The golden results and every paired ratio of data (with its per-round ratios)."""
+    """The golden results and every paired ratio of data (with its per-round ratios), with the
+    fingerprint of the machine that measured them. ValueError if data come from several machines."""
     speed = {k: {f: v[f] for f in ("ratio", "ratio_q1", "ratio_q3", "pairs", "runs", "ratio_to", "unstable")}
              for k, v in paired_points(data).items()}
     runs = sorted(data["source"].unique()) if data is not None and not data.empty and "source" in data else []
     loads = data["load_avg"].dropna() if data is not None and "load_avg" in data else pd.Series(dtype=float)
+    found = fingerprints(data)
+    if len(found) != 1:
+        raise ValueError(f"a speed baseline is one machine's: these results have {len(found)} machine fingerprints")
+    machine = next(m for m in data["machine"] if isinstance(m, dict))
     return dict(version=BASELINE_VERSION, caseset_version=CASESET_VERSION,
-                created=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine_info(),
+                created=datetime.datetime.now().isoformat(timespec="seconds"), machine=machine, fingerprint=found[0],
                 from_runs=runs, load_avg=[float(loads.min()), float(loads.max())] if len(loads) else None,
                 golden=golden(), speed=speed)
 

@@ -3,6 +3,7 @@
     scanbench sweep  [--quick | --long] [--impl NAME|MODULE|MODULE:FUNCTION ...] [--out FILE] [--resume] [--shard I/N]
     scanbench report [--results FILE ...] [--out DIR]
     scanbench check  --baseline FILE [--results FILE ...] [--threshold 0.2] [--impl NAME ...] [--update-baseline]
+    scanbench continuous BASE [HEAD] [--quick] [--threshold 0.2] [--out FILE]   (the speed gate)
 
 Exit status: 0 pass; 1 a regression or a numeric failure (check), nothing to report (report),
 every point an error (sweep);
@@ -71,7 +72,7 @@ def report(args):
 
 
 def check(args):
-    from .check import make_baseline, numeric_rows, read_baseline, speed_rows, write_baseline
+    from .check import comparable, fingerprints, make_baseline, numeric_rows, read_baseline, speed_rows, write_baseline
 
     try:
         if not (math.isfinite(args.threshold) and args.threshold >= 0):
@@ -84,7 +85,11 @@ def check(args):
         for p in problems:
             print(f"warning: {p}", file=sys.stderr)
         if args.update_baseline:
-            write_baseline(args.baseline, make_baseline(data))
+            try:
+                made = make_baseline(data)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            write_baseline(args.baseline, made)
             print(f"baseline written: {args.baseline}")
             return 0
         try:
@@ -114,7 +119,13 @@ def check(args):
     if not failed.empty:
         print(failed.to_markdown(index=False, floatfmt=".3g"))
     regressions = 0
-    if speed is not None:
+    if speed is not None and not comparable(baseline, data):
+        # another machine's speeds: shown as history, never a verdict
+        print(f"speed: not comparable: the baseline was measured on {_machine(baseline.get('fingerprint'))}, "
+              f"these results on {' and '.join(_machine(f) for f in fingerprints(data)) or 'an unrecorded machine'}; "
+              "speed baselines are per machine (gate speed with `scanbench continuous BASE`)")
+        print(speed.assign(status="not comparable").to_markdown(index=False, floatfmt=".3g"))
+    elif speed is not None:
         moved = speed[speed["status"] != "ok"]
         regressions = int((speed["status"] == "REGRESSION").sum())
         unstable = int((speed["status"] == "unstable").sum())
@@ -125,6 +136,22 @@ def check(args):
         if not moved.empty:
             print(moved.to_markdown(index=False, floatfmt=".3g"))
     return 1 if (regressions or not failed.empty) else 0
+
+
+def continuous(args):
+    from . import continuous as gate
+
+    try:
+        return gate.run(args)
+    except UsageError as e:
+        print(f"scanbench continuous: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _machine(fp):
+    if not fp:
+        return "an unrecorded machine (a baseline without a fingerprint)"
+    return f"{fp['cpu_model']}, {fp['cpus']} cores, torch {fp['torch']}, BLAS {fp['blas']}"
 
 
 def main(argv=None):
@@ -147,6 +174,10 @@ def main(argv=None):
                    help="implementations to check numerically (default: all registered)")
     p.add_argument("--update-baseline", action="store_true", help="write a new baseline from --results and the golden cases")
     p.set_defaults(func=check)
+    p = sub.add_parser("continuous", help="speed gate: BASE against HEAD (default: the working tree), interleaved")
+    from .continuous import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=continuous)
     args = parser.parse_args(argv)
     return args.func(args)
 
