@@ -5,11 +5,14 @@
 
 As asv's ``continuous``: both versions on one machine, in one run. BASE (and HEAD, if given) is a
 git ref, extracted into a temporary directory with ``git archive``; HEAD defaults to the working
-tree, uncommitted changes included. Two long-lived worker processes (benchmarks/continuous_worker.py),
-one per tree, each importing its own tree's ``impls``, are driven alternately: for every gated
-point, rounds in which BASE and HEAD each run one block of the same number of calls, the order
-swapped every round (A B, B A, ...), on one torch thread each, timed in the worker's CPU time. So
-both sides of a ratio see the same load, and the verdict never depends on another day's numbers.
+tree, uncommitted changes included. Two worker processes (benchmarks/continuous_worker.py), one per
+tree, each importing its own tree's ``impls``, are driven alternately: for every gated point, rounds
+in which BASE and HEAD each run one block of the same number of calls, the order swapped every round
+(A B, B A, ...), on one torch thread each, timed in the worker's CPU time. So both sides of a ratio
+see the same load, and the verdict never depends on another day's numbers. The rounds are shared
+among PROCESS_PAIRS fresh pairs of workers, one pair after another: a process can settle on a speed
+for its whole life (unchanged code measured 1.35x slower in one HEAD process under load), and over
+three pairs that is one pair's share of the point's spread, not a verdict.
 Both workers are pinned to the same CPU: only one runs at a time, and on this 2-core VM one core
 ran the SSD scan at 17-24 ms a call and the other at 40-50 ms (another guest's load, presumably),
 steadily, so two unpinned workers settling on different cores made unchanged code a "2x regression".
@@ -50,7 +53,8 @@ from benchmarks.runner import UsageError
 from .check import ALPHA, verdict
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "continuous_worker.py")
-ROUNDS = {"quick": 11, "default": 21}   # timed rounds per point
+ROUNDS = {"quick": 12, "default": 21}   # timed rounds per point, shared among the process pairs
+PROCESS_PAIRS = 3   # fresh BASE/HEAD worker pairs per run, in turn (an odd count: a median over them)
 BLOCK_S = {"quick": 0.03, "default": 0.05}   # seconds of calls per side per round (at least one call)
 # malloc's heap on transparent huge pages. Without it the SSD scan took either about 18 ms or about
 # 45 ms a call, decided per process and kept for its life (12 fresh processes here: 6 and 6), so
@@ -191,48 +195,71 @@ def compare(base_tree, head_tree, size="quick", threshold=0.2, alpha=ALPHA, plan
     for side, tree in (("BASE", base_tree), ("HEAD", head_tree)):
         if not os.path.isdir(os.path.join(tree, "impls")):
             raise UsageError(f"{side} ({tree}) has no impls package: not a tree of this suite")
-    workers = []
     cpu = min(os.sched_getaffinity(0))
-    try:
-        for tree, side, path in ((base_tree, "BASE", base_plugin_path), (head_tree, "HEAD", head_plugin_path)):
-            workers.append(Worker(tree, side, cpu, plugin, path, family))
-        for w in workers:
-            if "error" in w.hello:
-                raise UsageError(f"{w.side}: {w.hello['error']}")
-        base, head = workers
-        if not base.hello["defaults"]:
-            raise UsageError(f"BASE ({base_tree}) has no selective_scan or ssd_scan to measure")
-        defaults = {f: d for f, d in head.hello["defaults"].items() if base.hello["defaults"].get(f) == d}
-        notes = [f"{f}: default {base.hello['defaults'].get(f)} at BASE, {d} at HEAD: not gated (nothing alike to compare)"
-                 for f, d in head.hello["defaults"].items() if f not in defaults]
-        todo = chosen or points(defaults, size, plugin, family)
-        if plant_name and plant_name not in {p["impl"] for p in todo}:
-            raise UsageError(f"{planted.ENV}={plant}: {plant_name!r} is not among the gated implementations "
-                             f"({', '.join(sorted({p['impl'] for p in todo}))})")
-        rounds = rounds or ROUNDS[size]
-        block_s = block_s or BLOCK_S[size]
-        machine = machine_info()
-        rows, loads = [], []
-        for point in tqdm(todo, desc="continuous", unit="point", file=sys.stderr, disable=not progress):
-            loads.append(os.getloadavg()[0])
-            factor = plant_factor if point["impl"] == plant_name else None
-            result = measure(base, head, point, rounds, block_s, factor)
-            loads.append(os.getloadavg()[0])
-            row = dict(point, id=point_id(point))
-            if "error" in result:
-                row.update(status="error", error=result["error"])
-            else:
-                row.update(base_ms=1e3 * float(np.median(result["base_s"])), head_ms=1e3 * float(np.median(result["head_s"])),
-                           **judge(result["base_s"], result["head_s"], threshold, alpha), **result)
-            rows.append(row)
-            if out:
-                append_jsonl(out, dict(row, benchmark="continuous", planted=plant if factor else None, machine=machine,
-                                       fingerprint=fingerprint(machine), load_avg=loads[-1]))
-    finally:
-        for w in workers:
-            w.close()
-    info = dict(base=base.hello, head=head.hello, fingerprint=fingerprint(machine), load_avg=(min(loads), max(loads)),
-                cpu=cpu, notes=notes)
+    rounds = rounds or ROUNDS[size]
+    block_s = block_s or BLOCK_S[size]
+    machine = machine_info()
+    times, errors, loads = {}, {}, []
+    todo, notes, hello = None, [], None
+    with tqdm(desc="continuous", unit="point", file=sys.stderr, disable=not progress) as bar:
+        for pair in range(PROCESS_PAIRS):
+            # each pair of fresh workers runs its share of every point's rounds: a speed a process
+            # settles on for its life (as above) is then one pair's share of the spread, not the verdict
+            share = rounds // PROCESS_PAIRS + (pair < rounds % PROCESS_PAIRS)
+            workers = []
+            try:
+                for tree, side, path in ((base_tree, "BASE", base_plugin_path), (head_tree, "HEAD", head_plugin_path)):
+                    workers.append(Worker(tree, side, cpu, plugin, path, family))
+                for w in workers:
+                    if "error" in w.hello:
+                        raise UsageError(f"{w.side}: {w.hello['error']}")
+                base, head = workers
+                if todo is None:
+                    if not base.hello["defaults"]:
+                        raise UsageError(f"BASE ({base_tree}) has no selective_scan or ssd_scan to measure")
+                    defaults = {f: d for f, d in head.hello["defaults"].items() if base.hello["defaults"].get(f) == d}
+                    notes = [f"{f}: default {base.hello['defaults'].get(f)} at BASE, {d} at HEAD: not gated "
+                             f"(nothing alike to compare)" for f, d in head.hello["defaults"].items() if f not in defaults]
+                    todo = chosen or points(defaults, size, plugin, family)
+                    if plant_name and plant_name not in {p["impl"] for p in todo}:
+                        raise UsageError(f"{planted.ENV}={plant}: {plant_name!r} is not among the gated implementations "
+                                         f"({', '.join(sorted({p['impl'] for p in todo}))})")
+                    bar.reset(total=len(todo) * PROCESS_PAIRS)
+                    hello = dict(base=base.hello, head=head.hello)
+                for point in todo:
+                    key = point_id(point)
+                    loads.append(os.getloadavg()[0])
+                    if share and key not in errors:
+                        result = measure(base, head, point, share, block_s,
+                                         plant_factor if point["impl"] == plant_name else None)
+                        if "error" in result:
+                            errors[key] = result["error"]
+                        else:
+                            got = times.setdefault(key, dict(base_s=[], head_s=[], calls_per_block=[]))
+                            got["base_s"] += result["base_s"]
+                            got["head_s"] += result["head_s"]
+                            got["calls_per_block"].append(result["calls_per_block"])
+                    bar.update()
+            finally:
+                for w in workers:
+                    w.close()
+    loads.append(os.getloadavg()[0])
+    rows = []
+    for point in todo:
+        key = point_id(point)
+        factor = plant_factor if point["impl"] == plant_name else None
+        row = dict(point, id=key)
+        if key in errors:
+            row.update(status="error", error=errors[key])
+        else:
+            result = times[key]
+            row.update(base_ms=1e3 * float(np.median(result["base_s"])), head_ms=1e3 * float(np.median(result["head_s"])),
+                       **judge(result["base_s"], result["head_s"], threshold, alpha), **result)
+        rows.append(row)
+        if out:
+            append_jsonl(out, dict(row, benchmark="continuous", planted=plant if factor else None, machine=machine,
+                                   fingerprint=fingerprint(machine), load_avg=loads[-1]))
+    info = dict(**hello, fingerprint=fingerprint(machine), load_avg=(min(loads), max(loads)), cpu=cpu, notes=notes)
     return pd.DataFrame(rows), info
 
 
