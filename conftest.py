@@ -258,6 +258,16 @@ def pytest_collection_modifyitems(config, items):
             f"--xfails-file: {prefix!r} matches no collected test"), stacklevel=2)
 
 
+# The options that choose what runs, repeated in a failure's replay line (a plugged-in kernel's test
+# id exists only with its option).
+REPLAYED_OPTIONS = (("--impl", "impl"), ("--impl-step", "impl_step"), ("--ssd-impl", "ssd_impl"),
+                    ("--ssd-impl-step", "ssd_impl_step"), ("--xfails-file", "xfails_file"))
+
+
+def _as_list(value):
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On a failed property check, say what the failing case needs: the check re-run once, for the
@@ -267,8 +277,11 @@ def pytest_runtest_makereport(item, call):
     if report.when != "call" or not report.failed or call.excinfo is None:
         return
     seed = item.config.option.hypothesis_seed
-    report.sections.append(("replay", f"this run's hypothesis seed is {seed}: make test SEED={seed}, or\n"
-                                      f"pytest '{item.nodeid}' --hypothesis-seed {seed}"))
+    chosen = " ".join(f"{flag} {value}" for flag, dest in REPLAYED_OPTIONS
+                      for value in _as_list(item.config.getoption(dest)))
+    whole = f"make test SEED={seed}" if not chosen else f"pytest {chosen} --hypothesis-seed {seed}"
+    report.sections.append(("replay", f"this run's hypothesis seed is {seed}: {whole}, or this test alone:\n"
+                                      f"pytest '{item.nodeid}' {chosen + ' ' if chosen else ''}--hypothesis-seed {seed}"))
     from equivalence.checks import CaseFailure, what_it_needs
 
     failure, todo = None, [call.excinfo.value]

@@ -240,7 +240,8 @@ def check_unwritten_memory(family, name, case):
                 f"{name}: {what} is NaN at {int(unwritten.sum())} of {a.numel()} positions only when fresh memory "
                 f"is NaN-filled (never written, or read before written); first positions "
                 f"{unwritten.nonzero()[:8].tolist()}\n"
-                f"  reproduce: with equivalence.properties.fresh_memory(): {family.repro(name, case)}")
+                f"  reproduce (a script of two lines):\n    import equivalence.properties\n"
+                f"    with equivalence.properties.fresh_memory(): {family.repro(name, case)}")
 
 
 # --- causality with non-finite perturbations -----------------------------------------------------

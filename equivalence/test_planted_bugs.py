@@ -63,9 +63,12 @@ def rejected(name, drawn, only=None):
 
 
 def _register(name):
+    """Register a planted scan by name. They are written row by row, so they claim batch_invariant
+    (the bit-for-bit check runs on them)."""
     key = f"planted:{name}"
     if key not in impls.names():
-        impls.register(key, getattr(planted_bugs, name), **planted_bugs.CAPABILITIES.get(name, {}))
+        impls.register(key, getattr(planted_bugs, name),
+                       **{"batch_invariant": True, **planted_bugs.CAPABILITIES.get(name, {})})
     return key
 
 

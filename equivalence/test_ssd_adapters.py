@@ -110,17 +110,22 @@ def test_transformers_gaps_are_refused():
 
 
 @needs_transformers
-def test_finding_transformers_scan_loses_precision_after_a_large_dt():
+def test_transformers_decays_from_cumulative_sums_are_within_the_conditioning():
     """transformers' scan takes a token's decay to its chunk's end as exp(cumsum_end - cumsum_s): after
     a token with a large dt A (dt = 100 here, a raw dt past the softplus threshold, or none) the
-    difference of two large cumulative sums loses the small decay's digits. The loop, and chunked
-    (which sums each segment's own terms), are within the policy on the same case; transformers' final
-    states are 10x outside it. Rare in drawn cases (a large dt, then a chunk end), so pinned here."""
+    difference of two large cumulative sums loses the small decay's digits, as the official kernels'
+    do. chunked (which sums each segment's own terms) keeps them. This was once listed as a
+    transformers bug; it is the amplification through exp that the tolerance's conditioning counts
+    (equivalence/tolerance.py), which a sound kernel may show, so both pass. Pinned: rare in drawn
+    cases (a large dt, then a chunk end)."""
     case = SSDCase(b=1, l=2, h=2, p=1, n=1, g=2, D="none", z=False, dt_bias=False, softplus=False,
                    extreme_dt=True, chunk_size=2, seed=2)
+    ref = impls.ssd_scan(**reference_inputs(case), chunk_size=2, return_final_states=True, impl="loop")[1]
+    error = {name: float((impls.ssd_scan(**make_inputs(case), chunk_size=2, return_final_states=True,
+                                         impl=name)[1].double() - ref).abs().max()) for name in ("chunked", "transformers")}
+    assert error["transformers"] > 10 * error["chunked"]   # the digits are lost
     check_values("chunked", case)
-    with pytest.raises(AssertionError, match="transformers: final_states"):
-        check_values("transformers", case)
+    check_values("transformers", case)
 
 
 @needs_transformers

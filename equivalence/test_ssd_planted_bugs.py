@@ -61,9 +61,12 @@ def rejected(name, drawn, only=None):
 
 
 def _register(name):
+    """Register a planted scan by name. They are written row by row, so they claim batch_invariant
+    (the bit-for-bit check runs on them)."""
     key = f"planted_ssd:{name}"
     if key not in impls.names("ssd"):
-        impls.register(key, getattr(ssd_planted_bugs, name), family="ssd", **ssd_planted_bugs.CAPABILITIES.get(name, {}))
+        impls.register(key, getattr(ssd_planted_bugs, name), family="ssd",
+                       **{"batch_invariant": True, **ssd_planted_bugs.CAPABILITIES.get(name, {})})
     return key
 
 
