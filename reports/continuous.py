@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from benchmarks import planted
 from benchmarks.common import append_jsonl, fingerprint, machine_info, paired_ratio
-from benchmarks.runner import UsageError
+from benchmarks.runner import UsageError, check_writable
 from .check import ALPHA, verdict
 
 WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "continuous_worker.py")
@@ -88,12 +88,15 @@ def point_id(point):
     """Readable id: ssd-chunked-scan-b1-h24-p64-n128-g1-l512-c64."""
     dims = "-".join(f"{k if k != 'chunk_size' else 'c'}{point[k]}"
                     for k in ("b", "d", "h", "p", "n", "g", "l", "chunk_size") if k in point)
-    return f"{point['family']}-{point['impl']}-{point['op']}-{dims}"
+    impl = point["impl"] if "base_impl" not in point else f"{point['base_impl']}->{point['impl']}"
+    return f"{point['family']}-{impl}-{point['op']}-{dims}"
 
 
-def points(defaults, size, plugin=None, family="selective"):
+def points(defaults, size, plugin=None, family="selective", base_defaults=None):
     """The gated points: every family both trees have a default for (defaults: {family: {scan, step}}
-    as both workers report them, which must agree), or, for a plugin, its family's scan points."""
+    as HEAD's worker reports them), or, for a plugin, its family's scan points. Where BASE's default
+    differs (base_defaults), the point is the public function as each tree calls it by default: BASE's
+    default at BASE against HEAD's at HEAD (``base_impl``), since that is the speed a user gets."""
     out = []
     for fam, table in POINTS.items():
         if plugin and fam != family:
@@ -104,7 +107,11 @@ def points(defaults, size, plugin=None, family="selective"):
             if plugin and op != "scan":
                 continue
             impl = plugin or defaults[fam][op]
-            out.append(dict(section=section, family=fam, op=op, impl=impl, **shape))
+            point = dict(section=section, family=fam, op=op, impl=impl, **shape)
+            base_impl = (base_defaults or {}).get(fam, {}).get(op, impl) if not plugin else impl
+            if base_impl != impl:
+                point["base_impl"] = base_impl
+            out.append(point)
     return out
 
 
@@ -153,7 +160,10 @@ class Worker:
 def measure(base, head, point, rounds, block_s, plant=None):
     """dict(base_s, head_s): per-call CPU seconds of each side, one per round, interleaved; or
     dict(error) if either side failed. plant: a factor for HEAD's side (planted slowdown), or None."""
-    prepared = [base.ask(op="prepare", point=point), head.ask(op="prepare", point=point, plant=plant)]
+    base_point = dict(point, impl=point.get("base_impl", point["impl"]))
+    base_point.pop("base_impl", None)
+    head_point = {k: v for k, v in point.items() if k != "base_impl"}
+    prepared = [base.ask(op="prepare", point=base_point), head.ask(op="prepare", point=head_point, plant=plant)]
     errors = [f"{w.side}: {a['error']}" for w, a in zip((base, head), prepared) if "error" in a]
     if errors:
         return dict(error="; ".join(errors))
@@ -217,10 +227,14 @@ def compare(base_tree, head_tree, size="quick", threshold=0.2, alpha=ALPHA, plan
                 if todo is None:
                     if not base.hello["defaults"]:
                         raise UsageError(f"BASE ({base_tree}) has no selective_scan or ssd_scan to measure")
-                    defaults = {f: d for f, d in head.hello["defaults"].items() if base.hello["defaults"].get(f) == d}
-                    notes = [f"{f}: default {base.hello['defaults'].get(f)} at BASE, {d} at HEAD: not gated "
-                             f"(nothing alike to compare)" for f, d in head.hello["defaults"].items() if f not in defaults]
-                    todo = chosen or points(defaults, size, plugin, family)
+                    defaults = {f: d for f, d in head.hello["defaults"].items() if f in base.hello["defaults"]}
+                    notes = [f"{f}: default {base.hello['defaults'][f]} at BASE, {d} at HEAD: each tree's public "
+                             f"function measured with its own default" for f, d in defaults.items()
+                             if base.hello["defaults"][f] != d and not plugin]
+                    notes += [f"{f}: only at HEAD, not gated" for f in head.hello["defaults"] if f not in defaults]
+                    todo = chosen or points(defaults, size, plugin, family, base.hello["defaults"])
+                    if not todo:
+                        raise UsageError("no family has a default at both BASE and HEAD: nothing to compare")
                     if plant_name and plant_name not in {p["impl"] for p in todo}:
                         raise UsageError(f"{planted.ENV}={plant}: {plant_name!r} is not among the gated implementations "
                                          f"({', '.join(sorted({p['impl'] for p in todo}))})")
@@ -311,6 +325,8 @@ def extract(repo, commit, into):
 
 def run(args):
     """`scanbench continuous`: 0 pass, 1 a regression, 2 a usage error (raised as UsageError)."""
+    if args.out:
+        check_writable(args.out)   # before measuring, not after
     if not (np.isfinite(args.threshold) and args.threshold >= 0):
         raise UsageError(f"--threshold {args.threshold}: need a finite fraction >= 0, e.g. 0.2")
     if not 0 < args.alpha < 1:

@@ -97,3 +97,27 @@ def test_the_committed_baseline_has_no_fingerprint_so_it_decides_no_speed():
     baseline = read_baseline(f"{ROOT}/reports/baselines/cpu-2core.json")
     data = pd.DataFrame([dict(machine=dict(baseline["machine"]))])   # even its own machine record
     assert not comparable(baseline, data)
+
+
+
+def test_a_changed_default_is_gated_as_each_trees_public_call():
+    """Where BASE's default differs from HEAD's, the point is each tree's public call with its own
+    default (never left ungated): here BASE runs loop and HEAD parallel, and the loop's Python steps
+    make BASE far slower, which the measured ratio shows."""
+    head = {"selective": {"scan": "parallel", "step": "recurrent"}}
+    base = {"selective": {"scan": "loop", "step": "recurrent"}}
+    gated = continuous.points(head, "quick", base_defaults=base)
+    scans = [p for p in gated if p["op"] == "scan"]
+    assert scans and all(p["base_impl"] == "loop" and p["impl"] == "parallel" for p in scans)
+    assert all("base_impl" not in p for p in gated if p["op"] == "step")
+    assert "loop->parallel" in continuous.point_id(scans[0])
+    point = dict(TINY[0], base_impl="loop")
+    rows, _ = continuous.compare(ROOT, ROOT, chosen=[point], rounds=3, block_s=0.01, progress=False)
+    assert rows.iloc[0]["ratio"] < 0.5, rows
+
+
+def test_an_unwritable_out_is_refused_before_measuring(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert cli.main(["continuous", "HEAD", "--quick", "--out", str(blocker / "x.jsonl")]) == 2
+    assert "--out" in capsys.readouterr().err
