@@ -282,3 +282,14 @@ def check_nonfinite_causality(family, name, case, t, poison):
                     f"{name}: {arg} = {poison} at token {t} (batch row 0) changed {int(changed.sum())} outputs "
                     f"before token {t}, first {_first(changed, *before)}: information flowed backwards in time\n"
                     f"  reproduce: {family.repro(name, case)}  # {arg}[token {t}] = {poison}")
+
+
+def property_checks(family, name, small, k, poison):
+    """{property: a call of its check} for the four properties above on one case (folded small by
+    the caller: they need no long sequence), in the order a planted-bug search runs them."""
+    return {
+        "determinism": lambda: check_determinism(family, name, small),
+        "batch invariance": lambda: check_batch_invariance(family, name, small, k),
+        "unwritten memory": lambda: check_unwritten_memory(family, name, small),
+        "non-finite causality": lambda: check_nonfinite_causality(family, name, small, k, poison),
+    }

@@ -16,8 +16,7 @@ from . import planted_bugs
 from .cases import Case, cases
 from .checks import (CaseFailure, check_batch_independence, check_causality, check_gradients,
                      check_nan_propagation, check_split, check_values, what_it_needs)
-from .properties import (NONFINITE, SELECTIVE, check_batch_invariance, check_determinism, check_nonfinite_causality,
-                         check_unwritten_memory, fresh_memory)
+from .properties import NONFINITE, SELECTIVE, fresh_memory, property_checks
 
 SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
@@ -32,10 +31,7 @@ def checks(name, drawn):
     case, k, poison = drawn
     small = case.within(SMALL)
     return {
-        "determinism": lambda: check_determinism(SELECTIVE, name, small),
-        "batch invariance": lambda: check_batch_invariance(SELECTIVE, name, small, k),
-        "unwritten memory": lambda: check_unwritten_memory(SELECTIVE, name, small),
-        "non-finite causality": lambda: check_nonfinite_causality(SELECTIVE, name, small, k, poison),
+        **property_checks(SELECTIVE, name, small, k, poison),
         "values": lambda: check_values(name, case),
         "split": lambda: check_split(name, case, k),
         "causality": lambda: check_causality(name, case, k),

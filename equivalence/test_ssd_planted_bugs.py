@@ -12,8 +12,7 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 from . import ssd_planted_bugs
-from .properties import (NONFINITE, SSD, check_batch_invariance, check_determinism, check_nonfinite_causality,
-                         check_unwritten_memory, fresh_memory)
+from .properties import NONFINITE, SSD, fresh_memory, property_checks
 from .ssd_cases import CHUNK_SIZES, TIME_ARGS, cases
 from .ssd_checks import (check_batch_independence, check_causality, check_chunk_size_invariance,
                          check_gradients, check_nonfinite_propagation, check_split, check_values)
@@ -35,10 +34,7 @@ def checks(name, drawn):
     case, k, poison = drawn
     small = case.within(SMALL)
     return {
-        "determinism": lambda: check_determinism(SSD, name, small),
-        "batch invariance": lambda: check_batch_invariance(SSD, name, small, k),
-        "unwritten memory": lambda: check_unwritten_memory(SSD, name, small),
-        "non-finite causality": lambda: check_nonfinite_causality(SSD, name, small, k, poison),
+        **property_checks(SSD, name, small, k, poison),
         "values": lambda: check_values(name, case),
         "split": lambda: check_split(name, case, k),
         "causality": lambda: check_causality(name, case, k),
