@@ -52,6 +52,8 @@ def test_scan_refuses_bad_input(name, change, exc, words):
 
 BAD_STEPS = {
     "state-shape": (dict(state=torch.zeros(2, 6, 5)), ValueError, ["state", "(b=2, d=6, n=4)"]),
+    "state-transposed": (dict(state=torch.zeros(2, 4, 6)), ValueError, ["state: expected shape (b, d=6, n=4)",
+                                                                        "looks (b, n, d)", "(2, 4, 6)"]),
     "state-dtype": (dict(state=torch.zeros(2, 6, 4, dtype=torch.float64)), TypeError, ["state", "float64"]),
     "x-rank": (dict(x=torch.randn(2, 6, 1)), ValueError, ["x", "rank 2"]),
     "B-groups": (dict(B=torch.randn(2, 5, 4)), ValueError, ["B", "divides d=6"]),

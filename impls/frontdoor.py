@@ -96,10 +96,16 @@ _LAYOUTS = {"u": ("b", "d", "l"), "x": ("b", "d"), "A": ("d", "n"), "state": ("b
 
 def _swapped_layout(where, named, lead, has_time, d):
     """Where A's rows are not d, name a swapped layout if the other sizes show one, before the shape
-    check blames A for it: A given as (n, d) (its columns are d and its rows B's n), or u and delta in
-    the model's (b, l, d) layout (u's last axis is A's d and its middle axis B's l)."""
+    check blames A for it: the step's state given as (b, n, d), A given as (n, d) (its columns are d
+    and its rows B's n), or u and delta in the model's (b, l, d) layout (u's last axis is A's d and its
+    middle axis B's l)."""
     A, B, x = named["A"], named["B"], named[lead]
     B_n, B_l = (B.shape[-2], B.shape[-1]) if has_time and B.dim() >= 3 else (B.shape[-1], None)
+    state = named.get("state")
+    if state is not None and A.shape[1] == B_n and tuple(state.shape[1:]) == (A.shape[1], A.shape[0]):
+        # the step reads d from state: a (b, n, d) state would make a correct A look wrong
+        _fail(ValueError, where, "state", f"shape (b, d={A.shape[0]}, n={A.shape[1]}); it looks (b, n, d): "
+              f"pass a state laid out (b, d, n)", tuple(state.shape))
     if A.shape[1] == d and A.shape[0] == B_n:
         _fail(ValueError, where, "A", f"shape (d={d}, n={B_n}), not transposed: A.shape is (n, d) here; pass A.t()",
               tuple(A.shape))
