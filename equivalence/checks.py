@@ -16,7 +16,7 @@ import impls
 from impls.frontdoor import per_channel
 
 from .cases import SCAN_ARGS, make_inputs, reference_inputs
-from .tolerance import GATE_ULPS, TRANSCENDENTAL_ULPS, assert_close, conditioning, dt_ulps, terms
+from .tolerance import GATE_ULPS, assert_close, conditioning, dt_ulps, gradient_conditioning, terms
 
 TIME_ARGS = ("u", "delta", "z", "B", "C")   # the arguments with a time axis (last)
 BATCH_ARGS = TIME_ARGS + ("initial_state",)
@@ -226,9 +226,7 @@ def conditionings(case):
     cum = conditioning(dt[..., None] * x["A"][:, None, :], dt_rel, 2)             # (b, d, l, n)
     gate = GATE_ULPS if x["z"] is not None else 0
     last = cum[:, :, -1]
-    finite = last[torch.isfinite(last)]
-    grad = (float(finite.max()) if finite.numel() else 0.0) + 2 * TRANSCENDENTAL_ULPS + gate
-    return cum.amax(-1) + gate, last, grad
+    return cum.amax(-1) + gate, last, gradient_conditioning(last, x["z"] is not None)
 
 
 def _finite_max(t):
@@ -429,9 +427,10 @@ def check_gradients(name, case):
     terms = case.b * case.l * (case.d // max(case.g, 1) + case.n)
     # Sums under cancellation have their floor relative to their summands (equivalence/tolerance.py)
     sums = magnitudes(case, weights)[2]
+    grad_conditioning = conditionings(case)[2]
     for k in got:
         assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], terms, repro(name, case) + f"  # gradient of {k}",
-                     scale=sums[k], conditioning=conditionings(case)[2])
+                     scale=sums[k], conditioning=grad_conditioning)
 
 
 # name -> {capability: how its probe call went}, for implementations registered from a plain function

@@ -14,7 +14,7 @@ from impls.ssd_loop import effective_dt, per_head
 
 from .checks import _perturbed
 from .ssd_cases import SCAN_ARGS, TIME_ARGS, make_inputs, reference_inputs
-from .tolerance import GATE_ULPS, TRANSCENDENTAL_ULPS, assert_close, conditioning, dt_ulps, ssd_terms
+from .tolerance import GATE_ULPS, assert_close, conditioning, dt_ulps, gradient_conditioning, ssd_terms
 
 BATCH_ARGS = TIME_ARGS + ("initial_states",)
 
@@ -84,10 +84,9 @@ def conditionings(case):
     cum = conditioning(dt * x["A"], dt_ulps(raw, x["dt_softplus"], x["dt_bias"] is not None), 1)
     gate = GATE_ULPS if x["z"] is not None else 0
     last = cum[:, -1]
-    finite = last[torch.isfinite(last)]
-    grad = (float(finite.max()) if finite.numel() else 0.0) + 2 * TRANSCENDENTAL_ULPS + gate
     out = (cum + gate)[..., None].expand(case.b, case.l, case.h, case.p)
-    return out, last[:, :, None, None].expand(case.b, case.h, case.p, case.n), grad
+    return (out, last[:, :, None, None].expand(case.b, case.h, case.p, case.n),
+            gradient_conditioning(last, x["z"] is not None))
 
 
 def _finite_max(t):
@@ -364,6 +363,7 @@ def check_gradients(name, case):
     ref = _gradients("loop", case, reference_inputs(case), weights)
     same = _gradients("loop", case, make_inputs(case), weights)
     sums = gradient_magnitudes(case, weights)
+    grad_conditioning = conditionings(case)[2]
     for k in got:
         assert_close(f"{name}: grad {k}", got[k], ref[k], same[k], gradient_terms(case, k),
-                     repro(name, case) + f"  # gradient of {k}", scale=sums[k], conditioning=conditionings(case)[2])
+                     repro(name, case) + f"  # gradient of {k}", scale=sums[k], conditioning=grad_conditioning)

@@ -96,6 +96,14 @@ def conditioning(dtA, dt_rel, time_dim):
     return 2 * step.cumsum(time_dim) + torch.broadcast_to(dt_rel, dtA.shape).cummax(time_dim).values
 
 
+def gradient_conditioning(last, gated):
+    """One number for every gradient element: the largest finite conditioning at the sequence's end
+    (last: conditioning()'s last step; the adjoint runs the decays over the whole sequence), plus
+    the sigmoids in softplus' and silu's derivatives and, with a gate (gated), its ulps."""
+    finite = last[torch.isfinite(last)]
+    return (float(finite.max()) if finite.numel() else 0.0) + 2 * TRANSCENDENTAL_ULPS + (GATE_ULPS if gated else 0)
+
+
 def terms(output, l, n):
     """Rounded terms accumulated into one element of ``output`` ("y" or "last_state"): the state
     after l steps has l; y_t adds the n-term readout <C_t, h_t> on top. A readout summed in another

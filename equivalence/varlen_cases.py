@@ -30,7 +30,7 @@ import impls
 from impls.frontdoor import compute_dtype
 
 from .cases import DTYPES, REGIMES, Case, make_inputs
-from .tolerance import GATE_ULPS, TRANSCENDENTAL_ULPS, assert_close, conditioning, dt_ulps
+from .tolerance import assert_close, conditioning, dt_ulps, gradient_conditioning
 
 # --- family-neutral: sequence lengths around a chunk, and what a packing covers ---------------
 
@@ -358,12 +358,13 @@ def check_alone_gradients(name, case, family=None):
     ref = _gradients(lambda v: scan_alone("loop", v, family), x64, weights, wrt)
     same = _gradients(lambda v: scan_alone("loop", v, family), x, weights, wrt)
     sums = family.magnitudes(x64, weights)[2]
+    pack_conditioning = family.conditioning(x64)
     for k in wrt:
         zero = torch.zeros_like(x64[k])        # an input no output depends on (l = 0) has no gradient
         g, r, s = (zero.to(x[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
         assert_close(f"{name} packed: grad {k}", g, r, s, family.terms(case, "gradient", k),
                      family.repro(name, case, f"gradient of {k}"), scale=_max(sums[k]),
-                     conditioning=family.conditioning(x64))
+                     conditioning=pack_conditioning)
 
 
 def _perturbed(x, i, gen, value, family):
@@ -504,9 +505,7 @@ def _pack_conditioning(dtA, raw, softplus, biased, gated, time_dim):
     token, the largest over channels, plus the sigmoids of a gradient and the gate."""
     if dtA.shape[time_dim] == 0:
         return 0.0
-    cum = conditioning(dtA, dt_ulps(raw, softplus, biased), time_dim).select(time_dim, -1)
-    cum = cum[torch.isfinite(cum)]
-    return (float(cum.max()) if cum.numel() else 0.0) + 2 * TRANSCENDENTAL_ULPS + (GATE_ULPS if gated else 0)
+    return gradient_conditioning(conditioning(dtA, dt_ulps(raw, softplus, biased), time_dim).select(time_dim, -1), gated)
 
 
 def _selective_conditioning(x64):
