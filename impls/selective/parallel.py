@@ -1,7 +1,7 @@
 """A parallel selective scan in plain PyTorch: chunks side by side, streamed through cache.
 
 The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = <C_t, h_t> (Algorithm 2 of the
-Mamba paper; the same equations as impls/loop.py; letters b, d, l, n, g as in impls/frontdoor.py)
+Mamba paper; the same equations as impls/selective/loop.py; letters b, d, l, n, g as in impls/frontdoor.py)
 is linear in h, so a sequence can be cut into K chunks of T tokens that run side by side:
 
     pass 1  every chunk runs its T steps from a zero state, all K at once; chunk k ends in s_k,
@@ -67,7 +67,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .frontdoor import compute_dtype
+from ..frontdoor import compute_dtype
 
 # How the work is cut (module-level so that tests can shrink them, putting many chunk and
 # segment boundaries into small cases). Chunks run side by side until one step touches at most
