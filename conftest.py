@@ -139,7 +139,7 @@ def _register_probed(name, scan, step, setup):
 
 
 def _select(config):
-    from impls.recurrent import scan_by_stepping
+    from impls.selective.recurrent import scan_by_stepping
     from equivalence.checks import SETUP
 
     step_spec = config.getoption("impl_step")
@@ -170,7 +170,7 @@ def _select(config):
             chosen += added
         elif spec == "mamba_ssm":
             raise pytest.UsageError("--impl mamba_ssm: registered only where the mamba_ssm package imports and "
-                                    "CUDA is available (impls/mamba_ssm_adapter.py), which is not the case here")
+                                    "CUDA is available (impls/adapters/mamba_ssm.py), which is not the case here")
         else:
             raise pytest.UsageError(f"--impl {spec}: not a registered implementation "
                                     f"({', '.join(impls.names())}), a module, or module:function")
@@ -181,9 +181,9 @@ def _select(config):
         if name not in impls.names():
             module, expr = _python_name(name)
             scan = scan_by_stepping(step)
-            scan.__module__ = step.__module__  # the header names the step's module, not impls.recurrent
+            scan.__module__ = step.__module__  # the header names the step's module, not impls.selective.recurrent
             _register_probed(name, scan, step,
-                             _on_path(name) + f"import {module}; from impls.recurrent import scan_by_stepping; "
+                             _on_path(name) + f"import {module}; from impls.selective.recurrent import scan_by_stepping; "
                              f"impls.register({name!r}, scan_by_stepping({expr}), step={expr})")
         chosen.append(name)
     return tuple(dict.fromkeys(chosen)) or impls.names()
@@ -362,7 +362,7 @@ def _load_ssd(option, spec):
 
 
 def _select_ssd(config):
-    from impls.ssd_recurrent import scan_by_stepping
+    from impls.ssd.recurrent import scan_by_stepping
 
     step_spec = config.getoption("ssd_impl_step")
     step = _load_ssd("--ssd-impl-step", step_spec) if step_spec else None

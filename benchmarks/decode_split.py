@@ -5,7 +5,7 @@ A sweep module for benchmarks/runner.py (``points(size, impls)``, ``measure(poin
     python -m benchmarks.runner --sweep decode_split [--quick | --long] [--impl NAME ...] --out FILE
 
 ``decode_split(model, cache, token, impl)`` runs a traced copy of ``MambaLM.step``: the very calls
-the step makes (impls/model.py: the fused step's ``LayerDecode`` methods for float32/float64 RMSNorm
+the step makes (impls/models/mamba.py: the fused step's ``LayerDecode`` methods for float32/float64 RMSNorm
 models, ``MambaMixer.step_*`` for the others), in the same order, on the real decoding state, with a
 clock read between parts. Per token (all layers together):
 
@@ -37,7 +37,7 @@ import time
 import torch
 
 import impls
-from impls import frontdoor
+from impls.selective import frontdoor
 from .common import interleaved
 from .time_per_token import MODEL, PEER_MODELS, THREADS, interpreted, prefill_impl
 
@@ -68,7 +68,7 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
     """The per-token cost of ``model.step(token, cache, impl)`` split into parts (module docstring).
 
     Args:
-        model: an impls.model.MambaLM; cache: its InferenceCache (advanced as in a decode);
+        model: an impls.models.mamba.MambaLM; cache: its InferenceCache (advanced as in a decode);
         token: (b,) ids; impl: the step implementation
     Returns:
         dict of seconds per token: the parts projections_s, conv_s, scan_step_s, norm_s and
@@ -179,7 +179,7 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
 
 
 def measure(point):
-    from impls.model import MambaConfig, MambaLM
+    from impls.models.mamba import MambaConfig, MambaLM
 
     threads = torch.get_num_threads()
     torch.set_num_threads(point["threads"])

@@ -1,4 +1,4 @@
-"""Mamba-2 time per token: our Mamba2LM (impls/model2.py) against transformers' Mamba2ForCausalLM, side by side.
+"""Mamba-2 time per token: our Mamba2LM (impls/models/mamba2.py) against transformers' Mamba2ForCausalLM, side by side.
 
     python -m benchmarks.model2_speed [--sizes small 130m] [--L 64 1024] [--prefill-L 1024]
                                       [--rounds 15] [--threads 1] [--out results/model2_speed.jsonl]
@@ -6,7 +6,7 @@
     python -m benchmarks.model2_speed --split                               # where a step's time goes
 
 Both models hold the same random weights (official initialisation, seed 0; transformers' gets ours
-through impls.model2.LAYOUT), float32, batch 1, on the CPU (transformers' pure-PyTorch path: no
+through impls.models.mamba2.LAYOUT), float32, batch 1, on the CPU (transformers' pure-PyTorch path: no
 mamba_ssm or causal_conv1d kernels here). Sizes (MODELS):
     small  d_model 256, 4 layers, vocabulary 256 (as the Mamba-1 peer comparison's small model)
     130m   mamba2-130m's config.json: d_model 768, 24 layers, vocabulary 50,277 padded to 50,288;
@@ -49,7 +49,7 @@ import time
 
 import torch
 
-from impls.model2 import LAYOUT, Mamba2Config, Mamba2LM
+from impls.models.mamba2 import LAYOUT, Mamba2Config, Mamba2LM
 import impls
 from .common import append_jsonl, interleaved, machine_info, paired_ratio, time_call
 from .slopes import fit_slope

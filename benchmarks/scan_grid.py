@@ -7,7 +7,7 @@ softplus; no initial_state, which mamba.py's pscan lacks). Implementations:
 
     loop, parallel   registered scans, through impls.selective_scan (and every plugin's scan)
     mambapy          the mambapy package's pscan (a pure-PyTorch Blelloch scan over (b, l, d, n)
-                     tensors), registered through its adapter (impls/mambapy_adapter.py), which the
+                     tensors), registered through its adapter (impls/adapters/mambapy.py), which the
                      equivalence suite checks like every implementation
     floor            one elementwise pass computing exp(dt ⊗ A) over all b·d·l·n elements, in
                      place, in pieces along l of at most FLOOR_PIECE_BYTES (1 MiB) into one buffer

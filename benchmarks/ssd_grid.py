@@ -13,10 +13,10 @@ A = -U(1, 16), dt log-uniform in [1e-3, 0.1] stored through the inverse softplus
 
 Implementations (every one through ``impls.ssd_scan``, so the front door is in every time):
 
-    chunked        the SSD default (impls/ssd_chunked.py)
-    loop           the spec, a loop over time (impls/ssd_loop.py)
+    chunked        the SSD default (impls/ssd/chunked.py)
+    loop           the spec, a loop over time (impls/ssd/loop.py)
     parallel       Mamba-1's chunked scan through the d = h·p mapping
-    transformers   transformers' pure-PyTorch mamba2_chunk_scan (impls/transformers_ssd_adapter.py)
+    transformers   transformers' pure-PyTorch mamba2_chunk_scan (impls/adapters/transformers_ssd.py)
     floor          the chunked algorithm's matmul work, timed as torch.matmul on the same shapes
 
 The floor. Per (batch, chunk of Q = chunk_size tokens), the SSD algorithm (Dao & Gu 2024, §6) does
@@ -69,7 +69,7 @@ import impls
 from .common import interleaved, paired_ratio, peak_rss_during
 
 if importlib.util.find_spec("transformers") is not None:
-    import impls.transformers_ssd_adapter  # noqa: F401  (registers "transformers" in the ssd family)
+    import impls.adapters.transformers_ssd  # noqa: F401  (registers "transformers" in the ssd family)
 
 SHAPE = dict(b=1, h=24, p=64, n=128, g=1)          # mamba2-130m: d_model 768, expand 2, headdim 64
 CHUNK_SIZE = 256                                   # mamba2-130m's chunk_size

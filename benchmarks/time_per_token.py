@@ -10,7 +10,7 @@ Scan level, one Mamba layer's scan at mamba-130m's size (b=1, d = d_inner = 1536
                for every implementation
     recurrent  one impls.selective_state_update at position L, from the state a real prefill of L
                tokens left (return_last_state), for every implementation with a step
-Model level, the small model MODEL (impls/model.py, official layout and initialisation):
+Model level, the small model MODEL (impls/models/mamba.py, official layout and initialisation):
     reforward  MambaLM.forward over the L tokens so far (LM head on the last position only)
     recurrent  MambaLM.step at position L, after MambaLM.prefill of L tokens
     cumulative MambaLM.generate of L tokens from a one-token prompt, in both modes, L from
@@ -23,7 +23,7 @@ Against the peers, model level, float32, batch 1, at mamba-130m's sizes (level "
 d_model 768, 24 layers, vocabulary 50,277 padded to 50,280) and a small model (level "model_small":
 d_model 256, 4 layers, vocabulary 256 as in MODEL: with mamba-130m's vocabulary its LM head, 12.9 M
 weights, would be most of a small model's step on both sides), PEER_MODELS, with the same random
-weights on both sides (impls/mambapy_model.py). Included when ``names`` is None or names "mambapy":
+weights on both sides (impls/adapters/mambapy_model.py). Included when ``names`` is None or names "mambapy":
     per_token / recurrent, impl "recurrent" (every step implementation)  MambaLM.step at position L
     per_token / recurrent, impl "mambapy"  mamba.py's step (mambapy.mamba.Mamba.step, embedding and
                LM head as mambapy.lm.LM has them), from the state of the same L-token prefix (our
@@ -209,7 +209,7 @@ def step_args(x, t):
 
 
 def small_model():
-    from impls.model import MambaConfig, MambaLM
+    from impls.models.mamba import MambaConfig, MambaLM
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -358,8 +358,8 @@ def peer_models(model):
     model holding the same weights)."""
     key = json.dumps(model, sort_keys=True)
     if key not in _peer_models:
-        from impls.mambapy_model import from_mamba_lm
-        from impls.model import MambaConfig, MambaLM
+        from impls.adapters.mambapy_model import from_mamba_lm
+        from impls.models.mamba import MambaConfig, MambaLM
 
         _peer_models.clear()  # one pair at a time: 130m's pair holds about 1.2 GB
         with torch.random.fork_rng():
@@ -372,7 +372,7 @@ def peer_models(model):
 @torch.no_grad()
 def _peer_per_token(point):
     def measure_group(point):
-        from impls.mambapy_model import caches_from
+        from impls.adapters.mambapy_model import caches_from
 
         ours, peer = peer_models(point["model"])
         L = point["L"]
@@ -404,7 +404,7 @@ def _peer_per_token(point):
 @torch.no_grad()
 def _peer_prefill(point):
     def measure_group(point):
-        from impls.mambapy_model import greedy
+        from impls.adapters.mambapy_model import greedy
 
         ours, peer = peer_models(point["model"])
         ids = torch.randint(0, ours.config.vocab_size, (1, point["L"]), generator=torch.Generator().manual_seed(1))

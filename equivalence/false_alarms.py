@@ -9,7 +9,7 @@ and a fresh hypothesis directory, so nothing stored is replayed. hypothesis' obs
 every drawn example and the targets each comparison reported (equivalence/tolerance.py:
 error / bound); from them this prints the drawn examples and failures per family, and the largest
 error / bound per implementation and property: the margin a correct kernel keeps, not only pass or
-fail. transformers' SSD runs with its known failures listed (equivalence/xfails/transformers_ssd.txt),
+fail. transformers' SSD runs with its known failures listed (impls/adapters/xfails/transformers_ssd.txt),
 which are reported as expected failures, not false alarms. Each round is appended to ``--out`` as
 one JSON line.
 """
@@ -35,7 +35,7 @@ PROPERTY_FILES = (
     "equivalence/test_ssd_step.py", "equivalence/test_varlen.py", "equivalence/test_varlen_ssd.py",
     "equivalence/test_properties.py",
 )
-TRANSFORMERS = ["--ssd-impl", "impls.transformers_ssd_adapter", "--xfails-file", "equivalence/xfails/transformers_ssd.txt"]
+TRANSFORMERS = ["--ssd-impl", "impls.adapters.transformers_ssd", "--xfails-file", "impls/adapters/xfails/transformers_ssd.txt"]
 
 
 def family(nodeid):

@@ -2,7 +2,7 @@
 
 An SSDCase is plain data; ``make_inputs(case)`` turns it into ssd_scan's keyword arguments
 deterministically (a torch.Generator seeded from ``case.seed``), so any failure reproduces from the
-case's repr alone. Letters (b, l, h, p, n, g) as in impls/ssd_frontdoor.py.
+case's repr alone. Letters (b, l, h, p, n, g) as in impls/ssd/frontdoor.py.
 
 Regimes (what each draws is the effective step size dt = clamp(softplus(dt + dt_bias)) before the
 dt_limit clamp; the raw dt is derived from it, so the options do not change the regime):

@@ -2,7 +2,7 @@
 
 Each check raises AssertionError (with a snippet that reproduces the case) or returns quietly. The
 tests draw cases with hypothesis (equivalence/ssd_cases.py) and call these; the oracle is the SSD
-loop (impls/ssd_loop.py) run in float64, and every comparison goes through the tolerance policy
+loop (impls/ssd/loop.py) run in float64, and every comparison goes through the tolerance policy
 (equivalence/tolerance.py).
 """
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import impls
-from impls.ssd_loop import effective_dt, per_head
+from impls.ssd.loop import effective_dt, per_head
 
 from .checks import _perturbed
 from .ssd_cases import SCAN_ARGS, TIME_ARGS, make_inputs, reference_inputs

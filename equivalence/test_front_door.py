@@ -210,7 +210,7 @@ def test_step_blames_the_argument_that_disagrees_with_state():
     (dict(z=torch.randn(2, 6, 4)), r"z: expected shape \(b=2, d=6, l=5\) as u has l = 5, got \(2, 6, 4\)"),
 ])
 def test_scan_names_where_each_size_came_from(change, message):
-    """The scan takes b, d and l from u and n from A (impls/frontdoor.py: _check)."""
+    """The scan takes b, d and l from u and n from A (impls/selective/frontdoor.py)."""
     with pytest.raises(ValueError, match=message):
         impls.selective_scan(**scan_args(**change), impl="loop")
 

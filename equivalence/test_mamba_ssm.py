@@ -1,4 +1,4 @@
-"""The official kernels' adapter (impls/mamba_ssm_adapter.py).
+"""The official kernels' adapter (impls/adapters/mamba_ssm.py).
 
 Without a GPU the adapter's translation is still checked: a stand-in ``mamba_ssm`` package whose
 two functions are the loop and the recurrent step (the official pure-PyTorch reference has the
@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 
 import impls
-from impls import mamba_ssm_adapter
+from impls.adapters import mamba_ssm as mamba_ssm_adapter
 from .cases import Case, cases, make_inputs, reference_inputs
 from .checks import check_gradients, check_prefill_then_decode, check_values
 from .tolerance import assert_close, terms
@@ -24,11 +24,11 @@ STAND_IN = {
     "mamba_ssm/ops/__init__.py": "",
     "mamba_ssm/ops/triton/__init__.py": "",
     "mamba_ssm/ops/selective_scan_interface.py":
-        "from impls.loop import selective_scan\n"
+        "from impls.selective.loop import selective_scan\n"
         "def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,\n"
         "                      return_last_state=False):\n"
         "    return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, None, return_last_state)\n",
-    "mamba_ssm/ops/triton/selective_state_update.py": "from impls.recurrent import selective_state_update\n",
+    "mamba_ssm/ops/triton/selective_state_update.py": "from impls.selective.recurrent import selective_state_update\n",
 }
 
 
@@ -60,7 +60,7 @@ def stand_in(tmp_path, monkeypatch, uncached_mamba_ssm):
     monkeypatch.setattr(mamba_ssm_adapter, "DEVICE", "cpu")
     impls.register_mamba_ssm("mamba_ssm_standin")
     yield "mamba_ssm_standin"
-    impls._REGISTRY.pop("mamba_ssm_standin")  # for this test only: the next one registers it afresh
+    impls.unregister("mamba_ssm_standin")  # for this test only: the next one registers it afresh
 
 
 # the stand-in is set up once and is the same for every drawn case: nothing in it is per-case state

@@ -1,4 +1,4 @@
-"""The Mamba language model (impls/model.py): recurrent decoding and re-forwarding give the same greedy
+"""The Mamba language model (impls/models/mamba.py): recurrent decoding and re-forwarding give the same greedy
 tokens for every implementation, their per-step logits meet the tolerance policy, left-padded batches
 decode as if unpadded, and checkpoints use the exact official layout.
 
@@ -20,7 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import impls
-from impls.model import MambaConfig, MambaLM
+from impls.models.mamba import MambaConfig, MambaLM
 from .tolerance import compare, terms
 
 
@@ -39,7 +39,7 @@ def one_thread():
 
 def official_layout(d_model, n_layer, vocab_size, d_state=16, d_conv=4, expand=2, pad_multiple=8):
     """Parameter name -> shape of an official Mamba-1 checkpoint (state-spaces/mamba-*: MambaLMHeadModel's
-    state_dict), written out from the official layout, not from impls/model.py."""
+    state_dict), written out from the official layout, not from impls/models/mamba.py."""
     d_inner = expand * d_model
     dt_rank = math.ceil(d_model / 16)
     v = vocab_size + (-vocab_size) % pad_multiple

@@ -1,4 +1,4 @@
-"""The Mamba-2 language model (impls/model2.py): recurrent decoding and re-forwarding agree with the
+"""The Mamba-2 language model (impls/models/mamba2.py): recurrent decoding and re-forwarding agree with the
 float64 spec, left-padded batches decode as if unpadded, sampling is reproducible across modes,
 configs and checkpoints are checked before anything is built, and the official layout is exact.
 
@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import impls
-from impls.model2 import Mamba2Config, Mamba2LM, parameter_shapes
+from impls.models.mamba2 import Mamba2Config, Mamba2LM, parameter_shapes
 from .tolerance import compare, terms
 
 
@@ -133,7 +133,7 @@ def test_forward_and_steps_match_the_float64_spec(case):
 def reference_mixer(mixer, hidden):
     """The Mamba-2 block written out token by token in float64 from the official module
     (mamba_ssm/modules/mamba2.py, Mamba2.step, and layernorm_gated.rms_norm_ref), sharing no code
-    with impls/model2.py: in_proj -> [z, xBC, dt]; causal conv over xBC (k taps) + SiLU; dt =
+    with impls/models/mamba2.py: in_proj -> [z, xBC, dt]; causal conv over xBC (k taps) + SiLU; dt =
     clamp(softplus(dt + dt_bias), dt_limit); state = exp(dt A) state + dt x B^T per head (head i
     reads group i // (h / g)); y = state C + D x; then RMSNorm(y * silu(z)) per group (or
     RMSNorm(y) * silu(z) with norm_before_gate, or y * silu(z) without rmsnorm); out_proj.
@@ -359,7 +359,7 @@ def official_layout(d_model, n_layer, vocab_size, d_state=128, d_conv=4, expand=
                     D_has_hdim=False, pad_multiple=8):
     """Parameter name -> shape of an official Mamba-2 checkpoint, written out from the official
     module (mamba_ssm/modules/mamba2.py: in_proj out = 2 d_inner + 2 ngroups d_state + nheads;
-    conv over d_inner + 2 ngroups d_state; D (d_inner,) with D_has_hdim), not from impls/model2.py."""
+    conv over d_inner + 2 ngroups d_state; D (d_inner,) with D_has_hdim), not from impls/models/mamba2.py."""
     d_inner = expand * d_model
     nheads = d_inner // headdim
     conv_dim = d_inner + 2 * ngroups * d_state
@@ -489,7 +489,7 @@ def test_save_pretrained_options_are_keyword_only(tmp_path):
 ], ids=["d_model", "d_model-and-headdim", "chunk_size", "vocab-padding"])
 def test_official_and_transformers_fields_that_disagree_are_refused(tmp_path, monkeypatch, extra, named):
     """A transformers config.json with official fields beside it: both must describe the same model,
-    as for Mamba-1 (impls.model.config_from_dict); each disagreement is named."""
+    as for Mamba-1 (impls.models.mamba.config_from_dict); each disagreement is named."""
     model, _, _ = Case(n_layer=1).build()
     model.save_pretrained(tmp_path, layout="transformers")
     cfg_path = tmp_path / "config.json"
@@ -566,7 +566,7 @@ def test_generate_with_a_scan_only_impl_asks_for_step_impl():
 
 
 def test_a_mamba1_transformers_folder_is_named(tmp_path):
-    from impls.model import MambaConfig, MambaLM
+    from impls.models.mamba import MambaConfig, MambaLM
     MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=40)).save_pretrained(tmp_path, layout="transformers")
     with pytest.raises(ValueError, match="model_type 'mamba': a Mamba-1 checkpoint"):
         Mamba2LM.from_pretrained(tmp_path)

@@ -16,7 +16,7 @@ import json
 import pytest
 import torch
 
-from impls.model2 import LAYOUT, Mamba2LM, parameter_shapes
+from impls.models.mamba2 import LAYOUT, Mamba2LM, parameter_shapes
 from .test_model2 import Case, check
 
 transformers = pytest.importorskip("transformers")

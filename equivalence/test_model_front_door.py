@@ -1,4 +1,4 @@
-"""The model's front door (impls/model.py): configs and weight files checked before anything is built,
+"""The model's front door (impls/models/mamba.py): configs and weight files checked before anything is built,
 generation arguments checked and named, a refused step leaving the cache as it was, and sampling
 with transformers' semantics (checked against transformers' own warpers and generate where it is
 installed, a dev dependency).
@@ -16,8 +16,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import impls.model as model_mod
-from impls.model import MambaConfig, MambaLM, config_from_dict, parameter_shapes, sampling_scores
+import impls.models.mamba as model_mod
+from impls.models.mamba import MambaConfig, MambaLM, config_from_dict, parameter_shapes, sampling_scores
 from .test_model import _tiny, official_layout
 
 
@@ -525,7 +525,7 @@ def test_an_implementation_without_gradients_names_the_models_parameters():
 
 
 def _tiny_mamba2():
-    from impls.model2 import Mamba2Config, Mamba2LM
+    from impls.models.mamba2 import Mamba2Config, Mamba2LM
 
     torch.manual_seed(0)
     return Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=45, ssm_cfg=dict(d_state=8, headdim=8, chunk_size=8)))
@@ -534,7 +534,7 @@ def _tiny_mamba2():
 @pytest.mark.parametrize("layout", ["official", "transformers"])
 def test_a_mamba2_folder_points_at_mamba2lm(tmp_path, layout):
     _tiny_mamba2().save_pretrained(tmp_path, layout=layout)
-    with pytest.raises((ValueError, NotImplementedError), match="Mamba-2 checkpoint: load it with impls.model2.Mamba2LM"):
+    with pytest.raises((ValueError, NotImplementedError), match="Mamba-2 checkpoint: load it with impls.models.mamba2.Mamba2LM"):
         MambaLM.from_pretrained(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Our Mamba language model against mamba.py's, with the same weights (impls/mambapy_model.py).
+"""Our Mamba language model against mamba.py's, with the same weights (impls/adapters/mambapy_model.py).
 
 mamba.py is an independent reading of the paper and the official code, so agreement checks our
 block (conv, projections, dt, gating, norm), not only our scans against each other. Weights are
@@ -23,8 +23,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import impls
-from impls import mambapy_model
-from impls.model import MambaConfig, MambaLM
+from impls.adapters import mambapy_model
+from impls.models.mamba import MambaConfig, MambaLM
 from .tolerance import compare, terms
 
 pytest.importorskip("mambapy.mamba")
@@ -210,7 +210,7 @@ def test_layernorm_models_are_refused():
 
 
 def test_decode_storage_survives_conversion_and_loading(tmp_path):
-    """impls/model.py stores matrices with more outputs than inputs transposed (its decoding speed
+    """impls/models/mamba.py stores matrices with more outputs than inputs transposed (its decoding speed
     depends on it); a dtype change, load_state_dict and a save/load round trip keep that storage."""
     model = MambaLM(MambaConfig(d_model=48, n_layer=1, vocab_size=60))   # dt_rank 3: every matrix 2-D proper
 

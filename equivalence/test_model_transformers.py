@@ -1,8 +1,8 @@
-"""impls/model.py against transformers' own Mamba (MambaForCausalLM, pure-PyTorch path, 5.24): code
+"""impls/models/mamba.py against transformers' own Mamba (MambaForCausalLM, pure-PyTorch path, 5.24): code
 nobody here wrote, and the layout of the state-spaces/mamba-*-hf checkpoints.
 
 - A random MambaForCausalLM saved by its own save_pretrained loads into MambaLM (from_pretrained reads
-  its config fields and weight names through the table in impls/model.py) and gives the same logits
+  its config fields and weight names through the table in impls/models/mamba.py) and gives the same logits
   in a full forward and step by step with transformers' cache, and the same greedy tokens as its
   generate, in both of our modes.
 - The reverse: MambaLM.save_pretrained(layout="transformers") loads in MambaForCausalLM.from_pretrained
@@ -30,7 +30,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
-from impls.model import CONFIG_FIELDS, MambaLM, config_from_dict  # noqa: E402
+from impls.models.mamba import CONFIG_FIELDS, MambaLM, config_from_dict  # noqa: E402
 from .test_model_front_door import randomize_  # noqa: E402
 from .tolerance import compare, terms  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""What is specific to impls/parallel.py: long sequences and its chunk and segment boundaries.
+"""What is specific to impls/selective/parallel.py: long sequences and its chunk and segment boundaries.
 
 The shared suite checks `parallel` like every implementation, but on its default plan most drawn
 cases (l <= 300) fit in one segment. Here the plan is shrunk so that small cases cross many chunk
@@ -14,7 +14,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import impls
-from impls import parallel
+from impls.selective import parallel
 from .cases import REGIMES, Case, cases, make_inputs
 from .checks import (check_causality, check_gradients, check_nan_propagation, check_split, check_values,
                      oracle, repro)

@@ -71,7 +71,7 @@ def test_xfails_file_marks_listed_tests(tmp_path):
 def test_header_names_module_version_and_wrapped_package():
     from .checks import describe
 
-    assert f"impls.loop (selective-scan-suite {metadata.version('selective-scan-suite')})" in describe("loop")
+    assert f"impls.selective.loop (selective-scan-suite {metadata.version('selective-scan-suite')})" in describe("loop")
     if "mambapy" in impls.names():
         assert f"wrapping mambapy {metadata.version('mambapy')}" in describe("mambapy")
         assert "'grouped': False" in describe("mambapy")
@@ -166,7 +166,7 @@ def step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
 
 @pytest.mark.parametrize("spec, expected", [
     ("step_mod_xyz:step", "implementation under test: step_mod_xyz:step: step_mod_xyz ("),
-    ("recurrent", "implementation under test: recurrent: impls.recurrent"),
+    ("recurrent", "implementation under test: recurrent: impls.selective.recurrent"),
     ("loop", "ERROR: --impl-step loop: 'loop' has no step function; expected MODULE:FUNCTION or a registered name "
              "with a step (recurrent"),
     ("step_mod_xyz", "ERROR: --impl-step step_mod_xyz: expected MODULE:FUNCTION or a registered name with a step"),
@@ -174,7 +174,7 @@ def step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
 ])
 def test_impl_step_names_its_option_and_module(tmp_path, spec, expected):
     """--impl-step's errors name --impl-step (not --impl) and what it takes; a step's header line
-    names the step's module (not impls.recurrent, where its scan-by-stepping is built)."""
+    names the step's module (not impls.selective.recurrent, where its scan-by-stepping is built)."""
     (tmp_path / "step_mod_xyz.py").write_text(STEP)
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
            f"--impl-step={spec}", "equivalence/test_tolerance.py"]

@@ -1,8 +1,8 @@
-"""The SSD adapters (impls/transformers_ssd_adapter.py, impls/mamba_ssm_ssd_adapter.py).
+"""The SSD adapters (impls/adapters/transformers_ssd.py, impls/adapters/mamba_ssm.py).
 
 transformers: registered on request (importing its adapter registers it), because two known bugs
-would fail the default run; ``pytest --ssd-impl impls.transformers_ssd_adapter --xfails-file
-equivalence/xfails/transformers_ssd.txt`` runs the whole SSD suite on it. Here, in every run: its
+would fail the default run; ``pytest --ssd-impl impls.adapters.transformers_ssd --xfails-file
+impls/adapters/xfails/transformers_ssd.txt`` runs the whole SSD suite on it. Here, in every run: its
 scan's values on the cases away from those bugs, its step (the entry's one dt_limit capability
 cannot say that the scan has a dt_limit and the step has none, so the entry carries the scan only,
 and the step is checked here on the cases it can serve), and each finding behind a gap or a known
@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import impls
-from impls import mamba_ssm_ssd_adapter, ssd_loop
-from impls import transformers_ssd_adapter as tf_adapter
+from impls.adapters import mamba_ssm as mamba_ssm_ssd_adapter
+from impls.ssd import loop as ssd_loop
+from impls.adapters import transformers_ssd as tf_adapter
 
 from .ssd_cases import SSDCase, cases, make_inputs, reference_inputs
 from .ssd_checks import check_step_equals_scan, check_values
@@ -49,8 +50,8 @@ def _only_when_under_test(request):
 
 def _scratch_ssd_registry(monkeypatch):
     """Registrations made by a test stay in that test."""
-    registry, defaults = impls._FAMILIES["ssd"]
-    monkeypatch.setitem(impls._FAMILIES, "ssd", (dict(registry), defaults))
+    family = impls.get_family("ssd")
+    monkeypatch.setitem(impls.FAMILIES, "ssd", dataclasses.replace(family, registry=dict(family.registry)))
 
 
 def _without_step_clamp(case):
@@ -196,7 +197,7 @@ STAND_IN = {
     "mamba_ssm/ops/__init__.py": "",
     "mamba_ssm/ops/triton/__init__.py": "",
     "mamba_ssm/ops/triton/ssd_combined.py":
-        "from impls.ssd_loop import ssd_scan\n"
+        "from impls.ssd.loop import ssd_scan\n"
         "def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,\n"
         "                              seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float('inf')),\n"
         "                              return_final_states=False, return_varlen_states=False, state_dtype=None):\n"
@@ -205,7 +206,7 @@ STAND_IN = {
     # the official step is Mamba-1's on d = h p channels, taking the tied form (A (h, p, n), dt (b, h, p),
     # D and dt_bias (h, p)); Mamba-1's recurrent step is that, with no dt_limit, as the official one
     "mamba_ssm/ops/triton/selective_state_update.py":
-        "from impls.recurrent import selective_state_update as step\n"
+        "from impls.selective.recurrent import selective_state_update as step\n"
         "def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):\n"
         "    b, h, p, n = state.shape\n"
         "    flat = lambda t, *shape: None if t is None else t.reshape(*shape)\n"

@@ -1,6 +1,6 @@
 """The SSD spec checked in float64 against two independent derivations:
 
-- the Mamba-1 loop (impls/loop.py) through the exact mapping d = h p (impls/ssd_mapped.py): each
+- the Mamba-1 loop (impls/selective/loop.py) through the exact mapping d = h p (impls/ssd/mapped.py): each
   SSD head is p Mamba-1 channels sharing one A and one dt, B and C as g groups of channels;
 - the closed form of the paper (Dao & Gu 2024, Section 3: y = M x with M = L o (C B^T), L the
   1-semiseparable matrix of cumulative decays), written here with einsum over the whole sequence:
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import example, given
 
 import impls
-from impls.ssd_mapped import to_selective
+from impls.ssd.mapped import to_selective
 
 from .reference import window_sums
 from .ssd_cases import SSDCase, cases, reference_inputs

@@ -1,4 +1,4 @@
-"""What is specific to the Triton kernels (impls/triton_scan.py), beyond the shared property tests:
+"""What is specific to the Triton kernels (impls/selective/triton.py), beyond the shared property tests:
 odd sizes over several channel blocks, the backward's B/C partial sums, 64-bit offsets, and the
 pitfalls of Triton's interpreter, which runs these kernels in CI when there is no GPU."""
 
@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 import impls  # noqa: E402
-from impls import triton_scan as ts  # noqa: E402  (conftest has set TRITON_INTERPRET without CUDA)
+from impls.selective import triton as ts  # noqa: E402  (conftest has set TRITON_INTERPRET without CUDA)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -111,7 +111,7 @@ def test_int32_products_do_wrap_so_the_helper_test_has_teeth():
 
 _PAST_2_31 = """
 import torch
-from impls import triton_scan as ts
+from impls.selective import triton as ts
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 b, d, l, n = 3, 2, 3, 2
 S = 2**30 + 64          # batch stride of u: batch row 2 starts 2^31 + 128 elements in
@@ -175,7 +175,7 @@ def test_interpreter_is_on_without_a_gpu():
 def test_importing_impls_compiles_nothing():
     """triton is registered lazily: `import impls` imports neither the kernels nor triton itself."""
     code = ("import sys, torch; before = 'triton' in sys.modules; import impls; "
-            "print('impls.triton_scan' in sys.modules, 'triton' in sys.modules and not before, 'triton' in impls.names())")
+            "print('impls.selective.triton' in sys.modules, 'triton' in sys.modules and not before, 'triton' in impls.names())")
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.stdout.split() == ["False", "False", "True"], run.stdout + run.stderr[-2000:]
 
@@ -187,7 +187,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from impls import triton_scan as ts
+from impls.selective import triton as ts
 assert not ts.INTERPRETED
 
 def build(kernel, ptr, const, **options):

@@ -1,4 +1,4 @@
-"""What is specific to the Triton SSD kernels (impls/triton_ssd.py), beyond the shared SSD suite
+"""What is specific to the Triton SSD kernels (impls/ssd/triton.py), beyond the shared SSD suite
 (which runs them too, as ``triton`` in the ssd family): sizes that cross several tiles of every
 kind, chunk sizes of 1 and past l, growth (A > 0), padded lanes and strided views into a wider
 tensor, a NaN or inf inside a chunk, 64-bit offsets past 2^31 elements, the decode step's tied form
@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 import impls  # noqa: E402
-from impls import triton_ssd as ts  # noqa: E402  (conftest has set TRITON_INTERPRET without CUDA)
+from impls.ssd import triton as ts  # noqa: E402  (conftest has set TRITON_INTERPRET without CUDA)
 import triton  # noqa: E402
 
 from .ssd_cases import SSDCase, make_inputs  # noqa: E402
@@ -245,7 +245,7 @@ def test_step_updates_a_strided_state_in_place():
 
 _PAST_2_31 = """
 import torch
-from impls import triton_ssd as ts
+from impls.ssd import triton as ts
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 b, l, h, p, n = 3, 20, 2, 4, 16
 S = 2**30 + 64          # batch stride of x and z: batch row 2 starts 2^31 + 128 elements in
@@ -298,7 +298,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from impls import triton_ssd as ts
+from impls.ssd import triton as ts
 assert not ts.INTERPRETED
 
 def build(kernel, ptr, const, **options):

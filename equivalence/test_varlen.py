@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import impls
-from impls import parallel
+from impls.selective import parallel
 
 from .varlen_cases import (CATEGORIES, VarlenCase, check_alone, check_alone_gradients, check_decoding,
                            check_no_crossing, check_prefill, chunk_starts, covered, varlen_cases)

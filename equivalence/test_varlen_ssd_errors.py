@@ -80,7 +80,7 @@ def test_initial_states_are_one_per_row_with_seq_idx_alone():
 def test_an_implementation_without_varlen_says_so():
     name = "varlen-errors:recurrent without varlen"
     if name not in impls.names("ssd"):
-        from impls import ssd_recurrent
+        from impls.ssd import recurrent as ssd_recurrent
 
         impls.register(name, ssd_recurrent.ssd_scan, step=ssd_recurrent.ssd_state_update, family="ssd")
     with pytest.raises(NotImplementedError, match="varlen"):

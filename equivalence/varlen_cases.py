@@ -478,7 +478,7 @@ def chunk_starts(name, case):
     if case.l == 0:
         return [0]
     if name == "parallel":
-        from impls import parallel
+        from impls.selective import parallel
 
         x = packed_inputs(case)
         p = parallel._Plan(x["u"], x["A"], x["B"], x["C"])
@@ -616,7 +616,7 @@ def ssd_magnitudes(x64, weights=None):
     equivalence/ssd_checks.py's magnitudes and gradient_magnitudes, each sequence restarting from
     |initial_states[i]|. Returns (out scale (1, l, h, p), final states scale (nseq, h, p, n),
     {argument: gradient scale} or None); weights as in check_alone_gradients."""
-    from impls.ssd_loop import effective_dt, per_head
+    from impls.ssd.loop import effective_dt, per_head
 
     h = x64["x"].shape[2]
     p, n = x64["x"].shape[3], x64["B"].shape[-1]
@@ -665,7 +665,7 @@ def ssd_magnitudes(x64, weights=None):
 
 
 def _ssd_conditioning(x64):
-    from impls.ssd_loop import effective_dt
+    from impls.ssd.loop import effective_dt
 
     raw = x64["dt"] + (x64["dt_bias"] if x64["dt_bias"] is not None else 0)
     dt = effective_dt(x64["dt"], x64["dt_bias"], x64["dt_softplus"], x64["dt_limit"], torch.float64)   # (1, l, h)
@@ -703,6 +703,6 @@ SSD = Family(name="ssd", time_args=SSD_TIME_ARGS, time_dim=1, state_arg="initial
 
 def ssd_chunk_starts(case):
     """Packed positions where a chunk of case.chunk_size starts when the chunks are laid over the
-    whole packed sequence, as the official kernel and the planted bugs lay them (impls/ssd_chunked.py
+    whole packed sequence, as the official kernel and the planted bugs lay them (impls/ssd/chunked.py
     restarts its chunks at each sequence instead, which is why it passes)."""
     return list(range(0, max(case.l, 1), case.chunk_size))

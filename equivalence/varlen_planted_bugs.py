@@ -18,7 +18,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from impls import loop
+from impls.selective import loop
 from impls.frontdoor import compute_dtype, per_channel
 
 CHUNK = 8

@@ -21,10 +21,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from impls import ssd_loop
+from impls.ssd import loop as ssd_loop
 from impls.frontdoor import compute_dtype
-from impls.ssd_loop import effective_dt, per_head, skip
-from impls.ssd_recurrent import ssd_state_update
+from impls.ssd.loop import effective_dt, per_head, skip
+from impls.ssd.recurrent import ssd_state_update
 
 CHUNK = 8
 

@@ -1,25 +1,29 @@
-"""The front door: argument checking and the dtype policy shared by every implementation.
+"""The front door's family-neutral pieces: the dtype policy, argument checks that name the argument,
+and the checks of packed sequences, state caches and in-place arguments. Each family's front door
+(impls/<family>/frontdoor.py) builds on them.
 
-Glossary (used in every docstring of this package, after the Mamba paper, Gu & Dao 2023):
-    b  batch size
-    d  channels (the paper's D; ``d_inner`` in the official code)
-    l  sequence length (time)
-    n  state size per channel (the paper's N; ``d_state``)
-    g  groups of B/C: channel c reads group c // (d // g); g divides d
+Glossary (every docstring in this package uses these letters):
+    b      batch size
+    l      sequence length (time)
+    d      channels of Mamba-1 (the paper's D; ``d_inner`` in the official code)
+    h, p   heads and head dimension of Mamba-2 and Mamba-3 (d = h p)
+    n      state size (the paper's N; ``d_state``)
+    g      groups of B/C (Mamba-1, Mamba-2): channel or head i reads group i // (d // g) or i // (h // g)
+    h_qk   Mamba-3's heads of Q and K (its B and C), h_qk dividing h
+    n_ang  Mamba-3's rotation angles per head, n_ang <= n / 2
+    nseq   packed sequences (cu_seqlens); slots: a decode cache's rows (state_batch_indices)
 
-Dtype policy:
-    u, delta, z share the *input dtype* (float16, bfloat16, float32 or float64).
-    The *compute dtype* is float64 for float64 inputs and float32 otherwise.
-    B and C are in the input dtype or the compute dtype; A, D, delta_bias and any state are in the
-    compute dtype (float32 parameters for half inputs, as the official kernels expect).
-    y comes back in the input dtype, last_state in the compute dtype.
+Dtype policy: inputs share an *input dtype* (float16, bfloat16, float32 or float64); the *compute
+dtype* is float64 for float64 inputs and float32 otherwise; parameters and states are in the compute
+dtype; outputs come back in the input dtype, states in the compute dtype.
 
-Every check raises before anything is computed or written, with a message that names the
-argument, what was expected and what was given. Arguments written in place (the step's ``state``)
-must own their memory: ``check_no_overlap``, reusable by any front door with output arguments.
+Every check raises before anything is computed or written, with a message that names the argument,
+what was expected and what was given. Arguments written in place (a step's state) must own their
+memory: ``check_no_overlap``.
 """
 
 import torch
+
 
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -41,20 +45,20 @@ def per_channel(X, d):
     return X if g == 1 else X.repeat_interleave(d // g, dim=1)
 
 
-def _fail(exc, where, arg, expected, got):
+def fail(exc, where, arg, expected, got):
     raise exc(f"{where}: {arg}: expected {expected}, got {got}")
 
 
-def _tensor(where, arg, x):
+def check_tensor(where, arg, x):
     if not isinstance(x, torch.Tensor):
-        _fail(TypeError, where, arg, "a torch.Tensor", type(x).__name__)
+        fail(TypeError, where, arg, "a torch.Tensor", type(x).__name__)
     if x.is_complex():
-        _fail(TypeError, where, arg, "a real floating tensor (complex A is S4D, not Mamba-1)", x.dtype)
+        fail(TypeError, where, arg, "a real floating tensor (complex A is S4D, not Mamba-1)", x.dtype)
     if not x.is_floating_point():
-        _fail(TypeError, where, arg, "a floating tensor", x.dtype)
+        fail(TypeError, where, arg, "a floating tensor", x.dtype)
 
 
-def _shape(where, arg, x, expected, names, sources=None):
+def check_shape(where, arg, x, expected, names, sources=None):
     """x must have shape ``expected`` (sizes named ``names``). sources: {size name: the argument it
     was taken from}; a wrong size taken from another argument is reported with that argument."""
     if tuple(x.shape) != tuple(expected):
@@ -62,140 +66,17 @@ def _shape(where, arg, x, expected, names, sources=None):
         why = [] if len(x.shape) != len(expected) else [
             f"{sources[k]} has {k} = {v}" for k, v, got in zip(names, expected, x.shape)
             if got != v and (sources or {}).get(k, arg) != arg]
-        _fail(ValueError, where, arg, f"shape ({spelled})" + (f" as {', '.join(why)}" if why else ""), tuple(x.shape))
+        fail(ValueError, where, arg, f"shape ({spelled})" + (f" as {', '.join(why)}" if why else ""), tuple(x.shape))
 
 
-def _dtype(where, arg, x, allowed, why):
+def check_dtype(where, arg, x, allowed, why):
     if x.dtype not in allowed:
-        _fail(TypeError, where, arg, f"dtype {' or '.join(str(a) for a in allowed)} ({why})", x.dtype)
+        fail(TypeError, where, arg, f"dtype {' or '.join(str(a) for a in allowed)} ({why})", x.dtype)
 
 
-def _device(where, arg, x, device):
+def check_device(where, arg, x, device):
     if x.device != device:
-        _fail(ValueError, where, arg, f"a tensor on {device} (the device of the first input)", x.device)
-
-
-def _groups(where, arg, X, b, d, n, tail, tail_names, sources=None):
-    """B/C: (b, n, *tail) or (b, g, n, *tail) with g dividing d. Returns g (1 when ungrouped)."""
-    if X.dim() == 2 + len(tail):
-        _shape(where, arg, X, (b, n, *tail), ("b", "n", *tail_names), sources)
-        return 1
-    if X.dim() == 3 + len(tail):
-        g = X.shape[1]
-        if g < 1 or d % g != 0:
-            _fail(ValueError, where, arg, f"a group count g that divides d={d}", f"g={g}")
-        _shape(where, arg, X, (b, g, n, *tail), ("b", "g", "n", *tail_names), sources)
-        return g
-    ranks = f"rank {2 + len(tail)} (b, n{''.join(', ' + t for t in tail_names)}) or {3 + len(tail)} (b, g, n, ...)"
-    _fail(ValueError, where, arg, ranks, f"rank {X.dim()} with shape {tuple(X.shape)}")
-
-
-# Each argument's sizes, for the arguments sizes are taken from (the rest are checked in _check).
-_LAYOUTS = {"u": ("b", "d", "l"), "x": ("b", "d"), "A": ("d", "n"), "state": ("b", "d", "n")}
-
-
-def _swapped_layout(where, named, lead, has_time, d):
-    """Where A's rows are not d, name a swapped layout if the other sizes show one, before the shape
-    check blames A for it: the step's state given as (b, n, d), A given as (n, d) (its columns are d
-    and its rows B's n), or u and delta in the model's (b, l, d) layout (u's last axis is A's d and its
-    middle axis B's l)."""
-    A, B, x = named["A"], named["B"], named[lead]
-    B_n, B_l = (B.shape[-2], B.shape[-1]) if has_time and B.dim() >= 3 else (B.shape[-1], None)
-    state = named.get("state")
-    if state is not None and A.shape[1] == B_n and tuple(state.shape[1:]) == (A.shape[1], A.shape[0]):
-        # the step reads d from state: a (b, n, d) state would make a correct A look wrong
-        _fail(ValueError, where, "state", f"shape (b, d={A.shape[0]}, n={A.shape[1]}); it looks (b, n, d): "
-              f"pass a state laid out (b, d, n)", tuple(state.shape))
-    if A.shape[1] == d and A.shape[0] == B_n:
-        _fail(ValueError, where, "A", f"shape (d={d}, n={B_n}), not transposed: A.shape is (n, d) here; pass A.t()",
-              tuple(A.shape))
-    if has_time and x.shape[-1] == A.shape[0] and x.shape[1] == B_l:
-        _fail(ValueError, where, lead, f"layout (b, d, l); it looks (b, l, d), its last axis A's d = {A.shape[0]} "
-              f"and its middle one B's l = {B_l}: pass {lead}.transpose(1, 2) (and delta, z likewise)",
-              tuple(x.shape))
-
-
-def _check(where, named, lead, lead_names, has_time, sizes_from=None):
-    """Shared checks for the scan (inputs carry a time axis l) and the step (they don't).
-
-    named: dict argument name -> tensor or None, in the order of the public signature;
-    lead:  the name of the first input (u for the scan, x for the step), whose shape is (b, d, *time)
-           and whose dtype is the input dtype;
-    sizes_from: {size: argument} where each size (b, d, n, l) is taken from, before anything else is
-           checked against it (default: b, d and l from lead, n from A). The scan takes them from u
-           and A; the step takes b and d from state, the argument it writes, and n from A. A wrong
-           size elsewhere is reported on that argument, naming where the size came from.
-    Returns dict(b, d, n, l, g_B, g_C, input_dtype, compute_dtype).
-    """
-    for arg, x in named.items():
-        if x is not None:
-            _tensor(where, arg, x)
-    x0 = named[lead]
-    layouts = dict(_LAYOUTS, **{lead: lead_names})
-    sources = {"b": lead, "d": lead, "n": "A", **({"l": lead} if has_time else {}), **(sizes_from or {})}
-    for arg in dict.fromkeys((lead, *sources.values())):  # the ranks of the arguments sizes are read from
-        t, layout = named[arg], layouts[arg]
-        if t.dim() != len(layout):
-            _fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})", f"rank {t.dim()} with shape {tuple(t.shape)}")
-    sizes = {size: named[arg].shape[layouts[arg].index(size)] for size, arg in sources.items()}
-    b, d, n = sizes["b"], sizes["d"], sizes["n"]
-    time = (sizes["l"],) if has_time else ()
-    A = named["A"]
-    if A.shape[0] != d:
-        _swapped_layout(where, named, lead, has_time, d)
-    _shape(where, "A", A, (d, n), ("d", "n"), sources)
-    if n < 1:
-        _fail(ValueError, where, "A", "at least one state (n >= 1)", tuple(A.shape))
-
-    in_dtype = x0.dtype
-    _dtype(where, lead, x0, INPUT_DTYPES, "the input dtype")
-    f = compute_dtype(in_dtype)
-    full = (b, d, *time)
-    tail_names = ("l",) if has_time else ()
-    full_names = ("b", "d", *tail_names)
-    groups = {}
-    for arg, x in named.items():
-        if x is None:
-            continue
-        _device(where, arg, x, x0.device)
-        if arg in ("u", "x", "delta", "dt", "z"):
-            _shape(where, arg, x, full, full_names, sources)
-            _dtype(where, arg, x, (in_dtype,), f"the dtype of {lead}")
-        elif arg in ("B", "C"):
-            groups[arg] = _groups(where, arg, x, b, d, n, time, tail_names, sources)
-            _dtype(where, arg, x, tuple(dict.fromkeys((in_dtype, f))), f"the input or compute dtype for {lead} in {in_dtype}")
-        elif arg in ("D", "delta_bias", "dt_bias"):
-            _shape(where, arg, x, (d,), ("d",), sources)
-            _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
-        elif arg in ("initial_state", "state"):
-            _shape(where, arg, x, (b, d, n), ("b", "d", "n"), sources)
-            _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
-        elif arg == "A":
-            _dtype(where, arg, x, (f,), f"the compute dtype for {lead} in {in_dtype}")
-    return dict(b=b, d=d, n=n, l=time[0] if time else 1, g_B=groups["B"], g_C=groups["C"],
-                input_dtype=in_dtype, compute_dtype=f)
-
-
-def check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
-    """Validate selective_scan arguments (shapes in impls.selective_scan). Returns the sizes and dtypes."""
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
-    return _check("selective_scan", named, "u", ("b", "d", "l"), True)
-
-
-# Arguments' signatures that passed check_step -> what it returned. A decoding step is called once
-# per layer per token with the same shapes, and the checks in _check (a dozen Python-level passes,
-# about 16 µs) cost a third of the small model's scan step. Every check reads only each argument's
-# type, shape, dtype and device (is_complex and is_floating_point follow from the dtype), so a call
-# whose arguments have exactly the signature of one that passed passes the same checks: looking the
-# signature up is each of those checks, made on every call. Any other signature runs _check in full,
-# which raises with its usual message or is remembered.
-_STEP_PASSED = {}
-_STEP_PASSED_MAX = 256  # forgotten all at once beyond this (property tests draw many shapes)
-
-
-def _signature(args):
-    """(type, shape, dtype, device) of each argument, None for None: what the checks read."""
-    return tuple(None if t is None else (type(t), t.shape, t.dtype, t.device) for t in args)
+        fail(ValueError, where, arg, f"a tensor on {device} (the device of the first input)", x.device)
 
 
 def _span(t):
@@ -247,43 +128,19 @@ def check_no_overlap(where, written, read):
         if t is None or t.numel() == 0:
             continue
         if _internal_overlap(t):
-            _fail(ValueError, where, arg, "a tensor whose elements do not share memory (it is written in place)",
+            fail(ValueError, where, arg, "a tensor whose elements do not share memory (it is written in place)",
                   f"internal overlap: shape {tuple(t.shape)} with strides {t.stride()}")
         for other, u in {**written, **read}.items():
             if other != arg and isinstance(u, torch.Tensor) and _shares_memory(t, u):
-                _fail(ValueError, where, arg, "memory of its own (it is written in place)",
+                fail(ValueError, where, arg, "memory of its own (it is written in place)",
                       f"memory shared with {other}")
-
-
-def check_step(state, x, dt, A, B, C, D, z, dt_bias):
-    """Validate selective_state_update arguments (shapes in impls.selective_state_update).
-    Returns dict(b, d, n, l, g_B, g_C, input_dtype, compute_dtype), as the scan's check does."""
-    try:
-        key = _signature((state, x, dt, A, B, C, D, z, dt_bias))
-        dims = _STEP_PASSED.get(key)
-    except Exception:  # an argument without these attributes, or unhashable ones: not a tensor, checked below
-        key = dims = None
-    if dims is not None:
-        # the signature says nothing about memory: aliasing is checked on every call
-        check_no_overlap("selective_state_update", dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
-        return dict(dims)
-    if not isinstance(state, torch.Tensor):
-        _fail(TypeError, "selective_state_update", "state", "a torch.Tensor", type(state).__name__)
-    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
-    dims = _check("selective_state_update", named, "x", ("b", "d"), False, dict(b="state", d="state"))
-    check_no_overlap("selective_state_update", dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
-    if key is not None:
-        if len(_STEP_PASSED) >= _STEP_PASSED_MAX:
-            _STEP_PASSED.clear()
-        _STEP_PASSED[key] = dims
-    return dict(dims)
 
 
 def check_bool(where, arg, value):
     """A flag (delta_softplus, dt_softplus) must be a bool: "yes", 0 or a tensor would be read by
     truthiness, "no" as True. Raises TypeError naming the argument."""
     if not isinstance(value, bool):
-        _fail(TypeError, where, arg, "a bool (True or False)", f"{type(value).__name__} {value!r}")
+        fail(TypeError, where, arg, "a bool (True or False)", f"{type(value).__name__} {value!r}")
 
 
 def check_result(where, impl, arg, x, shape, dtype):
@@ -293,10 +150,6 @@ def check_result(where, impl, arg, x, shape, dtype):
         raise RuntimeError(f"{where}: implementation {impl!r} returned {arg} {got}, "
                            f"expected shape {tuple(shape)} and dtype {dtype}")
 
-
-# --- packed variable-length sequences and batch-indexed decoding (the varlen issue) -----------
-# Both helpers are family-neutral (the SSD front door can import them): they check only the index
-# tensors, against sizes the caller has already checked.
 
 def check_cu_seqlens(where, cu_seqlens, b, l, device):
     """Validate the offsets of packed sequences laid end to end along time.
@@ -316,22 +169,22 @@ def check_cu_seqlens(where, cu_seqlens, b, l, device):
     """
     arg = "cu_seqlens"
     if not isinstance(cu_seqlens, torch.Tensor):
-        _fail(TypeError, where, arg, "a torch.Tensor", type(cu_seqlens).__name__)
+        fail(TypeError, where, arg, "a torch.Tensor", type(cu_seqlens).__name__)
     if cu_seqlens.dtype != torch.int32:
-        _fail(ValueError, where, arg, "dtype torch.int32", cu_seqlens.dtype)
+        fail(ValueError, where, arg, "dtype torch.int32", cu_seqlens.dtype)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        _fail(ValueError, where, arg, "shape (nseq + 1,), at least one offset", tuple(cu_seqlens.shape))
-    _device(where, arg, cu_seqlens, device)
+        fail(ValueError, where, arg, "shape (nseq + 1,), at least one offset", tuple(cu_seqlens.shape))
+    check_device(where, arg, cu_seqlens, device)
     if b != 1:
-        _fail(ValueError, where, arg, "packed inputs with batch size b=1 (sequences laid end to end in time)", f"b={b}")
+        fail(ValueError, where, arg, "packed inputs with batch size b=1 (sequences laid end to end in time)", f"b={b}")
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0:
-        _fail(ValueError, where, arg, "a first offset of 0", offsets[0])
+        fail(ValueError, where, arg, "a first offset of 0", offsets[0])
     for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
         if e < s:
-            _fail(ValueError, where, arg, "non-decreasing offsets", f"cu_seqlens[{i + 1}]={e} < cu_seqlens[{i}]={s}")
+            fail(ValueError, where, arg, "non-decreasing offsets", f"cu_seqlens[{i + 1}]={e} < cu_seqlens[{i}]={s}")
     if offsets[-1] != l:
-        _fail(ValueError, where, arg, f"a last offset equal to the packed length l={l}", offsets[-1])
+        fail(ValueError, where, arg, f"a last offset equal to the packed length l={l}", offsets[-1])
     return len(offsets) - 1, offsets
 
 
@@ -352,52 +205,18 @@ def check_state_batch_indices(where, state_batch_indices, b, slots, device):
     """
     arg = "state_batch_indices"
     if not isinstance(state_batch_indices, torch.Tensor):
-        _fail(TypeError, where, arg, "a torch.Tensor", type(state_batch_indices).__name__)
+        fail(TypeError, where, arg, "a torch.Tensor", type(state_batch_indices).__name__)
     if state_batch_indices.dtype != torch.int32:
-        _fail(ValueError, where, arg, "dtype torch.int32", state_batch_indices.dtype)
+        fail(ValueError, where, arg, "dtype torch.int32", state_batch_indices.dtype)
     if tuple(state_batch_indices.shape) != (b,):
-        _fail(ValueError, where, arg, f"shape (b={b},)", tuple(state_batch_indices.shape))
-    _device(where, arg, state_batch_indices, device)
+        fail(ValueError, where, arg, f"shape (b={b},)", tuple(state_batch_indices.shape))
+    check_device(where, arg, state_batch_indices, device)
     indices = state_batch_indices.tolist()
     for i, s in enumerate(indices):
         if s >= slots:
-            _fail(ValueError, where, arg, f"slots below the cache's {slots} (negative: a padding row)",
+            fail(ValueError, where, arg, f"slots below the cache's {slots} (negative: a padding row)",
                   f"state_batch_indices[{i}]={s}")
     used = [s for s in indices if s >= 0]
     if len(set(used)) != len(used):
-        _fail(ValueError, where, arg, "each cache slot at most once", indices)
+        fail(ValueError, where, arg, "each cache slot at most once", indices)
     return indices
-
-
-def check_scan_packed(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens):
-    """check_scan for packed inputs: u (1, d, l), initial_state (nseq, d, n), cu_seqlens (nseq + 1,).
-    Returns check_scan's dict with nseq and offsets (the list) added."""
-    where = "selective_scan"
-    named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    dims = _check(where, named, "u", ("b", "d", "l"), True)
-    nseq, offsets = check_cu_seqlens(where, cu_seqlens, dims["b"], dims["l"], u.device)
-    if initial_state is not None:
-        _tensor(where, "initial_state", initial_state)
-        _device(where, "initial_state", initial_state, u.device)
-        _shape(where, "initial_state", initial_state, (nseq, dims["d"], dims["n"]), ("nseq", "d", "n"))
-        _dtype(where, "initial_state", initial_state, (dims["compute_dtype"],), f"the compute dtype for u in {u.dtype}")
-    return dict(dims, nseq=nseq, offsets=offsets)
-
-
-def check_step_indexed(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices):
-    """check_step for a (slots, d, n) state cache read and written through state_batch_indices (b,).
-    Returns check_step's dict with slots and indices (the list) added."""
-    where = "selective_state_update"
-    if not isinstance(state, torch.Tensor):
-        _fail(TypeError, where, "state", "a torch.Tensor", type(state).__name__)
-    named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-    dims = _check(where, named, "x", ("b", "d"), False)
-    _tensor(where, "state", state)
-    _device(where, "state", state, x.device)
-    if state.dim() != 3:
-        _fail(ValueError, where, "state", f"shape (slots, d={dims['d']}, n={dims['n']})", tuple(state.shape))
-    _shape(where, "state", state, (state.shape[0], dims["d"], dims["n"]), ("slots", "d", "n"))
-    _dtype(where, "state", state, (dims["compute_dtype"],), f"the compute dtype for x in {x.dtype}")
-    indices = check_state_batch_indices(where, state_batch_indices, dims["b"], state.shape[0], x.device)
-    check_no_overlap(where, dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
-    return dict(dims, slots=state.shape[0], indices=indices)

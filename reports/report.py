@@ -459,7 +459,7 @@ def build(data, problems, out_dir):
          "ratios, with quartiles; fb_over_f is chunked's forward+backward over its forward; the memory point gives "
          "the peak resident memory beyond the inputs and the output, in MiB and in chunks' worth."),
         ("Against mamba.py: decoding and prefill", peers_table(data), [], [],
-         "Our MambaLM against mamba.py's Mamba loaded with the same weights (impls/mambapy_model.py), measured "
+         "Our MambaLM against mamba.py's Mamba loaded with the same weights (impls/adapters/mambapy_model.py), measured "
          "interleaved in one run: per-token decoding (ratio < 1 means ours is faster) and prompt prefill into the "
          "decode cache (one parallel scan against mamba.py's token-by-token loop of step), with the next greedy "
          "tokens from both caches compared."),

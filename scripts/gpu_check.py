@@ -1,4 +1,4 @@
-"""GPU check of the Triton kernels (impls/triton_scan.py, impls/triton_ssd.py), for when a machine with a GPU is lent.
+"""GPU check of the Triton kernels (impls/selective/triton.py, impls/ssd/triton.py), for when a machine with a GPU is lent.
 Run it through scripts/gpu_check.sh:
 
     scripts/gpu_check.sh OUTPUT_DIR            # on a machine with a CUDA device
@@ -17,7 +17,7 @@ is recorded and the other phases still run); suite and big run side by side, ben
          triton against parallel (when registered) and loop (recurrent for the step); the device
          copy bandwidth and the memory floor; a sweep of launch configurations.
 
-  ssd_big    the Mamba-2 SSD kernels (impls/triton_ssd.py) past 2^31 elements: forward and backward
+  ssd_big    the Mamba-2 SSD kernels (impls/ssd/triton.py) past 2^31 elements: forward and backward
          on x of b·l·h·p = 2^31 + 2^17 elements, the step on a state of b·h·p·n > 2^31, each checked
          against the same heads or rows computed on a compact copy.
   ssd_bench  the SSD forward, forward + backward and step at mamba2-130m's (h=24) and mamba2-2.7b's
@@ -252,7 +252,7 @@ def _setup(smoke):
     sys.path.insert(0, ROOT)
     import torch
     import impls
-    from impls import triton_scan as ts
+    from impls.selective import triton as ts
     return torch, impls, ts, ("cpu" if smoke else "cuda")
 
 
@@ -479,7 +479,7 @@ def phase_bench(smoke):
     return out
 
 
-# ---- the SSD phases (impls/triton_ssd.py) -------------------------------------------------------
+# ---- the SSD phases (impls/ssd/triton.py) -------------------------------------------------------
 
 def _compare_into(torch, results, name, big, small, elements):
     """Record whether ``big`` (rows of a run past 2^31 elements) equals ``small`` (the same rows from
@@ -493,7 +493,7 @@ def _compare_into(torch, results, name, big, small, elements):
 
 def phase_ssd_big(smoke):
     torch, impls, _, dev = _setup(smoke)
-    from impls import triton_ssd as tss
+    from impls.ssd import triton as tss
     gen = torch.Generator(device=dev).manual_seed(0)
     results = {}
     # the scan: x and z of b·l·h·p = 2^31 + 2^16 bfloat16 elements; the last heads against a compact copy

@@ -179,8 +179,8 @@ def test_check_fails_on_a_planted_numeric_change(baseline, capsys):
 
 
 def test_check_accepts_module_colon_function(baseline, capsys):
-    assert cli.main(["check", "--baseline", str(baseline), "--impl", "impls.loop:selective_scan"]) == 0
-    assert "impls.loop:selective_scan" in impls.names()
+    assert cli.main(["check", "--baseline", str(baseline), "--impl", "impls.selective.loop:selective_scan"]) == 0
+    assert "impls.selective.loop:selective_scan" in impls.names()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "unknown_impl", "covers_none", "old_baseline",
@@ -200,7 +200,7 @@ def test_check_usage_errors_exit_2_in_one_line(tmp_path, baseline, capsys, case)
     elif case == "unknown_impl":
         argv[-1], words = "no_such_impl", ("no_such_impl", "not a registered implementation")
     elif case == "bad_module":
-        argv[-1], words = "impls.loop:no_such_function", ("has no function",)
+        argv[-1], words = "impls.selective.loop:no_such_function", ("has no function",)
     elif case == "covers_none":
         other = tmp_path / "other.jsonl"
         append_jsonl(other, _point("scan_grid", impl="parallel", l=3, median_s=1.0, **paired_ratio([1.0] * 5, [1.0] * 5)))
@@ -288,10 +288,10 @@ def test_sweep_usage_errors_exit_2_in_one_line(tmp_path, capsys):
 
 def test_sweep_accepts_module_colon_function_and_usage_says_scanbench(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
-    assert cli.main(["sweep", "--quick", "--sweep", "accuracy", "--impl", "impls.loop:selective_scan",
+    assert cli.main(["sweep", "--quick", "--sweep", "accuracy", "--impl", "impls.selective.loop:selective_scan",
                      "--out", str(out)]) == 0
     impls_seen = {json.loads(line)["impl"] for line in out.read_text().splitlines()}
-    assert impls_seen == {"impls.loop:selective_scan"}
+    assert impls_seen == {"impls.selective.loop:selective_scan"}
     capsys.readouterr()
     with pytest.raises(SystemExit):
         cli.main(["sweep", "--help"])
@@ -480,7 +480,7 @@ def test_impl_module_in_the_current_directory_is_found_and_a_missing_one_named(t
     import sys
 
     (tmp_path / "cwd_plugin_3f9a.py").write_text(
-        "from impls.loop import selective_scan\n\ndef my_scan(*args, **kwargs):\n    return selective_scan(*args, **kwargs)\n")
+        "from impls.selective.loop import selective_scan\n\ndef my_scan(*args, **kwargs):\n    return selective_scan(*args, **kwargs)\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])  # as the console script
     assert cli.main(["check", "--baseline", str(baseline), "--impl", "cwd_plugin_3f9a:my_scan"]) == 0
@@ -560,7 +560,7 @@ def test_resume_measures_again_when_a_plugged_in_kernels_source_changes(tmp_path
     from benchmarks import accuracy
 
     plugin = tmp_path / "resume_plugin_7c1e.py"
-    plugin.write_text("from impls.loop import selective_scan as my_scan\n")
+    plugin.write_text("from impls.selective.loop import selective_scan as my_scan\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setattr(runner, "code_state", lambda: dict(commit="aaaaaaa", dirty=False))   # the tree is unchanged
@@ -571,7 +571,7 @@ def test_resume_measures_again_when_a_plugged_in_kernels_source_changes(tmp_path
     n = len(accuracy.points("quick", ["resume_plugin_7c1e:my_scan"]))
     assert f"reused {n} point(s)" in capsys.readouterr().err
     first = json.loads(out.read_text().splitlines()[0])["plugin_source"]
-    plugin.write_text("from impls.loop import selective_scan\n\ndef my_scan(*a, **k):\n    return 1.01 * selective_scan(*a, **k)\n")
+    plugin.write_text("from impls.selective.loop import selective_scan\n\ndef my_scan(*a, **k):\n    return 1.01 * selective_scan(*a, **k)\n")
     assert cli.main(argv) == 0
     assert "reused 0 point(s)" in capsys.readouterr().err
     last = json.loads(out.read_text().splitlines()[-1])["plugin_source"]

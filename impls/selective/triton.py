@@ -1,6 +1,6 @@
 """The selective scan and the decoding step as Triton kernels.
 
-Same contract as impls/loop.py (the spec) and impls/recurrent.py (the step); letters (b, d, l, n, g)
+Same contract as impls/selective/loop.py (the spec) and impls/selective/recurrent.py (the step); letters (b, d, l, n, g)
 are defined in impls/frontdoor.py, the dtype policy too: half inputs are loaded and converted to
 float32 at once, everything is computed in float32 (float64 for float64 inputs), y comes back in the
 input dtype and every state in the compute dtype.
@@ -91,7 +91,7 @@ import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
 import triton.language as tl  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
-from .frontdoor import compute_dtype  # noqa: E402
+from ..frontdoor import compute_dtype  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 

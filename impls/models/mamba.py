@@ -46,7 +46,7 @@ half the calls, every intermediate in a buffer the cache made once, the conv and
 the dt bias inside dt_proj's addmm, the RMSNorm in four ops, and the scan step straight to the
 implementation once the front door has passed its (fixed) buffers. Other models take the
 module-by-module step (``MambaMixer.step``).
-benchmarks/decode_split.py measures where the remaining time goes; impls/mambapy_model.py holds the
+benchmarks/decode_split.py measures where the remaining time goes; impls/adapters/mambapy_model.py holds the
 same model in mamba.py, for parity tests and as the peer the decoding speed is measured against.
 
 Batches of prompts of different lengths: left-pad them and pass ``attention_mask`` (b, l), 1 for a
@@ -66,12 +66,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import impls
-from .frontdoor import compute_dtype
+from ..frontdoor import compute_dtype
 
 # selective_state_update's default implementation (a keyword default there), for MambaLM.step's impl=None
 STEP_DEFAULT = impls.selective_state_update.__kwdefaults__["impl"]
 CONFIG_NAME = "config.json"
-MAMBA2_HINT = "; a Mamba-2 checkpoint: load it with impls.model2.Mamba2LM"
+MAMBA2_HINT = "; a Mamba-2 checkpoint: load it with impls.models.mamba2.Mamba2LM"
 # token ids: a set lookup, since a decoding step checks its token every time
 INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 WEIGHTS_BIN = "pytorch_model.bin"
@@ -114,7 +114,7 @@ class MambaConfig:
             hint = ""
             if "hidden_size" in extra or "num_hidden_layers" in extra:
                 hint = (" (these fields are transformers' MambaConfig: read such a dict with "
-                        "impls.model.config_from_dict, or the folder with MambaLM.from_pretrained)")
+                        "impls.models.mamba.config_from_dict, or the folder with MambaLM.from_pretrained)")
             raise ValueError(f"MambaConfig: missing size field(s) {', '.join(missing)}{hint}")
         self.d_model = check_int("MambaConfig", "d_model", d_model)
         self.d_intermediate = check_int("MambaConfig", "d_intermediate", d_intermediate)
@@ -867,7 +867,7 @@ class MambaMixer(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual: h + mixer(norm(h)). Official names: ``norm``, ``mixer``. ``mixer`` is the
-    layer's class (Mamba-1's MambaMixer, or impls/model2.py's Mamba2Mixer), built from the config."""
+    layer's class (Mamba-1's MambaMixer, or impls/models/mamba2.py's Mamba2Mixer), built from the config."""
 
     def __init__(self, config, mixer=None):
         super().__init__()
@@ -1425,7 +1425,7 @@ class MambaLM(nn.Module):
             cannot be read (named), or a shape the config does not imply; KeyError on missing or
             unexpected parameter names; TypeError for a dtype that is not a torch.dtype. A Mamba-2
             config (NotImplementedError in the official layout, ValueError in transformers') names
-            impls.model2.Mamba2LM.
+            impls.models.mamba2.Mamba2LM.
         """
         check_dtype_arg("from_pretrained", dtype)
         config, layout = read_config(folder)

@@ -11,7 +11,7 @@ mamba_ssm's kernels where that package imports, and drops keyword arguments the 
 does not name. This adapter calls the undecorated torch functions (``inspect.unwrap``), so what is
 under test is always transformers' own PyTorch code, on any machine.
 
-What is translated, explicitly (letters as in impls/ssd_loop.py):
+What is translated, explicitly (letters as in impls/ssd/loop.py):
 
 - layout: the same as ours ((b, l, h, p), (b, l, h), (b, l, g, n)); nothing is transposed.
 - z: ``mamba2_chunk_scan`` has no z parameter and swallows one passed by keyword (``**kwargs``):
@@ -33,8 +33,8 @@ Declared gaps (the suite skips those cases, naming the gap, instead of this adap
 - seq_idx, cu_seqlens, return_varlen_states: transformers' torch path refuses packed sequences.
 
 Registered on request: importing this module registers it as ``transformers`` in the ssd family
-(``pytest --ssd-impl impls.transformers_ssd_adapter``), not by default, because of its known bugs
-(equivalence/xfails/transformers_ssd.txt, each with its reason; equivalence/test_ssd_adapters.py
+(``pytest --ssd-impl impls.adapters.transformers_ssd``), not by default, because of its known bugs
+(impls/adapters/xfails/transformers_ssd.txt, each with its reason; equivalence/test_ssd_adapters.py
 pins them): a NaN or inf in a later token's input reaches earlier outputs (its within-chunk mask is
 a multiplication, and 0 x NaN is NaN), and after a token with a large dt A the decays to a chunk's
 end lose their digits (taken as exp(cumsum_end - cumsum_s)). transformers itself is imported on
@@ -120,4 +120,4 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
 
 
 if "transformers" not in impls.names("ssd"):
-    impls.register_transformers_ssd()
+    impls.adapters.register_transformers_ssd()

@@ -21,9 +21,9 @@ implementations (``RESERVED``: loop, recurrent and triton mean the native SSD on
 
 import torch
 
-from . import ssd_varlen
-from .frontdoor import INPUT_DTYPES, compute_dtype
-from .ssd_loop import effective_dt
+from . import varlen
+from ..frontdoor import INPUT_DTYPES, compute_dtype
+from .loop import effective_dt
 
 RESERVED = ("loop", "chunked", "recurrent", "triton")
 
@@ -70,7 +70,7 @@ def mapped_scan(name):
                  return_final_states=False, return_varlen_states=False):
         if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
             # packed sequences: seq_idx rows packed into one cu_seqlens call of the Mamba-1 kernel
-            return ssd_varlen.through_cu_seqlens(packed, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+            return varlen.through_cu_seqlens(packed, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
                                                  seq_idx, cu_seqlens, dt_softplus, dt_limit, return_final_states,
                                                  return_varlen_states)
         b, l, h, p = x.shape

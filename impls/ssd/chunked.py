@@ -2,7 +2,7 @@
 
 The algorithm of the Mamba-2 paper (Dao & Gu 2024, Section 6, "Hardware-efficient algorithm for
 SSD", and its Listing 1), in the shapes of the official ``mamba_chunk_scan_combined``; letters in
-impls/ssd_frontdoor.py, T = the chunk length. With a_t = dt_t A (the log-decay of token t, per head)
+impls/ssd/frontdoor.py, T = the chunk length. With a_t = dt_t A (the log-decay of token t, per head)
 and the segment sum  s(i, j) = a_{j+1} + ... + a_i  (i >= j, in one chunk):
 
     1. intra-chunk (the quadratic, attention-like form):
@@ -46,9 +46,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import ssd_varlen
-from .frontdoor import compute_dtype
-from .ssd_loop import effective_dt, skip
+from . import varlen
+from ..frontdoor import compute_dtype
+from .loop import effective_dt, skip
 
 BLOCK_TOKENS = 512  # tokens per block of chunks (at least one chunk)
 
@@ -235,14 +235,14 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         l need not be a multiple); D: (h,) or (h, p) optional; z: (b, l, h, p) optional;
         dt_bias: (h,) optional; initial_states: (b, h, p, n) optional; dt_softplus: bool;
         dt_limit: (lo, hi); return_final_states: bool. seq_idx, cu_seqlens, return_varlen_states:
-        packed sequences (impls/ssd_varlen.py), each chunked from its own first token.
+        packed sequences (impls/ssd/varlen.py), each chunked from its own first token.
     Returns:
         out (b, l, h, p) in x's dtype, or (out, final_states (b, h, p, n) in the compute dtype)
     """
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
         # packed sequences in vLLM's layout: chunks restart at each sequence's first token (none
-        # straddles a boundary), so a state decays from its own sequence's start (impls/ssd_varlen.py)
-        return ssd_varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+        # straddles a boundary), so a state decays from its own sequence's start (impls/ssd/varlen.py)
+        return varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                      cu_seqlens, dt_softplus, dt_limit, return_final_states, return_varlen_states)
     b, l, h, p = x.shape
     n = B.shape[-1]

@@ -16,18 +16,18 @@ Two ways to mark sequences, as the official ``mamba_chunk_scan_combined``:
 ``return_varlen_states`` (the official name) needs cu_seqlens and returns the per-sequence states
 (nseq, h, p, n) after the others: out, [final_states], [varlen_states], the official order.
 
-Letters (b, l, h, p, n, g) as in impls/ssd_frontdoor.py.
+Letters (b, l, h, p, n, g) as in impls/ssd/frontdoor.py.
 """
 
 import functools
 
 import torch
 
-from .frontdoor import _device, _dtype, _fail, _shape, _tensor, check_cu_seqlens, check_state_batch_indices
+from ..frontdoor import check_device, check_dtype, fail, check_shape, check_tensor, check_cu_seqlens, check_state_batch_indices
 
 
 def check_packed(x, initial_states, seq_idx, cu_seqlens, return_varlen_states, dims):
-    """Front-door checks of the varlen arguments of ssd_scan (dims: ssd_frontdoor._check's dict,
+    """Front-door checks of the varlen arguments of ssd_scan (dims: frontdoor._check's dict,
     computed without initial_states). Returns dims with ``nseq`` (None without cu_seqlens) and
     ``runs``: for each row, a list of (start, end) token ranges, one per sequence (padding left out).
 
@@ -38,34 +38,34 @@ def check_packed(x, initial_states, seq_idx, cu_seqlens, return_varlen_states, d
     where = "ssd_scan"
     b, l, h, p, n = dims["b"], dims["l"], dims["h"], dims["p"], dims["n"]
     if return_varlen_states and cu_seqlens is None:
-        _fail(ValueError, where, "return_varlen_states", "cu_seqlens to go with it (per-sequence states)", True)
+        fail(ValueError, where, "return_varlen_states", "cu_seqlens to go with it (per-sequence states)", True)
     nseq = offsets = None
     if cu_seqlens is not None:
         nseq, offsets = check_cu_seqlens(where, cu_seqlens, b, l, x.device)
     if seq_idx is not None:
         if not isinstance(seq_idx, torch.Tensor):
-            _fail(TypeError, where, "seq_idx", "a torch.Tensor", type(seq_idx).__name__)
+            fail(TypeError, where, "seq_idx", "a torch.Tensor", type(seq_idx).__name__)
         if seq_idx.dtype != torch.int32:
-            _fail(ValueError, where, "seq_idx", "dtype torch.int32", seq_idx.dtype)
-        _shape(where, "seq_idx", seq_idx, (b, l), ("b", "l"))
-        _device(where, "seq_idx", seq_idx, x.device)
+            fail(ValueError, where, "seq_idx", "dtype torch.int32", seq_idx.dtype)
+        check_shape(where, "seq_idx", seq_idx, (b, l), ("b", "l"))
+        check_device(where, "seq_idx", seq_idx, x.device)
     if offsets is not None:
         runs = [[(a, e) for a, e in zip(offsets, offsets[1:])]]
         if seq_idx is not None and seq_idx.numel():
             s = seq_idx[0].tolist()
             starts = {0} | {t for t in range(1, l) if s[t] != s[t - 1]}
             if min(s) < 0 or starts != {a for a, e in runs[0] if e > a}:
-                _fail(ValueError, where, "seq_idx", "the boundaries of cu_seqlens, no padding (negative value)",
+                fail(ValueError, where, "seq_idx", "the boundaries of cu_seqlens, no padding (negative value)",
                       f"seq_idx starting sequences at {sorted(starts)}, cu_seqlens={offsets}")
     else:
         runs = [_runs(row) for row in seq_idx.tolist()]
     states = nseq if nseq is not None else b
     if initial_states is not None:
-        _tensor(where, "initial_states", initial_states)
-        _device(where, "initial_states", initial_states, x.device)
+        check_tensor(where, "initial_states", initial_states)
+        check_device(where, "initial_states", initial_states, x.device)
         names = ("nseq", "h", "p", "n") if nseq is not None else ("b", "h", "p", "n")
-        _shape(where, "initial_states", initial_states, (states, h, p, n), names)
-        _dtype(where, "initial_states", initial_states, (dims["compute_dtype"],),
+        check_shape(where, "initial_states", initial_states, (states, h, p, n), names)
+        check_dtype(where, "initial_states", initial_states, (dims["compute_dtype"],),
                f"the compute dtype for x in {dims['input_dtype']}")
     return dict(dims, nseq=nseq, runs=runs)
 
@@ -218,13 +218,13 @@ def check_step_indexed(state, x, state_batch_indices, dims):
     int32 (impls/frontdoor.py's check_state_batch_indices: an index >= slots or a slot used twice
     is a ValueError; negative marks a padding row). Returns dims with ``slots`` and ``indices``."""
     where = "ssd_state_update"
-    _tensor(where, "state", state)
-    _device(where, "state", state, x.device)
+    check_tensor(where, "state", state)
+    check_device(where, "state", state, x.device)
     h, p, n = dims["h"], dims["p"], dims["n"]
     if state.dim() != 4:
-        _fail(ValueError, where, "state", f"a cache (slots, h={h}, p={p}, n={n})", tuple(state.shape))
-    _shape(where, "state", state, (state.shape[0], h, p, n), ("slots", "h", "p", "n"))
-    _dtype(where, "state", state, (dims["compute_dtype"],), f"the compute dtype for x in {dims['input_dtype']}")
+        fail(ValueError, where, "state", f"a cache (slots, h={h}, p={p}, n={n})", tuple(state.shape))
+    check_shape(where, "state", state, (state.shape[0], h, p, n), ("slots", "h", "p", "n"))
+    check_dtype(where, "state", state, (dims["compute_dtype"],), f"the compute dtype for x in {dims['input_dtype']}")
     indices = check_state_batch_indices(where, state_batch_indices, dims["b"], state.shape[0], x.device)
     return dict(dims, slots=state.shape[0], indices=indices)
 

@@ -23,7 +23,7 @@ p head dimension (``headdim``), n state size (``d_state``), g groups of B/C (``n
 m = d_model, d = d_inner = expand * m = h * p, k = d_conv, c = d + 2 g n (the conv's channels,
 ``conv_dim``), v = the vocabulary padded to a multiple of ``pad_vocab_size_multiple``.
 
-Two ways to generate (``Mamba2LM.generate``), as for Mamba-1 (impls/model.py):
+Two ways to generate (``Mamba2LM.generate``), as for Mamba-1 (impls/models/mamba.py):
     "reforward"  every new token re-runs ``forward`` over the whole sequence so far;
     "recurrent"  ``prefill``: one ``impls.ssd_scan`` over the prompt with return_final_states (the
                  SSM state) plus the conv state, the last k-1 columns of xBC before the conv; then
@@ -47,9 +47,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import impls
-from .frontdoor import compute_dtype
-# Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/model.py).
-from .model import (Backbone, ResidualStream, _check_count, _check_ids, _check_impl_gradients, _check_mask,
+from ..frontdoor import compute_dtype
+# Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/models/mamba.py).
+from .mamba import (Backbone, ResidualStream, _check_count, _check_ids, _check_impl_gradients, _check_mask,
                     _check_sampling, _transposed_storage, check_dtype_arg, check_int, config_layout, config_path,
                     decode_tokens, layout_markers, load_weights, stored_shapes, weight_files)
 
@@ -126,7 +126,7 @@ class Mamba2Config:
 
         if self.ssm_cfg["layer"] != "Mamba2":
             raise NotImplementedError(f"{where}: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: this is the Mamba-2 "
-                                      f"model (impls/model.py's MambaLM is the Mamba-1 one)")
+                                      f"model (impls/models/mamba.py's MambaLM is the Mamba-1 one)")
         if self.attn_layer_idx or self.d_intermediate:
             raise NotImplementedError(f"{where}: attn_layer_idx = {self.attn_layer_idx}, d_intermediate = "
                                       f"{self.d_intermediate}: hybrid attention and MLP layers are not implemented")
@@ -631,7 +631,7 @@ class Mamba2LM(nn.Module):
         v = self.config.padded_vocab_size
         if cache.stream is not None:
             # the fused step (float32/float64, RMSNorm): the residual stream and its norms in buffers
-            # made once per cache (impls.model.ResidualStream), the block outputs added in place
+            # made once per cache (impls.models.mamba.ResidualStream), the block outputs added in place
             stream = cache.stream
             try:  # before the cache changes: an out-of-range id leaves it as it was
                 torch.index_select(self.backbone.embedding.weight, 0, token, out=stream.residual)
@@ -663,8 +663,8 @@ class Mamba2LM(nn.Module):
                  return_logits=False, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None,
                  eos_token_id=None, pad_token_id=None):
         """Greedy decoding (the default) or sampling, with the arguments, checks and semantics of
-        impls.model.MambaLM.generate (transformers' GenerationMixin: temperature, top-k, top-p warpers
-        in that order, impls.model.sampling_scores). Only the first vocab_size logits compete.
+        impls.models.mamba.MambaLM.generate (transformers' GenerationMixin: temperature, top-k, top-p warpers
+        in that order, impls.models.mamba.sampling_scores). Only the first vocab_size logits compete.
 
         Args:
             input_ids: (b, l) integer prompt ids, l >= 1 (left-padded with ``attention_mask`` if lengths differ)
@@ -821,7 +821,7 @@ def read_config(folder):
         cfg = json.load(f)
     if cfg.get("model_type") == "mamba":
         raise ValueError(f"from_pretrained({folder!r}): model_type 'mamba': a Mamba-1 checkpoint in transformers' "
-                         f"layout (load it with impls.model.MambaLM)")
+                         f"layout (load it with impls.models.mamba.MambaLM)")
     try:   # another model_type is another model, whatever fields it shares
         layout = config_layout(cfg, MARKERS, REQUIRED) if cfg.get("model_type", "mamba2") == "mamba2" else None
     except ValueError:
@@ -837,7 +837,7 @@ def read_config(folder):
         layer = (cfg["ssm_cfg"] or {}).get("layer", "Mamba1")
         if layer != "Mamba2":
             raise ValueError(f"from_pretrained({folder!r}): ssm_cfg.layer is {layer!r}, not 'Mamba2': a Mamba-1 "
-                             f"checkpoint (load it with impls.model.MambaLM)")
+                             f"checkpoint (load it with impls.models.mamba.MambaLM)")
         unknown = set(cfg) - set(Mamba2Config.FIELDS)
         if unknown:
             raise ValueError(f"from_pretrained({folder!r}): unknown official config fields {sorted(unknown)}")
@@ -849,7 +849,7 @@ def read_config(folder):
                      + (f"; its model_type is {model_type!r}" if model_type else ""))
 
 
-# The top-level fields found in one layout's config.json only (impls.model.layout_markers): the
+# The top-level fields found in one layout's config.json only (impls.models.mamba.layout_markers): the
 # transformers fields outside LAYOUT's table are markers too, except rms_norm, which both layouts have.
 MARKERS = layout_markers(Mamba2Config.FIELDS,
                          {**LAYOUT["top"], **{f"ssm_cfg.{k}": v for k, v in LAYOUT["ssm"].items()}},
@@ -860,7 +860,7 @@ def _read_both(cfg, folder):
     """A config.json with both layouts' fields (a converted checkpoint may keep its original fields):
     the official reading (each field given in one form only stands for both) and the transformers
     reading must be the same model. Returns the official reading; ValueError naming each disagreement,
-    as impls.model.config_from_dict does for Mamba-1."""
+    as impls.models.mamba.config_from_dict does for Mamba-1."""
     hf = Mamba2Config.from_transformers_dict({k: v for k, v in cfg.items() if k not in MARKERS["official"]})
     official = {k: v for k, v in cfg.items() if k in Mamba2Config.FIELDS}
     # vocab_size is both layouts' field; unless an official pad_vocab_size_multiple is stated beside

@@ -5,16 +5,16 @@ state by one token in place and returns that token's output. ``ssd_scan`` here i
 that step run over a sequence, starting from ``initial_states``: exactly the decode path, so
 checking it against the loop checks decoding against the full scan.
 
-Same equations as impls/ssd_loop.py (eq. 1 of the Mamba-2 paper, Dao & Gu 2024); letters in
-impls/ssd_frontdoor.py.
+Same equations as impls/ssd/loop.py (eq. 1 of the Mamba-2 paper, Dao & Gu 2024); letters in
+impls/ssd/frontdoor.py.
 """
 
 import torch
 import torch.nn.functional as F
 
-from . import ssd_varlen
-from .frontdoor import compute_dtype
-from .ssd_loop import effective_dt, per_head, skip
+from . import varlen
+from ..frontdoor import compute_dtype
+from .loop import effective_dt, per_head, skip
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -33,7 +33,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
         y: (b, h, p) in x's dtype
     """
     if state_batch_indices is not None:
-        return ssd_varlen.indexed_step(ssd_state_update, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
+        return varlen.indexed_step(ssd_state_update, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus,
                                        dt_limit, state_batch_indices)
     f = compute_dtype(x.dtype)
     h = x.shape[1]
@@ -61,8 +61,8 @@ def scan_by_stepping(step):
                  seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
                  return_final_states=False, return_varlen_states=False):
         if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
-            # packed sequences: each stepped through alone from its own state (impls/ssd_varlen.py)
-            return ssd_varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
+            # packed sequences: each stepped through alone from its own state (impls/ssd/varlen.py)
+            return varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
                                          seq_idx, cu_seqlens, dt_softplus, dt_limit, return_final_states,
                                          return_varlen_states)
         b, l, h, p = x.shape

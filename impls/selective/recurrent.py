@@ -6,13 +6,13 @@ not depend on how many tokens came before. ``selective_scan`` here is nothing mo
 run over a sequence, starting from ``initial_state``: exactly the decode path, so checking it
 against the loop checks decoding against the full scan.
 
-Same equations as impls/loop.py (Algorithm 2 of the Mamba paper), letters in impls/frontdoor.py.
+Same equations as impls/selective/loop.py (Algorithm 2 of the Mamba paper), letters in impls/frontdoor.py.
 """
 
 import torch
 import torch.nn.functional as F
 
-from .frontdoor import compute_dtype, per_channel
+from ..frontdoor import compute_dtype, per_channel
 
 
 def _as(t, f):

@@ -1,7 +1,7 @@
 """The Mamba-2 SSD scan (chunked, forward and backward) and its decoding step as Triton kernels.
 
-Same contract as impls/ssd_loop.py (the spec) and impls/ssd_recurrent.py (the step); letters
-(b, l, h, p, n, g) are defined in impls/ssd_frontdoor.py. Dtypes: every load is converted to the
+Same contract as impls/ssd/loop.py (the spec) and impls/ssd/recurrent.py (the step); letters
+(b, l, h, p, n, g) are defined in impls/ssd/frontdoor.py. Dtypes: every load is converted to the
 compute dtype (float32, float64 for float64 inputs) at once; out comes back in x's dtype and every
 state in the compute dtype.
 
@@ -51,7 +51,7 @@ Numerics, where this departs from the official kernels on purpose:
     an ulp);
   - float32 tl.dot runs with input_precision="ieee": TF32 would cost about 1e-3 relative.
 
-Kernel conventions (after flash-linear-attention, as impls/triton_scan.py): ``p_`` pointers, ``b_``
+Kernel conventions (after flash-linear-attention, as impls/selective/triton.py): ``p_`` pointers, ``b_``
 block values, ``o_`` offsets, ``m_`` masks, ``i_`` program indices, ``s_`` strides. Every offset is
 computed in 64 bits: program ids are cast before any multiplication (b l h p past 2^31 elements
 wrapped in the official kernels at about 61K tokens, often through views into a wide projection).
@@ -64,7 +64,7 @@ is the same single chunk as one of l tokens, so Q = min(chunk_size, l). The back
 Devices: tensors on a CUDA device run there; without a GPU, CPU tensors run in Triton's
 interpreter (TRITON_INTERPRET=1, set below), which is how CI runs these very kernels; on a GPU
 machine, CPU tensors are copied to the GPU and back. Interpreter differences are handled as in
-impls/triton_scan.py (bfloat16 loaded through float32, half results stored as float32 there and
+impls/selective/triton.py (bfloat16 loaded through float32, half results stored as float32 there and
 rounded by torch).
 """
 
@@ -82,8 +82,8 @@ import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
 import triton.language as tl  # noqa: E402
 from torch.autograd.function import once_differentiable  # noqa: E402
 
-from .frontdoor import compute_dtype  # noqa: E402
-from .triton_scan import silu  # noqa: E402  (torch's z / (1 + exp(-z)) for every z, infinities included)
+from ..frontdoor import compute_dtype  # noqa: E402
+from ..selective.triton import silu  # noqa: E402  (torch's z / (1 + exp(-z)) for every z, infinities included)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
@@ -121,7 +121,7 @@ def _div(a, b):
 
 @triton.jit
 def _softplus(x):
-    """torch's softplus with threshold 20; log1p without libdevice (see impls/triton_scan.py)."""
+    """torch's softplus with threshold 20; log1p without libdevice (see impls/selective/triton.py)."""
     e = tl.exp(tl.where(x > 20.0, 20.0, x))
     w = 1.0 + e
     log1p = tl.where(w == 1.0, e, tl.log(w) * _div(e, tl.where(w == 1.0, 1.0, w - 1.0)))

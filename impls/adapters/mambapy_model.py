@@ -2,7 +2,7 @@
 
 mamba.py (https://github.com/alxndrTL/mamba.py, ``pip install mambapy``) is an independent
 PyTorch Mamba written from the paper and the official code. Loading one set of weights into both
-it and ``impls.model.MambaLM`` gives two things:
+it and ``impls.models.mamba.MambaLM`` gives two things:
 
 - a parity check at the model level (equivalence/test_model_parity.py): the same tokens give the
   same logits from both, over a whole sequence and step by step, which checks our block (conv,
@@ -25,10 +25,10 @@ what every later import in the process sees.
 
 Why this file sits in impls/ and not in benchmarks/: the parity tests (equivalence/, layer 3 of
 /work/shared/STYLE.md) and the benchmarks (layer 4) both use it, and nothing may import from a
-layer above it. Like impls/model.py it uses the registered scans; no scan implementation imports it.
+layer above it. Like impls/models/mamba.py it uses the registered scans; no scan implementation imports it.
 mambapy is imported on first use only (it is a dev extra).
 
-Letters as in impls/model.py: b batch, l length, m d_model, d d_inner, n d_state, k d_conv,
+Letters as in impls/models/mamba.py: b batch, l length, m d_model, d d_inner, n d_state, k d_conv,
 v the padded vocabulary.
 """
 
@@ -40,12 +40,12 @@ def _mambapy():
     try:
         import mambapy.mamba as mamba
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("impls.mambapy_model needs the mambapy package (pip install mambapy==1.2.0)") from e
+        raise ImportError("impls.adapters.mambapy_model needs the mambapy package (pip install mambapy==1.2.0)") from e
     return mamba
 
 
 def mambapy_config(config, pscan=True):
-    """mamba.py's ``MambaConfig`` for our ``impls.model.MambaConfig``.
+    """mamba.py's ``MambaConfig`` for our ``impls.models.mamba.MambaConfig``.
 
     pscan: mamba.py's full-sequence scan, its parallel ``pscan`` (True, its default) or its
     sequential loop (False). Raises NotImplementedError for a model mamba.py cannot express
@@ -125,7 +125,7 @@ def greedy(logits, caches, step, input_ids, max_new_tokens, vocab_size):
 
 @torch.no_grad()
 def from_mamba_lm(model, pscan=True):
-    """A MambapyLM holding the weights of ``model`` (an impls.model.MambaLM), in its dtype and device.
+    """A MambapyLM holding the weights of ``model`` (an impls.models.mamba.MambaLM), in its dtype and device.
 
     The mapping: ``backbone.layers.{i}.{norm, mixer}.*`` -> ``mamba.layers.{i}.{norm, mixer}.*``
     (mamba.py's ResidualBlock and MambaBlock use the official parameter names and shapes: in_proj,

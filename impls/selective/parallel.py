@@ -1,7 +1,7 @@
 """A parallel selective scan in plain PyTorch: chunks side by side, streamed through cache.
 
 The recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = <C_t, h_t> (Algorithm 2 of the
-Mamba paper; the same equations as impls/loop.py; letters b, d, l, n, g as in impls/frontdoor.py)
+Mamba paper; the same equations as impls/selective/loop.py; letters b, d, l, n, g as in impls/frontdoor.py)
 is linear in h, so a sequence can be cut into K chunks of T tokens that run side by side:
 
     pass 1  every chunk runs its T steps from a zero state, all K at once; chunk k ends in s_k,
@@ -67,7 +67,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from .frontdoor import compute_dtype
+from ..frontdoor import compute_dtype
 
 # How the work is cut (module-level so that tests can shrink them, putting many chunk and
 # segment boundaries into small cases). Chunks run side by side until one step touches at most
@@ -240,7 +240,9 @@ class _Inputs:
         seg = _gather(p, X[..., a:e], e - a)
         g = X.shape[1]
         if g != p.G:
-            seg = seg.unsqueeze(4).expand(-1, -1, -1, -1, p.G // g, -1).reshape(p.T, p.b, p.K, p.G, p.n)
+            # a copy: where g = 1, expand-then-reshape would be a zero-stride view that the per-step
+            # views (_per_step) cannot flatten
+            seg = seg.repeat_interleave(p.G // g, dim=3)
         return seg
 
     def decays(self, dt, out):

@@ -11,7 +11,7 @@ Every other implementation is checked against this function run in float64.
 import torch
 import torch.nn.functional as F
 
-from .frontdoor import compute_dtype, per_channel
+from ..frontdoor import compute_dtype, per_channel
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

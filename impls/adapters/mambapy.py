@@ -26,7 +26,7 @@ The step. mamba.py's ``ssm_step`` is a method of its block that also runs the bl
 (x_proj, dt_proj) on the token and rebuilds A from A_log; its recurrence is
 h = exp(dt A) h + dt B x; y = h @ C + D x. Given dt, B, C already projected, that recurrence is the
 whole step; ``selective_state_update`` below is those lines, in its order of operations, on the
-interface's arguments (the model-level peer in impls/mambapy_model.py runs the real method).
+interface's arguments (the model-level peer in impls/adapters/mambapy_model.py runs the real method).
 
 mambapy is imported on first call: it is a dev dependency, and the adapter is registered only when
 it is installed (impls/__init__.py).
@@ -35,7 +35,7 @@ it is installed (impls/__init__.py).
 import torch
 import torch.nn.functional as F
 
-from .frontdoor import compute_dtype
+from ..frontdoor import compute_dtype
 
 WRAPS = "mambapy"   # the package whose version the pytest header shows beside ours
 

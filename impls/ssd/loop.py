@@ -3,9 +3,9 @@
 Read beside the paper: Dao & Gu, "Transformers are SSMs: Generalized Models and Efficient
 Algorithms Through Structured State Space Duality" (2024): Section 3 (the SSM with scalar-times-
 identity A, "SSD"), eq. (1) for the recurrence, Section 7 / Listing 1 for the chunked algorithm that
-impls/ssd_chunked.py implements instead. Official code: https://github.com/state-spaces/mamba,
+impls/ssd/chunked.py implements instead. Official code: https://github.com/state-spaces/mamba,
 ``mamba_chunk_scan_combined`` (its signature is ours) and ``selective_state_update`` (the step).
-Letters (b, l, h, p, n, g) are defined once, in impls/ssd_frontdoor.py.
+Letters (b, l, h, p, n, g) are defined once, in impls/ssd/frontdoor.py.
 
 Every other SSD implementation is checked against this function run in float64.
 """
@@ -13,8 +13,8 @@ Every other SSD implementation is checked against this function run in float64.
 import torch
 import torch.nn.functional as F
 
-from . import ssd_varlen
-from .frontdoor import compute_dtype
+from . import varlen
+from ..frontdoor import compute_dtype
 
 
 def effective_dt(dt, dt_bias, dt_softplus, dt_limit, f):
@@ -56,7 +56,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         chunk_size: ignored here (a performance setting of chunked implementations)
         D: (h,) or (h, p) skip connection, optional; z: (b, l, h, p) gate, optional
         dt_bias: (h,) optional; initial_states: (b, h, p, n) optional (zeros)
-        seq_idx, cu_seqlens, return_varlen_states: packed sequences (impls/ssd_varlen.py: with
+        seq_idx, cu_seqlens, return_varlen_states: packed sequences (impls/ssd/varlen.py: with
             cu_seqlens, initial_states and final_states are (nseq, h, p, n)), each scanned alone
         dt_softplus: softplus (threshold 20) on dt + dt_bias; dt_limit: (lo, hi) clamp, always applied
         return_final_states: also return the state after the last token
@@ -65,8 +65,8 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         final_states (b, h, p, n) in the compute dtype (float32, or float64 for float64 inputs)
     """
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
-        # packed sequences, by definition: each sequence cut out and scanned alone (impls/ssd_varlen.py)
-        return ssd_varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+        # packed sequences, by definition: each sequence cut out and scanned alone (impls/ssd/varlen.py)
+        return varlen.each_alone(ssd_scan, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx,
                                      cu_seqlens, dt_softplus, dt_limit, return_final_states, return_varlen_states)
     b, l, h, p = x.shape
     n = B.shape[-1]

@@ -26,7 +26,7 @@ import numbers
 
 import torch
 
-from .frontdoor import INPUT_DTYPES, _device, _dtype, _fail, _shape, _tensor, check_no_overlap, compute_dtype
+from ..frontdoor import INPUT_DTYPES, check_device, check_dtype, fail, check_shape, check_tensor, check_no_overlap, compute_dtype
 
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
 
@@ -36,17 +36,17 @@ def check_dt_limit(where, dt_limit):
     try:
         lo, hi = (float(v) for v in dt_limit)
     except (TypeError, ValueError):
-        _fail(ValueError, where, "dt_limit", "a pair (lo, hi) of real numbers", repr(dt_limit))
+        fail(ValueError, where, "dt_limit", "a pair (lo, hi) of real numbers", repr(dt_limit))
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
-        _fail(ValueError, where, "dt_limit", "a pair (lo, hi) with lo <= hi", repr(dt_limit))
+        fail(ValueError, where, "dt_limit", "a pair (lo, hi) with lo <= hi", repr(dt_limit))
     return lo, hi
 
 
 def check_chunk_size(where, chunk_size):
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        _fail(TypeError, where, "chunk_size", "a positive integer", repr(chunk_size))
+        fail(TypeError, where, "chunk_size", "a positive integer", repr(chunk_size))
     if chunk_size < 1:
-        _fail(ValueError, where, "chunk_size", "a positive integer", repr(chunk_size))
+        fail(ValueError, where, "chunk_size", "a positive integer", repr(chunk_size))
     return int(chunk_size)
 
 
@@ -58,57 +58,57 @@ def _check(where, named, lead, time):
     """
     for arg, t in named.items():
         if t is not None:
-            _tensor(where, arg, t)
+            check_tensor(where, arg, t)
     x = named[lead]
     lead_names = ("b", *("l" for _ in range(time)), "h", "p")
     if x.dim() != 3 + time:
-        _fail(ValueError, where, lead, f"rank {3 + time} ({', '.join(lead_names)})", f"rank {x.dim()} with shape {tuple(x.shape)}")
-    _dtype(where, lead, x, INPUT_DTYPES, "the input dtype")
+        fail(ValueError, where, lead, f"rank {3 + time} ({', '.join(lead_names)})", f"rank {x.dim()} with shape {tuple(x.shape)}")
+    check_dtype(where, lead, x, INPUT_DTYPES, "the input dtype")
     b, h, p = x.shape[0], x.shape[-2], x.shape[-1]
     tl = tuple(x.shape[1:1 + time])
     in_dtype = x.dtype
     f = compute_dtype(in_dtype)
     in_or_f = tuple(dict.fromkeys((in_dtype, f)))
     A = named["A"]
-    _shape(where, "A", A, (h,), ("h",))
+    check_shape(where, "A", A, (h,), ("h",))
     B, C = named["B"], named["C"]
     bc_names = ("b", *("l" for _ in range(time)), "g", "n")
     if B.dim() != 3 + time:
-        _fail(ValueError, where, "B", f"rank {3 + time} ({', '.join(bc_names)})", f"rank {B.dim()} with shape {tuple(B.shape)}")
+        fail(ValueError, where, "B", f"rank {3 + time} ({', '.join(bc_names)})", f"rank {B.dim()} with shape {tuple(B.shape)}")
     g, n = B.shape[-2], B.shape[-1]
     if g < 1 or h % g != 0:
-        _fail(ValueError, where, "B", f"a group count g that divides h={h}", f"g={g} (shape {tuple(B.shape)})")
+        fail(ValueError, where, "B", f"a group count g that divides h={h}", f"g={g} (shape {tuple(B.shape)})")
     if n < 1:
-        _fail(ValueError, where, "B", "at least one state (n >= 1)", tuple(B.shape))
+        fail(ValueError, where, "B", "at least one state (n >= 1)", tuple(B.shape))
     for arg, t in named.items():
         if t is None or arg == lead:
             continue
-        _device(where, arg, t, x.device)
+        check_device(where, arg, t, x.device)
         if arg == "z":
-            _shape(where, arg, t, x.shape, lead_names)
-            _dtype(where, arg, t, (in_dtype,), f"the dtype of {lead}")
+            check_shape(where, arg, t, x.shape, lead_names)
+            check_dtype(where, arg, t, (in_dtype,), f"the dtype of {lead}")
         elif arg == "dt":
-            _shape(where, arg, t, (b, *tl, h), (*lead_names[:-1],))
-            _dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
+            check_shape(where, arg, t, (b, *tl, h), (*lead_names[:-1],))
+            check_dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
         elif arg in ("B", "C"):
-            _shape(where, arg, t, (b, *tl, g, n), bc_names)
-            _dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
+            check_shape(where, arg, t, (b, *tl, g, n), bc_names)
+            check_dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
         elif arg == "D":
             if tuple(t.shape) not in ((h,), (h, p)):
                 flat = f" (a flat (h*p,) D is D.view({h}, {p}))" if tuple(t.shape) == (h * p,) else ""
-                _fail(ValueError, where, arg, f"shape (h={h}) or (h={h}, p={p}){flat}", tuple(t.shape))
-            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+                fail(ValueError, where, arg, f"shape (h={h}) or (h={h}, p={p}){flat}", tuple(t.shape))
+            check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg == "dt_bias":
-            _shape(where, arg, t, (h,), ("h",))
-            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+            check_shape(where, arg, t, (h,), ("h",))
+            check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg in ("initial_states", "state"):
             # b, h, p come from x and n from B: a mismatch may be either one's fault, so name both
             if tuple(t.shape) != (b, h, p, n):
-                _fail(ValueError, where, arg, f"shape (b={b}, h={h}, p={p}, n={n}) (b, h, p from {lead} of shape "
+                fail(ValueError, where, arg, f"shape (b={b}, h={h}, p={p}, n={n}) (b, h, p from {lead} of shape "
                       f"{tuple(x.shape)}, n from B); if {arg} is right, {lead} is not", tuple(t.shape))
-            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+            check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg == "A":
-            _dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
+            check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
     return dict(b=b, l=tl[0] if tl else 1, h=h, p=p, n=n, g=g, input_dtype=in_dtype, compute_dtype=f)
 
 
@@ -130,13 +130,13 @@ def _untie(where, arg, t, keep, tied_shape, tied_names):
     dimensions whose values are all equal. Returns the untied tensor, t[index of the first element
     of each tied dimension]; raises ValueError where the values are not constant over them (a
     genuinely per-channel A or dt is outside the SSD model: one decay per head)."""
-    _shape(where, arg, t, tied_shape, tied_names)
+    check_shape(where, arg, t, tied_shape, tied_names)
     index = (slice(None),) * keep + (0,) * (t.dim() - keep)
     untied = t[index]
     if any(t.stride(k) != 0 and t.shape[k] > 1 for k in range(keep, t.dim())):
         expanded = untied[(Ellipsis,) + (None,) * (t.dim() - keep)].expand_as(t)
         if not torch.equal(t, expanded):
-            _fail(ValueError, where, arg, f"the tied form constant over {', '.join(tied_names[keep:])} "
+            fail(ValueError, where, arg, f"the tied form constant over {', '.join(tied_names[keep:])} "
                   f"(one value per head, as the official Mamba2.step broadcasts)", "values that vary over them")
     return untied
 
@@ -154,11 +154,11 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     read = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)  # as given (tied forms included)
     for arg, t in dict(state=state, x=x, dt=dt, A=A, dt_bias=dt_bias).items():
         if t is not None:
-            _tensor(where, arg, t)
+            check_tensor(where, arg, t)
     # x (b, h, p) is checked against the state first (h, p: the slots of an indexed cache are not b):
     # otherwise z, D (h, p) or the state itself would be blamed for x's p
     if state is not None and state.dim() == 4 and x.dim() == 3 and tuple(x.shape[1:]) != tuple(state.shape[1:3]):
-        _fail(ValueError, where, "x", f"shape (b, h={state.shape[1]}, p={state.shape[2]}) (h, p those of state of "
+        fail(ValueError, where, "x", f"shape (b, h={state.shape[1]}, p={state.shape[2]}) (h, p those of state of "
               f"shape {tuple(state.shape)}; if x is right, state is not)", tuple(x.shape))
     tied_n = None
     if x.dim() == 3 and A.dim() == 3:
@@ -172,7 +172,7 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
     dims = _check(where, named, "x", 0)
     if tied_n is not None and tied_n != dims["n"]:
-        _fail(ValueError, where, "A", f"the tied form (h, p, n={dims['n']}), n as in B", f"n={tied_n}")
+        fail(ValueError, where, "A", f"the tied form (h, p, n={dims['n']}), n as in B", f"n={tied_n}")
     # the state is written in place: it must own its memory (impls/frontdoor.py)
     check_no_overlap(where, dict(state=state), read)
     return dims, dict(dt=dt, A=A, dt_bias=dt_bias), dt_limit
