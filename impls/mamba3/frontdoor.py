@@ -17,13 +17,8 @@ import numbers
 
 import torch
 
-from ..frontdoor import INPUT_DTYPES, check_bool, check_cu_seqlens, check_no_overlap, check_state_batch_indices, compute_dtype
-
-try:
-    from ..frontdoor import check_device, check_dtype, check_shape, check_tensor, fail
-except ImportError:  # SHIM until impls.frontdoor's rename lands on main: delete after pulling it
-    from ..frontdoor import _device as check_device, _dtype as check_dtype, _fail as fail, _shape as check_shape, \
-        _tensor as check_tensor
+from ..frontdoor import (INPUT_DTYPES, check_bool, check_cu_seqlens, check_device, check_dtype, check_no_overlap,
+                        check_shape, check_state_batch_indices, check_tensor, compute_dtype, fail)
 
 STATE_NAMES = ("angle", "ssm", "k", "v")
 
