@@ -118,7 +118,8 @@ def magnitudes(args):
 
 
 def conditioning(args):
-    """Ulps a rounding can grow to by token t, (b, l, h, 1), for out; its last token's for states.
+    """Ulps a rounding can grow to by token t, (b, l, h, 1), for out (its last token's for states), and
+    the angle's own part (the angle state's absolute error, in eps, is its last token's).
     The decays as the policy counts them (tolerance.conditioning on ADT, which is exact); the angle
     adds, per token, its own rounding relative to |theta| < 2 pi plus the increment's (pi tanh(.) DT:
     three roundings and a tanh), accumulated over the sequence because each token's angle inherits
@@ -129,7 +130,7 @@ def conditioning(args):
     inc = (math.pi * torch.tanh(a["Angles"]) * a["DT"].transpose(1, 2)[..., None]).abs()
     per_token = 2 * math.pi + inc.amax(-1, keepdim=True) * (3 + tolerance.TRANSCENDENTAL_ULPS) if inc.shape[-1] else 0 * adt
     angle = torch.as_tensor(per_token).cumsum(1)
-    return decay + angle + 3 * tolerance.TRANSCENDENTAL_ULPS + tolerance.GATE_ULPS
+    return decay + angle + 3 * tolerance.TRANSCENDENTAL_ULPS + tolerance.GATE_ULPS, angle
 
 
 def wrap_angle(actual, oracle):
@@ -144,14 +145,16 @@ def check(what, result, args, repro=""):
     oracle = loop.mamba3_scan(**as_f64(args), return_final_states=True)
     same = loop.mamba3_scan(**args, return_final_states=True) if result[0].dtype != torch.float64 else None
     y_scale, ssm_scale, k_scale = magnitudes(args)
-    cond = conditioning(args)
+    cond, angle_cond = conditioning(args)
     l, n = result[0].shape[1], args["Q"].shape[-1]
-    last = cond[:, -1:].amax() if cond.numel() else 0.0
+    last = lambda c: c[:, -1:].amax() if c.numel() else 0.0
     names = ("out", "angle", "ssm", "k", "v")
-    scales = (y_scale, 2 * math.pi, ssm_scale, k_scale, None)
-    for i, (name, x, o, sc) in enumerate(zip(names, result, oracle, scales)):
+    # the angle state's error is absolute (scale 1) and owes nothing to the decays
+    scales = (y_scale, 1.0, ssm_scale, k_scale, None)
+    conds = (cond, last(angle_cond), last(cond), last(cond), 0.0)
+    for i, (name, x, o, sc, c) in enumerate(zip(names, result, oracle, scales, conds)):
         lp = None if same is None else same[i]
         if name == "angle":
             x, lp = wrap_angle(x, o), None if lp is None else wrap_angle(lp, o)
         tolerance.assert_close(f"{what}: {name}", x, o, loop=lp, length=l + n if name == "out" else max(l, 1),
-                               repro=repro, scale=sc, conditioning=cond if name == "out" else last)
+                               repro=repro, scale=sc, conditioning=c)
