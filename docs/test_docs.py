@@ -55,6 +55,11 @@ def skipped_blocks():
 SAMPLE_MODULE = "docs_sample_"  # the __name__ a page's samples run under
 
 
+def compile_at(page, start, src):
+    """Compile a block so that a traceback names the page and the page's own line numbers."""
+    return compile("\n" * (start - 1) + src, name(page), "exec")
+
+
 @pytest.fixture
 def registry_restored():
     """A page may register its own implementations; they are unregistered once it has run. (What an
@@ -75,14 +80,13 @@ def test_code_samples_run(page, registry_restored, tmp_path, monkeypatch):
     for start, info, src in python_blocks(page):
         if SKIP.search(info):
             continue
-        code = compile(src, f"{name(page)}, block at line {start}", "exec")
-        exec(code, namespace)
+        exec(compile_at(page, start, src), namespace)
 
 
 @pytest.mark.parametrize("page, line, reason, src", skipped_blocks(),
                          ids=[f"{name(p)}:{line}" for p, line, _, _ in skipped_blocks()])
 def test_code_samples_not_run_here(page, line, reason, src):
-    compile(src, f"{name(page)}, block at line {line}", "exec")
+    compile_at(page, line, src)
     pytest.skip(f"{name(page)}, python block at line {line}: {reason}")
 
 
