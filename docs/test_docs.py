@@ -3,7 +3,7 @@
 - Every ```python block runs: each page's blocks in order, in one namespace, as a reader would
   paste them (on a CPU, in seconds). A python block that cannot run here says so in its fence,
   ```python skip="why", and shows as a skipped test with that reason (it must still compile).
-  Other fences (```bash, ```text, ```toml, ```yaml) are not run.
+  Other fences (```bash, ```text, ```toml, ```yaml; no other kinds) are not run.
 - Every relative link (and image) points at a file that exists, and a link to a heading
   (page.md#heading) at a heading that exists.
 - Every page of docs/ is linked from the README, and the README stays at most 250 lines.
@@ -88,6 +88,17 @@ def test_code_samples_run(page, registry_restored, tmp_path, monkeypatch):
 def test_code_samples_not_run_here(page, line, reason, src):
     compile_at(page, line, src)
     pytest.skip(f"{name(page)}, python block at line {line}: {reason}")
+
+
+NOT_RUN = ("bash", "text", "toml", "yaml")  # fences shown, never run
+
+
+@pytest.mark.parametrize("page", PAGES, ids=name)
+def test_every_fence_is_python_or_a_kind_not_run(page):
+    """A sample fenced ```py or ```python3 would silently never run: every fence says python or one
+    of the kinds that are shown only."""
+    odd = [f"line {start - 1}: ```{lang}" for lang, _, start, _ in blocks(page) if lang not in ("python", *NOT_RUN)]
+    assert not odd, f"{name(page)}: fences neither run nor known as not run: {', '.join(odd)}"
 
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
