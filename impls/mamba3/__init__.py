@@ -11,22 +11,28 @@ recurrent (impls/mamba3/recurrent.py: the step, and the scan by stepping). Lette
 p, n, n_ang, S) in impls/mamba3/loop.py; dtype policy in impls/mamba3/frontdoor.py.
 """
 
+import torch
+
+from .. import registry
+from ..frontdoor import INPUT_DTYPES, check_result
+from ..registry import register
 from . import chunked, frontdoor, loop, recurrent
 
-# implementation name -> (scan, step); to be replaced by the family registry
-IMPLEMENTATIONS = {
-    "loop": (loop.mamba3_scan, None),
-    "chunked": (chunked.mamba3_scan, None),
-    "recurrent": (recurrent.scan_by_stepping, recurrent.mamba3_state_update),
-}
-
-
-def _entry(where, impl, kind):
-    fn = IMPLEMENTATIONS.get(impl, (None, None))[kind]
-    if fn is None:
-        have = [name for name, fns in IMPLEMENTATIONS.items() if fns[kind] is not None]
-        raise ValueError(f"{where}: impl: expected one of {have}, got {impl!r}")
-    return fn
+# What a Mamba-3 implementation can do; a call needing more raises NotImplementedError.
+SUPPORTS = dict(
+    dtypes=INPUT_DTYPES,            # input dtypes it accepts (V's dtype)
+    grouped=True,                   # Q and K with h_qk < h heads
+    initial_states=True,            # Input_States (angle, ssm, k, v)
+    gradients=False,                # autograd through the scan
+    varlen=False,                   # cu_seqlens
+    state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
+    nonfinite_inputs=True,          # one inf or NaN input gives non-finite outputs exactly where the loop's are
+    deterministic=True,             # the same call twice (forward, and backward) gives the same bits
+    batch_invariant=False,          # row i's results are bit for bit the same alone or in any batch
+    case_limits=None,               # dict of upper bounds on b, l, h, p, n for the property tests, if slow
+)
+GAPS = dict(grouped="Q and K with fewer heads than V (h_qk < h)", varlen="packed sequences (cu_seqlens)",
+            initial_states="Input_States", state_batch_indices=registry.INDEXED_GAP)
 
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None, chunk_size=64,
@@ -42,15 +48,22 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         chunk_size: positive int, a setting of the chunked implementation
         return_final_states: bool
         cu_seqlens: (nseq + 1,) int32, with b = 1: packed sequences; then S = nseq
-        impl: "chunked" (default), "loop" or "recurrent"
+        impl: a registered Mamba-3 implementation (impls.names(family="mamba3"))
     Returns:
         out (b, l, h, p) in V's dtype; with return_final_states, (out, angle, ssm, k, v) with the
         states (S, h, ...) in the compute dtype
     """
+    entry = registry.get(impl, "mamba3")
     dims = frontdoor.check_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size,
                                 return_final_states, cu_seqlens)
-    return _entry("mamba3_scan", impl, 0)(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States,
-                                          dims["chunk_size"], return_final_states, cu_seqlens)
+    registry.require(entry, "mamba3_scan", dims["input_dtype"],
+                     (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(Input_States or ())),
+                     grouped=dims["h_qk"] < dims["h"], initial_states=Input_States is not None,
+                     varlen=cu_seqlens is not None)
+    res = entry.scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, dims["chunk_size"],
+                     return_final_states, cu_seqlens)
+    _check_results("mamba3_scan", impl, res if return_final_states else (res,), dims, dims["S"], with_time=True)
+    return res
 
 
 def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
@@ -63,11 +76,42 @@ def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
         Input_States: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, h, n), v (b, h, p)) or None (zeros)
         state_batch_indices: (b,) int32 or None: Input_States is then a cache (slots, h, ...)
             updated in place, row i in slot state_batch_indices[i], negative = padding row (zeros out)
-        impl: "recurrent" (default)
+        impl: a registered Mamba-3 implementation with a step
     Returns:
         (out (b, h, p) in V's dtype, (angle, ssm, k, v)): new tensors in the compute dtype, the
         inputs untouched; with state_batch_indices, the cache tensors, updated in place
     """
-    frontdoor.check_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, state_batch_indices)
-    return _entry("mamba3_state_update", impl, 1)(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States,
-                                                  state_batch_indices)
+    entry = registry.get(impl, "mamba3")
+    registry.require_step(entry, "mamba3_state_update")
+    dims = frontdoor.check_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States,
+                                state_batch_indices)
+    registry.require(entry, "mamba3_state_update", dims["input_dtype"],
+                     (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(Input_States or ())),
+                     grouped=dims["h_qk"] < dims["h"], state_batch_indices=state_batch_indices is not None)
+    out, states = entry.step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, state_batch_indices)
+    _check_results("mamba3_state_update", impl, (out, *states), dims, dims["S"], with_time=False)
+    return out, states
+
+
+def _check_results(where, impl, res, dims, S, with_time):
+    """out (b, [l,] h, p) in the input dtype, then the states (S, h, ...) in the compute dtype."""
+    b, l, h, p, n, f = dims["b"], dims["l"], dims["h"], dims["p"], dims["n"], dims["compute_dtype"]
+    wanted = [("out", (b, *(l,) * with_time, h, p), dims["input_dtype"])]
+    if len(res) > 1:
+        wanted += [("angle", (S, h, dims["n_ang"]), f), ("ssm", (S, h, p, n), f), ("k", (S, h, n), f), ("v", (S, h, p), f)]
+    if len(res) != len(wanted):
+        raise RuntimeError(f"{where}: implementation {impl!r} returned {len(res)} results, expected {len(wanted)}")
+    for r, (what, shape, dtype) in zip(res, wanted):
+        check_result(where, impl, what, r, shape, dtype)
+
+
+FAMILY = registry.add_family(registry.Family(
+    name="mamba3", scan=mamba3_scan, step=mamba3_state_update, supports=SUPPORTS, gaps=GAPS,
+    option="--mamba3-impl", step_option="--mamba3-impl-step", equivalence="equivalence.mamba3"))
+
+# The spec computes through autograd in any dtype; chunked builds decays with selects and masked
+# sums. Declared gap of chunked: a non-finite V at a later token of a chunk reaches that chunk's
+# earlier outputs through 0 x inf in its within-chunk products (the loop's do not change).
+register("loop", loop.mamba3_scan, family="mamba3", gradients=True, varlen=True)
+register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True, nonfinite_inputs=False)
+register("recurrent", recurrent.scan_by_stepping, step=recurrent.mamba3_state_update, family="mamba3", varlen=True)
