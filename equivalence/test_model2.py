@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import impls
 from impls.models.mamba2 import Mamba2Config, Mamba2LM, parameter_shapes
-from .tolerance import compare, terms
+from .model_helpers import Mamba2Case as Case, check, one_thread  # noqa: F401
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,70 +29,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    d_model: int = 16
-    n_layer: int = 2
-    vocab: int = 40
-    l: int = 12
-    b: int = 1
-    d_state: int = 8
-    headdim: int = 8
-    ngroups: int = 1
-    d_conv: int = 4
-    chunk_size: int = 8
-    D_has_hdim: bool = False
-    rmsnorm: bool = True
-    norm_before_gate: bool = False
-    bias: bool = False
-    conv_bias: bool = True
-    dt_limit: tuple = (0.0, float("inf"))
-    tie: bool = True
-    seed: int = 0
-
-    def config(self):
-        return Mamba2Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab, tie_embeddings=self.tie,
-                            ssm_cfg=dict(d_state=self.d_state, headdim=self.headdim, ngroups=self.ngroups,
-                                         d_conv=self.d_conv, chunk_size=self.chunk_size, D_has_hdim=self.D_has_hdim,
-                                         rmsnorm=self.rmsnorm, norm_before_gate=self.norm_before_gate, bias=self.bias,
-                                         conv_bias=self.conv_bias, dt_limit=self.dt_limit))
-
-    def build(self):
-        """(float32 model with every parameter randomised, float64 copy, ids (b, l))."""
-        gen = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            model = Mamba2LM(self.config()).eval()
-        randomize_(model, gen)
-        model64 = Mamba2LM(model.config)
-        model64.load_state_dict(model.state_dict())
-        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
-        return model, model64.double().eval(), ids
-
-
-@torch.no_grad()
-def randomize_(model, gen):
-    """Move every parameter the official initialisation leaves at a constant away from it (norm gains
-    1 + N(0, 0.5), D ~ N(0, 1), biases ~ N(0, 0.3), A_log and dt_bias shifted by N(0, 0.5)), so a
-    swapped or missing term cannot hide behind a one or a zero. Weights keep their draws."""
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-            p.add_(0.5 * noise)
-        elif name.endswith("A_log") or name.endswith("dt_bias"):
-            p.add_(0.5 * noise)
-        elif name.endswith(".D"):
-            p.copy_(noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.3 * noise)
-
-
-def check(what, case, got, oracle, baseline, l, n):
-    result = compare(got, oracle, baseline, terms("y", l, n))
-    assert result.ok, f"{what}, {case!r}: {result.describe()}"
-    return result
 
 
 def step_by_step(model, ids, impl, prefix=1, scan_impl="loop"):
@@ -196,8 +132,9 @@ def test_mixer_matches_a_written_out_reference(case):
         half = case.l // 2
         mixer(hidden[:, :half], impl="loop", cache=cache.layers[0])
         steps, phase = [], case.d_conv - 1
+        zero = torch.zeros(case.b, case.d_model, dtype=torch.float64)   # the residual: the block's output alone
         for t in range(half, case.l):
-            steps.append(mixer.step(hidden[:, t], cache.layers[0], phase, None, "recurrent"))
+            steps.append(mixer.step(hidden[:, t], cache.layers[0], phase, None, "recurrent", zero))
             phase = (phase + 1) % case.d_conv
         torch.testing.assert_close(torch.stack(steps, 1), want[:, half:], rtol=1e-10, atol=1e-10)
 

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import impls
 from impls.adapters import mambapy_model
 from impls.models.mamba import MambaConfig, MambaLM
+from .model_helpers import check, one_thread, randomize_  # noqa: F401
 from .tolerance import compare, terms
 
 pytest.importorskip("mambapy.mamba")
@@ -77,34 +78,11 @@ class ParityCase:
         return model, model64.double().eval(), mambapy_model.from_mamba_lm(model), ids
 
 
-@torch.no_grad()
-def randomize_(model, gen):
-    """Move every parameter the official initialisation leaves at a constant away from it: norm gains
-    1 + N(0, 0.5), A_log = log(1..n) + N(0, 0.5) (A stays negative), D ~ N(0, 1), biases ~ N(0, 0.3);
-    dt_proj.bias (dt log-uniform in [1e-3, 0.1]) shifted by N(0, 0.5). Weights keep their draws."""
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-            p.add_(0.5 * noise)
-        elif name.endswith("A_log") or name.endswith("dt_proj.bias"):
-            p.add_(0.5 * noise)
-        elif name.endswith(".D"):
-            p.copy_(noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.3 * noise)
-
-
 parity_cases = st.builds(
     ParityCase, d_model=st.integers(4, 32), n_layer=st.integers(1, 3), vocab=st.integers(8, 64),
     l=st.integers(1, 40), b=st.integers(1, 2), d_state=st.integers(1, 16), d_conv=st.integers(2, 4),
     expand=st.integers(1, 2), dt_rank=st.one_of(st.just("auto"), st.integers(1, 8)), bias=st.booleans(),
     conv_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-
-
-def check(what, case, got, oracle, baseline, l, n):
-    result = compare(got, oracle, baseline, terms("y", l, n))
-    assert result.ok, f"{what}, {case!r}: {result.describe()}"
-    return result
 
 
 @given(case=parity_cases)
