@@ -9,7 +9,7 @@ the step makes (impls/models/mamba.py: the fused step's ``LayerDecode`` methods 
 models, ``MambaMixer.step_*`` for the others), in the same order, on the real decoding state, with a
 clock read between parts. Per token (all layers together):
 
-    projections  in_proj, x_proj + dt_proj (``_project``), out_proj with the residual add, LM head
+    projections  in_proj, x_proj + dt_proj (``project``), out_proj with the residual add, LM head
                  (also separately: in_proj_s, x_dt_proj_s, out_proj_s, lm_head_s)
     conv         the rolling conv buffer write, the k-tap conv, its bias, SiLU (``step_conv``)
     scan_step    the step implementation (``LayerDecode.scan``; ``step_scan`` through

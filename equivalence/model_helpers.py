@@ -44,6 +44,20 @@ def randomize_(model, gen):
     return model
 
 
+def randomized_pair(model_class, config, seed, shape, vocab):
+    """(float32 model built under ``seed`` with every parameter randomised (randomize_), its float64
+    copy, ids of ``shape`` (b, l) below ``vocab``), all drawn from one generator seeded by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class(config).eval()
+    randomize_(model, gen)
+    model64 = model_class(model.config)
+    model64.load_state_dict(model.state_dict())
+    ids = torch.randint(0, vocab, shape, generator=gen)
+    return model, model64.double().eval(), ids
+
+
 def check(what, case, got, oracle, baseline, l, n):
     """Assert the tolerance policy for logits against the float64 oracle (length: terms("y", l, n))."""
     result = compare(got, oracle, baseline, terms("y", l, n))
@@ -120,12 +134,4 @@ class Mamba2Case:
 
     def build(self):
         """(float32 model with every parameter randomised, float64 copy, ids (b, l))."""
-        gen = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            model = Mamba2LM(self.config()).eval()
-        randomize_(model, gen)
-        model64 = Mamba2LM(model.config)
-        model64.load_state_dict(model.state_dict())
-        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
-        return model, model64.double().eval(), ids
+        return randomized_pair(Mamba2LM, self.config(), self.seed, (self.b, self.l), self.vocab)

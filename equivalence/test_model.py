@@ -24,17 +24,6 @@ from .model_helpers import mamba_official_layout as official_layout, one_thread,
 from .tolerance import compare, terms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: every op is far below torch's parallel grain, and a second OpenMP
-    thread only adds synchronisation, which on a busy 2-core machine made this file 14x slower
-    (77 s against 5.5 s). One thread here, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- the official layout
 
 # mamba-130m's config.json as published (state-spaces/mamba-130m), and a few of its shapes, literally.

@@ -8,7 +8,6 @@ tolerance.terms("y", l, n): the logits are y passed through projections and norm
 the loop run shares. Parity with transformers' Mamba2ForCausalLM: test_model2_parity.py.
 """
 
-import dataclasses
 import json
 import os
 
@@ -20,15 +19,6 @@ from hypothesis import strategies as st
 import impls
 from impls.models.mamba2 import Mamba2Config, Mamba2LM, parameter_shapes
 from .model_helpers import Mamba2Case as Case, check, one_thread  # noqa: F401
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def step_by_step(model, ids, impl, prefix=1, scan_impl="loop"):
@@ -507,47 +497,3 @@ def test_a_mamba1_transformers_folder_is_named(tmp_path):
     MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=40)).save_pretrained(tmp_path, layout="transformers")
     with pytest.raises(ValueError, match="model_type 'mamba': a Mamba-1 checkpoint"):
         Mamba2LM.from_pretrained(tmp_path)
-
-
-def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
-    model, _, _ = Case(n_layer=1).build()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
-        Mamba2LM.from_pretrained(tmp_path, dtype="float16")
-    assert Mamba2LM.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        Mamba2LM.from_pretrained(tmp_path)
-
-
-def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
-    """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
-    _, model, _ = Case(n_layer=1).build()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3)   # digits float32 cannot hold
-    model.save_pretrained(tmp_path)
-    loaded = Mamba2LM.from_pretrained(tmp_path, dtype=torch.float64)
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-
-
-def test_an_implementation_without_gradients_names_the_models_parameters():
-    """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
-    model, _, ids = Case(n_layer=1).build()
-    with pytest.raises(NotImplementedError, match=r"model's parameters requiring grad.*torch.no_grad\(\)"):
-        model(ids, impl="recurrent")
-    with torch.no_grad():
-        assert model(ids, impl="recurrent").shape == model(ids).shape
-
-
-def test_attention_mask_errors_name_the_method():
-    model, _, _ = Case(n_layer=1).build()
-    ids = torch.zeros(1, 3, dtype=torch.long)
-    for method, call in [("generate", lambda m: model.generate(ids, 1, attention_mask=m)),
-                         ("forward", lambda m: model(ids, attention_mask=m)),
-                         ("prefill", lambda m: model.prefill(ids, attention_mask=m))]:
-        with pytest.raises(ValueError, match=f"^{method}: attention_mask: only left padding"):
-            call(torch.tensor([[1, 0, 1]]))

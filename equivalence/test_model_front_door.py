@@ -23,15 +23,6 @@ from .model_helpers import (mamba_official_layout as official_layout, one_thread
                             tiny_mamba, tiny_mamba2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine (see test_model.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- configs
 
 def test_missing_size_fields_are_named():
@@ -476,33 +467,36 @@ def test_transformers_sizes_must_be_integers(hf_field, official):
         config_from_dict({**cfg, hf_field: cfg[hf_field] + 0.5})
 
 
-def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
-    model = tiny_mamba()
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path, make):
+    model = make()
     model.save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
-        MambaLM.from_pretrained(tmp_path, dtype="float16")
-    assert MambaLM.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
+        type(model).from_pretrained(tmp_path, dtype="float16")
+    assert type(model).from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        MambaLM.from_pretrained(tmp_path)
+        type(model).from_pretrained(tmp_path)
 
 
-def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path, make):
     """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
-    model = tiny_mamba().double()
+    model = make().double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-3)                 # digits float32 cannot hold
     model.save_pretrained(tmp_path)
-    loaded = MambaLM.from_pretrained(tmp_path, dtype=torch.float64)
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def test_an_implementation_without_gradients_names_the_models_parameters():
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_an_implementation_without_gradients_names_the_models_parameters(make):
     """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
-    model, ids = tiny_mamba(), torch.zeros(1, 3, dtype=torch.long)
+    model, ids = make(), torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(NotImplementedError, match=r"model's parameters requiring grad.*torch.no_grad\(\)"):
         model(ids, impl="recurrent")
     with torch.no_grad():
@@ -538,8 +532,9 @@ def test_ids_past_vocab_size_in_the_padding_rows_are_refused(make):
             call()
 
 
-def test_attention_mask_errors_name_the_method():
-    model = tiny_mamba()
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_attention_mask_errors_name_the_method(make):
+    model = make()
     ids = torch.zeros(1, 3, dtype=torch.long)
     for method, call in [("generate", lambda m: model.generate(ids, 1, attention_mask=m)),
                          ("forward", lambda m: model(ids, attention_mask=m)),

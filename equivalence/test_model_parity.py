@@ -25,19 +25,9 @@ from hypothesis import strategies as st
 import impls
 from impls.adapters import mambapy_model
 from impls.models.mamba import MambaConfig, MambaLM
-from .model_helpers import check, one_thread, randomize_  # noqa: F401
-from .tolerance import compare, terms
+from .model_helpers import check, one_thread, randomized_pair  # noqa: F401
 
 pytest.importorskip("mambapy.mamba")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine (see test_model.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +57,8 @@ class ParityCase:
 
     def build(self):
         """(float32 model, float64 copy, mamba.py peer in float32, ids (b, l))."""
-        gen = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            model = MambaLM(self.config()).eval()
-        randomize_(model, gen)
-        model64 = MambaLM(model.config)
-        model64.load_state_dict(model.state_dict())
-        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
-        return model, model64.double().eval(), mambapy_model.from_mamba_lm(model), ids
+        model, model64, ids = randomized_pair(MambaLM, self.config(), self.seed, (self.b, self.l), self.vocab)
+        return model, model64, mambapy_model.from_mamba_lm(model), ids
 
 
 parity_cases = st.builds(

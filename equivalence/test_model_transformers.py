@@ -37,15 +37,6 @@ from .tolerance import compare, terms  # noqa: E402
 transformers.utils.logging.set_verbosity_error()   # its "falling back to the PyTorch path" notes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine (see test_model.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def hf_model(seed=0, **config):
     """A random transformers MambaForCausalLM (tiny unless config says otherwise), in eval mode."""
     torch.manual_seed(seed)

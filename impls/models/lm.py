@@ -349,6 +349,35 @@ class ResidualStream:
         return (self.residual, self.normed, self.mean_sq)
 
 
+def conv_buffer(c, b, k, dtype, device):
+    """A causal conv's decoding buffer (c, b, k + 1): slots 0..k-1 a rolling buffer of the last k conv
+    inputs, zero; slot k a constant 1, which multiplies the conv bias when the conv is one bmm by taps
+    followed by the bias (c, k + 1, 1)."""
+    store = torch.zeros(c, b, k + 1, dtype=dtype, device=device)
+    store[..., k] = 1
+    return store
+
+
+def rotated_conv_taps(conv1d, dtype):
+    """A depthwise conv1d's taps (weight (c, 1, k)) rotated for each phase of the rolling buffer:
+    (k phases, c, k slots) in ``dtype``. At phase p (the slot the current token is written to) slot s
+    holds x_{t-k+1+j}, j = (s-p-1) mod k, which tap w[:, j] multiplies."""
+    w = conv1d.weight[:, 0, :].detach().to(dtype)                    # (c, k)
+    k = w.shape[1]
+    idx = torch.tensor([[(s - p - 1) % k for s in range(k)] for p in range(k)], device=w.device)
+    return w[:, idx].permute(1, 0, 2).contiguous()
+
+
+def keep_conv_inputs(store, conv_in):
+    """Prefill's conv state: the last k-1 columns of conv_in (b, c, l) into slots 0..k-2 of the buffer
+    (c, b, k + 1), zeros before them when l < k-1, as the conv would have seen (the next token goes to
+    slot k-1, the phase a new cache starts at)."""
+    k = store.shape[-1] - 1
+    tail = conv_in[..., max(conv_in.shape[-1] - (k - 1), 0):]
+    store[..., :k].zero_()
+    store[..., k - 1 - tail.shape[-1]:k - 1] = tail.permute(1, 0, 2)
+
+
 class InferenceCache:
     """The decoding state of the whole model: constant size, whatever the position.
 

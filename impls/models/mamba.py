@@ -59,7 +59,7 @@ import torch.nn.functional as F
 import impls
 from ..frontdoor import compute_dtype
 from .checkpoints import check_int, config_layout, layout_markers, map_config, read_config_json, require_fields
-from .lm import LanguageModel
+from .lm import LanguageModel, conv_buffer, keep_conv_inputs, rotated_conv_taps
 
 MAMBA2_HINT = "; a Mamba-2 checkpoint: load it with impls.models.mamba2.Mamba2LM"
 
@@ -519,9 +519,7 @@ class MambaMixer(nn.Module):
         if cache is not None:
             y, last_state = out
             cache.ssm_state.copy_(last_state)
-            tail = conv_in[..., max(l - (k - 1), 0):]                # the last k-1 conv inputs, fewer if l < k-1
-            cache.conv_buf.zero_()
-            cache.conv_buf[..., k - 1 - tail.shape[-1]:k - 1] = tail
+            keep_conv_inputs(cache.conv_store, conv_in)
         else:
             y = out
         return self.out_proj(y.transpose(1, 2))
@@ -532,15 +530,10 @@ class MambaMixer(nn.Module):
         k, d = self.d_conv, self.d_inner
         f = compute_dtype(dtype)
         A, D, dt_bias = self.ssm_params(f)
-        w = self.conv1d.weight[:, 0, :].to(dtype)                    # (d, k): w[:, j] multiplies x_{t-k+1+j}
-        # at phase p (the slot the current token is written to), slot s holds x_{t-k+1+j}, j = (s-p-1) mod k
-        idx = torch.tensor([[(s - p - 1) % k for s in range(k)] for p in range(k)], device=device)
-        conv_w = w[:, idx].permute(1, 0, 2).contiguous()             # (k phases, d, k slots)
-        conv_b = None if self.conv1d.bias is None else self.conv1d.bias.to(dtype)
-        conv_store = torch.zeros(d, b, k + 1, dtype=dtype, device=device)
-        conv_store[..., k] = 1                                       # multiplies the bias in the fused step's conv
-        cache = LayerCache(torch.zeros(b, d, self.d_state, dtype=f, device=device), conv_store, A, D, dt_bias,
-                           conv_w, conv_b)
+        conv_w = rotated_conv_taps(self.conv1d, dtype)              # (k phases, d, k slots)
+        conv_b = None if self.conv1d.bias is None else self.conv1d.bias.detach().to(dtype)
+        cache = LayerCache(torch.zeros(b, d, self.d_state, dtype=f, device=device),
+                           conv_buffer(d, b, k, dtype, device), A, D, dt_bias, conv_w, conv_b)
         if fused:
             cache.decode = LayerDecode(self, cache, b)
         return cache

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import impls
 from ..frontdoor import compute_dtype
 from .checkpoints import check_int, config_layout, layout_markers, read_config_json
-from .lm import LanguageModel
+from .lm import LanguageModel, conv_buffer, keep_conv_inputs, rotated_conv_taps
 
 NORM_GATED_EPS = 1e-5  # the official Mamba2 builds its gated norm with eps=1e-5, whatever norm_epsilon is
 
@@ -302,15 +302,11 @@ class LayerCache:
         f = compute_dtype(dtype)
         self.ssm_state = torch.zeros(b, h, p, n, dtype=f, device=device)
         self.A, self.D, self.dt_bias = mixer.ssm_params(f)
-        self.conv_store = torch.zeros(c, b, k + 1, dtype=dtype, device=device)
-        self.conv_store[..., k] = 1
+        self.conv_store = conv_buffer(c, b, k, dtype, device)
         self.conv_slots = self.conv_store[..., :k].unbind(-1)                     # k of (c, b)
-        w = mixer.conv1d.weight[:, 0, :].detach().to(dtype)                       # (c, k): w[:, j] multiplies x_{t-k+1+j}
-        # at phase q (the slot the current token is written to), slot s holds x_{t-k+1+j}, j = (s-q-1) mod k
-        idx = torch.tensor([[(s - q - 1) % k for s in range(k)] for q in range(k)], device=device)
         bias = (torch.zeros(c, dtype=dtype, device=device) if mixer.conv1d.bias is None
                 else mixer.conv1d.bias.detach().to(dtype))
-        taps = torch.cat([w[:, idx].permute(1, 0, 2), bias.expand(k, c)[..., None]], -1)   # (k, c, k + 1)
+        taps = torch.cat([rotated_conv_taps(mixer.conv1d, dtype), bias.expand(k, c)[..., None]], -1)  # (k, c, k + 1)
         self.conv_taps = taps[..., None].contiguous().unbind(0)                   # k of (c, k + 1, 1)
         self.zxbcdt = torch.empty(b, 2 * d + 2 * g * n + h, dtype=dtype, device=device)
         self.z, xBC, self.dt = self.zxbcdt.split([d, c, h], dim=-1)
@@ -402,10 +398,7 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:
             y, final_states = out
             cache.ssm_state.copy_(final_states)
-            tail = conv_in[..., max(l - (k - 1), 0):]                 # the last k-1 conv inputs, fewer if l < k-1
-            cache.conv_store.zero_()
-            cache.conv_store[..., k] = 1
-            cache.conv_store[:, :, k - 1 - tail.shape[-1]:k - 1] = tail.permute(1, 0, 2)
+            keep_conv_inputs(cache.conv_store, conv_in)
         else:
             y = out
         y = y.flatten(-2)                                             # (b, l, d)
