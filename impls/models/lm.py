@@ -368,14 +368,22 @@ def rotated_conv_taps(conv1d, dtype):
     return w[:, idx].permute(1, 0, 2).contiguous()
 
 
-def keep_conv_inputs(store, conv_in):
-    """Prefill's conv state: the last k-1 columns of conv_in (b, c, l) into slots 0..k-2 of the buffer
-    (c, b, k + 1), zeros before them when l < k-1, as the conv would have seen (the next token goes to
-    slot k-1, the phase a new cache starts at)."""
+def keep_prefill_state(out, cache, conv_in):
+    """A mixer's scan output over a whole sequence, with the state left in ``cache`` when there is one
+    (prefill): then ``out`` is (y, the scan's last state), which goes into cache.ssm_state, and the
+    last k-1 columns of conv_in (b, c, l) go into slots 0..k-2 of cache.conv_store (c, b, k + 1),
+    zeros before them when l < k-1, as the conv saw them (the next token goes to slot k-1, the phase
+    a new cache starts at). Returns y."""
+    if cache is None:
+        return out
+    y, last_state = out
+    cache.ssm_state.copy_(last_state)
+    store = cache.conv_store
     k = store.shape[-1] - 1
     tail = conv_in[..., max(conv_in.shape[-1] - (k - 1), 0):]
     store[..., :k].zero_()
     store[..., k - 1 - tail.shape[-1]:k - 1] = tail.permute(1, 0, 2)
+    return y
 
 
 class InferenceCache:

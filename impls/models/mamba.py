@@ -59,7 +59,7 @@ import torch.nn.functional as F
 import impls
 from ..frontdoor import compute_dtype
 from .checkpoints import check_int, config_layout, layout_markers, map_config, read_config_json, require_fields
-from .lm import LanguageModel, conv_buffer, keep_conv_inputs, rotated_conv_taps
+from .lm import LanguageModel, conv_buffer, keep_prefill_state, rotated_conv_taps
 
 MAMBA2_HINT = "; a Mamba-2 checkpoint: load it with impls.models.mamba2.Mamba2LM"
 
@@ -494,7 +494,7 @@ class MambaMixer(nn.Module):
             (b, l, m)
         """
         l = hidden.shape[1]
-        k, d, n, r = self.d_conv, self.d_inner, self.d_state, self.dt_rank
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
         # Everything the scan reads is made directly in its (b, d, l) layout, time innermost and
         # contiguous, by multiplying weight @ activations instead of activations @ weight^T: no
         # transposed views for the scan to copy or stride through (prefilling 1024 tokens into the
@@ -516,12 +516,7 @@ class MambaMixer(nn.Module):
         kw = {} if impl is None else {"impl": impl}
         out = impls.selective_scan(x, delta, A, B, C, D, z, delta_bias=dt_bias, delta_softplus=True,
                                    return_last_state=cache is not None, **kw)
-        if cache is not None:
-            y, last_state = out
-            cache.ssm_state.copy_(last_state)
-            keep_conv_inputs(cache.conv_store, conv_in)
-        else:
-            y = out
+        y = keep_prefill_state(out, cache, conv_in)
         return self.out_proj(y.transpose(1, 2))
 
     def new_cache(self, b, dtype, device, fused):

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import impls
 from ..frontdoor import compute_dtype
 from .checkpoints import check_int, config_layout, layout_markers, read_config_json
-from .lm import LanguageModel, conv_buffer, keep_conv_inputs, rotated_conv_taps
+from .lm import LanguageModel, conv_buffer, keep_prefill_state, rotated_conv_taps
 
 NORM_GATED_EPS = 1e-5  # the official Mamba2 builds its gated norm with eps=1e-5, whatever norm_epsilon is
 
@@ -379,7 +379,7 @@ class Mamba2Mixer(nn.Module):
             (b, l, m)
         """
         b, l, _ = hidden.shape
-        d, h, p, g, n, k = self.d_inner, self.nheads, self.headdim, self.ngroups, self.d_state, self.d_conv
+        d, h, p, g, n = self.d_inner, self.nheads, self.headdim, self.ngroups, self.d_state
         zxbcdt = self.in_proj(hidden)                                 # (b, l, 2d + 2gn + h)
         z, xBC, dt = zxbcdt.split([d, self.conv_dim, h], dim=-1)
         if mask is not None:
@@ -395,12 +395,7 @@ class Mamba2Mixer(nn.Module):
                              self.chunk_size, D=D, z=None if self.norm is not None else z.unflatten(-1, (h, p)),
                              dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
                              return_final_states=cache is not None, **kw)
-        if cache is not None:
-            y, final_states = out
-            cache.ssm_state.copy_(final_states)
-            keep_conv_inputs(cache.conv_store, conv_in)
-        else:
-            y = out
+        y = keep_prefill_state(out, cache, conv_in)
         y = y.flatten(-2)                                             # (b, l, d)
         if self.norm is not None:
             y = self.norm(y, z)
