@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # Two worker processes (pytest-xdist, a dev dependency): measured faster than one on this 2-core
-# machine (README, "Test times"). The suite passes the same either way.
+# machine (docs/testing.md). The suite passes the same either way.
 # Each run draws a fresh hypothesis seed, printed in the header and beside each failure; SEED=N
 # replays that run's draws exactly.
 test: $(STAMP)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Measure the speed gate's false-alarm and detection rates (README, "The regression gate").
+# Measure the speed gate's false-alarm and detection rates (docs/gate.md).
 #
 #   benchmarks/measure_gate.sh OUT_DIR [REPS] [CONDITION ...]   # REPS rounds (default 5) of the conditions
 #

@@ -22,10 +22,10 @@ What is timed:
 The two sides of each ratio are timed interleaved (benchmarks.common.interleaved: blocks of calls
 in rotated order, round after round) and the ratio is the median of the per-round ratios, with its
 quartiles (benchmarks.common.paired_ratio): on this shared 2-core machine a ratio of medians taken
-at different moments is not to be trusted (/work/shared/FIELD-NOTES.md).
+at different moments is not to be trusted (docs/benchmarks.md).
 
 Each record (JSON lines, one per (what, size, L)) carries both medians, the ratio and its quartiles,
-the thread count and machine info. Targets (issue 18): decode <= 0.5x at small, <= 0.7x at 130m;
+the thread count and machine info. Targets (docs/figures.md): decode <= 0.5x at small, <= 0.7x at 130m;
 prefill of 1024 tokens <= 0.7x.
 
 --slopes: time per token against L, log-log slope (benchmarks.slopes.fit_slope; 1 = re-forwarding,

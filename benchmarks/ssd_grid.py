@@ -38,7 +38,7 @@ implementation once (a block of calls for the fast ones), in an order rotated ev
 each ratio X/chunked is taken within a round; the median of the per-round ratios and their
 quartiles are recorded, and a ratio whose quartiles are wide is marked unstable. On this shared
 machine ratios of medians measured at different moments moved by 2-10x; paired ratios hold
-(FIELD-NOTES.md, "Measuring on this shared machine").
+(docs/benchmarks.md).
 
 Forward + backward: gradients of x, dt, A, B, C, D and dt_bias for the implementations that declare
 gradients (the loop is left out: autograd through 2048 Python steps holds every state); each round

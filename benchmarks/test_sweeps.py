@@ -21,7 +21,7 @@ def test_default_sweeps_measure_an_installed_plugin(monkeypatch):
 
 def test_accuracy_sweep_catches_the_grouped_bug_of_the_example_plugin(monkeypatch):
     """my_kernel as shipped is right for ungrouped B/C and wrong for g > 1: the accuracy sweep (and
-    so the report) must say it fails, not "within policy". Once a reader makes the README's fix,
+    so the report) must say it fails, not "within policy". Once a reader makes the fix docs/plugins.md describes,
     both variants must be within policy; which of the two holds is measured independently of the
     sweep (_groups_read)."""
     monkeypatch.syspath_prepend(EXAMPLE)

@@ -1,7 +1,7 @@
 """Turn loaded results (reports/load.py) into report.md and report.html with PNG plots.
 
 Sections, each present only when its data is: where the results come from (thread counts and load)
-and what could not be read or was left out; the README's targets, met or not; time per token
+and what could not be read or was left out; the targets of docs/figures.md, met or not; time per token
 against prefix length on log-log axes, one figure per level, with fitted slopes and their
 intervals; cumulative generation time; the scan speed grid as paired ratios to the floor and to the
 best peer, with absolute ms; against mamba.py; the decode cost split; accuracy against the float64
@@ -334,7 +334,7 @@ def left_out(data, benchmark):
                    for _, r in rows.iterrows()})
 
 
-# The targets the project README states, checked against what was measured here.
+# The targets docs/figures.md states, checked against what was measured here.
 TARGETS = (
     ("recurrent decoding is flat per token: slope <= 0.1, scan level", "slope", "scan", 0.1),
     ("recurrent decoding is flat per token: slope <= 0.1, model level", "slope", "model", 0.1),
@@ -428,7 +428,7 @@ def build(data, problems, out_dir):
          "One row per result file (shard files of one commit are one source); compare rows measured on the same "
          "machine and commit only. threads_of_points counts the points measured with each torch thread count; "
          "load_avg is the 1-minute load average while they were measured (2 cores: above 2 the machine was busy)."),
-        ("Targets the README states", targets_table(data, slopes), [], [],
+        ("Targets (docs/figures.md)", targets_table(data, slopes), [], [],
          "Each target against this run: met, NOT met, not resolved (a slope whose 95 % interval is wider than "
          f"±{SLOPE_RESOLVED}), unstable (a paired ratio too noisy to conclude) or not measured by this sweep."),
         ("Time per token", slopes, list(per_level.values()), left_out(data, "time_per_token"),

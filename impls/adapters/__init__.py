@@ -64,7 +64,8 @@ def register_transformers_ssd(name="transformers"):
 # varlen properties need; its step's state_batch_indices is not wired through the adapter). Its
 # step has no dt_limit (nor the clamp at 0 of a negative dt): a known official bug, an expected
 # failure in xfails/mamba_ssm_ssd.txt, while its scan's dt_limit is tested.
-# deterministic=False: a known dD race in its backward (FIELD-NOTES.md); batch invariance as for Mamba-1's.
+# deterministic=False: a known dD race in its backward (the official determinism
+# test exempts it); batch invariance as for Mamba-1's.
 MAMBA_SSM_SSD_SUPPORTS = dict(dtypes=(torch.float32, torch.float16, torch.bfloat16), gradients=True,
                               deterministic=False, batch_invariant=False)
 

@@ -23,9 +23,8 @@ including LM's untied head: ``lm_head`` holds its own copy of our tied embedding
 put a stub ``mambapy.mamba2`` into ``sys.modules`` to make ``mambapy.lm`` import: that would change
 what every later import in the process sees.
 
-Why this file sits in impls/ and not in benchmarks/: the parity tests (equivalence/, layer 3 of
-/work/shared/STYLE.md) and the benchmarks (layer 4) both use it, and nothing may import from a
-layer above it. Like impls/models/mamba.py it uses the registered scans; no scan implementation imports it.
+Why this file sits in impls/ and not in benchmarks/: the parity tests (equivalence/, a layer
+below the benchmarks) and the benchmarks both use it, and nothing may import from a layer above it. Like impls/models/mamba.py it uses the registered scans; no scan implementation imports it.
 mambapy is imported on first use only (it is a dev extra).
 
 Letters as in impls/models/mamba.py: b batch, l length, m d_model, d d_inner, n d_state, k d_conv,

@@ -32,8 +32,8 @@ With lambda = 1 (Trap -> +inf), no rotation and no biases this is Mamba-2's SSD 
 A (impls ssd loop): the cross-family check in equivalence/mamba3.
 
 Conventions pinned (each checked against the official ``mamba3_siso_step_ref`` and
-``mamba3_siso_fwd_ref``, run on the CPU beside this loop: agreement to float32 rounding, see the
-report of issue 25):
+``mamba3_siso_fwd_ref``, run on the CPU beside this loop: agreement to the references' own float32
+rounding, about 1e-6):
     - Rotation pairing: interleaved pairs (2i, 2i+1), i < n_ang, rotated by theta_i as a complex
       number x_{2i} + i x_{2i+1} times e^{i theta}: (x0 cos - x1 sin, x0 sin + x1 cos). Pairs
       i >= n_ang (dimensions 2 n_ang .. n-1) are left alone (the official pads cos with 1, sin

@@ -33,8 +33,8 @@ xBC is zeroed at padded positions before the conv and x, B, C after it, so the S
 zero when a row's first real token arrives and its conv window sees zeros: as if unpadded.
 
 D of shape (h, p) (``D_has_hdim``): the official checkpoint stores it flat, (h * p,); the official
-``Mamba2.step`` repeats it as if it were (h,), which is wrong (state-spaces/mamba's decode bug, see
-/work/shared/FIELD-NOTES.md); here prefill, forward and step all pass D as (h, p).
+``Mamba2.step`` repeats it as if it were (h,), which is wrong (a decode bug of state-spaces/mamba's,
+read in its source); here prefill, forward and step all pass D as (h, p).
 """
 
 import math

@@ -1,7 +1,7 @@
 """An example third-party scan, registered with the suite through an entry point.
 
 It stores the state with channels split as (g, d/g) so that B and C broadcast per group without
-a copy: a layout trick kernels use. It has one deliberate, subtle bug: see the README.
+a copy: a layout trick kernels use. It has one deliberate, subtle bug: see docs/plugins.md.
 """
 
 import torch
