@@ -4,8 +4,10 @@
     scanbench report [--results FILE ...] [--out DIR]
     scanbench check  --baseline FILE [--results FILE ...] [--threshold 0.2] [--impl NAME ...] [--update-baseline]
     scanbench continuous BASE [HEAD] [--quick] [--threshold 0.2] [--out FILE]   (the speed gate)
+    scanbench test   MODULE:FUNCTION|MODULE|NAME [--family F] [--step MODULE:FUNCTION] [--summary FILE] [-- PYTEST ARGS]
 
-Exit status: 0 pass; 1 a regression or a numeric failure (check), nothing to report (report),
+Exit status: test: pytest's (0 every property holds, 1 a failure, 2 interrupted, 4 usage error);
+otherwise 0 pass; 1 a regression or a numeric failure (check), nothing to report (report),
 every point an error (sweep);
 2 a usage error (a missing, empty or unreadable results file, an unknown implementation, a baseline
 that covers none of the results), reported in one line.
@@ -148,6 +150,27 @@ def continuous(args):
         return 2
 
 
+def test(args):
+    """The property suite, installed, against one kernel: pytest --pyargs equivalence with the
+    family's option. pytest's cache and hypothesis' database stay in the current folder."""
+    import subprocess
+
+    import impls
+
+    if args.family not in impls.FAMILIES:
+        print(f"scanbench test: error: --family {args.family}: known families: {', '.join(impls.FAMILIES)}",
+              file=sys.stderr)
+        return 4
+    family = impls.get_family(args.family)
+    command = [sys.executable, "-m", "pytest", "--pyargs", "equivalence", "--rootdir", os.getcwd(),
+               "-o", f"cache_dir={os.path.join(os.getcwd(), '.pytest_cache')}", family.option, args.kernel]
+    command += [family.step_option, args.step] if args.step else []
+    command += ["--scan-summary", args.summary] if args.summary else []
+    command += args.pytest_args
+    print("scanbench test: " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command)
+
+
 def _machine(fp):
     if not fp:
         return "an unrecorded machine (a baseline without a fingerprint)"
@@ -178,7 +201,18 @@ def main(argv=None):
     from .continuous import add_arguments
     add_arguments(p)
     p.set_defaults(func=continuous)
+    p = sub.add_parser("test", help="run the installed property suite against a kernel (pytest --pyargs equivalence)")
+    p.add_argument("kernel", metavar="MODULE:FUNCTION|MODULE|NAME",
+                   help="a scan function with the family's signature, a module that registers implementations, "
+                        "or a registered name")
+    p.add_argument("--family", default="selective", help="the kernel's family (default %(default)s; see impls.FAMILIES)")
+    p.add_argument("--step", metavar="MODULE:FUNCTION", help="its step function, if it has one")
+    p.add_argument("--summary", metavar="FILE", help="also write the implementation x property summary as Markdown")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: further pytest arguments (-x, -n 2, ...)")
+    p.set_defaults(func=test)
     args = parser.parse_args(argv)
+    if getattr(args, "pytest_args", None) and args.pytest_args[0] == "--":
+        args.pytest_args = args.pytest_args[1:]
     return args.func(args)
 
 
