@@ -35,6 +35,11 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
       padded by selects (zero decay, zero weight), and the state pass restarts every sequence
       from its own row of Input_States, the angle sum and the k, v states included.
 Memory holds every chunk's (T, T) matrices and states at once (no blocking yet).
+
+MIMO (``mamba3_mimo``) is the same algorithm with a rank axis R beside time (the official kernel's
+(c r) rows): token s's R pairs (v~_{s,r}, k~_{s,r}) share its weight w(t, s), so
+y_{t,r'} = sum_{s <= t} w(t, s) sum_r (q~_{t,r'} . k~_{s,r}) v~_{s,r}, every sum over v k^T runs
+over r too, and the rotation pairs (i, i + n/2). SISO is rank 1 with no projection of v.
 """
 
 import math
@@ -43,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..frontdoor import compute_dtype
-from .loop import per_head, rotate, zero_states
+from .loop import mimo_read_out, norm_weight, per_head, rotate, rotate_halves, zero_mimo_states, zero_states
 
 TWO_PI = 2 * math.pi
 
@@ -57,19 +62,67 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     b, l, h, p = V.shape
     n, n_ang = Q.shape[-1], Angles.shape[-1]
     f = compute_dtype(V.dtype)
-    T = int(chunk_size)
-    dev = V.device
+    S = b if cu_seqlens is None else len(cu_seqlens) - 1
+    init = (zero_states(S, h, p, n, n_ang, f, V.device) if Input_States is None
+            else tuple(s.to(f) for s in Input_States))
+    q = (per_head(Q.to(f), h) + Q_bias.to(f))[:, :, None]                   # rank 1: (b, l, 1, h, n)
+    k = (per_head(K.to(f), h) + K_bias.to(f))[:, :, None]
+    v = V.to(f)
+    y, (angle, ssm, k_last, v_last) = scan_chunks(q, k, v, None, ADT, DT, Trap, Angles,
+                                                  (init[0], init[1], init[2][:, None], init[3]),
+                                                  int(chunk_size), cu_seqlens, rotate)
+    y = y[:, :, 0]
+    if D is not None:
+        y = y + D.to(f)[:, None] * v
+    if Z is not None:
+        y = y * F.silu(Z.to(f))
+    out = y.to(V.dtype)
+    return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
+
+
+def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
+                chunk_size=16, rotary_dim_divisor=None, dtype=None, return_state=False, cu_seqlens=None,
+                fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None, outproj_norm_eps=1e-5,
+                Input_States=None):
+    """Mamba-3 MIMO scan, chunked; arguments, shapes and returns as impls/mamba3/loop.py's mamba3_mimo:
+    Q, K (b, l, R, h_qk, n); V, Z (b, l, h, p); ADT, DT, Trap (b, h, l); Q_bias, K_bias (h, R, n);
+    MIMO_V, MIMO_Z, MIMO_Out (h, R, p); Angles (b, l, h, n_ang); D (h,); states (angle (S, h, n_ang),
+    ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)); returns out (b, l, h, p) (or (b, l, R, h, p)
+    without MIMO_Out) [, angle, ssm, k, v]. rotary_dim_divisor and dtype are unused."""
+    b, l, R, _, n = Q.shape
+    h, p = V.shape[-2:]
+    f = compute_dtype(V.dtype)
+    cast = lambda x: None if x is None else x.to(f)
+    S = b if cu_seqlens is None else len(cu_seqlens) - 1
+    init = (zero_mimo_states(S, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
+            else tuple(s.to(f) for s in Input_States))
+    q = per_head(Q.to(f), h) + Q_bias.to(f).transpose(0, 1)                 # (b, l, R, h, n)
+    k = per_head(K.to(f), h) + K_bias.to(f).transpose(0, 1)
+    v, up = V.to(f), MIMO_V.to(f).transpose(0, 1)                            # (b, l, h, p), (R, h, p)
+    y, states = scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens, rotate_halves)
+    out = mimo_read_out(y, v[:, :, None] * up, cast(D), cast(Z), cast(MIMO_Z), cast(MIMO_Out),
+                        fuse_pregate_headwise_rms_norm, norm_weight(outproj_norm_weight, h, p, f), outproj_norm_eps)
+    out = out.to(V.dtype)
+    return (out, *states) if return_state else out
+
+
+def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot):
+    """The chunked scan up to y_{t,r} = h_t q~_{t,r}, in the compute dtype of q.
+
+    q, k: (b, l, R, h, n) biased, not yet rotated; v: (b, l, h, p) raw; up: (R, h, p), the MIMO_V
+    projection v~_{t,r} = v_t * up[r], or None (rank 1, v~ = v); ADT, DT, Trap: (b, h, l);
+    Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang), ssm (S, h, p, n), k (S, R, h, n),
+    v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,) with b = 1; rot: the pairing
+    (rotate or rotate_halves). Returns y (b, l, R, h, p) and the final states, shaped as init.
+    """
+    b, l, R, h, n = q.shape
+    p, n_ang = v.shape[-1], Angles.shape[-1]
+    f, dev = q.dtype, q.device
     packed = cu_seqlens is not None
     bounds = list(zip(*(lambda o: (o, o[1:]))(cu_seqlens.tolist()))) if packed else [(0, l)]
     rows = (lambda i: slice(i, i + 1)) if packed else (lambda i: slice(0, b))
-    S = len(bounds) if packed else b
-    init = (zero_states(S, h, p, n, n_ang, f, dev) if Input_States is None
-            else tuple(s.to(f) for s in Input_States))
+    project = (lambda x: x[..., None, :, :]) if up is None else (lambda x: x[..., None, :, :] * up)  # v -> v~ per rank
 
-    # token-major inputs in the compute dtype, (b, l, h, ...)
-    q = per_head(Q.to(f), h) + Q_bias.to(f)
-    k = per_head(K.to(f), h) + K_bias.to(f)
-    v = V.to(f)
     a, dt = ADT.to(f).transpose(1, 2), DT.to(f).transpose(1, 2)             # (b, l, h)
     lam = torch.sigmoid(Trap.to(f).transpose(1, 2))
     gamma, delta = lam * dt, (1 - lam) * dt
@@ -79,7 +132,9 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     chunks = [(c0, min(c0 + T, e), i) for i, (s, e) in enumerate(bounds) for c0 in range(s, e, T)]
     C = len(chunks)
     finals = {}
-    if C:
+    if not C:
+        y = v.new_zeros(b, 0, R, h, p)
+    else:
         starts = torch.tensor([c[0] for c in chunks], device=dev)
         ends = torch.tensor([c[1] for c in chunks], device=dev)
         pos = starts[:, None] + torch.arange(T, device=dev)                  # (C, T)
@@ -91,6 +146,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
             return torch.where(valid.view(1, C, T, *([1] * (g.dim() - 3))), g, 0.0)
 
         a_c, g_c, d_c, v_c = gather(a), gather(gamma), gather(delta), gather(v)
+        vr = project(v_c)                                                    # v~ (b, C, T, R, h, p)
         # 1. angles: cumulative within the chunk, the chunk's start angle carried sequentially
         cs = gather(inc).cumsum(2)                                           # (b, C, T, h, n_ang)
         theta0, first = [], set()
@@ -102,9 +158,10 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
             start = torch.remainder(start + cs[:, c, -1], TWO_PI)
             if c == C - 1 or chunks[c + 1][2] != i:
                 finals[i] = [start]
-        theta = torch.remainder(torch.stack(theta0, 1)[:, :, None] + cs, TWO_PI)
-        qr = torch.where(valid[None, :, :, None, None], rotate(gather(q), theta), 0.0)   # q~ (b, C, T, h, n)
-        kr = torch.where(valid[None, :, :, None, None], rotate(gather(k), theta), 0.0)   # k~
+        theta = torch.remainder(torch.stack(theta0, 1)[:, :, None] + cs, TWO_PI)[:, :, :, None]  # every rank
+        keep = valid[None, :, :, None, None, None]
+        qr = torch.where(keep, rot(gather(q), theta), 0.0)                   # q~ (b, C, T, R, h, n)
+        kr = torch.where(keep, rot(gather(k), theta), 0.0)                   # k~
 
         # 2. intra-chunk. Per head, time last: (b, C, h, T)
         a_h, g_h, d_h = (x.permute(0, 1, 3, 2) for x in (a_c, g_c, d_c))
@@ -115,11 +172,12 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         shifted = torch.cat((d_h[..., 1:], torch.zeros_like(d_h[..., :1])), -1)  # delta_{s+1} in the chunk
         w = torch.where(later, torch.exp(seg) * (g_h + shifted)[..., None, :],
                         torch.where(ar[:, None] == ar[None, :], g_h[..., None, :], 0.0))
-        scores = torch.einsum("bcthn,bcshn->bchts", qr, kr)
-        P = torch.where(later | (ar[:, None] == ar[None, :]), scores * w, 0.0)
-        y = torch.einsum("bchts,bcshp->bcthp", P, v_c)
+        causal = (later | (ar[:, None] == ar[None, :]))[:, None, :, None]     # [t, ., s, .]
+        scores = torch.einsum("bctRhn,bcsrhn->bchtRsr", qr, kr)
+        P = torch.where(causal, scores * w[:, :, :, :, None, :, None], 0.0)
+        y = torch.einsum("bchtRsr,bcsrhp->bctRhp", P, vr)
         # each chunk's own contribution to its end state: row T-1 of w (padding has zero decay and weight)
-        S_c = torch.einsum("bchs,bcshp,bcshn->bchpn", w[..., -1, :], v_c, kr)
+        S_c = torch.einsum("bchs,bcsrhp,bcsrhn->bchpn", w[..., -1, :], vr, kr)
         from_start = torch.exp(a_h.cumsum(-1))                               # exp(a_{c0} + ... + a_t)
 
         # 3. the state pass, sequential in the compute dtype
@@ -127,7 +185,8 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         for c, (c0, c1, i) in enumerate(chunks):
             if c in first:
                 H, k_prev, v_prev = (s[rows(i)] for s in init[1:])
-            H = H + d_h[:, c, :, 0, None, None] * (v_prev[..., :, None] * k_prev[..., None, :])
+            prev = torch.einsum("brhp,brhn->bhpn", project(v_prev), k_prev)  # sum_r v~_{c0-1,r} k~_{c0-1,r}^T
+            H = H + d_h[:, c, :, 0, None, None] * prev
             folded.append(H)
             H = from_start[:, c, :, -1, None, None] * H + S_c[:, c]
             last = c1 - c0 - 1
@@ -137,22 +196,14 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
 
         # 4. inter-chunk readout
         Hc = torch.stack(folded, 1)                                          # (b, C, h, p, n)
-        y = y + from_start.permute(0, 1, 3, 2)[..., None] * torch.einsum("bchpn,bcthn->bcthp", Hc, qr)
-        y = y[:, valid]                                                      # (b, l, h, p), chunks in time order
-    else:
-        y = v.new_zeros(b, 0, h, p)
+        inter = torch.einsum("bchpn,bctRhn->bctRhp", Hc, qr)
+        y = y + from_start.permute(0, 1, 3, 2)[:, :, :, None, :, None] * inter
+        y = y[:, valid]                                                      # (b, l, R, h, p), chunks in time order
 
-    if D is not None:
-        y = y + D.to(f)[:, None] * v
-    if Z is not None:
-        y = y * F.silu(Z.to(f))
-    out = y.to(V.dtype)
-    if not return_final_states:
-        return out
     # a sequence with no tokens keeps its initial state
     per_seq = [finals.get(i) or [s[rows(i)] for s in init] for i in range(len(bounds))]
-    if packed:
-        states = tuple(torch.cat(parts, 0) for parts in zip(*per_seq)) if per_seq else zero_states(0, h, p, n, n_ang, f, dev)
-    else:
-        states = tuple(per_seq[0])
-    return (out, *states)
+    if not packed:
+        return y, tuple(per_seq[0])
+    if not per_seq:  # no sequences at all (cu_seqlens = [0])
+        return y, tuple(s[:0] for s in init)
+    return y, tuple(torch.cat(parts, 0) for parts in zip(*per_seq))

@@ -184,3 +184,174 @@ def each_sequence(scan, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, In
     if not finals:  # no sequences at all (cu_seqlens = [0])
         return (out, *zero_states(0, h, p, n, n_ang, f, V.device))
     return (out, *(torch.cat(parts, dim=0) for parts in zip(*finals)))
+
+
+# ---- MIMO --------------------------------------------------------------------------------------
+# Mamba-3 MIMO (the paper's multi-input multi-output SSM; official: ``mamba3_mimo``, TileLang, and
+# the pure-PyTorch ``mamba3_MIMO_chunk_ref`` / ``mamba3_MIMO_step_ref`` in
+# tests/ops/tilelang/test_mamba3_mimo.py). One more letter:
+#     R      the MIMO rank (``mimo_rank``): R inputs and R read-outs per head and token
+# Per token t and head, with the SISO coefficients lambda, alpha, beta, gamma and angle theta:
+#     v~_{t,r} = V_t * MIMO_V[r]                                   (p,) up-projection of x
+#     k~_{t,r} = Rot(theta_t)(K_{t,r} + K_bias[r]),  q~_{t,r} likewise
+#     h_t = alpha_t h_{t-1} + beta_t sum_r v~_{t-1,r} k~_{t-1,r}^T + gamma_t sum_r v~_{t,r} k~_{t,r}^T
+#     y_{t,r} = h_t q~_{t,r} + D v~_{t,r}
+#     y_{t,r} <- RMSNorm_p(y_{t,r}) * w      (optional: fuse_pregate_headwise_rms_norm)
+#     y_{t,r} <- y_{t,r} silu(Z_t * MIMO_Z[r])                      (with Z)
+#     out_t = sum_r MIMO_Out[r] * y_{t,r}                           (without MIMO_Out: y per rank)
+# Conventions pinned against the official references (run on the CPU beside this loop):
+#     - Rotation pairs (i, i + n/2), i < n_ang, not SISO's interleaved (2i, 2i+1): the kernel's
+#       (the references' rotary_dim_divisor 2 and 4 are n_ang = n/2 and n/4). The official step
+#       reference rotates interleaved pairs instead (its rotate_pairwise): it matches the kernel
+#       only with Q and K permuted; the module's decode step uses (i, i + n/2).
+#     - D multiplies the projected v~_{t,r}, per rank, before the norm and the gate.
+#     - The norm is RMS over p of each rank's y (one per head), times a weight (h, p), eps inside
+#       the root: y rsqrt(mean_p y^2 + eps) w, then the gate (norm before gate, as the module's
+#       RMSNormGated(group_size=headdim, norm_before_gate=True)).
+#     - States, as the module's cache: angle (S, h, n_ang), ssm (S, h, p, n), k (S, R, h, n) holding
+#       k~_{t-1,r}, v (S, h, p) holding the raw V_{t-1} (the beta term projects it by MIMO_V).
+
+def rotate_halves(x, theta):
+    """Rotate pairs (x_i, x_{i + n/2}) of x by theta_i, i < n_ang (the MIMO pairing).
+
+    x: (..., n); theta: broadcastable to (..., n_ang), n_ang <= n / 2. Dimensions i and i + n/2
+    for n_ang <= i < n/2 are returned unchanged. Returns (..., n).
+    """
+    half, na = x.shape[-1] // 2, theta.shape[-1]
+    x0, x1 = x[..., :na], x[..., half:half + na]
+    c, s = torch.cos(theta), torch.sin(theta)
+    return torch.cat((x0 * c - x1 * s, x[..., na:half], x0 * s + x1 * c, x[..., half + na:]), dim=-1)
+
+
+def zero_mimo_states(S, R, h, p, n, n_ang, f, device):
+    """A fresh sequence's MIMO states: angle (S, h, n_ang), ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)."""
+    angle, ssm, _, v = zero_states(S, h, p, n, n_ang, f, device)
+    return angle, ssm, torch.zeros(S, R, h, n, dtype=f, device=device), v
+
+
+def mimo_read_out(y, v, D, Z, MIMO_Z, MIMO_Out, norm, norm_weight, norm_eps):
+    """From y_{t,r} = h_t q~_{t,r} to the output, in the compute dtype: skip, norm, gate, down-projection.
+
+    y: (..., R, h, p); v: the projected v~ (..., R, h, p); D: (h,) or None; Z: (..., h, p) or None;
+    MIMO_Z, MIMO_Out: (h, R, p) (MIMO_Out may be None); norm: bool; norm_weight: (h, p) or None.
+    Returns (..., h, p), or (..., R, h, p) without MIMO_Out.
+    """
+    if D is not None:
+        y = y + D[:, None] * v                                           # D v~_{t,r}, per rank
+    if norm:
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + norm_eps)  # RMS over p, before the gate
+        if norm_weight is not None:
+            y = y * norm_weight
+    if Z is not None:
+        y = y * F.silu(Z.unsqueeze(-3) * MIMO_Z.transpose(0, 1))          # silu(z * MIMO_Z[r])
+    if MIMO_Out is None:
+        return y
+    return (y * MIMO_Out.transpose(0, 1)).sum(-3)                        # sum_r MIMO_Out[r] * y_{t,r}
+
+
+def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
+                chunk_size=16, rotary_dim_divisor=None, dtype=None, return_state=False, cu_seqlens=None,
+                fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None, outproj_norm_eps=1e-5,
+                Input_States=None):
+    """Mamba-3 MIMO scan, one token after another (the official ``mamba3_mimo``'s arguments, plus states in).
+
+    Args:
+        Q, K: (b, l, R, h_qk, n) read-outs and inputs per rank
+        V: (b, l, h, p); Z: (b, l, h, p) gate, optional
+        ADT, DT, Trap: (b, h, l), as the SISO scan
+        Q_bias, K_bias: (h, R, n); MIMO_V, MIMO_Z, MIMO_Out: (h, R, p) (MIMO_Z read only with Z;
+            MIMO_Out None: the R outputs are returned apart)
+        Angles: (b, l, h, n_ang), n_ang <= n / 2; D: (h,) optional
+        chunk_size, rotary_dim_divisor (n / n_ang), dtype: settings of the official kernel; unused
+        return_state: also return the four states after the last token
+        cu_seqlens: (nseq + 1,) int32 with b = 1: packed sequences, each scanned alone
+        fuse_pregate_headwise_rms_norm: RMS norm over p before the gate; outproj_norm_weight
+            (h, p) or (h * p,) its weight, optional; outproj_norm_eps: its eps
+        Input_States: (angle (S, h, n_ang), ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)) or None
+            (zeros); beyond the official kernel, which starts every sequence from zeros
+    Returns:
+        out (b, l, h, p), or (b, l, R, h, p) without MIMO_Out, in V's dtype; with return_state,
+        (out, angle, ssm, k, v), the states in the compute dtype
+    """
+    if cu_seqlens is not None:
+        return mimo_each_sequence(mamba3_mimo, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out,
+                                  Angles, D, Z, chunk_size, rotary_dim_divisor, dtype, return_state, cu_seqlens,
+                                  fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps, Input_States)
+    b, l, R, _, n = Q.shape
+    h, p = V.shape[-2:]
+    n_ang = Angles.shape[-1]
+    f = compute_dtype(V.dtype)
+    cast = lambda x: None if x is None else x.to(f)
+    Q, K = per_head(Q.to(f), h), per_head(K.to(f), h)                   # (b, l, R, h, n)
+    Q_bias, K_bias = Q_bias.to(f).transpose(0, 1), K_bias.to(f).transpose(0, 1)   # (R, h, n)
+    up = MIMO_V.to(f).transpose(0, 1)                                    # (R, h, p)
+    V_f, Angles = V.to(f), Angles.to(f)
+    ADT, DT, Trap = ADT.to(f), DT.to(f), Trap.to(f)
+
+    if Input_States is None:
+        angle, ssm, k_prev, v_prev = zero_mimo_states(b, R, h, p, n, n_ang, f, V.device)
+    else:
+        angle, ssm, k_prev, v_prev = (s.to(f) for s in Input_States)
+    ys = []
+    for t in range(l):
+        adt, dt = ADT[:, :, t], DT[:, :, t]                              # (b, h)
+        lam = torch.sigmoid(Trap[:, :, t])                               # the SISO coefficients
+        alpha = torch.exp(adt)
+        gamma = lam * dt
+        beta = (1 - lam) * dt * alpha
+        angle = torch.remainder(angle + math.pi * torch.tanh(Angles[:, t]) * dt[..., None], TWO_PI)
+        # bias first, then rotate pairs (i, i + n/2); every rank by the head's one angle
+        k = rotate_halves(K[:, t] + K_bias, angle[:, None])              # k~_{t,r} (b, R, h, n)
+        q = rotate_halves(Q[:, t] + Q_bias, angle[:, None])              # q~_{t,r}
+        v = V_f[:, t, None] * up                                         # v~_{t,r} (b, R, h, p)
+        v_prev_r = v_prev[:, None] * up                                  # v~_{t-1,r}
+        # h_t = alpha h_{t-1} + beta sum_r v~_{t-1,r} k~_{t-1,r}^T + gamma sum_r v~_{t,r} k~_{t,r}^T
+        ssm = (alpha[..., None, None] * ssm
+               + beta[..., None, None] * (v_prev_r[..., :, None] * k_prev[..., None, :]).sum(1)
+               + gamma[..., None, None] * (v[..., :, None] * k[..., None, :]).sum(1))
+        # y_{t,r} = h_t q~_{t,r}, then skip, norm, gate and down-projection
+        y = (ssm[:, None] * q[..., None, :]).sum(-1)                     # (b, R, h, p)
+        ys.append(mimo_read_out(y, v, cast(D), cast(None if Z is None else Z[:, t]), cast(MIMO_Z), cast(MIMO_Out),
+                                fuse_pregate_headwise_rms_norm, norm_weight(outproj_norm_weight, h, p, f),
+                                outproj_norm_eps))
+        k_prev, v_prev = k, V_f[:, t]
+
+    shape = (b, 0, h, p) if MIMO_Out is not None else (b, 0, R, h, p)
+    out = (torch.stack(ys, dim=1) if ys else V_f.new_zeros(shape)).to(V.dtype)
+    return (out, angle, ssm, k_prev, v_prev) if return_state else out
+
+
+def norm_weight(w, h, p, f):
+    """outproj_norm_weight, (h, p) or flattened (h * p,), as (h, p) in the compute dtype; None stays None."""
+    return None if w is None else w.to(f).reshape(h, p)
+
+
+def mimo_each_sequence(scan, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
+                       chunk_size, rotary_dim_divisor, dtype, return_state, cu_seqlens,
+                       fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps, Input_States):
+    """Packed MIMO sequences by definition: each cut out of the (b = 1) pack and scanned alone by
+    ``scan`` from its own row of Input_States; outputs end to end, states stacked (nseq, ...), the
+    v state each sequence's own last token. A sequence of length 0 returns its initial state."""
+    offsets = cu_seqlens.tolist()
+    R, n = Q.shape[2], Q.shape[-1]
+    h, p = V.shape[-2:]
+    f = compute_dtype(V.dtype)
+    zeros = lambda S: zero_mimo_states(S, R, h, p, n, Angles.shape[-1], f, V.device)
+    outs, finals = [], []
+    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        init = None if Input_States is None else tuple(st[i:i + 1] for st in Input_States)
+        if e == s:
+            finals.append(zeros(1) if init is None else tuple(st.to(f) for st in init))
+            continue
+        piece = lambda x, time_dim=1: None if x is None else x.narrow(time_dim, s, e - s)
+        out, *states = scan(piece(Q), piece(K), piece(V), piece(ADT, 2), piece(DT, 2), piece(Trap, 2), Q_bias,
+                            K_bias, MIMO_V, MIMO_Z, MIMO_Out, piece(Angles), D, piece(Z), chunk_size,
+                            rotary_dim_divisor, dtype, True, None, fuse_pregate_headwise_rms_norm,
+                            outproj_norm_weight, outproj_norm_eps, init)
+        outs.append(out)
+        finals.append(states)
+    empty = V.new_zeros((1, 0, h, p) if MIMO_Out is not None else (1, 0, R, h, p))
+    out = torch.cat(outs, dim=1) if outs else empty
+    if not return_state:
+        return out
+    return (out, *(torch.cat(parts, dim=0) for parts in zip(*finals))) if finals else (out, *zeros(0))
