@@ -81,8 +81,8 @@ def _check(where, named, time):
 
 
 def check_states(where, states, S, dims, S_name, slots=False):
-    """Input_States: None, or all four of (angle (S, h, n_ang), ssm (S, h, p, n), k (S, h, n),
-    v (S, h, p)) in the compute dtype on V's device. With slots=True, S is read from the ssm state
+    """Input_States: None, or all four of (angle (S, h, n_ang), ssm (S, h, p, n), k (S, h, n), or
+    (S, R, h, n) for MIMO (dims has R), v (S, h, p)) in the compute dtype on V's device. With slots=True, S is read from the ssm state
     (a cache of slots). Returns S."""
     if states is None:
         return S
@@ -100,8 +100,10 @@ def check_states(where, states, S, dims, S_name, slots=False):
         if states[1].dim() != 4:
             fail(ValueError, where, "Input_States[1] (ssm)", f"rank 4 (slots, h={h}, p={p}, n={n})", tuple(states[1].shape))
         S = states[1].shape[0]
+    R = dims.get("R")  # MIMO: the k state holds every rank's k~, (S, R, h, n)
     layouts = [((S, h, n_ang), (S_name, "h", "n_ang")), ((S, h, p, n), (S_name, "h", "p", "n")),
-               ((S, h, n), (S_name, "h", "n")), ((S, h, p), (S_name, "h", "p"))]
+               ((S, h, n), (S_name, "h", "n")) if R is None else ((S, R, h, n), (S_name, "R", "h", "n")),
+               ((S, h, p), (S_name, "h", "p"))]
     for i, (s, (shape, names)) in enumerate(zip(states, layouts)):
         arg = f"Input_States[{i}] ({STATE_NAMES[i]})"
         check_device(where, arg, s, dims["device"])
@@ -145,3 +147,115 @@ def check_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_State
     written = {f"Input_States[{i}] ({STATE_NAMES[i]})": s for i, s in enumerate(Input_States)}
     check_no_overlap(where, written, dict(named, state_batch_indices=state_batch_indices))
     return dict(dims, S=slots, slots=slots, indices=indices)
+
+
+# ---- MIMO ------------------------------------------------------------------------------------------
+# The same rules, with the rank R read from Q: Q, K (b, [l,] R, h_qk, n); Q_bias, K_bias (h, R, n);
+# MIMO_V, MIMO_Z, MIMO_Out (h, R, p) in the input or compute dtype; outproj_norm_weight (h, p) or
+# (h * p,) likewise. MIMO_Z is required with Z (it projects the gate); MIMO_Out may be None (the R
+# outputs come back apart); a norm weight without the norm is refused (it would do nothing).
+
+def _check_mimo(where, named, time, rotary_dim_divisor, norm, norm_eps):
+    """Checks shared by the MIMO scan (time = 1) and step (time = 0). named: argument -> tensor or
+    None (Q .. Z, then outproj_norm_weight). Returns dict(b, l, R, h, h_qk, p, n, n_ang, input_dtype,
+    compute_dtype)."""
+    for arg, t in named.items():
+        if t is not None:
+            check_tensor(where, arg, t)
+    for arg in ("MIMO_V",):
+        if named[arg] is None:
+            fail(TypeError, where, arg, "a tensor (h, R, p)", None)
+    V, Q, Angles = named["V"], named["Q"], named["Angles"]
+    tl = ("l",) * time
+    layouts = dict(V=("b", *tl, "h", "p"), Q=("b", *tl, "R", "h_qk", "n"), Angles=("b", *tl, "h", "n_ang"))
+    for arg, layout in layouts.items():  # the arguments sizes are read from
+        if named[arg].dim() != len(layout):
+            fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})",
+                 f"rank {named[arg].dim()} with shape {tuple(named[arg].shape)}")
+    check_dtype(where, "V", V, INPUT_DTYPES, "the input dtype")
+    b, h, p = V.shape[0], V.shape[-2], V.shape[-1]
+    lt = tuple(V.shape[1:1 + time])
+    R, h_qk, n, n_ang = Q.shape[-3], Q.shape[-2], Q.shape[-1], Angles.shape[-1]
+    if R < 1:
+        fail(ValueError, where, "Q", "a rank R >= 1", f"R={R} (shape {tuple(Q.shape)})")
+    if h_qk < 1 or h % h_qk:
+        fail(ValueError, where, "Q", f"a head count h_qk that divides V's h={h}", f"h_qk={h_qk} (shape {tuple(Q.shape)})")
+    if n < 2 or n % 2:
+        fail(ValueError, where, "Q", "an even state size n >= 2 (Q and K are rotated in pairs)", f"n={n}")
+    if n_ang > n // 2:
+        fail(ValueError, where, "Angles", f"n_ang <= n/2 = {n // 2} (one angle per pair of Q's n={n})", f"n_ang={n_ang}")
+    if rotary_dim_divisor is not None:
+        if isinstance(rotary_dim_divisor, bool) or not isinstance(rotary_dim_divisor, numbers.Integral):
+            fail(TypeError, where, "rotary_dim_divisor", "an integer or None", repr(rotary_dim_divisor))
+        if rotary_dim_divisor < 2 or rotary_dim_divisor * n_ang != n:
+            fail(ValueError, where, "rotary_dim_divisor", f"n / n_ang with Q's n={n} and Angles' n_ang={n_ang}",
+                 repr(rotary_dim_divisor))
+    check_bool(where, "fuse_pregate_headwise_rms_norm", norm)
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, numbers.Real) or not norm_eps >= 0:
+        fail(ValueError, where, "outproj_norm_eps", "a number >= 0", repr(norm_eps))
+    if named["Z"] is not None and named["MIMO_Z"] is None:
+        fail(ValueError, where, "MIMO_Z", "a tensor (h, R, p) with Z: it projects the gate to the R ranks", None)
+    if named["outproj_norm_weight"] is not None and not norm:
+        fail(ValueError, where, "outproj_norm_weight", "None without fuse_pregate_headwise_rms_norm (no norm to weigh)",
+             "a tensor")
+    f = compute_dtype(V.dtype)
+    in_or_f = tuple(dict.fromkeys((V.dtype, f)))
+    rank_shape = ((h, R, p), ("h", "R", "p"))
+    shapes = dict(Q=((b, *lt, R, h_qk, n), ("b", *tl, "R", "h_qk", "n")), K=((b, *lt, R, h_qk, n), ("b", *tl, "R", "h_qk", "n")),
+                  Z=((b, *lt, h, p), ("b", *tl, "h", "p")),
+                  ADT=((b, h, *lt), ("b", "h", *tl)), DT=((b, h, *lt), ("b", "h", *tl)), Trap=((b, h, *lt), ("b", "h", *tl)),
+                  Q_bias=((h, R, n), ("h", "R", "n")), K_bias=((h, R, n), ("h", "R", "n")),
+                  MIMO_V=rank_shape, MIMO_Z=rank_shape, MIMO_Out=rank_shape,
+                  Angles=((b, *lt, h, n_ang), ("b", *tl, "h", "n_ang")), D=((h,), ("h",)))
+    sources = {"b": "V", "h": "V", "p": "V", "l": "V", "R": "Q", "h_qk": "Q", "n": "Q", "n_ang": "Angles"}
+    for arg, t in named.items():
+        if t is None or arg == "V":
+            continue
+        check_device(where, arg, t, V.device)
+        if arg == "outproj_norm_weight":
+            if tuple(t.shape) not in ((h, p), (h * p,)):
+                fail(ValueError, where, arg, f"shape (h={h}, p={p}) or (h * p = {h * p},)", tuple(t.shape))
+        else:
+            check_shape(where, arg, t, *shapes[arg], sources)
+        if arg == "Z":
+            check_dtype(where, arg, t, (V.dtype,), "the dtype of V")
+        elif arg == "D":
+            check_dtype(where, arg, t, (f,), f"the compute dtype for V in {V.dtype}")
+        else:
+            check_dtype(where, arg, t, in_or_f, f"the input or compute dtype for V in {V.dtype}")
+    return dict(b=b, l=lt[0] if lt else 1, R=R, h=h, h_qk=h_qk, p=p, n=n, n_ang=n_ang, input_dtype=V.dtype,
+                compute_dtype=f, device=V.device)
+
+
+def check_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z, chunk_size,
+               rotary_dim_divisor, dtype, return_state, cu_seqlens, fuse_pregate_headwise_rms_norm,
+               outproj_norm_weight, outproj_norm_eps, Input_States):
+    """Validate mamba3_mimo's arguments (shapes in impls.mamba3.mamba3_mimo). Returns the sizes and
+    dtypes (dict: b, l, R, h, h_qk, p, n, n_ang, S, input_dtype, compute_dtype, device, chunk_size)."""
+    where = "mamba3_mimo"
+    chunk_size = check_chunk_size(where, chunk_size)
+    check_bool(where, "return_state", return_state)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        fail(TypeError, where, "dtype", "a torch.dtype or None", repr(dtype))
+    named = dict(Q=Q, K=K, V=V, ADT=ADT, DT=DT, Trap=Trap, Q_bias=Q_bias, K_bias=K_bias, MIMO_V=MIMO_V, MIMO_Z=MIMO_Z,
+                 MIMO_Out=MIMO_Out, Angles=Angles, D=D, Z=Z, outproj_norm_weight=outproj_norm_weight)
+    dims = dict(_check_mimo(where, named, 1, rotary_dim_divisor, fuse_pregate_headwise_rms_norm, outproj_norm_eps),
+                chunk_size=chunk_size)
+    S, S_name = dims["b"], "b"
+    if cu_seqlens is not None:
+        S, _ = check_cu_seqlens(where, cu_seqlens, dims["b"], dims["l"], V.device)
+        S_name = "nseq"
+    dims["S"] = check_states(where, Input_States, S, dims, S_name)
+    return dims
+
+
+def check_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z, Input_States,
+                    fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps):
+    """Validate mamba3_mimo_state_update's arguments (shapes in impls.mamba3.mamba3_mimo_state_update).
+    Returns the sizes and dtypes (dict as check_mimo's, without chunk_size)."""
+    where = "mamba3_mimo_state_update"
+    named = dict(Q=Q, K=K, V=V, ADT=ADT, DT=DT, Trap=Trap, Q_bias=Q_bias, K_bias=K_bias, MIMO_V=MIMO_V, MIMO_Z=MIMO_Z,
+                 MIMO_Out=MIMO_Out, Angles=Angles, D=D, Z=Z, outproj_norm_weight=outproj_norm_weight)
+    dims = _check_mimo(where, named, 0, None, fuse_pregate_headwise_rms_norm, outproj_norm_eps)
+    dims["S"] = check_states(where, Input_States, dims["b"], dims, "b")
+    return dims

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..frontdoor import compute_dtype
-from .loop import each_sequence, per_head, zero_states
+from .loop import each_sequence, mimo_each_sequence, per_head, zero_mimo_states, zero_states
 
 TWO_PI = 2 * math.pi
 
@@ -125,3 +125,104 @@ def scan_by_stepping(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=N
         ys.append(y)
     out = torch.stack(ys, dim=1) if ys else V.new_zeros(b, 0, h, p)
     return (out, *states) if return_final_states else out
+
+
+# ---- MIMO ----------------------------------------------------------------------------------------
+# The same step with R ranks (letters and conventions in impls/mamba3/loop.py, MIMO section). Written
+# apart from the loop again: pair (x_i, x_{i + n/2}) is the complex number x_i + i x_{i + n/2}, the
+# trapezoid is folded into the previous state, and the ranks are summed by einsum.
+
+def rotate_halves_complex(x, theta):
+    """x (..., n) with pairs (x_i, x_{i + n/2}), i < n_ang, rotated by theta (..., n_ang) as complex products."""
+    half, n_ang = x.shape[-1] // 2, theta.shape[-1]
+    pairs = torch.complex(x[..., :n_ang], x[..., half:half + n_ang]) * torch.polar(torch.ones_like(theta), theta)
+    return torch.cat((pairs.real, x[..., n_ang:half], pairs.imag, x[..., half + n_ang:]), dim=-1)
+
+
+def mimo_advance(q, k, v, adt, dt, trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, angles, D, z, norm, norm_weight,
+                 norm_eps, states):
+    """One MIMO token for every row, in the compute dtype, without the front door.
+
+    q, k: (b, R, h, n) already spread over the h heads; v, z: (b, h, p); adt, dt, trap: (b, h);
+    Q_bias, K_bias: (h, R, n); MIMO_V, MIMO_Z, MIMO_Out: (h, R, p) (MIMO_Out may be None);
+    angles: (b, h, n_ang); D: (h,) or None; z may be None; norm: bool; norm_weight: (h, p) or None;
+    states: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, R, h, n), v (b, h, p)).
+    Returns (out (b, h, p), or (b, R, h, p) without MIMO_Out, the four new states).
+    """
+    angle, ssm, k_prev, v_prev = states
+    lam = torch.sigmoid(trap)[..., None, None]
+    theta = angle + math.pi * torch.tanh(angles) * dt[..., None]
+    theta = theta - TWO_PI * torch.floor(theta / TWO_PI)                   # into [0, 2 pi)
+    k_rot = rotate_halves_complex(k + K_bias.transpose(0, 1), theta[:, None])
+    q_rot = rotate_halves_complex(q + Q_bias.transpose(0, 1), theta[:, None])
+    dt4 = dt[..., None, None]
+    prev = torch.einsum("bhp,hrp,brhn->bhpn", v_prev, MIMO_V, k_prev)       # sum_r v~_{t-1,r} k~_{t-1,r}^T
+    curr = torch.einsum("bhp,hrp,brhn->bhpn", v, MIMO_V, k_rot)
+    ssm = torch.exp(adt)[..., None, None] * (ssm + ((1 - lam) * dt4) * prev) + (lam * dt4) * curr
+    y = torch.einsum("bhpn,brhn->brhp", ssm, q_rot)
+    if D is not None:
+        y = y + torch.einsum("h,bhp,hrp->brhp", D, v, MIMO_V)
+    if norm:
+        y = y / torch.sqrt((y * y).mean(-1, keepdim=True) + norm_eps)
+        y = y if norm_weight is None else y * norm_weight
+    if z is not None:
+        y = y * F.silu(torch.einsum("bhp,hrp->brhp", z, MIMO_Z))
+    out = y if MIMO_Out is None else torch.einsum("brhp,hrp->bhp", y, MIMO_Out)
+    return out, (theta, ssm, k_rot, v.clone())
+
+
+def mamba3_mimo_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
+                             Input_States=None, fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None,
+                             outproj_norm_eps=1e-5):
+    """One Mamba-3 MIMO token, arguments already checked.
+
+    Args:
+        Q, K: (b, R, h_qk, n); V, Z: (b, h, p) (Z optional); ADT, DT, Trap: (b, h)
+        Q_bias, K_bias: (h, R, n); MIMO_V, MIMO_Z, MIMO_Out: (h, R, p); Angles: (b, h, n_ang); D: (h,)
+        Input_States: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, R, h, n), v (b, h, p)) in the
+            compute dtype, or None (zeros); only read
+        fuse_pregate_headwise_rms_norm, outproj_norm_weight ((h, p) or (h * p,)), outproj_norm_eps:
+            the norm before the gate, as mamba3_mimo's
+    Returns:
+        (out (b, h, p), or (b, R, h, p) without MIMO_Out, in V's dtype, (angle, ssm, k, v)): new
+        state tensors in the compute dtype
+    """
+    b, R, _, n = Q.shape
+    h, p = V.shape[-2:]
+    f = compute_dtype(V.dtype)
+    cast = lambda x: None if x is None else x.to(f)
+    states = (zero_mimo_states(b, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
+              else tuple(map(cast, Input_States)))
+    out, new = mimo_advance(per_head(Q.to(f), h), per_head(K.to(f), h), cast(V), cast(ADT), cast(DT), cast(Trap),
+                            cast(Q_bias), cast(K_bias), cast(MIMO_V), cast(MIMO_Z), cast(MIMO_Out), cast(Angles),
+                            cast(D), cast(Z), fuse_pregate_headwise_rms_norm,
+                            None if outproj_norm_weight is None else cast(outproj_norm_weight).reshape(h, p),
+                            outproj_norm_eps, states)
+    return out.to(V.dtype), new
+
+
+def mimo_scan_by_stepping(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
+                          chunk_size=16, rotary_dim_divisor=None, dtype=None, return_state=False, cu_seqlens=None,
+                          fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None, outproj_norm_eps=1e-5,
+                          Input_States=None):
+    """The MIMO scan (impls/mamba3/loop.py's mamba3_mimo signature and shapes) as the step run token
+    after token; packed sequences each alone, as the loop."""
+    if cu_seqlens is not None:
+        return mimo_each_sequence(mimo_scan_by_stepping, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z,
+                                  MIMO_Out, Angles, D, Z, chunk_size, rotary_dim_divisor, dtype, return_state,
+                                  cu_seqlens, fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps,
+                                  Input_States)
+    b, l, R, _, n = Q.shape
+    h, p = V.shape[-2:]
+    f = compute_dtype(V.dtype)
+    states = (zero_mimo_states(b, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
+              else tuple(s.to(f) for s in Input_States))
+    ys = []
+    for t in range(l):
+        y, states = mamba3_mimo_state_update(Q[:, t], K[:, t], V[:, t], ADT[:, :, t], DT[:, :, t], Trap[:, :, t],
+                                             Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles[:, t], D,
+                                             None if Z is None else Z[:, t], states, fuse_pregate_headwise_rms_norm,
+                                             outproj_norm_weight, outproj_norm_eps)
+        ys.append(y)
+    out = torch.stack(ys, dim=1) if ys else V.new_zeros((b, 0, h, p) if MIMO_Out is not None else (b, 0, R, h, p))
+    return (out, *states) if return_state else out
