@@ -137,3 +137,84 @@ BUGS = {name: functools.partial(variant, bug=name) for name in (
     "trap_no_sigmoid", "k_state_unrotated", "ignore_kv_states", "D_after_gate", "heads_mod")}
 BUGS.update(angle_not_reset=angle_not_reset, v_state_from_pack_end=v_state_from_pack_end,
             chunk_boundary_drops_kv=chunk_boundary_drops_kv)
+
+
+# ---- MIMO ----------------------------------------------------------------------------------------
+# Each takes mamba3_mimo's signature (impls/mamba3/loop.py) and must be caught by the checks of
+# equivalence/mamba3/test_mimo_planted_bugs.py, while the correct MIMO scans pass them.
+
+def _interleaved(x, theta):
+    """SISO's pairing (2i, 2i+1) where MIMO rotates (i, i + n/2)."""
+    return loop.rotate(x, theta.expand(*x.shape[:-1], theta.shape[-1]))
+
+
+def mimo_variant(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
+                 chunk_size=16, rotary_dim_divisor=None, dtype=None, return_state=False, cu_seqlens=None,
+                 fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None, outproj_norm_eps=1e-5,
+                 Input_States=None, *, bug):
+    """The MIMO loop with one bug switched on (cu_seqlens: each sequence alone, as the spec)."""
+    if cu_seqlens is not None:
+        return loop.mimo_each_sequence(functools.partial(mimo_variant, bug=bug), Q, K, V, ADT, DT, Trap, Q_bias,
+                                       K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z, chunk_size, rotary_dim_divisor,
+                                       dtype, return_state, cu_seqlens, fuse_pregate_headwise_rms_norm,
+                                       outproj_norm_weight, outproj_norm_eps, Input_States)
+    b, l, R, _, n = Q.shape
+    h, p = V.shape[-2:]
+    f = compute_dtype(V.dtype)
+    cast = lambda x: None if x is None else x.to(f)
+    Q, K = loop.per_head(Q.to(f), h), loop.per_head(K.to(f), h)
+    Q_bias, K_bias, up = Q_bias.to(f).transpose(0, 1), K_bias.to(f).transpose(0, 1), MIMO_V.to(f).transpose(0, 1)
+    V_f, Angles, ADT, DT, Trap = V.to(f), Angles.to(f), ADT.to(f), DT.to(f), Trap.to(f)
+    angle, ssm, k_prev, v_prev = (loop.zero_mimo_states(b, R, h, p, n, Angles.shape[-1], f, V.device)
+                                  if Input_States is None else tuple(s.to(f) for s in Input_States))
+    if bug == "l1_drops_input_kv" and l == 1:   # "one token has no previous token"
+        k_prev, v_prev = torch.zeros_like(k_prev), torch.zeros_like(v_prev)
+    rot = _interleaved if bug == "interleaved" else loop.rotate_halves
+    w = loop.norm_weight(outproj_norm_weight, h, p, f)
+    ys = []
+    for t in range(l):
+        dt, alpha = DT[:, :, t], torch.exp(ADT[:, :, t])
+        lam = torch.sigmoid(Trap[:, :, t])
+        beta, gamma = (1 - lam) * dt * alpha, lam * dt
+        angle = torch.remainder(angle + math.pi * torch.tanh(Angles[:, t]) * dt[..., None], 2 * math.pi)
+        k, q = rot(K[:, t] + K_bias, angle[:, None]), rot(Q[:, t] + Q_bias, angle[:, None])
+        v = V_f[:, t, None] * up
+        prev = (v_prev[:, None] * up)[..., :, None] * k_prev[..., None, :]          # (b, R, h, p, n)
+        prev = prev[:, -1] if bug == "beta_one_rank" else prev.sum(1)
+        ssm = (alpha[..., None, None] * ssm + beta[..., None, None] * prev
+               + gamma[..., None, None] * (v[..., :, None] * k[..., None, :]).sum(1))
+        y = (ssm[:, None] * q[..., None, :]).sum(-1)                                  # (b, R, h, p)
+        if D is not None:
+            y = y + D.to(f)[:, None] * (V_f[:, t, None] if bug == "D_on_raw_v" else v)
+        z = None if Z is None else F.silu(Z.to(f)[:, t, None] * MIMO_Z.to(f).transpose(0, 1))
+        norm = lambda y: (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + outproj_norm_eps)
+                          * (1 if w is None else w)) if fuse_pregate_headwise_rms_norm else y
+        o = cast(MIMO_Out).transpose(0, 1)
+        if bug == "out_proj_before_gate":           # contract the ranks first, then one averaged gate
+            y = (norm(y) * o).sum(1) * (1 if z is None else z.mean(1))
+        elif bug == "norm_after_gate":
+            y = (norm(y * (1 if z is None else z)) * o).sum(1)
+        elif bug == "ranks_summed_before_projecting":   # sum_r y_r, then the mean projection
+            y = (norm(y) * (1 if z is None else z)).sum(1) * o.mean(0)
+        else:
+            y = (norm(y) * (1 if z is None else z) * o).sum(1)
+        ys.append(y)
+        k_prev, v_prev = k, V_f[:, t]
+    out = (torch.stack(ys, 1) if ys else V_f.new_zeros(b, 0, h, p)).to(V.dtype)
+    return (out, angle, ssm, k_prev, v_prev) if return_state else out
+
+
+def mimo_v_state_from_pack_end(*args, **kwargs):
+    """Packed MIMO: every sequence's final v state is the pack's last token (the official
+    ``mamba3_mimo`` returns V[:, -1] whatever cu_seqlens says)."""
+    result = loop.mamba3_mimo(*args, **kwargs)
+    if kwargs.get("cu_seqlens") is None or not kwargs.get("return_state"):
+        return result
+    out, angle, ssm, k, v = result
+    return out, angle, ssm, k, kwargs["V"][0, -1].to(v.dtype).expand_as(v).clone()
+
+
+MIMO_BUGS = {name: functools.partial(mimo_variant, bug=name) for name in (
+    "ranks_summed_before_projecting", "out_proj_before_gate", "interleaved", "norm_after_gate", "beta_one_rank",
+    "l1_drops_input_kv", "D_on_raw_v")}
+MIMO_BUGS.update(v_state_from_pack_end=mimo_v_state_from_pack_end)
