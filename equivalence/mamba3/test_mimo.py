@@ -11,8 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from equivalence.mamba3.mimo_cases import (MimoCase, as_f64, check_mimo, mimo_case_strategy, mimo_inputs, token,
-                                           window, wrap_angle)
+from equivalence.mamba3.mimo_cases import (MimoCase, as_f64, check_mimo, mimo_case_strategy, mimo_inputs,
+                                           mimo_magnitudes, token, window, wrap_angle)
 from impls.mamba3 import chunked, loop, mamba3_mimo, mamba3_mimo_state_update, recurrent
 
 SCANS = {
@@ -43,6 +43,17 @@ def test_matches_float64_loop(name, case):
     """Outputs and all four final states within the tolerance policy (float64: rounding only)."""
     args = mimo_inputs(case)
     check_mimo(f"{name} {case.id()}", run(SCANS[name], args, case), args, repro=repr(case))
+
+
+@settings(max_examples=10, deadline=None)
+@given(case=mimo_case_strategy(dtypes=("f64",)))
+def test_magnitudes_bound_the_oracle(case):
+    """The tolerance's scales (sums of |terms|) never fall below |oracle|: out, ssm and k states."""
+    args = mimo_inputs(case)
+    scale = mimo_magnitudes(dict(args, outproj_norm_eps=1e-5))
+    oracle = loop.mamba3_mimo(**args, return_state=True)
+    for s, o in zip(scale, (oracle[0], oracle[2], oracle[3])):
+        assert (s >= o.abs() * (1 - 1e-12)).all()
 
 
 @pytest.mark.parametrize("name", list(SCANS))

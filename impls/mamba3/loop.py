@@ -37,7 +37,7 @@ rounding, about 1e-6):
     - Rotation pairing: interleaved pairs (2i, 2i+1), i < n_ang, rotated by theta_i as a complex
       number x_{2i} + i x_{2i+1} times e^{i theta}: (x0 cos - x1 sin, x0 sin + x1 cos). Pairs
       i >= n_ang (dimensions 2 n_ang .. n-1) are left alone (the official pads cos with 1, sin
-      with 0). (Mamba-3 MIMO rotates pairs (i, i + n/2) instead; not this family.)
+      with 0). (MIMO rotates pairs (i, i + n/2) instead: the MIMO section below.)
     - Angle modulo: reduced after every token into [0, 2 pi), x - 2 pi floor(x / 2 pi) (torch's
       remainder, as the official step): the angle state stays small, so float32 keeps its
       absolute precision however long the sequence.
