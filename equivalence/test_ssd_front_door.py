@@ -152,5 +152,5 @@ def test_register_keeps_families_apart():
     with pytest.raises(TypeError, match="unknown capabilities"):
         impls.register("test-ssd-typo", impls.get("loop", "ssd").scan, family="ssd", initial_state=True)
     with pytest.raises(ValueError, match="unknown family"):
-        impls.names(family="mamba3")
+        impls.names(family="no_such_family")
     assert "chunked" in impls.names("ssd") and "chunked" not in impls.names()
