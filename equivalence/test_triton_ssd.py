@@ -295,17 +295,10 @@ _COMPILE = """
 import os
 os.environ["TRITON_INTERPRET"] = "0"            # compile for real, whatever this machine has
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton.language as tl
+from impls.triton_common import compile_for_a_gpu as build
 from impls.ssd import triton as ts
 assert not ts.INTERPRETED
-
-def build(kernel, ptr, const, **options):
-    sig = {a: "constexpr" if a in const else (ptr.get(a, ptr["*"]) if a.endswith("_ptr") else "i32")
-           for a in kernel.arg_names}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(a),): v for a, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 # float32 compute from bfloat16 inputs, every optional path on; small tiles keep the compile short
 ptr = {"*": "*fp32", "cs_ptr": "*fp64", "cs_lo_ptr": "*fp64", "dcs_ptr": "*fp64", "dend_ptr": "*fp64", "rpart_ptr": "*fp64",

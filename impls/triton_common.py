@@ -109,3 +109,23 @@ def quiet():
 def host_tensors_on_a_gpu_machine(x):
     """Compiled kernels read GPU memory only: CPU tensors on a machine with a GPU go there and back."""
     return not INTERPRETED and x.device.type == "cpu"
+
+
+def compile_for_a_gpu(kernel, pointers, constants, **options):
+    """Compile ``kernel`` down to a cubin for sm_90 (Hopper) with Triton's own compiler and ptxas: no
+    GPU needed. The interpreter accepts things the compiler rejects (Python ints where tensors are
+    needed, say), so the tests compile every kernel CI interprets. Needs TRITON_INTERPRET=0 before
+    triton is first imported.
+
+    Args:
+        pointers: argument name -> Triton pointer type ("*fp32", "*bf16", ...), "*" for the others
+        constants: the constexpr arguments' values; every other argument is an int32
+        options: triton.compile's (num_warps, num_stages, ...)
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    signature = {a: "constexpr" if a in constants else (pointers.get(a, pointers["*"]) if a.endswith("_ptr") else "i32")
+                 for a in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(a),): v for a, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
