@@ -16,6 +16,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 _spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
 gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
+SELECTIVE, SSD = gpu_check.FAMILIES["selective"], gpu_check.FAMILIES["ssd"]
 
 
 def run(*args, timeout=120, cwd=None):
@@ -76,14 +77,14 @@ def test_ssd_targets_and_table():
     row = dict(shape="mamba2-2.7b", b=1, l=8192, h=80, p=64, n=128, g=1, op="forward",
                ms={"triton": 0.5, "chunked": 20.0, "mamba_ssm": 0.4}, floor_ms=0.1, triton_gbs=500.0, triton_tflops=3.0)
     bench = dict(names=["triton", "chunked", "mamba_ssm"], rows=[row], step=[], step_names=[])
-    t = gpu_check.ssd_targets(bench)
+    t = gpu_check.targets(bench, SSD)
     assert t["ssd_forward_speedup_vs_chunked"]["value"] == pytest.approx(40) and t["ssd_forward_speedup_vs_chunked"]["met"]
     assert t["ssd_forward_over_official"]["value"] == pytest.approx(1.25) and t["ssd_forward_over_official"]["met"]
-    t = gpu_check.ssd_targets(dict(bench, rows=[dict(row, ms={"triton": 0.5, "chunked": 5.0})]))
+    t = gpu_check.targets(dict(bench, rows=[dict(row, ms={"triton": 0.5, "chunked": 5.0})]), SSD)
     assert not t["ssd_forward_speedup_vs_chunked"]["met"] and t["ssd_forward_over_official"]["value"] is None
     assert "mamba_ssm" in t["ssd_forward_over_official"]["note"]
-    table = "\n".join(gpu_check.format_ssd_table(dict(ssd_bench=bench, ssd_targets=t,
-                                                     ssd_big=dict(checks={"ssd step y": dict(ok=False, elements=2**31 + 1)}))))
+    table = "\n".join(gpu_check.format_family(dict(ssd_bench=bench, ssd_targets=t,
+                                                  ssd_big=dict(checks={"ssd step y": dict(ok=False, elements=2**31 + 1)})), SSD))
     for words in ("mamba2-2.7b l8192 forward", "500", "not met", "ssd step y", "FAIL"):
         assert words in table, (words, table)
 
@@ -98,14 +99,14 @@ def test_pytest_summary():
 def _bench(tri, par, floor):
     row = dict(gpu_check.MAIN_SIZE, dtype="float32", op="forward", ms={"triton": tri, "parallel": par, "loop": 900.0},
                floor_ms=floor, bytes=1)
-    return dict(names=["triton", "parallel", "loop"], scan=[row], step=[], copy_bandwidth_gbs=4300.0)
+    return dict(names=["triton", "parallel", "loop"], rows=[row], step=[], copy_bandwidth_gbs=4300.0)
 
 
 def test_targets_are_reported_not_enforced():
-    t = gpu_check.targets(_bench(tri=0.5, par=20.0, floor=0.37))
+    t = gpu_check.targets(_bench(tri=0.5, par=20.0, floor=0.37), SELECTIVE)
     assert t["forward_speedup_vs_parallel"]["value"] == pytest.approx(40) and t["forward_speedup_vs_parallel"]["met"]
     assert t["forward_over_floor"]["value"] == pytest.approx(0.5 / 0.37) and t["forward_over_floor"]["met"]
-    t = gpu_check.targets(_bench(tri=8.0, par=None, floor=0.37))
+    t = gpu_check.targets(_bench(tri=8.0, par=None, floor=0.37), SELECTIVE)
     assert t["forward_speedup_vs_parallel"]["value"] is None and "parallel" in t["forward_speedup_vs_parallel"]["note"]
     assert not t["forward_over_floor"]["met"]
 
@@ -115,7 +116,7 @@ def test_table_names_the_device_the_results_and_the_verdict():
                    suite=dict(files={"equivalence/test_values.py": dict(ok=True, counts={"passed": 1})}),
                    big=dict(checks={"forward y b3c1008": dict(ok=False, max_abs_diff=3.0, elements=2**31 + 2**18)}),
                    bench=_bench(tri=0.5, par=20.0, floor=0.37))
-    results["targets"] = gpu_check.targets(results["bench"])
+    results["targets"] = gpu_check.targets(results["bench"], SELECTIVE)
     table = gpu_check.format_table(results)
     for words in ("NVIDIA H200", "test_values.py", "FAIL", "b8 d1536 n16 l8192 float32 forward", "40.00x", "met", "FAILED"):
         assert words in table, (words, table)
@@ -140,7 +141,7 @@ def test_smoke_run_of_every_phase(tmp_path):
     results = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert results["smoke"] and results["ok"]
     assert results["big"]["checks"] and all(c["ok"] for c in results["big"]["checks"].values())
-    assert results["bench"]["scan"][0]["ms"]["triton"] > 0 and results["bench"]["fwd_configs"]
+    assert results["bench"]["rows"][0]["ms"]["triton"] > 0 and results["bench"]["fwd_configs"]
     assert results["ssd_big"]["ok"] and len(results["ssd_big"]["checks"]) == 6
     assert {r["op"] for r in results["ssd_bench"]["rows"]} == {"forward", "backward", "forward+backward"}
     assert all(r["ms"]["triton"] > 0 and r["ms"]["chunked"] > 0 for r in results["ssd_bench"]["rows"] if r["op"] == "forward")

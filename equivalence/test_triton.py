@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 import impls  # noqa: E402
+from impls.triton_common import softplus  # noqa: E402
 from impls.selective import triton as ts  # noqa: E402  (conftest has set TRITON_INTERPRET without CUDA)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -79,8 +80,8 @@ def test_backward_partial_sums_of_grouped_B_and_C(monkeypatch, case):
 def _offsets_probe(out_ptr, i_b, s_b, s_d, d, n):
     o_d = tl.arange(0, 2) + 1
     o_n = tl.arange(0, 2)
-    tl.store(out_ptr + tl.arange(0, 2), ts._row_offsets(i_b, o_d, s_b, s_d))
-    tl.store(out_ptr + 2 + tl.arange(0, 4), tl.reshape(ts._state_offsets(i_b, o_d, o_n, d, n), [4]))
+    tl.store(out_ptr + tl.arange(0, 2), ts.row_offsets(i_b, o_d, s_b, s_d))
+    tl.store(out_ptr + 2 + tl.arange(0, 4), tl.reshape(ts.state_offsets(i_b, o_d, o_n, d, n), [4]))
 
 
 @triton.jit
@@ -162,7 +163,7 @@ def _to_bfloat16(x_ptr, y_ptr):
 @triton.jit
 def _softplus_probe(x_ptr, y_ptr, N: tl.constexpr):
     o = tl.arange(0, N)
-    tl.store(y_ptr + o, ts._softplus(tl.load(x_ptr + o)))
+    tl.store(y_ptr + o, softplus(tl.load(x_ptr + o)))
 
 
 def test_interpreter_is_on_without_a_gpu():
@@ -184,28 +185,21 @@ _COMPILE = """
 import os
 os.environ["TRITON_INTERPRET"] = "0"            # compile for real, whatever this machine has
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton.language as tl
+from impls.triton_common import compile_for_a_gpu as build
 from impls.selective import triton as ts
 assert not ts.INTERPRETED
-
-def build(kernel, ptr, const, **options):
-    sig = {a: "constexpr" if a in const else (ptr.get(a, ptr["*"]) if a.endswith("_ptr") else "i32")
-           for a in kernel.arg_names}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(a),): v for a, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
 off = {k: False for k in flags}
 half = {a: "*bf16" for a in ("u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr", "y_ptr", "gy_ptr", "x_ptr", "dt_ptr")}
 for dtype, ptr, f in ((tl.float32, {"*": "*fp32"}, flags), (tl.float32, {"*": "*fp32", **half}, off),
                       (tl.float64, {"*": "*fp64"}, flags)):
-    build(ts._scan_fwd_kernel, ptr, dict(f, HAS_H0=True, SAVE_CKPT=True, CHUNK=ts.CHUNK, BLOCK_D=16, BLOCK_N=16,
+    build(ts.scan_fwd_kernel, ptr, dict(f, HAS_H0=True, SAVE_CKPT=True, CHUNK=ts.CHUNK, BLOCK_D=16, BLOCK_N=16,
                                          COMPUTE=dtype, NUM_STAGES=3), num_warps=1, num_stages=3)
-    build(ts._scan_bwd_kernel, ptr, dict(f, HAS_GLAST=True, REDUCE_B=True, REDUCE_C=False, CHUNK=ts.CHUNK,
+    build(ts.scan_bwd_kernel, ptr, dict(f, HAS_GLAST=True, REDUCE_B=True, REDUCE_C=False, CHUNK=ts.CHUNK,
                                          BLOCK_D=16, BLOCK_N=8, COMPUTE=dtype), num_warps=1)
-    build(ts._step_kernel, ptr, dict(f, BLOCK_D=16, BLOCK_N=16, COMPUTE=dtype), num_warps=1)
+    build(ts.step_kernel, ptr, dict(f, BLOCK_D=16, BLOCK_N=16, COMPUTE=dtype), num_warps=1)
 print("OK")
 """
 
@@ -220,7 +214,8 @@ def test_kernels_compile_for_a_gpu():
 
 @pytest.mark.skipif(not ts.INTERPRETED, reason="the interpreter's float32 -> bfloat16 conversion")
 def test_interpreter_truncates_bfloat16_conversions():
-    """Why _result_dtype exists. If this fails, the interpreter now rounds and the workaround can go."""
+    """Why impls.triton_common.result_dtype exists. If this fails, the interpreter now rounds and the
+    workaround can go."""
     x = torch.randn(256, generator=torch.Generator().manual_seed(0))
     y = torch.empty(256, dtype=torch.bfloat16)
     _to_bfloat16[(1,)](x, y)
@@ -277,7 +272,7 @@ def test_nan_in_delta_reaches_its_channels_future_only():
 
 def test_step_is_not_autotuned_and_updates_a_strided_state_once():
     """Autotuning would run the in-place update once per config; a strided state is written through its strides."""
-    assert not isinstance(ts._step_kernel, triton.runtime.Autotuner)
+    assert not isinstance(ts.step_kernel, triton.runtime.Autotuner)
     case = Case(b=2, d=37, n=5, l=1, g=37, initial_state=True, strided=True, seed=9)
     x = make_inputs(case)
     args = dict(x=x["u"][..., 0], dt=x["delta"][..., 0], A=x["A"], B=x["B"][..., 0], C=x["C"][..., 0],

@@ -199,7 +199,7 @@ def test_step_tied_form_and_state_batch_indices():
                 dt_bias=args["dt_bias"][:, None].expand(h, p), D=args["D"][:, None].expand(h, p))
     tied_state = x["initial_states"].clone()
     assert torch.equal(ts.ssd_state_update(tied_state, **tied), y) and torch.equal(tied_state, untied_state)
-    assert not isinstance(ts._step_kernel, triton.runtime.Autotuner)          # one in-place update per call
+    assert not isinstance(ts.step_kernel, triton.runtime.Autotuner)          # one in-place update per call
 
     slots = torch.randn(5, h, p, n, generator=torch.Generator().manual_seed(1))
     slots[4], slots[1] = x["initial_states"][0], x["initial_states"][2]
@@ -295,40 +295,33 @@ _COMPILE = """
 import os
 os.environ["TRITON_INTERPRET"] = "0"            # compile for real, whatever this machine has
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import triton.language as tl
+from impls.triton_common import compile_for_a_gpu as build
 from impls.ssd import triton as ts
 assert not ts.INTERPRETED
-
-def build(kernel, ptr, const, **options):
-    sig = {a: "constexpr" if a in const else (ptr.get(a, ptr["*"]) if a.endswith("_ptr") else "i32")
-           for a in kernel.arg_names}
-    src = ASTSource(fn=kernel, signature=sig, constexprs={(kernel.arg_names.index(a),): v for a, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 # float32 compute from bfloat16 inputs, every optional path on; small tiles keep the compile short
 ptr = {"*": "*fp32", "cs_ptr": "*fp64", "cs_lo_ptr": "*fp64", "dcs_ptr": "*fp64", "dend_ptr": "*fp64", "rpart_ptr": "*fp64",
        "idx_ptr": "*i32",
        **{a: "*bf16" for a in ("x_ptr", "z_ptr", "B_ptr", "C_ptr", "out_ptr")}}
 T, P, C = tl.float32, "ieee", False
-build(ts._chunk_cumsum_kernel, dict(ptr, dt_ptr="*bf16"), dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_H=16, BLOCK_T=16,
+build(ts.chunk_cumsum_kernel, dict(ptr, dt_ptr="*bf16"), dict(HAS_BIAS=True, SOFTPLUS=True, BLOCK_H=16, BLOCK_T=16,
                                                               COMPUTE=T, COMPENSATED=C))
 for fs in (False, True):
-    build(ts._chunk_state_kernel, ptr, dict(COMPENSATED=C, FROM_START=fs, BLOCK_K=16, BLOCK_P=16, BLOCK_N=16, COMPUTE=T,
+    build(ts.chunk_state_kernel, ptr, dict(COMPENSATED=C, FROM_START=fs, BLOCK_K=16, BLOCK_P=16, BLOCK_N=16, COMPUTE=T,
                                             DOT_PRECISION=P))
-build(ts._state_pass_kernel, ptr, dict(HAS_H0=True, BLOCK=64, COMPUTE=T))
-build(ts._chunk_scan_kernel, ptr, dict(COMPENSATED=C, HAS_D=True, D_HP=True, HAS_Z=True, SAVE_Y=True, BLOCK_M=16,
+build(ts.state_pass_kernel, ptr, dict(HAS_H0=True, BLOCK=64, COMPUTE=T))
+build(ts.chunk_scan_kernel, ptr, dict(COMPENSATED=C, HAS_D=True, D_HP=True, HAS_Z=True, SAVE_Y=True, BLOCK_M=16,
                                        BLOCK_K=16, BLOCK_P=16, BLOCK_N=16, COMPUTE=T, DOT_PRECISION=P))
-build(ts._state_pass_bwd_kernel, ptr, dict(HAS_DFINAL=True, BLOCK=64, COMPUTE=T))
-build(ts._chunk_bwd_kernel, ptr, dict(COMPENSATED=C, BLOCK=16, BLOCK_P=16, BLOCK_N=16, COMPUTE=T, DOT_PRECISION=P))
-build(ts._step_kernel, dict(ptr, dt_ptr="*bf16"), dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_IDX=True,
+build(ts.state_pass_bwd_kernel, ptr, dict(HAS_DFINAL=True, BLOCK=64, COMPUTE=T))
+build(ts.chunk_bwd_kernel, ptr, dict(COMPENSATED=C, BLOCK=16, BLOCK_P=16, BLOCK_N=16, COMPUTE=T, DOT_PRECISION=P))
+build(ts.step_kernel, dict(ptr, dt_ptr="*bf16"), dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, HAS_IDX=True,
                                                       BLOCK_P=16, BLOCK_N=16, COMPUTE=T))
 # float64 compute: the compensated (TwoSum) cumsum and the kernels that read it
 p64 = {"*": "*fp64", "idx_ptr": "*i32"}
-build(ts._chunk_cumsum_kernel, p64, dict(HAS_BIAS=False, SOFTPLUS=False, BLOCK_H=16, BLOCK_T=16, COMPUTE=tl.float64,
+build(ts.chunk_cumsum_kernel, p64, dict(HAS_BIAS=False, SOFTPLUS=False, BLOCK_H=16, BLOCK_T=16, COMPUTE=tl.float64,
                                          COMPENSATED=True))
-build(ts._chunk_scan_kernel, p64, dict(COMPENSATED=True, HAS_D=False, D_HP=False, HAS_Z=False, SAVE_Y=False, BLOCK_M=16,
+build(ts.chunk_scan_kernel, p64, dict(COMPENSATED=True, HAS_D=False, D_HP=False, HAS_Z=False, SAVE_Y=False, BLOCK_M=16,
                                        BLOCK_K=16, BLOCK_P=16, BLOCK_N=16, COMPUTE=tl.float64, DOT_PRECISION=P))
 print("OK")
 """

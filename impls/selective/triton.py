@@ -6,7 +6,7 @@ float32 at once, everything is computed in float32 (float64 for float64 inputs),
 input dtype and every state in the compute dtype.
 
 The recurrence, for one batch row and a block of BLOCK_D channels (Algorithm 2 of the Mamba paper,
-Gu & Dao 2023; the official CUDA kernel is selective_scan_fwd_kernel in state-spaces/mamba)::
+Gu & Dao 2023; the official CUDA kernel is selectivescan_fwd_kernel in state-spaces/mamba)::
 
     h = initial_state[block] or 0                         # (BLOCK_D, n), kept in registers
     for t in 0 .. l-1:
@@ -58,100 +58,45 @@ and a readout summed over the block would turn a real inf into NaN. So every sta
 summand is zeroed outside (d, n) with tl.where before it is summed or carried: no padded lane
 contributes to a real output, whatever the input (equivalence/test_triton.py pins n = 3 and 5).
 
-Devices: tensors on a CUDA device run there. Without a GPU, CPU tensors run in the interpreter; on a
-machine with a GPU, CPU tensors (the equivalence suite builds its cases on the CPU) are copied to it
-and the results copied back, gradients flowing through the copies, the step's state written back in
-place (``_host_tensors_on_a_gpu_machine``).
-
-Triton's interpreter (``TRITON_INTERPRET=1``, set below when there is no CUDA device) runs these
-kernels on the CPU with numpy, in CI. Its differences, each handled where marked "interpreter:":
-  - bfloat16 is held as raw 16-bit integers: arithmetic on it is wrong, so every load is converted
-    to float32 first (which every GPU kernel here does anyway);
-  - float32 -> bfloat16 conversion truncates instead of rounding to nearest even: under the
-    interpreter only, the kernels store half results as float32 and torch rounds them
-    (``_result_dtype``); on a GPU they store bfloat16 directly, rounded to nearest even;
-  - ``triton.autotune`` with several configs and ``triton.testing.do_bench`` need a GPU: nothing here
-    autotunes (the step must not: autotuning would apply its in-place update more than once), the
-    block sizes are chosen in ``_config``;
-  - programs run one after another, so the per-chunk scratch of the backward never races there; on a
-    GPU each program owns its scratch rows and a barrier separates writing them from reading them.
+Devices and Triton's interpreter (which runs these kernels on the CPU in CI): see
+impls/triton_common.py, which also holds the elementwise functions (softplus, silu, sigmoid) and the
+launcher helpers shared with the SSD kernels. Here the interpreter's differences are handled where
+marked "interpreter:"; in particular nothing autotunes (the step must not: autotuning would apply
+its in-place update more than once), the block sizes are chosen in ``_config``, and the per-chunk
+scratch of the backward never races there, as programs run one after another; on a GPU each program
+owns its scratch rows and a barrier separates writing them from reading them.
 """
 
-import contextlib
-import os
-
-import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
-if not torch.cuda.is_available():
-    # Triton reads this when a kernel is decorated: without a GPU, run the kernels in its interpreter.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from ..frontdoor import compute_dtype
+# first: importing it settles TRITON_INTERPRET, which triton reads when it is imported
+from ..triton_common import (INTERPRETED, host_tensors_on_a_gpu_machine, quiet, result_dtype, sigmoid, silu,
+                             softplus, tl_dtype)
 
-import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from torch.autograd.function import once_differentiable  # noqa: E402
-
-from ..frontdoor import compute_dtype  # noqa: E402
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 # Tokens between the states the forward saves for the backward (and the scratch the backward uses).
 CHUNK = 16
 
 
 # ---------------------------------------------------------------------------------------------
-# Small helpers shared by the kernels
+# Offsets, in 64 bits (the elementwise functions are in impls/triton_common.py)
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _row_offsets(i_b, o_d, s_b, s_d):
+def row_offsets(i_b, o_d, s_b, s_d):
     """Offsets of (batch row i_b, channels o_d) in a tensor of strides (s_b, s_d, ...), in int64.
     Cast first, multiply after: i_b * s_b alone is int32 and wraps past 2^31."""
     return tl.cast(i_b, tl.int64) * s_b + tl.cast(o_d, tl.int64) * s_d
 
 
 @triton.jit
-def _state_offsets(i_b, o_d, o_n, d, n):
+def state_offsets(i_b, o_d, o_n, d, n):
     """Offsets (BLOCK_D, BLOCK_N) of a contiguous (b, d, n) state, in int64."""
     return (tl.cast(i_b, tl.int64) * d + tl.cast(o_d, tl.int64))[:, None] * n + o_n[None, :]
-
-
-@triton.jit
-def _div(a, b):
-    """a / b rounded to nearest. For float32 Triton's `/` is div.full.f32 on NVIDIA GPUs, up to 2 ulp
-    off; float64 division is already rounded to nearest (and has no other form)."""
-    if b.dtype == tl.float32:
-        q = tl.fdiv(a, b, ieee_rounding=True)
-    else:
-        q = a / b
-    return q
-
-
-@triton.jit
-def _softplus(x):
-    """torch.nn.functional.softplus: x above the threshold 20, log1p(exp(x)) below it.
-    log1p without libdevice (the interpreter has none): log(w) * e / (w - 1) with w = 1 + e is
-    accurate to a few ulp where log(1 + e) would lose every digit of a small e (Goldberg 1991)."""
-    e = tl.exp(tl.where(x > 20.0, 20.0, x))       # clamped: no overflow; NaN stays NaN
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * _div(e, tl.where(w == 1.0, 1.0, w - 1.0)))
-    return tl.where(x > 20.0, x, log1p)
-
-
-@triton.jit
-def silu(z):
-    """z / (1 + exp(-z)), the very formula of torch's silu (z * sigmoid(z) would round twice more),
-    overflow included: for a very negative z, exp(-z) = inf and silu = z / inf = -0, as torch's; for
-    z = -inf, -inf / inf = NaN, as torch's. (Clamping -z, as this once did, gave -inf at z = -inf and
-    -1.8e-5 at z = -1e30.) Public: the Triton SSD kernels gate with it too."""
-    return _div(z, 1.0 + tl.exp(-z))
-
-
-@triton.jit
-def _sigmoid(x):
-    """1 / (1 + exp(-x)) without overflow for either sign."""
-    e = tl.exp(-tl.abs(x))
-    return tl.where(x >= 0, _div(1.0, 1.0 + e), _div(e, 1.0 + e))
 
 
 # Sizes and strides are not specialised (Triton would compile a variant for every pattern of
@@ -166,7 +111,7 @@ _SCAN_STRIDES = ["s_ub", "s_ud", "s_ul", "s_tb", "s_td", "s_tl", "s_zb", "s_zd",
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_SIZES + _SCAN_STRIDES + ["s_yb", "s_yd", "s_yl"])
-def _scan_fwd_kernel(
+def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,   # inputs
     y_ptr, last_ptr, ckpt_ptr,                                               # outputs
     d, n, l, dpg_B, dpg_C,                      # sizes; dpg: channels per group of B and of C
@@ -184,7 +129,7 @@ def _scan_fwd_kernel(
     m_dn = m_d[:, None] & (o_n < n)[None, :]                 # padding: d, n need not be powers of two
 
     # per-channel parameters, loaded once (A, D, delta_bias are contiguous: the launcher sees to it)
-    o_dn = _state_offsets(0, o_d, o_n, d, n)
+    o_dn = state_offsets(0, o_d, o_n, d, n)
     b_A = tl.load(A_ptr + o_dn, mask=m_dn, other=0.0).to(COMPUTE)
     if HAS_D:
         b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(COMPUTE)
@@ -192,21 +137,21 @@ def _scan_fwd_kernel(
         b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(COMPUTE)
 
     # pointers at t = 0; time then moves by pointer increments (64-bit pointer arithmetic)
-    p_u = u_ptr + _row_offsets(i_b, o_d, s_ub, s_ud)
-    p_t = delta_ptr + _row_offsets(i_b, o_d, s_tb, s_td)
-    p_z = z_ptr + _row_offsets(i_b, o_d, s_zb, s_zd)
-    p_y = y_ptr + _row_offsets(i_b, o_d, s_yb, s_yd)
+    p_u = u_ptr + row_offsets(i_b, o_d, s_ub, s_ud)
+    p_t = delta_ptr + row_offsets(i_b, o_d, s_tb, s_td)
+    p_z = z_ptr + row_offsets(i_b, o_d, s_zb, s_zd)
+    p_y = y_ptr + row_offsets(i_b, o_d, s_yb, s_yd)
     # B, C: channel c reads group c // dpg; a block may straddle groups, so gather (BLOCK_D, BLOCK_N)
-    p_B = B_ptr + _row_offsets(i_b, o_d // dpg_B, s_Bb, s_Bg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Bn
-    p_C = C_ptr + _row_offsets(i_b, o_d // dpg_C, s_Cb, s_Cg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Cn
+    p_B = B_ptr + row_offsets(i_b, o_d // dpg_B, s_Bb, s_Bg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Bn
+    p_C = C_ptr + row_offsets(i_b, o_d // dpg_C, s_Cb, s_Cg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Cn
 
-    o_state = _state_offsets(i_b, o_d, o_n, d, n)
+    o_state = state_offsets(i_b, o_d, o_n, d, n)
     if HAS_H0:
         h = tl.load(h0_ptr + o_state, mask=m_dn, other=0.0).to(COMPUTE)
     else:
         h = tl.zeros([BLOCK_D, BLOCK_N], dtype=COMPUTE)
     # checkpoints: (b, cdiv(l, CHUNK), d, n), the state before tokens 0, CHUNK, 2 CHUNK, ...
-    p_ck = ckpt_ptr + _state_offsets(i_b * tl.cdiv(l, CHUNK), o_d, o_n, d, n)
+    p_ck = ckpt_ptr + state_offsets(i_b * tl.cdiv(l, CHUNK), o_d, o_n, d, n)
     ck_step = tl.cast(d, tl.int64) * n
 
     for t in tl.range(0, l, num_stages=NUM_STAGES):
@@ -220,7 +165,7 @@ def _scan_fwd_kernel(
         if HAS_BIAS:
             b_dt = b_dt + b_bias
         if SOFTPLUS:
-            b_dt = _softplus(b_dt)
+            b_dt = softplus(b_dt)
         b_B = tl.load(p_B, mask=m_dn, other=0.0).to(COMPUTE)
         b_C = tl.load(p_C, mask=m_dn, other=0.0).to(COMPUTE)
 
@@ -249,7 +194,7 @@ def _scan_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_SIZES + _SCAN_STRIDES + ["s_gb", "s_gd", "s_gl"])
-def _scan_bwd_kernel(
+def scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ckpt_ptr,  # forward inputs, checkpoints
     gy_ptr, glast_ptr,                                                        # incoming gradients
     du_ptr, dt_ptr, dz_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dh0_ptr,  # outgoing gradients
@@ -269,14 +214,14 @@ def _scan_bwd_kernel(
     m_dn = m_d[:, None] & (o_n < n)[None, :]
     m_n = o_n < n
 
-    o_dn = _state_offsets(0, o_d, o_n, d, n)
+    o_dn = state_offsets(0, o_d, o_n, d, n)
     b_A = tl.load(A_ptr + o_dn, mask=m_dn, other=0.0).to(COMPUTE)
     if HAS_D:
         b_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(COMPUTE)
     if HAS_BIAS:
         b_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(COMPUTE)
 
-    o_state = _state_offsets(i_b, o_d, o_n, d, n)
+    o_state = state_offsets(i_b, o_d, o_n, d, n)
     if HAS_GLAST:
         dh = tl.load(glast_ptr + o_state, mask=m_dn, other=0.0).to(COMPUTE)
     else:
@@ -289,26 +234,26 @@ def _scan_bwd_kernel(
     # this kernel writes are contiguous: du, ddelta, dz (b, d, l); partial dB, dC (b, slots, l, n)
     # with one slot per block (REDUCE_*) or per channel.
     n_chunks = tl.cdiv(l, CHUNK)
-    p_u0 = u_ptr + _row_offsets(i_b, o_d, s_ub, s_ud)
-    p_t0 = delta_ptr + _row_offsets(i_b, o_d, s_tb, s_td)
-    p_z0 = z_ptr + _row_offsets(i_b, o_d, s_zb, s_zd)
-    p_g0 = gy_ptr + _row_offsets(i_b, o_d, s_gb, s_gd)
-    o_out = _row_offsets(i_b, o_d, tl.cast(d, tl.int64) * l, l)
-    p_B0 = B_ptr + _row_offsets(i_b, o_d // dpg_B, s_Bb, s_Bg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Bn
-    p_C0 = C_ptr + _row_offsets(i_b, o_d // dpg_C, s_Cb, s_Cg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Cn
+    p_u0 = u_ptr + row_offsets(i_b, o_d, s_ub, s_ud)
+    p_t0 = delta_ptr + row_offsets(i_b, o_d, s_tb, s_td)
+    p_z0 = z_ptr + row_offsets(i_b, o_d, s_zb, s_zd)
+    p_g0 = gy_ptr + row_offsets(i_b, o_d, s_gb, s_gd)
+    o_out = row_offsets(i_b, o_d, tl.cast(d, tl.int64) * l, l)
+    p_B0 = B_ptr + row_offsets(i_b, o_d // dpg_B, s_Bb, s_Bg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Bn
+    p_C0 = C_ptr + row_offsets(i_b, o_d // dpg_C, s_Cb, s_Cg)[:, None] + tl.cast(o_n, tl.int64)[None, :] * s_Cn
     if REDUCE_B:
-        p_dB0 = dB_ptr + _row_offsets(i_b, i_d, tl.cast(tl.num_programs(1), tl.int64) * l * n, tl.cast(l, tl.int64) * n) + o_n
+        p_dB0 = dB_ptr + row_offsets(i_b, i_d, tl.cast(tl.num_programs(1), tl.int64) * l * n, tl.cast(l, tl.int64) * n) + o_n
     else:
-        p_dB0 = dB_ptr + _row_offsets(i_b, o_d, tl.cast(d, tl.int64) * l * n, tl.cast(l, tl.int64) * n)[:, None] + o_n[None, :]
+        p_dB0 = dB_ptr + row_offsets(i_b, o_d, tl.cast(d, tl.int64) * l * n, tl.cast(l, tl.int64) * n)[:, None] + o_n[None, :]
     if REDUCE_C:
-        p_dC0 = dC_ptr + _row_offsets(i_b, i_d, tl.cast(tl.num_programs(1), tl.int64) * l * n, tl.cast(l, tl.int64) * n) + o_n
+        p_dC0 = dC_ptr + row_offsets(i_b, i_d, tl.cast(tl.num_programs(1), tl.int64) * l * n, tl.cast(l, tl.int64) * n) + o_n
     else:
-        p_dC0 = dC_ptr + _row_offsets(i_b, o_d, tl.cast(d, tl.int64) * l * n, tl.cast(l, tl.int64) * n)[:, None] + o_n[None, :]
+        p_dC0 = dC_ptr + row_offsets(i_b, o_d, tl.cast(d, tl.int64) * l * n, tl.cast(l, tl.int64) * n)[:, None] + o_n[None, :]
     # this program's scratch: CHUNK states (BLOCK_D, BLOCK_N), laid out (programs, CHUNK, BLOCK_D, BLOCK_N)
     i_prog = tl.cast(i_b, tl.int64) * tl.num_programs(1) + i_d
     o_tile = (tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + o_n[None, :])
     p_s0 = scratch_ptr + i_prog * (CHUNK * BLOCK_D * BLOCK_N) + o_tile
-    p_ck = ckpt_ptr + _state_offsets(i_b * n_chunks + n_chunks - 1, o_d, o_n, d, n)
+    p_ck = ckpt_ptr + state_offsets(i_b * n_chunks + n_chunks - 1, o_d, o_n, d, n)
     ck_step = tl.cast(d, tl.int64) * n
 
     for kk in range(0, n_chunks):
@@ -330,7 +275,7 @@ def _scan_bwd_kernel(
             if HAS_BIAS:
                 b_dt = b_dt + b_bias
             if SOFTPLUS:
-                b_dt = _softplus(b_dt)
+                b_dt = softplus(b_dt)
             b_B = tl.load(p_B, mask=m_dn, other=0.0).to(COMPUTE)
             h = tl.where(m_dn, tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_u)[:, None] * b_B, 0.0)
             p_s += BLOCK_D * BLOCK_N
@@ -358,7 +303,7 @@ def _scan_bwd_kernel(
             if HAS_BIAS:
                 b_x = b_x + b_bias
             if SOFTPLUS:
-                b_dt = _softplus(b_x)
+                b_dt = softplus(b_x)
             else:
                 b_dt = b_x
             b_B = tl.load(p_B, mask=m_dn, other=0.0).to(COMPUTE)
@@ -369,7 +314,7 @@ def _scan_bwd_kernel(
             h = tl.where(m_dn, b_dA * h_prev + (b_dt * b_u)[:, None] * b_B, 0.0)   # h_t, recomputed
             if HAS_Z:
                 b_z = tl.load(p_z, mask=m_d, other=0.0).to(COMPUTE)
-                b_sig = _sigmoid(b_z)
+                b_sig = sigmoid(b_z)
                 b_y = tl.sum(h * b_C, axis=1)
                 if HAS_D:
                     b_y += b_D * b_u
@@ -399,7 +344,7 @@ def _scan_bwd_kernel(
                 b_du += b_D * b_g
                 acc_dD += b_g * b_u
             if SOFTPLUS:
-                b_ddt = tl.where(b_x > 20.0, b_ddt, b_ddt * _sigmoid(b_x))
+                b_ddt = tl.where(b_x > 20.0, b_ddt, b_ddt * sigmoid(b_x))
             acc_dbias += b_ddt
             tl.store(du_ptr + o_t, b_du, mask=m_d)
             tl.store(dt_ptr + o_t, b_ddt, mask=m_d)
@@ -433,7 +378,7 @@ def _scan_bwd_kernel(
 
 @triton.jit(do_not_specialize=["d", "n", "dpg_B", "dpg_C", "s_hb", "s_hd", "s_hn", "s_xb", "s_xd", "s_tb",
                                 "s_td", "s_zb", "s_zd", "s_Bb", "s_Bg", "s_Bn", "s_Cb", "s_Cg", "s_Cn"])
-def _step_kernel(
+def step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
     d, n, dpg_B, dpg_C,
     s_hb, s_hd, s_hn, s_xb, s_xd, s_tb, s_td, s_zb, s_zd, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
@@ -448,18 +393,18 @@ def _step_kernel(
     m_dn = m_d[:, None] & (o_n < n)[None, :]
     o_n64 = tl.cast(o_n, tl.int64)[None, :]
 
-    p_h = state_ptr + _row_offsets(i_b, o_d, s_hb, s_hd)[:, None] + o_n64 * s_hn
+    p_h = state_ptr + row_offsets(i_b, o_d, s_hb, s_hd)[:, None] + o_n64 * s_hn
     h = tl.load(p_h, mask=m_dn, other=0.0).to(COMPUTE)
-    b_A = tl.load(A_ptr + _state_offsets(0, o_d, o_n, d, n), mask=m_dn, other=0.0).to(COMPUTE)
-    b_x = tl.load(x_ptr + _row_offsets(i_b, o_d, s_xb, s_xd), mask=m_d, other=0.0).to(COMPUTE)
-    b_dt = tl.load(dt_ptr + _row_offsets(i_b, o_d, s_tb, s_td), mask=m_d, other=0.0).to(COMPUTE)
+    b_A = tl.load(A_ptr + state_offsets(0, o_d, o_n, d, n), mask=m_dn, other=0.0).to(COMPUTE)
+    b_x = tl.load(x_ptr + row_offsets(i_b, o_d, s_xb, s_xd), mask=m_d, other=0.0).to(COMPUTE)
+    b_dt = tl.load(dt_ptr + row_offsets(i_b, o_d, s_tb, s_td), mask=m_d, other=0.0).to(COMPUTE)
     if HAS_BIAS:
         b_dt += tl.load(bias_ptr + o_d, mask=m_d, other=0.0).to(COMPUTE)
     if SOFTPLUS:
-        b_dt = _softplus(b_dt)
-    b_B = tl.load(B_ptr + _row_offsets(i_b, o_d // dpg_B, s_Bb, s_Bg)[:, None] + o_n64 * s_Bn,
+        b_dt = softplus(b_dt)
+    b_B = tl.load(B_ptr + row_offsets(i_b, o_d // dpg_B, s_Bb, s_Bg)[:, None] + o_n64 * s_Bn,
                   mask=m_dn, other=0.0).to(COMPUTE)
-    b_C = tl.load(C_ptr + _row_offsets(i_b, o_d // dpg_C, s_Cb, s_Cg)[:, None] + o_n64 * s_Cn,
+    b_C = tl.load(C_ptr + row_offsets(i_b, o_d // dpg_C, s_Cb, s_Cg)[:, None] + o_n64 * s_Cn,
                   mask=m_dn, other=0.0).to(COMPUTE)
 
     h = tl.where(m_dn, tl.exp(b_dt[:, None] * b_A) * h + (b_dt * b_x)[:, None] * b_B, 0.0)  # see _PADDING
@@ -468,7 +413,7 @@ def _step_kernel(
     if HAS_D:
         b_y += tl.load(D_ptr + o_d, mask=m_d, other=0.0).to(COMPUTE) * b_x
     if HAS_Z:
-        b_z = tl.load(z_ptr + _row_offsets(i_b, o_d, s_zb, s_zd), mask=m_d, other=0.0).to(COMPUTE)
+        b_z = tl.load(z_ptr + row_offsets(i_b, o_d, s_zb, s_zd), mask=m_d, other=0.0).to(COMPUTE)
         b_y = b_y * silu(b_z)
     tl.store(y_ptr + tl.cast(i_b, tl.int64) * d + o_d, b_y.to(y_ptr.dtype.element_ty), mask=m_d)
 
@@ -492,19 +437,6 @@ def _config(d, key):
     return value
 
 
-def _result_dtype(dtype):
-    """The dtype the kernels store results in. interpreter: its float32 -> bfloat16 conversion
-    truncates, so half results are stored as float32 and torch rounds them to nearest even (for
-    float16 the interpreter would round correctly, but numpy warns where a value overflows to inf)."""
-    return torch.float32 if INTERPRETED and dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _quiet():
-    """interpreter: numpy warns where a value overflows to inf or turns NaN (under stress inputs);
-    a GPU computes the same inf and NaN silently, and they propagate the same way."""
-    return np.errstate(over="ignore", invalid="ignore", divide="ignore") if INTERPRETED else contextlib.nullcontext()
-
-
 def _as_grouped(X):
     """B, C as (b, g, n, ...): the ungrouped (b, n, ...) is one group."""
     return X if X.dim() == 4 else X[:, None]
@@ -519,7 +451,7 @@ def _dummy(like):
     return like
 
 
-def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, save_checkpoints):
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_checkpoints):
     """Launch the forward kernel. Returns y (b, d, l) in u's dtype, last_state (b, d, n) in the
     compute dtype, and the checkpoints (b, cdiv(l, CHUNK), d, n) or None."""
     b, d, l = u.shape
@@ -528,23 +460,23 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state, 
     B4, C4 = _as_grouped(B), _as_grouped(C)
     A, D, delta_bias, initial_state = (_contiguous(x) for x in (A, D, delta_bias, initial_state))
     zz = z if z is not None else u
-    y = torch.empty(b, d, l, dtype=_result_dtype(u.dtype), device=u.device)
+    y = torch.empty(b, d, l, dtype=result_dtype(u.dtype), device=u.device)
     last = torch.empty(b, d, n, dtype=f, device=u.device)
     ckpt = (torch.empty(b, triton.cdiv(l, CHUNK), d, n, dtype=f, device=u.device)
             if save_checkpoints else None)
     BLOCK_D = _config(d, "block_d")
     grid = (b, triton.cdiv(d, BLOCK_D))
-    with _quiet():
-        _scan_fwd_kernel[grid](
+    with quiet():
+        scan_fwd_kernel[grid](
             u, delta, A, B4, C4, D if D is not None else _dummy(A), zz,
             delta_bias if delta_bias is not None else _dummy(A),
             initial_state if initial_state is not None else _dummy(last),
             y, last, ckpt if ckpt is not None else _dummy(last),
             d, n, l, d // B4.shape[1], d // C4.shape[1],
             *u.stride(), *delta.stride(), *zz.stride(), *B4.stride(), *C4.stride(), *y.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             HAS_H0=initial_state is not None, SAVE_CKPT=save_checkpoints, CHUNK=CHUNK,
-            BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n), COMPUTE=_tl_dtype(f),
+            BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n), COMPUTE=tl_dtype(f),
             NUM_STAGES=_config(d, "num_stages"), num_warps=_config(d, "num_warps"),
         )
     return y.to(u.dtype), last, ckpt
@@ -559,7 +491,7 @@ def _group_sum(part, g, b, d, n, l):
 def _scan_backward(saved, gy, glast):
     """Launch the backward kernel; returns the gradients of (u, delta, A, B, C, D, z, delta_bias,
     initial_state) as the inputs' shapes and dtypes."""
-    u, delta, A, B, C, D, z, delta_bias, ckpt, softplus = saved
+    u, delta, A, B, C, D, z, delta_bias, ckpt, delta_softplus = saved
     A, D, delta_bias = (_contiguous(x) for x in (A, D, delta_bias))
     b, d, l = u.shape
     n = A.shape[1]
@@ -582,8 +514,8 @@ def _scan_backward(saved, gy, glast):
     dbias_part = torch.empty(b, d, dtype=f, device=dev) if delta_bias is not None else None
     scratch = torch.empty(b * n_blocks, CHUNK, BLOCK_D, BLOCK_N, dtype=f, device=dev)
     zz = z if z is not None else u
-    with _quiet():
-        _scan_bwd_kernel[(b, n_blocks)](
+    with quiet():
+        scan_bwd_kernel[(b, n_blocks)](
             u, delta, A, B4, C4, D if D is not None else _dummy(A), zz,
             delta_bias if delta_bias is not None else _dummy(A), ckpt,
             gy, glast if glast is not None else _dummy(dh0),
@@ -592,9 +524,9 @@ def _scan_backward(saved, gy, glast):
             dbias_part if dbias_part is not None else _dummy(dA_part), dh0, scratch,
             d, n, l, d // gB, d // gC,
             *u.stride(), *delta.stride(), *zz.stride(), *B4.stride(), *C4.stride(), *gy.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
             HAS_GLAST=glast is not None, REDUCE_B=reduce_B, REDUCE_C=reduce_C, CHUNK=CHUNK,
-            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, COMPUTE=_tl_dtype(f), num_warps=_config(d, "bwd_num_warps"),
+            BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N, COMPUTE=tl_dtype(f), num_warps=_config(d, "bwd_num_warps"),
         )
     dB = _group_sum(dB_part, gB, b, d, n, l)
     dC = _group_sum(dC_part, gC, b, d, n, l)
@@ -608,10 +540,6 @@ def _scan_backward(saved, gy, glast):
             None if delta_bias is None else dbias_part.sum(0).to(delta_bias.dtype), dh0)
 
 
-def _tl_dtype(dtype):
-    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
-
-
 def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     b, d = x.shape
     n = A.shape[1]
@@ -620,16 +548,16 @@ def _step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     C3 = C if C.dim() == 3 else C[:, None]
     A, D, dt_bias = (_contiguous(t) for t in (A, D, dt_bias))
     zz = z if z is not None else x
-    y = torch.empty(b, d, dtype=_result_dtype(x.dtype), device=x.device)
+    y = torch.empty(b, d, dtype=result_dtype(x.dtype), device=x.device)
     BLOCK_D = _config(d, "block_d")
-    with _quiet():
-        _step_kernel[(triton.cdiv(d, BLOCK_D), b)](
+    with quiet():
+        step_kernel[(triton.cdiv(d, BLOCK_D), b)](
             state, x, dt, A, B3, C3, D if D is not None else _dummy(A), zz,
             dt_bias if dt_bias is not None else _dummy(A), y,
             d, n, d // B3.shape[1], d // C3.shape[1],
             *state.stride(), *x.stride(), *dt.stride(), *zz.stride(), *B3.stride(), *C3.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
-            BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n), COMPUTE=_tl_dtype(f),
+            BLOCK_D=BLOCK_D, BLOCK_N=triton.next_power_of_2(n), COMPUTE=tl_dtype(f),
             num_warps=_config(d, "num_warps"),
         )
     return y.to(x.dtype)
@@ -643,11 +571,11 @@ class _SelectiveScan(torch.autograd.Function):
     """Forward saves the inputs and the chunk checkpoints; backward runs the reverse-time kernel."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, softplus):
-        y, last, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, softplus, initial_state,
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+        y, last, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                       save_checkpoints=True)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ckpt)
-        ctx.softplus = softplus
+        ctx.delta_softplus = delta_softplus
         ctx.has_initial_state = initial_state is not None
         ctx.set_materialize_grads(False)  # an unused output's gradient is None, not zeros
         return y, last
@@ -658,7 +586,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, ckpt = ctx.saved_tensors
         if gy is None:
             gy = torch.zeros_like(u)
-        grads = _scan_backward((u, delta, A, B, C, D, z, delta_bias, ckpt, ctx.softplus), gy,
+        grads = _scan_backward((u, delta, A, B, C, D, z, delta_bias, ckpt, ctx.delta_softplus), gy,
                                None if glast is None else glast.contiguous())
         dh0 = grads[-1] if ctx.has_initial_state else None
         return (*grads[:-1], dh0, None)
@@ -667,11 +595,6 @@ class _SelectiveScan(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
-
-def _host_tensors_on_a_gpu_machine(x):
-    """Compiled kernels read GPU memory only: CPU tensors on a machine with a GPU go there and back."""
-    return not INTERPRETED and x.device.type == "cpu"
-
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_last_state=False):
@@ -683,7 +606,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta_softplus: softplus (threshold 20) on delta + delta_bias
     Returns:
         y: (b, d, l) in u's dtype; with return_last_state, (y, last_state (b, d, n) in the compute dtype),
-        on u's device (CPU tensors on a machine with a GPU run there: _host_tensors_on_a_gpu_machine)
+        on u's device (CPU tensors on a machine with a GPU run there: host_tensors_on_a_gpu_machine)
     """
     b, d, l = u.shape
     if u.numel() == 0:
@@ -692,7 +615,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = u.new_empty(b, d, l)
         return (y, last) if return_last_state else y
     inputs = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if _host_tensors_on_a_gpu_machine(u):
+    if host_tensors_on_a_gpu_machine(u):
         moved = [None if t is None else t.to("cuda") for t in inputs]
         y, last = selective_scan(*moved, delta_softplus=delta_softplus, return_last_state=True)
         y, last = y.to(u.device), last.to(u.device)
@@ -714,7 +637,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     Returns:
         y: (b, d) in x's dtype
     """
-    if _host_tensors_on_a_gpu_machine(x):
+    if host_tensors_on_a_gpu_machine(x):
         moved = [None if t is None else t.to("cuda") for t in (x, dt, A, B, C, D, z, dt_bias)]
         state_gpu = state.to("cuda")
         y = _step(state_gpu, *moved, dt_softplus)

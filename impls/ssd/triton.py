@@ -22,7 +22,7 @@ start) and L_ij = exp(cs_i - cs_j) for j <= i (0 above the diagonal)::
                           + sum_{j<=i} L_ij (C_i . B_j) dt_j x_j               # (Q, Q) @ (Q, p): tl.dot
                           + D x_i;   out_i = y_i silu(z_i)
 
-The backward runs the same pieces in reverse (derivation in the comments of _chunk_bwd_kernel):
+The backward runs the same pieces in reverse (derivation in the comments of chunk_bwd_kernel):
 g = d out silu(z) is the gradient of y; step 2 with exp(cs_i) g_i ⊗ C_i gives each chunk's own
 gradient of its start state, a reverse state pass carries the gradient of every chunk's end state,
 and one kernel per block of positions makes dx, dB, dC, and the gradients of dt and of the cumsum,
@@ -56,36 +56,26 @@ block values, ``o_`` offsets, ``m_`` masks, ``i_`` program indices, ``s_`` strid
 computed in 64 bits: program ids are cast before any multiplication (b l h p past 2^31 elements
 wrapped in the official kernels at about 61K tokens, often through views into a wide projection).
 
-Declared limits: packed sequences (seq_idx, cu_seqlens, return_varlen_states) belong to the varlen
-issue and raise NotImplementedError. chunk_size may be any positive integer: a chunk longer than l
+Declared limits: packed sequences (seq_idx, cu_seqlens, return_varlen_states) are not implemented
+here and raise NotImplementedError. chunk_size may be any positive integer: a chunk longer than l
 is the same single chunk as one of l tokens, so Q = min(chunk_size, l). The backward holds a whole
 (p, n) state tile per program: p and n up to 256 (MAX_PN); larger raise NotImplementedError.
 
-Devices: tensors on a CUDA device run there; without a GPU, CPU tensors run in Triton's
-interpreter (TRITON_INTERPRET=1, set below), which is how CI runs these very kernels; on a GPU
-machine, CPU tensors are copied to the GPU and back. Interpreter differences are handled as in
-impls/selective/triton.py (bfloat16 loaded through float32, half results stored as float32 there and
-rounded by torch).
+Devices and Triton's interpreter (which runs these very kernels on the CPU in CI), the elementwise
+functions (softplus, silu) and the launcher helpers are shared with the Mamba-1 kernels, in
+impls/triton_common.py; its interpreter differences are handled the same way here.
 """
 
-import contextlib
-import os
-
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from ..frontdoor import compute_dtype
+# first: importing it settles TRITON_INTERPRET, which triton reads when it is imported
+from ..triton_common import INTERPRETED, host_tensors_on_a_gpu_machine, quiet, result_dtype, silu, softplus, tl_dtype
 
-import triton  # noqa: E402  (after TRITON_INTERPRET is settled)
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from torch.autograd.function import once_differentiable  # noqa: E402
-
-from ..frontdoor import compute_dtype  # noqa: E402
-from ..selective.triton import silu  # noqa: E402  (torch's z / (1 + exp(-z)) for every z, infinities included)
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 # Whole (p, n) tiles per program in the backward (and the step): the declared limit on p and n.
 MAX_PN = 256
@@ -110,25 +100,6 @@ def _config(key):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _div(a, b):
-    """a / b rounded to nearest (float32 `/` is up to 2 ulp off on NVIDIA GPUs)."""
-    if b.dtype == tl.float32:
-        q = tl.fdiv(a, b, ieee_rounding=True)
-    else:
-        q = a / b
-    return q
-
-
-@triton.jit
-def _softplus(x):
-    """torch's softplus with threshold 20; log1p without libdevice (see impls/selective/triton.py)."""
-    e = tl.exp(tl.where(x > 20.0, 20.0, x))
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * _div(e, tl.where(w == 1.0, 1.0, w - 1.0)))
-    return tl.where(x > 20.0, x, log1p)
-
-
-@triton.jit
 def _dt_pipeline(dt, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """dt + dt_bias, softplus (threshold 20), clamp to [lo, hi] (NaN stays NaN, as torch.clamp).
     Softplus is evaluated in float64 and rounded: its log1p formula is a few ulp off, which a float32
@@ -136,7 +107,7 @@ def _dt_pipeline(dt, bias, lo, hi, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexp
     if HAS_BIAS:
         dt = dt + bias
     if SOFTPLUS:
-        dt = _softplus(dt.to(tl.float64)).to(dt.dtype)
+        dt = softplus(dt.to(tl.float64)).to(dt.dtype)
     return tl.where(dt < lo, lo, tl.where(dt > hi, hi, dt))
 
 
@@ -175,7 +146,7 @@ _NS = ["h", "l", "Q", "p", "n", "hpg", "nc"]
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_NS + ["s_tb", "s_tl", "s_th"])
-def _chunk_cumsum_kernel(
+def chunk_cumsum_kernel(
     dt_ptr, A_ptr, bias_ptr, limits_ptr, dt_out_ptr, cs_ptr, cs_lo_ptr,
     h, l, Q, s_tb, s_tl, s_th,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -223,7 +194,7 @@ def _chunk_cumsum_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_NS + ["s_xb", "s_xl", "s_xh", "s_xp", "s_Bb", "s_Bl", "s_Bg", "s_Bn"])
-def _chunk_state_kernel(
+def chunk_state_kernel(
     x_ptr, B_ptr, dt_ptr, cs_ptr, cs_lo_ptr, states_ptr,
     h, l, Q, p, n, hpg, nc,
     s_xb, s_xl, s_xh, s_xp, s_Bb, s_Bl, s_Bg, s_Bn,
@@ -272,7 +243,7 @@ def _chunk_state_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_NS + ["pn"])
-def _state_pass_kernel(
+def state_pass_kernel(
     states_ptr, cs_ptr, h0_ptr, final_ptr,
     h, l, Q, nc, pn,
     HAS_H0: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
@@ -303,7 +274,7 @@ def _state_pass_kernel(
 
 @triton.jit(do_not_specialize=_NS + ["s_xb", "s_xl", "s_xh", "s_xp", "s_zb", "s_zl", "s_zh", "s_zp",
                                      "s_Bb", "s_Bl", "s_Bg", "s_Bn", "s_Cb", "s_Cl", "s_Cg", "s_Cn"])
-def _chunk_scan_kernel(
+def chunk_scan_kernel(
     x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, dt_ptr, cs_ptr, cs_lo_ptr, states_ptr, out_ptr, ypre_ptr,
     h, l, Q, p, n, hpg, nc,
     s_xb, s_xl, s_xh, s_xp, s_zb, s_zl, s_zh, s_zp, s_Bb, s_Bl, s_Bg, s_Bn, s_Cb, s_Cl, s_Cg, s_Cn,
@@ -400,7 +371,7 @@ def _chunk_scan_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=_NS + ["pn", "n_blk"])
-def _state_pass_bwd_kernel(
+def state_pass_bwd_kernel(
     dS_ptr, states_ptr, cs_ptr, dfinal_ptr, dh0_ptr, dtot_ptr,
     h, l, Q, nc, pn, n_blk,
     HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
@@ -434,7 +405,7 @@ def _state_pass_bwd_kernel(
 
 @triton.jit(do_not_specialize=_NS + ["n_mb", "s_xb", "s_xl", "s_xh", "s_xp", "s_Bb", "s_Bl", "s_Bg", "s_Bn",
                                      "s_Cb", "s_Cl", "s_Cg", "s_Cn"])
-def _chunk_bwd_kernel(
+def chunk_bwd_kernel(
     x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, cs_lo_ptr, g_ptr, states_ptr, dS_ptr,
     dx_ptr, dB_ptr, dC_ptr, ddt_ptr, dcs_ptr, dend_ptr, rpart_ptr,
     h, l, Q, p, n, hpg, nc, n_mb,
@@ -577,7 +548,7 @@ def _chunk_bwd_kernel(
 @triton.jit(do_not_specialize=["h", "p", "n", "hpg", "s_hb", "s_hh", "s_hp", "s_hn", "s_xb", "s_xh", "s_xp",
                                 "s_tb", "s_th", "s_tp", "s_Ah", "s_Ap", "s_An", "s_Bb", "s_Bg", "s_Bn",
                                 "s_Cb", "s_Cg", "s_Cn", "s_Dh", "s_Dp", "s_bh", "s_bp", "s_zb", "s_zh", "s_zp"])
-def _step_kernel(
+def step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, limits_ptr, idx_ptr, y_ptr,
     h, p, n, hpg,
     s_hb, s_hh, s_hp, s_hn, s_xb, s_xh, s_xp, s_tb, s_th, s_tp, s_Ah, s_Ap, s_An,
@@ -627,21 +598,6 @@ def _step_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _tl_dtype(dtype):
-    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
-
-
-def _result_dtype(dtype):
-    """interpreter: its float32 -> bfloat16 conversion truncates; half results are stored as float32
-    there and rounded by torch (on a GPU they are stored directly, rounded to nearest even)."""
-    return torch.float32 if INTERPRETED and dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _quiet():
-    """interpreter: numpy warns where a value overflows or turns NaN; a GPU computes the same silently."""
-    return np.errstate(over="ignore", invalid="ignore", divide="ignore") if INTERPRETED else contextlib.nullcontext()
-
-
 def _block(size, cap):
     """A block covering ``size`` up to ``cap``, at least 16 (tl.dot's smallest dimension)."""
     return max(16, min(triton.next_power_of_2(max(size, 1)), cap))
@@ -664,7 +620,7 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     b, l, h, p, g, n, Q, nc = _dims(x, B, chunk_size)
     f = compute_dtype(x.dtype)
     dev = x.device
-    T = _tl_dtype(f)
+    T = tl_dtype(f)
     A, D, dt_bias = (None if t is None else t.contiguous() for t in (A, D, dt_bias))
     h0 = None if initial_states is None else initial_states.contiguous()
     prec = "ieee"
@@ -673,8 +629,8 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     comp = f == torch.float64
     cs_lo = torch.empty(b, h, l, dtype=torch.float64, device=dev) if comp else cs
     BLOCK_H = min(16, triton.next_power_of_2(h))
-    with _quiet():
-        _chunk_cumsum_kernel[(nc, b, triton.cdiv(h, BLOCK_H))](
+    with quiet():
+        chunk_cumsum_kernel[(nc, b, triton.cdiv(h, BLOCK_H))](
             dt, A, dt_bias if dt_bias is not None else A, _limits(dt_limit, f, dev), dt_c, cs, cs_lo,
             h, l, Q, *dt.stride(),
             HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_H=BLOCK_H,
@@ -682,22 +638,22 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
 
         states = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
         BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
-        _chunk_state_kernel[(nc, b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))](
+        chunk_state_kernel[(nc, b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))](
             x, B, dt_c, cs, cs_lo, states, h, l, Q, p, n, h // g, nc, *x.stride(), *B.stride(),
             COMPENSATED=comp, FROM_START=False, BLOCK_K=_block(Q, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
             COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
 
         final = torch.empty(b, h, p, n, dtype=f, device=dev)
         BLOCK = min(_config("block_pn"), triton.next_power_of_2(p * n))
-        _state_pass_kernel[(triton.cdiv(p * n, BLOCK), b * h)](
+        state_pass_kernel[(triton.cdiv(p * n, BLOCK), b * h)](
             states, cs, h0 if h0 is not None else final, final, h, l, Q, nc, p * n,
             HAS_H0=h0 is not None, BLOCK=BLOCK, COMPUTE=T)
 
-        out = torch.empty(b, l, h, p, dtype=_result_dtype(x.dtype), device=dev)
+        out = torch.empty(b, l, h, p, dtype=result_dtype(x.dtype), device=dev)
         ypre = torch.empty(b, l, h, p, dtype=f, device=dev) if save and z is not None else None
         zz = z if z is not None else x
         BM = _block(Q, _config("block_m"))
-        _chunk_scan_kernel[(nc, b * h, triton.cdiv(Q, BM) * triton.cdiv(p, BP))](
+        chunk_scan_kernel[(nc, b * h, triton.cdiv(Q, BM) * triton.cdiv(p, BP))](
             x, zz, B, C, D if D is not None else A, dt_c, cs, cs_lo, states, out, ypre if ypre is not None else out,
             h, l, Q, p, n, h // g, nc, *x.stride(), *zz.stride(), *B.stride(), *C.stride(),
             COMPENSATED=comp, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
@@ -708,12 +664,12 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
 
 def _backward(saved, dout, dfinal):
     """Gradients of (x, dt, A, B, C, D, z, dt_bias, initial_states) from those of out and final_states."""
-    (x, dt, A, B, C, D, z, dt_bias, dt_c, cs, cs_lo, states, ypre), (chunk_size, softplus, dt_limit) = saved
+    (x, dt, A, B, C, D, z, dt_bias, dt_c, cs, cs_lo, states, ypre), (chunk_size, dt_softplus, dt_limit) = saved
     comp = cs_lo is not cs
     b, l, h, p, g, n, Q, nc = _dims(x, B, chunk_size)
     f = compute_dtype(x.dtype)
     dev = x.device
-    T = _tl_dtype(f)
+    T = tl_dtype(f)
     prec = "ieee"
     # the gate and the skip, elementwise in torch: g = d out silu(z) is the gradient of y
     # (contiguous: torch's elementwise ops round differently on strided layouts, vectorised or not,
@@ -733,11 +689,11 @@ def _backward(saved, dout, dfinal):
         dD = (gy * x_f).sum((0, 1))
         dD = (dD if D.dim() == 2 else dD.sum(-1)).to(D.dtype)
 
-    with _quiet():
+    with quiet():
         # each chunk's own gradient of its start state: sum_i exp(cs_i) g_i ⊗ C_i (step 2's kernel)
         dS = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
         BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
-        _chunk_state_kernel[(nc, b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))](
+        chunk_state_kernel[(nc, b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))](
             gy, C, dt_c, cs, cs_lo, dS, h, l, Q, p, n, h // g, nc, *gy.stride(), *C.stride(),
             COMPENSATED=comp, FROM_START=True, BLOCK_K=_block(Q, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
             COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
@@ -747,7 +703,7 @@ def _backward(saved, dout, dfinal):
         dh0 = torch.empty(b, h, p, n, dtype=f, device=dev)
         dtot = torch.empty(b, h, nc, n_blk, dtype=f, device=dev)
         dfinal = None if dfinal is None else dfinal.contiguous()
-        _state_pass_bwd_kernel[(n_blk, b * h)](
+        state_pass_bwd_kernel[(n_blk, b * h)](
             dS, states, cs, dfinal if dfinal is not None else dh0, dh0, dtot, h, l, Q, nc, p * n, n_blk,
             HAS_DFINAL=dfinal is not None, BLOCK=BLOCK, COMPUTE=T)
         # per block of positions: dx, dB, dC, d dt (direct), d cs
@@ -759,7 +715,7 @@ def _backward(saved, dout, dfinal):
         dcs = torch.empty(b, h, l, dtype=torch.float64, device=dev)
         dend = torch.empty(b, h, nc, n_mb, dtype=torch.float64, device=dev)
         rpart = torch.zeros(b, h, nc, n_mb, Q, dtype=torch.float64, device=dev)   # rows before a block stay 0
-        _chunk_bwd_kernel[(nc, b * h, n_mb)](
+        chunk_bwd_kernel[(nc, b * h, n_mb)](
             x, B, C, dt_c, cs, cs_lo, gy, states, dS, dx, dB_h, dC_h, ddt, dcs, dend, rpart,
             h, l, Q, p, n, h // g, nc, n_mb, *x.stride(), *B.stride(), *C.stride(),
             COMPENSATED=comp, BLOCK=BK, BLOCK_P=_block(p, MAX_PN), BLOCK_N=_block(n, MAX_PN), COMPUTE=T, DOT_PRECISION=prec,
@@ -780,7 +736,7 @@ def _backward(saved, dout, dfinal):
         dt_leaf = dt.detach().to(f).requires_grad_()
         bias_leaf = None if dt_bias is None else dt_bias.detach().to(f).requires_grad_()
         s = dt_leaf + bias_leaf if bias_leaf is not None else dt_leaf
-        s = F.softplus(s) if softplus else s
+        s = F.softplus(s) if dt_softplus else s
         s = s.clamp(dt_limit[0], dt_limit[1])
         wrt = [dt_leaf] + ([bias_leaf] if bias_leaf is not None else [])
         grads = torch.autograd.grad(s, wrt, ddt.transpose(1, 2))
@@ -793,16 +749,20 @@ def _backward(saved, dout, dfinal):
     return dx.to(x.dtype), d_dt, dA, dB, dC, dD, dz, d_bias, dh0
 
 
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
 class _SSDScan(torch.autograd.Function):
     """Forward saves the inputs, dt, the cumsum and the chunk start states; backward runs the
     reverse kernels."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, softplus, dt_limit):
+    def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, chunk_size, dt_softplus, dt_limit):
         out, final, (dt_c, cs, cs_lo, states, ypre) = _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states,
-                                                        softplus, dt_limit, save=True)
+                                                        dt_softplus, dt_limit, save=True)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, dt_c, cs, cs_lo if cs_lo is not cs else None, states, ypre)
-        ctx.options = (chunk_size, softplus, dt_limit)
+        ctx.options = (chunk_size, dt_softplus, dt_limit)
         ctx.h0_dtype = None if initial_states is None else initial_states.dtype
         ctx.set_materialize_grads(False)
         return out, final
@@ -821,11 +781,6 @@ class _SSDScan(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------------
-
-def _host_tensors_on_a_gpu_machine(x):
-    """Compiled kernels read GPU memory only: CPU tensors on a machine with a GPU go there and back."""
-    return not INTERPRETED and x.device.type == "cpu"
-
 
 def _check_limits(where, p, n):
     if p > MAX_PN or n > MAX_PN:
@@ -848,12 +803,12 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         out: (b, l, h, p) in x's dtype; with return_final_states, (out, final_states (b, h, p, n) in
         the compute dtype), on x's device
     Raises:
-        NotImplementedError: packed sequences (seq_idx, cu_seqlens, return_varlen_states: the varlen
-        issue), or p or n above MAX_PN
+        NotImplementedError: packed sequences (seq_idx, cu_seqlens, return_varlen_states), or p or n
+        above MAX_PN
     """
     if seq_idx is not None or cu_seqlens is not None or return_varlen_states:
         raise NotImplementedError("triton_ssd: packed sequences (seq_idx, cu_seqlens, return_varlen_states) "
-                                  "are not supported yet (the varlen issue)")
+                                  "are not supported (a declared gap)")
     b, l, h, p = x.shape
     n = B.shape[-1]
     f = compute_dtype(x.dtype)
@@ -864,7 +819,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         out = x.new_empty(b, l, h, p)
         return (out, final) if return_final_states else out
     inputs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-    if _host_tensors_on_a_gpu_machine(x):
+    if host_tensors_on_a_gpu_machine(x):
         moved = [None if t is None else t.to("cuda") for t in inputs]
         out, final = ssd_scan(*moved[:5], chunk_size, *moved[5:], dt_softplus=dt_softplus, dt_limit=dt_limit,
                               return_final_states=True)
@@ -903,19 +858,19 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     n = B.shape[-1]
     g = B.shape[1]
     _check_limits("ssd_state_update", p, n)
-    if _host_tensors_on_a_gpu_machine(x):
+    if host_tensors_on_a_gpu_machine(x):
         moved = [None if t is None else t.to("cuda") for t in (x, dt, A, B, C, D, z, dt_bias, state_batch_indices)]
         state_gpu = state.to("cuda")
         y = ssd_state_update(state_gpu, *moved[:8], dt_softplus, dt_limit, moved[8])
         state.copy_(state_gpu)
         return y.to(x.device)
     f = compute_dtype(x.dtype)
-    y = torch.empty(b, h, p, dtype=_result_dtype(x.dtype), device=x.device)
+    y = torch.empty(b, h, p, dtype=result_dtype(x.dtype), device=x.device)
     zz = z if z is not None else x
     BP = min(_config("step_block_p"), triton.next_power_of_2(p))
     s_A = list(A.stride()) if A.dim() == 3 else [A.stride(0), 0, 0]
-    with _quiet():
-        _step_kernel[(triton.cdiv(p, BP), b * h)](
+    with quiet():
+        step_kernel[(triton.cdiv(p, BP), b * h)](
             state, x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A,
             _limits(dt_limit, f, x.device), state_batch_indices if state_batch_indices is not None else A, y,
             h, p, n, h // g, *state.stride(), *x.stride(), *_tied_strides(dt, 3), *s_A,
@@ -923,5 +878,5 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
             *(_tied_strides(dt_bias, 2) if dt_bias is not None else (0, 0)), *zz.stride(),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
             HAS_IDX=state_batch_indices is not None, BLOCK_P=BP, BLOCK_N=triton.next_power_of_2(n),
-            COMPUTE=_tl_dtype(f), num_warps=1)
+            COMPUTE=tl_dtype(f), num_warps=1)
     return y.to(x.dtype)
