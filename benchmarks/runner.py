@@ -42,10 +42,10 @@ from . import planted
 from .common import append_jsonl, code_state, machine_info, machine_key, read_jsonl
 
 # modules of benchmarks/, run in this order (a second family's sweep is added here, e.g. "ssd_grid")
-SWEEPS = ("calibration", "scan_grid", "time_per_token", "decode_split", "accuracy", "ssd_grid")
+SWEEPS = ("calibration", "scan_grid", "time_per_token", "decode_split", "accuracy", "ssd_grid", "mamba3_grid")
 DEFAULT_OUT = os.path.join("results", "results.jsonl")
 # environment variables that change what a sweep measures: part of every point's settings
-SETTINGS_ENV = ("SCAN_GRID_THREADS", "SSD_GRID_THREADS", planted.ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE")
+SETTINGS_ENV = ("SCAN_GRID_THREADS", "SSD_GRID_THREADS", "MAMBA3_GRID_THREADS", planted.ENV, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE")
 
 
 class UsageError(ValueError):

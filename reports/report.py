@@ -250,10 +250,11 @@ def peers_table(data):
     return out.rename(columns={"ratio": "ratio_to_mambapy", "median_s": "cpu_s"})
 
 
-def ssd_grid_table(data):
-    """The SSD benchmark (benchmarks/ssd_grid.py): one row per implementation at each point, its
-    per-round ratio to chunked (interleaved), the floor's rate, (f+b)/f, and the memory point."""
-    rows = data[data["benchmark"] == "ssd_grid"] if "benchmark" in data else data.iloc[:0]
+def ssd_grid_table(data, benchmark="ssd_grid"):
+    """The SSD benchmark (benchmarks/ssd_grid.py), or Mamba-3's (benchmarks/mamba3_grid.py, which
+    adds chunked / floor and chunked's time per token / one step): one row per implementation at each
+    point, its per-round ratio to chunked (interleaved), the floor's rate, (f+b)/f, and the memory point."""
+    rows = data[data["benchmark"] == benchmark] if "benchmark" in data else data.iloc[:0]
     out = []
     for _, r in rows.iterrows():
         for impl, m in (r.get("results") if isinstance(r.get("results"), dict) else {}).items():
@@ -262,6 +263,8 @@ def ssd_grid_table(data):
                             threads=r.get("threads"), impl=impl, ms=1e3 * m["median_s"], ratio_to_chunked=m.get("ratio"),
                             ratio_q1=m.get("ratio_q1"), ratio_q3=m.get("ratio_q3"), unstable=m.get("unstable"),
                             gflop_per_s=m.get("gflop_per_s"), fb_over_f=fb.get("ratio"),
+                            **({k: (m.get(k) or {}).get("ratio") for k in ("over_floor", "per_token_over_step")}
+                               if benchmark == "mamba3_grid" else {}),
                             beyond_io_mib=(m["beyond_inputs_and_output_bytes"] / 2 ** 20
                                            if "beyond_inputs_and_output_bytes" in m else None),
                             beyond_in_chunks=m.get("beyond_in_chunks")))
@@ -458,6 +461,12 @@ def build(data, problems, out_dir):
          "shapes, by torch.matmul), measured interleaved; ratio_to_chunked is the median of per-round wall-clock "
          "ratios, with quartiles; fb_over_f is chunked's forward+backward over its forward; the memory point gives "
          "the peak resident memory beyond the inputs and the output, in MiB and in chunks' worth."),
+        ("Mamba-3 scan grid (SISO)", ssd_grid_table(data, "mamba3_grid"), [], [],
+         "benchmarks/mamba3_grid.py at the official kernel's optimum shape (b=1, h_qk=1, h=32, n=128, p=64, "
+         "n_ang=32, chunk_size 64), float32, one thread: chunked, the loop, the step run per token (recurrent), one "
+         "step, and the floor (the chunked algorithm's four batched matmuls), measured interleaved; over_floor is "
+         "chunked / floor and per_token_over_step chunked's time per token / one step, both per-round medians; "
+         "the memory points give the memory beyond inputs and output at several l."),
         ("Against mamba.py: decoding and prefill", peers_table(data), [], [],
          "Our MambaLM against mamba.py's Mamba loaded with the same weights (impls/adapters/mambapy_model.py), measured "
          "interleaved in one run: per-token decoding (ratio < 1 means ours is faster) and prompt prefill into the "

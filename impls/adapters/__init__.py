@@ -79,3 +79,23 @@ def register_mamba_ssm_ssd(name="mamba_ssm"):
 
 if importlib.util.find_spec("mamba_ssm") is not None and torch.cuda.is_available():
     register_mamba_ssm_ssd()
+
+# The official Mamba-3 SISO kernels (mamba3.py), where mamba_ssm imports and there is a GPU.
+# dtypes: bfloat16 only, because mamba3_siso_combined casts Q, K, V, Trap, Angles and Z to bfloat16
+# (the adapter also refuses float32 Q, K, Trap, Angles beside bfloat16 V, odd n_ang, l = 0, and
+# head sizes or chunk sizes its Triton tiles do not serve). state_batch_indices: the official indexed
+# step is unmerged. nonfinite_inputs, deterministic, batch_invariant: not measured on a GPU here.
+# Its known bugs (bfloat16 angles, approximate tanh, ...) are in xfails/mamba3.txt.
+MAMBA3_SUPPORTS = dict(dtypes=(torch.bfloat16,), gradients=True, varlen=True, state_batch_indices=False,
+                       nonfinite_inputs=False, deterministic=False, batch_invariant=False)
+
+
+def register_mamba3(name="mamba_ssm"):
+    """Register the official Mamba-3 SISO kernels' adapter in the mamba3 family under ``name``
+    (equivalence/mamba3/test_adapter.py registers it over a stand-in package, on the CPU)."""
+    return register(name, lazy("adapters.mamba3", "mamba3_scan"), step=lazy("adapters.mamba3", "mamba3_state_update"),
+                    family="mamba3", **MAMBA3_SUPPORTS)
+
+
+if importlib.util.find_spec("mamba_ssm") is not None and torch.cuda.is_available():
+    register_mamba3()
