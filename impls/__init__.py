@@ -33,7 +33,7 @@ from .registry import (ENTRY_POINT_GROUP, FAMILIES, Family, Implementation, add_
 from .selective import selective_scan, selective_state_update  # noqa: E402
 from .ssd import ssd_scan, ssd_state_update  # noqa: E402
 from .mamba3 import mamba3_mimo, mamba3_mimo_state_update, mamba3_scan, mamba3_state_update  # noqa: E402
-from .adapters import register_mamba_ssm, register_mamba_ssm_ssd, register_transformers_ssd  # noqa: E402
+from .adapters import register_mamba3, register_mamba_ssm, register_mamba_ssm_ssd, register_transformers_ssd  # noqa: E402
 
 # Installed packages last: built-in names are taken first, so a plugin cannot shadow them.
 BUILTIN = names()
