@@ -18,8 +18,8 @@ import time
 
 import pandas as pd
 
-from . import planted_bugs
-from .cases import Case
+from .selective import planted_bugs
+from .selective import Case
 
 
 def first_failure(bug, timeout=900):

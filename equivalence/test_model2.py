@@ -21,6 +21,8 @@ import impls
 from impls.models.mamba2 import Mamba2Config, Mamba2LM, parameter_shapes
 from .tolerance import compare, terms
 
+pytestmark = pytest.mark.family("ssd")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():

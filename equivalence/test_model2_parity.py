@@ -22,6 +22,8 @@ from .test_model2 import Case, check
 transformers = pytest.importorskip("transformers")
 from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM  # noqa: E402
 
+pytestmark = pytest.mark.family("ssd")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def quiet_and_one_thread():

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import impls
 from impls.selective import parallel
-from .cases import REGIMES, Case, cases, make_inputs
-from .checks import (check_causality, check_gradients, check_nan_propagation, check_split, check_values,
+from .selective import REGIMES, Case, cases, make_inputs
+from .selective import (check_causality, check_gradients, check_nan_propagation, check_split, check_values,
                      oracle, repro)
 from .tolerance import assert_close
 

@@ -12,6 +12,9 @@ from hypothesis import find, settings
 from hypothesis.errors import NoSuchExample
 
 import impls
+
+from . import selective
+from .diagnose import describe, probe_capabilities
 from .test_planted_bugs import DRAWN, SEARCH, rejected
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "my_kernel")
@@ -69,19 +72,17 @@ def test_xfails_file_marks_listed_tests(tmp_path):
 
 
 def test_header_names_module_version_and_wrapped_package():
-    from .checks import describe
 
-    assert f"impls.selective.loop (selective-scan-suite {metadata.version('selective-scan-suite')})" in describe("loop")
+    assert f"impls.selective.loop (selective-scan-suite {metadata.version('selective-scan-suite')})" in describe(selective, "loop")
     if "mambapy" in impls.names():
-        assert f"wrapping mambapy {metadata.version('mambapy')}" in describe("mambapy")
-        assert "'grouped': False" in describe("mambapy")
+        assert f"wrapping mambapy {metadata.version('mambapy')}" in describe(selective, "mambapy")
+        assert "'grouped': False" in describe(selective, "mambapy")
 
 
 def test_a_plain_functions_capabilities_are_probed():
     """Each capability is what a tiny call showed: a float64 NotImplementedError and a scan that
     detaches its result each turn one capability off, and only that one; a grouped crash is not a
     refusal: grouped stays on (supported but broken), so the tests run and show the crash."""
-    from .checks import probe_capabilities
 
     loop = impls.get("loop").scan
 
@@ -97,23 +98,22 @@ def test_a_plain_functions_capabilities_are_probed():
         y, s = loop(*args)
         return y.detach(), s.detach()
 
-    supports, notes = probe_capabilities(picky)
+    supports, notes = probe_capabilities(selective, picky)
     assert supports["dtypes"] == (torch.float16, torch.bfloat16, torch.float32) and supports["grouped"]
     assert supports["initial_state"] and supports["gradients"], notes
     assert notes["grouped"].startswith("broken: RuntimeError: shape mismatch"), notes
     assert notes["dtype f64"].startswith("gap: NotImplementedError"), notes
-    supports, notes = probe_capabilities(detached)
+    supports, notes = probe_capabilities(selective, detached)
     assert not supports["gradients"] and supports["grouped"] and len(supports["dtypes"]) == 4, notes
 
 
 def test_the_base_call_is_required_not_probed_away():
     """A function that refuses even the plainest call (float32, ungrouped) keeps float32 on."""
-    from .checks import probe_capabilities
 
     def refuses(*args):
         raise NotImplementedError("nothing works yet")
 
-    supports, notes = probe_capabilities(refuses)
+    supports, notes = probe_capabilities(selective, refuses)
     assert supports["dtypes"] == (torch.float32,) and not supports["grouped"], notes
     assert notes["dtype f32"].startswith("broken (the base call is required)"), notes
 

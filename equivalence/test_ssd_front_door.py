@@ -6,7 +6,7 @@ import torch
 
 import impls
 
-from .ssd_cases import SSDCase, make_inputs
+from .ssd import SSDCase, make_inputs
 
 pytestmark = pytest.mark.family("ssd")
 

@@ -7,6 +7,7 @@
   no recurrence and no chunks, every operation in another order.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import example, given
@@ -15,8 +16,10 @@ import impls
 from impls.ssd.mapped import to_selective
 
 from .reference import window_sums
-from .ssd_cases import SSDCase, cases, reference_inputs
+from .ssd import SSDCase, cases, reference_inputs, scales
 from .tolerance import assert_close, ssd_terms
+
+pytestmark = pytest.mark.family("ssd")
 
 
 def closed_form(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,

@@ -5,16 +5,22 @@ impls' Family value names this module (``Family.equivalence``); nothing here is 
 ``import impls``. Letters as in impls/frontdoor.py: y is (b, d, l), the state (b, d, n).
 """
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 
 import impls
 from impls.frontdoor import per_channel
 from impls.selective.recurrent import scan_by_stepping  # noqa: F401 (a step plugged in alone)
 
+from .. import properties
 from ..tolerance import GATE_ULPS, conditioning, dt_ulps, gradient_conditioning
 from ..tolerance import terms as rounded_terms
-from .cases import (DTYPES, NONFINITE, PINNED, SCAN_ARGS, SMALLEST, Case, cases,  # noqa: F401
+from . import planted_bugs  # noqa: F401
+from .cases import (DTYPES, EDGE_REGIMES, NONFINITE, PINNED, REGIMES, SCAN_ARGS, SMALLEST, Case, cases,  # noqa: F401
                     make_inputs, reference_inputs)
 from .varlen import PACKING  # noqa: F401
 
@@ -171,7 +177,7 @@ STRATEGIES = dict(
     values=cases(), split=cases(), causality=cases(), decode=cases(max_l=120), batch=cases(min_b=2),
     nonfinite=cases(max_l=120), gradients=cases(dtypes=("f32", "f64"), max_d=12, max_n=8, max_l=64),
     properties=cases(max_b=2, max_d=4, max_n=4, max_l=8), magnitudes=cases(dtypes=("f64",), max_d=4, max_n=4, max_l=30),
-    planted=cases(), planted_nonfinite=cases(poison=True),
+    planted=st.one_of(cases(), cases(poison=True)),
 )
 # The long and edge cases of the invariants, each family's in a test of its own (an @example is
 # never shrunk, so it must not pre-empt a drawn failure)
@@ -184,3 +190,22 @@ PINNED_INVARIANTS = dict(
 )
 # The size the planted-bug search folds each drawn case to for the four properties of properties.py
 PLANTED_SMALL = dict(b=3, d=8, n=6, l=24)
+
+
+# The properties with this family bound, for the tests of one implementation or one adapter:
+# check_values(name, case), oracle(case), ... (equivalence/properties.py has them over any family)
+FAMILY = sys.modules[__name__]
+check_values = functools.partial(properties.check_values, FAMILY)
+check_split = functools.partial(properties.check_split, FAMILY)
+check_prefill_then_decode = functools.partial(properties.check_prefill_then_decode, FAMILY)
+check_causality = functools.partial(properties.check_causality, FAMILY)
+check_batch_independence = functools.partial(properties.check_batch_independence, FAMILY)
+check_nonfinite = functools.partial(properties.check_nonfinite, FAMILY)
+check_gradients = functools.partial(properties.check_gradients, FAMILY)
+oracle = functools.partial(properties.oracle, FAMILY)
+scales = functools.partial(properties.scales, FAMILY)
+
+
+def check_nan_propagation(name, case, t):
+    """A NaN in u at (0, 0, t) reaches y[0, 0, t:] and nothing else (properties.check_nonfinite)."""
+    return properties.check_nonfinite(FAMILY, name, case, "u", t, "nan")

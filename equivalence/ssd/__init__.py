@@ -6,6 +6,9 @@ impls' Family value names this module (``Family.equivalence``); nothing here is 
 The oracle is the SSD loop (impls/ssd/loop.py) run in float64.
 """
 
+import functools
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -13,8 +16,10 @@ import impls
 from impls.ssd.loop import effective_dt, per_head
 from impls.ssd.recurrent import scan_by_stepping  # noqa: F401 (a step plugged in alone)
 
+from .. import properties
 from ..tolerance import GATE_ULPS, conditioning, dt_ulps, gradient_conditioning, ssd_terms
-from .cases import (CHUNK_SIZES, DTYPES, PINNED, SCAN_ARGS, TIME_ARGS, SSDCase, cases,  # noqa: F401
+from . import planted_bugs  # noqa: F401
+from .cases import (CHUNK_SIZES, DT_LIMITS, DTYPES, PINNED, REGIMES, SCAN_ARGS, TIME_ARGS, SSDCase, cases,  # noqa: F401
                     make_inputs, reference_inputs)
 from .varlen import PACKING  # noqa: F401
 
@@ -215,3 +220,19 @@ PINNED_INVARIANTS = dict(
 )
 # The size the planted-bug search folds each drawn case to for the four properties of properties.py
 PLANTED_SMALL = dict(b=2, l=24, h=4, p=4, n=6)
+
+
+# The properties with this family bound, for the tests of one implementation or one adapter:
+# check_values(name, case), oracle(case), ... (equivalence/properties.py has them over any family)
+FAMILY = sys.modules[__name__]
+check_values = functools.partial(properties.check_values, FAMILY)
+check_split = functools.partial(properties.check_split, FAMILY)
+check_prefill_then_decode = functools.partial(properties.check_prefill_then_decode, FAMILY)
+check_causality = functools.partial(properties.check_causality, FAMILY)
+check_batch_independence = functools.partial(properties.check_batch_independence, FAMILY)
+check_nonfinite = functools.partial(properties.check_nonfinite, FAMILY)
+check_gradients = functools.partial(properties.check_gradients, FAMILY)
+oracle = functools.partial(properties.oracle, FAMILY)
+scales = functools.partial(properties.scales, FAMILY)
+check_step_equals_scan = check_prefill_then_decode
+check_chunk_size_invariance = functools.partial(properties.check_chunk_size_invariance, FAMILY)

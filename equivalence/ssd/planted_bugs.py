@@ -192,3 +192,7 @@ def _scan_row(bug, batch, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_sta
 correct = functools.partial(_scan, None)
 for _bug in BUGS:
     globals()[_bug] = functools.partial(_scan, _bug)
+
+# The bugs that only one property catches, and that property (test_planted_bugs.py)
+ONLY = {"gradient_order_by_call": "determinism", "chunk_size_by_batch": "batch invariance",
+        "unwritten_chunk_padding": "unwritten memory", "guarded_path_on_nonfinite_chunk": "non-finite causality"}
