@@ -373,7 +373,7 @@ def replayed_options(config):
     flags = [(o, dest(o)) for f in impls.FAMILIES.values() for o in (f.option, f.step_option)]
     out = []
     for flag, d in flags + [("--xfails-file", "xfails_file")]:
-        value = config.getoption(d)
+        value = config.getoption(d, None)  # a family added after the options were parsed has none
         out += [f"{flag} {v}" for v in ([] if value is None else value if isinstance(value, list) else [value])]
     return " ".join(out)
 

@@ -51,6 +51,7 @@ import importlib
 import torch
 
 import impls
+from impls.frontdoor import compute_dtype
 
 from .tolerance import assert_close
 
@@ -190,7 +191,7 @@ def check_prefill_then_decode(fam, name, case, k):
     else:
         y_pre = time_slice(fam, x, 0, 0)[fam.TIME_ARGS[0]]
         state = (x[fam.STATE_ARG].clone() if x[fam.STATE_ARG] is not None
-                 else torch.zeros(fam.state_shape(case), dtype=x["A"].dtype))
+                 else torch.zeros(fam.state_shape(case), dtype=compute_dtype(case.torch_dtype)))
     ys = [y_pre] + [fam.step(name, state, x, t).unsqueeze(fam.TIME_DIM) for t in range(k, case.l)]
     ref, same = oracle(fam, case)
     assert_matches_oracle(fam, f"{name}, prefill {k} then step", case, torch.cat(ys, fam.TIME_DIM), state, ref, same,

@@ -1,4 +1,4 @@
-"""Packed variable-length sequences (Mamba-1): the properties of equivalence/varlen_cases.py, drawn
+"""Packed variable-length sequences (Mamba-1): the properties of equivalence/varlen.py, drawn
 by hypothesis, for every implementation under test that declares ``varlen``; the others appear as
 skipped with the declared gap. Pinned packings run in tests of their own (hypothesis does not
 shrink an @example), and a test checks that they cover every boundary geometry on parallel's plan.
@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 import impls
 from impls.selective import parallel
 
-from .varlen_cases import (CATEGORIES, VarlenCase, check_alone, check_alone_gradients, check_decoding,
-                           check_no_crossing, check_prefill, chunk_starts, covered, varlen_cases)
+from .selective.varlen import PACKING, VarlenCase, chunk_starts, varlen_cases
+from .varlen import (CATEGORIES, check_alone, check_alone_gradients, check_decoding, check_no_crossing,
+                     check_prefill, covered)
 
 SMALL_PLAN = dict(STEP_ELEMENTS=72, SEGMENT_ELEMENTS=600, MIN_CHUNK=3)
 
@@ -84,37 +85,37 @@ def test_pinned_packings_cover_every_boundary_geometry():
 
 @pytest.mark.parametrize("case", PINNED, ids=lambda c: c.id)
 def test_pinned_packing(varlen_impl, case):
-    check_alone(varlen_impl, case)
+    check_alone(PACKING, varlen_impl, case)
     for i in range(case.nseq):
-        check_no_crossing(varlen_impl, case, i)
-    check_prefill(varlen_impl, case, case.lengths.index(max(case.lengths)), max(case.lengths) // 2)
+        check_no_crossing(PACKING, varlen_impl, case, i)
+    check_prefill(PACKING, varlen_impl, case, case.lengths.index(max(case.lengths)), max(case.lengths) // 2)
 
 
 @pytest.mark.parametrize("case", [c for c in PINNED if c.dtype in ("f32", "f64")], ids=lambda c: c.id)
 def test_pinned_packing_gradients(varlen_gradient_impl, case):
-    check_alone_gradients(varlen_gradient_impl, case)
+    check_alone_gradients(PACKING, varlen_gradient_impl, case)
 
 
 @given(case=varlen_cases())
 def test_packed_equals_each_sequence_alone(varlen_impl, case):
-    check_alone(varlen_impl, case)
+    check_alone(PACKING, varlen_impl, case)
 
 
 @given(case=varlen_cases(dtypes=("f32", "f64"), max_total=48))
 def test_packed_gradients_equal_each_sequence_alone(varlen_gradient_impl, case):
-    check_alone_gradients(varlen_gradient_impl, case)
+    check_alone_gradients(PACKING, varlen_gradient_impl, case)
 
 
 @given(case=varlen_cases(), i=st.integers(0, 7), value=st.sampled_from([None, "nan", "inf"]))
 def test_nothing_crosses_a_boundary(varlen_impl, case, i, value):
-    check_no_crossing(varlen_impl, case, i, value)
+    check_no_crossing(PACKING, varlen_impl, case, i, value)
 
 
 @given(case=varlen_cases(), i=st.integers(0, 7), k=st.integers(0, 30))
 def test_chunked_prefill_split_anywhere_equals_one_call(varlen_impl, case, i, k):
-    check_prefill(varlen_impl, case, i, k)
+    check_prefill(PACKING, varlen_impl, case, i, k)
 
 
 @given(case=varlen_cases(max_total=40), order_seed=st.integers(0, 2**16), padding=st.integers(0, 2))
 def test_decoding_through_state_batch_indices(varlen_stepping_impl, case, order_seed, padding):
-    check_decoding(varlen_stepping_impl, case, order_seed, padding)
+    check_decoding(PACKING, varlen_stepping_impl, case, order_seed, padding)

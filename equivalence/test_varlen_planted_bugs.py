@@ -9,9 +9,9 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 
-from . import varlen_planted_bugs as planted
-from .varlen_cases import (check_alone, check_alone_gradients, check_decoding, check_no_crossing, check_prefill,
-                           varlen_cases)
+from .selective import varlen_planted_bugs as planted
+from .selective.varlen import PACKING, varlen_cases
+from .varlen import check_alone, check_alone_gradients, check_decoding, check_no_crossing, check_prefill
 
 SEARCH = settings(max_examples=200, database=None, derandomize=True, deadline=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
@@ -24,11 +24,11 @@ DRAWN = st.tuples(varlen_cases(chunk=planted.CHUNK, dtypes=("f32", "f64"), max_d
 def rejected(name, drawn):
     case, i, k, order_seed, padding = drawn
     try:
-        check_alone(name, case)
-        check_no_crossing(name, case, i)
-        check_prefill(name, case, i, k)
-        check_decoding(name, case, order_seed, padding)
-        check_alone_gradients(name, case)
+        check_alone(PACKING, name, case)
+        check_no_crossing(PACKING, name, case, i)
+        check_prefill(PACKING, name, case, i, k)
+        check_decoding(PACKING, name, case, order_seed, padding)
+        check_alone_gradients(PACKING, name, case)
     except AssertionError:
         return True
     return False

@@ -1,5 +1,5 @@
-"""Packed variable-length sequences (Mamba-2 SSD): the properties of equivalence/varlen_cases.py,
-run for the SSD family (varlen_cases.SSD), drawn by hypothesis, for every SSD implementation under
+"""Packed variable-length sequences (Mamba-2 SSD): the properties of equivalence/varlen.py,
+run for the SSD family (equivalence/ssd/varlen.py), drawn by hypothesis, for every SSD implementation under
 test that declares ``varlen``; the others are skipped with the declared gap as the reason. Pinned
 packings run in tests of their own and cover every boundary geometry on a chunk grid laid over
 the packed sequence. The official ``seq_idx`` semantics and ``return_varlen_states`` are checked
@@ -17,9 +17,12 @@ from hypothesis import strategies as st
 import impls
 
 from .test_varlen import small_plan
-from .varlen_cases import (CATEGORIES, SSD, SSDVarlenCase, check_alone, check_alone_gradients, check_decoding,
-                           check_no_crossing, check_prefill, covered, scan_alone, ssd_chunk_starts,
-                           ssd_packed_inputs, ssd_varlen_cases)
+from .ssd.varlen import PACKING as SSD, SSDVarlenCase, chunk_starts as ssd_chunk_starts
+from .ssd.varlen import packed_inputs as ssd_packed_inputs, varlen_cases as ssd_varlen_cases
+from .varlen import (CATEGORIES, check_alone, check_alone_gradients, check_decoding, check_no_crossing,
+                     check_prefill, covered, scan_alone)
+
+pytestmark = pytest.mark.family("ssd")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -65,45 +68,45 @@ def test_pinned_packings_cover_every_boundary_geometry():
 @pytest.mark.parametrize("case", PINNED, ids=lambda c: c.id)
 def test_pinned_packing(ssd_impl, case):
     name = _needs(ssd_impl)
-    check_alone(name, case, SSD)
+    check_alone(SSD, name, case)
     for i in range(case.nseq):
-        check_no_crossing(name, case, i, family=SSD)
-    check_prefill(name, case, case.lengths.index(max(case.lengths)), max(case.lengths) // 2, SSD)
+        check_no_crossing(SSD, name, case, i)
+    check_prefill(SSD, name, case, case.lengths.index(max(case.lengths)), max(case.lengths) // 2)
 
 
 @pytest.mark.parametrize("case", [c for c in PINNED if c.dtype in ("f32", "f64")], ids=lambda c: c.id)
 def test_pinned_packing_gradients(ssd_impl, case):
-    check_alone_gradients(_needs(ssd_impl, gradients=True), case, SSD)
+    check_alone_gradients(SSD, _needs(ssd_impl, gradients=True), case)
 
 
 @pytest.mark.parametrize("case", PINNED[:3], ids=lambda c: c.id)
 def test_pinned_decoding(ssd_impl, case):
-    check_decoding(_needs(ssd_impl, step=True), case, order_seed=case.seed, padding=2, family=SSD)
+    check_decoding(SSD, _needs(ssd_impl, step=True), case, order_seed=case.seed, padding=2)
 
 
 @given(case=ssd_varlen_cases())
 def test_packed_equals_each_sequence_alone(ssd_impl, case):
-    check_alone(_needs(ssd_impl), case, SSD)
+    check_alone(SSD, _needs(ssd_impl), case)
 
 
 @given(case=ssd_varlen_cases(dtypes=("f32", "f64"), max_total=40))
 def test_packed_gradients_equal_each_sequence_alone(ssd_impl, case):
-    check_alone_gradients(_needs(ssd_impl, gradients=True), case, SSD)
+    check_alone_gradients(SSD, _needs(ssd_impl, gradients=True), case)
 
 
 @given(case=ssd_varlen_cases(), i=st.integers(0, 7), value=st.sampled_from([None, "nan", "inf"]))
 def test_nothing_crosses_a_boundary(ssd_impl, case, i, value):
-    check_no_crossing(_needs(ssd_impl), case, i, value, SSD)
+    check_no_crossing(SSD, _needs(ssd_impl), case, i, value)
 
 
 @given(case=ssd_varlen_cases(), i=st.integers(0, 7), k=st.integers(0, 30))
 def test_chunked_prefill_split_anywhere_equals_one_call(ssd_impl, case, i, k):
-    check_prefill(_needs(ssd_impl), case, i, k, SSD)
+    check_prefill(SSD, _needs(ssd_impl), case, i, k)
 
 
 @given(case=ssd_varlen_cases(max_total=40), order_seed=st.integers(0, 2**16), padding=st.integers(0, 2))
 def test_decoding_through_state_batch_indices(ssd_impl, case, order_seed, padding):
-    check_decoding(_needs(ssd_impl, step=True), case, order_seed, padding, SSD)
+    check_decoding(SSD, _needs(ssd_impl, step=True), case, order_seed, padding)
 
 
 # --- the official seq_idx semantics and return_varlen_states ---------------------------------------
@@ -214,5 +217,5 @@ def test_scan_alone_is_what_the_loop_defines():
     case = PINNED[0]
     x = ssd_packed_inputs(case, torch.float64)
     y, s = impls.ssd_scan(**x, return_final_states=True, impl="loop")
-    y0, s0 = scan_alone("loop", x, SSD)
+    y0, s0 = scan_alone(SSD, "loop", x)
     assert torch.equal(y, y0) and torch.equal(s, s0)

@@ -9,14 +9,16 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 
-from . import varlen_ssd_planted_bugs as planted
-from .varlen_cases import (SSD, check_alone, check_alone_gradients, check_decoding, check_no_crossing, check_prefill,
-                           ssd_varlen_cases)
+from .ssd import varlen_planted_bugs as planted
+from .ssd.varlen import PACKING, varlen_cases
+from .varlen import check_alone, check_alone_gradients, check_decoding, check_no_crossing, check_prefill
+
+pytestmark = pytest.mark.family("ssd")
 
 SEARCH = settings(max_examples=200, database=None, derandomize=True, deadline=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
 
-DRAWN = st.tuples(ssd_varlen_cases(chunk=planted.CHUNK, dtypes=("f32", "f64"), max_h=2, max_p=3, max_n=3,
+DRAWN = st.tuples(varlen_cases(chunk=planted.CHUNK, dtypes=("f32", "f64"), max_h=2, max_p=3, max_n=3,
                                    max_seqs=4, max_total=40),
                   st.integers(0, 7), st.integers(0, 30), st.integers(0, 2**16), st.integers(0, 2))
 
@@ -24,11 +26,11 @@ DRAWN = st.tuples(ssd_varlen_cases(chunk=planted.CHUNK, dtypes=("f32", "f64"), m
 def rejected(name, drawn):
     case, i, k, order_seed, padding = drawn
     try:
-        check_alone(name, case, SSD)
-        check_no_crossing(name, case, i, family=SSD)
-        check_prefill(name, case, i, k, SSD)
-        check_decoding(name, case, order_seed, padding, SSD)
-        check_alone_gradients(name, case, SSD)
+        check_alone(PACKING, name, case)
+        check_no_crossing(PACKING, name, case, i)
+        check_prefill(PACKING, name, case, i, k)
+        check_decoding(PACKING, name, case, order_seed, padding)
+        check_alone_gradients(PACKING, name, case)
     except AssertionError:
         return True
     return False
