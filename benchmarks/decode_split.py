@@ -9,7 +9,7 @@ the step makes (impls/models/mamba.py: the fused step's ``LayerDecode`` methods 
 models, ``MambaMixer.step_*`` for the others), in the same order, on the real decoding state, with a
 clock read between parts. Per token (all layers together):
 
-    projections  in_proj, x_proj + dt_proj (``_project``), out_proj with the residual add, LM head
+    projections  in_proj, x_proj + dt_proj (``project``), out_proj with the residual add, LM head
                  (also separately: in_proj_s, x_dt_proj_s, out_proj_s, lm_head_s)
     conv         the rolling conv buffer write, the k-tap conv, its bias, SiLU (``step_conv``)
     scan_step    the step implementation (``LayerDecode.scan``; ``step_scan`` through
@@ -86,16 +86,16 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
             parts[name] += stop - start
 
     def traced_fused():
-        """MambaLM._fused_step (float32/float64 RMSNorm models), the same calls in the same order, with
-        a clock read between parts (LayerDecode's methods)."""
+        """LanguageModel.step's fused path with MambaMixer.fused_step (float32/float64 RMSNorm models),
+        the same calls in the same order, with a clock read between parts (LayerDecode's methods)."""
         t0 = clock()
         stream, phase = cache.stream, cache.phase
         step_fn = cache.checked.get(impl)
         torch.index_select(model.backbone.embedding.weight, 0, token, out=stream.residual)
-        for c in cache.layers:
+        for block, c in zip(model.backbone.layers, cache.layers):
             dc = c.decode
             t1 = clock()
-            normed = stream.normalize(dc.norm_w, dc.eps)
+            normed = stream.normalize(block.norm.weight, cache.eps)
             t2 = clock()
             dc.in_proj(normed)
             t3 = clock()
@@ -112,7 +112,7 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
             cache.checked[impl] = impls.get(impl).step
         cache.phase = (phase + 1) % cache.k
         t8 = clock()
-        normed = stream.normalize(model.backbone.norm_f.weight, cache.final_eps)
+        normed = stream.normalize(model.backbone.norm_f.weight, cache.eps)
         t9 = clock()
         logits = torch.mm(normed, model.lm_head.weight.t())
         t10 = clock()
@@ -120,13 +120,14 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
         return logits, t10 - t0
 
     def traced():
-        """MambaLM.step, the same calls in the same order, with a clock read between parts."""
+        """MambaLM.step (LanguageModel.step with MambaMixer.step), the same calls in the same order,
+        with a clock read between parts."""
         if cache.stream is not None:
             return traced_fused()
         t0 = clock()
         h = model.backbone.embedding(token)
-        residual = h.float() if model._residual_fp32() else h
-        phase = cache.phase
+        residual = h.float() if model.residual_fp32() else h
+        phase, step_fn = cache.phase, cache.checked.get(impl)
         for block, c in zip(model.backbone.layers, cache.layers):
             mixer = block.mixer
             t1 = clock()
@@ -136,13 +137,15 @@ def decode_split(model, cache, token, impl="recurrent", rounds=ROUNDS, block_s=B
             t3 = clock()
             x = mixer.step_conv(x, c, phase)
             t4 = clock()
-            delta, B, C = mixer._project(x)
+            delta, B, C = mixer.project(x)
             t5 = clock()
-            y = mixer.step_scan(c, x, delta, B, C, z, impl)
+            y = mixer.step_scan(c, x, delta, B, C, z, impl, step_fn)
             t6 = clock()
             residual = mixer.step_out_proj(y, residual)
             t7 = clock()
             tally(LAYER_PARTS, (t1, t2, t3, t4, t5, t6, t7))
+        if step_fn is None:
+            cache.checked[impl] = impls.get(impl).step
         cache.phase = (phase + 1) % cache.k
         t8 = clock()
         final = model.backbone.norm_f(residual.to(h.dtype))

@@ -11,7 +11,6 @@ own rounding the loop run shares (it does the very same projections), so the loo
 
 import dataclasses
 import json
-import math
 import os
 
 import pytest
@@ -21,47 +20,11 @@ from hypothesis import strategies as st
 
 import impls
 from impls.models.mamba import MambaConfig, MambaLM
+from .model_helpers import mamba_official_layout as official_layout, one_thread, tiny_mamba  # noqa: F401
 from .tolerance import compare, terms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: every op is far below torch's parallel grain, and a second OpenMP
-    thread only adds synchronisation, which on a busy 2-core machine made this file 14x slower
-    (77 s against 5.5 s). One thread here, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- the official layout
-
-def official_layout(d_model, n_layer, vocab_size, d_state=16, d_conv=4, expand=2, pad_multiple=8):
-    """Parameter name -> shape of an official Mamba-1 checkpoint (state-spaces/mamba-*: MambaLMHeadModel's
-    state_dict), written out from the official layout, not from impls/models/mamba.py."""
-    d_inner = expand * d_model
-    dt_rank = math.ceil(d_model / 16)
-    v = vocab_size + (-vocab_size) % pad_multiple
-    layout = {"backbone.embedding.weight": (v, d_model)}
-    for i in range(n_layer):
-        p = f"backbone.layers.{i}."
-        layout.update({
-            p + "mixer.A_log": (d_inner, d_state),
-            p + "mixer.D": (d_inner,),
-            p + "mixer.in_proj.weight": (2 * d_inner, d_model),
-            p + "mixer.conv1d.weight": (d_inner, 1, d_conv),
-            p + "mixer.conv1d.bias": (d_inner,),
-            p + "mixer.x_proj.weight": (dt_rank + 2 * d_state, d_inner),
-            p + "mixer.dt_proj.weight": (d_inner, dt_rank),
-            p + "mixer.dt_proj.bias": (d_inner,),
-            p + "mixer.out_proj.weight": (d_model, d_inner),
-            p + "norm.weight": (d_model,),
-        })
-    layout["backbone.norm_f.weight"] = (d_model,)
-    layout["lm_head.weight"] = (v, d_model)
-    return layout
-
 
 # mamba-130m's config.json as published (state-spaces/mamba-130m), and a few of its shapes, literally.
 MAMBA_130M_CONFIG = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {}, "rms_norm": True,
@@ -114,14 +77,9 @@ def test_config_defaults_and_unknown_fields():
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def _tiny(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return MambaLM(MambaConfig(**{"d_model": 16, "n_layer": 2, "vocab_size": 45, **overrides}))
-
-
 @pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
 def test_save_then_from_pretrained_round_trip(tmp_path, safe):
-    model = _tiny(ssm_cfg={"d_state": 8, "expand": 2}, some_unknown_field="kept")
+    model = tiny_mamba(ssm_cfg={"d_state": 8, "expand": 2}, some_unknown_field="kept")
     model.save_pretrained(tmp_path, safe_serialization=safe)
     weights = "model.safetensors" if safe else "pytorch_model.bin"
     assert sorted(os.listdir(tmp_path)) == sorted(["config.json", weights])
@@ -175,7 +133,7 @@ def test_block_agrees_with_an_independent_implementation():
     official code independently of this project): catches a wrongly wired block, which agreement
     between our own two decoding modes cannot."""
     mambapy = pytest.importorskip("mambapy.mamba")
-    model = _tiny(seed=3, d_model=24)
+    model = tiny_mamba(seed=3, d_model=24)
     c = model.config
     other = mambapy.Mamba(mambapy.MambaConfig(d_model=c.d_model, n_layers=c.n_layer, pscan=False))
     other.load_state_dict({k[len("backbone."):]: v for k, v in model.state_dict().items()
@@ -330,7 +288,7 @@ def test_left_padded_batch_decodes_as_if_unpadded(impl):
 
 
 def test_padding_other_than_left_is_refused():
-    model = _tiny()
+    model = tiny_mamba()
     ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
     with pytest.raises(ValueError, match="left padding"):
         model.generate(ids, 2, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]))
@@ -339,7 +297,7 @@ def test_padding_other_than_left_is_refused():
 
 
 def test_recurrent_decoding_state_has_constant_size():
-    model = _tiny()
+    model = tiny_mamba()
     logits, cache = model.prefill(torch.tensor([[1, 2, 3, 4, 5, 6, 7]]))
     size = cache.nbytes()
     for t in range(20):

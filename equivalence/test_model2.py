@@ -8,7 +8,6 @@ tolerance.terms("y", l, n): the logits are y passed through projections and norm
 the loop run shares. Parity with transformers' Mamba2ForCausalLM: test_model2_parity.py.
 """
 
-import dataclasses
 import json
 import os
 
@@ -19,82 +18,9 @@ from hypothesis import strategies as st
 
 import impls
 from impls.models.mamba2 import Mamba2Config, Mamba2LM, parameter_shapes
-from .tolerance import compare, terms
+from .model_helpers import Mamba2Case as Case, check, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.family("ssd")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    d_model: int = 16
-    n_layer: int = 2
-    vocab: int = 40
-    l: int = 12
-    b: int = 1
-    d_state: int = 8
-    headdim: int = 8
-    ngroups: int = 1
-    d_conv: int = 4
-    chunk_size: int = 8
-    D_has_hdim: bool = False
-    rmsnorm: bool = True
-    norm_before_gate: bool = False
-    bias: bool = False
-    conv_bias: bool = True
-    dt_limit: tuple = (0.0, float("inf"))
-    tie: bool = True
-    seed: int = 0
-
-    def config(self):
-        return Mamba2Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab, tie_embeddings=self.tie,
-                            ssm_cfg=dict(d_state=self.d_state, headdim=self.headdim, ngroups=self.ngroups,
-                                         d_conv=self.d_conv, chunk_size=self.chunk_size, D_has_hdim=self.D_has_hdim,
-                                         rmsnorm=self.rmsnorm, norm_before_gate=self.norm_before_gate, bias=self.bias,
-                                         conv_bias=self.conv_bias, dt_limit=self.dt_limit))
-
-    def build(self):
-        """(float32 model with every parameter randomised, float64 copy, ids (b, l))."""
-        gen = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            model = Mamba2LM(self.config()).eval()
-        randomize_(model, gen)
-        model64 = Mamba2LM(model.config)
-        model64.load_state_dict(model.state_dict())
-        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
-        return model, model64.double().eval(), ids
-
-
-@torch.no_grad()
-def randomize_(model, gen):
-    """Move every parameter the official initialisation leaves at a constant away from it (norm gains
-    1 + N(0, 0.5), D ~ N(0, 1), biases ~ N(0, 0.3), A_log and dt_bias shifted by N(0, 0.5)), so a
-    swapped or missing term cannot hide behind a one or a zero. Weights keep their draws."""
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-            p.add_(0.5 * noise)
-        elif name.endswith("A_log") or name.endswith("dt_bias"):
-            p.add_(0.5 * noise)
-        elif name.endswith(".D"):
-            p.copy_(noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.3 * noise)
-
-
-def check(what, case, got, oracle, baseline, l, n):
-    result = compare(got, oracle, baseline, terms("y", l, n))
-    assert result.ok, f"{what}, {case!r}: {result.describe()}"
-    return result
 
 
 def step_by_step(model, ids, impl, prefix=1, scan_impl="loop"):
@@ -198,8 +124,9 @@ def test_mixer_matches_a_written_out_reference(case):
         half = case.l // 2
         mixer(hidden[:, :half], impl="loop", cache=cache.layers[0])
         steps, phase = [], case.d_conv - 1
+        zero = torch.zeros(case.b, case.d_model, dtype=torch.float64)   # the residual: the block's output alone
         for t in range(half, case.l):
-            steps.append(mixer.step(hidden[:, t], cache.layers[0], phase, None, "recurrent"))
+            steps.append(mixer.step(hidden[:, t], cache.layers[0], phase, None, "recurrent", zero))
             phase = (phase + 1) % case.d_conv
         torch.testing.assert_close(torch.stack(steps, 1), want[:, half:], rtol=1e-10, atol=1e-10)
 
@@ -572,47 +499,3 @@ def test_a_mamba1_transformers_folder_is_named(tmp_path):
     MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=40)).save_pretrained(tmp_path, layout="transformers")
     with pytest.raises(ValueError, match="model_type 'mamba': a Mamba-1 checkpoint"):
         Mamba2LM.from_pretrained(tmp_path)
-
-
-def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
-    model, _, _ = Case(n_layer=1).build()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
-        Mamba2LM.from_pretrained(tmp_path, dtype="float16")
-    assert Mamba2LM.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
-    weights = tmp_path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        Mamba2LM.from_pretrained(tmp_path)
-
-
-def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
-    """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
-    _, model, _ = Case(n_layer=1).build()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3)   # digits float32 cannot hold
-    model.save_pretrained(tmp_path)
-    loaded = Mamba2LM.from_pretrained(tmp_path, dtype=torch.float64)
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-
-
-def test_an_implementation_without_gradients_names_the_models_parameters():
-    """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
-    model, _, ids = Case(n_layer=1).build()
-    with pytest.raises(NotImplementedError, match=r"model's parameters requiring grad.*torch.no_grad\(\)"):
-        model(ids, impl="recurrent")
-    with torch.no_grad():
-        assert model(ids, impl="recurrent").shape == model(ids).shape
-
-
-def test_attention_mask_errors_name_the_method():
-    model, _, _ = Case(n_layer=1).build()
-    ids = torch.zeros(1, 3, dtype=torch.long)
-    for method, call in [("generate", lambda m: model.generate(ids, 1, attention_mask=m)),
-                         ("forward", lambda m: model(ids, attention_mask=m)),
-                         ("prefill", lambda m: model.prefill(ids, attention_mask=m))]:
-        with pytest.raises(ValueError, match=f"^{method}: attention_mask: only left padding"):
-            call(torch.tensor([[1, 0, 1]]))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from impls.models.mamba2 import LAYOUT, Mamba2LM, parameter_shapes
-from .test_model2 import Case, check
+from .model_helpers import Mamba2Case as Case, check
 
 transformers = pytest.importorskip("transformers")
 from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM  # noqa: E402

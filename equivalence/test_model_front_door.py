@@ -16,18 +16,11 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import impls.models.mamba as model_mod
-from impls.models.mamba import MambaConfig, MambaLM, config_from_dict, parameter_shapes, sampling_scores
-from .test_model import _tiny, official_layout
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine (see test_model.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+import impls.models.checkpoints as checkpoints
+from impls.models.lm import sampling_scores
+from impls.models.mamba import MambaConfig, MambaLM, config_from_dict, parameter_shapes
+from .model_helpers import (mamba_official_layout as official_layout, one_thread, randomize_,  # noqa: F401
+                            tiny_mamba, tiny_mamba2)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -80,7 +73,7 @@ def test_transformers_fields_this_block_cannot_compute_are_refused():
         MambaLM(MambaConfig(d_model=8, n_layer=1, vocab_size=16, rms_norm=False)).save_pretrained(
             "/nonexistent", layout="transformers")
     with pytest.raises(ValueError, match="layout"):
-        _tiny().save_pretrained("/nonexistent", layout="hf")
+        tiny_mamba().save_pretrained("/nonexistent", layout="hf")
 
 
 def test_a_transformers_dict_maps_through_the_table():
@@ -101,7 +94,7 @@ def test_a_transformers_dict_maps_through_the_table():
 def test_a_transformers_folder_saved_in_the_official_layout_has_only_official_fields(tmp_path):
     """The official loader (mamba_ssm: MambaConfig(**config.json), a dataclass) refuses fields it does
     not know, so transformers' own fields go back to the transformers layout only."""
-    model = _tiny()
+    model = tiny_mamba()
     model.save_pretrained(tmp_path / "hf", layout="transformers")
     _rewrite_config(tmp_path / "hf", eos_token_id=0, use_cache=True, initializer_range=0.1)
     loaded = MambaLM.from_pretrained(tmp_path / "hf")
@@ -129,23 +122,6 @@ def test_parameter_shapes_are_the_models(overrides):
         assert parameter_shapes(config) == official_layout(20, 2, 61)
 
 
-@torch.no_grad()
-def randomize_(model, seed):
-    """Move every parameter that initialisation leaves at a constant away from it (ours and
-    transformers' names end alike): norm gains 1 + N(0, 0.5), A_log + N(0, 0.5) (A stays negative),
-    dt bias + N(0, 0.5), D ~ N(0, 1), other biases ~ N(0, 0.3). Weights keep their random draws."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if name.endswith(("norm.weight", "norm_f.weight", "A_log", "dt_proj.bias")):
-            p.add_(0.5 * noise)
-        elif name.endswith(".D"):
-            p.copy_(noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.3 * noise)
-    return model
-
-
 def _rewrite_config(folder, **changes):
     path = os.path.join(folder, "config.json")
     with open(path) as f:
@@ -160,7 +136,7 @@ def _rewrite_config(folder, **changes):
 @pytest.mark.parametrize("layout", ["official", "transformers"])
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_bad_folders_are_refused_before_anything_is_built(tmp_path, layout, safe):
-    good = _tiny(ssm_cfg={"d_state": 8})
+    good = tiny_mamba(ssm_cfg={"d_state": 8})
     sizes = {"official": ("d_model", "n_layer"), "transformers": ("hidden_size", "num_hidden_layers")}[layout]
     folders = {}
     for name in ("missing", "shape", "names", "dropped", "ok"):
@@ -186,7 +162,7 @@ def test_bad_folders_are_refused_before_anything_is_built(tmp_path, layout, safe
         def refuse(*args, **kwargs):
             raise AssertionError("a model was built or a weight file read before the checks")
         mp.setattr(MambaLM, "__init__", refuse)
-        mp.setattr(model_mod, "load_weights", refuse)
+        mp.setattr(checkpoints, "load_weights", refuse)
         with pytest.raises(ValueError, match=f"missing size field.*{sizes[1]}"):
             MambaLM.from_pretrained(folders["missing"])
         with pytest.raises(ValueError, match=r"A_log: config gives \(32, 16\), file has \(32, 8\)"):
@@ -206,7 +182,7 @@ def test_bad_folders_are_refused_before_anything_is_built(tmp_path, layout, safe
 
 @pytest.mark.parametrize("value", [0.5, 0.9, 1.7, -1.0])
 def test_attention_mask_must_be_exactly_zero_or_one(value):
-    model = _tiny()
+    model = tiny_mamba()
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     mask[0, 0] = value
@@ -217,7 +193,7 @@ def test_attention_mask_must_be_exactly_zero_or_one(value):
 
 
 def test_attention_mask_in_any_dtype():
-    model = _tiny()
+    model = tiny_mamba()
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     expected = model.generate(ids, 3, attention_mask=mask)
@@ -229,13 +205,13 @@ def test_attention_mask_in_any_dtype():
                                         ("3", TypeError), (True, TypeError), (None, TypeError),
                                         (torch.tensor(2.0), TypeError)])
 def test_max_new_tokens_must_be_a_non_negative_int(bad, error):
-    model = _tiny()
+    model = tiny_mamba()
     with pytest.raises(error, match="max_new_tokens"):
         model.generate(torch.tensor([[1, 2]]), bad)
 
 
 def test_max_new_tokens_integers():
-    model = _tiny()
+    model = tiny_mamba()
     ids = torch.tensor([[1, 2]])
     expected = model.generate(ids, 3)
     assert expected.shape == (1, 5)
@@ -254,7 +230,7 @@ def test_max_new_tokens_integers():
     (torch.tensor([[-1, 2]]), ValueError, r"ids must be in \[0, vocab_size = 45\), got id -1"),
 ])
 def test_bad_ids_are_named_in_forward_prefill_and_generate(ids, error, match):
-    model = _tiny()   # vocab 45, padded to 48 rows: rows 45-47 are padding, not tokens
+    model = tiny_mamba()   # vocab 45, padded to 48 rows: rows 45-47 are padding, not tokens
     for where, call in (("forward", lambda: model(ids)), ("prefill", lambda: model.prefill(ids)),
                         ("generate", lambda: model.generate(ids, 2))):
         with pytest.raises(error, match=f"{where}: input_ids: {match}"):
@@ -277,7 +253,7 @@ STEP_PATHS = {"fused": dict(), "module-by-module (LayerNorm)": dict(rms_norm=Fal
 
 @pytest.mark.parametrize("path", STEP_PATHS)
 def test_a_refused_step_names_the_token_and_leaves_the_cache_as_it_was(path):
-    model = _tiny(**STEP_PATHS[path])
+    model = tiny_mamba(**STEP_PATHS[path])
     if "bfloat16" in path:
         model = model.to(torch.bfloat16)
     assert (model.new_cache(1).stream is not None) == (path == "fused")
@@ -311,7 +287,7 @@ def test_a_refused_step_names_the_token_and_leaves_the_cache_as_it_was(path):
 
 
 def test_generate_refuses_a_step_implementation_without_a_step_before_prefilling(monkeypatch):
-    model = _tiny()
+    model = tiny_mamba()
     monkeypatch.setattr(MambaLM, "prefill", lambda *a, **k: pytest.fail("prefilled before checking step_impl"))
     with pytest.raises(NotImplementedError, match="'parallel' has no step function"):
         model.generate(torch.tensor([[1, 2]]), 3, step_impl="parallel")
@@ -338,7 +314,7 @@ def test_generate_refuses_a_step_implementation_without_a_step_before_prefilling
     (dict(pad_token_id=0), ValueError, "pad_token_id pads rows finished by eos_token_id"),
 ])
 def test_decoding_arguments_are_checked(kwargs, error, match):
-    model = _tiny()
+    model = tiny_mamba()
     with pytest.raises(error, match=match):
         model.generate(torch.tensor([[1, 2]]), 3, **kwargs)
 
@@ -401,7 +377,7 @@ def _sampled(model, ids, mode, seed, **kw):
 @pytest.mark.parametrize("kw", [dict(), dict(temperature=0.6, top_k=8), dict(top_p=0.8), dict(top_k=5, top_p=0.9)])
 def test_sampling_is_reproducible_and_the_same_in_both_modes(kw):
     """Float64 so the two modes' logits agree to ~1e-15 and no draw can fall between them."""
-    model = _tiny(seed=2, d_model=24).double()
+    model = tiny_mamba(seed=2, d_model=24).double()
     ids = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
     a = _sampled(model, ids, "recurrent", 7, **kw)
     assert torch.equal(a, _sampled(model, ids, "recurrent", 7, **kw))
@@ -416,7 +392,7 @@ def test_sampling_matches_transformers_generate_under_the_same_seed(tmp_path):
     torch.multinomial from softmax of float32 scores): the same tokens."""
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ours = _tiny(seed=3, d_model=24, vocab_size=64).eval()
+    ours = tiny_mamba(seed=3, d_model=24, vocab_size=64).eval()
     ours.save_pretrained(tmp_path, layout="transformers")
     theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
@@ -435,7 +411,7 @@ def test_eos_stops_as_in_transformers(tmp_path):
     generation stops once every row has: against transformers' generate (greedy: exact tokens)."""
     transformers = pytest.importorskip("transformers")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    ours = randomize_(_tiny(seed=1, d_model=24, vocab_size=64, tie_embeddings=False).eval(), 1)
+    ours = randomize_(tiny_mamba(seed=1, d_model=24, vocab_size=64, tie_embeddings=False).eval(), 1)
     ours.save_pretrained(tmp_path, layout="transformers")
     theirs = transformers.MambaForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.tensor([[3, 1, 4, 1], [5, 9, 2, 6]])
@@ -464,7 +440,7 @@ def test_save_pretrained_options_are_keyword_only(tmp_path):
     """save_pretrained(folder, "transformers") once wrote the official layout here (the second
     argument was safe_serialization, and in Mamba2LM layout): now a TypeError in both."""
     with pytest.raises(TypeError):
-        _tiny().save_pretrained(tmp_path, "transformers")
+        tiny_mamba().save_pretrained(tmp_path, "transformers")
     assert not os.listdir(tmp_path)
 
 
@@ -491,54 +467,50 @@ def test_transformers_sizes_must_be_integers(hf_field, official):
         config_from_dict({**cfg, hf_field: cfg[hf_field] + 0.5})
 
 
-def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path):
-    model = _tiny()
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path, make):
+    model = make()
     model.save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):
-        MambaLM.from_pretrained(tmp_path, dtype="float16")
-    assert MambaLM.from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
+        type(model).from_pretrained(tmp_path, dtype="float16")
+    assert type(model).from_pretrained(tmp_path, dtype=torch.float16).dtype == torch.float16
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
-        MambaLM.from_pretrained(tmp_path)
+        type(model).from_pretrained(tmp_path)
 
 
-def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path, make):
     """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
-    model = _tiny().double()
+    model = make().double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 1e-3)                 # digits float32 cannot hold
     model.save_pretrained(tmp_path)
-    loaded = MambaLM.from_pretrained(tmp_path, dtype=torch.float64)
+    loaded = type(model).from_pretrained(tmp_path, dtype=torch.float64)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def test_an_implementation_without_gradients_names_the_models_parameters():
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_an_implementation_without_gradients_names_the_models_parameters(make):
     """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
-    model, ids = _tiny(), torch.zeros(1, 3, dtype=torch.long)
+    model, ids = make(), torch.zeros(1, 3, dtype=torch.long)
     with pytest.raises(NotImplementedError, match=r"model's parameters requiring grad.*torch.no_grad\(\)"):
         model(ids, impl="recurrent")
     with torch.no_grad():
         assert model(ids, impl="recurrent").shape == (1, 3, model.config.padded_vocab_size)
 
 
-def _tiny_mamba2():
-    from impls.models.mamba2 import Mamba2Config, Mamba2LM
-
-    torch.manual_seed(0)
-    return Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=45, ssm_cfg=dict(d_state=8, headdim=8, chunk_size=8)))
-
-
 @pytest.mark.parametrize("layout", ["official", "transformers"])
 def test_a_mamba2_folder_points_at_mamba2lm(tmp_path, layout):
-    _tiny_mamba2().save_pretrained(tmp_path, layout=layout)
+    tiny_mamba2().save_pretrained(tmp_path, layout=layout)
     with pytest.raises((ValueError, NotImplementedError), match="Mamba-2 checkpoint: load it with impls.models.mamba2.Mamba2LM"):
         MambaLM.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("make", [_tiny, _tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
 def test_a_file_given_for_the_folder_is_named(tmp_path, make):
     model = make()
     model.save_pretrained(tmp_path)
@@ -549,7 +521,7 @@ def test_a_file_given_for_the_folder_is_named(tmp_path, make):
         type(model).from_pretrained(tmp_path / "elsewhere")
 
 
-@pytest.mark.parametrize("make", [_tiny, _tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
 def test_ids_past_vocab_size_in_the_padding_rows_are_refused(make):
     model = make()   # vocab 45 in 48 rows
     assert model.config.padded_vocab_size == 48
@@ -560,8 +532,9 @@ def test_ids_past_vocab_size_in_the_padding_rows_are_refused(make):
             call()
 
 
-def test_attention_mask_errors_name_the_method():
-    model = _tiny()
+@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+def test_attention_mask_errors_name_the_method(make):
+    model = make()
     ids = torch.zeros(1, 3, dtype=torch.long)
     for method, call in [("generate", lambda m: model.generate(ids, 1, attention_mask=m)),
                          ("forward", lambda m: model(ids, attention_mask=m)),

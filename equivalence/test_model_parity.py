@@ -25,18 +25,9 @@ from hypothesis import strategies as st
 import impls
 from impls.adapters import mambapy_model
 from impls.models.mamba import MambaConfig, MambaLM
-from .tolerance import compare, terms
+from .model_helpers import check, one_thread, randomized_pair  # noqa: F401
 
 pytest.importorskip("mambapy.mamba")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine (see test_model.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,32 +57,8 @@ class ParityCase:
 
     def build(self):
         """(float32 model, float64 copy, mamba.py peer in float32, ids (b, l))."""
-        gen = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            model = MambaLM(self.config()).eval()
-        randomize_(model, gen)
-        model64 = MambaLM(model.config)
-        model64.load_state_dict(model.state_dict())
-        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
-        return model, model64.double().eval(), mambapy_model.from_mamba_lm(model), ids
-
-
-@torch.no_grad()
-def randomize_(model, gen):
-    """Move every parameter the official initialisation leaves at a constant away from it: norm gains
-    1 + N(0, 0.5), A_log = log(1..n) + N(0, 0.5) (A stays negative), D ~ N(0, 1), biases ~ N(0, 0.3);
-    dt_proj.bias (dt log-uniform in [1e-3, 0.1]) shifted by N(0, 0.5). Weights keep their draws."""
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-            p.add_(0.5 * noise)
-        elif name.endswith("A_log") or name.endswith("dt_proj.bias"):
-            p.add_(0.5 * noise)
-        elif name.endswith(".D"):
-            p.copy_(noise)
-        elif name.endswith(".bias"):
-            p.copy_(0.3 * noise)
+        model, model64, ids = randomized_pair(MambaLM, self.config(), self.seed, (self.b, self.l), self.vocab)
+        return model, model64, mambapy_model.from_mamba_lm(model), ids
 
 
 parity_cases = st.builds(
@@ -99,12 +66,6 @@ parity_cases = st.builds(
     l=st.integers(1, 40), b=st.integers(1, 2), d_state=st.integers(1, 16), d_conv=st.integers(2, 4),
     expand=st.integers(1, 2), dt_rank=st.one_of(st.just("auto"), st.integers(1, 8)), bias=st.booleans(),
     conv_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
-
-
-def check(what, case, got, oracle, baseline, l, n):
-    result = compare(got, oracle, baseline, terms("y", l, n))
-    assert result.ok, f"{what}, {case!r}: {result.describe()}"
-    return result
 
 
 @given(case=parity_cases)

@@ -31,19 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from impls.models.mamba import CONFIG_FIELDS, MambaLM, config_from_dict  # noqa: E402
-from .test_model_front_door import randomize_  # noqa: E402
+from .model_helpers import one_thread, randomize_, tiny_mamba  # noqa: E402, F401
 from .tolerance import compare, terms  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()   # its "falling back to the PyTorch path" notes
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second OpenMP thread only adds synchronisation on a busy machine (see test_model.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def hf_model(seed=0, **config):
@@ -153,8 +144,7 @@ def test_a_transformers_checkpoint_loads_with_the_same_logits_and_tokens(tmp_pat
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_our_checkpoint_loads_in_transformers(tmp_path, tied, safe):
-    from .test_model import _tiny   # our tiny model with the official initialisation
-    ours = _tiny(seed=4, d_model=24, vocab_size=40, tie_embeddings=tied, ssm_cfg={"d_state": 6}).eval()
+    ours = tiny_mamba(seed=4, d_model=24, vocab_size=40, tie_embeddings=tied, ssm_cfg={"d_state": 6}).eval()
     randomize_(ours, 4)
     ours.save_pretrained(tmp_path, layout="transformers", safe_serialization=safe)
     with open(tmp_path / "config.json") as f:
@@ -179,8 +169,7 @@ def test_padded_vocabulary_both_ways(tmp_path):
     saved for transformers, the rows are all its vocabulary (its vocab_size is 50280, as in
     mamba-130m-hf) and the logits match over all 50280; its greedy tokens are ours once those three
     rows are suppressed. The padding rows are made to win, so that a model choosing among them shows."""
-    from .test_model import _tiny
-    ours = _tiny(seed=6, d_model=8, n_layer=1, vocab_size=50277).eval()
+    ours = tiny_mamba(seed=6, d_model=8, n_layer=1, vocab_size=50277).eval()
     assert ours.config.padded_vocab_size == 50280
     randomize_(ours, 6)
     w = ours.backbone.embedding.weight

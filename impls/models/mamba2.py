@@ -23,11 +23,10 @@ p head dimension (``headdim``), n state size (``d_state``), g groups of B/C (``n
 m = d_model, d = d_inner = expand * m = h * p, k = d_conv, c = d + 2 g n (the conv's channels,
 ``conv_dim``), v = the vocabulary padded to a multiple of ``pad_vocab_size_multiple``.
 
-Two ways to generate (``Mamba2LM.generate``), as for Mamba-1 (impls/models/mamba.py):
-    "reforward"  every new token re-runs ``forward`` over the whole sequence so far;
-    "recurrent"  ``prefill``: one ``impls.ssd_scan`` over the prompt with return_final_states (the
-                 SSM state) plus the conv state, the last k-1 columns of xBC before the conv; then
-                 one ``step`` per token through ``impls.ssd_state_update``.
+Forward, the two ways to generate, sampling and left padding are the shared machinery of
+impls/models/lm.py; "recurrent" here is ``prefill``, one ``impls.ssd_scan`` over the prompt with
+return_final_states (the SSM state) plus the conv state, the last k-1 columns of xBC before the conv,
+then one ``step`` per token through ``impls.ssd_state_update``.
 
 Left padding: pass ``attention_mask`` (b, l), 1 for a real token, 0 for padding, every row 0...0 1...1.
 xBC is zeroed at padded positions before the conv and x, B, C after it, so the SSM state is exactly
@@ -38,9 +37,7 @@ D of shape (h, p) (``D_has_hdim``): the official checkpoint stores it flat, (h *
 /work/shared/FIELD-NOTES.md); here prefill, forward and step all pass D as (h, p).
 """
 
-import json
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -48,15 +45,9 @@ import torch.nn.functional as F
 
 import impls
 from ..frontdoor import compute_dtype
-# Shared with the Mamba-1 model: argument checks, sampling and weight-file reading (impls/models/mamba.py).
-from .mamba import (Backbone, ResidualStream, _check_count, _check_ids, _check_impl_gradients, _check_mask,
-                    _check_sampling, _transposed_storage, check_dtype_arg, check_int, config_layout, config_path,
-                    decode_tokens, layout_markers, load_weights, stored_shapes, weight_files)
+from .checkpoints import check_int, config_layout, layout_markers, read_config_json
+from .lm import LanguageModel, conv_buffer, keep_prefill_state, rotated_conv_taps
 
-STEP_DEFAULT = impls.ssd_state_update.__kwdefaults__["impl"]
-CONFIG_NAME = "config.json"
-WEIGHTS_BIN = "pytorch_model.bin"
-WEIGHTS_SAFETENSORS = "model.safetensors"
 NORM_GATED_EPS = 1e-5  # the official Mamba2 builds its gated norm with eps=1e-5, whatever norm_epsilon is
 
 # ssm_cfg keys of the official Mamba-2 mixer (mamba2.Mamba2.__init__) and their defaults.
@@ -311,15 +302,11 @@ class LayerCache:
         f = compute_dtype(dtype)
         self.ssm_state = torch.zeros(b, h, p, n, dtype=f, device=device)
         self.A, self.D, self.dt_bias = mixer.ssm_params(f)
-        self.conv_store = torch.zeros(c, b, k + 1, dtype=dtype, device=device)
-        self.conv_store[..., k] = 1
+        self.conv_store = conv_buffer(c, b, k, dtype, device)
         self.conv_slots = self.conv_store[..., :k].unbind(-1)                     # k of (c, b)
-        w = mixer.conv1d.weight[:, 0, :].detach().to(dtype)                       # (c, k): w[:, j] multiplies x_{t-k+1+j}
-        # at phase q (the slot the current token is written to), slot s holds x_{t-k+1+j}, j = (s-q-1) mod k
-        idx = torch.tensor([[(s - q - 1) % k for s in range(k)] for q in range(k)], device=device)
         bias = (torch.zeros(c, dtype=dtype, device=device) if mixer.conv1d.bias is None
                 else mixer.conv1d.bias.detach().to(dtype))
-        taps = torch.cat([w[:, idx].permute(1, 0, 2), bias.expand(k, c)[..., None]], -1)   # (k, c, k + 1)
+        taps = torch.cat([rotated_conv_taps(mixer.conv1d, dtype), bias.expand(k, c)[..., None]], -1)  # (k, c, k + 1)
         self.conv_taps = taps[..., None].contiguous().unbind(0)                   # k of (c, k + 1, 1)
         self.zxbcdt = torch.empty(b, 2 * d + 2 * g * n + h, dtype=dtype, device=device)
         self.z, xBC, self.dt = self.zxbcdt.split([d, c, h], dim=-1)
@@ -336,23 +323,6 @@ class LayerCache:
     def tensors(self):
         return (self.ssm_state, self.conv_store, *self.conv_taps, self.A, self.D, self.dt_bias, self.zxbcdt,
                 self.conv_out, self.norm_eps, self.norm_sq)
-
-
-class InferenceCache:
-    """The decoding state of the whole model: one LayerCache per layer, the conv buffer phase, and
-    ``checked``: the step implementations whose first call on these buffers passed the front door."""
-
-    def __init__(self, layers, k):
-        self.layers, self.k = layers, k
-        self.phase = k - 1  # the slot of the next token; prefill leaves the last k-1 inputs in slots 0..k-2
-        self.checked = {}
-        self.stream = self.eps = None   # the fused step's residual stream and block-norm eps (Mamba2LM.new_cache)
-
-    def nbytes(self):
-        tensors = [t for c in self.layers for t in c.tensors()]
-        if self.stream is not None:
-            tensors += [*self.stream.tensors(), self.eps]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class Mamba2Mixer(nn.Module):
@@ -409,7 +379,7 @@ class Mamba2Mixer(nn.Module):
             (b, l, m)
         """
         b, l, _ = hidden.shape
-        d, h, p, g, n, k = self.d_inner, self.nheads, self.headdim, self.ngroups, self.d_state, self.d_conv
+        d, h, p, g, n = self.d_inner, self.nheads, self.headdim, self.ngroups, self.d_state
         zxbcdt = self.in_proj(hidden)                                 # (b, l, 2d + 2gn + h)
         z, xBC, dt = zxbcdt.split([d, self.conv_dim, h], dim=-1)
         if mask is not None:
@@ -425,33 +395,19 @@ class Mamba2Mixer(nn.Module):
                              self.chunk_size, D=D, z=None if self.norm is not None else z.unflatten(-1, (h, p)),
                              dt_bias=dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
                              return_final_states=cache is not None, **kw)
-        if cache is not None:
-            y, final_states = out
-            cache.ssm_state.copy_(final_states)
-            tail = conv_in[..., max(l - (k - 1), 0):]                 # the last k-1 conv inputs, fewer if l < k-1
-            cache.conv_store.zero_()
-            cache.conv_store[..., k] = 1
-            cache.conv_store[:, :, k - 1 - tail.shape[-1]:k - 1] = tail.permute(1, 0, 2)
-        else:
-            y = out
+        y = keep_prefill_state(out, cache, conv_in)
         y = y.flatten(-2)                                             # (b, l, d)
         if self.norm is not None:
             y = self.norm(y, z)
         return self.out_proj(y)
 
-    def step(self, hidden, cache, phase, step_fn, impl, residual=None):
-        """The block for one new token, from the cache, which it advances in place.
+    def new_cache(self, b, dtype, device, fused):
+        """An empty LayerCache for b rows in the model dtype (states in the compute dtype); its buffers
+        serve both steps, so ``fused`` changes nothing."""
+        return LayerCache(self, b, dtype, device)
 
-        Args:
-            hidden: (b, m); cache: this layer's LayerCache; phase: the conv buffer slot for this token
-            step_fn: the implementation's step, called directly, or None: through impls.ssd_state_update
-            impl: the registered SSD implementation's name
-            residual: None, or (b, m) in the model dtype, float32/float64 only (the fused step): then the
-                gated norm runs in place in fewer ops (gated_norm_) and the block's output is added to
-                residual in place by out_proj's own addmm, which is returned
-        Returns:
-            the block's output (b, m), or residual + it
-        """
+    def step_y(self, hidden, cache, phase, step_fn, impl):
+        """in_proj, the conv and one SSD step for one token, into the cache's buffers: y (b, d)."""
         if self.in_proj.bias is None:
             torch.mm(hidden, self.in_proj.weight.t(), out=cache.zxbcdt)
         else:
@@ -466,15 +422,31 @@ class Mamba2Mixer(nn.Module):
                                        dt_softplus=True, dt_limit=self.dt_limit, impl=impl)
         else:
             y = step_fn(cache.ssm_state, x, cache.dt, cache.A, B, C, cache.D, z, cache.dt_bias, True, self.dt_limit)
-        y = y.reshape(y.shape[0], self.d_inner)
-        if residual is None:
-            return self.out_proj(self.norm(y, cache.z) if self.norm is not None else y)
+        return y.reshape(y.shape[0], self.d_inner)
+
+    def step(self, hidden, cache, phase, step_fn, impl, residual):
+        """The block for one new token, from the cache, which it advances in place.
+
+        Args:
+            hidden: (b, m) normed; cache: this layer's LayerCache; phase: the conv buffer slot for this token
+            step_fn: the implementation's step, called directly, or None: through impls.ssd_state_update
+            impl: the registered SSD implementation's name
+            residual: (b, m)
+        Returns:
+            residual + the block's output (b, m), a new tensor
+        """
+        y = self.step_y(hidden, cache, phase, step_fn, impl)
+        return residual + self.out_proj(self.norm(y, cache.z) if self.norm is not None else y)
+
+    def fused_step(self, hidden, cache, phase, step_fn, impl, residual):
+        """``step`` for float32/float64 RMSNorm models: the gated norm in place in fewer ops
+        (gated_norm_), and the block's output added into residual (b, m) in place by out_proj's own addmm."""
+        y = self.step_y(hidden, cache, phase, step_fn, impl)
         if self.norm is not None:
             y = self.gated_norm_(y, cache)
         residual.addmm_(y, self.out_proj.weight.t())
         if self.out_proj.bias is not None:
             residual.add_(self.out_proj.bias)
-        return residual
 
     def gated_norm_(self, y, cache):
         """GatedRMSNorm's formula on y (b, d), in place, for float32/float64: the per-group mean of
@@ -493,332 +465,42 @@ class Mamba2Mixer(nn.Module):
         return y
 
 
-class Mamba2LM(nn.Module):
+class Mamba2LM(LanguageModel):
     """The Mamba-2 language model (official ``MambaLMHeadModel`` with Mamba2 layers): backbone + LM head.
 
     ``Mamba2LM(Mamba2Config(d_model=64, n_layer=2, vocab_size=256, ssm_cfg=dict(d_state=16, headdim=16)))``
     builds a tiny random model with the official initialisation; ``state_dict()`` keys are the
-    official checkpoint's.
+    official checkpoint's. Forward, prefill, step, generate, save_pretrained and from_pretrained:
+    impls/models/lm.py (LanguageModel).
     """
 
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.backbone = Backbone(config, Mamba2Mixer)
-        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        self._init_weights()
-        # matrices with more outputs than inputs stored transposed: faster decoding here (_transposed_storage)
-        for module in self.modules():
-            if (isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[0] > module.weight.shape[1]
-                    and not (config.tie_embeddings and module is self.lm_head)):
-                module.weight = _transposed_storage(module.weight)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.backbone.embedding.weight
+    family = "ssd"
+    mixer = Mamba2Mixer
+    step_default = impls.ssd_state_update.__kwdefaults__["impl"]
+    weight_names = LAYOUT["weights"]
 
-    @torch.no_grad()
-    def _init_weights(self, initializer_range=0.02):
-        """mixer_seq_simple._init_weights: embedding N(0, 0.02); Linear biases zero; out_proj rescaled by
-        1/sqrt(n_layer) (one residual per layer)."""
-        nn.init.normal_(self.backbone.embedding.weight, std=initializer_range)
-        for block in self.backbone.layers:
-            mixer = block.mixer
-            for lin in (mixer.in_proj, mixer.out_proj):
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
-            mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
+    @staticmethod
+    def read_config(folder):
+        return read_config(folder)
 
-    @property
-    def dtype(self):
-        return self.backbone.embedding.weight.dtype
+    @staticmethod
+    def parameter_shapes(config):
+        return parameter_shapes(config)
 
-    def _residual_fp32(self):
-        return self.config.residual_in_fp32 and self.dtype in (torch.float16, torch.bfloat16)
-
-    # ------------------------------------------------------------------ full sequence
-
-    def forward(self, input_ids, impl=None, attention_mask=None, num_last_tokens=0):
-        """Logits for every position (each from the tokens up to it).
-
-        Args:
-            input_ids: (b, l) integer token ids, l >= 1
-            impl: the registered SSD implementation for impls.ssd_scan (None: its default)
-            attention_mask: (b, l) 1 for real tokens, 0 for left padding; None when all are real
-            num_last_tokens: if > 0, the LM head runs on the last that many positions only
-        Returns:
-            logits (b, l, v), or (b, num_last_tokens, v)
-        Raises:
-            ValueError: input_ids not (b, l >= 1); a mask that is not 0/1 left padding
-            NotImplementedError: an impl without gradients while autograd is on (call it under
-                torch.no_grad() for inference)
-        """
-        _check_ids(input_ids, "forward", self.config.vocab_size)
-        _check_impl_gradients(self, impl, "ssd", "forward")
-        return self._forward(input_ids, impl, _check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
-
-    def _forward(self, input_ids, impl, mask, num_last_tokens=0, cache=None):
-        h = self.backbone.embedding(input_ids)                        # (b, l, m)
-        m = None if mask is None else mask.to(h.dtype)
-        residual = h.float() if self._residual_fp32() else h
-        for i, block in enumerate(self.backbone.layers):
-            out = block.mixer(block.norm(residual.to(h.dtype)), m, impl, None if cache is None else cache.layers[i])
-            residual = residual + out
-        h = self.backbone.norm_f(residual.to(h.dtype))
-        if num_last_tokens > 0:
-            h = h[:, -num_last_tokens:]
-        return self.lm_head(h)
-
-    # ------------------------------------------------------------------ recurrent decoding
-
-    def new_cache(self, batch_size):
-        """An empty InferenceCache for ``batch_size`` rows (state zero: decoding from no prompt)."""
-        w = self.backbone.embedding.weight
-        cache = InferenceCache([LayerCache(blk.mixer, batch_size, self.dtype, w.device) for blk in self.backbone.layers],
-                               self.config.d_conv)
-        if self._fused_decoding():
-            cache.stream = ResidualStream(batch_size, self.config.d_model, w)
-            cache.eps = torch.full((1, 1, 1), self.config.norm_epsilon, dtype=w.dtype, device=w.device)
-        return cache
-
-    def _fused_decoding(self):
-        """Whether ``step`` takes the fused path: RMSNorm blocks and a float32 or float64 model (compute
-        dtype = model dtype, no float32 residual copy). Half-precision and LayerNorm models take the
-        module-by-module step, the same arithmetic."""
-        return self.config.rms_norm and self.dtype in (torch.float32, torch.float64)
-
-    @torch.no_grad()
-    def prefill(self, input_ids, impl=None, attention_mask=None):
-        """One impls.ssd_scan per layer over the prompt (return_final_states), keeping the state and the
-        last k-1 conv inputs.
-
-        Args:
-            input_ids: (b, l) with l >= 1; impl: SSD implementation (None: ssd_scan's default)
-            attention_mask: (b, l) for left-padded prompts, or None
-        Returns:
-            (logits of the last position (b, v), InferenceCache ready for ``step``)
-        """
-        _check_ids(input_ids, "prefill", self.config.vocab_size)
-        mask = _check_mask(attention_mask, input_ids, "prefill")
-        cache = self.new_cache(input_ids.shape[0])
-        logits = self._forward(input_ids, impl, mask, num_last_tokens=1, cache=cache)
-        return logits[:, -1], cache
-
-    @torch.no_grad()
-    def step(self, token, cache, impl=None):
-        """One new token: advance every layer's state in place.
-
-        Args:
-            token: (b,) integer ids; cache: the InferenceCache from ``prefill`` (or ``new_cache``)
-            impl: the SSD implementation for impls.ssd_state_update (None: its default, "recurrent")
-        Returns:
-            logits (b, v) for the next position
-        Raises:
-            ValueError: token not of shape (b,) (the cache is left as it was)
-        """
-        impl = STEP_DEFAULT if impl is None else impl
-        b = cache.layers[0].ssm_state.shape[0]
-        if not isinstance(token, torch.Tensor) or token.dim() != 1 or token.shape[0] != b:
-            shape = tuple(token.shape) if isinstance(token, torch.Tensor) else type(token).__name__
-            raise ValueError(f"step: token: expected a tensor of shape (b={b},) (the cache's batch), got {shape}")
-        if token.dtype.is_floating_point or token.dtype.is_complex or token.dtype == torch.bool:
-            raise TypeError(f"step: token: expected integer ids, got {token.dtype}")
-        if impl not in cache.checked:
-            _check_ssd_step_impl(impl)
-        # The step's arguments are the same buffers at every token, so the front door's verdict, which
-        # reads only their types, shapes, dtypes and devices, cannot change after the first call: that
-        # call goes through impls.ssd_state_update, later ones straight to the implementation.
-        step_fn = cache.checked.get(impl)
-        v = self.config.padded_vocab_size
-        if cache.stream is not None:
-            # the fused step (float32/float64, RMSNorm): the residual stream and its norms in buffers
-            # made once per cache (impls.models.mamba.ResidualStream), the block outputs added in place
-            stream = cache.stream
-            try:  # before the cache changes: an out-of-range id leaves it as it was
-                torch.index_select(self.backbone.embedding.weight, 0, token, out=stream.residual)
-            except IndexError:
-                raise ValueError(f"step: token: ids must be in [0, {v}), got {token.tolist()}") from None
-            for block, layer_cache in zip(self.backbone.layers, cache.layers):
-                block.mixer.step(stream.normalize(block.norm.weight, cache.eps), layer_cache, cache.phase, step_fn,
-                                 impl, residual=stream.residual)
-            logits = torch.mm(stream.normalize(self.backbone.norm_f.weight, cache.eps), self.lm_head.weight.t())
-        else:
-            try:
-                h = self.backbone.embedding(token)                    # (b, m)
-            except IndexError:
-                raise ValueError(f"step: token: ids must be in [0, {v}), got {token.tolist()}") from None
-            residual = h.float() if self._residual_fp32() else h
-            for block, layer_cache in zip(self.backbone.layers, cache.layers):
-                out = block.mixer.step(block.norm(residual.to(h.dtype)), layer_cache, cache.phase, step_fn, impl)
-                residual = residual + out
-            logits = self.lm_head(self.backbone.norm_f(residual.to(h.dtype)))
-        if step_fn is None:
-            cache.checked[impl] = impls.get(impl, family="ssd").step
-        cache.phase = (cache.phase + 1) % cache.k
-        return logits
-
-    # ------------------------------------------------------------------ generation
-
-    @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens, mode="recurrent", impl=None, step_impl=None, attention_mask=None,
-                 return_logits=False, do_sample=False, temperature=1.0, top_k=None, top_p=None, generator=None,
-                 eos_token_id=None, pad_token_id=None):
-        """Greedy decoding (the default) or sampling, with the arguments, checks and semantics of
-        impls.models.mamba.MambaLM.generate (transformers' GenerationMixin: temperature, top-k, top-p warpers
-        in that order, impls.models.mamba.sampling_scores). Only the first vocab_size logits compete.
-
-        Args:
-            input_ids: (b, l) integer prompt ids, l >= 1 (left-padded with ``attention_mask`` if lengths differ)
-            max_new_tokens: a non-negative int (T)
-            mode: "reforward" re-runs ``forward`` over the whole sequence so far for each token;
-                  "recurrent" runs ``prefill`` (one ssd_scan per layer) then one ``step`` per token
-            impl: the SSD implementation for the scan (None: ssd_scan's default), and for the step
-                  unless step_impl is given
-            step_impl: the step implementation in "recurrent" mode (None: impl, or ssd_state_update's default
-                  when impl is None too); an impl without a step function (chunked, ...) is not replaced by
-                  another silently: NotImplementedError asking for step_impl
-            attention_mask: (b, l) of exactly 0 and 1, 1 real / 0 left padding; None when all are real
-            return_logits: also return the logits each new token was chosen from
-            do_sample, temperature, top_k, top_p, generator: sampling (greedy unless do_sample)
-            eos_token_id, pad_token_id: an id or list of ids that end a row; a finished row gets
-                  pad_token_id (default the first eos id), and generation stops once all rows finished
-        Returns:
-            tokens (b, l + t) int64, t <= T; with return_logits, (tokens, logits (b, t, v))
-        Raises:
-            TypeError / ValueError for a bad argument (each named), before anything runs
-        """
-        if mode not in ("recurrent", "reforward"):
-            raise ValueError(f"generate: mode: expected 'recurrent' or 'reforward', got {mode!r}")
-        _check_ids(input_ids, "generate", self.config.vocab_size)
-        T = _check_count(max_new_tokens, "generate: max_new_tokens")
-        eos, pad = _check_sampling(self.config.padded_vocab_size, do_sample, temperature, top_k, top_p, generator,
-                                   eos_token_id, pad_token_id)
-        mask = _check_mask(attention_mask, input_ids, "generate")
-        b, l = input_ids.shape
-        V = self.config.vocab_size
-        if mode == "recurrent" and step_impl is None and impl is not None:
-            if impls.get(impl, family="ssd").step is None:   # unknown names raise ValueError here
-                raise NotImplementedError(
-                    f"generate: impl {impl!r} has no step function, and mode='recurrent' steps with impl unless "
-                    f"step_impl is given: pass step_impl=... (one of "
-                    f"{', '.join(n for n in impls.names('ssd') if impls.get(n, 'ssd').step)})")
-        step_impl = impl if step_impl is None else step_impl
-        if mode == "recurrent":
-            _check_ssd_step_impl(step_impl)
-        full_mask = None
-        if mask is not None and mode == "reforward":
-            full_mask = torch.ones(b, l + T, dtype=mask.dtype, device=mask.device)
-            full_mask[:, :l] = mask
-        cache = None
-
-        def logits_at(tokens, t):   # the logits that choose tokens[:, t]
-            nonlocal cache
-            if mode == "reforward":
-                return self._forward(tokens[:, :t], impl, None if full_mask is None else full_mask[:, :t],
-                                     num_last_tokens=1)[:, -1]
-            if cache is None:
-                logits, cache = self.prefill(input_ids, impl, mask)
-                return logits
-            return self.step(tokens[:, t - 1], cache, step_impl)
-
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) if do_sample else None
-        return decode_tokens(input_ids, T, logits_at, V, eos, pad, sampling, return_logits,
-                             self.config.padded_vocab_size, self.dtype)
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def save_pretrained(self, folder, *, layout="official", safe_serialization=None):
-        """Write ``config.json`` and the weights in ``layout``:
-
-            "official"      the official config and names; pytorch_model.bin (torch.save of the state dict,
-                            lm_head.weight included) or, with safe_serialization=True, model.safetensors (the
-                            tied lm_head.weight left out: safetensors stores no shared tensors)
-            "transformers"  transformers' Mamba2Config fields and Mamba2ForCausalLM names (LAYOUT), in
-                            model.safetensors, as its save_pretrained writes them
-
-        layout and safe_serialization are keyword-only, with the defaults of MambaLM.save_pretrained
-        (safe_serialization None: each layout's own format), so a positional second argument is a
-        TypeError rather than silently read as the other one.
-
-        Raises:
-            ValueError: an unknown layout; safe_serialization=False with layout="transformers" (its
-                layout is safetensors only here); a config transformers cannot represent (to_transformers_dict).
-        """
-        if layout not in ("official", "transformers"):
-            raise ValueError(f"save_pretrained: layout: expected 'official' or 'transformers', got {layout!r}")
-        if layout == "transformers" and safe_serialization is False:
+    def checkpoint_config(self, layout, safe_serialization):
+        """The config.json dict of ``layout`` (to_transformers_dict for transformers'). Raises
+        ValueError for safe_serialization=False with the transformers layout (safetensors only here)."""
+        if layout == "official":
+            return self.config.to_dict()
+        if safe_serialization is False:
             raise ValueError("save_pretrained: layout='transformers' is written as model.safetensors only; "
                              "pass safe_serialization=None or True")
-        cfg = self.config.to_dict() if layout == "official" else self.config.to_transformers_dict()
-        os.makedirs(folder, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if layout == "transformers":
-            state = {LAYOUT["weights"].get(k, k): v for k, v in state.items()}
-            safe_serialization = True
-        safe_serialization = bool(safe_serialization)
-        with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-            json.dump(cfg, f, indent=2)
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            if self.config.tie_embeddings:
-                state.pop("lm_head.weight")
-            save_file(state, os.path.join(folder, WEIGHTS_SAFETENSORS), metadata={"format": "pt"})
-        else:
-            torch.save(state, os.path.join(folder, WEIGHTS_BIN))
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype=None):
-        """Load a local checkpoint folder in the official or transformers layout (told apart by config.json:
-        ``d_model`` and ``ssm_cfg`` against ``model_type: "mamba2"`` / ``hidden_size``). Config and
-        parameter shapes (read from the weight file's header, or a memory map for .bin) are checked
-        before any tensor of the model is allocated. Nothing is downloaded.
-
-        Args:
-            folder: path of the folder; dtype: build the model in this dtype, so the weights are copied
-                into it without passing through float32 (None: float32)
-        Raises:
-            FileNotFoundError: no config.json, or neither model.safetensors nor pytorch_model.bin;
-            ValueError: a file given for the folder;
-            ValueError: a config in neither layout or missing size fields, a Mamba-1 config, official and
-                transformers fields that disagree (each named), a size that is not an int, a weight file
-                that cannot be read (named), or weights whose names or shapes do not match the config
-                (all listed, with the layout named);
-            TypeError: a dtype that is not a torch.dtype (strings such as "float16" are not guessed).
-        """
-        check_dtype_arg(f"from_pretrained({folder!r})", dtype)
-        config, layout = read_config(folder)
-        files = weight_files(folder)
-        state_shapes = stored_shapes(files)
-        expected = parameter_shapes(config, layout)
-        tied = config.tie_embeddings
-        missing = [k for k in expected if k not in state_shapes and not (tied and k == "lm_head.weight")]
-        unexpected = [k for k in state_shapes if k not in expected]
-        wrong = {k: (expected[k], s) for k, s in state_shapes.items() if k in expected and tuple(s) != expected[k]}
-        if missing or unexpected or wrong:
-            raise ValueError(f"from_pretrained({folder!r}): the weights do not match the {layout}-layout config: "
-                             f"missing {_few(missing)}, unexpected {_few(unexpected)}, "
-                             f"shape (expected, found) {_few(list(wrong.items()))}")
-        state = load_weights(files)
-        if layout == "transformers":
-            back = {t: o for o, t in LAYOUT["weights"].items()}
-            state = {back.get(k, k): v for k, v in state.items()}
-        if tied and "lm_head.weight" in state:
-            if not torch.equal(state["lm_head.weight"], state["backbone.embedding.weight"]):
-                raise ValueError(f"from_pretrained({folder!r}): tied embeddings but lm_head.weight differs from the "
-                                 f"embedding")
-            del state["lm_head.weight"]
-        model = cls(config) if dtype is None else cls(config).to(dtype)   # before the copy: no float32 on the way
-        with torch.no_grad():
-            own = model.state_dict()
-            for k, v in state.items():
-                own[k].copy_(v)
-        return model
+        return self.config.to_transformers_dict()
 
 
 def read_config(folder):
     """(Mamba2Config, layout) from ``folder``/config.json, checked (see Mamba2LM.from_pretrained)."""
-    with open(config_path(folder)) as f:
-        cfg = json.load(f)
+    cfg = read_config_json(folder)
     if cfg.get("model_type") == "mamba":
         raise ValueError(f"from_pretrained({folder!r}): model_type 'mamba': a Mamba-1 checkpoint in transformers' "
                          f"layout (load it with impls.models.mamba.MambaLM)")
@@ -827,7 +509,7 @@ def read_config(folder):
     except ValueError:
         layout = None
     if layout == "both":
-        return _read_both(cfg, folder), "transformers"
+        return read_both_layouts(cfg, folder), "transformers"
     if layout == "transformers":
         return Mamba2Config.from_transformers_dict(cfg), "transformers"
     if layout == "official":
@@ -849,14 +531,14 @@ def read_config(folder):
                      + (f"; its model_type is {model_type!r}" if model_type else ""))
 
 
-# The top-level fields found in one layout's config.json only (impls.models.mamba.layout_markers): the
+# The top-level fields found in one layout's config.json only (checkpoints.layout_markers): the
 # transformers fields outside LAYOUT's table are markers too, except rms_norm, which both layouts have.
 MARKERS = layout_markers(Mamba2Config.FIELDS,
                          {**LAYOUT["top"], **{f"ssm_cfg.{k}": v for k, v in LAYOUT["ssm"].items()}},
                          ("model_type", "architectures", "num_heads", "hidden_act", "time_step_rank", "rms_norm"))
 
 
-def _read_both(cfg, folder):
+def read_both_layouts(cfg, folder):
     """A config.json with both layouts' fields (a converted checkpoint may keep its original fields):
     the official reading (each field given in one form only stands for both) and the transformers
     reading must be the same model. Returns the official reading; ValueError naming each disagreement,
@@ -877,15 +559,3 @@ def _read_both(cfg, folder):
         raise ValueError(f"from_pretrained({folder!r}): config.json: the official and the transformers fields "
                          f"disagree: " + "; ".join(conflicts))
     return ours
-
-
-def _few(items, k=8):
-    return f"{items[:k]}{' ...' if len(items) > k else ''}"
-
-
-def _check_ssd_step_impl(impl):
-    """ValueError for an unknown SSD implementation, NotImplementedError for one without a step."""
-    name = STEP_DEFAULT if impl is None else impl
-    if impls.get(name, family="ssd").step is None:
-        raise NotImplementedError(f"step: SSD implementation {name!r} has no step function; those with one: "
-                                  f"{', '.join(n for n in impls.names('ssd') if impls.get(n, 'ssd').step)}")

@@ -240,7 +240,9 @@ class _Inputs:
         seg = _gather(p, X[..., a:e], e - a)
         g = X.shape[1]
         if g != p.G:
-            seg = seg.unsqueeze(4).expand(-1, -1, -1, -1, p.G // g, -1).reshape(p.T, p.b, p.K, p.G, p.n)
+            # a copy: where g = 1, expand-then-reshape would be a zero-stride view that the per-step
+            # views (_per_step) cannot flatten
+            seg = seg.repeat_interleave(p.G // g, dim=3)
         return seg
 
     def decays(self, dt, out):

@@ -1,0 +1,139 @@
+"""Planted bugs for the Mamba-3 (SISO) family: each a small variant of the spec or a wrapper of a
+correct scan, drawn from the field's reports and from what a port gets wrong (issue 25). Every one
+takes the scan's signature (impls/mamba3/loop.py) and must be caught by the checks of
+equivalence/mamba3/test_planted_bugs.py on a small case, while the correct scans pass them.
+"""
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from impls.frontdoor import compute_dtype
+from impls.mamba3 import chunked, loop
+
+
+def _halves(x, theta):
+    """Rotation of pairs (i, i + n/2), the MIMO pairing, instead of SISO's interleaved (2i, 2i+1)."""
+    n, na = x.shape[-1], theta.shape[-1]
+    x0, x1 = x[..., :na], x[..., n // 2:n // 2 + na]
+    c, s = torch.cos(theta), torch.sin(theta)
+    out = x.clone()
+    out[..., :na], out[..., n // 2:n // 2 + na] = x0 * c - x1 * s, x0 * s + x1 * c
+    return out
+
+
+def variant(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None, chunk_size=64,
+            return_final_states=False, cu_seqlens=None, *, bug):
+    """The spec's loop with one bug switched on (cu_seqlens: each sequence alone, as the spec)."""
+    if cu_seqlens is not None:
+        scan = functools.partial(variant, bug=bug)
+        return loop.each_sequence(scan, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States,
+                                  chunk_size, return_final_states, cu_seqlens)
+    b, l, h, p = V.shape
+    n, na = Q.shape[-1], Angles.shape[-1]
+    f = compute_dtype(V.dtype)
+    if bug == "heads_mod":   # head i reads Q/K head i % h_qk instead of i // (h / h_qk)
+        h_qk = Q.shape[-2]
+        Q, K = Q.to(f)[:, :, torch.arange(h) % h_qk], K.to(f)[:, :, torch.arange(h) % h_qk]
+    else:
+        Q, K = loop.per_head(Q.to(f), h), loop.per_head(K.to(f), h)
+    V_f, Angles, ADT, DT, Trap = V.to(f), Angles.to(f), ADT.to(f), DT.to(f), Trap.to(f)
+    Q_bias, K_bias = Q_bias.to(f), K_bias.to(f)
+    angle, ssm, k_prev, v_prev = (loop.zero_states(b, h, p, n, na, f, V.device) if Input_States is None
+                                  else tuple(s.to(f) for s in Input_States))
+    if bug == "ignore_kv_states":
+        k_prev, v_prev = torch.zeros_like(k_prev), torch.zeros_like(v_prev)
+    rot = _halves if bug == "halves" else loop.rotate
+    alpha_prev = torch.ones(b, h, dtype=f, device=V.device)
+    ys = []
+    for t in range(l):
+        adt, dt = ADT[:, :, t], DT[:, :, t]
+        lam = Trap[:, :, t] if bug == "trap_no_sigmoid" else torch.sigmoid(Trap[:, :, t])
+        alpha = torch.exp(adt)
+        gamma = lam * dt
+        beta = (1 - lam) * dt * {"beta_no_alpha": 1.0, "beta_prev_alpha": alpha_prev}.get(bug, alpha)
+        rate = Angles[:, t] if bug == "no_tanh" else torch.tanh(Angles[:, t])
+        angle = angle + math.pi * rate * dt[..., None]
+        if bug == "angle_bf16":
+            angle = angle.to(torch.bfloat16).to(f)
+        if bug != "no_modulo":
+            angle = torch.remainder(angle, 2 * math.pi)
+        if bug == "bias_after_rotation":
+            k, q = rot(K[:, t], angle) + K_bias, rot(Q[:, t], angle) + Q_bias
+        else:
+            k, q = rot(K[:, t] + K_bias, angle), rot(Q[:, t] + Q_bias, angle)
+        v = V_f[:, t]
+        ssm = (alpha[..., None, None] * ssm + beta[..., None, None] * v_prev[..., :, None] * k_prev[..., None, :]
+               + gamma[..., None, None] * v[..., :, None] * k[..., None, :])
+        ys.append((ssm * q[..., None, :]).sum(-1))
+        k_prev = rot(K[:, t] + K_bias, torch.zeros_like(angle)) if bug == "k_state_unrotated" else k
+        v_prev, alpha_prev = v, alpha
+    y = torch.stack(ys, 1) if ys else V_f.new_zeros(b, 0, h, p)
+    if bug == "D_after_gate":
+        y = y * F.silu(Z.to(f)) if Z is not None else y
+        y = y + D.to(f)[:, None] * V_f if D is not None else y
+    else:
+        y = y + D.to(f)[:, None] * V_f if D is not None else y
+        y = y * F.silu(Z.to(f)) if Z is not None else y
+    out = y.to(V.dtype)
+    return (out, angle, ssm, k_prev, v_prev) if return_final_states else out
+
+
+def angle_not_reset(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None, chunk_size=64,
+                    return_final_states=False, cu_seqlens=None):
+    """Packed: the angle sum runs on across sequence boundaries (each sequence starts from the previous
+    one's final angle instead of its own initial angle state)."""
+    if cu_seqlens is None:
+        return loop.mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size,
+                                return_final_states)
+    offsets = cu_seqlens.tolist()
+    outs, finals, carried = [], [], None
+    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
+        init = list(st[i:i + 1] for st in Input_States)
+        if carried is not None:
+            init[0] = carried
+        cut = lambda x, dim=1: None if x is None else x.narrow(dim, s, e - s)
+        out, *st = loop.mamba3_scan(cut(Q), cut(K), cut(V), cut(ADT, 2), cut(DT, 2), cut(Trap, 2), Q_bias, K_bias,
+                                    cut(Angles), D, cut(Z), tuple(init), chunk_size, True)
+        outs.append(out)
+        finals.append(st)
+        carried = st[0]
+    out = torch.cat(outs, 1)
+    return (out, *(torch.cat(x, 0) for x in zip(*finals))) if return_final_states else out
+
+
+def v_state_from_pack_end(*args, **kwargs):
+    """Packed: every sequence's final v state is the pack's last token (read in the official MIMO code)."""
+    result = loop.mamba3_scan(*args, **kwargs)
+    if kwargs.get("cu_seqlens") is None or not kwargs.get("return_final_states"):
+        return result
+    out, angle, ssm, k, v = result
+    V = args[2] if len(args) > 2 else kwargs["V"]
+    return out, angle, ssm, k, V[0, -1].to(v.dtype).expand_as(v).clone()
+
+
+def chunk_boundary_drops_kv(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
+                            chunk_size=64, return_final_states=False, cu_seqlens=None):
+    """Chunked, but the v_{t-1} k~_{t-1} term is dropped at every chunk boundary: the chunked scan run
+    chunk by chunk, carrying the angle and ssm states but not the k and v states."""
+    b, l, h, p = V.shape
+    states, outs = Input_States, []
+    for s in range(0, l, chunk_size):
+        e = min(s + chunk_size, l)
+        cut = lambda x, dim=1: None if x is None else x.narrow(dim, s, e - s)
+        if states is not None and s > 0:
+            states = (states[0], states[1], torch.zeros_like(states[2]), torch.zeros_like(states[3]))
+        out, *states = chunked.mamba3_scan(cut(Q), cut(K), cut(V), cut(ADT, 2), cut(DT, 2), cut(Trap, 2), Q_bias,
+                                           K_bias, cut(Angles), D, cut(Z), states, chunk_size, True)
+        outs.append(out)
+    out = torch.cat(outs, 1) if outs else V.new_zeros(b, 0, h, p)
+    return (out, *states) if return_final_states else out
+
+
+BUGS = {name: functools.partial(variant, bug=name) for name in (
+    "halves", "bias_after_rotation", "angle_bf16", "no_modulo", "no_tanh", "beta_no_alpha", "beta_prev_alpha",
+    "trap_no_sigmoid", "k_state_unrotated", "ignore_kv_states", "D_after_gate", "heads_mod")}
+BUGS.update(angle_not_reset=angle_not_reset, v_state_from_pack_end=v_state_from_pack_end,
+            chunk_boundary_drops_kv=chunk_boundary_drops_kv)

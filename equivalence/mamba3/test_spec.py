@@ -1,0 +1,295 @@
+"""Mamba-3 (SISO): the implementations against the float64 loop, and the family's own properties.
+
+Run: .venv/bin/pytest -q -p no:cacheprovider equivalence/mamba3
+"""
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+import impls
+from equivalence.mamba3.cases import Case, as_f64, case_strategy, check, inputs, wrap_angle
+from impls.mamba3 import chunked, loop, mamba3_scan, mamba3_state_update, recurrent
+
+SCANS = {
+    "loop": loop.mamba3_scan,
+    "chunked": chunked.mamba3_scan,
+    "recurrent": recurrent.scan_by_stepping,
+}
+
+
+def tight(actual, expected, angle=False):
+    """float64 agreement up to rounding: 1e-12 of the larger of 1 and the expected magnitude (the
+    cases' values are O(1) and their sequences short: a few hundred roundings at most). Angles are
+    compared as angles (0 and 2 pi are one)."""
+    if angle:
+        actual = wrap_angle(actual, expected)
+    big = expected.abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12 * (1 + big))
+
+
+TIME_LAST, TIME_SECOND = ("ADT", "DT", "Trap"), ("Q", "K", "V", "Angles", "Z")
+
+
+def window(args, a, e, states=None):
+    """The scan's arguments for tokens a:e (states: the Input_States to start from; default none given)."""
+    cut = lambda k, v: (None if v is None else v[..., a:e] if k in TIME_LAST else v[:, a:e] if k in TIME_SECOND else v)
+    return dict({k: cut(k, v) for k, v in args.items()}, Input_States=states)
+
+
+def token(args, t):
+    """The step's arguments for token t (no Input_States)."""
+    pick = lambda k, v: (None if v is None else v[..., t] if k in TIME_LAST else v[:, t] if k in TIME_SECOND else v)
+    return {k: pick(k, v) for k, v in args.items() if k != "Input_States"}
+
+
+def run(scan, args, case=None, **kw):
+    kw.setdefault("chunk_size", case.chunk_size if case else 4)
+    return scan(**args, return_final_states=True, **kw)
+
+
+@pytest.mark.parametrize("name", ["chunked", "recurrent"])
+@settings(max_examples=20)
+@given(case=case_strategy())
+def test_matches_float64_loop(name, case):
+    """Outputs and all four final states within the tolerance policy (float64: rounding only)."""
+    args = inputs(case)
+    check(f"{name} {case.id()}", run(SCANS[name], args, case), args, repro=repr(case))
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+@settings(max_examples=8)
+@given(case=case_strategy(dtypes=("f64",), max_l=10))
+def test_split_and_continue(name, case):
+    """Splitting at every point with all four states carried equals one call (the trapezoid's
+    beta term crosses the split through the k and v states)."""
+    args = inputs(case)
+    whole = run(SCANS[name], args, case)
+    for s in range(case.l + 1):
+        first = run(SCANS[name], window(args, 0, s, args["Input_States"]), case)
+        second = run(SCANS[name], window(args, s, case.l, tuple(first[1:])), case)
+        tight(torch.cat((first[0], second[0]), 1), whole[0])
+        for i, (x, y) in enumerate(zip(second[1:], whole[1:])):
+            tight(x, y, angle=i == 0)
+
+
+@settings(max_examples=8)
+@given(case=case_strategy(dtypes=("f64",), max_l=10))
+def test_prefill_then_decode(case):
+    """The chunked scan over a prefix, then the public step token by token, equals the scan."""
+    args = inputs(case)
+    whole = run(chunked.mamba3_scan, args, case)
+    s = case.l // 2
+    pre = window(args, 0, s, args["Input_States"])
+    _, *states = mamba3_scan(**pre, return_final_states=True, chunk_size=case.chunk_size)
+    for t in range(s, case.l):
+        tok = token(args, t)
+        given_states, before = tuple(states), [x.clone() for x in states]
+        y, states = mamba3_state_update(**tok, Input_States=given_states)
+        tight(y, whole[0][:, t])
+        assert all(torch.equal(a, b) for a, b in zip(given_states, before))  # inputs untouched
+    for i, (x, y) in enumerate(zip(states, whole[1:])):
+        tight(x, y, angle=i == 0)
+
+
+def test_step_leaves_inputs_untouched_and_indexed_cache():
+    """The plain step returns new tensors; the indexed step advances slot idx[i] in place, padding
+    rows (-1) output zeros and touch no slot, and agrees with the plain step on the rows' slots."""
+    case = Case(b=3, l=1, states=True)
+    args = inputs(case)
+    tok = token(args, 0)
+    states = args["Input_States"]
+    kept = [s.clone() for s in states]
+    y, new = mamba3_state_update(**tok, Input_States=states)
+    assert all(torch.equal(a, b) for a, b in zip(states, kept))
+    assert all(a is not b for a, b in zip(new, states))
+    # a cache of 5 slots; rows 0 and 2 in slots 4 and 1, row 1 padding
+    cache = tuple(torch.randn(5, *s.shape[1:], dtype=s.dtype) for s in states)
+    for c, s in zip(cache, states):
+        c[4], c[1] = s[0], s[2]
+    untouched = [c.clone() for c in cache]
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32)
+    yi, _ = mamba3_state_update(**tok, Input_States=cache, state_batch_indices=idx)
+    tight(yi[[0, 2]], y[[0, 2]])  # a smaller batch may round differently (another matmul path)
+    assert torch.equal(yi[1], torch.zeros_like(yi[1]))
+    for c, u, s in zip(cache, untouched, new):
+        tight(c[4], s[0])
+        tight(c[1], s[2])
+        for slot in (0, 2, 3):
+            assert torch.equal(c[slot], u[slot])
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+def test_packed_equals_per_sequence(name):
+    """cu_seqlens: each sequence scanned alone from its own initial states, lengths 0 and 1 included,
+    chunks not multiples of the lengths (the loop run per sequence is the oracle)."""
+    lens = [3, 0, 7, 1, 9, 0]
+    case = Case(b=1, l=sum(lens), chunk_size=4)
+    args = inputs(case, S=len(lens))
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    packed = run(SCANS[name], args, case, cu_seqlens=cu)
+    for i, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        one = window(args, s, e, tuple(x[i:i + 1] for x in args["Input_States"]))
+        alone = run(loop.mamba3_scan, one, case)
+        tight(packed[0][:, s:e], alone[0])
+        for j, (x, y) in enumerate(zip(packed[1:], alone[1:])):
+            tight(x[i:i + 1], y, angle=j == 0)
+
+
+@pytest.mark.parametrize("name", list(SCANS))
+def test_cross_family_equals_ssd_loop(name):
+    """lambda = 1 (Trap = +inf), no rotation (n_ang = 0 and zero angles), zero biases and ADT = A DT
+    is Mamba-2's SSD: Q plays C, K plays B, V plays x, h_qk plays g."""
+    case = Case(b=2, l=9, h_qk=2, groups=2, p=3, n=4, n_ang=2, states=False)
+    args = as_f64(inputs(case))
+    A = -torch.rand(case.h, dtype=torch.float64) * 2
+    args.update(Trap=torch.full_like(args["Trap"], math.inf), Angles=torch.zeros_like(args["Angles"]),
+                Q_bias=torch.zeros_like(args["Q_bias"]), K_bias=torch.zeros_like(args["K_bias"]),
+                ADT=A[None, :, None] * args["DT"])
+    out = run(SCANS[name], args, case)[0]
+    ssd = impls.get("loop", family="ssd").scan
+    ref = ssd(args["V"], args["DT"].transpose(1, 2), A, args["K"], args["Q"], 4, D=args["D"], z=args["Z"])
+    tight(out, ref)
+
+
+def test_rotation_invariants():
+    """2 pi added to the angle state changes nothing; rotating both q and k (an angle state shift at
+    the first token, with zero ssm, k and v states) leaves q~ . k~ and so the output unchanged;
+    n_ang pairs equal n/2 pairs whose extra angles are zero (pairs past n_ang are left alone)."""
+    case = Case(b=2, l=6, n=8, n_ang=2, chunk_size=4)
+    args = as_f64(inputs(case))
+    base = run(chunked.mamba3_scan, args, case)
+    turned = dict(args, Input_States=(args["Input_States"][0] + 2 * math.pi, *args["Input_States"][1:]))
+    torch.testing.assert_close(run(chunked.mamba3_scan, turned, case)[0], base[0], rtol=0, atol=1e-12)
+
+    one = window(args, 0, 1)
+    ang, ssm, k, v = args["Input_States"]
+    zero = (ang, torch.zeros_like(ssm), torch.zeros_like(k), torch.zeros_like(v))
+    shifted = (ang + torch.rand_like(ang) * 6, *zero[1:])
+    a = run(loop.mamba3_scan, dict(one, Input_States=zero), case)[0]
+    b = run(loop.mamba3_scan, dict(one, Input_States=shifted), case)[0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+    full = dict(args, Angles=torch.cat((args["Angles"], torch.zeros(2, 6, case.h, 2, dtype=torch.float64)), -1),
+                Input_States=(torch.cat((ang, torch.zeros(2, case.h, 2, dtype=torch.float64)), -1), ssm, k, v))
+    wide = run(loop.mamba3_scan, full, case)
+    torch.testing.assert_close(wide[0], base[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(wide[1][..., :2], base[1], rtol=0, atol=1e-12)
+
+
+def test_hand_worked_l1_l2():
+    """One head, p = 1, n = 2, one angle, worked by hand. Token 1: y1 = gamma1 v1 (q1 . k1) + D v1 (the
+    rotation cancels in q~1 . k~1). Token 2: y2 = (alpha2 gamma1 + beta2) v1 (q~2 . k~1) + gamma2 v2
+    (q2 . k2) + D v2, where q~2 . k~1 = q2^T Rot(theta1 - theta2) k1, i.e. with q2 = k1 = (1, 0),
+    cos(phi2), phi2 = pi tanh(a2) dt2 the second token's angle increment."""
+    f = torch.float64
+    t = lambda *x: torch.tensor(x, dtype=f)
+    q1, q2, k1, k2 = (1.0, 2.0), (1.0, 0.0), (1.0, 0.0), (0.5, -1.0)
+    v1, v2, dt1, dt2, adt2, tr1, tr2, a1, a2, D = 2.0, -1.0, 0.3, 0.5, -0.4, 0.7, -0.2, 0.9, -0.6, 0.25
+    args = dict(Q=t(q1, q2).view(1, 2, 1, 2), K=t(k1, k2).view(1, 2, 1, 2), V=t(v1, v2).view(1, 2, 1, 1),
+                ADT=t(-0.1, adt2).view(1, 1, 2), DT=t(dt1, dt2).view(1, 1, 2), Trap=t(tr1, tr2).view(1, 1, 2),
+                Q_bias=torch.zeros(1, 2, dtype=f), K_bias=torch.zeros(1, 2, dtype=f),
+                Angles=t(a1, a2).view(1, 2, 1, 1), D=t(D), Z=None)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    g1, g2 = sig(tr1) * dt1, sig(tr2) * dt2
+    beta2 = (1 - sig(tr2)) * dt2 * math.exp(adt2)
+    phi2 = math.pi * math.tanh(a2) * dt2
+    y1 = g1 * v1 * (q1[0] * k1[0] + q1[1] * k1[1]) + D * v1
+    y2 = (math.exp(adt2) * g1 + beta2) * v1 * math.cos(phi2) + g2 * v2 * (q2[0] * k2[0] + q2[1] * k2[1]) + D * v2
+    theta2 = (math.pi * math.tanh(a1) * dt1 + phi2) % (2 * math.pi)
+    for name, scan in SCANS.items():
+        out, angle, ssm, k, v = scan(**args, chunk_size=1 if name == "chunked" else 64, return_final_states=True)
+        torch.testing.assert_close(out.flatten(), t(y1, y2), rtol=0, atol=1e-14, msg=name)
+        torch.testing.assert_close(angle.flatten(), t(theta2), rtol=0, atol=1e-14, msg=name)
+        torch.testing.assert_close(v.flatten(), t(v2), rtol=0, atol=0, msg=name)
+        c, s = math.cos(theta2), math.sin(theta2)
+        torch.testing.assert_close(k.flatten(), t(k2[0] * c - k2[1] * s, k2[0] * s + k2[1] * c), rtol=0, atol=1e-14)
+
+
+def test_gradients_chunked_match_loop():
+    """Autograd through the chunked scan, every input including the four states, against the loop's (float64)."""
+    case = Case(b=2, l=7, h_qk=1, groups=2, n=4, n_ang=1, chunk_size=3)
+    args = as_f64(inputs(case))
+    grads = {}
+    for name in ("loop", "chunked"):
+        leaves = {k: (None if v is None else tuple(s.clone().requires_grad_() for s in v) if k == "Input_States"
+                      else v.clone().requires_grad_()) for k, v in args.items()}
+        out = run(SCANS[name], leaves, case)
+        w = torch.Generator().manual_seed(1)
+        loss = sum((o * torch.randn(o.shape, generator=w, dtype=torch.float64)).sum() for o in (out[0], *out[2:]))
+        flat = [v for k, v in leaves.items() if k != "Input_States" and v is not None] + list(leaves["Input_States"])
+        grads[name] = torch.autograd.grad(loss, flat)
+    for a, b in zip(grads["chunked"], grads["loop"]):
+        tight(a, b)
+
+
+# ---- the front door ---------------------------------------------------------------------------
+
+def _bad(**change):
+    case = Case(b=2, l=5, h_qk=1, groups=2, n=4, n_ang=2, dtype="f32")
+    args = inputs(case)
+    for k, v in change.items():
+        args[k] = v(args) if callable(v) else v
+    return args
+
+
+FRONT_DOOR = [
+    ("Q rank", dict(Q=lambda a: a["Q"][0]), ValueError, "Q"),
+    ("K shape", dict(K=lambda a: a["K"][:, :4]), ValueError, "K"),
+    ("V dtype", dict(V=lambda a: a["V"].int()), TypeError, "V"),
+    ("Z dtype", dict(Z=lambda a: a["Z"].double()), TypeError, "Z"),
+    ("ADT time first", dict(ADT=lambda a: a["ADT"].transpose(1, 2)), ValueError, "ADT"),
+    ("n odd", dict(Q=lambda a: a["Q"][..., :3], K=lambda a: a["K"][..., :3]), ValueError, "Q"),
+    ("n_ang > n/2", dict(Angles=lambda a: torch.zeros(2, 5, 2, 3)), ValueError, "Angles"),
+    ("h_qk not dividing h", dict(Q=lambda a: torch.zeros(2, 5, 3, 4), K=lambda a: torch.zeros(2, 5, 3, 4)), ValueError, "Q"),
+    ("D shape", dict(D=lambda a: a["D"][:1]), ValueError, "D"),
+    ("D dtype", dict(D=lambda a: a["D"].half()), TypeError, "D"),
+    ("bias shape", dict(K_bias=lambda a: a["K_bias"][:, :2]), ValueError, "K_bias"),
+    ("incomplete states", dict(Input_States=lambda a: (*a["Input_States"][:3], None)), ValueError, "Input_States"),
+    ("three states", dict(Input_States=lambda a: a["Input_States"][:3]), TypeError, "Input_States"),
+    ("state dtype", dict(Input_States=lambda a: (a["Input_States"][0].double(), *a["Input_States"][1:])), TypeError, "angle"),
+    ("state shape", dict(Input_States=lambda a: (*a["Input_States"][:2], a["Input_States"][2][:, :, :2], a["Input_States"][3])), ValueError, "(k)"),
+    ("not a tensor", dict(Trap=3.0), TypeError, "Trap"),
+    ("device", dict(DT=lambda a: a["DT"].to("meta")), ValueError, "DT"),
+]
+
+
+@pytest.mark.parametrize("label,change,exc,arg", FRONT_DOOR, ids=[f[0] for f in FRONT_DOOR])
+def test_front_door_scan(label, change, exc, arg):
+    with pytest.raises(exc, match=f"mamba3_scan: .*{arg}"):
+        mamba3_scan(**_bad(**change))
+
+
+def test_front_door_scan_options():
+    args = _bad()
+    with pytest.raises(ValueError, match="chunk_size"):
+        mamba3_scan(**args, chunk_size=0)
+    with pytest.raises(TypeError, match="return_final_states"):
+        mamba3_scan(**args, return_final_states="yes")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        mamba3_scan(**args, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32))  # b = 2
+    with pytest.raises(ValueError, match="impl"):
+        mamba3_scan(**args, impl="nope")
+
+
+def test_front_door_step():
+    args = _bad()
+    tok = token(args, 0)
+    states = args["Input_States"]
+    with pytest.raises(ValueError, match="mamba3_state_update: Q"):
+        mamba3_state_update(**dict(tok, Q=tok["Q"][:, :, :3], K=tok["K"][:, :, :3]), Input_States=states)
+    with pytest.raises(ValueError, match="Input_States"):
+        mamba3_state_update(**tok, state_batch_indices=torch.tensor([0, 1], dtype=torch.int32))
+    # aliased written arguments: the cache's v state is V's memory; a refused step touches nothing
+    cache = tuple(s.clone() for s in states)
+    aliased = (*cache[:3], tok["V"])
+    kept = [s.clone() for s in aliased]
+    with pytest.raises(ValueError, match=r"Input_States\[3\] \(v\).*memory shared with V"):
+        mamba3_state_update(**tok, Input_States=aliased, state_batch_indices=torch.tensor([0, 1], dtype=torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(aliased, kept))
+    with pytest.raises(ValueError, match="state_batch_indices"):
+        mamba3_state_update(**tok, Input_States=cache, state_batch_indices=torch.tensor([0, 0], dtype=torch.int32))

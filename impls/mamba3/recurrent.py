@@ -1,0 +1,127 @@
+"""The Mamba-3 (SISO) decode step, and the scan as that step run token after token.
+
+Written apart from the loop (impls/mamba3/loop.py, the spec) so that comparing the two checks
+something: the rotation here is a complex product (pair (x_{2i}, x_{2i+1}) as x_{2i} + i x_{2i+1},
+times e^{i theta_i}), and the trapezoid is folded into the previous state,
+
+    h_t = alpha_t (h_{t-1} + (1 - lambda_t) DT_t v_{t-1} k~_{t-1}^T) + lambda_t DT_t v_t k~_t^T,
+
+which is the spec's alpha h + beta v k^T + gamma v k^T with beta = (1 - lambda) DT alpha. Letters
+(b, h, h_qk, p, n, n_ang, S) as in impls/mamba3/loop.py.
+
+n_ang need not be even. The official ``mamba3_siso_step`` asserts ``headdim_angles % 2 == 0``
+while its scan does not; its kernel masks the angles past n_ang (cos 1, sin 0) exactly as an odd
+count needs, so the rule is a restriction of that kernel, not of the model. Ours follows the scan:
+every n_ang the scan accepts must be decodable, or "prefill then decode equals the scan" would
+fail for models the scan serves. An adapter for the official step declares even n_ang as its
+capability.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..frontdoor import compute_dtype
+from .loop import each_sequence, per_head, zero_states
+
+TWO_PI = 2 * math.pi
+
+
+def rotate_complex(x, theta):
+    """x (..., n) with its first n_ang interleaved pairs rotated by theta (..., n_ang), as complex products."""
+    n_ang = theta.shape[-1]
+    pairs = torch.view_as_complex(x[..., :2 * n_ang].reshape(*x.shape[:-1], n_ang, 2).contiguous())
+    turned = torch.view_as_real(pairs * torch.polar(torch.ones_like(theta), theta)).flatten(-2)
+    return torch.cat((turned, x[..., 2 * n_ang:]), dim=-1)
+
+
+def advance(q, k, v, adt, dt, trap, Q_bias, K_bias, angles, D, z, states):
+    """One token for every row, in the compute dtype, without the front door.
+
+    q, k: (b, h, n) already spread over the h heads; v, z: (b, h, p); adt, dt, trap: (b, h);
+    Q_bias, K_bias: (h, n); angles: (b, h, n_ang); D: (h,) or None; z may be None;
+    states: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, h, n), v (b, h, p)).
+    Returns (y (b, h, p), the four new states). Nothing is written in place.
+    """
+    angle, ssm, k_prev, v_prev = states
+    lam = torch.sigmoid(trap)[..., None, None]
+    theta = angle + math.pi * torch.tanh(angles) * dt[..., None]
+    theta = theta - TWO_PI * torch.floor(theta / TWO_PI)                   # into [0, 2 pi)
+    k_rot = rotate_complex(k + K_bias, theta)
+    q_rot = rotate_complex(q + Q_bias, theta)
+    dt4 = dt[..., None, None]
+    folded = ssm + ((1 - lam) * dt4) * (v_prev[..., :, None] * k_prev[..., None, :])
+    ssm = torch.exp(adt)[..., None, None] * folded + (lam * dt4) * (v[..., :, None] * k_rot[..., None, :])
+    y = torch.einsum("bhpn,bhn->bhp", ssm, q_rot)
+    if D is not None:
+        y = y + D[:, None] * v
+    if z is not None:
+        y = y * F.silu(z)
+    return y, (theta, ssm, k_rot, v.clone())
+
+
+def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
+                        state_batch_indices=None):
+    """One Mamba-3 SISO token (the official ``mamba3_siso_step``), arguments already checked.
+
+    Args:
+        Q, K: (b, h_qk, n); V, Z: (b, h, p) (Z optional); ADT, DT, Trap: (b, h)
+        Q_bias, K_bias: (h, n); Angles: (b, h, n_ang); D: (h,) optional
+        Input_States: (angle (S, h, n_ang), ssm (S, h, p, n), k (S, h, n), v (S, h, p)) in the
+            compute dtype, or None (zeros). Without state_batch_indices, S = b and they are only read.
+        state_batch_indices: (b,) int32 or None. Given, Input_States is a cache of S slots: row i
+            reads and writes slot state_batch_indices[i] IN PLACE; a negative index marks a padding
+            row, whose output is zeros and which touches no slot.
+    Returns:
+        (out (b, h, p) in V's dtype, (angle, ssm, k, v)): new state tensors (b, h, ...) in the
+        compute dtype; with state_batch_indices, the cache tensors themselves, updated.
+    """
+    b, h, p = V.shape
+    n, n_ang = Q.shape[-1], Angles.shape[-1]
+    f = compute_dtype(V.dtype)
+    cast = lambda x: None if x is None else x.to(f)
+    q, k = per_head(Q.to(f), h), per_head(K.to(f), h)
+    common = (cast(Q_bias), cast(K_bias), cast(D))
+    if state_batch_indices is None:
+        states = zero_states(b, h, p, n, n_ang, f, V.device) if Input_States is None else tuple(map(cast, Input_States))
+        y, new = advance(q, k, cast(V), cast(ADT), cast(DT), cast(Trap), common[0], common[1], cast(Angles),
+                         common[2], cast(Z), states)
+        return y.to(V.dtype), new
+
+    # the serving form: gather the rows' slots, advance them, scatter back in place
+    indices = state_batch_indices.tolist()
+    rows = [i for i, s in enumerate(indices) if s >= 0]
+    out = torch.zeros(b, h, p, dtype=V.dtype, device=V.device)
+    if rows:
+        r = torch.tensor(rows, device=V.device)
+        slots = torch.tensor([indices[i] for i in rows], device=V.device)
+        states = tuple(s[slots].to(f) for s in Input_States)
+        pick = lambda x: None if x is None else x.to(f)[r]
+        y, new = advance(q[r], k[r], pick(V), pick(ADT), pick(DT), pick(Trap), common[0], common[1], pick(Angles),
+                         common[2], pick(Z), states)
+        out[r] = y.to(V.dtype)
+        with torch.no_grad():
+            for cache, s in zip(Input_States, new):
+                cache.index_copy_(0, slots, s.to(cache.dtype))
+    return out, tuple(Input_States)
+
+
+def scan_by_stepping(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
+                     chunk_size=64, return_final_states=False, cu_seqlens=None):
+    """The scan (impls/mamba3/loop.py's signature and shapes) as the step run token after token;
+    packed sequences each alone, as the loop."""
+    if cu_seqlens is not None:
+        return each_sequence(scan_by_stepping, Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States,
+                             chunk_size, return_final_states, cu_seqlens)
+    b, l, h, p = V.shape
+    f = compute_dtype(V.dtype)
+    states = (zero_states(b, h, p, Q.shape[-1], Angles.shape[-1], f, V.device) if Input_States is None
+              else tuple(s.to(f) for s in Input_States))
+    ys = []
+    for t in range(l):
+        y, states = mamba3_state_update(Q[:, t], K[:, t], V[:, t], ADT[:, :, t], DT[:, :, t], Trap[:, :, t], Q_bias,
+                                        K_bias, Angles[:, t], D, None if Z is None else Z[:, t], states)
+        ys.append(y)
+    out = torch.stack(ys, dim=1) if ys else V.new_zeros(b, 0, h, p)
+    return (out, *states) if return_final_states else out
