@@ -36,6 +36,9 @@ import impls  # noqa: E402 (sets TRITON_INTERPRET before anything imports triton
 
 from . import diagnose, properties  # noqa: E402
 
+# The review summary (implementation x property, --scan-summary FILE) comes with the suite's hooks
+pytest_plugins = ["equivalence.summary"]
+
 DEFAULT_FAMILY = "selective"
 
 # CI sets CI=true, which makes hypothesis load its own "ci" profile; ours replaces it by name and
@@ -160,9 +163,16 @@ def register_probed(fam, name, scan, step, setup):
     properties.SETUP[(fam.name, name)] = setup
 
 
+def not_wired(family):
+    """The header's line for a registered family whose equivalence module lacks the contract of
+    equivalence/properties.py: its family-parametrized tests are not generated, and saying so
+    keeps a green run from reading as if they had passed."""
+    return f"{family}: shared properties not wired ({impls.get_family(family).equivalence} has no family contract)"
+
+
 def select(config, fam):
     """The names of ``fam`` under test, registering what its options name."""
-    spec = properties.family(fam.name)
+    spec = properties.family(fam.name) if properties.wired(fam.name) else None
     kw = "" if fam.name == DEFAULT_FAMILY else f", family={fam.name!r}"
     step_spec = config.getoption(dest(fam.step_option))
     step, step_expr, step_registered = load_step(fam, step_spec) if step_spec else (None, None, None)
@@ -170,6 +180,9 @@ def select(config, fam):
     for spec_ in config.getoption(dest(fam.option)):
         if spec_ in impls.names(fam.name):
             chosen.append(spec_)
+        elif ":" in spec_ and spec is None:
+            raise pytest.UsageError(f"{fam.option} {spec_}: a plain function's capabilities are probed through "
+                                    f"the shared properties, and {not_wired(fam.name)}; register it from a module")
         elif ":" in spec_:
             module, expr = python_name(spec_)
             setup = on_path(spec_) + f"import {module}; impls.register({spec_!r}, {expr}{kw})"
@@ -197,6 +210,8 @@ def select(config, fam):
                                     f"({', '.join(impls.names(fam.name))}), a module, or module:function")
     if step is not None and step_registered:  # a registered name on its own: that implementation
         chosen.append(step_registered)
+    elif step is not None and spec is None:
+        raise pytest.UsageError(f"{fam.step_option} {step_spec}: {not_wired(fam.name)}")
     elif step is not None:  # a step on its own: its scan is the step, token by token
         module, expr = python_name(step_spec)
         scan = spec.scan_by_stepping(step)
@@ -229,6 +244,7 @@ def pytest_configure(config):
     for name, chosen in config.selected.items():  # config.selected_impls, config.selected_ssd_impls, ...
         setattr(config, f"selected_{prefix(name)}impls", chosen)
     config.families = chosen_families(config)
+    config.wired = tuple(f for f in impls.FAMILIES if properties.wired(f))
     from hypothesis.internal.conjecture import engine
 
     engine.MAX_SHRINKING_SECONDS = SHRINKING_SECONDS
@@ -267,7 +283,8 @@ IMPL_FIXTURES = {
     "impl": lambda e, spec: None,
     "stepping_impl": lambda e, spec: None if e.step is not None else "no step function",
     "gradient_impl": lambda e, spec: None if e.supports["gradients"] else "no gradient support",
-    "continuing_impl": lambda e, spec: None if e.supports[spec.STATE_ARG] else f"no {spec.STATE_ARG} support",
+    "continuing_impl": lambda e, spec: (None if spec is None or e.supports[spec.STATE_ARG]
+                                        else f"no {spec.STATE_ARG} support"),
     "deterministic_impl": lambda e, spec: None if e.supports["deterministic"] else "not deterministic",
     "nonfinite_impl": lambda e, spec: None if e.supports["nonfinite_inputs"] else "non-finite inputs",
     "varlen_impl": lambda e, spec: None if e.supports["varlen"] else "varlen",
@@ -292,7 +309,7 @@ def fixture_family(fixture):
 def params(config, family, kind, ids=lambda n: n):
     """pytest.param of each implementation of ``family`` under test, skipped with its declared gap
     when it lacks what the fixture ``kind`` needs."""
-    spec = properties.family(family)
+    spec = properties.family(family) if family in config.wired else None
     out = []
     for n in config.selected[family]:
         gap = IMPL_FIXTURES[kind](impls.get(n, family), spec)
@@ -305,7 +322,8 @@ def pytest_generate_tests(metafunc):
     names = metafunc.fixturenames
     if "family" in names:
         marker = metafunc.definition.get_closest_marker("family")
-        families = [marker.args[0]] if marker else list(impls.FAMILIES)
+        # only the families whose module has the contract (the header names the others)
+        families = [f for f in ([marker.args[0]] if marker else impls.FAMILIES) if f in metafunc.config.wired]
         kind = next((k for k in IMPL_FIXTURES if k in names), None)
         if kind is None:
             metafunc.parametrize("family", [properties.family(f) for f in families], ids=families)
@@ -330,8 +348,9 @@ def pytest_generate_tests(metafunc):
 def item_family(item):
     """The family a collected test belongs to (see the module's docstring)."""
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and "family" in callspec.params:
-        return callspec.params["family"].NAME
+    for key in ("family", "fam"):  # the fixture, or a test's own parametrization over family modules
+        if callspec is not None and hasattr(callspec.params.get(key), "NAME"):
+            return callspec.params[key].NAME
     marker = item.get_closest_marker("family")
     if marker is not None:
         return marker.args[0]
@@ -408,6 +427,9 @@ def pytest_report_header(config):
              f"{config.option.hypothesis_seed} (replay this run: make test SEED={config.option.hypothesis_seed})"]
     for family in config.families:  # a family whose tests are deselected has no lines
         which = "" if family == DEFAULT_FAMILY else f"{family.upper()} "
+        if family not in config.wired:
+            lines += [not_wired(family), f"{which}implementations registered: {', '.join(config.selected[family])}"]
+            continue
         spec = properties.family(family)
         lines += [f"{which}implementation under test: " + diagnose.describe(spec, n) for n in config.selected[family]]
     return lines

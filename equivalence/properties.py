@@ -10,8 +10,9 @@ of it:
     PINNED                  known edge cases, each run by a test of its own
     make_inputs(case, dtype=None), reference_inputs(case)
                             keyword arguments of its public scan (the float64 oracle's copy)
-    SCAN_ARGS, TIME_ARGS, BATCH_ARGS, STATE_ARG, TIME_DIM, Y_AXES
-                            argument names; the time axis of the time arguments and of y; y's letters
+    SCAN_ARGS, TIME_ARGS, BATCH_ARGS, STATE_ARG, CHANNEL_ARG, TIME_DIM, Y_AXES
+                            argument names (CHANNEL_ARG: the input with one element per output
+                            channel); the time axis of the time arguments and of y; y's letters
     scan(name, case, x, chunk_size=None), step(name, state, x, t), state_shape(case)
                             the public scan returning (y, last state); one token through the public step
     supported(entry, case)  whether the entry declares what the case needs
@@ -34,6 +35,8 @@ cases (equivalence/diagnose.py says from it what the failure needs).
     batch independence  a change in batch row j changes no other row, bit for bit
     non-finite          a NaN, inf or -inf at token t of one input: outputs non-finite exactly where
                         the loop's are (a NaN stays NaN), within the policy elsewhere
+    NaN propagation     a NaN in one channel's input at token t: that channel NaN from t on, every
+                        other output unchanged bit for bit
     gradients           of every input, against float64 autograd through the loop
     chunk sizes         the same results for every chunk size (families with CHUNK_SIZES)
     determinism, batch invariance, unwritten memory, non-finite causality (below)
@@ -56,9 +59,28 @@ from impls.frontdoor import compute_dtype
 from .tolerance import assert_close
 
 
+# What a family's module must define for the shared properties to run on it (the list above; the
+# diagnosis' names are optional: without them a failure is reported undiagnosed)
+CONTRACT = ("NAME", "Case", "cases", "PINNED", "make_inputs", "reference_inputs", "SCAN_ARGS", "TIME_ARGS",
+            "BATCH_ARGS", "STATE_ARG", "CHANNEL_ARG", "TIME_DIM", "Y_AXES", "scan", "step", "state_shape", "supported",
+            "magnitudes", "conditionings", "terms", "exact_kinds", "call", "CHUNK_SIZES", "PACKING", "STRATEGIES")
+
+
 def family(name):
     """The equivalence module of the impls family ``name`` (equivalence.selective, ...)."""
     return importlib.import_module(impls.get_family(name).equivalence)
+
+
+def missing_contract(name):
+    """The names of CONTRACT that the equivalence module of family ``name`` lacks (empty when the
+    shared properties can run on it)."""
+    module = family(name)
+    return [k for k in CONTRACT if not hasattr(module, k)]
+
+
+def wired(name):
+    """Whether the shared properties run on family ``name`` (its module has the whole contract)."""
+    return not missing_contract(name)
 
 
 def prepare(fam, name, case):
@@ -321,6 +343,40 @@ def check_nonfinite(fam, name, case, arg, t, poison):
                          scale=scale)
 
 
+@case_check
+def check_nan_propagation(fam, name, case, t):
+    """A NaN at token t of the family's channel input (CHANNEL_ARG: batch row 0, the first element
+    of its other axes) makes that channel's outputs NaN from token t on, and changes no other output,
+    bit for bit: a finite change elsewhere (an ulp in another channel, an earlier token) is caught,
+    which the non-finite check, held to the tolerance policy away from the non-finite outputs, lets
+    pass. Every implementation is held to it, including one with the non-finite-inputs gap (that gap
+    is about infinities and NaN in the decays, not about a NaN in a channel's input)."""
+    entry = impls.get(name, fam.NAME)
+    if not fam.supported(entry, case):
+        return
+    t = min(t, case.l - 1)
+    x = fam.make_inputs(case)
+    with torch.no_grad():
+        y = fam.scan(name, case, poisoned(fam, x, fam.CHANNEL_ARG, t, float("nan")))[0]
+        y_clean = fam.scan(name, case, x)[0]
+    where = repro(fam, name, case) + f"  # {fam.CHANNEL_ARG}[token {t}, first element] = nan"
+    channel = [0 if a != "l" else slice(t, None) for a in fam.Y_AXES]
+    missed = ~torch.isnan(y[tuple(channel)])
+    if missed.any():
+        s = t + int(missed.nonzero()[0])
+        channel[fam.Y_AXES.index("l")] = s
+        raise AssertionError(f"{name}: the NaN in input {fam.CHANNEL_ARG} at (batch row 0, first channel, t={t}) did "
+                             f"not reach output t={s} of its channel, which is {y[tuple(channel)].item()!r}"
+                             f"\n  reproduce: {where}")
+    outside = ~same(y, y_clean)
+    outside[tuple(channel)] = False
+    if outside.any():
+        i = tuple(outside.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: output ({position(fam, i)}) changed, to {y[i].item()!r}, by the NaN in input "
+                             f"{fam.CHANNEL_ARG} at (batch row 0, first channel, t={t}): {flow(fam, i, t)}"
+                             f"\n  reproduce: {where}")
+
+
 def flow(fam, index, t):
     """How a non-finite value got to y at ``index`` from token t of batch row 0's first elements."""
     others = [a for a, i in zip(fam.Y_AXES, index) if a not in ("b", "l") and i != 0]
@@ -570,6 +626,18 @@ def check_nonfinite_causality(fam, name, case, t, poison):
                     f"{name}: {arg} = {poison} at token {t} (batch row 0) changed {int(changed.sum())} outputs "
                     f"before token {t}, first {_first(changed, *before)}: information flowed backwards in time\n"
                     f"  reproduce: {repro(fam, name, case)}  # {arg}[token {t}] = {poison}")
+
+
+# The checks above with one family bound, as each family's module exports them for the tests of one
+# implementation or one adapter: equivalence.selective.check_values(name, case), ...
+BOUND = ("check_values", "check_split", "check_prefill_then_decode", "check_causality", "check_batch_independence",
+         "check_nonfinite", "check_nan_propagation", "check_gradients", "check_chunk_size_invariance", "oracle",
+         "scales")
+
+
+def bound(fam):
+    """{name: the function of BOUND with ``fam`` as its first argument}."""
+    return {k: functools.partial(globals()[k], fam) for k in BOUND}
 
 
 def property_checks(fam, name, small, k, poison):

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from .properties import (NONFINITE, check_batch_independence, check_causality, check_chunk_size_invariance,
-                         check_nonfinite, check_prefill_then_decode, check_split)
+                         check_nan_propagation, check_nonfinite, check_prefill_then_decode, check_split)
 
 positions = st.integers(0, 400)  # folded to the case's length by each check
 
@@ -45,6 +45,13 @@ def test_nonfinite_propagates_as_the_loops(family, nonfinite_impl, data, t, pois
     check_nonfinite(family, nonfinite_impl, drawn(data, family, "nonfinite"), arg, t, poison)
 
 
+@given(data=st.data(), t=positions)
+def test_nan_propagates_and_stays_in_its_channel(family, impl, data, t):
+    """Every implementation, the non-finite-inputs gap included: a NaN in one channel's input
+    changes that channel from its token on and nothing else, bit for bit."""
+    check_nan_propagation(family, impl, drawn(data, family, "nonfinite"), t)
+
+
 @given(data=st.data())
 def test_results_do_not_depend_on_chunk_size(family, impl, data):
     if family.CHUNK_SIZES is None:
@@ -70,6 +77,11 @@ def test_pinned_causality(family, impl):
 def test_pinned_nonfinite(family, nonfinite_impl):
     for case, arg, t, poison in family.PINNED_INVARIANTS["nonfinite"]:
         check_nonfinite(family, nonfinite_impl, case, arg, t, poison)
+
+
+def test_pinned_nan_propagation(family, impl):
+    for case, t in family.PINNED_INVARIANTS["nan"]:
+        check_nan_propagation(family, impl, case, t)
 
 
 def test_pinned_chunk_sizes(family, impl):

@@ -121,6 +121,9 @@ class Packing:
         output and gradient of the pack: the whole pack's, which bounds each sequence's
     terms(case, output, arg=None): rounded terms per element of "y", "state" or "gradient" (of arg)
     repro(name, case, note): a line that reproduces the call
+    cases(chunk=8, dtypes=..., max_seqs=6, max_total=80): the hypothesis strategy of its packed cases
+    pinned: packed cases that together cover every geometry in CATEGORIES on ``chunk_starts``
+    chunk_starts(case): packed positions where the chunks start that ``pinned`` is meant to cover
     """
     name: str
     time_args: tuple       # arguments with a time axis
@@ -134,6 +137,9 @@ class Packing:
     conditioning: object
     terms: object
     repro: object
+    cases: object
+    pinned: tuple
+    chunk_starts: object
 
     def cut(self, X, a, e):
         return X.narrow(self.time_dim, a, e - a)

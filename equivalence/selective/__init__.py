@@ -5,7 +5,6 @@ impls' Family value names this module (``Family.equivalence``); nothing here is 
 ``import impls``. Letters as in impls/frontdoor.py: y is (b, d, l), the state (b, d, n).
 """
 
-import functools
 import sys
 
 import torch
@@ -19,15 +18,16 @@ from impls.selective.recurrent import scan_by_stepping  # noqa: F401 (a step plu
 from .. import properties
 from ..tolerance import GATE_ULPS, conditioning, dt_ulps, gradient_conditioning
 from ..tolerance import terms as rounded_terms
-from . import planted_bugs  # noqa: F401
+from . import planted_bugs, varlen_planted_bugs  # noqa: F401
 from .cases import (DTYPES, EDGE_REGIMES, NONFINITE, PINNED, REGIMES, SCAN_ARGS, SMALLEST, Case, cases,  # noqa: F401
                     make_inputs, reference_inputs)
-from .varlen import PACKING  # noqa: F401
+from .varlen import PACKING, varlen_cases
 
 NAME = "selective"
 TIME_ARGS = ("u", "delta", "z", "B", "C")   # the arguments with a time axis (last)
 TIME_DIM = -1
 STATE_ARG = "initial_state"                  # also the capability that continuing needs
+CHANNEL_ARG = "u"                            # one element per output channel (the NaN-propagation check)
 BATCH_ARGS = TIME_ARGS + (STATE_ARG,)
 Y_AXES = ("b", "d", "l")
 CHUNK_SIZES = None                           # no chunk size in the interface
@@ -178,6 +178,10 @@ STRATEGIES = dict(
     nonfinite=cases(max_l=120), gradients=cases(dtypes=("f32", "f64"), max_d=12, max_n=8, max_l=64),
     properties=cases(max_b=2, max_d=4, max_n=4, max_l=8), magnitudes=cases(dtypes=("f64",), max_d=4, max_n=4, max_l=30),
     planted=st.one_of(cases(), cases(poison=True)),
+    packed=varlen_cases(), packed_gradients=varlen_cases(dtypes=("f32", "f64"), max_total=48),
+    packed_decoding=varlen_cases(max_total=40),
+    packed_planted=varlen_cases(chunk=varlen_planted_bugs.CHUNK, dtypes=("f32", "f64"), max_d=4, max_n=3, max_seqs=4,
+                                max_total=40),
 )
 # The long and edge cases of the invariants, each family's in a test of its own (an @example is
 # never shrunk, so it must not pre-empt a drawn failure)
@@ -186,26 +190,15 @@ PINNED_INVARIANTS = dict(
     decode=[(Case(b=2, d=4, n=2, l=90, g=4, dtype="bf16", initial_state=True), 70)],
     causality=[(Case(b=1, d=3, n=2, l=300, regime="stress"), 257)],
     nonfinite=[(Case(b=1, d=2, n=2, l=200, regime="stress", dtype="f32"), "u", 3, "nan")],
+    nan=[(SMALLEST, 0), (Case(b=1, d=2, n=2, l=200, regime="stress", dtype="f32"), 3)],
     gradients=[Case(b=2, d=6, n=3, l=70, g=3, regime="stress", initial_state=True, seed=7)],
 )
 # The size the planted-bug search folds each drawn case to for the four properties of properties.py
 PLANTED_SMALL = dict(b=3, d=8, n=6, l=24)
 
 
+
 # The properties with this family bound, for the tests of one implementation or one adapter:
 # check_values(name, case), oracle(case), ... (equivalence/properties.py has them over any family)
 FAMILY = sys.modules[__name__]
-check_values = functools.partial(properties.check_values, FAMILY)
-check_split = functools.partial(properties.check_split, FAMILY)
-check_prefill_then_decode = functools.partial(properties.check_prefill_then_decode, FAMILY)
-check_causality = functools.partial(properties.check_causality, FAMILY)
-check_batch_independence = functools.partial(properties.check_batch_independence, FAMILY)
-check_nonfinite = functools.partial(properties.check_nonfinite, FAMILY)
-check_gradients = functools.partial(properties.check_gradients, FAMILY)
-oracle = functools.partial(properties.oracle, FAMILY)
-scales = functools.partial(properties.scales, FAMILY)
-
-
-def check_nan_propagation(name, case, t):
-    """A NaN in u at (0, 0, t) reaches y[0, 0, t:] and nothing else (properties.check_nonfinite)."""
-    return properties.check_nonfinite(FAMILY, name, case, "u", t, "nan")
+globals().update(properties.bound(FAMILY))

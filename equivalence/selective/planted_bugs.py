@@ -3,7 +3,7 @@
 Each function here has the selective_scan signature and is one small, realistic mistake away from
 the loop. ``correct`` has no mistake: the control. Use them from the command line too:
 
-    pytest --impl equivalence.planted_bugs:wrong_group_mapping
+    pytest --impl equivalence.selective.planted_bugs:wrong_group_mapping
 """
 
 import functools

@@ -180,8 +180,21 @@ def _terms(case, output, arg=None):
                 gradient=case.l * (case.d // max(case.g, 1) + case.n))[output]
 
 
+# Pinned packings (d = 3, n = 4: on parallel's small plan in equivalence/test_varlen.py, chunks of 4
+# to 8 tokens); together they cover every geometry in varlen.CATEGORIES, as a test there checks.
+PINNED = (
+    VarlenCase(lengths=(0, 1, 5, 7, 14, 0, 3), d=3, n=4, seed=1),
+    VarlenCase(lengths=(5, 5, 3, 12), d=3, n=4, g=3, regime="stress", seed=2),
+    VarlenCase(lengths=(3, 4, 1, 16, 9), d=3, n=4, dtype="f64", regime="slow", seed=3),
+    VarlenCase(lengths=(40, 33, 2), d=3, n=4, g=1, regime="official", initial_state=False, seed=4),
+    VarlenCase(lengths=(2,) * 10, d=3, n=4, dtype="bf16", seed=5),
+    VarlenCase(lengths=(0,), d=3, n=4, seed=6),
+    VarlenCase(lengths=(1,), d=3, n=4, dtype="f16", z=False, D=False, seed=7),
+)
+
 PACKING = varlen.Packing(name="selective", time_args=TIME_ARGS, time_dim=-1, state_arg="initial_state",
                          step_args=("u", "delta", "B", "C", "z"), inputs=packed_inputs, scan=_scan, step=_step,
-                         magnitudes=magnitudes, conditioning=_conditioning, terms=_terms, repro=repro)
+                         magnitudes=magnitudes, conditioning=_conditioning, terms=_terms, repro=repro,
+                         cases=varlen_cases, pinned=PINNED, chunk_starts=lambda case: chunk_starts("parallel", case))
 
 

@@ -6,7 +6,6 @@ impls' Family value names this module (``Family.equivalence``); nothing here is 
 The oracle is the SSD loop (impls/ssd/loop.py) run in float64.
 """
 
-import functools
 import sys
 
 import torch
@@ -18,15 +17,16 @@ from impls.ssd.recurrent import scan_by_stepping  # noqa: F401 (a step plugged i
 
 from .. import properties
 from ..tolerance import GATE_ULPS, conditioning, dt_ulps, gradient_conditioning, ssd_terms
-from . import planted_bugs  # noqa: F401
+from . import planted_bugs, varlen_planted_bugs  # noqa: F401
 from .cases import (CHUNK_SIZES, DT_LIMITS, DTYPES, PINNED, REGIMES, SCAN_ARGS, TIME_ARGS, SSDCase, cases,  # noqa: F401
                     make_inputs, reference_inputs)
-from .varlen import PACKING  # noqa: F401
+from .varlen import PACKING, varlen_cases
 
 NAME = "ssd"
 Case = SSDCase
 TIME_DIM = 1
 STATE_ARG = "initial_states"                 # also the capability that continuing needs
+CHANNEL_ARG = "x"                            # one element per output channel (the NaN-propagation check)
 BATCH_ARGS = TIME_ARGS + (STATE_ARG,)
 Y_AXES = ("b", "l", "h", "p")
 
@@ -193,6 +193,10 @@ STRATEGIES = dict(
     # smaller than the suite's (the planted scan is a Python loop over chunks): still every option,
     # several chunks of the chunk sizes 1, 2 and 17, and l not a multiple of them
     planted=cases(max_b=2, max_l=80, max_h=6, max_p=4, max_n=8),
+    packed=varlen_cases(), packed_gradients=varlen_cases(dtypes=("f32", "f64"), max_total=40),
+    packed_decoding=varlen_cases(max_total=40),
+    packed_planted=varlen_cases(chunk=varlen_planted_bugs.CHUNK, dtypes=("f32", "f64"), max_h=2, max_p=3, max_n=3,
+                                max_seqs=4, max_total=40),
 )
 # The long and edge cases of the invariants, each family's in a test of its own (an @example is
 # never shrunk, so it must not pre-empt a drawn failure)
@@ -209,6 +213,7 @@ PINNED_INVARIANTS = dict(
                (SSDCase(b=1, l=40, h=2, p=3, n=2, chunk_size=17), "dt", 20, "nan"),
                (SSDCase(b=1, l=40, h=2, p=3, n=2, chunk_size=17, regime="stress"), "dt", 3, "inf"),
                (SSDCase(b=1, l=40, h=2, p=3, n=2, chunk_size=17), "dt", 3, "-inf")],
+    nan=[(SSDCase(b=1, l=1, h=1, p=1, n=1), 0), (SSDCase(b=1, l=40, h=2, p=3, n=2, chunk_size=17), 20)],
     gradients=[SSDCase(b=2, l=70, h=4, p=3, n=5, g=2, regime="stress", D="hp", initial_states=True, chunk_size=17, seed=7),
                SSDCase(b=1, l=40, h=2, p=2, n=3, dt_limit="tight", extreme_dt=True, chunk_size=2, seed=8)],
     chunk_sizes=[SSDCase(b=2, l=257, h=4, p=5, n=8, g=2, regime="stress", initial_states=True, seed=1),
@@ -222,17 +227,9 @@ PINNED_INVARIANTS = dict(
 PLANTED_SMALL = dict(b=2, l=24, h=4, p=4, n=6)
 
 
+
 # The properties with this family bound, for the tests of one implementation or one adapter:
 # check_values(name, case), oracle(case), ... (equivalence/properties.py has them over any family)
 FAMILY = sys.modules[__name__]
-check_values = functools.partial(properties.check_values, FAMILY)
-check_split = functools.partial(properties.check_split, FAMILY)
-check_prefill_then_decode = functools.partial(properties.check_prefill_then_decode, FAMILY)
-check_causality = functools.partial(properties.check_causality, FAMILY)
-check_batch_independence = functools.partial(properties.check_batch_independence, FAMILY)
-check_nonfinite = functools.partial(properties.check_nonfinite, FAMILY)
-check_gradients = functools.partial(properties.check_gradients, FAMILY)
-oracle = functools.partial(properties.oracle, FAMILY)
-scales = functools.partial(properties.scales, FAMILY)
-check_step_equals_scan = check_prefill_then_decode
-check_chunk_size_invariance = functools.partial(properties.check_chunk_size_invariance, FAMILY)
+globals().update(properties.bound(FAMILY))
+check_step_equals_scan = check_prefill_then_decode  # noqa: F821 (bound just above)

@@ -167,13 +167,26 @@ def _step(name, cache, x, tokens, indices):
                                   state_batch_indices=indices, impl=name)
 
 
-PACKING = varlen.Packing(name="ssd", time_args=TIME_ARGS, time_dim=1, state_arg="initial_states",
-                         step_args=TIME_ARGS, inputs=packed_inputs, scan=_scan, step=_step, magnitudes=magnitudes,
-                         conditioning=_conditioning, terms=_terms, repro=repro)
-
-
 def chunk_starts(case):
     """Packed positions where a chunk of case.chunk_size starts when the chunks are laid over the
     whole packed sequence, as the official kernel and the planted bugs lay them (impls/ssd/chunked.py
     restarts its chunks at each sequence instead, which is why it passes)."""
     return list(range(0, max(case.l, 1), case.chunk_size))
+
+
+# Pinned packings (h = 2, p = 3, n = 4, chunks of 4 laid over the packed sequence): together they
+# cover every geometry in varlen.CATEGORIES, as a test in equivalence/test_varlen.py checks.
+PINNED = (
+    SSDVarlenCase(lengths=(0, 1, 5, 7, 14, 0, 3), h=2, p=3, n=4, chunk_size=4, seed=1),
+    SSDVarlenCase(lengths=(4, 4, 3, 12), h=2, p=3, n=4, g=2, regime="stress", D="hp", chunk_size=4, seed=2),
+    SSDVarlenCase(lengths=(3, 4, 1, 16, 9), h=2, p=3, n=4, dtype="f64", regime="slow", chunk_size=4, seed=3),
+    SSDVarlenCase(lengths=(40, 33, 2), h=2, p=3, n=4, dt_limit="tight", initial_states=False, chunk_size=16, seed=4),
+    SSDVarlenCase(lengths=(2,) * 10, h=2, p=3, n=4, dtype="bf16", chunk_size=4, seed=5),
+    SSDVarlenCase(lengths=(0,), h=2, p=3, n=4, chunk_size=4, seed=6),
+    SSDVarlenCase(lengths=(1,), h=2, p=3, n=4, dtype="f16", z=False, D="none", chunk_size=4, seed=7),
+)
+
+PACKING = varlen.Packing(name="ssd", time_args=TIME_ARGS, time_dim=1, state_arg="initial_states",
+                         step_args=TIME_ARGS, inputs=packed_inputs, scan=_scan, step=_step, magnitudes=magnitudes,
+                         conditioning=_conditioning, terms=_terms, repro=repro, cases=varlen_cases, pinned=PINNED,
+                         chunk_starts=chunk_starts)
