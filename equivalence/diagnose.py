@@ -16,6 +16,10 @@ import torch
 
 import impls
 
+# What what_it_needs reads of a family's module (optional in its contract: without them a failure
+# is reported undiagnosed)
+NEEDS = ("OPTIONS", "UNGROUPED", "GROUPED_AXIS", "AXES", "PLAIN")
+
 # (family, name) -> {capability: how its probe call went}, for implementations registered from a plain function
 PROBED = {}
 

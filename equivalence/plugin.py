@@ -416,7 +416,7 @@ def pytest_runtest_makereport(item, call):
         if isinstance(e, properties.CaseFailure):
             failure = e
         todo += list(getattr(e, "exceptions", ())) + [x for x in (e.__cause__, e.__context__) if x is not None]
-    if failure is not None:
+    if failure is not None and all(hasattr(failure.family, k) for k in diagnose.NEEDS):
         lines = diagnose.what_it_needs(failure)
         report.sections.append((f"what the failure needs ({failure.case.id}, re-run with each option off and "
                                 f"each axis reduced)", "\n".join(lines)))

@@ -28,7 +28,7 @@ FAMILIES = [f for f in impls.FAMILIES if properties.wired(f) and hasattr(family(
 
 def drawn(fam):
     """What the property tests draw: a case, a position, and a non-finite value for the non-finite checks."""
-    return st.tuples(fam.STRATEGIES["planted"], st.integers(0, 300), st.sampled_from(tuple(NONFINITE)))
+    return st.tuples(fam.STRATEGIES["planted"], fam.STRATEGIES["planted_positions"], st.sampled_from(tuple(NONFINITE)))
 
 
 def checks(fam, name, drawn):

@@ -177,7 +177,7 @@ STRATEGIES = dict(
     values=cases(), split=cases(), causality=cases(), decode=cases(max_l=120), batch=cases(min_b=2),
     nonfinite=cases(max_l=120), gradients=cases(dtypes=("f32", "f64"), max_d=12, max_n=8, max_l=64),
     properties=cases(max_b=2, max_d=4, max_n=4, max_l=8), magnitudes=cases(dtypes=("f64",), max_d=4, max_n=4, max_l=30),
-    planted=st.one_of(cases(), cases(poison=True)),
+    planted=st.one_of(cases(), cases(poison=True)), planted_positions=st.integers(0, 300),
     packed=varlen_cases(), packed_gradients=varlen_cases(dtypes=("f32", "f64"), max_total=48),
     packed_decoding=varlen_cases(max_total=40),
     packed_planted=varlen_cases(chunk=varlen_planted_bugs.CHUNK, dtypes=("f32", "f64"), max_d=4, max_n=3, max_seqs=4,

@@ -10,6 +10,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 
 import impls
 from impls.ssd.loop import effective_dt, per_head
@@ -192,7 +193,7 @@ STRATEGIES = dict(
     magnitudes=cases(dtypes=("f64",), max_h=4, max_p=4, max_n=4, max_l=30),
     # smaller than the suite's (the planted scan is a Python loop over chunks): still every option,
     # several chunks of the chunk sizes 1, 2 and 17, and l not a multiple of them
-    planted=cases(max_b=2, max_l=80, max_h=6, max_p=4, max_n=8),
+    planted=cases(max_b=2, max_l=80, max_h=6, max_p=4, max_n=8), planted_positions=st.integers(0, 80),
     packed=varlen_cases(), packed_gradients=varlen_cases(dtypes=("f32", "f64"), max_total=40),
     packed_decoding=varlen_cases(max_total=40),
     packed_planted=varlen_cases(chunk=varlen_planted_bugs.CHUNK, dtypes=("f32", "f64"), max_h=2, max_p=3, max_n=3,
