@@ -6,7 +6,7 @@ import torch
 
 import impls
 
-from .ssd import SSDCase, make_inputs
+from . import SSDCase, make_inputs
 
 pytestmark = pytest.mark.family("ssd")
 

@@ -4,8 +4,7 @@ in the three regimes, against the float64 loop."""
 
 import pytest
 
-from .ssd import SSDCase
-from .ssd import check_split, check_values
+from . import SSDCase, check_split, check_values
 
 pytestmark = pytest.mark.family("ssd")
 
