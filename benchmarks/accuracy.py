@@ -13,8 +13,8 @@ error of the loop itself in the same dtype, and whether the tolerance policy
 """
 
 import impls
-from equivalence.cases import DTYPES, REGIMES, Case, make_inputs
-from equivalence.checks import oracle, scales
+from equivalence.selective import DTYPES, REGIMES, Case, make_inputs
+from equivalence.selective import oracle, scales
 from equivalence.tolerance import compare, terms
 
 SIZES = {"quick": dict(b=1, d=16, n=8, l=256), "default": dict(b=2, d=32, n=16, l=1024),

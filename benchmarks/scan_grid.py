@@ -159,7 +159,7 @@ def _refuse_if_too_big(point, full_bytes):
                           f"{free / 2**30:.1f} GiB available")
 
 
-def _floor_call(point):
+def floor_call(point):
     """exp(dt ⊗ A) over all b·d·l·n elements, in pieces along l of at most FLOOR_PIECE_BYTES, into
     one buffer made here (outside the timed call). Returns (fn, pieces)."""
     b, d, n, l = point["b"], point["d"], point["n"], point["l"]
@@ -222,7 +222,7 @@ def _measure_group(point, members):
         try:
             _refuse_if_too_big(p, full_bytes)
             if impl == "floor":
-                fn, pieces = _floor_call(p)
+                fn, pieces = floor_call(p)
                 extra = dict(floor_pieces=pieces, floor="in place, 1 MiB pieces, buffer allocated outside the timed call")
             else:
                 fn, extra = _scan_call(p), {}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import impls
-from benchmarks.scan_grid import _floor_call, make_inputs
+from benchmarks.scan_grid import floor_call, make_inputs
 
 POINTS = {"1k-l2048": dict(b=1, d=64, n=16, l=2048), "16k-l512": dict(b=1, d=1024, n=16, l=512)}
 SCANS = ("loop", "parallel", "mambapy", "floor")
@@ -31,7 +31,7 @@ def two_threads():
 
 def _call(scan, point):
     if scan == "floor":
-        return _floor_call(point)[0]
+        return floor_call(point)[0]
     x = make_inputs(**point)
     return lambda: impls.selective_scan(**x, impl=scan)
 

@@ -4,7 +4,7 @@ from importlib import metadata
 
 import impls
 from benchmarks import accuracy, scan_grid
-from equivalence.test_plugins import EXAMPLE, _groups_read, fake_entry_points
+from equivalence.test_plugins import EXAMPLE, groups_read, fake_entry_points
 
 
 def test_default_sweeps_measure_an_installed_plugin(monkeypatch):
@@ -23,7 +23,7 @@ def test_accuracy_sweep_catches_the_grouped_bug_of_the_example_plugin(monkeypatc
     """my_kernel as shipped is right for ungrouped B/C and wrong for g > 1: the accuracy sweep (and
     so the report) must say it fails, not "within policy". Once a reader makes the fix docs/plugins.md describes,
     both variants must be within policy; which of the two holds is measured independently of the
-    sweep (_groups_read)."""
+    sweep (groups_read)."""
     monkeypatch.syspath_prepend(EXAMPLE)
     monkeypatch.setattr(metadata, "entry_points", fake_entry_points("my_kernel:register"))
     if "my_kernel" not in impls.names():
@@ -32,7 +32,7 @@ def test_accuracy_sweep_catches_the_grouped_bug_of_the_example_plugin(monkeypatc
     by_variant = {p["variant"]: p for p in pts}
     assert by_variant["grouped+initial_state"]["g"] > 1 and by_variant["grouped+initial_state"]["initial_state"]
     assert accuracy.measure(by_variant["plain"])["within_policy"]
-    fixed = _groups_read(impls.get("my_kernel").scan) == [0, 0, 1, 1]   # the interface: c // (d // g)
+    fixed = groups_read(impls.get("my_kernel").scan) == [0, 0, 1, 1]   # the interface: c // (d // g)
     assert accuracy.measure(by_variant["grouped+initial_state"])["within_policy"] == fixed
 
 

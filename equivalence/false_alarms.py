@@ -28,26 +28,41 @@ import xml.etree.ElementTree as ET
 
 import pandas as pd
 
-# The property tests of both families; what they check is listed in the README.
+# The property tests of every family; what they check is listed in docs/testing.md.
 PROPERTY_FILES = (
     "equivalence/test_values.py", "equivalence/test_invariants.py", "equivalence/test_gradients.py",
-    "equivalence/test_ssd_values.py", "equivalence/test_ssd_invariants.py", "equivalence/test_ssd_gradients.py",
-    "equivalence/test_ssd_step.py", "equivalence/test_varlen.py", "equivalence/test_varlen_ssd.py",
-    "equivalence/test_properties.py",
+    "equivalence/test_varlen.py", "equivalence/test_properties.py", "equivalence/ssd/test_seq_idx.py",
 )
 TRANSFORMERS = ["--ssd-impl", "impls.adapters.transformers_ssd", "--xfails-file", "impls/adapters/xfails/transformers_ssd.txt"]
 
 
+def params(nodeid):
+    """'equivalence/test_values.py::test_x[ssd-triton-...]' -> ['ssd', 'triton', ...]."""
+    test = nodeid.split("::")[-1]
+    return test.partition("[")[2].rstrip("]").split("-")
+
+
 def family(nodeid):
-    """Which family a test id belongs to: SSD test files and tests are named so."""
-    return "ssd" if "ssd" in nodeid.split("::")[0] or "ssd" in nodeid.split("::")[-1] else "selective"
+    """Which family a test id belongs to: the family parameter a family-parametrized test's id starts
+    with ([ssd-chunked]), else the family folder its file is in (equivalence/ssd/), else Mamba-1."""
+    import impls
+
+    first = params(nodeid)[0]
+    if first in impls.FAMILIES:
+        return first
+    folders = nodeid.split("::")[0].split("/")[1:-1]
+    return next((f for f in folders if f in impls.FAMILIES), "selective")
 
 
 def split(nodeid):
-    """'equivalence/test_values.py::test_x[triton]' -> ('test_x', 'triton')."""
-    test = nodeid.split("::")[-1]
-    name, _, param = test.partition("[")
-    return name, param.rstrip("]").split("-")[0] if param else ""
+    """'equivalence/test_values.py::test_x[ssd-triton]' -> ('test_x', 'triton')."""
+    import impls
+
+    name = nodeid.split("::")[-1].partition("[")[0]
+    values = params(nodeid)
+    if values[0] in impls.FAMILIES and len(values) > 1:
+        values = values[1:]
+    return name, values[0]
 
 
 def pytest_command(seed, profile, workers, files, extra):

@@ -1,82 +1,441 @@
-"""Four properties written once for both families, reached through a ``Family``.
+"""The properties every implementation of every family must have, written once over a family.
 
-    determinism        the same call twice gives the same bits, forward and (where it has gradients)
-                       backward (capability ``deterministic``; the official repository checks this
-                       for its SSD backward only)
-    batch invariance   row i's output does not depend on the batch around it: row i alone, and in
-                       its batch grown by b other rows before or after it. Bit for bit
-                       where the implementation declares ``batch_invariant``, within the tolerance
-                       policy of the float64 loop otherwise
-    unwritten memory   the call run again while every fresh torch.empty / empty_like /
-                       empty_strided / new_empty allocation is filled with NaN (as
-                       flash-linear-attention's conftest does): a NaN that shows up only then comes
-                       from memory the implementation never wrote, and its positions are named
-    non-finite         a NaN, inf or -inf at token t of any time input changes no output before t,
-    causality          bit for bit. The spec is the loop: y_s reads no input after s, so any change
-                       of an earlier output, even in its last bit, is information flowing backwards
-                       (a masked 0 x NaN, or a guarded path that sums a whole tile in another order)
+A family is its module in equivalence/ (equivalence/selective/, equivalence/ssd/, ...), named by
+its impls Family value (``Family.equivalence``) and got by ``family(name)``. What a property needs
+of it:
 
-A ``Family`` carries what these need of one family of scans: its cases' inputs, its public scan
-returning (y, last states), its oracle comparison and which arguments have a batch or time axis.
-``SELECTIVE`` is Mamba-1 (equivalence/checks.py), ``SSD`` is Mamba-2 (equivalence/ssd_checks.py).
-Each check raises AssertionError with a line that reproduces the case, or returns quietly.
+    NAME                    the impls family name
+    Case, cases(...)        the case type (frozen dataclass: id, seed, b, l, g, dtype, torch_dtype,
+                            within(limits)) and its hypothesis strategy, shrinking to the plainest case
+    PINNED                  known edge cases, each run by a test of its own
+    make_inputs(case, dtype=None), reference_inputs(case)
+                            keyword arguments of its public scan (the float64 oracle's copy)
+    SCAN_ARGS, TIME_ARGS, BATCH_ARGS, STATE_ARG, CHANNEL_ARG, TIME_DIM, Y_AXES
+                            argument names (CHANNEL_ARG: the input with one element per output
+                            channel); the time axis of the time arguments and of y; y's letters
+    scan(name, case, x, chunk_size=None), step(name, state, x, t), state_shape(case)
+                            the public scan returning (y, last state); one token through the public step
+    supported(entry, case)  whether the entry declares what the case needs
+    magnitudes(case, weights=None), conditionings(case), terms(case, output, arg=None),
+    exact_kinds(case)       what the tolerance policy (equivalence/tolerance.py) needs
+    call(name, case)        the public call as a Python expression (the reproduce line's)
+    CHUNK_SIZES             chunk sizes a result must not depend on, or None
+    PACKING                 its packed sequences (equivalence/varlen.py: Packing), or None
+    and for equivalence/diagnose.py: OPTIONS, UNGROUPED, GROUPED_AXIS, AXES, PLAIN, TINY, PROBES,
+    positional(x), scan_by_stepping(step)
+
+Each check(family, name, case, ...) raises AssertionError (with a line that reproduces the case)
+or returns quietly; the case-drawn ones raise a CaseFailure that can re-run the check on other
+cases (equivalence/diagnose.py says from it what the failure needs).
+
+    values              y and the last state against the float64 loop; an undeclared capability refused
+    split               scan the first k tokens, continue from the last state
+    prefill then decode the scan, then the step once per token
+    causality           a finite change at token t changes no output before t, bit for bit
+    batch independence  a change in batch row j changes no other row, bit for bit
+    non-finite          a NaN, inf or -inf at token t of one input: outputs non-finite exactly where
+                        the loop's are (a NaN stays NaN), within the policy elsewhere
+    NaN propagation     a NaN in one channel's input at token t: that channel NaN from t on, every
+                        other output unchanged bit for bit
+    gradients           of every input, against float64 autograd through the loop
+    chunk sizes         the same results for every chunk size (families with CHUNK_SIZES)
+    determinism, batch invariance, unwritten memory, non-finite causality (below)
+
+NaN counts as equal to NaN wherever a check compares bit for bit (causality, batch independence,
+determinism): the spec says where a NaN goes, not which NaN it is; its sign and payload are not
+part of any interface, and an output that is NaN in both runs was not changed by the perturbation.
 """
 
 import contextlib
 import dataclasses
 import functools
+import importlib
 
 import torch
 
 import impls
+from impls.frontdoor import compute_dtype
 
-from . import cases as selective_cases
-from . import checks, ssd_cases, ssd_checks
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """What the properties need to know about one family of scans.
-
-    make_inputs(case): the scan's keyword arguments (chunk_size excepted)
-    scan(name, case, x): (y, last states) of one call through the public function
-    prepare(name, case): (registry entry, the case folded into its size limits)
-    supported(entry, case): whether the entry declares what the case needs
-    oracle(case), assert_matches_oracle(...): the float64 loop and the tolerance policy
-    repro(name, case): a line that reproduces the call
-    """
-    name: str
-    time_args: tuple     # arguments with a time axis
-    time_dim: int        # the time axis of those arguments and of y
-    batch_args: tuple    # arguments with a leading batch axis
-    make_inputs: object
-    scan: object
-    prepare: object
-    supported: object
-    oracle: object
-    assert_matches_oracle: object
-    repro: object
-
-    def entry(self, name):
-        return impls.get(name, self.name)
+from .tolerance import assert_close
 
 
-def _selective_scan(name, case, x):
-    return impls.selective_scan(**x, return_last_state=True, impl=name)
+# What a family's module must define for the shared properties to run on it (the list above; the
+# diagnosis' names are optional: without them a failure is reported undiagnosed)
+CONTRACT = ("NAME", "Case", "cases", "PINNED", "make_inputs", "reference_inputs", "SCAN_ARGS", "TIME_ARGS",
+            "BATCH_ARGS", "STATE_ARG", "CHANNEL_ARG", "TIME_DIM", "Y_AXES", "scan", "step", "state_shape", "supported",
+            "magnitudes", "conditionings", "terms", "exact_kinds", "call", "CHUNK_SIZES", "PACKING", "STRATEGIES")
 
 
-def _ssd_scan(name, case, x):
-    return impls.ssd_scan(**x, chunk_size=case.chunk_size, return_final_states=True, impl=name)
+def family(name):
+    """The equivalence module of the impls family ``name`` (equivalence.selective, ...)."""
+    return importlib.import_module(impls.get_family(name).equivalence)
 
 
-SELECTIVE = Family(name="selective", time_args=checks.TIME_ARGS, time_dim=-1, batch_args=checks.BATCH_ARGS,
-                   make_inputs=selective_cases.make_inputs, scan=_selective_scan, prepare=checks.prepare,
-                   supported=checks.supported, oracle=checks.oracle,
-                   assert_matches_oracle=checks.assert_matches_oracle, repro=checks.repro)
-SSD = Family(name="ssd", time_args=ssd_cases.TIME_ARGS, time_dim=1, batch_args=ssd_checks.BATCH_ARGS,
-             make_inputs=ssd_cases.make_inputs, scan=_ssd_scan, prepare=ssd_checks.prepare,
-             supported=ssd_checks.supported, oracle=ssd_checks.oracle,
-             assert_matches_oracle=ssd_checks.assert_matches_oracle, repro=ssd_checks.repro)
+def missing_contract(name):
+    """The names of CONTRACT that the equivalence module of family ``name`` lacks (empty when the
+    shared properties can run on it)."""
+    module = family(name)
+    return [k for k in CONTRACT if not hasattr(module, k)]
+
+
+def wired(name):
+    """Whether the shared properties run on family ``name`` (its module has the whole contract)."""
+    return not missing_contract(name)
+
+
+def prepare(fam, name, case):
+    """The implementation's entry and the case folded into its size limits."""
+    entry = impls.get(name, fam.NAME)
+    return entry, case.within(entry.supports["case_limits"])
+
+
+# (family, name) -> Python statements that register it in a plain script, for implementations that
+# a plain ``import impls`` does not register (a plain function, a step, a module registering on
+# import): filled by equivalence/plugin.py, read by repro().
+SETUP = {}
+
+
+def repro(fam, name, case):
+    """One line that reproduces the call in a plain Python script (python -c "..."), whatever
+    registered ``name``: the imports and registration it needs, then the call on the case's inputs."""
+    setup = SETUP.get((fam.NAME, name), "")
+    return f"import impls, {fam.__name__}; {setup + '; ' if setup else ''}out = {fam.call(name, case)}"
+
+
+class CaseFailure(AssertionError):
+    """A property check failed on a case. Carries what is needed to re-run the check on other cases
+    (equivalence/plugin.py does so once, for the final, shrunk failure, to say what the bug needs)."""
+
+    def __init__(self, message, fam, name, case, rerun):
+        super().__init__(message)
+        self.family, self.name, self.case, self.rerun = fam, name, case, rerun
+
+
+def case_check(check):
+    """Decorate a check(fam, name, case, *extra): the case is folded into the implementation's size
+    limits (what it runs on is what it reports), and an AssertionError becomes a CaseFailure."""
+
+    @functools.wraps(check)
+    def wrapper(fam, name, case, *extra):
+        case = case.within(impls.get(name, fam.NAME).supports["case_limits"])
+        try:
+            return check(fam, name, case, *extra)
+        except CaseFailure:
+            raise
+        except AssertionError as e:
+            raise CaseFailure(str(e), fam, name, case, lambda c: check(fam, name, c, *extra)) from None
+
+    return wrapper
+
+
+def max_finite(t):
+    t = t.detach()
+    t = t[torch.isfinite(t)]
+    return float(t.max()) if t.numel() else None
+
+
+def scales(fam, case):
+    """What the policy's floor is relative to for (y, last state): the largest sum of |terms|."""
+    return tuple(max_finite(t) for t in fam.magnitudes(case)[:2])
+
+
+def oracle(fam, case):
+    """(float64 oracle, loop in the case's dtype), each (y, last state)."""
+    return fam.scan("loop", case, fam.reference_inputs(case)), fam.scan("loop", case, fam.make_inputs(case))
+
+
+def assert_matches_oracle(fam, what, case, y, state, ref, same, where):
+    sy, ss, _ = fam.magnitudes(case)
+    ky, ks, _ = fam.conditionings(case)
+    kinds = fam.exact_kinds(case)
+    assert_close(f"{what}: y", y, ref[0], same[0], fam.terms(case, "y"), where, scale=sy, exact_kinds=kinds,
+                 conditioning=ky)
+    assert_close(f"{what}: last state", state, ref[1], same[1], fam.terms(case, "state"), where, scale=ss,
+                 exact_kinds=kinds, conditioning=ks)
+
+
+def time_slice(fam, x, start, stop):
+    return {k: (v.narrow(fam.TIME_DIM, start, (v.shape[fam.TIME_DIM] if stop is None else stop) - start)
+                if k in fam.TIME_ARGS and v is not None else v) for k, v in x.items()}
+
+
+AXIS_NAMES = dict(b="batch row", d="channel", h="head", p="channel", l="t")
+
+
+def position(fam, index):
+    """'batch row 0, head 1, channel 2, t=5' for an index of y."""
+    named = [f"{AXIS_NAMES.get(a, a)} {i}" for a, i in zip(fam.Y_AXES, index) if a != "l"]
+    return ", ".join(named + [f"t={index[fam.Y_AXES.index('l')]}"])
+
+
+@case_check
+def check_values(fam, name, case):
+    """Values and last state against the float64 loop; an undeclared capability must be refused."""
+    entry = impls.get(name, fam.NAME)
+    x = fam.make_inputs(case)
+    if not fam.supported(entry, case):
+        try:
+            fam.scan(name, case, x)
+        except NotImplementedError:
+            return
+        raise AssertionError(f"{name} ran a case it declares unsupported: {case.id}")
+    y, state = fam.scan(name, case, x)
+    ref, same = oracle(fam, case)
+    assert_matches_oracle(fam, name, case, y, state, ref, same, repro(fam, name, case))
+
+
+@case_check
+def check_split(fam, name, case, k):
+    """Scan the first k tokens, continue from the last state: the same as one scan of everything
+    (segment-by-segment prefill, which the official code and transformers failed to carry)."""
+    entry = impls.get(name, fam.NAME)
+    if not fam.supported(entry, case) or not entry.supports[fam.STATE_ARG]:
+        return
+    k = min(k, case.l)
+    x = fam.make_inputs(case)
+    y1, s1 = fam.scan(name, case, time_slice(fam, x, 0, k))
+    y2, s2 = fam.scan(name, case, {**time_slice(fam, x, k, None), fam.STATE_ARG: s1})
+    ref, same = oracle(fam, case)
+    assert_matches_oracle(fam, f"{name}, split at {k}", case, torch.cat([y1, y2], fam.TIME_DIM), s2, ref, same,
+                          repro(fam, name, case) + f"  # split at k={k}")
+
+
+@case_check
+def check_prefill_then_decode(fam, name, case, k):
+    """Prefill k tokens with the scan, then one step per token: the generation path of a model."""
+    entry = impls.get(name, fam.NAME)
+    if entry.step is None or not fam.supported(entry, case):
+        return
+    k = min(k, case.l)
+    x = fam.make_inputs(case)
+    if k:
+        y_pre, state = fam.scan(name, case, time_slice(fam, x, 0, k))
+    else:
+        y_pre = time_slice(fam, x, 0, 0)[fam.TIME_ARGS[0]]
+        state = (x[fam.STATE_ARG].clone() if x[fam.STATE_ARG] is not None
+                 else torch.zeros(fam.state_shape(case), dtype=compute_dtype(case.torch_dtype)))
+    ys = [y_pre] + [fam.step(name, state, x, t).unsqueeze(fam.TIME_DIM) for t in range(k, case.l)]
+    ref, same = oracle(fam, case)
+    assert_matches_oracle(fam, f"{name}, prefill {k} then step", case, torch.cat(ys, fam.TIME_DIM), state, ref, same,
+                          repro(fam, name, case) + f"  # prefill k={k}, then the step once per token")
+
+
+def perturbed(x, keys, index, gen):
+    """A copy of the inputs with fresh random values at ``index`` of each argument in ``keys``."""
+    out = dict(x)
+    for k in keys:
+        if x[k] is not None:
+            # same strides as the original: elementwise kernels may round differently on another
+            # layout (vectorised vs scalar exp), and the comparisons are bit for bit
+            v = torch.empty_strided(x[k].shape, x[k].stride(), dtype=x[k].dtype).copy_(x[k])
+            v[index] = torch.randn(v[index].shape, generator=gen, dtype=torch.float64).to(v.dtype)
+            out[k] = v
+    return out
+
+
+def token_index(fam, t):
+    """The index of token t in any time argument of the family (its time axis is TIME_DIM)."""
+    if fam.TIME_DIM >= 0:
+        return (slice(None),) * fam.TIME_DIM + (t,)
+    return (Ellipsis, t) + (slice(None),) * (-fam.TIME_DIM - 1)
+
+
+@case_check
+def check_causality(fam, name, case, t):
+    """Changing token t changes no output before t (bit for bit) and does change the output from t on."""
+    entry = impls.get(name, fam.NAME)
+    if not fam.supported(entry, case):
+        return
+    t = min(t, case.l - 1)
+    x = fam.make_inputs(case)
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    x2 = perturbed(x, fam.TIME_ARGS, token_index(fam, t), gen)
+    y, y2 = fam.scan(name, case, x)[0], fam.scan(name, case, x2)[0]
+    where = repro(fam, name, case) + f"  # token {t} perturbed"
+    changed = ~same(y.narrow(fam.TIME_DIM, 0, t), y2.narrow(fam.TIME_DIM, 0, t))
+    if changed.any():
+        i = tuple(changed.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: output ({position(fam, i)}) changed by input t={t}: information flowed "
+                             f"backwards in time ({y[i].item()!r} became {y2[i].item()!r}; inputs "
+                             f"{', '.join(fam.TIME_ARGS)} changed at token {t} only)\n  reproduce: {where}")
+    if same(y.narrow(fam.TIME_DIM, t, case.l - t), y2.narrow(fam.TIME_DIM, t, case.l - t)).all():
+        raise AssertionError(f"{name}: changing input t={t} changed no output at all (outputs t >= {t} should "
+                             f"depend on it)\n  reproduce: {where}")
+
+
+@case_check
+def check_batch_independence(fam, name, case, j):
+    """Changing batch row j changes no other row, bit for bit, in y and the last state."""
+    entry = impls.get(name, fam.NAME)
+    if not fam.supported(entry, case) or case.b < 2:
+        return
+    j = j % case.b
+    x = fam.make_inputs(case)
+    gen = torch.Generator().manual_seed(case.seed + 2)
+    x2 = perturbed(x, fam.BATCH_ARGS, (j,), gen)
+    y, s = fam.scan(name, case, x)
+    y2, s2 = fam.scan(name, case, x2)
+    for i in range(case.b):
+        if i != j and not (same(y[i], y2[i]).all() and same(s[i], s2[i]).all()):
+            raise AssertionError(f"{name}: changing input batch row {j} changed output batch row {i}"
+                                 f"\n  reproduce: {repro(fam, name, case)}  # batch row {j} perturbed")
+
+
+NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def poisoned(fam, x, arg, t, value):
+    """A copy of inputs x with ``value`` at token t of ``arg``, batch row 0, the first element of
+    every other axis."""
+    # same strides as the original (clone() makes a strided view contiguous): elementwise kernels
+    # may round differently on another layout, and the comparisons are bit for bit
+    v = torch.empty_strided(x[arg].shape, x[arg].stride(), dtype=x[arg].dtype).copy_(x[arg])
+    index = [0] * v.dim()
+    index[fam.TIME_DIM] = t
+    v[tuple(index)] = value
+    return {**x, arg: v}
+
+
+@case_check
+def check_nonfinite(fam, name, case, arg, t, poison):
+    """A NaN, inf or -inf at token t of one time input (batch row 0, the first element of its other
+    axes): y and the last state are non-finite exactly where the loop's are (in its dtype, on the
+    same input), and within the policy of the float64 loop everywhere else; a NaN stays NaN, and the
+    first output where it is not as the loop's is named with how it got there (an earlier token,
+    another channel or row).
+    For an infinity only finiteness is compared, since the sign of a sum holding infinities of both
+    signs depends on the order it is formed in, and no order is the spec's."""
+    entry = impls.get(name, fam.NAME)
+    x = fam.make_inputs(case)
+    if not fam.supported(entry, case) or x[arg] is None:
+        return
+    t = min(t, case.l - 1)
+    value = NONFINITE[poison]
+    xp = poisoned(fam, x, arg, t, value)
+    ref = fam.scan("loop", case, poisoned(fam, fam.reference_inputs(case), arg, t, value))
+    loop = fam.scan("loop", case, xp)
+    where = repro(fam, name, case) + f"  # {arg}[token {t}, first element] = {poison}"
+    sc = scales(fam, case)
+    lengths = (fam.terms(case, "y"), fam.terms(case, "state"))
+    # with gradients an implementation may take another path (autograd-friendly ops): check both
+    runs = [(fam.scan(name, case, xp), "")]
+    if entry.supports["gradients"] and case.dtype in ("f32", "f64"):
+        leaves = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in xp.items()}
+        runs.append((tuple(r.detach() for r in fam.scan(name, case, leaves)), " (inputs requiring grad)"))
+    for got, mode in runs:
+        for what, a, r, s, length, scale in zip(("y", "last state"), got, ref, loop, lengths, sc):
+            what = what + mode
+            bad = torch.isfinite(a) != torch.isfinite(s)
+            if bad.any():
+                i = tuple(bad.nonzero()[0].tolist())
+                at = f"({position(fam, i)}): {flow(fam, i, t)}" if what == "y" else f"{list(i)}"
+                raise AssertionError(f"{name}: {arg} = {poison} at token {t} (batch row 0, first element): {what} is "
+                                     f"{a[i].item()!r} where the loop's is {s[i].item()!r}, at {int(bad.sum())} "
+                                     f"positions, first {at}\n  reproduce: {where}")
+            if poison == "nan" and not torch.equal(torch.isnan(a), torch.isnan(s)):
+                raise AssertionError(f"{name}: {arg} = nan at token {t}: {what} has an infinity where the loop has NaN, "
+                                     f"or the reverse\n  reproduce: {where}")
+            keep = torch.isfinite(s)
+            zero = torch.zeros((), dtype=a.dtype)
+            assert_close(f"{name}, {arg} = {poison} at {t}: {what}", torch.where(keep, a, zero),
+                         torch.where(keep, r, torch.zeros((), dtype=r.dtype)), torch.where(keep, s, zero), length, where,
+                         scale=scale)
+
+
+@case_check
+def check_nan_propagation(fam, name, case, t):
+    """A NaN at token t of the family's channel input (CHANNEL_ARG: batch row 0, the first element
+    of its other axes) makes that channel's outputs NaN from token t on, and changes no other output,
+    bit for bit: a finite change elsewhere (an ulp in another channel, an earlier token) is caught,
+    which the non-finite check, held to the tolerance policy away from the non-finite outputs, lets
+    pass. Every implementation is held to it, including one with the non-finite-inputs gap (that gap
+    is about infinities and NaN in the decays, not about a NaN in a channel's input)."""
+    entry = impls.get(name, fam.NAME)
+    if not fam.supported(entry, case):
+        return
+    t = min(t, case.l - 1)
+    x = fam.make_inputs(case)
+    with torch.no_grad():
+        y = fam.scan(name, case, poisoned(fam, x, fam.CHANNEL_ARG, t, float("nan")))[0]
+        y_clean = fam.scan(name, case, x)[0]
+    where = repro(fam, name, case) + f"  # {fam.CHANNEL_ARG}[token {t}, first element] = nan"
+    channel = [0 if a != "l" else slice(t, None) for a in fam.Y_AXES]
+    missed = ~torch.isnan(y[tuple(channel)])
+    if missed.any():
+        s = t + int(missed.nonzero()[0])
+        channel[fam.Y_AXES.index("l")] = s
+        raise AssertionError(f"{name}: the NaN in input {fam.CHANNEL_ARG} at (batch row 0, first channel, t={t}) did "
+                             f"not reach output t={s} of its channel, which is {y[tuple(channel)].item()!r}"
+                             f"\n  reproduce: {where}")
+    outside = ~same(y, y_clean)
+    outside[tuple(channel)] = False
+    if outside.any():
+        i = tuple(outside.nonzero()[0].tolist())
+        raise AssertionError(f"{name}: output ({position(fam, i)}) changed, to {y[i].item()!r}, by the NaN in input "
+                             f"{fam.CHANNEL_ARG} at (batch row 0, first channel, t={t}): {flow(fam, i, t)}"
+                             f"\n  reproduce: {where}")
+
+
+def flow(fam, index, t):
+    """How a non-finite value got to y at ``index`` from token t of batch row 0's first elements."""
+    others = [a for a, i in zip(fam.Y_AXES, index) if a not in ("b", "l") and i != 0]
+    if index[0] != 0:
+        return "it leaked into another batch row"
+    if index[fam.Y_AXES.index("l")] < t:
+        return "information flowed backwards in time"
+    return f"it leaked into another {AXIS_NAMES.get(others[0], others[0])}" if others else "in its own channel"
+
+
+def gradients(fam, name, case, x, weights):
+    """{argument: gradient} of sum(w_y y) + sum(w_s last state) for every tensor input of the scan."""
+    leaves = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+    y, s = fam.scan(name, case, leaves)
+    loss = (y.double() * weights[0]).sum() + (s.double() * weights[1]).sum()
+    wrt = [k for k in fam.SCAN_ARGS if isinstance(leaves[k], torch.Tensor)]
+    return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt])))
+
+
+def gradient_weights(fam, case):
+    """The loss's random weights for y and the last state (float64), from the case's seed."""
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    with torch.no_grad():
+        y, s = fam.scan("loop", case, fam.reference_inputs(case))
+    return (torch.randn(y.shape, generator=gen, dtype=torch.float64),
+            torch.randn(s.shape, generator=gen, dtype=torch.float64))
+
+
+@case_check
+def check_gradients(fam, name, case):
+    """Gradients of a random linear function of (y, last state) for every tensor input, against
+    float64 autograd through the loop, under the same tolerance policy."""
+    entry = impls.get(name, fam.NAME)
+    if not entry.supports["gradients"] or not fam.supported(entry, case):
+        return
+    weights = gradient_weights(fam, case)
+    got = gradients(fam, name, case, fam.make_inputs(case), weights)
+    ref = gradients(fam, "loop", case, fam.reference_inputs(case), weights)
+    loop = gradients(fam, "loop", case, fam.make_inputs(case), weights)
+    # sums under cancellation have their floor relative to their summands (equivalence/tolerance.py)
+    sums = fam.magnitudes(case, weights)[2]
+    grad_conditioning = fam.conditionings(case)[2]
+    for k in got:
+        assert_close(f"{name}: grad {k}", got[k], ref[k], loop[k], fam.terms(case, "gradient", k),
+                     repro(fam, name, case) + f"  # gradient of {k}", scale=sums[k], conditioning=grad_conditioning)
+
+
+@case_check
+def check_chunk_size_invariance(fam, name, case, chunk_sizes):
+    """The same result, within rounding of the float64 loop, for every chunk size (any l)."""
+    entry = impls.get(name, fam.NAME)
+    if not fam.supported(entry, case):
+        return
+    x = fam.make_inputs(case)
+    ref, loop = oracle(fam, case)
+    for cs in chunk_sizes:
+        y, state = fam.scan(name, case, x, chunk_size=cs)
+        assert_matches_oracle(fam, f"{name}, chunk_size={cs}", case, y, state, ref, loop,
+                              repro(fam, name, case).replace(f"chunk_size={case.chunk_size}", f"chunk_size={cs}"))
 
 
 def same(a, b):
@@ -92,17 +451,17 @@ def _first(mask, a, b, limit=5):
 
 # --- determinism ---------------------------------------------------------------------------------
 
-def _forward_backward(family, name, case, x):
+def _forward_backward(fam, name, case, x):
     """{what: tensor}: y, last states, and with gradients (float32 and float64 cases, as the
     gradient tests) every floating input's gradient of a fixed random linear function of both."""
-    entry = family.entry(name)
+    entry = impls.get(name, fam.NAME)
     if not (entry.supports["gradients"] and case.dtype in ("f32", "f64")):
         with torch.no_grad():
-            y, s = family.scan(name, case, x)
+            y, s = fam.scan(name, case, x)
         return {"y": y, "last states": s}
     leaves = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
               for k, v in x.items()}
-    y, s = family.scan(name, case, leaves)
+    y, s = fam.scan(name, case, leaves)
     gen = torch.Generator().manual_seed(case.seed + 3)
     w_y = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     w_s = torch.randn(s.shape, generator=gen, dtype=torch.float64)
@@ -114,34 +473,34 @@ def _forward_backward(family, name, case, x):
     return out
 
 
-def check_determinism(family, name, case):
+def check_determinism(fam, name, case):
     """The same call twice, and forward plus backward twice (where the implementation has
     gradients), give the same bits in every output and gradient."""
-    entry, case = family.prepare(name, case)
-    if not family.supported(entry, case):
+    entry, case = prepare(fam, name, case)
+    if not fam.supported(entry, case):
         return
-    x = family.make_inputs(case)
-    a, b = _forward_backward(family, name, case, x), _forward_backward(family, name, case, x)
+    x = fam.make_inputs(case)
+    a, b = _forward_backward(fam, name, case, x), _forward_backward(fam, name, case, x)
     for what in a:
         differ = ~same(a[what], b[what])
         if differ.any():
             raise AssertionError(
                 f"{name}: two identical calls gave different {what} at {int(differ.sum())} positions, "
                 f"first {_first(differ, a[what], b[what])}: not deterministic\n"
-                f"  reproduce: {family.repro(name, case)}  # run twice")
+                f"  reproduce: {repro(fam, name, case)}  # run twice")
 
 
 # --- batch invariance ----------------------------------------------------------------------------
 
-def _rows(family, x, rows):
-    return {k: (v[rows] if k in family.batch_args and v is not None else v) for k, v in x.items()}
+def _rows(fam, x, rows):
+    return {k: (v[rows] if k in fam.BATCH_ARGS and v is not None else v) for k, v in x.items()}
 
 
-def _grown(family, x, other, before):
+def _grown(fam, x, other, before):
     """x's batch grown by the rows of ``other`` (after x's rows, or before them), with x's
     parameters and memory layout."""
     out = dict(x)
-    for k in family.batch_args:
+    for k in fam.BATCH_ARGS:
         if x[k] is not None:
             v = torch.cat([other[k], x[k]] if before else [x[k], other[k]])
             if not x[k].is_contiguous():  # the cases' strided form: every other element of a wider last axis
@@ -152,27 +511,27 @@ def _grown(family, x, other, before):
     return out
 
 
-def check_batch_invariance(family, name, case, i):
+def check_batch_invariance(fam, name, case, i):
     """Row i's output and last state are the same alone and in its batch grown by b other rows
     after it or before it: bit for bit where the implementation declares
     ``batch_invariant``, else each within the tolerance policy of the float64 loop's row i."""
-    entry, case = family.prepare(name, case)
-    if not family.supported(entry, case):
+    entry, case = prepare(fam, name, case)
+    if not fam.supported(entry, case):
         return
     i %= case.b
-    x = family.make_inputs(case)
-    other = family.make_inputs(dataclasses.replace(case, seed=(case.seed + 5) % 2**32))
+    x = fam.make_inputs(case)
+    other = fam.make_inputs(dataclasses.replace(case, seed=(case.seed + 5) % 2**32))
     runs = {
-        "alone": (_rows(family, x, slice(i, i + 1)), 0),
-        f"with {case.b} other rows after it": (_grown(family, x, other, before=False), i),
-        f"with {case.b} other rows before it": (_grown(family, x, other, before=True), case.b + i),
+        "alone": (_rows(fam, x, slice(i, i + 1)), 0),
+        f"with {case.b} other rows after it": (_grown(fam, x, other, before=False), i),
+        f"with {case.b} other rows before it": (_grown(fam, x, other, before=True), case.b + i),
     }
     results = {}
     with torch.no_grad():
         for how, (inputs, row) in runs.items():
-            y, s = family.scan(name, case, inputs)
+            y, s = fam.scan(name, case, inputs)
             results[how] = (y[row:row + 1], s[row:row + 1])
-    where = family.repro(name, case) + f"  # batch row {i}"
+    where = repro(fam, name, case) + f"  # batch row {i}"
     if entry.supports["batch_invariant"]:
         (how0, (y0, s0)), *rest = results.items()
         for how, (y, s) in rest:
@@ -184,10 +543,10 @@ def check_batch_invariance(family, name, case, i):
                         f"{int(differ.sum())} positions, first {_first(differ, a, b)} (declared batch_invariant: "
                         f"bit for bit)\n  reproduce: {where}")
         return
-    ref, loop = family.oracle(case)
+    ref, loop = oracle(fam, case)
     rows = slice(i, i + 1)
     for how, (y, s) in results.items():
-        family.assert_matches_oracle(f"{name}, batch row {i} {how}", case, y, s, (ref[0][rows], ref[1][rows]),
+        assert_matches_oracle(fam, f"{name}, batch row {i} {how}", case, y, s, (ref[0][rows], ref[1][rows]),
                                      (loop[0][rows], loop[1][rows]), where)
 
 
@@ -222,17 +581,17 @@ def fresh_memory(value=float("nan")):
         torch.Tensor.new_empty = new_empty
 
 
-def check_unwritten_memory(family, name, case):
+def check_unwritten_memory(fam, name, case):
     """The call (forward, and backward where the implementation has gradients) run again with every
     fresh allocation NaN-filled: no output or gradient may be NaN there where it is not NaN in the
     ordinary run. Such a NaN is memory the implementation returned or read without writing it."""
-    entry, case = family.prepare(name, case)
-    if not family.supported(entry, case):
+    entry, case = prepare(fam, name, case)
+    if not fam.supported(entry, case):
         return
-    x = family.make_inputs(case)
-    plain = _forward_backward(family, name, case, x)
+    x = fam.make_inputs(case)
+    plain = _forward_backward(fam, name, case, x)
     with fresh_memory(float("nan")):
-        filled = _forward_backward(family, name, case, x)
+        filled = _forward_backward(fam, name, case, x)
     for what, a in plain.items():
         unwritten = torch.isnan(filled[what]) & ~torch.isnan(a)
         if unwritten.any():
@@ -241,55 +600,52 @@ def check_unwritten_memory(family, name, case):
                 f"is NaN-filled (never written, or read before written); first positions "
                 f"{unwritten.nonzero()[:8].tolist()}\n"
                 f"  reproduce (a script of two lines):\n    import equivalence.properties\n"
-                f"    with equivalence.properties.fresh_memory(): {family.repro(name, case)}")
+                f"    with equivalence.properties.fresh_memory(): {repro(fam, name, case)}")
 
 
 # --- causality with non-finite perturbations -----------------------------------------------------
 
-NONFINITE = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
-
-
-def poisoned(family, x, arg, t, value):
-    """A copy of inputs x with ``value`` at token t of ``arg``, batch row 0, the first element of
-    every other axis."""
-    # same strides as the original (clone() makes a strided view contiguous): elementwise kernels
-    # may round differently on another layout, and the comparison is bit for bit
-    v = torch.empty_strided(x[arg].shape, x[arg].stride(), dtype=x[arg].dtype).copy_(x[arg])
-    index = [0] * v.dim()
-    index[family.time_dim] = t
-    v[tuple(index)] = value
-    return {**x, arg: v}
-
-
-def check_nonfinite_causality(family, name, case, t, poison):
+def check_nonfinite_causality(fam, name, case, t, poison):
     """A NaN, inf or -inf (``poison``) at token t of each time input in turn changes no output
     before t, bit for bit: every batch row, every channel."""
-    entry, case = family.prepare(name, case)
-    if not family.supported(entry, case):
+    entry, case = prepare(fam, name, case)
+    if not fam.supported(entry, case):
         return
-    x = family.make_inputs(case)
+    x = fam.make_inputs(case)
     t = min(t, case.l - 1)
     with torch.no_grad():
-        y = family.scan(name, case, x)[0]
-        for arg in family.time_args:
+        y = fam.scan(name, case, x)[0]
+        for arg in fam.TIME_ARGS:
             if x[arg] is None:
                 continue
-            y2 = family.scan(name, case, poisoned(family, x, arg, t, NONFINITE[poison]))[0]
-            before = y.narrow(family.time_dim, 0, t), y2.narrow(family.time_dim, 0, t)
+            y2 = fam.scan(name, case, poisoned(fam, x, arg, t, NONFINITE[poison]))[0]
+            before = y.narrow(fam.TIME_DIM, 0, t), y2.narrow(fam.TIME_DIM, 0, t)
             changed = ~same(*before)
             if changed.any():
                 raise AssertionError(
                     f"{name}: {arg} = {poison} at token {t} (batch row 0) changed {int(changed.sum())} outputs "
                     f"before token {t}, first {_first(changed, *before)}: information flowed backwards in time\n"
-                    f"  reproduce: {family.repro(name, case)}  # {arg}[token {t}] = {poison}")
+                    f"  reproduce: {repro(fam, name, case)}  # {arg}[token {t}] = {poison}")
 
 
-def property_checks(family, name, small, k, poison):
+# The checks above with one family bound, as each family's module exports them for the tests of one
+# implementation or one adapter: equivalence.selective.check_values(name, case), ...
+BOUND = ("check_values", "check_split", "check_prefill_then_decode", "check_causality", "check_batch_independence",
+         "check_nonfinite", "check_nan_propagation", "check_gradients", "check_chunk_size_invariance", "oracle",
+         "scales")
+
+
+def bound(fam):
+    """{name: the function of BOUND with ``fam`` as its first argument}."""
+    return {k: functools.partial(globals()[k], fam) for k in BOUND}
+
+
+def property_checks(fam, name, small, k, poison):
     """{property: a call of its check} for the four properties above on one case (folded small by
     the caller: they need no long sequence), in the order a planted-bug search runs them."""
     return {
-        "determinism": lambda: check_determinism(family, name, small),
-        "batch invariance": lambda: check_batch_invariance(family, name, small, k),
-        "unwritten memory": lambda: check_unwritten_memory(family, name, small),
-        "non-finite causality": lambda: check_nonfinite_causality(family, name, small, k, poison),
+        "determinism": lambda: check_determinism(fam, name, small),
+        "batch invariance": lambda: check_batch_invariance(fam, name, small, k),
+        "unwritten memory": lambda: check_unwritten_memory(fam, name, small),
+        "non-finite causality": lambda: check_nonfinite_causality(fam, name, small, k, poison),
     }

@@ -2,8 +2,8 @@
 
     .venv/bin/python -m equivalence.smallest_failures [--bug NAME ...] [--out table.md]
 
-For each bug in equivalence/planted_bugs.py it runs what a kernel author runs,
-``pytest -x --impl equivalence.planted_bugs:NAME`` (derandomized: the ``ci`` hypothesis profile), and
+For each bug in equivalence/selective/planted_bugs.py it runs what a kernel author runs,
+``pytest -x --impl equivalence.selective.planted_bugs:NAME`` (derandomized: the ``ci`` hypothesis profile), and
 reads off the first failing test, the case it failed on (from its reproduce line, shown as Case.id:
 sizes, grouping, dtype, regime, the options that are on, the seed) and what the
 failure needs (conftest.py's re-run with each option off and each axis reduced). Prints a markdown
@@ -18,14 +18,14 @@ import time
 
 import pandas as pd
 
-from . import planted_bugs
-from .cases import Case
+from .selective import planted_bugs
+from .selective import Case
 
 
 def first_failure(bug, timeout=900):
     """Run the suite with -x on one planted bug. Returns a dict for the table's row."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-profile", "ci",
-           f"--impl=equivalence.planted_bugs:{bug}", "equivalence"]
+           f"--impl=equivalence.selective.planted_bugs:{bug}", "equivalence"]
     start = time.monotonic()
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     seconds = time.monotonic() - start

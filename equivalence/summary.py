@@ -46,7 +46,7 @@ def implementation_of(item):
     import impls
 
     params = getattr(getattr(item, "callspec", None), "params", {})
-    family = params.get("family")
+    family = getattr(params.get("family"), "NAME", params.get("family"))  # the family's module, or its name
     for key, value in params.items():
         if not isinstance(value, str) or key == "family":
             continue

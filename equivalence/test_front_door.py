@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import impls
-from .cases import Case, make_inputs
+from .selective import Case, make_inputs
 
 
 def scan_args(**change):

@@ -1,19 +1,31 @@
-"""Gradients for every tensor input against float64 autograd through the loop."""
+"""Gradients of every input of every family's scan against float64 autograd through its loop."""
 
-import dataclasses
+from hypothesis import given
+from hypothesis import strategies as st
 
-from hypothesis import example, given
-
-from .cases import SMALLEST, Case, cases
-from .checks import check_gradients
+from .properties import check_gradients, gradient_weights, gradients
 
 
-@example(case=dataclasses.replace(SMALLEST, dtype="f64"))
-@given(case=cases(dtypes=("f32", "f64"), max_d=12, max_n=8, max_l=64))
-def test_gradients_match_float64_loop(gradient_impl, case):
-    check_gradients(gradient_impl, case)
+@given(data=st.data())
+def test_gradients_match_float64_loop(family, gradient_impl, data):
+    check_gradients(family, gradient_impl, data.draw(family.STRATEGIES["gradients"], label="case"))
 
 
-def test_pinned_gradients_grouped_stress_70(gradient_impl):
-    """A long grouped case from an initial state, as a test of its own (never pre-empting a drawn one)."""
-    check_gradients(gradient_impl, Case(b=2, d=6, n=3, l=70, g=3, regime="stress", initial_state=True, seed=7))
+def test_pinned_gradients(family, gradient_impl):
+    """Long grouped cases from an initial state, as tests of their own (never pre-empting a drawn one)."""
+    for case in family.PINNED_INVARIANTS["gradients"]:
+        check_gradients(family, gradient_impl, case)
+
+
+@given(data=st.data())
+def test_magnitudes_bound_the_oracle(family, data):
+    """The policy's scales are sums of |terms|: never below the |value| they scale, for y, the last
+    state and every gradient (else the floor would be tighter than the values' own size)."""
+    case = data.draw(family.STRATEGIES["magnitudes"], label="case")
+    x = family.reference_inputs(case)
+    y, last = family.scan("loop", case, x)
+    weights = gradient_weights(family, case)
+    m_y, m_last, sums = family.magnitudes(case, weights)
+    assert (y.abs() <= m_y * (1 + 1e-12) + 1e-300).all() and (last.abs() <= m_last * (1 + 1e-12) + 1e-300).all()
+    for k, g in gradients(family, "loop", case, x, weights).items():
+        assert (g.abs() <= sums[k] * (1 + 1e-9) + 1e-300).all(), k

@@ -1,63 +1,91 @@
-"""Invariants every implementation must keep, whatever its algorithm.
+"""Invariants every implementation of every family must keep, whatever its algorithm.
 
-Drawn tests first, the pinned long cases after them as tests of their own (see test_values.py)."""
+Drawn tests first, then each family's pinned long and edge cases (its PINNED_INVARIANTS) as tests of
+their own (see test_values.py)."""
 
-import dataclasses
-
-from hypothesis import example, given
+import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
-from .cases import SMALLEST, Case, cases
-from .checks import (check_batch_independence, check_causality, check_nan_propagation,
-                     check_prefill_then_decode, check_split)
+from .properties import (NONFINITE, check_batch_independence, check_causality, check_chunk_size_invariance,
+                         check_nan_propagation, check_nonfinite, check_prefill_then_decode, check_split)
 
 positions = st.integers(0, 400)  # folded to the case's length by each check
 
 
-@example(case=SMALLEST, k=0)
-@example(case=SMALLEST, k=1)
-@given(case=cases(), k=positions)
-def test_split_then_continue(continuing_impl, case, k):
-    check_split(continuing_impl, case, k)
+def drawn(data, family, strategy):
+    return data.draw(family.STRATEGIES[strategy], label="case")
 
 
-@example(case=SMALLEST, k=0)
-@given(case=cases(max_l=120), k=positions)
-def test_prefill_then_decode_equals_full_scan(stepping_impl, case, k):
-    check_prefill_then_decode(stepping_impl, case, k)
+@given(data=st.data(), k=positions)
+def test_split_then_continue(family, continuing_impl, data, k):
+    check_split(family, continuing_impl, drawn(data, family, "split"), k)
 
 
-@example(case=SMALLEST, t=0)
-@given(case=cases(), t=positions)
-def test_causality(impl, case, t):
-    check_causality(impl, case, t)
+@given(data=st.data(), k=positions)
+def test_prefill_then_decode_equals_full_scan(family, stepping_impl, data, k):
+    check_prefill_then_decode(family, stepping_impl, drawn(data, family, "decode"), k)
 
 
-@example(case=dataclasses.replace(SMALLEST, b=2), j=1)
-@given(case=cases(min_b=2), j=st.integers(0, 2))
-def test_batch_rows_are_independent(impl, case, j):
-    check_batch_independence(impl, case, j)
+@given(data=st.data(), t=positions)
+def test_causality(family, impl, data, t):
+    check_causality(family, impl, drawn(data, family, "causality"), t)
 
 
-@example(case=SMALLEST, t=0)
-@given(case=cases(), t=positions)
-def test_nan_propagates_and_stays_in_its_channel(impl, case, t):
-    check_nan_propagation(impl, case, t)
+@given(data=st.data(), j=st.integers(0, 2))
+def test_batch_rows_are_independent(family, impl, data, j):
+    check_batch_independence(family, impl, drawn(data, family, "batch"), j)
 
 
-# The long cases, each a test of its own: an @example is never shrunk, so it must not pre-empt a drawn failure.
-
-def test_pinned_split_at_129_of_300(continuing_impl):
-    check_split(continuing_impl, Case(b=2, d=6, n=3, l=300, g=2, regime="slow", initial_state=True), 129)
-
-
-def test_pinned_prefill_70_then_20_steps(stepping_impl):
-    check_prefill_then_decode(stepping_impl, Case(b=2, d=4, n=2, l=90, g=4, dtype="bf16", initial_state=True), 70)
+@given(data=st.data(), t=positions, poison=st.sampled_from(tuple(NONFINITE)))
+def test_nonfinite_propagates_as_the_loops(family, nonfinite_impl, data, t, poison):
+    """A NaN, inf or -inf at token t of one time input: non-finite outputs exactly where the loop's
+    are, and a NaN stays in its own row and channel, from its token on."""
+    arg = data.draw(st.sampled_from(family.TIME_ARGS), label="arg")
+    check_nonfinite(family, nonfinite_impl, drawn(data, family, "nonfinite"), arg, t, poison)
 
 
-def test_pinned_causality_at_257_of_300(impl):
-    check_causality(impl, Case(b=1, d=3, n=2, l=300, regime="stress"), 257)
+@given(data=st.data(), t=positions)
+def test_nan_propagates_and_stays_in_its_channel(family, impl, data, t):
+    """Every implementation, the non-finite-inputs gap included: a NaN in one channel's input
+    changes that channel from its token on and nothing else, bit for bit."""
+    check_nan_propagation(family, impl, drawn(data, family, "nonfinite"), t)
 
 
-def test_pinned_nan_at_3_of_200(impl):
-    check_nan_propagation(impl, Case(b=1, d=2, n=2, l=200, regime="stress", dtype="f32"), 3)
+@given(data=st.data())
+def test_results_do_not_depend_on_chunk_size(family, impl, data):
+    if family.CHUNK_SIZES is None:
+        pytest.skip(f"{family.NAME}: no chunk size in the interface")
+    check_chunk_size_invariance(family, impl, drawn(data, family, "chunk_sizes"), family.CHUNK_SIZES)
+
+
+def test_pinned_split(family, continuing_impl):
+    for case, k in family.PINNED_INVARIANTS["split"]:
+        check_split(family, continuing_impl, case, k)
+
+
+def test_pinned_prefill_then_steps(family, stepping_impl):
+    for case, k in family.PINNED_INVARIANTS["decode"]:
+        check_prefill_then_decode(family, stepping_impl, case, k)
+
+
+def test_pinned_causality(family, impl):
+    for case, t in family.PINNED_INVARIANTS["causality"]:
+        check_causality(family, impl, case, t)
+
+
+def test_pinned_nonfinite(family, nonfinite_impl):
+    for case, arg, t, poison in family.PINNED_INVARIANTS["nonfinite"]:
+        check_nonfinite(family, nonfinite_impl, case, arg, t, poison)
+
+
+def test_pinned_nan_propagation(family, impl):
+    for case, t in family.PINNED_INVARIANTS["nan"]:
+        check_nan_propagation(family, impl, case, t)
+
+
+def test_pinned_chunk_sizes(family, impl):
+    if family.CHUNK_SIZES is None:
+        pytest.skip(f"{family.NAME}: no chunk size in the interface")
+    for case in family.PINNED_INVARIANTS["chunk_sizes"]:
+        check_chunk_size_invariance(family, impl, case, family.CHUNK_SIZES)

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 
 import impls
 from impls.adapters import mamba_ssm as mamba_ssm_adapter
-from .cases import Case, cases, make_inputs, reference_inputs
-from .checks import check_gradients, check_prefill_then_decode, check_values
+from .selective import Case, cases, make_inputs, reference_inputs
+from .selective import check_gradients, check_prefill_then_decode, check_values
 from .tolerance import assert_close, terms
 
 STAND_IN = {

@@ -20,6 +20,8 @@ import impls
 from impls.models.mamba2 import Mamba2Config, Mamba2LM, parameter_shapes
 from .model_helpers import Mamba2Case as Case, check, one_thread  # noqa: F401
 
+pytestmark = pytest.mark.family("ssd")
+
 
 def step_by_step(model, ids, impl, prefix=1, scan_impl="loop"):
     """Logits at positions prefix-1 .. l-1: prefill of ``prefix`` tokens, then one step per token."""

@@ -22,6 +22,8 @@ from .model_helpers import Mamba2Case as Case, check
 transformers = pytest.importorskip("transformers")
 from transformers import Mamba2Config as HFConfig, Mamba2ForCausalLM  # noqa: E402
 
+pytestmark = pytest.mark.family("ssd")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def quiet_and_one_thread():

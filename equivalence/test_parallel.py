@@ -15,9 +15,12 @@ from hypothesis import strategies as st
 
 import impls
 from impls.selective import parallel
-from .cases import REGIMES, Case, cases, make_inputs
-from .checks import (check_causality, check_gradients, check_nan_propagation, check_split, check_values,
-                     oracle, repro)
+
+from . import selective
+from .properties import repro
+from .selective import REGIMES, Case, cases, make_inputs
+from .selective import (check_causality, check_gradients, check_nan_propagation, check_split, check_values,
+                        oracle)
 from .tolerance import assert_close
 
 # A plan this small makes a (b=2, d=3, n=4) case, 24 elements per step, run 3 chunks of 8
@@ -122,9 +125,9 @@ def test_finite_wherever_the_loop_is_at_65536_tokens(regime):
     for name, got, want in (("y", y, ref[0]), ("last_state", state, ref[1])):
         finite = torch.isfinite(want)
         assert finite.any()
-        assert torch.isfinite(got[finite]).all(), f"{name}: non-finite where the float64 loop is finite\n  {repro('parallel', case)}"
-    assert_close("parallel: y", y, ref[0], same[0], case.l, repro("parallel", case))
-    assert_close("parallel: last_state", state, ref[1], same[1], case.l, repro("parallel", case))
+        assert torch.isfinite(got[finite]).all(), f"{name}: non-finite where the float64 loop is finite\n  {repro(selective, 'parallel', case)}"
+    assert_close("parallel: y", y, ref[0], same[0], case.l, repro(selective, "parallel", case))
+    assert_close("parallel: last_state", state, ref[1], same[1], case.l, repro(selective, "parallel", case))
 
 
 def test_results_do_not_alias_the_reused_workspace():

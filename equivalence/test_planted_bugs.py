@@ -1,5 +1,6 @@
-"""The suite catches real bugs: for each planted bug hypothesis finds a case that the checks reject,
-and the correct control is rejected by none. Also through the command line, as a kernel author runs it."""
+"""The suite catches real bugs: for each planted bug of each family (equivalence/<family>/planted_bugs.py)
+hypothesis finds a case that the checks reject, and the correct control is rejected by none. Also
+through the command line, as a kernel author runs it."""
 
 import re
 import subprocess
@@ -8,45 +9,50 @@ import sys
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, find, settings
-from hypothesis.errors import NoSuchExample
 from hypothesis import strategies as st
+from hypothesis.errors import NoSuchExample
 
 import impls
-from . import planted_bugs
-from .cases import Case, cases
-from .checks import (CaseFailure, check_batch_independence, check_causality, check_gradients,
-                     check_nan_propagation, check_split, check_values, what_it_needs)
-from .properties import NONFINITE, SELECTIVE, fresh_memory, property_checks
+
+from . import properties, selective, ssd
+from .diagnose import what_it_needs
+from .properties import (NONFINITE, CaseFailure, check_batch_independence, check_causality,
+                         check_chunk_size_invariance, check_gradients, check_nonfinite, check_split, check_values,
+                         family, fresh_memory, property_checks)
+from .selective import Case, planted_bugs
 
 SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
                   phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-# the size the four properties' checks fold each drawn case to
-SMALL = dict(b=3, d=8, n=6, l=24)
+FAMILIES = [f for f in impls.FAMILIES if properties.wired(f) and hasattr(family(f), "planted_bugs")]
 
 
-def checks(name, drawn):
+def drawn(fam):
+    """What the property tests draw: a case, a position, and a non-finite value for the non-finite checks."""
+    return st.tuples(fam.STRATEGIES["planted"], fam.STRATEGIES["planted_positions"], st.sampled_from(tuple(NONFINITE)))
+
+
+def checks(fam, name, drawn):
     """{property: a call of its check} on one drawn case, in the order the search runs them: the
     four properties of equivalence/properties.py first, on the case folded small (they need no long
     sequence, and every planted scan is a Python loop), then the checks of values and invariants."""
     case, k, poison = drawn
-    small = case.within(SMALL)
     return {
-        **property_checks(SELECTIVE, name, small, k, poison),
-        "values": lambda: check_values(name, case),
-        "split": lambda: check_split(name, case, k),
-        "causality": lambda: check_causality(name, case, k),
-        "batch independence": lambda: check_batch_independence(name, case, k),
+        **property_checks(fam, name, case.within(fam.PLANTED_SMALL), k, poison),
+        "values": lambda: check_values(fam, name, case),
+        "split": lambda: check_split(fam, name, case, k),
+        "causality": lambda: check_causality(fam, name, case, k),
+        "batch independence": lambda: check_batch_independence(fam, name, case, k),
     }
 
 
-def rejected(name, drawn, only=None):
+def rejected(fam, name, drawn, only=None):
     """Whether a check rejects ``name`` on the drawn case (with ``only``, that one check). A case
-    with a non-finite input is a values test only, as in test_values.py.
+    with a non-finite input (Case.poison) is a values test only, as in selective/test_values.py.
     Fresh memory is zero throughout (as a CPU often gives it; the unwritten-memory check fills it
     with NaN for its own calls): stale memory would make a bug that reads memory it never wrote fail
     other checks only by chance, and hypothesis could not replay what it found."""
-    todo = checks(name, drawn)
-    if drawn[0].poison:
+    todo = checks(fam, name, drawn)
+    if getattr(drawn[0], "poison", ()):
         todo = {"values": todo["values"]}
     try:
         with fresh_memory(0.0):
@@ -58,53 +64,51 @@ def rejected(name, drawn, only=None):
     return False
 
 
-def _register(name):
+def register(fam, bug):
     """Register a planted scan by name. They are written row by row, so they claim batch_invariant
     (the bit-for-bit check runs on them)."""
-    key = f"planted:{name}"
-    if key not in impls.names():
-        impls.register(key, getattr(planted_bugs, name),
-                       **{"batch_invariant": True, **planted_bugs.CAPABILITIES.get(name, {})})
+    key = f"planted:{bug}"
+    if key not in impls.names(fam.NAME):
+        impls.register(key, getattr(fam.planted_bugs, bug), family=fam.NAME,
+                       **{"batch_invariant": True, **fam.planted_bugs.CAPABILITIES.get(bug, {})})
     return key
 
 
-# what the property tests draw: plain cases, and cases with one non-finite input (test_values.py),
-# a position, and a non-finite value for the non-finite causality check
-DRAWN = st.tuples(st.one_of(cases(), cases(poison=True)), st.integers(0, 300), st.sampled_from(tuple(NONFINITE)))
+def each(what):
+    return [pytest.param(family(f), bug, id=f"{f}-{bug}") for f in FAMILIES for bug in getattr(family(f).planted_bugs, what)]
 
 
-@pytest.mark.parametrize("bug", planted_bugs.BUGS)
-def test_suite_finds_the_planted_bug(bug):
-    name = _register(bug)
-    find(DRAWN, lambda drawn: rejected(name, drawn), settings=SEARCH)
+@pytest.mark.parametrize("fam, bug", each("BUGS"))
+def test_suite_finds_the_planted_bug(fam, bug):
+    name = register(fam, bug)
+    find(drawn(fam), lambda d: rejected(fam, name, d), settings=SEARCH)
 
 
-# The bugs that only one property catches, and that property
-ONLY = {"gradient_order_by_call": "determinism", "readout_order_by_batch": "batch invariance",
-        "unwritten_padded_lanes": "unwritten memory", "guarded_path_on_nonfinite_dt": "non-finite causality"}
-
-
-@pytest.mark.parametrize("bug", ONLY)
-def test_only_its_property_catches_the_planted_bug(bug):
+@pytest.mark.parametrize("fam, bug", each("ONLY"))
+def test_only_its_property_catches_the_planted_bug(fam, bug):
     """Hypothesis finds a case its property rejects; on that case every other check passes, those
-    the search runs and the NaN-propagation and gradient checks too. Fresh memory is zero there (as
-    a CPU often gives it): what a NaN fill exposes, stale memory would show only by chance."""
-    name = _register(bug)
-    drawn = find(DRAWN, lambda drawn: rejected(name, drawn, only=ONLY[bug]), settings=SEARCH)
-    case, k = drawn[:2]
-    others = {**checks(name, drawn), "NaN propagation": lambda: check_nan_propagation(name, case, k),
-              "gradients": lambda: check_gradients(name, case)}
+    the search runs and non-finite propagation, the gradients and chunk sizes too. Fresh memory is
+    zero there (as a CPU often gives it): what a NaN fill exposes, stale memory would show only by chance."""
+    name = register(fam, bug)
+    prop = fam.planted_bugs.ONLY[bug]
+    found = find(drawn(fam), lambda d: rejected(fam, name, d, only=prop), settings=SEARCH)
+    case, k, poison = found
+    arg = fam.TIME_ARGS[k % len(fam.TIME_ARGS)]
+    others = {**checks(fam, name, found), "non-finite": lambda: check_nonfinite(fam, name, case, arg, k, poison),
+              "gradients": lambda: check_gradients(fam, name, case)}
+    if fam.CHUNK_SIZES:
+        others["chunk sizes"] = lambda: check_chunk_size_invariance(fam, name, case, fam.CHUNK_SIZES)
     with fresh_memory(0.0):
-        for prop, check in others.items():
-            if prop != ONLY[bug]:
+        for other, check in others.items():
+            if other != prop:
                 check()
 
 
-def test_suite_accepts_the_correct_control():
-    name = _register("correct")
-    examples = DRAWN
+@pytest.mark.parametrize("fam", [family(f) for f in FAMILIES], ids=FAMILIES)
+def test_suite_accepts_the_correct_control(fam):
+    name = register(fam, "correct")
     with pytest.raises(NoSuchExample):
-        find(examples, lambda drawn: rejected(name, drawn), settings=settings(SEARCH, max_examples=60))
+        find(drawn(fam), lambda d: rejected(fam, name, d), settings=settings(SEARCH, max_examples=40))
 
 
 @pytest.mark.parametrize("target, fails", [("missing_softplus", True), ("correct", False)])
@@ -113,10 +117,10 @@ def test_command_line_plugin(target, fails):
     gradients included: a plain function is not assumed to lack them); a failure comes on the
     shrunk case, says what it needs, and its reproduce line runs as-is in a plain script."""
     cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "--hypothesis-profile", "ci",
-           f"--impl=equivalence.planted_bugs:{target}", "equivalence/test_values.py"]
+           f"--impl=equivalence.selective.planted_bugs:{target}", "equivalence/test_values.py"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert (run.returncode != 0) == fails, run.stdout[-3000:]
-    assert f"equivalence.planted_bugs:{target}" in run.stdout
+    assert f"equivalence.selective.planted_bugs:{target}" in run.stdout
     assert "'gradients': True" in run.stdout and "(probed by tiny calls)" in run.stdout, run.stdout[:3000]
     if fails:
         assert "what the failure needs" in run.stdout and "fails only with softplus" in run.stdout, run.stdout[-3000:]
@@ -134,9 +138,9 @@ def test_command_line_plugin(target, fails):
 ])
 def test_a_failure_says_what_it_needs(bug, case, needs):
     """The re-runs behind "what the failure needs" name the option or axis each bug depends on."""
-    name = _register(bug)
+    name = register(selective, bug)
     with pytest.raises(CaseFailure) as info:
-        check_values(name, case)
+        check_values(selective, name, case)
     lines = what_it_needs(info.value)
     assert needs in lines[0], lines
 
@@ -165,12 +169,52 @@ def test_causality_and_nan_failures_name_the_positions():
         if key not in impls.names():
             impls.register(key, fn)
     case = Case(b=1, d=3, n=2, l=6, seed=3)
-    with pytest.raises(CaseFailure, match=r"output t=2 \(batch row 0, channel \d\) changed by input t=3: "
+    with pytest.raises(CaseFailure, match=r"output \(batch row 0, channel \d, t=2\) changed by input t=3: "
                                           r"information flowed backwards in time"):
-        check_causality("test-looks-ahead", case, 3)
-    with pytest.raises(CaseFailure, match=r"output \(batch row 0, channel 0, t=2\) changed, to nan, by the NaN in "
-                                          r"input u at \(batch row 0, channel 0, t=3\): information flowed backwards"):
-        check_nan_propagation("test-looks-ahead", case, 3)
-    with pytest.raises(CaseFailure, match=r"output \(batch row 0, channel 1, t=3\) changed, to nan, by the NaN in "
-                                          r"input u at \(batch row 0, channel 0, t=3\): it leaked into another channel"):
-        check_nan_propagation("test-mixes-channels", case, 3)
+        check_causality(selective, "test-looks-ahead", case, 3)
+    with pytest.raises(CaseFailure, match=r"u = nan at token 3 \(batch row 0, first element\): y is nan where the "
+                                          r"loop's is .*, first \(batch row 0, channel 0, t=2\): information flowed backwards"):
+        check_nonfinite(selective, "test-looks-ahead", case, "u", 3, "nan")
+    with pytest.raises(CaseFailure, match=r"u = nan at token 3 \(batch row 0, first element\): y is nan where the "
+                                          r"loop's is .*, first \(batch row 0, channel 1, t=3\): it leaked into another channel"):
+        check_nonfinite(selective, "test-mixes-channels", case, "u", 3, "nan")
+
+
+def test_ssd_command_line_plugin():
+    """One run with a planted SSD bug and the control, each plugged in by --ssd-impl MODULE:FUNCTION:
+    the bug's value test fails, the control's passes."""
+    bug, control = (f"equivalence.ssd.planted_bugs:{name}" for name in ("carry_lost_at_chunk", "correct"))
+    cmd = [sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", "--hypothesis-profile", "ci",
+           f"--ssd-impl={bug}", f"--ssd-impl={control}", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    test = "equivalence/test_values.py::test_values_and_last_state"
+    assert f"FAILED {test}[ssd-{bug}]" in run.stdout, run.stdout[-3000:]
+    assert f"PASSED {test}[ssd-{control}]" in run.stdout, run.stdout[-3000:]
+
+
+def test_an_ssd_plain_function_is_met_as_a_mamba1_one():
+    """--ssd-impl MODULE:FUNCTION, as a kernel author runs it on the whole suite with -x: its
+    gradients are probed (and so checked); a forward bug (head i reads group i % g) fails first in a
+    values test, on a shrunk case, saying what it needs; its reproduce line runs as-is in a script."""
+    target = "equivalence.ssd.planted_bugs:wrong_group_mapping"
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile",
+           "ci", f"--ssd-impl={target}", "equivalence/test_model2.py", "equivalence/test_gradients.py",
+           "equivalence/test_values.py"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert "'gradients': True" in run.stdout and "(probed by tiny calls)" in run.stdout, run.stdout[:3000]
+    first = re.search(r"^FAILED (\S+)", run.stdout, re.M).group(1)
+    assert first.startswith("equivalence/test_values.py::test_values_and_last_state"), run.stdout[-3000:]
+    assert "fails only with g > 1 and h/g > 1" in run.stdout, run.stdout[-3000:]
+    line = re.search(r"reproduce: (.*)", run.stdout).group(1)
+    script = subprocess.run([sys.executable, "-c", line + "; print(out[0].shape)"], capture_output=True, text=True,
+                            timeout=300, cwd="/")
+    assert script.returncode == 0 and "torch.Size" in script.stdout, (line, script.stderr[-2000:])
+
+
+def test_an_ssd_plain_functions_gradients_are_checked():
+    """A differentiable plain SSD function has its gradient tests run, not skipped as a declared gap."""
+    target = "equivalence.ssd.planted_bugs:correct"
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile", "ci",
+           "-rs", f"--ssd-impl={target}", "equivalence/test_gradients.py", "-k", "test_pinned_gradients"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "1 passed" in run.stdout and "declared gap" not in run.stdout, run.stdout[-3000:]

@@ -12,7 +12,10 @@ from hypothesis import find, settings
 from hypothesis.errors import NoSuchExample
 
 import impls
-from .test_planted_bugs import DRAWN, SEARCH, rejected
+
+from . import selective
+from .diagnose import describe, probe_capabilities
+from .test_planted_bugs import SEARCH, drawn, rejected
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "my_kernel")
 
@@ -22,7 +25,7 @@ def fake_entry_points(*values):
     return lambda group=None, **kw: [e for e in eps if e.group == group]
 
 
-def _groups_read(scan):
+def groups_read(scan):
     """Which group of B each of d = 4 channels reads (g = 2), measured directly: one token, dt = 1,
     u = 1, C = 1, and B = 1 in group 0 only, so channel c's output is 1 exactly when it reads group 0."""
     b, d, n, l, g = 1, 4, 1, 1, 2
@@ -35,19 +38,19 @@ def _groups_read(scan):
 def test_installed_package_registers_through_the_entry_point_and_its_bug_is_found(monkeypatch):
     """The example as shipped has its group-mapping bug, and the suite finds it, on a grouped case
     with several channels per group; once a reader has made the README's fix, the suite finds
-    nothing. Which of the two holds is measured independently of the suite (_groups_read)."""
+    nothing. Which of the two holds is measured independently of the suite (groups_read)."""
     monkeypatch.syspath_prepend(EXAMPLE)
     monkeypatch.setattr(metadata, "entry_points", fake_entry_points("my_kernel:register"))
     assert impls.load_plugins() == {"my_kernel": None}
     assert "my_kernel" in impls.names() and impls.get("my_kernel").module == "my_kernel"
-    fixed = _groups_read(impls.get("my_kernel").scan) == [0, 0, 1, 1]   # the interface: c // (d // g)
+    fixed = groups_read(impls.get("my_kernel").scan) == [0, 0, 1, 1]   # the interface: c // (d // g)
     if not fixed:
-        assert _groups_read(impls.get("my_kernel").scan) == [0, 1, 0, 1]  # the documented bug: c % g
-        drawn = find(DRAWN, lambda d: rejected("my_kernel", d), settings=SEARCH)
-        assert drawn[0].g > 1 and drawn[0].d > drawn[0].g  # the bug is in the group mapping
+        assert groups_read(impls.get("my_kernel").scan) == [0, 1, 0, 1]  # the documented bug: c % g
+        found = find(drawn(selective), lambda d: rejected(selective, "my_kernel", d), settings=SEARCH)
+        assert found[0].g > 1 and found[0].d > found[0].g  # the bug is in the group mapping
     else:
         with pytest.raises(NoSuchExample):
-            find(DRAWN, lambda d: rejected("my_kernel", d), settings=settings(SEARCH, max_examples=100))
+            find(drawn(selective), lambda d: rejected(selective, "my_kernel", d), settings=settings(SEARCH, max_examples=100))
 
 
 def test_a_broken_plugin_warns_and_registers_nothing(monkeypatch):
@@ -69,19 +72,17 @@ def test_xfails_file_marks_listed_tests(tmp_path):
 
 
 def test_header_names_module_version_and_wrapped_package():
-    from .checks import describe
 
-    assert f"impls.selective.loop (selective-scan-suite {metadata.version('selective-scan-suite')})" in describe("loop")
+    assert f"impls.selective.loop (selective-scan-suite {metadata.version('selective-scan-suite')})" in describe(selective, "loop")
     if "mambapy" in impls.names():
-        assert f"wrapping mambapy {metadata.version('mambapy')}" in describe("mambapy")
-        assert "'grouped': False" in describe("mambapy")
+        assert f"wrapping mambapy {metadata.version('mambapy')}" in describe(selective, "mambapy")
+        assert "'grouped': False" in describe(selective, "mambapy")
 
 
 def test_a_plain_functions_capabilities_are_probed():
     """Each capability is what a tiny call showed: a float64 NotImplementedError and a scan that
     detaches its result each turn one capability off, and only that one; a grouped crash is not a
     refusal: grouped stays on (supported but broken), so the tests run and show the crash."""
-    from .checks import probe_capabilities
 
     loop = impls.get("loop").scan
 
@@ -97,23 +98,22 @@ def test_a_plain_functions_capabilities_are_probed():
         y, s = loop(*args)
         return y.detach(), s.detach()
 
-    supports, notes = probe_capabilities(picky)
+    supports, notes = probe_capabilities(selective, picky)
     assert supports["dtypes"] == (torch.float16, torch.bfloat16, torch.float32) and supports["grouped"]
     assert supports["initial_state"] and supports["gradients"], notes
     assert notes["grouped"].startswith("broken: RuntimeError: shape mismatch"), notes
     assert notes["dtype f64"].startswith("gap: NotImplementedError"), notes
-    supports, notes = probe_capabilities(detached)
+    supports, notes = probe_capabilities(selective, detached)
     assert not supports["gradients"] and supports["grouped"] and len(supports["dtypes"]) == 4, notes
 
 
 def test_the_base_call_is_required_not_probed_away():
     """A function that refuses even the plainest call (float32, ungrouped) keeps float32 on."""
-    from .checks import probe_capabilities
 
     def refuses(*args):
         raise NotImplementedError("nothing works yet")
 
-    supports, notes = probe_capabilities(refuses)
+    supports, notes = probe_capabilities(selective, refuses)
     assert supports["dtypes"] == (torch.float32,) and not supports["grouped"], notes
     assert notes["dtype f32"].startswith("broken (the base call is required)"), notes
 
@@ -145,13 +145,13 @@ def test_impl_alone_restricts_the_run_to_mamba1_tests():
     """As --ssd-impl alone deselects the Mamba-1 tests, --impl alone deselects the SSD family's: the
     SSD files, the SSD varlen files, the Mamba-2 model's, SSD-named tests in a mixed file, and the
     SSD header lines."""
-    files = ["equivalence/test_model2.py", "equivalence/test_model2_parity.py", "equivalence/test_varlen_ssd.py",
+    files = ["equivalence/test_model2.py", "equivalence/test_model2_parity.py", "equivalence/ssd/test_seq_idx.py",
              "equivalence/test_varlen_benchmark.py", "equivalence/test_front_door.py"]
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist", "--impl=loop", *files]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(os.path.dirname(__file__), os.pardir))
     assert run.returncode == 0, run.stdout[-3000:]
     assert "SSD implementation under test" not in run.stdout and "implementation under test: loop" in run.stdout
-    for gone in ("test_model2", "test_varlen_ssd", "test_ssd_packed", "test_an_ssd_run"):
+    for gone in ("test_model2", "test_seq_idx", "test_ssd_packed", "test_an_ssd_run"):
         assert gone not in run.stdout.replace("deselected", ""), run.stdout[-3000:]
     assert "<Function test_a_run_records_both_sides>" in run.stdout and "<Module test_front_door.py>" in run.stdout
 

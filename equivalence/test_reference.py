@@ -4,7 +4,7 @@ import torch
 from hypothesis import example, given
 
 from impls import selective_scan
-from .cases import Case, cases, reference_inputs
+from .selective import Case, cases, reference_inputs
 from .reference import quadratic_form_scan
 from .tolerance import assert_close, terms
 

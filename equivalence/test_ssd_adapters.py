@@ -28,10 +28,12 @@ from impls.adapters import mamba_ssm as mamba_ssm_ssd_adapter
 from impls.ssd import loop as ssd_loop
 from impls.adapters import transformers_ssd as tf_adapter
 
-from .ssd_cases import SSDCase, cases, make_inputs, reference_inputs
-from .ssd_checks import check_step_equals_scan, check_values
+from .ssd import SSDCase, cases, make_inputs, reference_inputs
+from .ssd import check_step_equals_scan, check_values
 from .test_mamba_ssm import uncached_mamba_ssm  # noqa: F401  (a fixture)
 from .tolerance import assert_close, ssd_terms
+
+pytestmark = pytest.mark.family("ssd")
 
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="needs transformers (a dev dependency)")

@@ -6,7 +6,9 @@ import torch
 
 import impls
 
-from .ssd_cases import SSDCase, make_inputs
+from .ssd import SSDCase, make_inputs
+
+pytestmark = pytest.mark.family("ssd")
 
 CASE = SSDCase(b=2, l=5, h=4, p=3, n=6, g=2, initial_states=True)
 

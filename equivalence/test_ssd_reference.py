@@ -7,6 +7,7 @@
   no recurrence and no chunks, every operation in another order.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import example, given
@@ -15,8 +16,10 @@ import impls
 from impls.ssd.mapped import to_selective
 
 from .reference import window_sums
-from .ssd_cases import SSDCase, cases, reference_inputs
+from .ssd import SSDCase, cases, reference_inputs, scales
 from .tolerance import assert_close, ssd_terms
+
+pytestmark = pytest.mark.family("ssd")
 
 
 def closed_form(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
@@ -76,8 +79,6 @@ def test_loop_equals_closed_form(case):
     x = reference_inputs(case)
     out, final = _loop(case)
     y2, last2 = closed_form(**x)
-    from .ssd_checks import scales
-
     so, ss = scales(case)
     assert_close("out", out, y2, length=ssd_terms("out", case.l, case.n), scale=so)
     assert_close("final_states", final, last2, length=ssd_terms("final_states", case.l, case.n), scale=ss)

@@ -5,8 +5,8 @@ import torch
 from hypothesis import example, given, strategies as st
 
 import impls
-from .cases import Case, cases, make_inputs, reference_inputs
-from .checks import magnitudes
+from .selective import Case, cases, make_inputs, reference_inputs
+from .selective import magnitudes
 from .tolerance import compare, conditioning, dt_ulps, terms
 
 
@@ -78,7 +78,7 @@ def test_sums_of_absolute_terms_bound_the_oracle(case):
 def test_sums_of_absolute_summands_bound_the_gradients(case):
     """The gradients' sums of |summands| are at least the float64 gradients' |values|, for every
     argument (|sum| <= sum|summands|): the magnitude run's adjoint and chain rule are what they claim."""
-    from .checks import SCAN_ARGS
+    from .selective import SCAN_ARGS
 
     gen = torch.Generator().manual_seed(case.seed + 3)
     w = (torch.randn(case.b, case.d, case.l, generator=gen, dtype=torch.float64),

@@ -17,8 +17,8 @@ from impls.selective import triton as ts  # noqa: E402  (conftest has set TRITON
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from .cases import Case, make_inputs, reference_inputs  # noqa: E402
-from .checks import check_gradients, check_prefill_then_decode, check_split, check_values  # noqa: E402
+from .selective import Case, make_inputs, reference_inputs  # noqa: E402
+from .selective import check_gradients, check_prefill_then_decode, check_split, check_values  # noqa: E402
 from .tolerance import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -294,7 +294,7 @@ def test_triton_runs_whatever_is_imported_first(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("from benchmarks.common import machine_info; machine_info(); import impls, torch; "
-            "from equivalence.cases import Case, make_inputs; "
+            "from equivalence.selective import Case, make_inputs; "
             "impls.selective_scan(**make_inputs(Case(b=1, d=3, n=2, l=4)), impl='triton'); print('ran')")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.stdout.strip().endswith("ran"), run.stderr[-2000:]

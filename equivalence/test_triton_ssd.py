@@ -17,9 +17,11 @@ import impls  # noqa: E402
 from impls.ssd import triton as ts  # noqa: E402  (conftest has set TRITON_INTERPRET without CUDA)
 import triton  # noqa: E402
 
-from .ssd_cases import SSDCase, make_inputs  # noqa: E402
-from .ssd_checks import check_gradients, check_step_equals_scan, check_values  # noqa: E402
+from .ssd import SSDCase, make_inputs  # noqa: E402
+from .ssd import check_gradients, check_step_equals_scan, check_values  # noqa: E402
 from .tolerance import assert_close, ssd_terms  # noqa: E402
+
+pytestmark = pytest.mark.family("ssd")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,23 +1,25 @@
-"""Packed variable-length sequences (Mamba-1): the properties of equivalence/varlen_cases.py, drawn
-by hypothesis, for every implementation under test that declares ``varlen``; the others appear as
-skipped with the declared gap. Pinned packings run in tests of their own (hypothesis does not
-shrink an @example), and a test checks that they cover every boundary geometry on parallel's plan.
+"""Packed variable-length sequences: the properties of equivalence/varlen.py, drawn by hypothesis,
+for every family with a packing (its PACKING) and every implementation under test that declares
+``varlen``; the others appear as skipped with the declared gap. Pinned packings run in tests of
+their own (hypothesis does not shrink an @example), and a test checks that they cover every
+boundary geometry on the chunks their family lays (Packing.chunk_starts).
 
-parallel runs here on a plan shrunk so that an 80-token packing is cut into chunks of 3 to 8
-tokens in one to four segments: drawn sequences start and end anywhere in a chunk.
+Mamba-1's parallel (and the SSD's, which maps onto it) runs here on a plan shrunk so that an
+80-token packing is cut into chunks of 3 to 8 tokens in one to four segments: drawn sequences
+start and end anywhere in a chunk.
 """
 
 import contextlib
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import impls
 from impls.selective import parallel
 
-from .varlen_cases import (CATEGORIES, VarlenCase, check_alone, check_alone_gradients, check_decoding,
-                           check_no_crossing, check_prefill, chunk_starts, covered, varlen_cases)
+from .varlen import (CATEGORIES, check_alone, check_alone_gradients, check_decoding, check_no_crossing,
+                     check_prefill, covered, scan_alone)
 
 SMALL_PLAN = dict(STEP_ELEMENTS=72, SEGMENT_ELEMENTS=600, MIN_CHUNK=3)
 
@@ -35,86 +37,82 @@ def small_plan():
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _small_parallel_plan():
+def small_parallel_plan():
     with small_plan():
         yield
 
 
-# Fixtures over the implementations under test; those without what a test needs are skipped
-# with the declared gap as the reason (visible, never silently passed).
-VARLEN = (lambda e: e.supports["varlen"], "varlen")
-VARLEN_FIXTURES = {   # fixture: what the implementation must have, as (capability, gap's name) pairs
-    "varlen_impl": (VARLEN,),
-    "varlen_gradient_impl": (VARLEN, (lambda e: e.supports["gradients"], "gradients")),
-    "varlen_stepping_impl": ((lambda e: e.supports["state_batch_indices"], "state_batch_indices"),
-                             (lambda e: e.step is not None, "no step function")),
-}
+def packing(family):
+    if family.PACKING is None:
+        pytest.skip(f"{family.NAME}: no packed sequences in the interface")
+    return family.PACKING
 
 
-def pytest_generate_tests(metafunc):
-    for fixture, needs in VARLEN_FIXTURES.items():
-        if fixture in metafunc.fixturenames:
-            params = []
-            for n in metafunc.config.selected_impls:
-                gaps = [gap for has, gap in needs if not has(impls.get(n))]
-                params.append(pytest.param(n, marks=pytest.mark.skip(reason=f"{n}: declared gap: {', '.join(gaps)}"))
-                              if gaps else n)
-            metafunc.parametrize(fixture, params)
-
-
-# Pinned packings (d = 3, n = 4: on the small plan, chunks of 4 to 8 tokens); together they cover
-# every geometry in CATEGORIES, as the test below checks.
-PINNED = (
-    VarlenCase(lengths=(0, 1, 5, 7, 14, 0, 3), d=3, n=4, seed=1),
-    VarlenCase(lengths=(5, 5, 3, 12), d=3, n=4, g=3, regime="stress", seed=2),
-    VarlenCase(lengths=(3, 4, 1, 16, 9), d=3, n=4, dtype="f64", regime="slow", seed=3),
-    VarlenCase(lengths=(40, 33, 2), d=3, n=4, g=1, regime="official", initial_state=False, seed=4),
-    VarlenCase(lengths=(2,) * 10, d=3, n=4, dtype="bf16", seed=5),
-    VarlenCase(lengths=(0,), d=3, n=4, seed=6),
-    VarlenCase(lengths=(1,), d=3, n=4, dtype="f16", z=False, D=False, seed=7),
-)
-
-
-def test_pinned_packings_cover_every_boundary_geometry():
+def test_pinned_packings_cover_every_boundary_geometry(family):
     found = set()
-    for case in PINNED:
-        found |= covered(case.offsets, chunk_starts("parallel", case))
+    for case in packing(family).pinned:
+        found |= covered(case.offsets, family.PACKING.chunk_starts(case))
     assert found == set(CATEGORIES), sorted(set(CATEGORIES) - found)
 
 
-@pytest.mark.parametrize("case", PINNED, ids=lambda c: c.id)
-def test_pinned_packing(varlen_impl, case):
-    check_alone(varlen_impl, case)
-    for i in range(case.nseq):
-        check_no_crossing(varlen_impl, case, i)
-    check_prefill(varlen_impl, case, case.lengths.index(max(case.lengths)), max(case.lengths) // 2)
+def test_scan_alone_is_what_the_loop_defines(family):
+    """The oracle of these tests, each sequence cut out and scanned alone by the loop, is the loop's
+    own packed path: one definition, not two."""
+    pack = packing(family)
+    y, s = pack.scan("loop", pack.inputs(pack.pinned[0], torch.float64))
+    y0, s0 = scan_alone(pack, "loop", pack.inputs(pack.pinned[0], torch.float64))
+    assert torch.equal(y, y0) and torch.equal(s, s0)
 
 
-@pytest.mark.parametrize("case", [c for c in PINNED if c.dtype in ("f32", "f64")], ids=lambda c: c.id)
-def test_pinned_packing_gradients(varlen_gradient_impl, case):
-    check_alone_gradients(varlen_gradient_impl, case)
+@pytest.mark.parametrize("i", range(7), ids=lambda i: f"pinned{i}")
+def test_pinned_packing(family, varlen_impl, i):
+    pack = packing(family)
+    case = pack.pinned[i]
+    check_alone(pack, varlen_impl, case)
+    for j in range(case.nseq):
+        check_no_crossing(pack, varlen_impl, case, j)
+    check_prefill(pack, varlen_impl, case, case.lengths.index(max(case.lengths)), max(case.lengths) // 2)
 
 
-@given(case=varlen_cases())
-def test_packed_equals_each_sequence_alone(varlen_impl, case):
-    check_alone(varlen_impl, case)
+@pytest.mark.parametrize("i", range(7), ids=lambda i: f"pinned{i}")
+def test_pinned_packing_gradients(family, varlen_gradient_impl, i):
+    case = packing(family).pinned[i]
+    if case.dtype not in ("f32", "f64"):
+        pytest.skip(f"{case.dtype}: gradients are checked in float32 and float64")
+    check_alone_gradients(family.PACKING, varlen_gradient_impl, case)
 
 
-@given(case=varlen_cases(dtypes=("f32", "f64"), max_total=48))
-def test_packed_gradients_equal_each_sequence_alone(varlen_gradient_impl, case):
-    check_alone_gradients(varlen_gradient_impl, case)
+@pytest.mark.parametrize("i", range(3), ids=lambda i: f"pinned{i}")
+def test_pinned_decoding(family, varlen_stepping_impl, i):
+    case = packing(family).pinned[i]
+    check_decoding(family.PACKING, varlen_stepping_impl, case, order_seed=case.seed, padding=2)
 
 
-@given(case=varlen_cases(), i=st.integers(0, 7), value=st.sampled_from([None, "nan", "inf"]))
-def test_nothing_crosses_a_boundary(varlen_impl, case, i, value):
-    check_no_crossing(varlen_impl, case, i, value)
+def drawn(data, family, strategy):
+    packing(family)
+    return data.draw(family.STRATEGIES[strategy], label="case")
 
 
-@given(case=varlen_cases(), i=st.integers(0, 7), k=st.integers(0, 30))
-def test_chunked_prefill_split_anywhere_equals_one_call(varlen_impl, case, i, k):
-    check_prefill(varlen_impl, case, i, k)
+@given(data=st.data())
+def test_packed_equals_each_sequence_alone(family, varlen_impl, data):
+    check_alone(family.PACKING, varlen_impl, drawn(data, family, "packed"))
 
 
-@given(case=varlen_cases(max_total=40), order_seed=st.integers(0, 2**16), padding=st.integers(0, 2))
-def test_decoding_through_state_batch_indices(varlen_stepping_impl, case, order_seed, padding):
-    check_decoding(varlen_stepping_impl, case, order_seed, padding)
+@given(data=st.data())
+def test_packed_gradients_equal_each_sequence_alone(family, varlen_gradient_impl, data):
+    check_alone_gradients(family.PACKING, varlen_gradient_impl, drawn(data, family, "packed_gradients"))
+
+
+@given(data=st.data(), i=st.integers(0, 7), value=st.sampled_from([None, "nan", "inf"]))
+def test_nothing_crosses_a_boundary(family, varlen_impl, data, i, value):
+    check_no_crossing(family.PACKING, varlen_impl, drawn(data, family, "packed"), i, value)
+
+
+@given(data=st.data(), i=st.integers(0, 7), k=st.integers(0, 30))
+def test_chunked_prefill_split_anywhere_equals_one_call(family, varlen_impl, data, i, k):
+    check_prefill(family.PACKING, varlen_impl, drawn(data, family, "packed"), i, k)
+
+
+@given(data=st.data(), order_seed=st.integers(0, 2**16), padding=st.integers(0, 2))
+def test_decoding_through_state_batch_indices(family, varlen_stepping_impl, data, order_seed, padding):
+    check_decoding(family.PACKING, varlen_stepping_impl, drawn(data, family, "packed_decoding"), order_seed, padding)

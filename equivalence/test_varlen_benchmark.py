@@ -1,6 +1,7 @@
 """benchmarks/varlen.py measures what it says: the packed and the padded inputs hold the same
 sequences, padding changes no state, and a run records both sides (small sizes, no timing asserted)."""
 
+import pytest
 import torch
 
 import impls
@@ -42,6 +43,7 @@ def test_a_run_records_both_sides(tmp_path):
     assert out.read_text().count("\n") == 1
 
 
+@pytest.mark.family("ssd")
 def test_ssd_packed_and_padded_inputs_hold_the_same_sequences():
     packed, padded = varlen.make_ssd_inputs([16, 3, 40], d=4, n=2, seed=1, headdim=2)
     assert packed["x"].shape == (1, 59, 2, 2) and padded["x"].shape == (3, 40, 2, 2)
@@ -50,6 +52,7 @@ def test_ssd_packed_and_padded_inputs_hold_the_same_sequences():
     assert torch.isneginf(padded["dt"][1, 3:]).all() and torch.isfinite(padded["dt"][1, :3]).all()
 
 
+@pytest.mark.family("ssd")
 def test_ssd_padding_with_dt_minus_inf_changes_no_state():
     """The padded SSD call's final states are the sequences' own, for the loop and chunked."""
     packed, padded = varlen.make_ssd_inputs([5, 17, 2], d=4, n=3, seed=2, headdim=2, chunk_size=4)
@@ -60,6 +63,7 @@ def test_ssd_padding_with_dt_minus_inf_changes_no_state():
     assert varlen._agree("chunked", packed, padded, "ssd") < 1e-5
 
 
+@pytest.mark.family("ssd")
 def test_an_ssd_run_records_both_sides(tmp_path):
     out = tmp_path / "varlen.jsonl"
     record = varlen.run("chunked", nseq=3, d=4, n=2, rounds=2, out=str(out), log=lambda *_: None, memory=False,

@@ -7,7 +7,7 @@ import torch
 
 import impls
 
-from .varlen_cases import VarlenCase, packed_inputs
+from .selective.varlen import VarlenCase, packed_inputs
 
 CASE = VarlenCase(lengths=(3, 0, 5), d=4, n=2, seed=1)   # l = 8, nseq = 3
 

@@ -8,7 +8,9 @@ import torch
 
 import impls
 
-from .varlen_cases import SSDVarlenCase, ssd_packed_inputs
+from .ssd.varlen import SSDVarlenCase, packed_inputs as ssd_packed_inputs
+
+pytestmark = pytest.mark.family("ssd")
 
 CASE = SSDVarlenCase(lengths=(3, 0, 5), h=2, p=3, n=4, chunk_size=4, seed=1)
 

@@ -30,7 +30,7 @@ dL/dA sum over batch and time, dL/dC over channels. Each term rounded to its nea
 moves the sum by up to eps x sum|terms| (the classic bound for a rounded sum), in any order of
 summation. So the checks pass ``scale``: each element's sum of |terms|, from the scan's recursion
 run in float64 with every term made non-negative, and its adjoint for the gradients
-(``magnitudes`` in equivalence/checks.py and ssd_checks.py; tested never to fall below |oracle|).
+(each family's ``magnitudes``, equivalence/selective/ and equivalence/ssd/; tested never to fall below |oracle|).
 Measured on mamba.py's pscan, which reads out y with a BLAS matmul: float64 y 38 ulps of max|y|
 off at l = 1 (n = 5, cancelling); a float32 dL/ddelta_bias 10x the loop's error with every
 dL/ddelta within one ulp.
@@ -224,7 +224,7 @@ def assert_close(what, actual, oracle, loop=None, length=1, repro="", scale=None
 # built over l tokens. A chunked implementation adds its terms in another order (a sum over the
 # tokens of a chunk, and C_i . B_j over n before the decay), but no element accumulates more
 # rounded terms than the loop's, so the count stays l + n for out and l for states; what changes
-# with the SSD is the scale, the sums of |terms| (equivalence/ssd_checks.py: magnitudes).
+# with the SSD is the scale, the sums of |terms| (equivalence/ssd/__init__.py: magnitudes).
 
 
 def ssd_terms(output, l, n):

@@ -41,8 +41,7 @@ from scipy.stats import mannwhitneyu
 
 import impls
 from benchmarks.common import fingerprint
-from equivalence.cases import Case, make_inputs, reference_inputs
-from equivalence.checks import scales, supported
+from equivalence.selective import Case, make_inputs, reference_inputs, scales, supported
 from equivalence.tolerance import compare, terms
 
 BASELINE_VERSION = 2   # 2: speed holds per-round paired ratios (1 held single ratios to a floor measured apart)

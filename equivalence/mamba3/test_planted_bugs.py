@@ -12,6 +12,9 @@ from equivalence.mamba3.planted_bugs import BUGS
 from equivalence.mamba3.test_spec import SCANS, tight, window
 from impls.mamba3 import loop
 
+# plain tests of their own, run when Mamba-3 is under test (--mamba3-impl, or no family chosen)
+pytestmark = pytest.mark.family("mamba3")
+
 SMALL = Case(b=2, l=7, h_qk=2, groups=2, p=2, n=6, n_ang=2, chunk_size=3, seed=3)
 
 

@@ -15,6 +15,9 @@ import impls
 from equivalence.mamba3.cases import Case, as_f64, case_strategy, check, inputs, wrap_angle
 from impls.mamba3 import chunked, loop, mamba3_scan, mamba3_state_update, recurrent
 
+# plain tests of their own, run when Mamba-3 is under test (--mamba3-impl, or no family chosen)
+pytestmark = pytest.mark.family("mamba3")
+
 SCANS = {
     "loop": loop.mamba3_scan,
     "chunked": chunked.mamba3_scan,

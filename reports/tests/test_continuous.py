@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from benchmarks import continuous_worker
-from equivalence import planted_bugs
+from equivalence.selective import planted_bugs
 from reports import cli, continuous
 
 import impls

@@ -9,7 +9,7 @@ import pytest
 import impls
 from benchmarks import runner
 from benchmarks.common import append_jsonl, paired_ratio
-from equivalence import planted_bugs
+from equivalence.selective import planted_bugs
 from reports import cli
 from reports.load import load
 from reports.report import scan_grid_table, slope_label, slope_table, targets_table

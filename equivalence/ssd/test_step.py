@@ -1,23 +1,14 @@
-"""The SSD decoding step: prefill with the scan, then one ssd_state_update per token, equals the
-float64 scan of everything, in values and state; the official "tied" call form is the same step."""
+"""The SSD decoding step's own call forms: the official "tied" form is the same step, and one that
+varies is refused (the step against the scan is equivalence/test_invariants.py's, for every family)."""
 
 import pytest
 import torch
-from hypothesis import example, given
-from hypothesis import strategies as st
 
 import impls
 
-from .ssd_cases import SSDCase, cases, make_inputs
-from .ssd_checks import check_step_equals_scan
+from . import SSDCase, make_inputs
 
-
-@example(case=SSDCase(b=1, l=1, h=1, p=1, n=1), k=0)
-@example(case=SSDCase(b=2, l=40, h=4, p=3, n=5, g=2, dtype="bf16", D="hp", initial_states=True, seed=1), k=17)
-@example(case=SSDCase(b=1, l=30, h=2, p=4, n=3, dt_limit="tight", extreme_dt=True, seed=2), k=0)
-@given(case=cases(max_l=80), k=st.integers(0, 100))
-def test_prefill_then_step_equals_scan(ssd_stepping_impl, case, k):
-    check_step_equals_scan(ssd_stepping_impl, case, k)
+pytestmark = pytest.mark.family("ssd")
 
 
 def _step_args(case):

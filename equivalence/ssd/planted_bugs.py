@@ -6,7 +6,7 @@ tokens, then a state carried from chunk to chunk (Dao & Gu 2024, §6). ``correct
 the control. Several come from bugs reported against real kernels (see FIELD-NOTES.md, "Known SSD
 bugs"). Use them from the command line too:
 
-    pytest --ssd-impl equivalence.ssd_planted_bugs:carry_lost_at_chunk
+    pytest --ssd-impl equivalence.ssd.planted_bugs:carry_lost_at_chunk
 
 The chunked form here is written for reading, not speed: one chunk at a time, segment sums taken
 as sums over each segment (never a difference of cumulative sums, never exp of a positive sum), in
@@ -44,7 +44,7 @@ BUGS = (
     "guarded_path_on_nonfinite_chunk",  # a NaN or inf in a chunk's dt x sends the whole chunk down a masked sum
 )
 
-# What a bug needs declared to be tested where it shows (test_ssd_planted_bugs.py registers each so)
+# What a bug needs declared to be tested where it shows (test_planted_bugs.py registers each so)
 CAPABILITIES = {"gradient_order_by_call": dict(gradients=True)}
 
 _CALLS = itertools.count()
@@ -192,3 +192,7 @@ def _scan_row(bug, batch, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_sta
 correct = functools.partial(_scan, None)
 for _bug in BUGS:
     globals()[_bug] = functools.partial(_scan, _bug)
+
+# The bugs that only one property catches, and that property (test_planted_bugs.py)
+ONLY = {"gradient_order_by_call": "determinism", "chunk_size_by_batch": "batch invariance",
+        "unwritten_chunk_padding": "unwritten memory", "guarded_path_on_nonfinite_chunk": "non-finite causality"}

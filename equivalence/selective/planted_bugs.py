@@ -3,7 +3,7 @@
 Each function here has the selective_scan signature and is one small, realistic mistake away from
 the loop. ``correct`` has no mistake: the control. Use them from the command line too:
 
-    pytest --impl equivalence.planted_bugs:wrong_group_mapping
+    pytest --impl equivalence.selective.planted_bugs:wrong_group_mapping
 """
 
 import functools
@@ -127,3 +127,7 @@ def _scan(bug, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
 correct = functools.partial(_scan, None)
 for _bug in BUGS:
     globals()[_bug] = functools.partial(_scan, _bug)
+
+# The bugs that only one property catches, and that property (test_planted_bugs.py)
+ONLY = {"gradient_order_by_call": "determinism", "readout_order_by_batch": "batch invariance",
+        "unwritten_padded_lanes": "unwritten memory", "guarded_path_on_nonfinite_dt": "non-finite causality"}

@@ -4,8 +4,9 @@ in the three regimes, against the float64 loop."""
 
 import pytest
 
-from .ssd_cases import SSDCase
-from .ssd_checks import check_split, check_values
+from . import SSDCase, check_split, check_values
+
+pytestmark = pytest.mark.family("ssd")
 
 LONG = {
     "mamba2-l3001-cs256-bf16": SSDCase(b=1, l=3001, h=4, p=8, n=16, g=2, dtype="bf16", D="hp", initial_states=True,

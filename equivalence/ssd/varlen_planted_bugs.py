@@ -1,5 +1,5 @@
 """Plausible packed-sequence bugs in an SSD (Mamba-2) scan, planted on purpose: the varlen
-properties, run for the SSD family, must reject each one (equivalence/test_varlen_ssd_planted_bugs.py).
+properties, run for the SSD family, must reject each one (equivalence/test_varlen_planted_bugs.py).
 
 Each bug is one realistic mistake, reported publicly for some kernel (issue 16), in a packed SSD
 scan written as a loop over tokens with chunks of CHUNK tokens laid over the whole packed sequence

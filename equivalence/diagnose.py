@@ -1,0 +1,181 @@
+"""What a failure needs, and what a plain function can do: the suite's two ways of asking an
+implementation questions by re-running it, for any family (equivalence/properties.py says what a
+family's module provides).
+
+    what_it_needs(failure)         the final, shrunk failure re-run with each option off, each axis
+                                   reduced: "fails only with g > 1 and d/g > 1"
+    probe_capabilities(fam, scan)  a plain function's capabilities, found by tiny calls
+    describe(fam, name)            one line for the pytest header
+"""
+
+import dataclasses
+import importlib
+import time
+
+import torch
+
+import impls
+
+# What what_it_needs reads of a family's module (optional in its contract: without them a failure
+# is reported undiagnosed)
+NEEDS = ("OPTIONS", "UNGROUPED", "GROUPED_AXIS", "AXES", "PLAIN")
+
+# (family, name) -> {capability: how its probe call went}, for implementations registered from a plain function
+PROBED = {}
+
+
+def what_it_needs(failure, budget_s=120.0):
+    """What a failing case needs in order to fail, found by re-running the check with each option
+    off, each axis reduced, the grouping, dtype and regime made plain, one change at a time.
+
+    failure: a properties.CaseFailure. Returns lines such as "fails only with g > 1 and d/g > 1",
+    "only with initial_state", "only at l >= 65 (passes at l = 64)", and what the failure does not
+    need. Axes are searched by bisection (assuming a failure at some size persists at larger ones);
+    re-runs stop after budget_s.
+    """
+    fam, case, start = failure.family, failure.case, time.monotonic()
+    grouped_axis = fam.GROUPED_AXIS
+    tried = {}
+
+    def fails(**change):
+        c = dataclasses.replace(case, **change)
+        if c.g and getattr(c, grouped_axis) % c.g:
+            return True
+        if c not in tried:
+            if time.monotonic() - start > budget_s:
+                raise TimeoutError
+            try:
+                failure.rerun(c)
+                tried[c] = False
+            except Exception:  # an AssertionError, or a crash: either way it still fails
+                tried[c] = True
+        return tried[c]
+
+    def said(opt, value):
+        return opt if isinstance(value, bool) else f"{opt} = {value}"
+
+    poison = getattr(case, "poison", ())
+    needs, not_needed, notes = [], [], []
+    try:
+        for opt, off in fam.OPTIONS.items():
+            value = getattr(case, opt)
+            if value != off and not (poison and poison[0] == opt):  # the poison needs its argument
+                (needs if not fails(**{opt: off}) else not_needed).append(said(opt, value))
+        if poison and not fails(poison=()):
+            needs.append(f"the {poison[2]} in {poison[0]}")
+        plain_g = fam.UNGROUPED[0]
+        if case.g > 1:
+            if not any(fails(g=u) for u in fam.UNGROUPED):
+                needs.append("g > 1")
+                if getattr(case, grouped_axis) // case.g > 1 and not fails(**{grouped_axis: case.g}):
+                    needs.append(f"{grouped_axis}/g > 1")
+        elif case.g != plain_g and not fails(g=plain_g):
+            needs.append(f"grouped B/C (g = {case.g})")
+        for k, plain in fam.PLAIN.items():
+            if getattr(case, k) != plain and not fails(**{k: plain}):
+                needs.append(f"{k} {getattr(case, k)} (passes in {plain})" if k == "dtype"
+                             else f"the {getattr(case, k)} {k} (passes in {plain})")
+        for axis in fam.AXES:
+            step = case.g if axis == grouped_axis and case.g else 1
+            lo, hi = 1, getattr(case, axis) // step      # hi fails; find the smallest multiple that does
+            if hi == 1:
+                continue
+            if fails(**{axis: step}):
+                notes.append(f"{axis} = {step}")
+                continue
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fails(**{axis: mid * step}) else (mid, hi)
+            needs.append(f"{axis} >= {hi * step} (passes at {axis} = {lo * step})")
+    except TimeoutError:
+        stopped = f"(re-runs stopped after {budget_s:.0f} s: what is listed was found before that)"
+    else:
+        stopped = None
+    lines = ["fails only with " + " and ".join(needs) if needs else "fails with every option off and every axis at its smallest"]
+    if not_needed:
+        lines.append("still fails without " + ", ".join(not_needed))
+    if notes:
+        lines.append("still fails at " + ", ".join(notes))
+    return lines + ([stopped] if stopped else [])
+
+
+def probe_capabilities(fam, scan):
+    """What a plain scan function of family ``fam`` can do, found by tiny calls rather than assumed.
+
+    scan: a function with the signature of the family's public scan (without ``impl``), called
+    positionally as the registry calls it. Calls: each input dtype; each of fam.PROBES (grouped
+    B/C, initial states, ...) on its own; and a backward pass to every input. The base capability
+    (float32, fam.TINY) is required, never probed away. Any other capability is a gap only when its
+    call raises NotImplementedError, the interface's way to refuse (or, for gradients, when the
+    output has no autograd graph: nothing to differentiate). Any other exception, a TypeError
+    included, means "supported but broken": the capability stays on, so the tests run and fail with
+    the kernel's own error instead of passing on a refusal the kernel never made.
+    What a call returns is not judged here (that is the tests' job).
+    Returns (capabilities for impls.register, {capability: "ok", "gap: <exception>" or
+    "broken: <exception>"}).
+    """
+    def said(e):
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+    def attempt(case, grad=False):
+        args = fam.positional(fam.make_inputs(case))
+        try:
+            if grad:
+                args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                        for a in args]
+                y, s = scan(*args)
+                if not (y.requires_grad or s.requires_grad):
+                    return "gap: output has no autograd graph (not differentiable)"
+                leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+                torch.autograd.grad((y.double().sum() + s.double().sum()), leaves, allow_unused=True)
+            else:
+                with torch.no_grad():
+                    scan(*args)
+            return "ok"
+        except NotImplementedError as e:  # the interface's refusal: a declared gap
+            return "gap: " + said(e)
+        except Exception as e:  # anything else is a bug in a supported path: the tests show it
+            return "broken: " + said(e)
+
+    notes = {f"dtype {k}": attempt(dataclasses.replace(fam.TINY, dtype=k)) for k in fam.DTYPES}
+    notes.update({k: attempt(case) for k, case in fam.PROBES.items()})
+    notes["gradients"] = attempt(fam.TINY, grad=True)
+    if notes["dtype f32"].startswith("gap"):  # the base call is required: its refusal is a failure too
+        notes["dtype f32"] = "broken (the base call is required): " + notes["dtype f32"][len("gap: "):]
+    on = {k: not v.startswith("gap") for k, v in notes.items()}
+    supports = dict(dtypes=tuple(v for k, v in fam.DTYPES.items() if on[f"dtype {k}"]),
+                    **{k: on[k] for k in fam.PROBES}, gradients=on["gradients"])
+    return supports, notes
+
+
+def version(package):
+    """The installed version of the distribution that provides ``package`` (a top-level import name)."""
+    from importlib import metadata
+
+    for dist in metadata.packages_distributions().get(package, ()):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            pass
+    return f"{package} (version unknown)"
+
+
+def describe(fam, name):
+    """One line for the pytest header: name, module, the distribution and version it comes from (and,
+    for an adapter, those of the package it wraps: its module's WRAPS), step, declared capabilities."""
+    e = impls.get(name, fam.NAME)
+    caps = {k: ([str(t).replace("torch.", "") for t in v] if k == "dtypes" else v) for k, v in e.supports.items()}
+    line = f"{name}: {e.module} ({version(e.module.split('.')[0])}"
+    try:
+        wraps = getattr(importlib.import_module(e.module), "WRAPS", None)
+    except ImportError:
+        wraps = None
+    line += f", wrapping {version(wraps)}" if wraps else ""
+    line += f"), step={'yes' if e.step else 'no'}, supports {caps}"
+    probed = PROBED.get((fam.NAME, name))
+    if probed:
+        gaps = {k: v[len("gap: "):] for k, v in probed.items() if v.startswith("gap")}
+        broken = {k: v[len("broken"):].lstrip(": ") for k, v in probed.items() if v.startswith("broken")}
+        line += (" (probed by tiny calls" + (f"; refused (NotImplementedError): {gaps}" if gaps else "")
+                 + (f"; raised, so tested and expected to fail: {broken}" if broken else "") + ")")
+    return line

@@ -1,0 +1,349 @@
+"""Packed variable-length sequences: cases, and the properties every varlen implementation keeps.
+
+A packed call lays nseq sequences end to end along time (b = 1) and marks their boundaries with
+``cu_seqlens`` (nseq + 1,) int32: 0, then each sequence's end. The properties, for any family:
+
+    alone       a packed call equals each sequence scanned alone, in values, in last states and in
+                gradients, initial states included
+    no crossing perturbing one sequence (its tokens and its initial state, with finite values or
+                a NaN or inf) changes no output and no state of another, bit for bit
+    prefill     a sequence split across two packed calls at any point, its state carried from the
+                first to the second, equals one call
+    decoding    batch-indexed decoding (state_batch_indices into a cache of slots, rows in any
+                order, padding rows among them) equals decoding each sequence alone; padding rows
+                output zeros and no slot but a row's own is touched
+
+Written once for every family: the drawn lengths, the chunk geometry they are meant to exercise
+(``covered``) and the properties (``check_*``), which reach a family only through a ``Packing``:
+its inputs, its public scan and step, its sums of |terms| for the tolerance's floor. Each family's
+folder declares its Packing (equivalence/selective/varlen.py, equivalence/ssd/varlen.py), with a
+case type that has ``lengths``, ``offsets``, ``l``, ``nseq`` and ``seed``.
+"""
+
+import dataclasses
+
+import torch
+from hypothesis import strategies as st
+
+from .tolerance import assert_close, conditioning, dt_ulps, gradient_conditioning
+
+# --- family-neutral: sequence lengths around a chunk, and what a packing covers ---------------
+
+CATEGORIES = (
+    "length 0",
+    "length 1",
+    "shorter than a chunk",
+    "equal to a chunk",
+    "straddles a chunk boundary",
+    "starts mid-chunk",
+    "ends at a chunk end",
+    "several sequences in one chunk",
+)
+
+
+def covered(offsets, chunk_starts):
+    """Which CATEGORIES a packing exercises, given where the chunks of the implementation under
+    test start (sorted packed positions, 0 first). offsets: cu_seqlens as a list."""
+    starts = sorted(set(chunk_starts))
+    ends_of_chunks = set(starts[1:]) | {offsets[-1]}
+
+    def chunk_of(t):
+        return max(i for i, s in enumerate(starts) if s <= t)
+
+    found = set()
+    per_chunk = {}
+    for a, e in zip(offsets, offsets[1:]):
+        length = e - a
+        if length == 0:
+            found.add("length 0")
+            continue
+        if length == 1:
+            found.add("length 1")
+        k = chunk_of(a)
+        size = (starts[k + 1] if k + 1 < len(starts) else offsets[-1]) - starts[k]
+        if length < size:
+            found.add("shorter than a chunk")
+        if a == starts[k] and length == size:
+            found.add("equal to a chunk")
+        if chunk_of(e - 1) != k:
+            found.add("straddles a chunk boundary")
+        if a != starts[k]:
+            found.add("starts mid-chunk")
+        if e in ends_of_chunks:
+            found.add("ends at a chunk end")
+        per_chunk[k] = per_chunk.get(k, 0) + 1
+    if any(v > 1 for v in per_chunk.values()):
+        found.add("several sequences in one chunk")
+    return found
+
+
+@st.composite
+def sequence_lengths(draw, chunk, max_seqs=6, max_total=None):
+    """nseq >= 1 lengths drawn around a nominal ``chunk``: 0, 1, shorter than, equal to and longer
+    than a chunk; sometimes one is stretched so that a sequence ends exactly at a chunk end
+    (multiple of ``chunk`` in packed position). Shrinks towards one sequence of length 1."""
+    kinds = st.one_of(st.just(1), st.just(0), st.integers(2, max(2, chunk - 1)), st.just(chunk),
+                      st.integers(chunk + 1, 3 * chunk))
+    lengths = draw(st.lists(kinds, min_size=1, max_size=max_seqs))
+    if len(lengths) > 1 and draw(st.booleans()):
+        i = draw(st.integers(0, len(lengths) - 2))
+        end = sum(lengths[:i + 1])
+        lengths[i] += -end % chunk
+    if max_total is not None:
+        while sum(lengths) > max_total:
+            j = lengths.index(max(lengths))
+            lengths[j] //= 2
+    return tuple(lengths)
+
+
+def offsets_of(lengths):
+    """cu_seqlens as a list: 0 and each sequence's end."""
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
+# --- the properties, family-neutral: written once, run for any family described by a Packing ---
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """What the varlen properties need to know about one family of scans.
+
+    inputs(case, dtype=None): packed keyword arguments of the scan, cu_seqlens included, the
+        per-sequence states under ``state_arg``; dtype=torch.float64 gives the oracle's copy
+    scan(name, x): (y, last states) of one call through the public function, packed or not
+    step(name, cache, x, tokens, indices): one batch-indexed decoding step; tokens holds each of
+        ``step_args`` for the rows, (rows, ...); returns the rows' outputs
+    magnitudes(x64, weights=None): (y scale, states scale, {argument: gradient scale} or None),
+        sums of |terms| (equivalence/tolerance.py)
+    conditioning(x64): ulps a rounding can grow to (equivalence/tolerance.py), one number for every
+        output and gradient of the pack: the whole pack's, which bounds each sequence's
+    terms(case, output, arg=None): rounded terms per element of "y", "state" or "gradient" (of arg)
+    repro(name, case, note): a line that reproduces the call
+    cases(chunk=8, dtypes=..., max_seqs=6, max_total=80): the hypothesis strategy of its packed cases
+    pinned: packed cases that together cover every geometry in CATEGORIES on ``chunk_starts``
+    chunk_starts(case): packed positions where the chunks start that ``pinned`` is meant to cover
+    """
+    name: str
+    time_args: tuple       # arguments with a time axis
+    time_dim: int          # the time axis of those arguments and of y (with the batch axis first)
+    state_arg: str         # the per-sequence initial states' argument
+    step_args: tuple       # the time arguments a decoding step takes one token of, in its order
+    inputs: object
+    scan: object
+    step: object
+    magnitudes: object
+    conditioning: object
+    terms: object
+    repro: object
+    cases: object
+    pinned: tuple
+    chunk_starts: object
+
+    def cut(self, X, a, e):
+        return X.narrow(self.time_dim, a, e - a)
+
+    def token(self, X, pos):
+        """(1, ..., l, ...) -> (rows, ...): token pos[r] of X for row r."""
+        td = self.time_dim - 1 if self.time_dim > 0 else self.time_dim       # in X[0]
+        return X[0].index_select(td, torch.tensor(pos, dtype=torch.long)).movedim(td, 0)
+
+
+def sequence(family, x, i):
+    """The arguments of sequence i of packed inputs x, as an ordinary (b = 1) call."""
+    offsets = x["cu_seqlens"].tolist()
+    a, e = offsets[i], offsets[i + 1]
+    out = {k: (family.cut(v, a, e) if k in family.time_args and v is not None else v)
+           for k, v in x.items() if k != "cu_seqlens"}
+    if x[family.state_arg] is not None:
+        out[family.state_arg] = x[family.state_arg][i:i + 1]
+    return out
+
+
+def scan_alone(family, name, x):
+    """Each sequence of packed inputs x scanned alone by ``name`` (no cu_seqlens), concatenated:
+    y along time and the last states (nseq, ...). Differentiable where ``name`` is."""
+    ys, lasts = [], []
+    for i in range(x["cu_seqlens"].numel() - 1):
+        y, last = family.scan(name, sequence(family, x, i))
+        ys.append(y)
+        lasts.append(last)
+    return torch.cat(ys, family.time_dim), torch.cat(lasts)
+
+
+def max_finite(t):
+    t = t.detach()
+    t = t[torch.isfinite(t)]
+    return float(t.max()) if t.numel() else None
+
+
+def _against_alone(what, name, case, family, y, last, where):
+    """y and last states against each sequence scanned alone by the float64 loop (no cu_seqlens:
+    the oracle never takes the packed path), under the tolerance policy."""
+    x64 = family.inputs(case, torch.float64)
+    ref = scan_alone(family, "loop", x64)
+    same = scan_alone(family, "loop", family.inputs(case))
+    sy, ss, _ = family.magnitudes(x64)
+    k = family.conditioning(x64)
+    assert_close(f"{name} {what}: y", y, ref[0], same[0], family.terms(case, "y"), where, scale=max_finite(sy),
+                 conditioning=k)
+    assert_close(f"{name} {what}: last states", last, ref[1], same[1], family.terms(case, "state"), where,
+                 scale=max_finite(ss), conditioning=k)
+
+
+def check_alone(family, name, case):
+    """Values and last states of a packed call equal each sequence scanned alone."""
+    y, last = family.scan(name, family.inputs(case))
+    _against_alone("packed", name, case, family, y, last, family.repro(name, case, ""))
+
+
+def _gradients(scan, x, weights, wrt):
+    leaves = {k: (v.detach().requires_grad_() if k in wrt else v) for k, v in x.items()}
+    y, last = scan(leaves)
+    loss = (y.double() * weights[0]).sum() + (last.double() * weights[1]).sum()
+    if not loss.requires_grad:   # no token and no initial state: nothing depends on any input
+        return dict.fromkeys(wrt)
+    return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)))
+
+
+def check_alone_gradients(family, name, case):
+    """Gradients of a random linear function of (y, last states) of the packed call, for every
+    floating tensor input, initial states included, against float64 autograd through the loop run
+    on each sequence alone (the shared parameters' gradients summed over the sequences)."""
+    x, x64 = family.inputs(case), family.inputs(case, torch.float64)
+    y0, s0 = scan_alone(family, "loop", x64)
+    gen = torch.Generator().manual_seed(case.seed + 3)
+    weights = (torch.randn(y0.shape, generator=gen, dtype=torch.float64),
+               torch.randn(s0.shape, generator=gen, dtype=torch.float64))
+    wrt = [k for k, v in x.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    got = _gradients(lambda v: family.scan(name, v), x, weights, wrt)
+    ref = _gradients(lambda v: scan_alone(family, "loop", v), x64, weights, wrt)
+    same = _gradients(lambda v: scan_alone(family, "loop", v), x, weights, wrt)
+    sums = family.magnitudes(x64, weights)[2]
+    pack_conditioning = family.conditioning(x64)
+    for k in wrt:
+        zero = torch.zeros_like(x64[k])        # an input no output depends on (l = 0) has no gradient
+        g, r, s = (zero.to(x[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
+        assert_close(f"{name} packed: grad {k}", g, r, s, family.terms(case, "gradient", k),
+                     family.repro(name, case, f"gradient of {k}"), scale=max_finite(sums[k]),
+                     conditioning=pack_conditioning)
+
+
+def _perturbed(x, i, gen, value, family):
+    """A copy of packed inputs x with sequence i's tokens and initial state redrawn, and with
+    ``value`` (nan, inf) at its middle token of the first time argument when given."""
+    out = dict(x)
+    offsets = x["cu_seqlens"].tolist()
+    a, e = offsets[i], offsets[i + 1]
+    for k in family.time_args + (family.state_arg,):
+        v = x[k]
+        if v is None or (k != family.state_arg and e == a):
+            continue
+        v = v.clone()
+        part = v[i:i + 1] if k == family.state_arg else family.cut(v, a, e)
+        part.copy_(torch.randn(part.shape, generator=gen, dtype=torch.float64).to(v.dtype))
+        if value is not None and k == family.time_args[0]:
+            family.cut(part, (e - a) // 2, (e - a) // 2 + 1).fill_(float(value))
+        out[k] = v
+    return out
+
+
+def check_no_crossing(family, name, case, i, value=None):
+    """Perturbing sequence i (tokens and initial state; with ``value``, also a NaN or inf) changes
+    no output and no last state of any other sequence, bit for bit."""
+    i %= case.nseq
+    x = family.inputs(case)
+    x2 = _perturbed(x, i, torch.Generator().manual_seed(case.seed + 11), value, family)
+    y, last = family.scan(name, x)
+    y2, last2 = family.scan(name, x2)
+    offsets = case.offsets
+    where = family.repro(name, case, f"sequence {i} perturbed" + (f", {value} at its middle token" if value else ""))
+    for j in range(case.nseq):
+        if j == i:
+            continue
+        a, e = offsets[j], offsets[j + 1]
+        if not torch.equal(family.cut(y, a, e), family.cut(y2, a, e)) or not torch.equal(last[j], last2[j]):
+            raise AssertionError(f"{name}: perturbing sequence {i} changed sequence {j}'s output or last state\n"
+                                 f"  reproduce: {where}")
+
+
+def check_prefill(family, name, case, i, k):
+    """Chunked prefill: sequence i split at token k across two packed calls (the sequences before
+    it and its first k tokens; then its remaining tokens, from the first call's last state, and the
+    sequences after it) equals each sequence scanned alone."""
+    i %= case.nseq
+    k = min(k, case.lengths[i])
+    x = family.inputs(case)
+    offsets = case.offsets
+    cut = offsets[i] + k
+
+    def part(lo, hi, seqs, h0):
+        lens = [max(0, min(offsets[j + 1], hi) - max(offsets[j], lo)) for j in seqs]
+        out = {key: (family.cut(v, lo, hi) if key in family.time_args and v is not None else v) for key, v in x.items()}
+        out["cu_seqlens"] = torch.tensor(offsets_of(lens), dtype=torch.int32)
+        out[family.state_arg] = h0
+        return out
+
+    h0 = x[family.state_arg]
+    y1, last1 = family.scan(name, part(0, cut, range(i + 1), None if h0 is None else h0[:i + 1]))
+    others = h0 if h0 is not None else last1.new_zeros(case.nseq, *last1.shape[1:])   # zeros: no initial states
+    y2, last2 = family.scan(name, part(cut, case.l, range(i, case.nseq), torch.cat([last1[i:i + 1], others[i + 1:]])))
+    _against_alone("split prefill", name, case, family, torch.cat([y1, y2], family.time_dim),
+                   torch.cat([last1[:i], last2]), family.repro(name, case, f"sequence {i} split at its token {k}"))
+
+
+def check_decoding(family, name, case, order_seed, padding):
+    """Decoding every sequence at once through state_batch_indices: a cache of nseq + 2 slots,
+    sequence i in a shuffled slot, each step's rows (the sequences with a token left, plus
+    ``padding`` rows of index -1) in a shuffled order. Outputs and final slots equal each sequence
+    scanned alone; padding rows output exactly zeros; the spare slots are untouched."""
+    x = family.inputs(case)
+    offsets = case.offsets
+    gen = torch.Generator().manual_seed(order_seed)
+    y0, s0 = scan_alone(family, "loop", x)                      # only for the shapes and dtypes
+    nslots = case.nseq + 2
+    slot_of = torch.randperm(nslots, generator=gen)[:case.nseq].tolist()
+    cache = torch.randn(nslots, *s0.shape[1:], generator=gen, dtype=torch.float64).to(s0.dtype)
+    for i, slot in enumerate(slot_of):
+        cache[slot] = 0 if x[family.state_arg] is None else x[family.state_arg][i]
+    spare = [slot for slot in range(nslots) if slot not in slot_of]
+    spare_before = cache[spare].clone()
+    y = torch.full_like(y0, float("nan"))
+    where = family.repro(name, case, f"decoded through state_batch_indices, order seed {order_seed}, "
+                                     f"{padding} padding rows")
+    td = family.time_dim - 1 if family.time_dim > 0 else family.time_dim
+    for t in range(max(case.lengths, default=0)):
+        rows = [i for i in range(case.nseq) if t < case.lengths[i]] + [-1] * padding
+        rows = [rows[r] for r in torch.randperm(len(rows), generator=gen).tolist()]
+        pos = [offsets[i] + t if i >= 0 else 0 for i in rows]    # a padding row reads some token
+        tokens = {k: (None if x[k] is None else family.token(x[k], pos)) for k in family.step_args}
+        indices = torch.tensor([slot_of[i] if i >= 0 else -1 for i in rows], dtype=torch.int32)
+        out = family.step(name, cache, x, tokens, indices)
+        for r, i in enumerate(rows):
+            if i < 0:
+                if not torch.equal(out[r], torch.zeros_like(out[r])):
+                    raise AssertionError(f"{name}: a padding row's output is not zero\n  reproduce: {where}")
+            else:
+                y[0].select(td, offsets[i] + t).copy_(out[r])
+    if not torch.equal(cache[spare], spare_before):
+        raise AssertionError(f"{name}: decoding changed a cache slot no row owns\n  reproduce: {where}")
+    _against_alone("decoding", name, case, family, y, cache[slot_of], where)
+
+
+
+def pack_conditioning(dtA, raw, softplus, biased, gated, time_dim):
+    """The conditioning of a whole pack (equivalence/tolerance.py): its cumulative sum at the last
+    token, the largest over channels, plus the sigmoids of a gradient and the gate."""
+    if dtA.shape[time_dim] == 0:
+        return 0.0
+    return gradient_conditioning(conditioning(dtA, dt_ulps(raw, softplus, biased), time_dim).select(time_dim, -1), gated)
+
+
+
+
+# The packed geometry every packed case type has, assigned in its class body:
+#     offsets, l, nseq = varlen.OFFSETS, varlen.TOTAL, varlen.NSEQ
+OFFSETS = property(lambda case: offsets_of(case.lengths), doc="cu_seqlens as a list")
+TOTAL = property(lambda case: sum(case.lengths), doc="l: the packed length")
+NSEQ = property(lambda case: len(case.lengths), doc="the number of sequences")
