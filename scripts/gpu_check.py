@@ -162,7 +162,7 @@ def format_table(results):
     suite = results.get("suite", {})
     for f, r in suite.get("files", {}).items():
         counts = ", ".join(f"{v} {k}" for k, v in r.get("counts", {}).items()) or r.get("error", "no summary")
-        out.append(f"  suite {os.path.basename(f):<22} {'ok  ' if r.get('ok') else 'FAIL'} {counts}")
+        out.append(f"  suite {f.split(':')[0] + ' ' if ':' in f else ''}{os.path.basename(f):<22} {'ok  ' if r.get('ok') else 'FAIL'} {counts}")
     for family in FAMILIES.values():
         out.extend(format_family(results, family))
     out.append(f"  {'PASSED' if results.get('ok') else 'FAILED'} in {results.get('duration_s', 0):.0f} s")
@@ -577,8 +577,8 @@ FAMILIES = {
         timeouts=dict(big=240, bench=200)),
     "ssd": dict(
         name="ssd", key="ssd_", title="SSD", check_prefix="ssd", option="--ssd-impl",
-        suite=["equivalence/test_ssd_values.py", "equivalence/test_ssd_invariants.py",
-               "equivalence/test_ssd_gradients.py", "equivalence/test_ssd_step.py", "equivalence/test_triton_ssd.py"],
+        suite=["equivalence/test_values.py", "equivalence/test_invariants.py",
+               "equivalence/test_gradients.py", "equivalence/ssd/test_step.py", "equivalence/test_triton_ssd.py"],
         smoke_job="smoke_ssd", smoke_suite=["equivalence/test_triton_ssd.py", "-k", "growth"],
         kernels="impls.ssd.triton", scan="ssd_scan", step="ssd_state_update",
         return_state="return_final_states", outputs=("out", "final_states"), leaves=("x", "z"),
@@ -710,7 +710,9 @@ def _run_suite(smoke):
     if smoke:
         jobs = {f["smoke_job"]: [f["option"], "triton", *f["smoke_suite"]] for f in FAMILIES.values()}
     else:
-        jobs = {path: [f["option"], "triton", path] for f in FAMILIES.values() for path in f["suite"]}
+        # the property files are shared by the families: one job per family and file, each with only
+        # its family's option (so only that family's tests run in it)
+        jobs = {f"{f['name']}:{path}": [f["option"], "triton", path] for f in FAMILIES.values() for path in f["suite"]}
 
     def one(args):
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
