@@ -27,11 +27,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# The suite's tensors are small: one thread runs them as fast, and on a 2-core machine with any
-# other process busy, a second OpenMP thread made small ops wait on a descheduled thread (measured
-# here: a decode step 30x slower). Benchmarks set their own thread count.
-torch.set_num_threads(1)
-
 import impls  # noqa: E402 (sets TRITON_INTERPRET before anything imports triton)
 
 from . import diagnose, properties  # noqa: E402
@@ -230,8 +225,38 @@ def chosen_families(config):
     return tuple(given) or tuple(impls.FAMILIES)
 
 
+# Where the suite lives: a checkout's root, or site-packages for an installed suite.
+SUITE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE_PACKAGES = ("impls", "equivalence", "benchmarks", "reports", "docs")
+
+
+def active(config):
+    """Whether this run is the suite's: one of its options given, or its own tests collected (a
+    checkout's root, a path inside it, or ``--pyargs equivalence``). Installed, this plugin loads in
+    every pytest run of the environment; in the others (a kernel author's own tests) it only adds its
+    options, and changes no setting (threads, hypothesis profile, seed) and no test."""
+    if getattr(config, "scan_suite_active", None) is not None:
+        return config.scan_suite_active
+    given = any(config.getoption(dest(o), None) for f in impls.FAMILIES.values() for o in (f.option, f.step_option))
+    given = given or config.getoption("xfails_file", None) or config.getoption("scan_summary", None)
+    ours = str(config.rootpath) == SUITE_ROOT
+    for arg in config.args:
+        path = os.path.abspath(str(arg).split("::")[0])
+        top = str(arg).split("::")[0].replace("/", ".").split(".")[0]
+        ours = ours or path.startswith(SUITE_ROOT + os.sep) and os.path.relpath(path, SUITE_ROOT).split(os.sep)[0] in SUITE_PACKAGES
+        ours = ours or (config.getoption("pyargs", False) and top in SUITE_PACKAGES)
+    config.scan_suite_active = bool(given or ours)
+    return config.scan_suite_active
+
+
 @pytest.hookimpl(tryfirst=True)  # before hypothesis' reads --hypothesis-seed
 def pytest_configure(config):
+    if not active(config):
+        return
+    # The suite's tensors are small: one thread runs them as fast, and on a 2-core machine with any
+    # other process busy, a second OpenMP thread made small ops wait on a descheduled thread
+    # (measured: a decode step 30x slower). Benchmarks set their own thread count.
+    torch.set_num_threads(1)
     if config.getoption("hypothesis_seed", None) is None:
         config.option.hypothesis_seed = str(run_seed())
     os.environ[SEED_ENV] = str(config.option.hypothesis_seed)
@@ -319,6 +344,8 @@ def params(config, family, kind, ids=lambda n: n):
 
 
 def pytest_generate_tests(metafunc):
+    if not active(metafunc.config):
+        return
     names = metafunc.fixturenames
     if "family" in names:
         marker = metafunc.definition.get_closest_marker("family")
@@ -362,6 +389,8 @@ def item_family(item):
 
 
 def pytest_collection_modifyitems(config, items):
+    if not active(config):
+        return
     # Tests of another family than those chosen, and tests of one implementation's internals
     # (pytest.mark.only_for) when it is not under test, are not collected: deselected (one count in
     # the summary), not a skip line each.
@@ -403,7 +432,7 @@ def pytest_runtest_makereport(item, call):
     final (shrunk) failure only, with each option off and each axis reduced (diagnose.what_it_needs)."""
     outcome = yield
     report = outcome.get_result()
-    if report.when != "call" or not report.failed or call.excinfo is None:
+    if report.when != "call" or not report.failed or call.excinfo is None or not active(item.config):
         return
     seed = item.config.option.hypothesis_seed
     chosen = replayed_options(item.config)
@@ -423,6 +452,8 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_report_header(config):
+    if not active(config):
+        return
     lines = [f"hypothesis profile: {settings().max_examples} examples per property; seed "
              f"{config.option.hypothesis_seed} (replay this run: make test SEED={config.option.hypothesis_seed})"]
     for family in config.families:  # a family whose tests are deselected has no lines

@@ -62,7 +62,11 @@ def pytest_addoption(parser):
         help="also write the implementation x property summary as Markdown to FILE")
 
 
-def pytest_collection_modifyitems(items):
+def pytest_collection_modifyitems(config, items):
+    from .plugin import active
+
+    if not active(config):
+        return
     for item in items:
         found = implementation_of(item)
         if found is not None:
@@ -123,7 +127,10 @@ class Summary:
 
 
 def pytest_configure(config):
-    config.pluginmanager.register(Summary(), "scan-summary-collector")
+    from .plugin import active
+
+    if active(config):
+        config.pluginmanager.register(Summary(), "scan-summary-collector")
 
 
 def pytest_terminal_summary(terminalreporter, config):
