@@ -146,7 +146,8 @@ def main(argv=None, model=MODEL, ssm_cfg=None):
                                      args.rounds, args.block_s, dict(L=L), to="mamba2"))
     if args.prefill_L:
         ids = prompt(m3, args.prefill_L, 2)
-        rec = paired_record("mamba3_prefill", {"stepping": stepping_prefill(m3, ids), "prefill": lambda: m3.prefill(ids)},
+        fns = {"stepping": stepping_prefill(m3, ids), "prefill": lambda: m3.prefill(ids)}
+        rec = paired_record("mamba3_prefill", fns,
                             max(3, args.rounds // 2), args.block_s, dict(L=args.prefill_L), to="prefill")
         rec.update(target=PREFILL_TARGET, meets_target=rec["ratio"] >= PREFILL_TARGET)
         records.append(rec)

@@ -18,7 +18,6 @@ import pickle
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -328,7 +327,8 @@ def official_layout(d_model, n_layer, vocab_size, d_state=128, expand=2, headdim
         p = f"backbone.layers.{i}."
         layout.update({p + "norm.weight": (d_model,),
                        p + "mixer.in_proj.weight": (2 * d_inner + 2 * d_state * ngroups + 3 * h + angles, d_model),
-                       p + "mixer.dt_bias": (h,), p + "mixer.B_bias": (h, 1, d_state), p + "mixer.C_bias": (h, 1, d_state),
+                       p + "mixer.dt_bias": (h,), p + "mixer.B_bias": (h, 1, d_state),
+                       p + "mixer.C_bias": (h, 1, d_state),
                        p + "mixer.B_norm.weight": (d_state,), p + "mixer.C_norm.weight": (d_state,),
                        p + "mixer.D": (h,), p + "mixer.out_proj.weight": (d_model, d_inner)})
         if is_outproj_norm:

@@ -62,7 +62,7 @@ SSM_DEFAULTS = dict(d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=
 A_ACTIVATIONS = ("heavy_tail", "softplus")
 MIMO_MISSING = ("is_mimo=True: Mamba-3 MIMO is not implemented here yet: it needs the rank-R Mamba-3 scan "
                 "(impls/mamba3 has SISO only) and this mixer's mimo_x, mimo_z, mimo_o projections")
-# The official top-level fields, beside a checkpoint's other layers' names (for the errors).
+# What a folder of another official layer (ssm_cfg.layer) or transformers model_type is, for the errors.
 OTHER_MODELS = {"Mamba1": "a Mamba-1 checkpoint (load it with impls.models.mamba.MambaLM)",
                 "Mamba2": "a Mamba-2 checkpoint (load it with impls.models.mamba2.Mamba2LM)"}
 TRANSFORMERS_MODELS = {"mamba": "Mamba1", "mamba2": "Mamba2"}
@@ -121,7 +121,8 @@ class Mamba3Config:
             raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(SSM_DEFAULTS)}")
         s = {**SSM_DEFAULTS, **self.ssm_cfg}
         self.d_state, self.headdim, self.ngroups, self.chunk_size, mimo_rank = (
-            check_int(where, f"ssm_cfg.{k}", s[k]) for k in ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"))
+            check_int(where, f"ssm_cfg.{k}", s[k])
+            for k in ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"))
         self.expand = s["expand"]
         self.rope_fraction, self.A_floor = float(s["rope_fraction"]), float(s["A_floor"])
         self.dt_min, self.dt_max, self.dt_init_floor = float(s["dt_min"]), float(s["dt_max"]), float(s["dt_init_floor"])
