@@ -510,7 +510,7 @@ class LanguageModel(nn.Module):
         w = self.backbone.embedding.weight
         fused = self.fused_decoding()
         cache = InferenceCache([blk.mixer.new_cache(batch_size, self.dtype, w.device, fused)
-                                for blk in self.backbone.layers], self.config.d_conv)
+                                for blk in self.backbone.layers], getattr(self.config, "d_conv", 1))  # no conv: one phase
         if fused:
             cache.stream = ResidualStream(batch_size, self.config.d_model, w)
             cache.eps = torch.full((1, 1, 1), self.config.norm_epsilon, dtype=w.dtype, device=w.device)

@@ -1,0 +1,499 @@
+"""The Mamba-3 language model (impls/models/mamba3.py): a float64 block written out here from the
+official module agrees to rounding, recurrent decoding and re-forwarding agree, left padding is exact,
+official decoding bugs are replayed, and checkpoints round-trip the official layout through the
+shared front door.
+
+No CPU peer exists (the official module needs its Triton and CuTe kernels), so the independent
+check is reference_mixer: the official Mamba3.forward (mamba_ssm/modules/mamba3.py) read line by
+line and the SISO recurrence of the official mamba3_siso_step_ref, in plain torch ops, token by
+token, sharing no code with impls/. The tolerance policy's oracle for logits is the float64 model
+through the loop spec; its baseline the float32 model through the loop.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import impls
+from impls.models.mamba import MambaConfig, MambaLM
+from impls.models.mamba2 import Mamba2Config, Mamba2LM
+from impls.models.mamba3 import Mamba3Config, Mamba3LM, parameter_shapes
+from .model_helpers import check, one_thread, randomize_  # noqa: F401
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """A Mamba3LM test case: its config fields, the ids' shape (b, l) and a seed."""
+    d_model: int = 16
+    n_layer: int = 2
+    vocab: int = 40
+    l: int = 12
+    b: int = 1
+    d_state: int = 8
+    headdim: int = 8
+    ngroups: int = 1
+    rope_fraction: float = 0.5
+    A_floor: float = 1e-4
+    A_activation: str = "heavy_tail"
+    is_outproj_norm: bool = False
+    chunk_size: int = 8
+    tie: bool = True
+    seed: int = 0
+
+    def config(self):
+        return Mamba3Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab, tie_embeddings=self.tie,
+                            ssm_cfg=dict(d_state=self.d_state, headdim=self.headdim, ngroups=self.ngroups,
+                                         rope_fraction=self.rope_fraction, A_floor=self.A_floor,
+                                         A_activation=self.A_activation, is_outproj_norm=self.is_outproj_norm,
+                                         chunk_size=self.chunk_size))
+
+    def build(self):
+        """(float32 model with every parameter moved off its initial value, float64 copy, ids (b, l)).
+        B_bias and C_bias (initialised to 1) get 1 + N(0, 0.3); the rest as model_helpers.randomize_."""
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            model = Mamba3LM(self.config()).eval()
+        randomize_(model, gen)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("B_bias", "C_bias")):
+                    p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        model64 = Mamba3LM(model.config)
+        model64.load_state_dict(model.state_dict())
+        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
+        return model, model64.double().eval(), ids
+
+
+def step_by_step(model, ids, impl=None, prefix=1, scan_impl=None):
+    """Logits at positions prefix-1 .. l-1: prefill of ``prefix`` tokens, then one step per token."""
+    logits, cache = model.prefill(ids[:, :prefix], impl=scan_impl)
+    out = [logits]
+    for t in range(prefix, ids.shape[1]):
+        out.append(model.step(ids[:, t], cache, impl=impl))
+    return torch.stack(out, 1)
+
+
+# ---------------------------------------------------------------------------- the written-out block
+
+def reference_mixer(mixer, hidden):
+    """The official Mamba-3 SISO block in float64, token by token, from mamba_ssm/modules/mamba3.py
+    (Mamba3.forward) and the recurrence of tests/ops/triton/test_mamba3_siso.py (mamba3_siso_step_ref):
+
+        z, x, B, C, dd_dt, dd_A, trap, angles = split(in_proj(u))
+        A = clamp(-heavy_tail(dd_A) or -softplus(dd_A), max=-A_floor); DT = softplus(dd_dt + dt_bias)
+        B, C = rms_norm over n (eps 1e-5) * B_norm.weight, C_norm.weight; head i reads group i // (h / g)
+        theta = (theta + pi tanh(angles) DT) mod 2 pi, the same angles for every head
+        k = Rot(theta)(B + B_bias), q = Rot(theta)(C + C_bias): interleaved pairs, the first n_ang
+        h_t = exp(A DT) h + (1 - sigmoid(trap)) DT exp(A DT) v_prev k_prev^T + sigmoid(trap) DT x k^T
+        y = h q + D x;  y * silu(z), or with is_outproj_norm rms_norm per head * norm.weight * silu(z)
+        out_proj(y)
+
+    hidden: (b, l, m) float64 -> (b, l, m)."""
+    P = {k: v.detach().double() for k, v in mixer.state_dict().items()}
+    b, l, _ = hidden.shape
+    d, h, p, g, n, a = (mixer.d_inner, mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state,
+                        mixer.num_rope_angles)
+    proj = hidden @ P["in_proj.weight"].T
+    z, x, B, C, dd_dt, dd_A, trap, angles = proj.split([d, d, g * n, g * n, h, h, h, a], dim=-1)
+    act = (dd_A.clamp_min(0) + 1 / (1 - dd_A.clamp_max(0)) if mixer.A_activation == "heavy_tail"
+           else torch.log1p(torch.exp(dd_A)))
+    A = torch.minimum(-act, torch.tensor(-mixer.A_floor, dtype=torch.float64))
+    DT = torch.log1p(torch.exp(dd_dt + P["dt_bias"]))                        # softplus, (b, l, h)
+
+    def rms(v, w):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+    B = rms(B.view(b, l, g, n), P["B_norm.weight"])
+    C = rms(C.view(b, l, g, n), P["C_norm.weight"])
+    x = x.view(b, l, h, p)
+    theta = torch.zeros(b, h, a, dtype=torch.float64)
+    state = torch.zeros(b, h, p, n, dtype=torch.float64)
+    k_prev = torch.zeros(b, h, n, dtype=torch.float64)
+    v_prev = torch.zeros(b, h, p, dtype=torch.float64)
+    ys = torch.zeros(b, l, h, p, dtype=torch.float64)
+    for t in range(l):
+        for i in range(h):
+            grp = i // (h // g)
+            dt = DT[:, t, i]
+            theta[:, i] = torch.remainder(theta[:, i] + math.pi * torch.tanh(angles[:, t]) * dt[:, None], 2 * math.pi)
+            turned = []
+            for vec in (B[:, t, grp] + P["B_bias"][i, 0], C[:, t, grp] + P["C_bias"][i, 0]):
+                out = vec.clone()
+                for j in range(a):
+                    c, s = torch.cos(theta[:, i, j]), torch.sin(theta[:, i, j])
+                    out[:, 2 * j] = vec[:, 2 * j] * c - vec[:, 2 * j + 1] * s
+                    out[:, 2 * j + 1] = vec[:, 2 * j] * s + vec[:, 2 * j + 1] * c
+                turned.append(out)
+            k, q = turned
+            lam = torch.sigmoid(trap[:, t, i])
+            alpha = torch.exp(A[:, t, i] * dt)
+            beta, gamma = (1 - lam) * dt * alpha, lam * dt
+            state[:, i] = (alpha[:, None, None] * state[:, i]
+                           + beta[:, None, None] * v_prev[:, i, :, None] * k_prev[:, i, None, :]
+                           + gamma[:, None, None] * x[:, t, i, :, None] * k[:, None, :])
+            ys[:, t, i] = (state[:, i] @ q[:, :, None])[..., 0] + P["D"][i] * x[:, t, i]
+            k_prev[:, i], v_prev[:, i] = k, x[:, t, i]
+    gate = (z * torch.sigmoid(z)).view(b, l, h, p)
+    if "norm.weight" in P:
+        y = rms(ys, P["norm.weight"].view(h, p)) * gate
+    else:
+        y = ys * gate
+    return y.reshape(b, l, d) @ P["out_proj.weight"].T
+
+
+def reference_logits(model, ids):
+    """The official stack around reference_mixer, float64: embedding, h + mixer(RMSNorm(h)) per layer,
+    norm_f, tied LM head (mixer_seq_simple.MixerModel / MambaLMHeadModel)."""
+    P = {k: v.detach().double() for k, v in model.state_dict().items()}
+    eps = model.config.norm_epsilon
+
+    def rms(v, w):
+        return v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    h = P["backbone.embedding.weight"][ids]
+    for i, block in enumerate(model.backbone.layers):
+        h = h + reference_mixer(block.mixer, rms(h, P[f"backbone.layers.{i}.norm.weight"]))
+    return rms(h, P["backbone.norm_f.weight"]) @ P["lm_head.weight"].T
+
+
+SCAN_IMPLS = impls.names(family="mamba3")
+
+
+@pytest.mark.parametrize("case", [
+    Case(l=11, b=2, seed=21),
+    Case(l=9, b=1, ngroups=2, rope_fraction=1.0, A_activation="softplus", is_outproj_norm=True, chunk_size=4, seed=22),
+    Case(l=13, b=2, d_state=6, headdim=4, A_floor=0.5, chunk_size=5, seed=23),   # n_ang = 1 of 3 pairs; A clamped
+], ids=["heavy_tail", "grouped-rope1-softplus-outproj_norm", "odd-pairs-A_floor"])
+@pytest.mark.parametrize("scan_impl", SCAN_IMPLS)
+def test_mixer_matches_the_written_out_official_block(case, scan_impl):
+    """Each block's forward through every Mamba-3 implementation, and its prefill + steps, against
+    reference_mixer in float64: agreement to rounding."""
+    _, model64, _ = case.build()
+    mixer = model64.backbone.layers[0].mixer
+    hidden = torch.randn(case.b, case.l, case.d_model, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference_mixer(mixer, hidden)
+        torch.testing.assert_close(mixer(hidden, impl=scan_impl), want, rtol=1e-10, atol=1e-10)
+        cache = model64.new_cache(case.b)
+        half = case.l // 2
+        mixer(hidden[:, :half], impl=scan_impl, cache=cache.layers[0])
+        zero = torch.zeros(case.b, case.d_model, dtype=torch.float64)   # the residual: the block's output alone
+        steps = [mixer.step(hidden[:, t], cache.layers[0], 0, None, "recurrent", zero) for t in range(half, case.l)]
+        torch.testing.assert_close(torch.stack(steps, 1), want[:, half:], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", [Case(l=10, b=2, seed=5), Case(l=7, ngroups=2, is_outproj_norm=True, seed=6)],
+                         ids=["plain", "grouped-outproj_norm"])
+def test_model_logits_match_the_written_out_official_stack_in_float64(case):
+    _, model64, ids = case.build()
+    with torch.no_grad():
+        torch.testing.assert_close(model64(ids), reference_logits(model64, ids), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- the tolerance policy
+
+cases = st.builds(
+    Case, d_model=st.sampled_from([8, 12, 16]), n_layer=st.integers(1, 2), vocab=st.integers(8, 40),
+    l=st.integers(1, 30), b=st.integers(1, 2), d_state=st.sampled_from([2, 4, 6, 8]),
+    headdim=st.sampled_from([1, 2, 4, 8]), ngroups=st.sampled_from([1, 2]), rope_fraction=st.sampled_from([0.5, 1.0]),
+    A_activation=st.sampled_from(["heavy_tail", "softplus"]), is_outproj_norm=st.booleans(),
+    chunk_size=st.sampled_from([1, 3, 8, 64]), tie=st.booleans(), seed=st.integers(0, 2**31 - 1),
+).filter(lambda c: (2 * c.d_model // c.headdim) % c.ngroups == 0 and int(c.d_state * c.rope_fraction) >= 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=cases)
+@example(case=Case(l=1))
+@example(case=Case(l=21, b=2, ngroups=2, chunk_size=8))   # l past a chunk boundary, not a multiple of it
+def test_forward_and_steps_match_the_float64_spec(case):
+    """The full forward through the chunked default, and prefill + steps, give the float64 oracle's
+    logits (the model in float64 through the loop) within the tolerance policy."""
+    model, model64, ids = case.build()
+    l, n = ids.shape[1], case.d_state
+    with torch.no_grad():
+        oracle = model64(ids, impl="loop")
+        baseline = model(ids, impl="loop")
+        check("forward (default scan)", case, model(ids), oracle, baseline, l, n)
+        prefix = max(1, l // 2)
+        got = step_by_step(model, ids, prefix=prefix)
+        check("prefill + steps", case, got, oracle[:, prefix - 1:], baseline[:, prefix - 1:], l, n)
+
+
+@pytest.mark.parametrize("case", [Case(l=9, b=1), Case(l=17, b=3, ngroups=2, is_outproj_norm=True, seed=2)],
+                         ids=["plain", "grouped-outproj_norm"])
+def test_recurrent_and_reforward_generate_the_same_tokens(case):
+    """Greedy tokens agree between the modes, and so do the logits each was chosen from (within policy
+    of the float64 re-forward oracle on those tokens)."""
+    model, model64, ids = case.build()
+    T = 6
+    with torch.no_grad():
+        rec, rec_logits = model.generate(ids, T, mode="recurrent", return_logits=True)
+        ref, ref_logits = model.generate(ids, T, mode="reforward", return_logits=True)
+        assert torch.equal(rec, ref)
+        oracle = model64(rec[:, :-1], impl="loop")[:, case.l - 1:]
+        baseline = model(rec[:, :-1], impl="loop")[:, case.l - 1:]
+        check("recurrent", case, rec_logits, oracle, baseline, case.l + T, case.d_state)
+        check("reforward", case, ref_logits, oracle, baseline, case.l + T, case.d_state)
+
+
+def test_sampling_same_seed_same_tokens_in_both_modes():
+    model, model64, ids = Case(l=5, b=2, seed=11).build()
+    kw = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    a = model64.generate(ids, 8, generator=torch.Generator().manual_seed(5), **kw)
+    b = model64.generate(ids, 8, mode="reforward", generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(a, b)
+
+
+def test_left_padding_is_exact():
+    """A left-padded batch gives each row the logits and tokens of that row alone, unpadded, in
+    forward, prefill + steps and both generate modes (DT and x zeroed: every state stays zero)."""
+    case = Case(l=13, b=1, ngroups=2, seed=7)
+    model, model64, _ = case.build()
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, case.vocab, (1, k), generator=gen) for k in (13, 4, 1)]
+    ids = torch.zeros(len(rows), 13, dtype=torch.long)
+    mask = torch.zeros(len(rows), 13, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, 13 - r.shape[1]:], mask[i, 13 - r.shape[1]:] = r, 1
+    with torch.no_grad():
+        full = model64(ids, impl="loop", attention_mask=mask)
+        rec = model.generate(ids, 5, attention_mask=mask, return_logits=True)
+        ref = model.generate(ids, 5, mode="reforward", attention_mask=mask)
+        assert torch.equal(rec[0], ref)
+        for i, r in enumerate(rows):
+            k = r.shape[1]
+            torch.testing.assert_close(full[i, 13 - k:], model64(r, impl="loop")[0], rtol=0, atol=1e-12)
+            tokens, logits = model.generate(r, 5, return_logits=True)
+            assert torch.equal(rec[0][i, 13:], tokens[0, k:]), f"row {i}"
+            torch.testing.assert_close(rec[1][i], logits[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- official bugs, replayed
+
+def test_decoding_after_a_one_token_prompt():
+    """The official Mamba3.forward hands its (b, 1, d) input to step, which expects (b, d), so
+    generate() fails on the first decoded token. Here a one-token prompt is prefilled and decoded in
+    both modes, to the same tokens, and step's logits equal the forward's."""
+    case = Case(l=8, b=2, seed=12)
+    model, model64, ids = case.build()
+    with torch.no_grad():
+        rec = model.generate(ids[:, :1], 7)
+        assert torch.equal(rec, model.generate(ids[:, :1], 7, mode="reforward"))
+        oracle, baseline = model64(ids, impl="loop"), model(ids, impl="loop")
+        check("prefill of 1 + steps", case, step_by_step(model, ids, prefix=1), oracle, baseline, case.l, case.d_state)
+    with pytest.raises(ValueError, match=r"token: expected shape \(b=2,\)"):
+        model.step(ids[:, :1], model.new_cache(2))
+
+
+@pytest.mark.parametrize("headdim", [1, 3, 17])
+def test_step_with_small_headdim(headdim):
+    """The official step (mamba3_step_fn, tile_D=64) differs from forward by about 1 and is
+    nondeterministic below headdim 64: an out-of-bounds write corrupts dt_bias. Here the step is
+    right at p = 1, 3, 17 (against the float64 oracle), deterministic, and writes no parameter."""
+    case = Case(d_model=headdim * 2, headdim=headdim, l=10, b=2, seed=headdim)
+    model, model64, ids = case.build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        oracle, baseline = model64(ids, impl="loop"), model(ids, impl="loop")
+        first = step_by_step(model, ids, prefix=3)
+        check("prefill + steps", case, first, oracle[:, 2:], baseline[:, 2:], case.l, case.d_state)
+        assert torch.equal(step_by_step(model, ids, prefix=3), first)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+# ---------------------------------------------------------------------------- config and checkpoints
+
+def official_layout(d_model, n_layer, vocab_size, d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5,
+                    is_outproj_norm=False, pad_multiple=8):
+    """Parameter name -> shape of an official Mamba-3 SISO checkpoint, written out from the official module
+    (Mamba3.__init__: in_proj out = 2 d_inner + 2 d_state ngroups + 3 nheads + num_rope_angles,
+    num_rope_angles = (int(d_state rope_fraction) rounded down to even) / 2; B_bias, C_bias (h, 1, n))."""
+    d_inner = expand * d_model
+    h = d_inner // headdim
+    split = int(d_state * rope_fraction)
+    angles = (split - split % 2) // 2
+    v = vocab_size + (-vocab_size) % pad_multiple
+    layout = {"backbone.embedding.weight": (v, d_model), "backbone.norm_f.weight": (d_model,),
+              "lm_head.weight": (v, d_model)}
+    for i in range(n_layer):
+        p = f"backbone.layers.{i}."
+        layout.update({p + "norm.weight": (d_model,),
+                       p + "mixer.in_proj.weight": (2 * d_inner + 2 * d_state * ngroups + 3 * h + angles, d_model),
+                       p + "mixer.dt_bias": (h,), p + "mixer.B_bias": (h, 1, d_state),
+                       p + "mixer.C_bias": (h, 1, d_state),
+                       p + "mixer.B_norm.weight": (d_state,), p + "mixer.C_norm.weight": (d_state,),
+                       p + "mixer.D": (h,), p + "mixer.out_proj.weight": (d_model, d_inner)})
+        if is_outproj_norm:
+            layout[p + "mixer.norm.weight"] = (d_inner,)
+    return layout
+
+
+def test_state_dict_and_shapes_are_the_official_layout():
+    config = Mamba3Config(d_model=32, n_layer=2, vocab_size=50,
+                          ssm_cfg=dict(d_state=14, headdim=16, ngroups=2, is_outproj_norm=True))
+    want = official_layout(32, 2, 50, d_state=14, headdim=16, ngroups=2, is_outproj_norm=True)
+    assert parameter_shapes(config) == want
+    model = Mamba3LM(config)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want
+    assert config.num_rope_angles == 3   # int(14 * 0.5) = 7, rounded down to 6 dimensions: 3 pairs
+    mixer = model.backbone.layers[0].mixer
+    assert (mixer.D == 1).all() and (mixer.B_bias == 1).all() and (mixer.C_bias == 1).all()
+    default = Mamba3Config(d_model=768, n_layer=1, vocab_size=50277, ssm_cfg={"layer": "Mamba3"})
+    assert parameter_shapes(default) == official_layout(768, 1, 50277)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(ssm_cfg=dict(headdim=7)), ValueError, "headdim"),
+    (dict(ssm_cfg=dict(headdim=4, ngroups=3)), ValueError, "ngroups"),
+    (dict(ssm_cfg=dict(d_state=7)), ValueError, "even"),
+    (dict(ssm_cfg=dict(d_state=2, rope_fraction=0.5)), ValueError, "no pair"),
+    (dict(ssm_cfg=dict(rope_fraction=0.25)), ValueError, "rope_fraction"),
+    (dict(ssm_cfg=dict(A_activation="exp")), ValueError, "A_activation"),
+    (dict(ssm_cfg=dict(A_floor=-1.0)), ValueError, "A_floor"),
+    (dict(ssm_cfg=dict(chunk_size=0)), ValueError, "chunk_size"),
+    (dict(ssm_cfg=dict(d_conv=4)), ValueError, "d_conv"),
+    (dict(ssm_cfg=dict(headdim=2.5)), ValueError, "headdim must be an integer"),
+    (dict(ssm_cfg=dict(is_mimo=True, mimo_rank=4)), NotImplementedError, "rank-R Mamba-3 scan"),
+    (dict(ssm_cfg=dict(layer="Mamba2")), NotImplementedError, "Mamba-2 checkpoint"),
+    (dict(d_intermediate=64), NotImplementedError, "MLP"),
+    (dict(n_layer=0), ValueError, "n_layer"),
+])
+def test_config_is_checked(kw, error, match):
+    base = dict(d_model=16, n_layer=1, vocab_size=20)
+    kw = {**base, **kw, "ssm_cfg": {"headdim": 8, "d_state": 8, **kw.get("ssm_cfg", {})}}
+    with pytest.raises(error, match=match):
+        Mamba3Config(**kw)
+
+
+def test_siso_ignores_mimo_rank_as_the_official_module():
+    """The official default ssm_cfg has mimo_rank 4 with is_mimo False: a SISO model (rank 1)."""
+    config = Mamba3Config(d_model=16, n_layer=1, vocab_size=20, ssm_cfg=dict(headdim=8, d_state=8, mimo_rank=4))
+    assert config.mimo_rank == 1 and parameter_shapes(config)["backbone.layers.0.mixer.B_bias"] == (4, 1, 8)
+
+
+@pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
+def test_official_round_trip(tmp_path, safe):
+    case = Case(ngroups=2, A_activation="softplus", is_outproj_norm=True, vocab=45, l=9, b=2)
+    model, _, ids = case.build()
+    model.save_pretrained(tmp_path, safe_serialization=safe)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["ssm_cfg"]["layer"] == "Mamba3" and cfg["ssm_cfg"]["A_activation"] == "softplus"
+    loaded = Mamba3LM.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+        assert torch.equal(loaded.generate(ids, 4), model.generate(ids, 4))
+
+
+def test_transformers_layout_is_refused():
+    model, _, _ = Case(n_layer=1).build()
+    with pytest.raises(ValueError, match="transformers .* has no Mamba-3 model"):
+        model.save_pretrained("unused", layout="transformers")
+    assert not os.path.exists("unused")
+
+
+def _never_built(monkeypatch):
+    def refuse(self, config):
+        raise AssertionError("a model was built before the checkpoint was checked")
+    monkeypatch.setattr(Mamba3LM, "__init__", refuse)
+
+
+def test_checkpoint_checked_before_building(tmp_path, monkeypatch):
+    """Wrong shapes, missing or unknown names, a Mamba-1 or Mamba-2 config, a config of another model,
+    missing size fields, MIMO: each an error naming the problem, raised before a model is allocated."""
+    model, _, _ = Case().build()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    _never_built(monkeypatch)
+    cfg_path = tmp_path / "config.json"
+    good = json.loads(cfg_path.read_text())
+
+    def with_config(cfg, match, error=ValueError):
+        cfg_path.write_text(json.dumps(cfg))
+        with pytest.raises(error, match=match):
+            Mamba3LM.from_pretrained(tmp_path)
+
+    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "d_state": 16}}, "shape")
+    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "rope_fraction": 1.0}}, "in_proj.weight")
+    with_config({**good, "n_layer": 3}, "missing")
+    with_config({**good, "n_layer": 1}, "unexpected")
+    with_config({**good, "ssm_cfg": {}}, "'Mamba1'.*a Mamba-1 checkpoint")
+    with_config({**good, "ssm_cfg": {"layer": "Mamba2"}}, "a Mamba-2 checkpoint")
+    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "is_mimo": True}}, "MIMO", NotImplementedError)
+    with_config({k: v for k, v in good.items() if k != "d_model"}, "d_model")
+    with_config({**good, "d_model": 16.0}, "d_model must be an integer")
+    with_config({"model_type": "mamba2", "hidden_size": 16}, "a Mamba-2 checkpoint")
+    with_config({"model_type": "llama", "dim": 4}, "model_type is 'llama'")
+    with pytest.raises(ValueError, match="expected a checkpoint folder"):
+        Mamba3LM.from_pretrained(cfg_path)
+    os.remove(cfg_path)
+    with pytest.raises(FileNotFoundError):
+        Mamba3LM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("other", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("layout", ["official", "transformers"])
+def test_a_mamba1_or_mamba2_folder_is_named(tmp_path, other, layout):
+    """Folders the other models wrote, in both their layouts, named by what they are."""
+    if other == "mamba1":
+        MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=40)).save_pretrained(tmp_path, layout=layout)
+    else:
+        Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=40, ssm_cfg=dict(d_state=8, headdim=8))
+                 ).save_pretrained(tmp_path, layout=layout)
+    with pytest.raises(ValueError, match=f"a Mamba-{other[-1]} checkpoint"):
+        Mamba3LM.from_pretrained(tmp_path)
+
+
+class _Runs:
+    """A pickle that would run code when loaded (writes a file)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_no_pickled_code_runs(tmp_path):
+    model, _, _ = Case(n_layer=1).build()
+    model.save_pretrained(tmp_path)   # pytorch_model.bin
+    marker = tmp_path / "ran"
+    state = dict(model.state_dict())
+    state["backbone.norm_f.weight"] = _Runs(str(marker))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError):
+        Mamba3LM.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+def test_bad_ids_and_tokens_raise_and_leave_the_cache():
+    model, _, ids = Case(n_layer=1, l=5).build()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.full((1, 2), 40))
+    _, cache = model.prefill(ids)
+    before = [t.clone() for c in cache.layers for t in c.states()]
+    for bad, error in ((torch.zeros(2, dtype=torch.long), ValueError), (torch.zeros(1), TypeError),
+                       (torch.tensor([40]), ValueError)):
+        with pytest.raises(error, match="token"):
+            model.step(bad, cache)
+    assert all(torch.equal(x, y) for x, y in zip(before, [t for c in cache.layers for t in c.states()]))
+
+
+def test_module_by_module_step_in_bfloat16():
+    """A half-precision model decodes through the module-by-module step (float32 residual stream):
+    prefill + steps give the float64 oracle's logits within policy."""
+    case = Case(l=10, b=2, ngroups=2, seed=31)
+    model, model64, ids = case.build()
+    model = model.to(torch.bfloat16)
+    assert model.new_cache(2).stream is None
+    with torch.no_grad():
+        oracle, baseline = model64(ids, impl="loop"), model(ids, impl="loop")
+        check("prefill + steps", case, step_by_step(model, ids, prefix=4), oracle[:, 3:], baseline[:, 3:],
+              case.l, case.d_state)

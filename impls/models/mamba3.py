@@ -1,0 +1,412 @@
+"""A small, real Mamba-3 (SISO) language model whose scan runs through any registered Mamba-3 implementation.
+
+The Mamba-3 block of the paper (Lahoti et al., "Mamba-3: Improved Sequence Modeling using State
+Space Principles", ICLR 2026) and of the official code (https://github.com/state-spaces/mamba:
+mamba_ssm/modules/mamba3.py for the block, mamba_ssm/models/mixer_seq_simple.py for the stack,
+mamba_ssm/ops/triton/layernorm_gated.py for the norms):
+
+    in_proj -> z, x, B, C, dd_dt, dd_A, trap, angle       (one projection, no conv1d)
+    DT  = softplus(dd_dt + dt_bias)                        (h per token)
+    A   = min(-heavy_tail(dd_A), -A_floor)                 (h per token; -softplus before mid-2026)
+    ADT = A DT                                             (the scan's log-decay: alpha = exp(ADT))
+    B, C = RMSNorm over n (B_norm, C_norm), then + B_bias, C_bias inside the scan
+    angles (n_ang per token) shared by every head
+    y = mamba3_scan(Q=C, K=B, V=x, ADT, DT, Trap=trap, Q_bias=C_bias, K_bias=B_bias, Angles, D,
+                    Z=z unless is_outproj_norm)
+    y = RMSNorm(y) per head * weight * silu(z)             (only with is_outproj_norm)
+    out_proj(y)
+
+stacked as a pre-norm residual stream (impls/models/lm.py). Parameter names and shapes are those of
+the official module; config fields are the official MambaConfig with ``ssm_cfg = {"layer": "Mamba3",
+...}``. Nothing is fetched from a hub. transformers (5.24.0, pinned) has no Mamba-3 model, so the
+official layout is the only one.
+
+Letters as in the Mamba-3 scan (impls/mamba3/loop.py): b batch, l sequence length, h heads
+(``nheads``), p head dimension (``headdim``), n state size (``d_state``), g groups of B and C
+(``ngroups``, the scan's h_qk), n_ang rotated pairs (``num_rope_angles``), R the MIMO rank (1 for
+SISO); also m = d_model, d = d_inner = expand * m = h * p, v = the padded vocabulary.
+
+Which A: the official module switched from -softplus(dd_A) to -heavy_tail(dd_A) in June 2026 with
+no config field to tell the two apart, and checkpoints of both generations exist. ``A_activation``
+in ssm_cfg ("heavy_tail", the default, or "softplus") selects it; the official module ignores the
+key (it absorbs unknown kwargs), so a config written here still loads there.
+
+MIMO (``is_mimo``): the config and the parameter shapes carry ``mimo_rank``, but the model refuses
+is_mimo=True until impls/mamba3 has the MIMO scan (rank-R state updates, pairs rotated (i, i + n/2))
+and this mixer its mimo_x, mimo_z, mimo_o projections.
+
+Left padding: DT is zeroed at padded positions (so ADT = 0: no decay, no input, no angle step) and
+so is x (so the next real token's trapezoid term, which reads the previous v, adds nothing): every
+state is exactly zero when a row's first real token arrives, as if unpadded.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import impls
+from ..frontdoor import compute_dtype
+from .checkpoints import check_int, read_config_json
+from .lm import LanguageModel, RMSNorm
+from .mamba2 import GatedRMSNorm
+
+BC_NORM_EPS = 1e-5   # the official B_norm, C_norm and output norm are built with eps=1e-5
+
+# ssm_cfg keys of the official Mamba-3 mixer (mamba3.Mamba3.__init__) and their defaults, plus
+# A_activation (ours: see the module docstring). dropout is absorbed and unused, as there.
+SSM_DEFAULTS = dict(d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5, dt_min=0.001, dt_max=0.1,
+                    dt_init_floor=1e-4, A_floor=1e-4, is_outproj_norm=False, is_mimo=False, mimo_rank=4,
+                    fuse_pregate_headwise_norm=True, chunk_size=64, dropout=0.0, A_activation="heavy_tail")
+A_ACTIVATIONS = ("heavy_tail", "softplus")
+MIMO_MISSING = ("is_mimo=True: Mamba-3 MIMO is not implemented here yet: it needs the rank-R Mamba-3 scan "
+                "(impls/mamba3 has SISO only) and this mixer's mimo_x, mimo_z, mimo_o projections")
+# What a folder of another official layer (ssm_cfg.layer) or transformers model_type is, for the errors.
+OTHER_MODELS = {"Mamba1": "a Mamba-1 checkpoint (load it with impls.models.mamba.MambaLM)",
+                "Mamba2": "a Mamba-2 checkpoint (load it with impls.models.mamba2.Mamba2LM)"}
+TRANSFORMERS_MODELS = {"mamba": "Mamba1", "mamba2": "Mamba2"}
+REQUIRED = ("d_model", "n_layer", "vocab_size", "ssm_cfg")
+
+
+def heavy_tail(x):
+    """The official heavy_tail_activation: 1 + x for x >= 0, 1 / (1 - x) for x < 0 (positive, C1 at 0)."""
+    return x.clamp_min(0) + torch.reciprocal(1 - x.clamp_max(0))
+
+
+class Mamba3Config:
+    """The fields of an official Mamba-3 ``config.json`` (mamba_ssm.models.config_mamba.MambaConfig with
+    ``ssm_cfg = {"layer": "Mamba3", ...}``), official defaults. Checked on construction: nothing is
+    built from an invalid config.
+
+    Resolved attributes: every ssm_cfg key (d_state, headdim, ngroups, rope_fraction, A_floor,
+    A_activation, chunk_size, ...), d_inner (d), nheads (h), mimo_rank (R: 1 unless is_mimo, as the
+    official module), num_rope_angles (n_ang), d_in_proj, padded_vocab_size (v).
+
+    Raises:
+        ValueError: a size that is not an int (the field named), a size below 1, d_inner not a multiple
+            of headdim, nheads not a multiple of ngroups, an odd d_state (the scan rotates pairs), a
+            rope_fraction other than 0.5 or 1.0, no rotated pair, an unknown A_activation, a negative
+            A_floor, an unknown ssm_cfg key;
+        NotImplementedError: another layer (Mamba1, Mamba2: named), is_mimo, attention or MLP layers.
+    """
+
+    FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
+              "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
+              "norm_epsilon")
+
+    def __init__(self, d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
+                 attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                 pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5):
+        where = "Mamba3Config"
+        self.d_model, self.n_layer = check_int(where, "d_model", d_model), check_int(where, "n_layer", n_layer)
+        self.d_intermediate = check_int(where, "d_intermediate", d_intermediate)
+        self.vocab_size = check_int(where, "vocab_size", vocab_size)
+        self.ssm_cfg = {"layer": "Mamba3", **dict(ssm_cfg or {})}
+        self.attn_layer_idx, self.attn_cfg = list(attn_layer_idx or []), dict(attn_cfg or {})
+        self.rms_norm, self.residual_in_fp32 = bool(rms_norm), bool(residual_in_fp32)
+        self.fused_add_norm = bool(fused_add_norm)
+        self.pad_vocab_size_multiple = check_int(where, "pad_vocab_size_multiple", pad_vocab_size_multiple)
+        self.tie_embeddings, self.norm_epsilon = bool(tie_embeddings), float(norm_epsilon)
+
+        layer = self.ssm_cfg["layer"]
+        if layer != "Mamba3":
+            raise NotImplementedError(f"{where}: ssm_cfg.layer = {layer!r}: this is the Mamba-3 model"
+                                      + (f"; {OTHER_MODELS[layer]}" if layer in OTHER_MODELS else ""))
+        if self.attn_layer_idx or self.d_intermediate:
+            raise NotImplementedError(f"{where}: attn_layer_idx = {self.attn_layer_idx}, d_intermediate = "
+                                      f"{self.d_intermediate}: hybrid attention and MLP layers are not implemented")
+        unknown = set(self.ssm_cfg) - set(SSM_DEFAULTS) - {"layer"}
+        if unknown:
+            raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(SSM_DEFAULTS)}")
+        s = {**SSM_DEFAULTS, **self.ssm_cfg}
+        self.d_state, self.headdim, self.ngroups, self.chunk_size, mimo_rank = (
+            check_int(where, f"ssm_cfg.{k}", s[k])
+            for k in ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"))
+        self.expand = s["expand"]
+        self.rope_fraction, self.A_floor = float(s["rope_fraction"]), float(s["A_floor"])
+        self.dt_min, self.dt_max, self.dt_init_floor = float(s["dt_min"]), float(s["dt_max"]), float(s["dt_init_floor"])
+        self.is_outproj_norm, self.is_mimo = bool(s["is_outproj_norm"]), bool(s["is_mimo"])
+        self.fuse_pregate_headwise_norm, self.dropout = bool(s["fuse_pregate_headwise_norm"]), s["dropout"]
+        self.A_activation = s["A_activation"]
+
+        sizes = dict(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab_size,
+                     pad_vocab_size_multiple=self.pad_vocab_size_multiple, d_state=self.d_state,
+                     headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.chunk_size, mimo_rank=mimo_rank)
+        small = {k: v for k, v in sizes.items() if v < 1}
+        if small:
+            raise ValueError(f"{where}: sizes must be >= 1, got {small}")
+        if self.is_mimo:
+            raise NotImplementedError(f"{where}: ssm_cfg.{MIMO_MISSING} (mimo_rank = {mimo_rank})")
+        self.mimo_rank = mimo_rank if self.is_mimo else 1   # the official module ignores mimo_rank for SISO
+        self.d_inner = int(self.expand * self.d_model)
+        if self.d_inner < 1 or self.d_inner != self.expand * self.d_model or self.d_inner % self.headdim:
+            raise ValueError(f"{where}: d_inner = expand * d_model = {self.expand} * {self.d_model} must be a positive "
+                             f"integer multiple of headdim = {self.headdim}")
+        self.nheads = self.d_inner // self.headdim
+        if self.nheads % self.ngroups:
+            raise ValueError(f"{where}: nheads = {self.nheads} (d_inner / headdim) must be a multiple of "
+                             f"ngroups = {self.ngroups}")
+        if self.d_state % 2:
+            raise ValueError(f"{where}: ssm_cfg.d_state = {self.d_state} must be even (B and C are rotated in pairs)")
+        if self.rope_fraction not in (0.5, 1.0):
+            raise ValueError(f"{where}: ssm_cfg.rope_fraction = {s['rope_fraction']!r}: the official module allows "
+                             f"0.5 or 1.0")
+        # the official count: int(d_state * rope_fraction) rotated dimensions, rounded down to even
+        rotated = int(self.d_state * self.rope_fraction)
+        self.num_rope_angles = (rotated - rotated % 2) // 2
+        if self.num_rope_angles < 1:
+            raise ValueError(f"{where}: ssm_cfg.d_state = {self.d_state} with rope_fraction = {self.rope_fraction} "
+                             f"rotates no pair (the official module asserts at least one)")
+        if self.A_activation not in A_ACTIVATIONS:
+            raise ValueError(f"{where}: ssm_cfg.A_activation = {self.A_activation!r}: expected one of {A_ACTIVATIONS}")
+        if not self.A_floor >= 0:
+            raise ValueError(f"{where}: ssm_cfg.A_floor = {s['A_floor']!r}: expected a number >= 0")
+        g, n, h, R = self.ngroups, self.d_state, self.nheads, self.mimo_rank
+        # the official order: [z, x, B, C, dd_dt, dd_A, trap, angle]
+        self.in_proj_split = (self.d_inner, self.d_inner, g * n * R, g * n * R, h, h, h, self.num_rope_angles)
+        self.d_in_proj = sum(self.in_proj_split)
+        m = self.pad_vocab_size_multiple
+        self.padded_vocab_size = self.vocab_size + (-self.vocab_size) % m
+
+    def to_dict(self):
+        """The official config.json contents."""
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def __eq__(self, other):
+        return isinstance(other, Mamba3Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return "Mamba3Config(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+
+def parameter_shapes(config):
+    """Parameter name -> shape of an official checkpoint of this config, from the config alone
+    (nothing is built); lm_head.weight included (a tied or safetensors checkpoint may omit it)."""
+    c = config
+    m, d, h, n, R = c.d_model, c.d_inner, c.nheads, c.d_state, c.mimo_rank
+    v = c.padded_vocab_size
+    shapes = {"backbone.embedding.weight": (v, m), "backbone.norm_f.weight": (m,), "lm_head.weight": (v, m)}
+    for i in range(c.n_layer):
+        p = f"backbone.layers.{i}."
+        shapes.update({p + "norm.weight": (m,), p + "mixer.in_proj.weight": (c.d_in_proj, m),
+                       p + "mixer.dt_bias": (h,), p + "mixer.B_bias": (h, R, n), p + "mixer.C_bias": (h, R, n),
+                       p + "mixer.B_norm.weight": (n,), p + "mixer.C_norm.weight": (n,), p + "mixer.D": (h,),
+                       p + "mixer.out_proj.weight": (m, d)})
+        if c.is_outproj_norm:
+            shapes[p + "mixer.norm.weight"] = (d,)
+    if not c.rms_norm:  # LayerNorm blocks carry a bias
+        shapes.update({k[:-len("weight")] + "bias": s for k, s in shapes.items()
+                       if k.endswith("norm.weight") and ".mixer." not in k})
+    return shapes
+
+
+class LayerCache:
+    """What one layer keeps between decoding steps (constant size, whatever the position).
+
+    angle (b, h, n_ang), ssm_state (b, h, p, n), k (b, h, n), v (b, h, p): the scan's four states in
+    the compute dtype (k: the last token's B, biased and rotated; v: its x), replaced at each step;
+    D, dt_bias (h,), B_bias, C_bias (h, n): the parameters in the compute dtype, made once per cache.
+    """
+
+    __slots__ = ("angle", "ssm_state", "k", "v", "D", "dt_bias", "B_bias", "C_bias")
+
+    def __init__(self, mixer, b, dtype, device):
+        f = compute_dtype(dtype)
+        h, p, n = mixer.nheads, mixer.headdim, mixer.d_state
+        self.angle = torch.zeros(b, h, mixer.num_rope_angles, dtype=f, device=device)
+        self.ssm_state = torch.zeros(b, h, p, n, dtype=f, device=device)
+        self.k = torch.zeros(b, h, n, dtype=f, device=device)
+        self.v = torch.zeros(b, h, p, dtype=f, device=device)
+        self.D, self.dt_bias, self.B_bias, self.C_bias = mixer.ssm_params(f)
+
+    def states(self):
+        return self.angle, self.ssm_state, self.k, self.v
+
+    def tensors(self):
+        return (*self.states(), self.D, self.dt_bias, self.B_bias, self.C_bias)
+
+
+class Mamba3Mixer(nn.Module):
+    """The Mamba-3 SISO block (official name: ``Mamba3``, stored as ``mixer``), parameters as in the checkpoints:
+
+    in_proj.weight (2d + 2gnR + 3h + n_ang, m) producing [z, x, B, C, dd_dt, dd_A, trap, angle],
+    dt_bias (h,), B_bias and C_bias (h, R, n), B_norm.weight and C_norm.weight (n,), D (h,),
+    norm.weight (d,) with is_outproj_norm, out_proj.weight (m, d). No biases on the projections.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.d_inner, self.d_state, self.headdim, self.nheads = c.d_inner, c.d_state, c.headdim, c.nheads
+        self.ngroups, self.num_rope_angles, self.chunk_size = c.ngroups, c.num_rope_angles, c.chunk_size
+        self.A_floor, self.A_activation, self.in_proj_split = c.A_floor, c.A_activation, c.in_proj_split
+        h, n, R = c.nheads, c.d_state, c.mimo_rank
+        self.in_proj = nn.Linear(c.d_model, c.d_in_proj, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(h))
+        self.B_bias = nn.Parameter(torch.ones(h, R, n))
+        self.C_bias = nn.Parameter(torch.ones(h, R, n))
+        self.B_norm = RMSNorm(n, BC_NORM_EPS)     # the official RMSNormGated called without z: over n
+        self.C_norm = RMSNorm(n, BC_NORM_EPS)
+        self.D = nn.Parameter(torch.ones(h))
+        # per head (group_size = headdim), gate after the norm, as the official module builds it
+        self.norm = GatedRMSNorm(c.d_inner, h, True, eps=BC_NORM_EPS) if c.is_outproj_norm else None
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+        self.reset_dt_bias(c)
+
+    @torch.no_grad()
+    def reset_dt_bias(self, c):
+        """The official initialisation: dt log-uniform in [dt_min, dt_max] (floored), stored through the
+        inverse of softplus in dt_bias. B_bias, C_bias and D start at 1, the norms' weights at 1."""
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def ssm_params(self, f):
+        """D (h,), dt_bias (h,), B_bias and C_bias (h, n) (the SISO rank squeezed) in the compute dtype f."""
+        return tuple(t.detach().to(f) for t in (self.D, self.dt_bias, self.B_bias[:, 0], self.C_bias[:, 0]))
+
+    def decay_inputs(self, dd_dt, dd_A, dt_bias):
+        """DT = softplus(dd_dt + dt_bias) and ADT = A DT with A = min(-act(dd_A), -A_floor), act the
+        config's (heavy_tail or softplus). dd_dt, dd_A (..., h) and dt_bias (h,) in the compute dtype."""
+        act = heavy_tail(dd_A) if self.A_activation == "heavy_tail" else F.softplus(dd_A)
+        A = torch.clamp(-act, max=-self.A_floor)
+        DT = F.softplus(dd_dt + dt_bias)
+        return DT, A * DT
+
+    def forward(self, hidden, mask=None, impl=None, cache=None):
+        """The block over a whole sequence: one Mamba-3 scan.
+
+        Args:
+            hidden: (b, l, m)
+            mask: (b, l) 1 for a real token, 0 for left padding, in hidden's dtype, or None
+            impl: the registered Mamba-3 implementation for impls.mamba3_scan (None: its default)
+            cache: a LayerCache to fill with the four states after the last token (prefill), or None
+        Returns:
+            (b, l, m)
+        """
+        b, l, _ = hidden.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        f = compute_dtype(hidden.dtype)
+        z, x, B, C, dd_dt, dd_A, trap, angles = self.in_proj(hidden).split(self.in_proj_split, dim=-1)
+        D, dt_bias, B_bias, C_bias = self.ssm_params(f)
+        DT, ADT = self.decay_inputs(dd_dt.to(f), dd_A.to(f), dt_bias)            # (b, l, h)
+        if mask is not None:
+            DT, ADT = DT * mask[..., None].to(f), ADT * mask[..., None].to(f)    # padding: no decay, input or turn
+            x = x * mask[..., None]                                             # and no v for the next token
+        B = self.B_norm(B.unflatten(-1, (g, n)))                                 # (b, l, g, n)
+        C = self.C_norm(C.unflatten(-1, (g, n)))
+        angles = angles.to(f)[:, :, None, :].expand(b, l, h, self.num_rope_angles)   # shared by the heads
+        kw = {} if impl is None else {"impl": impl}
+        out = impls.mamba3_scan(C, B, x.unflatten(-1, (h, p)), ADT.transpose(1, 2), DT.transpose(1, 2),
+                                trap.transpose(1, 2), C_bias, B_bias, angles, D,
+                                None if self.norm is not None else z.unflatten(-1, (h, p)), None,
+                                self.chunk_size, cache is not None, **kw)
+        if cache is not None:
+            out, *states = out
+            cache.angle, cache.ssm_state, cache.k, cache.v = states
+        y = out.flatten(-2)                                                      # (b, l, d)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        return self.out_proj(y.to(hidden.dtype))
+
+    def new_cache(self, b, dtype, device, fused):
+        """An empty LayerCache for b rows (states in the compute dtype); ``fused`` changes nothing."""
+        return LayerCache(self, b, dtype, device)
+
+    def step_y(self, hidden, cache, step_fn, impl):
+        """in_proj and one Mamba-3 step for one token, the cache's states replaced by the new ones.
+        hidden: (b, m). Returns (y (b, d) before out_proj, z (b, d))."""
+        b = hidden.shape[0]
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        f = cache.ssm_state.dtype
+        z, x, B, C, dd_dt, dd_A, trap, angles = F.linear(hidden, self.in_proj.weight).split(self.in_proj_split, -1)
+        DT, ADT = self.decay_inputs(dd_dt.to(f), dd_A.to(f), cache.dt_bias)    # (b, h)
+        B = self.B_norm(B.view(b, g, n))
+        C = self.C_norm(C.view(b, g, n))
+        angles = angles.to(f)[:, None, :].expand(b, h, self.num_rope_angles)
+        args = (C, B, x.view(b, h, p), ADT, DT, trap, cache.C_bias, cache.B_bias, angles, cache.D,
+                None if self.norm is not None else z.view(b, h, p), cache.states())
+        if step_fn is None:
+            y, states = impls.mamba3_state_update(*args, impl=impl)
+        else:
+            y, states = step_fn(*args, None)
+        cache.angle, cache.ssm_state, cache.k, cache.v = states
+        return y.reshape(b, self.d_inner), z
+
+    def step(self, hidden, cache, phase, step_fn, impl, residual):
+        """The block for one new token, from the cache, which it advances.
+
+        Args:
+            hidden: (b, m) normed; cache: this layer's LayerCache; phase: unused (no conv)
+            step_fn: the implementation's step, called directly, or None: through impls.mamba3_state_update
+            impl: the registered Mamba-3 implementation's name
+            residual: (b, m)
+        Returns:
+            residual + the block's output (b, m), a new tensor
+        """
+        y, z = self.step_y(hidden, cache, step_fn, impl)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        return residual + self.out_proj(y.to(hidden.dtype))
+
+    def fused_step(self, hidden, cache, phase, step_fn, impl, residual):
+        """``step`` with the block's output added into residual (b, m) in place (float32/float64 models)."""
+        y, z = self.step_y(hidden, cache, step_fn, impl)
+        if self.norm is not None:
+            y = self.norm(y, z)
+        residual.addmm_(y, self.out_proj.weight.t())
+
+
+class Mamba3LM(LanguageModel):
+    """The Mamba-3 language model (official ``MambaLMHeadModel`` with Mamba3 layers): backbone + LM head.
+
+    ``Mamba3LM(Mamba3Config(d_model=64, n_layer=2, vocab_size=256, ssm_cfg=dict(d_state=16, headdim=16)))``
+    builds a tiny random model with the official initialisation; ``state_dict()`` keys are the
+    official checkpoint's. Forward, prefill, step, generate, save_pretrained and from_pretrained:
+    impls/models/lm.py (LanguageModel). The decoding cache holds (angle, ssm, k, v) per layer.
+    """
+
+    family = "mamba3"
+    mixer = Mamba3Mixer
+    step_default = impls.mamba3_state_update.__kwdefaults__["impl"]
+    weight_names = {}   # one layout only: no weight is renamed
+
+    @staticmethod
+    def read_config(folder):
+        return read_config(folder)
+
+    @staticmethod
+    def parameter_shapes(config):
+        return parameter_shapes(config)
+
+    def checkpoint_config(self, layout, safe_serialization):
+        """The official config.json dict. Raises ValueError for layout="transformers": transformers has
+        no Mamba-3 model (5.24.0)."""
+        if layout != "official":
+            raise ValueError("save_pretrained: layout='transformers': transformers (5.24.0) has no Mamba-3 model; "
+                             "only the official layout exists")
+        return self.config.to_dict()
+
+
+def read_config(folder):
+    """(Mamba3Config, "official") from ``folder``/config.json, checked before anything is built.
+    A Mamba-1 or Mamba-2 folder (official or transformers layout) is a ValueError naming it."""
+    cfg = read_config_json(folder)
+    model_type = cfg.get("model_type")
+    if model_type in TRANSFORMERS_MODELS:
+        raise ValueError(f"from_pretrained({folder!r}): model_type {model_type!r}: "
+                         f"{OTHER_MODELS[TRANSFORMERS_MODELS[model_type]]}, in transformers' layout")
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"from_pretrained({folder!r}): config.json is not an official Mamba-3 config: missing "
+                         f"{missing} (expected the official fields {list(REQUIRED)} with ssm_cfg.layer 'Mamba3')"
+                         + (f"; its model_type is {model_type!r}" if model_type else ""))
+    layer = (cfg["ssm_cfg"] or {}).get("layer", "Mamba1")   # the official default layer
+    if layer != "Mamba3":
+        raise ValueError(f"from_pretrained({folder!r}): ssm_cfg.layer is {layer!r}, not 'Mamba3'"
+                         + (f": {OTHER_MODELS[layer]}" if layer in OTHER_MODELS else ""))
+    unknown = set(cfg) - set(Mamba3Config.FIELDS)
+    if unknown:
+        raise ValueError(f"from_pretrained({folder!r}): unknown official config fields {sorted(unknown)}")
+    return Mamba3Config(**cfg), "official"
