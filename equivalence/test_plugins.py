@@ -146,7 +146,7 @@ def test_impl_alone_restricts_the_run_to_mamba1_tests():
     SSD files, the SSD varlen files, the Mamba-2 model's, SSD-named tests in a mixed file, and the
     SSD header lines."""
     files = ["equivalence/test_model2.py", "equivalence/test_model2_parity.py", "equivalence/ssd/test_seq_idx.py",
-             "equivalence/test_varlen_benchmark.py", "equivalence/test_front_door.py"]
+             "benchmarks/test_varlen.py", "equivalence/test_front_door.py"]
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist", "--impl=loop", *files]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(os.path.dirname(__file__), os.pardir))
     assert run.returncode == 0, run.stdout[-3000:]
