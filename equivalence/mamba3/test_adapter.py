@@ -167,7 +167,7 @@ def test_values_within_policy(official):
     An expected failure of the official kernels (xfails/mamba3.txt)."""
     case = dataclasses.replace(SERVED, l=130, groups=4, p=64, n=128, n_ang=32, chunk_size=64, seed=5)
     args = bf16_inputs(case)
-    check(f"{official} {case.id()}", _scan(official, args, case, return_final_states=True), args, repro=repr(case))
+    check(f"{official} {case.id}", _scan(official, args, case, return_final_states=True), args, repro=repr(case))
 
 
 def test_prefill_then_step_within_policy(official):

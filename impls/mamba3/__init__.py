@@ -25,7 +25,8 @@ from . import chunked, frontdoor, loop, recurrent
 SUPPORTS = dict(
     dtypes=INPUT_DTYPES,            # input dtypes it accepts (V's dtype)
     grouped=True,                   # Q and K with h_qk < h heads
-    initial_states=True,            # Input_States (angle, ssm, k, v)
+    Input_States=True,              # initial states (angle, ssm, k, v); named as the argument, as the
+                                    # capability that continuing from a last state needs (the SSD's initial_states)
     gradients=False,                # autograd through the scan
     varlen=False,                   # cu_seqlens
     state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
@@ -35,7 +36,7 @@ SUPPORTS = dict(
     case_limits=None,               # dict of upper bounds on b, l, h, p, n for the property tests, if slow
 )
 GAPS = dict(grouped="Q and K with fewer heads than V (h_qk < h)", varlen="packed sequences (cu_seqlens)",
-            initial_states="Input_States", state_batch_indices=registry.INDEXED_GAP)
+            Input_States="Input_States", state_batch_indices=registry.INDEXED_GAP)
 
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None, chunk_size=64,
@@ -61,7 +62,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
                                 return_final_states, cu_seqlens)
     registry.require(entry, "mamba3_scan", dims["input_dtype"],
                      (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(Input_States or ())),
-                     grouped=dims["h_qk"] < dims["h"], initial_states=Input_States is not None,
+                     grouped=dims["h_qk"] < dims["h"], Input_States=Input_States is not None,
                      varlen=cu_seqlens is not None)
     res = entry.scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, dims["chunk_size"],
                      return_final_states, cu_seqlens)
