@@ -114,8 +114,10 @@ FAMILY = registry.add_family(registry.Family(
     option="--mamba3-impl", step_option="--mamba3-impl-step", equivalence="equivalence.mamba3"))
 
 # The spec computes through autograd in any dtype; chunked builds decays with selects and masked
-# sums. Declared gap of chunked: a non-finite V at a later token of a chunk reaches that chunk's
-# earlier outputs through 0 x inf in its within-chunk products (the loop's do not change).
+# sums. Declared gap of chunked: a non-finite V (NaN, inf or -inf) at a later token of a chunk makes
+# that chunk's earlier outputs NaN, through 0 x inf in the product of the masked score matrix with V:
+# a causality failure, listed in equivalence/mamba3/known_failures.txt for the checks every
+# implementation is held to. A non-finite value in any other input gives the loop's pattern (measured).
 register("loop", loop.mamba3_scan, family="mamba3", gradients=True, varlen=True)
 register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True, nonfinite_inputs=False)
 register("recurrent", recurrent.scan_by_stepping, step=recurrent.mamba3_state_update, family="mamba3", varlen=True)
