@@ -366,7 +366,7 @@ def check_nonfinite(fam, name, case, arg, t, poison):
     signs depends on the order it is formed in, and no order is the spec's."""
     entry = impls.get(name, fam.NAME)
     x = fam.make_inputs(case)
-    if not fam.supported(entry, case) or x[arg] is None:
+    if not fam.supported(entry, case) or x[arg] is None or not x[arg].numel():  # Mamba-3's Angles at n_ang = 0
         return
     t = min(t, case.l - 1)
     value = NONFINITE[poison]
@@ -716,7 +716,7 @@ def check_nonfinite_causality(fam, name, case, t, poison):
     with torch.no_grad():
         y = fam.scan(name, case, x)[0]
         for arg in fam.TIME_ARGS:
-            if x[arg] is None:
+            if x[arg] is None or not x[arg].numel():  # Mamba-3's Angles at n_ang = 0: nothing to poison
                 continue
             y2 = fam.scan(name, case, poisoned(fam, x, arg, t, NONFINITE[poison]))[0]
             before = y.narrow(fam.TIME_DIM, 0, t), y2.narrow(fam.TIME_DIM, 0, t)

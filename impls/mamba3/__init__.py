@@ -241,7 +241,7 @@ def _check_mimo_results(where, impl, res, dims, per_rank, with_time):
 
 MIMO_FAMILY = registry.add_family(registry.Family(
     name="mamba3_mimo", scan=mamba3_mimo, step=mamba3_mimo_state_update, supports=MIMO_SUPPORTS, gaps=MIMO_GAPS,
-    option="--mamba3-mimo-impl", step_option="--mamba3-mimo-impl-step", equivalence="equivalence.mamba3"))
+    option="--mamba3-mimo-impl", step_option="--mamba3-mimo-impl-step", equivalence="equivalence.mamba3.mimo_cases"))
 
 register("loop", loop.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True)
 register("chunked", chunked.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True, nonfinite_inputs=False)
