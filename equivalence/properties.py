@@ -456,8 +456,11 @@ def differentiable(x, floating_only=True):
     def leaf(v):
         return v.detach().requires_grad_() if v.is_floating_point() or not floating_only else v
 
-    return {k: (leaf(v) if isinstance(v, torch.Tensor) else tuple(leaf(t) for t in v) if isinstance(v, tuple)
-                else v) for k, v in x.items()}
+    def parts(v):  # a state's parts, not a tuple of numbers (the SSD's dt_limit)
+        return isinstance(v, tuple) and v and all(isinstance(t, torch.Tensor) for t in v)
+
+    return {k: (leaf(v) if isinstance(v, torch.Tensor) else tuple(leaf(t) for t in v) if parts(v) else v)
+            for k, v in x.items()}
 
 
 def state_loss(fam, state, weights):
@@ -472,7 +475,7 @@ def gradient_leaves(fam, leaves, keys):
         v = leaves[k]
         if isinstance(v, torch.Tensor):
             out[k] = v
-        elif isinstance(v, tuple):
+        elif isinstance(v, tuple) and getattr(fam, "STATE_PARTS", None) is not None:
             out.update({f"{k}.{part}": t for part, t in zip(fam.STATE_PARTS, v)})
     return out
 
