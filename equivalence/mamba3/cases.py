@@ -40,9 +40,29 @@ class Case:
     def h(self):
         return self.h_qk * self.groups
 
+    @property
+    def g(self):
+        """Q and K's head count, as the SSD's B and C groups (diagnosis and test ids read it)."""
+        return self.h_qk
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
     def id(self):
         return (f"b{self.b}-l{self.l}-hqk{self.h_qk}-h{self.h}-p{self.p}-n{self.n}-ang{self.n_ang}-T{self.chunk_size}"
                 f"-{self.dtype}{'-states' if self.states else ''}")
+
+    def within(self, limits):
+        """The case with b, l, p and n at most ``limits``' (a dict, or None for no limits); n stays
+        even and n_ang at most n / 2."""
+        if not limits:
+            return self
+        c = dataclasses.replace(self, **{k: min(getattr(self, k), v) for k, v in limits.items()
+                                         if k in ("b", "l", "p", "n")})
+        n = max(2, c.n - c.n % 2)
+        return dataclasses.replace(c, n=n, n_ang=min(c.n_ang, n // 2))
 
 
 def inputs(case, S=None):
@@ -69,12 +89,13 @@ def as_f64(args):
             for k, v in args.items()}
 
 
-def case_strategy(dtypes=("f64", "f32"), max_l=12):
-    return st.builds(Case, b=st.integers(1, 2), l=st.integers(0, max_l), h_qk=st.integers(1, 2),
-                     groups=st.integers(1, 2), p=st.integers(1, 3), n=st.sampled_from([2, 4, 6]),
+def case_strategy(dtypes=("f64", "f32"), max_l=12, min_l=0, min_b=1, max_b=2, max_p=3, chunk_sizes=(1, 6)):
+    """Cases smallest first when shrunk: n_ang is 0 or n / 2 (every pair rotated)."""
+    return st.builds(Case, b=st.integers(min_b, max_b), l=st.integers(min_l, max_l), h_qk=st.integers(1, 2),
+                     groups=st.integers(1, 2), p=st.integers(1, max_p), n=st.sampled_from([2, 4, 6]),
                      n_ang=st.integers(0, 1), dtype=st.sampled_from(dtypes), states=st.booleans(),
                      D=st.booleans(), Z=st.booleans(), seed=st.integers(0, 2**31 - 1),
-                     chunk_size=st.integers(1, 6)).map(
+                     chunk_size=st.integers(*chunk_sizes)).map(
         lambda c: dataclasses.replace(c, n_ang=c.n_ang * (c.n // 2)) if c.n_ang else c)
 
 

@@ -1,5 +1,5 @@
 """Planted bugs for the Mamba-3 (SISO) family: each a small variant of the spec or a wrapper of a
-correct scan, drawn from the field's reports and from what a port gets wrong (issue 25). Every one
+correct scan, drawn from the field's reports and from what a port gets wrong. Every one
 takes the scan's signature (impls/mamba3/loop.py) and must be caught by the checks of
 equivalence/mamba3/test_planted_bugs.py on a small case, while the correct scans pass them.
 """
@@ -119,6 +119,9 @@ def chunk_boundary_drops_kv(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=No
     """Chunked, but the v_{t-1} k~_{t-1} term is dropped at every chunk boundary: the chunked scan run
     chunk by chunk, carrying the angle and ssm states but not the k and v states."""
     b, l, h, p = V.shape
+    if l == 0:  # no chunk, so no boundary: the chunked scan's own empty result and states
+        return chunked.mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size,
+                                   return_final_states)
     states, outs = Input_States, []
     for s in range(0, l, chunk_size):
         e = min(s + chunk_size, l)
@@ -132,11 +135,25 @@ def chunk_boundary_drops_kv(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=No
     return (out, *states) if return_final_states else out
 
 
-BUGS = {name: functools.partial(variant, bug=name) for name in (
+VARIANTS = {name: functools.partial(variant, bug=name) for name in (
     "halves", "bias_after_rotation", "angle_bf16", "no_modulo", "no_tanh", "beta_no_alpha", "beta_prev_alpha",
     "trap_no_sigmoid", "k_state_unrotated", "ignore_kv_states", "D_after_gate", "heads_mod")}
-BUGS.update(angle_not_reset=angle_not_reset, v_state_from_pack_end=v_state_from_pack_end,
-            chunk_boundary_drops_kv=chunk_boundary_drops_kv)
+VARIANTS.update(angle_not_reset=angle_not_reset, v_state_from_pack_end=v_state_from_pack_end,
+                chunk_boundary_drops_kv=chunk_boundary_drops_kv)
+
+# What the shared planted-bug tests (equivalence/test_planted_bugs.py) read: each bug by name, the
+# control, and the bugs their drawn cases can reach. Not among those: the two packed bugs (the
+# shared properties have no Mamba-3 packing; this folder's packed check finds them) and the angle
+# never reduced mod 2 pi (it shows only after thousands of float32 tokens: the long check here).
+globals().update(VARIANTS)
+correct = loop.mamba3_scan
+BUGS = tuple(k for k in VARIANTS if k not in ("angle_not_reset", "v_state_from_pack_end", "no_modulo"))
+ONLY = {}
+# None is bit for bit batch invariant, the control included: the spec's elementwise exp, sigmoid and
+# tanh round differently on a CPU for another batch size (vectorised or not; measured: an ulp of a
+# float32 y), and the chunked scan's einsum may sum in another order. Batch invariance is then held
+# to the tolerance policy.
+CAPABILITIES = {k: dict(batch_invariant=False) for k in (*BUGS, "correct")}
 
 
 # ---- MIMO ----------------------------------------------------------------------------------------

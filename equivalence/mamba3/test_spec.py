@@ -61,7 +61,7 @@ def run(scan, args, case=None, **kw):
 def test_matches_float64_loop(name, case):
     """Outputs and all four final states within the tolerance policy (float64: rounding only)."""
     args = inputs(case)
-    check(f"{name} {case.id()}", run(SCANS[name], args, case), args, repro=repr(case))
+    check(f"{name} {case.id}", run(SCANS[name], args, case), args, repro=repr(case))
 
 
 @pytest.mark.parametrize("name", list(SCANS))
