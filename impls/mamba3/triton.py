@@ -644,7 +644,7 @@ def _backward(saved, douts, chunk_size):
     else:
         gy = dout
     if D is not None:
-        dD = (gy * V_f).sum((0, 1)).to(D.dtype)
+        dD = (gy * V_f).sum((0, 1, 3)).to(D.dtype)
 
     with quiet():
         # each chunk's own gradient of its start state: sum_t exp(cs_t) g_t q~_t^T (step 2's kernel)
