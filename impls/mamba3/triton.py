@@ -51,7 +51,9 @@ Numerics, where this departs from the official kernels on purpose:
     and every weight on it set by tl.where; any p and n up to MAX_PN (p = 1, 3, 17, n = 6 ...) are
     padded to tiles of at least 16 (tl.dot's smallest) and nothing outside the tensors is written.
     The step holds one (slot, head) per program and loops over tiles of p: no tile of 64 assumed;
-  - float32 tl.dot runs with input_precision="ieee".
+  - float32 tl.dot runs with input_precision="ieee"; the gate's silu is taken in float64 (Triton's
+    float32 exp is ex2.approx on NVIDIA GPUs). Steps 2 and 3 are Mamba-2's kernels, and with them
+    their float32 exp of a chunk's segments (steps 2 and, in the backward, its own-state gradient).
 Declared gaps: packed sequences (cu_seqlens) raise NotImplementedError; a non-finite V at a later
 token of a chunk reaches that chunk's earlier outputs through 0 x inf in tl.dot (as the plain
 chunked scan's); p or n above MAX_PN raise NotImplementedError.
@@ -270,7 +272,7 @@ def chunk_scan_kernel(
     if SAVE_Y:
         tl.store(ypre_ptr + o_out, acc, mask=m_mp)
     if HAS_Z:
-        acc = acc * silu(tl.load(z_ptr + o_out, mask=m_mp, other=0.0).to(COMPUTE))
+        acc = acc * silu(tl.load(z_ptr + o_out, mask=m_mp, other=0.0).to(COMPUTE).to(tl.float64)).to(COMPUTE)
     tl.store(out_ptr + o_out, acc.to(out_ptr.dtype.element_ty), mask=m_mp)
 
 
@@ -499,7 +501,7 @@ def step_kernel(
             if HAS_D:
                 b_y += b_D * b_v
             if HAS_Z:
-                b_y = b_y * silu(tl.load(z_ptr + o_bh * p + o_p, mask=m_p, other=0.0).to(COMPUTE))
+                b_y = b_y * silu(tl.load(z_ptr + o_bh * p + o_p, mask=m_p, other=0.0).to(COMPUTE).to(tl.float64)).to(COMPUTE)
             tl.store(y_ptr + o_bh * p + o_p, b_y.to(y_ptr.dtype.element_ty), mask=m_p)
         # every lane has read the old angle and k state (the odd lanes read their pair's angle)
         # before any lane overwrites them in place
@@ -846,8 +848,7 @@ def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
         ins = outs = tuple(Input_States)
     else:
         ins = Input_States
-        outs = zero_states(b, h, p, n, n_ang, f, dev)       # every element is written
-        outs = tuple(torch.empty_like(s) for s in outs)
+        outs = tuple(torch.empty(s, dtype=f, device=dev) for s in ((b, h, n_ang), (b, h, p, n), (b, h, n), (b, h, p)))
     y = torch.empty(b, h, p, dtype=result_dtype(V.dtype), device=dev)
     if b * h:
         strides = lambda s4: [x for s in s4 for x in s.stride()]
