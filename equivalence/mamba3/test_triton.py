@@ -86,6 +86,54 @@ def test_empty_and_refusals():
         mamba3_scan(**one, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), impl="triton")
 
 
+def test_split_and_continue():
+    """Split at several points with all four states carried (the trapezoid's shifted term crosses the
+    split through the k and v states, the angle through the angle state): the pieces end to end, and
+    the last piece's states, within the tolerance policy of the float64 loop over the whole."""
+    case = Case(b=2, l=10, h_qk=1, groups=2, p=3, n=6, n_ang=2, dtype="f32", chunk_size=3, seed=19)
+    args = inputs(case)
+    for cuts in ([0, 1, 10], [0, 4, 5, 10], [0, 7, 10]):
+        states, outs = args["Input_States"], []
+        for a, e in zip(cuts, cuts[1:]):
+            out, *states = scan(window(args, a, e, None if states is None else tuple(states)), case)
+            outs.append(out)
+        check(f"triton split at {cuts[1:-1]} {case.id()}", (torch.cat(outs, 1), *states), args, repro=repr(case))
+
+
+def test_cross_family_equals_ssd_loop():
+    """lambda = 1 (Trap = +inf), no rotation, zero biases and ADT = A DT is Mamba-2's SSD (Q plays C, K
+    plays B, V plays x, h_qk plays g): the Triton scan against the SSD loop, float64, to rounding."""
+    case = Case(b=2, l=9, h_qk=2, groups=2, p=3, n=4, n_ang=2, states=False, chunk_size=4, seed=20)
+    args = as_f64(inputs(case))
+    A = -torch.rand(case.h, dtype=torch.float64) * 2
+    args.update(Trap=torch.full_like(args["Trap"], float("inf")), Angles=torch.zeros_like(args["Angles"]),
+                Q_bias=torch.zeros_like(args["Q_bias"]), K_bias=torch.zeros_like(args["K_bias"]),
+                ADT=A[None, :, None] * args["DT"])
+    out = scan(args, case)[0]
+    ssd = impls.get("loop", family="ssd").scan
+    ref = ssd(args["V"], args["DT"].transpose(1, 2), A, args["K"], args["Q"], 4, D=args["D"], z=args["Z"])
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12 * (1 + ref.abs().max().item()))
+
+
+def test_strided_views():
+    """Inputs that are views into wider tensors (time-major ADT, DT, Trap; every other column of a
+    projection), and a step cache whose slots are strided views: the same bits as compact copies."""
+    case = Case(b=2, l=7, h_qk=1, groups=2, p=3, n=6, n_ang=2, dtype="f32", chunk_size=3, seed=21)
+    args = inputs(case)
+    wide = {k: torch.stack((v, torch.full_like(v, float("nan"))), -1)[..., 0] for k, v in args.items()
+            if k in ("Q", "K", "V", "Z", "Angles")}
+    time_major = {k: args[k].transpose(1, 2).contiguous().transpose(1, 2) for k in TIME_LAST}
+    strided = dict(args, **wide, **time_major)
+    assert not strided["V"].is_contiguous() and not strided["ADT"].is_contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(scan(strided, case), scan(args, case)))
+    tok, states = token(args, 0), args["Input_States"]
+    y, new = mamba3_state_update(**tok, Input_States=states, impl="triton")
+    cache = tuple(torch.stack((s, torch.full_like(s, float("nan"))), -1)[..., 0] for s in states)   # strided slots
+    yi, _ = mamba3_state_update(**tok, Input_States=cache, state_batch_indices=torch.tensor([0, 1], dtype=torch.int32),
+                                impl="triton")
+    assert torch.equal(yi, y) and all(torch.equal(c, s) for c, s in zip(cache, new))
+
+
 GRAD_CASES = [
     Case(b=2, l=7, h_qk=1, groups=2, p=3, n=4, n_ang=1, chunk_size=3, seed=8),
     Case(b=1, l=19, h_qk=1, groups=1, p=17, n=6, n_ang=2, chunk_size=18, seed=9),
@@ -280,7 +328,7 @@ def test_launch_grids_within_cuda_limits(family, b, h, p, n):
 
 # ---- the compiled kernels ------------------------------------------------------------------------
 
-_COMPILE = """
+_COMPILE = r"""
 import os
 os.environ["TRITON_INTERPRET"] = "0"            # compile for real, whatever this machine has
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -51,9 +51,9 @@ Numerics, where this departs from the official kernels on purpose:
     and every weight on it set by tl.where; any p and n up to MAX_PN (p = 1, 3, 17, n = 6 ...) are
     padded to tiles of at least 16 (tl.dot's smallest) and nothing outside the tensors is written.
     The step holds one (slot, head) per program and loops over tiles of p: no tile of 64 assumed;
-  - float32 tl.dot runs with input_precision="ieee"; the gate's silu is taken in float64 (Triton's
-    float32 exp is ex2.approx on NVIDIA GPUs). Steps 2 and 3 are Mamba-2's kernels, and with them
-    their float32 exp of a chunk's segments (steps 2 and, in the backward, its own-state gradient).
+  - float32 tl.dot runs with input_precision="ieee"; every exp, the gate's silu included, is taken
+    in float64 (Triton's float32 exp is ex2.approx on NVIDIA GPUs), except inside Mamba-2's
+    chunk-state kernel, reused as it is (step 2, and the backward's own-state gradient).
 Declared gaps: packed sequences (cu_seqlens) raise NotImplementedError; a non-finite V at a later
 token of a chunk reaches that chunk's earlier outputs through 0 x inf in tl.dot (as the plain
 chunked scan's); p or n above MAX_PN raise NotImplementedError.
@@ -493,6 +493,9 @@ def step_kernel(
             else:
                 b_vp = tl.zeros([BLOCK_P], dtype=COMPUTE)
                 b_h = tl.zeros([BLOCK_P, BLOCK_N], dtype=COMPUTE)
+            # every lane has read its old values before any lane writes in place (the layouts of a
+            # load and of a store need not give one element to one thread)
+            tl.debug_barrier()
             # h_t = alpha (h_{t-1} + delta v_{t-1} k~_{t-1}^T) + gamma v_t k~_t^T
             b_h = b_alpha * (b_h + b_delta * (b_vp[:, None] * b_kp[None, :])) + b_gam * (b_v[:, None] * b_k[None, :])
             tl.store(ssm_out_ptr + slot * s_Hb + h64 * s_Hh + p64[:, None] * s_Hp + n64[None, :] * s_Hn, b_h, mask=m_pn)
