@@ -14,11 +14,13 @@ recurrent (impls/mamba3/recurrent.py: the step, and the scan by stepping). Lette
 p, n, n_ang, S) in impls/mamba3/loop.py; dtype policy in impls/mamba3/frontdoor.py.
 """
 
+import importlib.util
+
 import torch
 
 from .. import registry
 from ..frontdoor import INPUT_DTYPES, check_result
-from ..registry import register
+from ..registry import lazy, register
 from . import chunked, frontdoor, loop, recurrent
 
 # What a Mamba-3 implementation can do; a call needing more raises NotImplementedError.
@@ -247,3 +249,14 @@ register("loop", loop.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=
 register("chunked", chunked.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True, nonfinite_inputs=False)
 register("recurrent", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mimo_state_update, family="mamba3_mimo",
          varlen=True)
+
+# The chunked SISO scan and the decode step as Triton kernels (triton.py), imported on first call only.
+# Without a GPU they run in Triton's interpreter, so property tests fold their cases into small sizes.
+# Declared gaps: packed scans (cu_seqlens), and a non-finite V reaching its chunk's earlier outputs
+# (as chunked's); its step takes state_batch_indices. Each (batch row, head) is computed by programs
+# whose work does not depend on b, so a row's results are the same bits alone or in any batch.
+if importlib.util.find_spec("triton") is not None:
+    register("triton", lazy("mamba3.triton", "mamba3_scan"), step=lazy("mamba3.triton", "mamba3_state_update"),
+             family="mamba3", gradients=True, varlen=False, state_batch_indices=True, nonfinite_inputs=False,
+             batch_invariant=True,
+             case_limits=dict(b=2, l=12, h=2, p=3, n=6) if registry.triton_interpreted() else None)

@@ -152,10 +152,11 @@ def chunk_cumsum_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
     COMPUTE: tl.constexpr, COMPENSATED: tl.constexpr,
 ):
-    # grid (chunks, b, head blocks); outputs dt_out (b, h, l) in COMPUTE, cs (b, h, l) in float64,
+    # grid (chunks x b, head blocks); outputs dt_out (b, h, l) in COMPUTE, cs (b, h, l) in float64,
     # and with COMPENSATED (float64 compute, where no wider type is left) cs_lo, the rounding error
     # of cs (a TwoSum scan): cs_i - cs_j is then exact to the segment's own rounding
-    i_c, i_b, i_hb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    nc = tl.cdiv(l, Q)
+    i_c, i_b, i_hb = tl.program_id(0) % nc, tl.program_id(0) // nc, tl.program_id(1)
     o_h = i_hb * BLOCK_H + tl.arange(0, BLOCK_H)
     m_h = o_h < h
     b_A = tl.load(A_ptr + o_h, mask=m_h, other=0.0).to(COMPUTE).to(tl.float64)
@@ -205,7 +206,7 @@ def chunk_state_kernel(
     #   chunk's end state; states (b, nc, h, p, n)
     # backward (FROM_START True, x = g, the gradient of y, and B = C): w_j = exp(cs_j), the weight of
     #   the chunk's start state in y_j; the result is that chunk's own gradient of its start state
-    i_c, i_bh, i_pn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bh, i_pn = tl.program_id(0) % nc, tl.program_id(0) // nc, tl.program_id(1)
     i_b, i_h = i_bh // h, i_bh % h
     n_nb = tl.cdiv(n, BLOCK_N)
     o_p = (i_pn // n_nb) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -249,7 +250,7 @@ def state_pass_kernel(
     HAS_H0: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
 ):
     # states (b, nc, h, p, n) holds S_c on entry and the state at each chunk's start on exit
-    i_blk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_blk = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // h, i_bh % h
     o = i_blk * BLOCK + tl.arange(0, BLOCK)
     m = o < pn
@@ -282,7 +283,7 @@ def chunk_scan_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPUTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    i_c, i_bh, i_mp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bh, i_mp = tl.program_id(0) % nc, tl.program_id(0) // nc, tl.program_id(1)
     i_b, i_h = i_bh // h, i_bh % h
     n_pb = tl.cdiv(p, BLOCK_P)
     i_m = i_mp // n_pb
@@ -380,7 +381,7 @@ def state_pass_bwd_kernel(
     # holds on entry each chunk's own gradient of its start state (from y = ... + exp(cs_i) h_c C_i)
     # and on exit the gradient of S_c (= of h_{c+1}); dtot (b, h, nc, n_blk): partial sums of
     # d tot_c = exp(tot_c) sum(dh_{c+1} h_c), one per program.
-    i_blk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_blk = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // h, i_bh % h
     o = i_blk * BLOCK + tl.arange(0, BLOCK)
     m = o < pn
@@ -430,7 +431,7 @@ def chunk_bwd_kernel(
     # eps |T| of noise at every earlier m: a float32 dA 3x over the policy under stress).
     # Outputs: dx (b, l, h, p); per-head dB, dC (b, l, h, n) (torch sums the heads of a group);
     # ddt, dcs (b, h, l); dend (b, h, nc, n_mb) partial sums for the chunk's last position.
-    i_c, i_bh, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_bh, i_m = tl.program_id(0) % nc, tl.program_id(0) // nc, tl.program_id(1)
     i_b, i_h = i_bh // h, i_bh % h
     o_p = tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -556,7 +557,7 @@ def step_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    i_pb, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh, i_pb = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // h, i_bh % h
     o_p = i_pb * BLOCK_P + tl.arange(0, BLOCK_P)
     o_n = tl.arange(0, BLOCK_N)
@@ -614,6 +615,28 @@ def _dims(x, B, chunk_size):
     return b, l, h, p, g, n, Q, triton.cdiv(l, Q)
 
 
+# CUDA allows 2^31 - 1 programs on grid axis 0 but only 65,535 on axes 1 and 2. Every grid puts the
+# programs that scale with b x h (and with the number of chunks) on axis 0, folded into one index the
+# kernel unfolds, and keeps only tile counts (bounded by MAX_PN and the blocks) on axis 1; b x h on
+# axis 1 stopped working at 65,536 batch rows x heads (b = 1024 with 64 heads, a serving batch).
+def launch_grids(b, l, h, p, n, chunk_size):
+    """The launch grid of every kernel at these sizes, as the launchers launch them: computed without
+    launching, so a test can check CUDA's grid limits at sizes too large to run (l >= 1)."""
+    Q = max(1, min(int(chunk_size), l))
+    nc = triton.cdiv(l, Q)
+    BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
+    n_blk = triton.cdiv(p * n, min(_config("block_pn"), triton.next_power_of_2(p * n)))
+    return dict(
+        chunk_cumsum=(nc * b, triton.cdiv(h, min(16, triton.next_power_of_2(h)))),
+        chunk_state=(nc * b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN)),
+        state_pass=(b * h, n_blk),
+        chunk_scan=(nc * b * h, triton.cdiv(Q, _block(Q, _config("block_m"))) * triton.cdiv(p, BP)),
+        state_pass_bwd=(b * h, n_blk),
+        chunk_bwd=(nc * b * h, triton.cdiv(Q, _block(Q, _config("bwd_block")))),
+        step=(b * h, triton.cdiv(p, min(_config("step_block_p"), triton.next_power_of_2(p)))),
+    )
+
+
 def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_limit, save):
     """Steps 1-4. Returns out (b, l, h, p), final_states (b, h, p, n), and what the backward needs
     (dt and cs (b, h, l), the chunk start states (b, nc, h, p, n), y before the gate) when save."""
@@ -621,6 +644,7 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     f = compute_dtype(x.dtype)
     dev = x.device
     T = tl_dtype(f)
+    grid = launch_grids(b, l, h, p, n, chunk_size)
     A, D, dt_bias = (None if t is None else t.contiguous() for t in (A, D, dt_bias))
     h0 = None if initial_states is None else initial_states.contiguous()
     prec = "ieee"
@@ -630,7 +654,7 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     cs_lo = torch.empty(b, h, l, dtype=torch.float64, device=dev) if comp else cs
     BLOCK_H = min(16, triton.next_power_of_2(h))
     with quiet():
-        chunk_cumsum_kernel[(nc, b, triton.cdiv(h, BLOCK_H))](
+        chunk_cumsum_kernel[grid["chunk_cumsum"]](
             dt, A, dt_bias if dt_bias is not None else A, _limits(dt_limit, f, dev), dt_c, cs, cs_lo,
             h, l, Q, *dt.stride(),
             HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_H=BLOCK_H,
@@ -638,14 +662,14 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
 
         states = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
         BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
-        chunk_state_kernel[(nc, b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))](
+        chunk_state_kernel[grid["chunk_state"]](
             x, B, dt_c, cs, cs_lo, states, h, l, Q, p, n, h // g, nc, *x.stride(), *B.stride(),
             COMPENSATED=comp, FROM_START=False, BLOCK_K=_block(Q, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
             COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
 
         final = torch.empty(b, h, p, n, dtype=f, device=dev)
         BLOCK = min(_config("block_pn"), triton.next_power_of_2(p * n))
-        state_pass_kernel[(triton.cdiv(p * n, BLOCK), b * h)](
+        state_pass_kernel[grid["state_pass"]](
             states, cs, h0 if h0 is not None else final, final, h, l, Q, nc, p * n,
             HAS_H0=h0 is not None, BLOCK=BLOCK, COMPUTE=T)
 
@@ -653,7 +677,7 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
         ypre = torch.empty(b, l, h, p, dtype=f, device=dev) if save and z is not None else None
         zz = z if z is not None else x
         BM = _block(Q, _config("block_m"))
-        chunk_scan_kernel[(nc, b * h, triton.cdiv(Q, BM) * triton.cdiv(p, BP))](
+        chunk_scan_kernel[grid["chunk_scan"]](
             x, zz, B, C, D if D is not None else A, dt_c, cs, cs_lo, states, out, ypre if ypre is not None else out,
             h, l, Q, p, n, h // g, nc, *x.stride(), *zz.stride(), *B.stride(), *C.stride(),
             COMPENSATED=comp, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
@@ -670,6 +694,7 @@ def _backward(saved, dout, dfinal):
     f = compute_dtype(x.dtype)
     dev = x.device
     T = tl_dtype(f)
+    grid = launch_grids(b, l, h, p, n, chunk_size)
     prec = "ieee"
     # the gate and the skip, elementwise in torch: g = d out silu(z) is the gradient of y
     # (contiguous: torch's elementwise ops round differently on strided layouts, vectorised or not,
@@ -693,7 +718,7 @@ def _backward(saved, dout, dfinal):
         # each chunk's own gradient of its start state: sum_i exp(cs_i) g_i ⊗ C_i (step 2's kernel)
         dS = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
         BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
-        chunk_state_kernel[(nc, b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN))](
+        chunk_state_kernel[grid["chunk_state"]](
             gy, C, dt_c, cs, cs_lo, dS, h, l, Q, p, n, h // g, nc, *gy.stride(), *C.stride(),
             COMPENSATED=comp, FROM_START=True, BLOCK_K=_block(Q, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
             COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
@@ -703,7 +728,7 @@ def _backward(saved, dout, dfinal):
         dh0 = torch.empty(b, h, p, n, dtype=f, device=dev)
         dtot = torch.empty(b, h, nc, n_blk, dtype=f, device=dev)
         dfinal = None if dfinal is None else dfinal.contiguous()
-        state_pass_bwd_kernel[(n_blk, b * h)](
+        state_pass_bwd_kernel[grid["state_pass_bwd"]](
             dS, states, cs, dfinal if dfinal is not None else dh0, dh0, dtot, h, l, Q, nc, p * n, n_blk,
             HAS_DFINAL=dfinal is not None, BLOCK=BLOCK, COMPUTE=T)
         # per block of positions: dx, dB, dC, d dt (direct), d cs
@@ -715,7 +740,7 @@ def _backward(saved, dout, dfinal):
         dcs = torch.empty(b, h, l, dtype=torch.float64, device=dev)
         dend = torch.empty(b, h, nc, n_mb, dtype=torch.float64, device=dev)
         rpart = torch.zeros(b, h, nc, n_mb, Q, dtype=torch.float64, device=dev)   # rows before a block stay 0
-        chunk_bwd_kernel[(nc, b * h, n_mb)](
+        chunk_bwd_kernel[grid["chunk_bwd"]](
             x, B, C, dt_c, cs, cs_lo, gy, states, dS, dx, dB_h, dC_h, ddt, dcs, dend, rpart,
             h, l, Q, p, n, h // g, nc, n_mb, *x.stride(), *B.stride(), *C.stride(),
             COMPENSATED=comp, BLOCK=BK, BLOCK_P=_block(p, MAX_PN), BLOCK_N=_block(n, MAX_PN), COMPUTE=T, DOT_PRECISION=prec,
@@ -870,7 +895,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     BP = min(_config("step_block_p"), triton.next_power_of_2(p))
     s_A = list(A.stride()) if A.dim() == 3 else [A.stride(0), 0, 0]
     with quiet():
-        step_kernel[(triton.cdiv(p, BP), b * h)](
+        step_kernel[launch_grids(b, 1, h, p, n, 1)["step"]](
             state, x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A,
             _limits(dt_limit, f, x.device), state_batch_indices if state_batch_indices is not None else A, y,
             h, p, n, h // g, *state.stride(), *x.stride(), *_tied_strides(dt, 3), *s_A,
