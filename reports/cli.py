@@ -4,7 +4,7 @@
     scanbench report [--results FILE ...] [--out DIR]
     scanbench check  --baseline FILE [--results FILE ...] [--threshold 0.2] [--impl NAME ...] [--update-baseline]
     scanbench continuous BASE [HEAD] [--quick] [--threshold 0.2] [--out FILE]   (the speed gate)
-    scanbench test   MODULE:FUNCTION|MODULE|NAME [--family F] [--step MODULE:FUNCTION] [--summary FILE] [-- PYTEST ARGS]
+    scanbench test   MODULE:FUNCTION|MODULE|NAME [--family F] [--step MODULE:FUNCTION] [--summary FILE] [-- PYTEST ARGS...]
 
 Exit status: test: pytest's (0 every property holds, 1 a failure, 2 interrupted, 4 usage error);
 otherwise 0 pass; 1 a regression or a numeric failure (check), nothing to report (report),
@@ -208,11 +208,12 @@ def main(argv=None):
     p.add_argument("--family", default="selective", help="the kernel's family (default %(default)s; see impls.FAMILIES)")
     p.add_argument("--step", metavar="MODULE:FUNCTION", help="its step function, if it has one")
     p.add_argument("--summary", metavar="FILE", help="also write the implementation x property summary as Markdown")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: further pytest arguments (-x, -n 2, ...)")
     p.set_defaults(func=test)
-    args = parser.parse_args(argv)
-    if getattr(args, "pytest_args", None) and args.pytest_args[0] == "--":
-        args.pytest_args = args.pytest_args[1:]
+    # what follows a "--" goes to pytest untouched (-x, -n 2, -k ...)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:len(argv) - len(extra) - bool(extra or "--" in argv)])
+    args.pytest_args = extra
     return args.func(args)
 
 
