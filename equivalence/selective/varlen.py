@@ -112,7 +112,7 @@ def chunk_starts(name, case):
         from impls.selective import parallel
 
         x = packed_inputs(case)
-        p = parallel._Plan(x["u"], x["A"], x["B"], x["C"])
+        p = parallel.Plan(x["u"], x["A"], x["B"], x["C"])
         return sorted({a + k * p.T for a, _ in p.segments for k in range(p.K) if a + k * p.T < max(case.l, 1)})
     if name == "recurrent":
         return list(range(max(case.l, 1)))
