@@ -32,7 +32,7 @@ def test_padding_with_delta_minus_inf_changes_no_state():
         _, s_packed = impls.selective_scan(**packed, return_last_state=True, impl=impl)
         _, s_padded = impls.selective_scan(**padded, return_last_state=True, impl=impl)
         assert (s_packed - s_padded).abs().max() < 1e-5 * s_packed.abs().max()
-    assert varlen._agree("parallel", packed, padded) < 1e-5
+    assert varlen.agree("parallel", packed, padded) < 1e-5
 
 
 def test_a_run_records_both_sides(tmp_path):
@@ -60,7 +60,7 @@ def test_ssd_padding_with_dt_minus_inf_changes_no_state():
         _, s_packed = impls.ssd_scan(**packed, return_final_states=True, impl=impl)
         _, s_padded = impls.ssd_scan(**padded, return_final_states=True, impl=impl)
         assert (s_packed - s_padded).abs().max() < 1e-5 * s_packed.abs().max()
-    assert varlen._agree("chunked", packed, padded, "ssd") < 1e-5
+    assert varlen.agree("chunked", packed, padded, "ssd") < 1e-5
 
 
 @pytest.mark.family("ssd")

@@ -119,7 +119,7 @@ def _inputs(family, lengths, d, n, seed, device, headdim, chunk_size):
     return make_inputs(lengths, d, n, seed, device)
 
 
-def _agree(impl, packed, padded, family="selective"):
+def agree(impl, packed, padded, family="selective"):
     """The largest |difference| between the packed and the padded call's outputs and last states,
     relative to the largest |output|: the two layouts must compute the same answer."""
     y1, s1 = _scan(family, impl, packed)
@@ -173,7 +173,7 @@ def run(impl="parallel", nseq=64, d=64, n=16, seed=0, rounds=7, threads=1, devic
     log(f"varlen ({family}{ssd}): {impl}, {nseq} sequences, lengths {min(lengths)}..{Lmax} "
         f"(median {int(np.median(lengths))}), "
         f"{L} tokens packed, {nseq * Lmax} padded; d={d}, n={n}, {threads} threads, {device}")
-    disagreement = _agree(impl, packed, padded, family)
+    disagreement = agree(impl, packed, padded, family)
     if not disagreement < 1e-4:
         raise RuntimeError(f"packed and padded calls disagree: relative difference {disagreement:.3g}")
     log(f"  packed and padded agree to {disagreement:.2g} (relative); timing {rounds} interleaved rounds ...")

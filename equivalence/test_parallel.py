@@ -24,7 +24,7 @@ from .selective import (check_causality, check_gradients, check_nan_propagation,
 from .tolerance import assert_close
 
 # A plan this small makes a (b=2, d=3, n=4) case, 24 elements per step, run 3 chunks of 8
-# tokens side by side, in segments of 24 tokens (see parallel._Plan).
+# tokens side by side, in segments of 24 tokens (see parallel.Plan).
 SMALL_PLAN = dict(STEP_ELEMENTS=72, SEGMENT_ELEMENTS=600, MIN_CHUNK=3)
 CHUNK, SEGMENT = 8, 24
 BOUNDARY_LENGTHS = sorted({m * unit + k for unit in (CHUNK, SEGMENT) for m in (1, 2, 3) for k in (-1, 0, 1)})
@@ -48,7 +48,7 @@ pytestmark = pytest.mark.only_for("parallel")
 
 def _plan(case):
     x = make_inputs(case)
-    return parallel._Plan(x["u"], x["A"], x["B"], x["C"])
+    return parallel.Plan(x["u"], x["A"], x["B"], x["C"])
 
 
 def test_the_small_plan_crosses_chunk_and_segment_boundaries():

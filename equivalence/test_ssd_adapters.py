@@ -147,7 +147,7 @@ def test_finding_transformers_nan_in_a_later_token_reaches_earlier_outputs():
 
 
 def _transformers_functions():
-    return tf_adapter._torch_functions()
+    return tf_adapter.torch_functions()
 
 
 @needs_transformers

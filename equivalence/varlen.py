@@ -25,6 +25,9 @@ import dataclasses
 import torch
 from hypothesis import strategies as st
 
+from impls.frontdoor import compute_dtype
+
+from .inputs import DTYPES
 from .tolerance import assert_close, conditioning, dt_ulps, gradient_conditioning
 
 # --- family-neutral: sequence lengths around a chunk, and what a packing covers ---------------
@@ -341,9 +344,91 @@ def pack_conditioning(dtA, raw, softplus, biased, gated, time_dim):
 
 
 
+# --- a family's packed case type and inputs, derived from its case type ---------------------
 
-# The packed geometry every packed case type has, assigned in its class body:
-#     offsets, l, nseq = varlen.OFFSETS, varlen.TOTAL, varlen.NSEQ
+# The packed geometry every packed case type has
 OFFSETS = property(lambda case: offsets_of(case.lengths), doc="cu_seqlens as a list")
 TOTAL = property(lambda case: sum(case.lengths), doc="l: the packed length")
 NSEQ = property(lambda case: len(case.lengths), doc="the number of sequences")
+
+
+def packed_case_type(case_type, name, module, state, drop=(), **defaults):
+    """A family's packed case type: sequence ``lengths`` first, then every field of ``case_type``
+    but b and l (a pack has b = 1 and the packed length) and ``drop``, with ``defaults`` in place of
+    the case type's. ``state`` names the flag of per-sequence initial states, which the packed
+    inputs draw themselves (``packed_inputs``): ``packed_case()`` passes it off.
+
+    Derived rather than written out so that a packed case has every option its family's case has.
+    ``module`` is where the type is reachable, so that its repr reproduces in a plain script."""
+    fields = [("lengths", tuple)]
+    for f in dataclasses.fields(case_type):
+        if f.name in ("b", "l") + tuple(drop):
+            continue
+        default = defaults.get(f.name, f.default)
+        fields.append((f.name, f.type) if default is dataclasses.MISSING
+                      else (f.name, f.type, dataclasses.field(default=default)))
+    options = [f[0] for f in fields[1:] if f[0] != state]
+
+    def packed_case(self):
+        """The case whose (b = 1, packed l) inputs are the packed inputs."""
+        return case_type(b=1, l=self.l, **{k: getattr(self, k) for k in options})
+
+    def case_id(self):
+        lens = "_".join(map(str, self.lengths))
+        return f"lens{lens}-{self.packed_case().id}" + (f"-{state}" if getattr(self, state) else "")
+
+    cls = dataclasses.make_dataclass(name, fields, frozen=True, namespace=dict(
+        offsets=OFFSETS, l=TOTAL, nseq=NSEQ, packed_case=packed_case, id=property(case_id),
+        __doc__=f"A packed call of {case_type.__name__}'s family: sequence lengths and its options (b = 1)."))
+    cls.__module__ = module
+    return cls
+
+
+def packed_inputs(case, x, state, state_shape, dtype=None):
+    """x, the keyword arguments of ``case.packed_case()``, completed for the packed call: when the
+    case has per-sequence initial states, (nseq, *state_shape) under ``state``, in the compute
+    dtype (or ``dtype``, the oracle's); and cu_seqlens (nseq + 1,) int32."""
+    if getattr(case, state):
+        gen = torch.Generator().manual_seed(case.seed + 7)
+        h0 = torch.randn(case.nseq, *state_shape, generator=gen, dtype=torch.float64)
+        h0 = h0.to(compute_dtype(DTYPES[case.dtype]))
+        x[state] = h0 if dtype is None else h0.to(dtype)
+    x["cu_seqlens"] = torch.tensor(case.offsets, dtype=torch.int32)
+    return x
+
+
+# --- the recurrence over packed sequences, for the sums of |terms| and the planted bugs ----------
+
+def run_sequences(offsets, h0s, advance, start=None):
+    """The recurrence over packed sequences: sequence i runs over tokens offsets[i]..offsets[i+1]-1,
+    h = advance(h, t), from start(i, a, h) (given the state the sequence before it ended in;
+    default its own initial state h0s[i:i + 1]). Returns lists: the state after each token, the
+    state before each token, and each sequence's last state (its initial state when it is empty)."""
+    h, after, before, lasts = h0s[:1], [], [], []
+    for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
+        h = h0s[i:i + 1] if start is None else start(i, a, h)
+        for t in range(a, e):
+            before.append(h)
+            h = advance(h, t)
+            after.append(h)
+        lasts.append(h if e > a else h0s[i:i + 1])
+    return after, before, lasts
+
+
+def abs_leaves(x64, names, grad):
+    """{argument: |value|} of the inputs ``names`` that are passed, and z as it is (its gate is
+    |silu(z)|): the leaves of a sums-of-|terms| run, requiring grad when ``grad``."""
+    leaves = {k: x64[k].abs().requires_grad_(grad) for k in names if x64[k] is not None}
+    if x64["z"] is not None:
+        leaves["z"] = x64["z"].clone().requires_grad_(grad)
+    return leaves
+
+
+def adjoints(y, last, weights, inputs, leaves):
+    """For the loss sum(|w_y| y) + sum(|w_s| last) of a sums-of-|terms| run: (its gradient with
+    respect to ``inputs``, the per-token inputs to the state (the adjoint lambda), and {argument:
+    |gradient|} for each of ``leaves``); zeros where nothing depends on a leaf (l = 0)."""
+    loss = (y * weights[0].abs()).sum() + (last * weights[1].abs()).sum()
+    grads = torch.autograd.grad(loss, [inputs, *leaves.values()], allow_unused=True)
+    lam = grads[0] if grads[0] is not None else torch.zeros_like(inputs)
+    return lam, {k: (torch.zeros_like(v) if g is None else g.abs()) for (k, v), g in zip(leaves.items(), grads[1:])}

@@ -22,6 +22,8 @@ what was expected and what was given. Arguments written in place (a step's state
 memory: ``check_no_overlap``.
 """
 
+import numbers
+
 import torch
 
 
@@ -141,6 +143,15 @@ def check_bool(where, arg, value):
     truthiness, "no" as True. Raises TypeError naming the argument."""
     if not isinstance(value, bool):
         fail(TypeError, where, arg, "a bool (True or False)", f"{type(value).__name__} {value!r}")
+
+
+def check_chunk_size(where, chunk_size):
+    """chunk_size must be a positive integer (a bool is refused: True would read as 1). Returns it as an int."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
+        fail(TypeError, where, "chunk_size", "a positive integer", repr(chunk_size))
+    if chunk_size < 1:
+        fail(ValueError, where, "chunk_size", "a positive integer", repr(chunk_size))
+    return int(chunk_size)
 
 
 def check_result(where, impl, arg, x, shape, dtype):

@@ -16,12 +16,13 @@ from impls.frontdoor import per_channel
 from impls.selective.recurrent import scan_by_stepping  # noqa: F401 (a step plugged in alone)
 
 from .. import properties
+from ..varlen import abs_leaves, adjoints
 from ..tolerance import GATE_ULPS, conditioning, dt_ulps, gradient_conditioning
 from ..tolerance import terms as rounded_terms
 from . import planted_bugs, varlen_planted_bugs  # noqa: F401
 from .cases import (DTYPES, EDGE_REGIMES, NONFINITE, PINNED, REGIMES, SCAN_ARGS, SMALLEST, Case, cases,  # noqa: F401
                     make_inputs, reference_inputs)
-from .varlen import PACKING, varlen_cases
+from .varlen import PACKING, decay_sums, varlen_cases
 
 NAME = "selective"
 TIME_ARGS = ("u", "delta", "z", "B", "C")   # the arguments with a time axis (last)
@@ -120,10 +121,7 @@ def magnitudes(case, weights=None):
     def time_last(X):  # B, C (b, n, l) or (b, g, n, l) -> (b, d or 1, l, n)
         return (per_channel(X, d) if X.dim() == 4 else X[:, None]).transpose(-1, -2)
 
-    leaves = {k: x[k].abs().requires_grad_(weights is not None)
-              for k in ("u", "B", "C", "D", "initial_state") if x[k] is not None}
-    if x["z"] is not None:
-        leaves["z"] = x["z"].clone().requires_grad_(weights is not None)
+    leaves = abs_leaves(x, ("u", "B", "C", "D", "initial_state"), weights is not None)
     decay = torch.exp(dt[..., None] * x["A"][:, None, :])                         # (b, d, l, n)
     B = time_last(leaves["B"])
     X = (dt.abs() * leaves["u"])[..., None] * B                                  # |dt B u|
@@ -142,19 +140,9 @@ def magnitudes(case, weights=None):
     if weights is None:
         return y, last, None
 
-    loss = (y * weights[0].abs()).sum() + (last * weights[1].abs()).sum()
-    grads = torch.autograd.grad(loss, [X, *leaves.values()])
-    lam = grads[0]                                                                # dL/dh_t (b, d, l, n)
-    sums = {k: g.abs() for k, g in zip(leaves, grads[1:])}
+    lam, sums = adjoints(y, last, weights, X, leaves)                     # lambda: dL/dh_t (b, d, l, n)
     previous = torch.cat([h0[:, :, None], H[:, :, :-1]], 2)                      # h_{t-1}
-    decay_terms = (decay * lam * previous).detach()                               # Ā_t lambda_t h_{t-1}
-    sums["A"] = (dt.abs()[..., None] * decay_terms).sum((0, 2))
-    # softplus' derivative, exactly 1 above its threshold (20) where softplus is the identity
-    dsoftplus = torch.where(raw > 20, 1.0, torch.sigmoid(raw)) if x["delta_softplus"] else 1.0
-    sums["delta"] = dsoftplus * ((x["A"].abs()[:, None, :] * decay_terms).sum(-1)
-                                 + (lam.detach() * B.detach()).sum(-1) * leaves["u"].detach())
-    if x["delta_bias"] is not None:
-        sums["delta_bias"] = sums["delta"].sum((0, 2))
+    sums.update(decay_sums(x, raw, dt, decay, lam, previous, B))
     return y.detach(), last.detach(), sums
 
 

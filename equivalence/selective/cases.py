@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from impls.frontdoor import compute_dtype
 
-DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
+from ..inputs import DTYPES, materialize
 REGIMES = ("mamba", "official", "stress", "slow")
 EDGE_REGIMES = ("extreme",)
 # the arguments a non-finite value can be written into (A excepted: it is a parameter, not data)
@@ -79,13 +79,6 @@ class Case:
         fold = {k: 1 + (getattr(self, k) - 1) % limits[k] for k in ("b", "d", "n", "l") if k in limits}
         new = dataclasses.replace(self, **fold)
         return dataclasses.replace(new, g=math.gcd(self.g, new.d)) if self.g else new
-
-
-def _strided(x):
-    """The same values as a non-contiguous view (every other element of a twice-as-long last axis)."""
-    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
-    wide[..., ::2] = x
-    return wide[..., ::2]
 
 
 def make_inputs(case, dtype=None):
@@ -152,14 +145,7 @@ def make_inputs(case, dtype=None):
         v = values[arg][0].clone()
         v.view(-1)[index % v.numel()] = float(value)
         values[arg] = (v, values[arg][1])
-    out = {}
-    for k, v in values.items():
-        if v is None:
-            out[k] = None
-            continue
-        x = v[0].to(v[1])                       # round to what the implementation receives
-        x = x if dtype is None else x.to(dtype)
-        out[k] = _strided(x) if case.strided else x
+    out = materialize(values, dtype, case.strided)
     out["delta_softplus"] = case.softplus
     return out
 

@@ -14,34 +14,9 @@ from .. import varlen
 from ..tolerance import conditioning, dt_ulps
 from .cases import DTYPES, REGIMES, Case, make_inputs
 
-@dataclasses.dataclass(frozen=True)
-class VarlenCase:
-    """A packed Mamba-1 call: sequence lengths and the options of equivalence.selective.Case (b = 1)."""
-    lengths: tuple
-    d: int
-    n: int
-    g: int = 0
-    dtype: str = "f32"
-    regime: str = "mamba"
-    D: bool = True
-    z: bool = True
-    delta_bias: bool = True
-    softplus: bool = True
-    initial_state: bool = True
-    seed: int = 0
-
-    @property
-    def id(self):
-        opts = "".join(f"-{k}" for k in ("D", "z", "delta_bias", "softplus", "initial_state") if getattr(self, k))
-        return (f"lens{'_'.join(map(str, self.lengths))}-d{self.d}-n{self.n}-g{self.g}-{self.dtype}-"
-                f"{self.regime}{opts}-s{self.seed}")
-
-    offsets, l, nseq = varlen.OFFSETS, varlen.TOTAL, varlen.NSEQ
-
-    def packed_case(self):
-        """The Case whose (1, d, l) inputs are the packed inputs."""
-        return Case(b=1, d=self.d, n=self.n, l=self.l, g=self.g, dtype=self.dtype, regime=self.regime, D=self.D,
-                    z=self.z, delta_bias=self.delta_bias, softplus=self.softplus, seed=self.seed)
+# Every option of Case but strided inputs and poison; per-sequence initial states on by default
+VarlenCase = varlen.packed_case_type(Case, "VarlenCase", __name__, "initial_state", drop=("strided", "poison"),
+                                     initial_state=True)
 
 
 @st.composite
@@ -63,14 +38,7 @@ def packed_inputs(case, dtype=None):
     """selective_scan keyword arguments for the packed call: u, delta, z (1, d, l), B, C (1, n, l)
     or (1, g, n, l), initial_state (nseq, d, n) or None, cu_seqlens (nseq + 1,) int32. With
     dtype=torch.float64, the same values in float64 (the oracle's inputs)."""
-    x = make_inputs(case.packed_case(), dtype)
-    if case.initial_state:
-        gen = torch.Generator().manual_seed(case.seed + 7)
-        h0 = torch.randn(case.nseq, case.d, case.n, generator=gen, dtype=torch.float64)
-        h0 = h0.to(compute_dtype(DTYPES[case.dtype]))
-        x["initial_state"] = h0 if dtype is None else h0.to(dtype)
-    x["cu_seqlens"] = torch.tensor(case.offsets, dtype=torch.int32)
-    return x
+    return varlen.packed_inputs(case, make_inputs(case.packed_case(), dtype), "initial_state", (case.d, case.n), dtype)
 
 
 def repro(name, case, note=""):
@@ -95,23 +63,13 @@ def magnitudes(x64, weights=None):
     raw = x64["delta"] if x64["delta_bias"] is None else x64["delta"] + x64["delta_bias"][:, None]
     dt = F.softplus(raw) if x64["delta_softplus"] else raw
     grad = weights is not None
-    leaves = {k: x64[k].abs().requires_grad_(grad) for k in ("u", "B", "C", "D", "initial_state") if x64[k] is not None}
-    if x64["z"] is not None:
-        leaves["z"] = x64["z"].clone().requires_grad_(grad)
+    leaves = varlen.abs_leaves(x64, ("u", "B", "C", "D", "initial_state"), grad)
     n = x64["A"].shape[1]
     decay = torch.exp(dt[..., None] * x64["A"][:, None, :])                       # (1, d, l, n)
     B = _time_last(leaves["B"], d)
     X = (dt.abs() * leaves["u"])[..., None] * B                                   # |dt B u|
-    states, previous = [], []
     h0s = leaves.get("initial_state", torch.zeros(len(offsets) - 1, d, n, dtype=torch.float64))
-    lasts = []
-    for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
-        h = h0s[i:i + 1]
-        for t in range(a, e):
-            previous.append(h)
-            h = decay[:, :, t] * h + X[:, :, t]
-            states.append(h)
-        lasts.append(h)
+    states, previous, lasts = varlen.run_sequences(offsets, h0s, lambda h, t: decay[:, :, t] * h + X[:, :, t])
     H = torch.stack(states, 2) if states else decay                              # (1, d, l, n)
     y = (H * _time_last(leaves["C"], d)).sum(-1)
     if "D" in leaves:
@@ -121,19 +79,26 @@ def magnitudes(x64, weights=None):
     last = torch.cat(lasts)
     if not grad:
         return y.detach(), last.detach(), None
-    loss = (y * weights[0].abs()).sum() + (last * weights[1].abs()).sum()
-    grads = torch.autograd.grad(loss, [X, *leaves.values()], allow_unused=True)
-    lam = grads[0] if grads[0] is not None else torch.zeros_like(X)   # None when l = 0
-    sums = {k: (torch.zeros_like(v) if g is None else g.abs()) for (k, v), g in zip(leaves.items(), grads[1:])}
+    lam, sums = varlen.adjoints(y, last, weights, X, leaves)
     before = torch.stack(previous, 2) if previous else decay                    # h_{t-1}
+    sums.update(decay_sums(x64, raw, dt, decay, lam, before, B))
+    return y.detach(), last.detach(), sums
+
+
+def decay_sums(x64, raw, dt, decay, lam, before, B):
+    """Sums of |summands| of the gradients of A, delta and delta_bias, from each step's decay term
+    Ā_t lambda_t h_{t-1} (>= 0) and input term by the chain rule, with |A| and |dt| so that no sign
+    cancels: decay (b, d, l, n), lam the adjoint dL/dh_t and before h_{t-1}, both (b, d, l, n);
+    raw and dt (b, d, l) before and after softplus; B (b, d or 1, l, n) as |B|."""
     decay_terms = (decay * lam * before).detach()                                 # Ā_t lambda_t h_{t-1}
-    sums["A"] = (dt.abs()[..., None] * decay_terms).sum((0, 2))
+    sums = dict(A=(dt.abs()[..., None] * decay_terms).sum((0, 2)))
+    # softplus' derivative, exactly 1 above its threshold (20) where softplus is the identity
     dsoftplus = torch.where(raw > 20, 1.0, torch.sigmoid(raw)) if x64["delta_softplus"] else 1.0
     sums["delta"] = dsoftplus * ((x64["A"].abs()[:, None, :] * decay_terms).sum(-1)
-                                 + (lam.detach() * B.detach()).sum(-1) * leaves["u"].detach())
+                                 + (lam.detach() * B.detach()).sum(-1) * x64["u"].abs())
     if x64["delta_bias"] is not None:
         sums["delta_bias"] = sums["delta"].sum((0, 2))
-    return y.detach(), last.detach(), sums
+    return sums
 
 
 
@@ -147,7 +112,7 @@ def chunk_starts(name, case):
         from impls.selective import parallel
 
         x = packed_inputs(case)
-        p = parallel._Plan(x["u"], x["A"], x["B"], x["C"])
+        p = parallel.Plan(x["u"], x["A"], x["B"], x["C"])
         return sorted({a + k * p.T for a, _ in p.segments for k in range(p.K) if a + k * p.T < max(case.l, 1)})
     if name == "recurrent":
         return list(range(max(case.l, 1)))

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from impls.frontdoor import compute_dtype
 
-DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
+from ..inputs import DTYPES, materialize
 REGIMES = ("mamba2", "stress", "slow")
 DT_LIMITS = {"default": (0.0, float("inf")), "tight": (0.01, 0.05)}
 EXTREME_RAW_DT = (-30.0, -0.5, 19.5, 20.5, 25.0, 100.0)
@@ -77,13 +77,6 @@ class SSDCase:
         return dataclasses.replace(new, g=math.gcd(self.g, new.h))
 
 
-def _strided(x):
-    """The same values as a non-contiguous view (every other element of a twice-as-long last axis)."""
-    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
 def make_inputs(case, dtype=None):
     """Keyword arguments for impls.ssd_scan for ``case`` (all but chunk_size).
 
@@ -131,14 +124,7 @@ def make_inputs(case, dtype=None):
                   D=None if case.D == "none" else (D, f), z=(z, in_dtype) if case.z else None,
                   dt_bias=(bias, f) if case.dt_bias else None,
                   initial_states=(h0, f) if case.initial_states else None)
-    out = {}
-    for k, v in values.items():
-        if v is None:
-            out[k] = None
-            continue
-        t = v[0].to(v[1])                        # round to what the implementation receives
-        t = t if dtype is None else t.to(dtype)
-        out[k] = _strided(t) if case.strided else t
+    out = materialize(values, dtype, case.strided)
     out["dt_softplus"] = case.softplus
     out["dt_limit"] = DT_LIMITS[case.dt_limit]
     return out

@@ -1,7 +1,8 @@
 """The SSD's own packed-sequence interface: the official ``seq_idx`` semantics (a new sequence
 wherever the label changes, negative labels padding) and ``return_varlen_states``, checked against
-cu_seqlens and against each sequence scanned alone. The packed properties every family shares are
-in equivalence/test_varlen.py."""
+cu_seqlens and against each sequence scanned alone, and its errors at the front door. The packed
+properties every family shares are in equivalence/test_varlen.py, their errors in
+equivalence/test_varlen_errors.py."""
 
 import pytest
 import torch
@@ -114,3 +115,47 @@ def test_seq_idx_padding_contributes_nothing_and_outputs_zeros(ssd_varlen_impl):
             torch.testing.assert_close(out[r, a:e].double(), want[0], rtol=1e-5, atol=1e-6)
             if j == len(runs[r]) - 1:
                 torch.testing.assert_close(final[r].double(), want_final[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ seq_idx at the front door
+
+ERRORS_CASE = SSDVarlenCase(lengths=(3, 0, 5), h=2, p=3, n=4, chunk_size=4, seed=1)   # l = 8, nseq = 3
+
+
+def _x(**changes):
+    return {**packed_inputs(ERRORS_CASE), **changes}
+
+
+def i32(*v):
+    return torch.tensor(v, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("seq_idx, error, says", [
+    (torch.zeros(1, 8, dtype=torch.int64), ValueError, "seq_idx.*int32"),
+    (torch.zeros(1, 7, dtype=torch.int32), ValueError, "seq_idx.*shape"),
+    (torch.zeros(2, 8, dtype=torch.int32), ValueError, "seq_idx.*shape"),
+    ([[0] * 8], TypeError, "seq_idx.*Tensor"),
+    (i32(0, 0, 1, 1, 1, 1, 1, 1)[None], ValueError, "seq_idx.*boundaries of cu_seqlens"),    # 2 | 6, not 3 | 5
+    (i32(0, 0, 0, 1, 1, 1, 1, 0)[None], ValueError, "seq_idx.*boundaries of cu_seqlens"),    # a third sequence
+    (i32(0, 0, 0, 1, 1, 1, -1, -1)[None], ValueError, "seq_idx.*boundaries of cu_seqlens"),  # padding
+])
+def test_malformed_seq_idx_with_cu_seqlens(seq_idx, error, says):
+    with pytest.raises(error, match=says):
+        impls.ssd_scan(**_x(seq_idx=seq_idx), impl="loop")
+
+
+def test_seq_idx_matching_cu_seqlens_is_accepted():
+    out = impls.ssd_scan(**_x(seq_idx=i32(4, 4, 4, 2, 2, 2, 2, 2)[None]), impl="loop")
+    assert torch.equal(out, impls.ssd_scan(**_x(), impl="loop"))
+
+
+def test_varlen_states_need_cu_seqlens():
+    x = _x(cu_seqlens=None, initial_states=None, seq_idx=torch.zeros(1, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="return_varlen_states.*cu_seqlens"):
+        impls.ssd_scan(**x, return_varlen_states=True, impl="loop")
+
+
+def test_initial_states_are_one_per_row_with_seq_idx_alone():
+    x = _x(cu_seqlens=None, seq_idx=torch.zeros(1, 8, dtype=torch.int32), initial_states=torch.zeros(3, 2, 3, 4))
+    with pytest.raises(ValueError, match="initial_states"):
+        impls.ssd_scan(**x, impl="loop")

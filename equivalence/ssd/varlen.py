@@ -15,39 +15,10 @@ from .. import varlen
 from ..tolerance import ssd_terms
 from .cases import DTYPES, SSDCase, make_inputs
 
-@dataclasses.dataclass(frozen=True)
-class SSDVarlenCase:
-    """A packed SSD call: sequence lengths and the options of equivalence.ssd.SSDCase (b = 1);
-    initial_states, when on, are one per sequence (nseq, h, p, n)."""
-    lengths: tuple
-    h: int
-    p: int
-    n: int
-    g: int = 1
-    dtype: str = "f32"
-    regime: str = "mamba2"
-    D: str = "h"
-    z: bool = True
-    dt_bias: bool = True
-    softplus: bool = True
-    dt_limit: str = "default"
-    initial_states: bool = True
-    chunk_size: int = 8
-    seed: int = 0
-
-    @property
-    def id(self):
-        opts = "".join(f"-{k}" for k in ("z", "dt_bias", "softplus", "initial_states") if getattr(self, k))
-        return (f"lens{'_'.join(map(str, self.lengths))}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-{self.dtype}-"
-                f"{self.regime}-D{self.D}-lim{self.dt_limit}{opts}-cs{self.chunk_size}-s{self.seed}")
-
-    offsets, l, nseq = varlen.OFFSETS, varlen.TOTAL, varlen.NSEQ
-
-    def packed_case(self):
-        """The SSDCase whose (1, l, h, p) inputs are the packed inputs."""
-        return SSDCase(b=1, l=self.l, h=self.h, p=self.p, n=self.n, g=self.g, dtype=self.dtype, regime=self.regime,
-                       D=self.D, z=self.z, dt_bias=self.dt_bias, softplus=self.softplus, dt_limit=self.dt_limit,
-                       chunk_size=self.chunk_size, seed=self.seed)
+# Every option of SSDCase but strided inputs and extreme_dt; per-sequence initial states
+# (nseq, h, p, n) on by default, and chunks of 8
+SSDVarlenCase = varlen.packed_case_type(SSDCase, "SSDVarlenCase", __name__, "initial_states",
+                                        drop=("strided", "extreme_dt"), initial_states=True, chunk_size=8)
 
 
 @st.composite
@@ -71,14 +42,8 @@ def packed_inputs(case, dtype=None):
     """impls.ssd_scan keyword arguments for the packed call: x, z (1, l, h, p), dt (1, l, h), B, C
     (1, l, g, n), initial_states (nseq, h, p, n) or None, cu_seqlens (nseq + 1,) int32, chunk_size,
     dt_softplus, dt_limit. With dtype=torch.float64, the same values in float64."""
-    x = make_inputs(case.packed_case(), dtype)
-    x["initial_states"] = None
-    if case.initial_states:
-        gen = torch.Generator().manual_seed(case.seed + 7)
-        h0 = torch.randn(case.nseq, case.h, case.p, case.n, generator=gen, dtype=torch.float64)
-        h0 = h0.to(compute_dtype(DTYPES[case.dtype]))
-        x["initial_states"] = h0 if dtype is None else h0.to(dtype)
-    x["cu_seqlens"] = torch.tensor(case.offsets, dtype=torch.int32)
+    x = varlen.packed_inputs(case, make_inputs(case.packed_case(), dtype), "initial_states",
+                             (case.h, case.p, case.n), dtype)
     x["chunk_size"] = case.chunk_size
     return x
 
@@ -100,21 +65,12 @@ def magnitudes(x64, weights=None):
     dt = effective_dt(x64["dt"], x64["dt_bias"], x64["dt_softplus"], x64["dt_limit"], torch.float64)   # (1, l, h)
     decay = torch.exp(dt * x64["A"])
     grad = weights is not None
-    leaves = {k: x64[k].abs().requires_grad_(grad)
-              for k in ("x", "B", "C", "D", "initial_states") if x64[k] is not None}
-    if x64["z"] is not None:
-        leaves["z"] = x64["z"].clone().requires_grad_(grad)
+    leaves = varlen.abs_leaves(x64, ("x", "B", "C", "D", "initial_states"), grad)
     B, C = per_head(leaves["B"], h), per_head(leaves["C"], h)                                 # (1, l, h, n)
     inp = (dt.abs()[..., None] * leaves["x"])[..., None] * B[:, :, :, None, :]                # (1, l, h, p, n)
     h0s = leaves.get("initial_states", torch.zeros(len(offsets) - 1, h, p, n, dtype=torch.float64))
-    states, previous, lasts = [], [], []
-    for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
-        state = h0s[i:i + 1]
-        for t in range(a, e):
-            previous.append(state)
-            state = decay[:, t, :, None, None] * state + inp[:, t]
-            states.append(state)
-        lasts.append(state)
+    states, previous, lasts = varlen.run_sequences(offsets, h0s,
+                                                   lambda state, t: decay[:, t, :, None, None] * state + inp[:, t])
     H = torch.stack(states, 1) if states else inp                                           # (1, l, h, p, n)
     y = (H * C[:, :, :, None, :]).sum(-1)
     if "D" in leaves:
@@ -124,10 +80,7 @@ def magnitudes(x64, weights=None):
     last = torch.cat(lasts)
     if not grad:
         return y.detach(), last.detach(), None
-    loss = (y * weights[0].abs()).sum() + (last * weights[1].abs()).sum()
-    grads = torch.autograd.grad(loss, [inp, *leaves.values()], allow_unused=True)
-    lam = grads[0] if grads[0] is not None else torch.zeros_like(inp)                         # dL/dh_t
-    sums = {k: (torch.zeros_like(v) if g is None else g.abs()) for (k, v), g in zip(leaves.items(), grads[1:])}
+    lam, sums = varlen.adjoints(y, last, weights, inp, leaves)                                # lambda: dL/dh_t
     before = torch.stack(previous, 1).detach() if previous else inp.detach()                  # h_{t-1}
     decay_terms = (decay[..., None, None] * lam * before).sum((-1, -2))                       # (1, l, h)
     input_terms = ((lam * B[:, :, :, None, :].detach()).sum(-1) * x64["x"].abs()).sum(-1)     # (1, l, h)

@@ -53,7 +53,7 @@ WRAPS = "transformers"   # the package whose version the pytest header shows bes
 
 
 @functools.lru_cache(maxsize=None)
-def _torch_functions():
+def torch_functions():
     """transformers' two torch functions, without the hub/mamba_ssm dispatching decorator."""
     from transformers.models.mamba2 import modeling_mamba2 as m
 
@@ -86,7 +86,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
         NotImplementedError: for the declared gaps listed in the module docstring.
     """
     _refuse("mamba2_chunk_scan", D, x, (seq_idx, cu_seqlens, return_varlen_states))
-    scan, _ = _torch_functions()
+    scan, _ = torch_functions()
     out, final_states = scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
                              dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=True)
     if z is not None:  # as MambaRMSNormGated: in float32, y * silu(z)
@@ -108,7 +108,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
         NotImplementedError: for a dt_limit other than the default, and float64 inputs.
     """
     _refuse("mamba2_selective_state_update", D, x, dt_limit=dt_limit)
-    _, step = _torch_functions()
+    _, step = torch_functions()
     h, p, n = state.shape[1], state.shape[2], state.shape[3]
     # the tied form Mamba2Mixer passes: zero-stride views over p (and n for A)
     A_tied = A[:, None, None].expand(h, p, n)

@@ -88,7 +88,7 @@ Q_PER_STEP_FROM = 1 << 16    # backward: reduce q per step from this many elemen
 _workspace = threading.local()
 
 
-class _Plan:
+class Plan:
     """Sizes of one call. The sequence is cut into segments of L = K*T tokens, run one after
     another; a segment into K chunks of T tokens, run side by side. Only the last segment is
     padded. Channels are G groups of dG (G is the lcm of B's and C's group counts)."""
@@ -579,7 +579,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         (b, d, n) in the compute dtype (float32, or float64 for float64 inputs); (nseq, d, n)
         with cu_seqlens
     """
-    plan = _Plan(u, A, B, C, None if cu_seqlens is None else cu_seqlens.tolist())
+    plan = Plan(u, A, B, C, None if cu_seqlens is None else cu_seqlens.tolist())
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         y, last = _SelectiveScan.apply(*tensors, delta_softplus, plan)

@@ -22,11 +22,10 @@ types and dtypes).
 """
 
 import math
-import numbers
 
 import torch
 
-from ..frontdoor import INPUT_DTYPES, check_device, check_dtype, fail, check_shape, check_tensor, check_no_overlap, compute_dtype
+from ..frontdoor import INPUT_DTYPES, check_chunk_size, check_device, check_dtype, fail, check_shape, check_tensor, check_no_overlap, compute_dtype
 
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
 
@@ -40,14 +39,6 @@ def check_dt_limit(where, dt_limit):
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         fail(ValueError, where, "dt_limit", "a pair (lo, hi) with lo <= hi", repr(dt_limit))
     return lo, hi
-
-
-def check_chunk_size(where, chunk_size):
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
-        fail(TypeError, where, "chunk_size", "a positive integer", repr(chunk_size))
-    if chunk_size < 1:
-        fail(ValueError, where, "chunk_size", "a positive integer", repr(chunk_size))
-    return int(chunk_size)
 
 
 def _check(where, named, lead, time):

@@ -15,9 +15,9 @@ from hypothesis import example, given
 import impls
 from impls.ssd.mapped import to_selective
 
-from .reference import window_sums
-from .ssd import SSDCase, cases, reference_inputs, scales
-from .tolerance import assert_close, ssd_terms
+from ..reference import window_sums
+from ..tolerance import assert_close, ssd_terms
+from . import SSDCase, cases, reference_inputs, scales
 
 pytestmark = pytest.mark.family("ssd")
 

@@ -1,12 +1,17 @@
-"""The spec itself: the float64 loop against an independent closed-form evaluation."""
+"""The Mamba-1 spec itself: the float64 loop against an independent closed-form evaluation
+(equivalence/reference.py). The SSD's is equivalence/ssd/test_reference.py."""
 
+import pytest
 import torch
 from hypothesis import example, given
 
 from impls import selective_scan
-from .selective import Case, cases, reference_inputs
-from .reference import quadratic_form_scan
-from .tolerance import assert_close, terms
+
+from ..reference import quadratic_form_scan
+from ..tolerance import assert_close, terms
+from . import Case, cases, reference_inputs
+
+pytestmark = pytest.mark.family("selective")
 
 
 @example(case=Case(b=1, d=1, n=1, l=1))
