@@ -12,15 +12,21 @@ its own gamma and through the next token's beta (the trapezoid's shifted term):
 
 for a chunk starting at token c0, where H' = h_{c0-1} + delta_{c0} v_{c0-1} k~_{c0-1}^T folds the
 shifted term that crosses the chunk boundary into the state the chunk starts from (v_{c0-1} and
-k~_{c0-1} are the previous chunk's last token, or the input v and k states). So:
+k~_{c0-1} are the previous chunk's last token, or the input v and k states). Only the first chunk
+of a sequence folds it explicitly; every later boundary's term is the previous chunk's last token
+weighted by gamma + delta of the next token, so it is already in the previous chunk's S. So:
     1. angles: within each chunk a cumulative sum of pi tanh(Angles) DT; between chunks the
        end angle carried sequentially and reduced mod 2 pi (so float32 keeps its precision
        however long the sequence); then q~, k~ rotated (bias first, interleaved pairs).
     2. intra-chunk: y_t = sum_{s <= t} (q~_t . k~_s) w(t, s) v_s (the quadratic form);
-       each chunk's own state contribution is row T-1 of w: S_c = sum_s w(last, s) v_s k~_s^T.
+       each chunk's own contribution to the next chunk's H' is
+       S_c = sum_s (gamma_s + delta_{s+1}) exp(seg(last, s)) v_s k~_s^T, delta_{s+1} read across the
+       chunk boundary (0 past the end of the sequence, so the last chunk gives the true final state).
     3. the state pass, one chunk after another in the compute dtype:
-       H'_c = H_c + delta_{c0} v_prev k_prev^T;  H_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c.
+       H'_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c.
     4. inter-chunk readout: y_t += exp(a_{c0} + ... + a_t) H'_c q~_t.
+Exactly four batched matrix products per (chunk, head): q~ k~^T, (q~ k~^T o W) V, the chunk state and
+the readout (benchmarks/mamba3_grid.py times these alone as the floor); the rest is elementwise.
 
 Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
     - every segment sum is a masked cumulative sum over exactly its own terms, never a difference
@@ -30,11 +36,19 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
       token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. (A non-finite V is
       still smeared over its chunk's earlier outputs by the intra-chunk matmul, 0 x inf = NaN:
       not handled here, a declared gap.)
-    - chunk_size is any positive integer, l need not be a multiple of it, and with cu_seqlens no
-      chunk straddles two sequences: chunks are cut per sequence, the short last chunk of each is
-      padded by selects (zero decay, zero weight), and the state pass restarts every sequence
-      from its own row of Input_States, the angle sum and the k, v states included.
-Memory holds every chunk's (T, T) matrices and states at once (no blocking yet).
+    - chunk_size is any positive integer and l need not be a multiple of it: the last chunk of a
+      sequence is simply shorter (no padding). With cu_seqlens each sequence is scanned alone from
+      its own row of Input_States, the angle sum and the k, v states included, so no chunk
+      straddles two sequences.
+
+Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens, one block after another,
+carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
+written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
+chunk states, whatever l is. With gradients, each block runs under torch.utils.checkpoint: autograd
+keeps only each block's carried states (h p n + small per block) and recomputes the block's
+intermediates during the backward, so memory beyond inputs, output and gradients stays a block's
+working set plus those carried states (l / BLOCK_TOKENS of them), at the price of a second forward
+inside the backward.
 
 MIMO (``mamba3_mimo``) is the same algorithm with a rank axis R beside time (the official kernel's
 (c r) rows): token s's R pairs (v~_{s,r}, k~_{s,r}) share its weight w(t, s), so
@@ -46,11 +60,18 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..frontdoor import compute_dtype
-from .loop import mimo_read_out, norm_weight, per_head, rotate, rotate_halves, zero_mimo_states, zero_states
+from .loop import mimo_read_out, norm_weight, rotate, rotate_halves, zero_mimo_states, zero_states
 
 TWO_PI = 2 * math.pi
+# Tokens per block: a few chunks, so that one block's working set (q~ and k~ at h n floats a token,
+# the (T, T) weights at h T, the chunk states at h p n a chunk) is a few MiB and the per-block
+# Python overhead is small beside its matmuls.
+BLOCK_TOKENS = 256
+# Recompute each block in the backward rather than keep its intermediates (memory independent of l).
+CHECKPOINT_BLOCKS = True
 
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
@@ -65,18 +86,21 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_states(S, h, p, n, n_ang, f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
-    q = (per_head(Q.to(f), h) + Q_bias.to(f))[:, :, None]                   # rank 1: (b, l, 1, h, n)
-    k = (per_head(K.to(f), h) + K_bias.to(f))[:, :, None]
     v = V.to(f)
-    y, (angle, ssm, k_last, v_last) = scan_chunks(q, k, v, None, ADT, DT, Trap, Angles,
-                                                  (init[0], init[1], init[2][:, None], init[3]),
-                                                  int(chunk_size), cu_seqlens, rotate)
-    y = y[:, :, 0]
-    if D is not None:
-        y = y + D.to(f)[:, None] * v
-    if Z is not None:
-        y = y * F.silu(Z.to(f))
-    out = y.to(V.dtype)
+    D_f = None if D is None else D.to(f)[:, None]
+
+    def finish(y, t0, t1):  # y (b, L, 1, h, p), tokens t0:t1 -> out (b, L, h, p) in V's dtype
+        y = y[:, :, 0]
+        if D_f is not None:
+            y = y + D_f * v[:, t0:t1]
+        if Z is not None:
+            y = y * F.silu(Z[:, t0:t1].to(f))
+        return y.to(V.dtype)
+
+    out, (angle, ssm, k_last, v_last) = scan_chunks(
+        Q.to(f)[:, :, None], K.to(f)[:, :, None], v, None, ADT, DT, Trap, Angles,
+        (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate,
+        q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], finish=finish)
     return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
 
 
@@ -96,114 +120,174 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_mimo_states(S, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
-    q = per_head(Q.to(f), h) + Q_bias.to(f).transpose(0, 1)                 # (b, l, R, h, n)
-    k = per_head(K.to(f), h) + K_bias.to(f).transpose(0, 1)
     v, up = V.to(f), MIMO_V.to(f).transpose(0, 1)                            # (b, l, h, p), (R, h, p)
-    y, states = scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens, rotate_halves)
-    out = mimo_read_out(y, v[:, :, None] * up, cast(D), cast(Z), cast(MIMO_Z), cast(MIMO_Out),
-                        fuse_pregate_headwise_rms_norm, norm_weight(outproj_norm_weight, h, p, f), outproj_norm_eps)
-    out = out.to(V.dtype)
+    D_f, Z_f, MIMO_Z_f, MIMO_Out_f = cast(D), cast(Z), cast(MIMO_Z), cast(MIMO_Out)
+    weight = norm_weight(outproj_norm_weight, h, p, f)
+
+    def finish(y, t0, t1):  # y (b, L, R, h, p), tokens t0:t1 -> out in V's dtype
+        z = None if Z_f is None else Z_f[:, t0:t1]
+        return mimo_read_out(y, v[:, t0:t1, None] * up, D_f, z, MIMO_Z_f, MIMO_Out_f,
+                             fuse_pregate_headwise_rms_norm, weight, outproj_norm_eps).to(V.dtype)
+
+    out, states = scan_chunks(Q.to(f), K.to(f), v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens,
+                              rotate_halves, q_bias=Q_bias.to(f).transpose(0, 1), k_bias=K_bias.to(f).transpose(0, 1),
+                              finish=finish)
     return (out, *states) if return_state else out
 
 
-def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot):
-    """The chunked scan up to y_{t,r} = h_t q~_{t,r}, in the compute dtype of q.
+def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
+                finish=None):
+    """The chunked scan up to y_{t,r} = h_t q~_{t,r} (or, with finish, the finished output), in the
+    compute dtype of q, block after block.
 
-    q, k: (b, l, R, h, n) biased, not yet rotated; v: (b, l, h, p) raw; up: (R, h, p), the MIMO_V
-    projection v~_{t,r} = v_t * up[r], or None (rank 1, v~ = v); ADT, DT, Trap: (b, h, l);
-    Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang), ssm (S, h, p, n), k (S, R, h, n),
-    v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,) with b = 1; rot: the pairing
-    (rotate or rotate_halves). Returns y (b, l, R, h, p) and the final states, shaped as init.
+    q, k: (b, l, R, h_qk, n) not yet biased nor rotated, head i reading head i // (h / h_qk);
+    v: (b, l, h, p) raw; up: (R, h, p), the MIMO_V projection v~_{t,r} = v_t * up[r], or None
+    (rank 1, v~ = v); ADT, DT, Trap: (b, h, l); Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang),
+    ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,)
+    with b = 1; rot: the pairing (rotate or rotate_halves); q_bias, k_bias: (R, h, n) or None;
+    finish: None, or a function (y (b, L, R, h, p), t0, t1) -> the output of tokens t0:t1, applied
+    block by block so that no whole-length intermediate is made.
+    Returns the output (y (b, l, R, h, p) without finish) and the final states, shaped as init.
     """
-    b, l, R, h, n = q.shape
-    p, n_ang = v.shape[-1], Angles.shape[-1]
-    f, dev = q.dtype, q.device
-    packed = cu_seqlens is not None
-    bounds = list(zip(*(lambda o: (o, o[1:]))(cu_seqlens.tolist()))) if packed else [(0, l)]
-    rows = (lambda i: slice(i, i + 1)) if packed else (lambda i: slice(0, b))
-    project = (lambda x: x[..., None, :, :]) if up is None else (lambda x: x[..., None, :, :] * up)  # v -> v~ per rank
-
-    a, dt = ADT.to(f).transpose(1, 2), DT.to(f).transpose(1, 2)             # (b, l, h)
-    lam = torch.sigmoid(Trap.to(f).transpose(1, 2))
-    gamma, delta = lam * dt, (1 - lam) * dt
-    inc = math.pi * torch.tanh(Angles.to(f)) * dt[..., None]                 # (b, l, h, n_ang)
-
-    # chunks, cut per sequence: (start, end, sequence); none straddles two sequences
-    chunks = [(c0, min(c0 + T, e), i) for i, (s, e) in enumerate(bounds) for c0 in range(s, e, T)]
-    C = len(chunks)
-    finals = {}
-    if not C:
-        y = v.new_zeros(b, 0, R, h, p)
+    b, l = q.shape[:2]
+    h = v.shape[-2]
+    finish = finish or (lambda y, t0, t1: y)
+    if cu_seqlens is None:
+        sequences = [(slice(0, b), 0, l, init)]
     else:
-        starts = torch.tensor([c[0] for c in chunks], device=dev)
-        ends = torch.tensor([c[1] for c in chunks], device=dev)
-        pos = starts[:, None] + torch.arange(T, device=dev)                  # (C, T)
-        valid = pos < ends[:, None]
-        idx = torch.minimum(pos, ends[:, None] - 1)
+        offsets = cu_seqlens.tolist()
+        sequences = [(slice(0, 1), s, e, tuple(x[i:i + 1] for x in init))
+                     for i, (s, e) in enumerate(zip(offsets, offsets[1:]))]
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, *init))
+    pieces, out, finals = [], None, []
+    for rows, s, e, (angle, H, k_prev, v_prev) in sequences:
+        if e > s:
+            # fold the shifted term of the sequence's first token into the state it starts from:
+            # H' = H + delta_s v~_prev k~_prev^T (later boundaries are folded by the chunk states)
+            lam = torch.sigmoid(Trap[rows, :, s].to(H.dtype))
+            delta = (1 - lam) * DT[rows, :, s].to(H.dtype)
+            v_up = v_prev[:, None] if up is None else v_prev[:, None] * up     # (b, R, h, p)
+            H = H + delta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_up, k_prev)
+        # blocks of whole chunks, then the sequence's shorter last chunk alone
+        whole = s + (e - s) // T * T
+        step = max(1, BLOCK_TOKENS // T) * T
+        cuts = [(t0, min(t0 + step, whole), T) for t0 in range(s, whole, step)]
+        if e > whole:
+            cuts.append((whole, e, e - whole))
+        for t0, t1, Tb in cuts:
+            nxt = slice(t1, t1 + 1) if t1 < e else None   # the token after the block (its delta), if any
+            args = (q[rows, t0:t1], k[rows, t0:t1], v[rows, t0:t1], up, ADT[rows, :, t0:t1], DT[rows, :, t0:t1],
+                    Trap[rows, :, t0:t1], None if nxt is None else DT[rows, :, nxt],
+                    None if nxt is None else Trap[rows, :, nxt], Angles[rows, t0:t1], angle, H, q_bias, k_bias)
+            run = lambda *a, t0=t0, t1=t1, Tb=Tb: _finished_block(*a, Tb=Tb, rot=rot, finish=finish, t0=t0, t1=t1)
+            if grad and CHECKPOINT_BLOCKS:
+                y, angle, H, k_prev, v_prev = checkpoint(run, *args, use_reentrant=False)
+            else:
+                y, angle, H, k_prev, v_prev = run(*args)
+            if grad:
+                pieces.append(y)
+            else:  # written into the output as it comes: no whole-length list of pieces
+                if out is None:
+                    out = y.new_empty((b, l) + y.shape[2:])
+                out[:, t0:t1] = y
+        finals.append((angle, H, k_prev, v_prev))
+    if grad:
+        out = torch.cat(pieces, 1) if pieces else None
+    if out is None:  # l = 0: the output's shape from finish on an empty y
+        R, p = q.shape[2], v.shape[-1]
+        out = finish(v.new_zeros(b, 0, R, h, p), 0, 0)
+    if cu_seqlens is None:
+        return out, finals[0]
+    if not finals:  # no sequences at all (cu_seqlens = [0])
+        return out, tuple(s[:0] for s in init)
+    return out, tuple(torch.cat(parts, 0) for parts in zip(*finals))
 
-        def gather(x):  # (b, l, ...) -> (b, C, T, ...), padding set to 0 by a select
-            g = x[:, idx]
-            return torch.where(valid.view(1, C, T, *([1] * (g.dim() - 3))), g, 0.0)
 
-        a_c, g_c, d_c, v_c = gather(a), gather(gamma), gather(delta), gather(v)
-        vr = project(v_c)                                                    # v~ (b, C, T, R, h, p)
-        # 1. angles: cumulative within the chunk, the chunk's start angle carried sequentially
-        cs = gather(inc).cumsum(2)                                           # (b, C, T, h, n_ang)
-        theta0, first = [], set()
-        for c, (c0, c1, i) in enumerate(chunks):
-            if c == 0 or chunks[c - 1][2] != i:
-                first.add(c)
-                start = init[0][rows(i)]
-            theta0.append(start)
-            start = torch.remainder(start + cs[:, c, -1], TWO_PI)
-            if c == C - 1 or chunks[c + 1][2] != i:
-                finals[i] = [start]
-        theta = torch.remainder(torch.stack(theta0, 1)[:, :, None] + cs, TWO_PI)[:, :, :, None]  # every rank
-        keep = valid[None, :, :, None, None, None]
-        qr = torch.where(keep, rot(gather(q), theta), 0.0)                   # q~ (b, C, T, R, h, n)
-        kr = torch.where(keep, rot(gather(k), theta), 0.0)                   # k~
+def _finished_block(*args, Tb, rot, finish, t0, t1):
+    y, *states = scan_block(*args, Tb=Tb, rot=rot)
+    return (finish(y, t0, t1), *states)
 
-        # 2. intra-chunk. Per head, time last: (b, C, h, T)
-        a_h, g_h, d_h = (x.permute(0, 1, 3, 2) for x in (a_c, g_c, d_c))
-        ar = torch.arange(T, device=dev)
-        later = ar[:, None] > ar[None, :]                                    # [t, s]: t > s
-        # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
-        seg = torch.where(later, a_h[..., :, None], 0.0).cumsum(-2)          # (b, C, h, T, T)
-        shifted = torch.cat((d_h[..., 1:], torch.zeros_like(d_h[..., :1])), -1)  # delta_{s+1} in the chunk
-        w = torch.where(later, torch.exp(seg) * (g_h + shifted)[..., None, :],
-                        torch.where(ar[:, None] == ar[None, :], g_h[..., None, :], 0.0))
-        causal = (later | (ar[:, None] == ar[None, :]))[:, None, :, None]     # [t, ., s, .]
-        scores = torch.einsum("bctRhn,bcsrhn->bchtRsr", qr, kr)
-        P = torch.where(causal, scores * w[:, :, :, :, None, :, None], 0.0)
-        y = torch.einsum("bchtRsr,bcsrhp->bctRhp", P, vr)
-        # each chunk's own contribution to its end state: row T-1 of w (padding has zero decay and weight)
-        S_c = torch.einsum("bchs,bcsrhp,bcsrhn->bchpn", w[..., -1, :], vr, kr)
-        from_start = torch.exp(a_h.cumsum(-1))                               # exp(a_{c0} + ... + a_t)
 
-        # 3. the state pass, sequential in the compute dtype
-        folded = []
-        for c, (c0, c1, i) in enumerate(chunks):
-            if c in first:
-                H, k_prev, v_prev = (s[rows(i)] for s in init[1:])
-            prev = torch.einsum("brhp,brhn->bhpn", project(v_prev), k_prev)  # sum_r v~_{c0-1,r} k~_{c0-1,r}^T
-            H = H + d_h[:, c, :, 0, None, None] * prev
-            folded.append(H)
-            H = from_start[:, c, :, -1, None, None] * H + S_c[:, c]
-            last = c1 - c0 - 1
-            k_prev, v_prev = kr[:, c, last], v_c[:, c, last]
-            if i in finals and len(finals[i]) == 1 and (c == C - 1 or chunks[c + 1][2] != i):
-                finals[i] += [H, k_prev, v_prev]
+def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, *, Tb, rot):
+    """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
 
-        # 4. inter-chunk readout
-        Hc = torch.stack(folded, 1)                                          # (b, C, h, p, n)
-        inter = torch.einsum("bchpn,bctRhn->bctRhp", Hc, qr)
-        y = y + from_start.permute(0, 1, 3, 2)[:, :, :, None, :, None] * inter
-        y = y[:, valid]                                                      # (b, l, R, h, p), chunks in time order
+    q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
+    DT, Trap); dt_next, trap_next: (b, h, 1), the token after the block, or None at the end of the
+    sequence; angles: (b, L, h, n_ang); angle: (b, h, n_ang) and H: (b, h, p, n), the angle and the
+    folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None.
+    Returns y (b, L, R, h, p) (a permuted view), and the angle, H', k~ (b, R, h, n) and v (b, h, p)
+    after the block's last token.
+    """
+    b, L, R, h_qk, n = q.shape
+    h, p = v.shape[-2:]
+    C, f = L // Tb, q.dtype
+    a, dt = a.to(f), dt.to(f)
+    lam = torch.sigmoid(trap.to(f))
+    gamma, delta = lam * dt, (1 - lam) * dt                                  # (b, h, L)
+    if dt_next is None:   # past the end of the sequence: no next token, no shifted term
+        after = delta.new_zeros(b, h, 1)
+    else:
+        after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
+    coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
+    gamma, a = gamma.view(b, h, C, Tb), a.view(b, h, C, Tb)
 
-    # a sequence with no tokens keeps its initial state
-    per_seq = [finals.get(i) or [s[rows(i)] for s in init] for i in range(len(bounds))]
-    if not packed:
-        return y, tuple(per_seq[0])
-    if not per_seq:  # no sequences at all (cu_seqlens = [0])
-        return y, tuple(s[:0] for s in init)
-    return y, tuple(torch.cat(parts, 0) for parts in zip(*per_seq))
+    # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
+    inc = math.pi * torch.tanh(angles.to(f).permute(0, 2, 1, 3)) * dt[..., None]   # (b, h, L, n_ang)
+    cs = inc.reshape(b, h, C, Tb, -1).cumsum(-2)
+    starts = []
+    for c in range(C):
+        starts.append(angle)
+        angle = torch.remainder(angle + cs[:, :, c, -1], TWO_PI)
+    theta = torch.remainder(torch.stack(starts, 2)[:, :, :, None] + cs, TWO_PI)[..., None, :]  # every rank
+    qr = rot(_per_head(q, q_bias, h, Tb), theta)                             # q~ (b, h, C, Tb, R, n)
+    kr = rot(_per_head(k, k_bias, h, Tb), theta)                             # k~
+    vr = v.permute(0, 2, 1, 3).reshape(b, h, C, Tb, 1, p)
+    if up is not None:
+        vr = vr * up.permute(1, 0, 2)[:, None, None]                         # v~ (b, h, C, Tb, R, p)
+    qf, kf, vf = (x.reshape(b, h, C, Tb * R, x.shape[-1]) for x in (qr, kr, vr))   # rows (t r)
+
+    # 2. intra-chunk: W[t, s] = w(t, s) on and below the diagonal (above it: selected away below)
+    ar = torch.arange(Tb, device=q.device)
+    later = ar[:, None] > ar[None, :]                                        # [t, s]: t > s
+    # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
+    seg = torch.where(later, a[..., :, None], 0.0).cumsum(-2)                # (b, h, C, Tb, Tb)
+    EC = torch.exp(seg) * coef[..., None, :]                                 # exp(seg(t, s)) (gamma_s + delta_{s+1})
+    W = torch.where(later, EC, gamma[..., :, None])                          # the diagonal: gamma_t
+    causal = ar[:, None] >= ar[None, :]                                      # [t, s]: t >= s
+    scores = qf @ kf.transpose(-1, -2)                                       # (b, h, C, Tb R, Tb R)
+    if R == 1:
+        P = torch.where(causal, scores * W, 0.0)
+    else:
+        P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
+                        0.0).view(b, h, C, Tb * R, Tb * R)
+    y = P @ vf                                                               # (b, h, C, Tb R, p)
+    # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
+    w_last = EC[..., -1, :, None, None].expand(b, h, C, Tb, R, 1).reshape(b, h, C, Tb * R, 1)
+    S = (vf * w_last).transpose(-1, -2) @ kf                                 # (b, h, C, p, n)
+    from_start = torch.exp(a.cumsum(-1))                                     # exp(a_{c0} + ... + a_t)
+
+    # 3. the state pass, sequential in the compute dtype
+    folded = []
+    for c in range(C):
+        folded.append(H)
+        H = torch.addcmul(S[:, :, c], from_start[:, :, c, -1, None, None], H)
+
+    # 4. inter-chunk readout
+    inter = qf @ torch.stack(folded, 2).transpose(-1, -2)                    # (b, h, C, Tb R, p)
+    rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b, h, C, Tb * R, 1)
+    y = torch.addcmul(y, inter, rows)
+    y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
+    return y, angle, H, kr[:, :, -1, -1].transpose(1, 2), v[:, -1]
+
+
+def _per_head(x, bias, h, Tb):
+    """(b, L, R, h_qk, n) -> (b, h, C, Tb, R, n) + bias (R, h, n), head i reading head i // (h / h_qk),
+    made once in the layout the batched matmuls read."""
+    b, L, R, h_qk, n = x.shape
+    g = h // h_qk
+    x = x.permute(0, 3, 1, 2, 4).reshape(b, h_qk, 1, L // Tb, Tb, R, n)
+    if bias is None:
+        return x.expand(b, h_qk, g, L // Tb, Tb, R, n).reshape(b, h, L // Tb, Tb, R, n)
+    bias = bias.reshape(R, h_qk, g, n).permute(1, 2, 0, 3)[:, :, None, None]   # (h_qk, g, 1, 1, R, n)
+    return (x + bias).reshape(b, h, L // Tb, Tb, R, n)
