@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..frontdoor import compute_dtype
-from .loop import mimo_read_out, norm_weight, rotate, rotate_halves, zero_mimo_states, zero_states
+from .loop import mimo_read_out, norm_weight, rotate_halves, zero_mimo_states, zero_states
 
 TWO_PI = 2 * math.pi
 # Tokens per block: a few chunks, so that one block's working set (q~ and k~ at h n floats a token,
@@ -72,6 +72,28 @@ TWO_PI = 2 * math.pi
 BLOCK_TOKENS = 256
 # Recompute each block in the backward rather than keep its intermediates (memory independent of l).
 CHECKPOINT_BLOCKS = True
+
+
+class Workspace:
+    """Buffers reused from block to block when no gradient is taken: ``ws(name, shape, dtype)`` is the
+    same tensor every block of one shape. Why: on a CPU a fresh tensor of a few MiB is a fresh mapping
+    of pages, and faulting them in costs more than the arithmetic written into them (measured here:
+    about 15x a multiply into a reused buffer), so an out= into a reused buffer is what keeps the
+    elementwise passes near memory speed. Under autograd ``NO_WORKSPACE`` gives None for every
+    buffer, so every op (called with out=None) is the ordinary functional one autograd records."""
+
+    def __init__(self, device):
+        self.device, self.buffers = device, {}
+
+    def __call__(self, name, shape, dtype):
+        t = self.buffers.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = self.buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return t
+
+
+def NO_WORKSPACE(name, shape, dtype):
+    return None
 
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
@@ -89,17 +111,20 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     v = V.to(f)
     D_f = None if D is None else D.to(f)[:, None]
 
-    def finish(y, t0, t1):  # y (b, L, 1, h, p), tokens t0:t1 -> out (b, L, h, p) in V's dtype
-        y = y[:, :, 0]
+    def finish(y, t0, t1, ws, into):  # y (b, L, 1, h, p), tokens t0:t1 -> out (b, L, h, p) in V's dtype
+        y, shape = y[:, :, 0], (b, t1 - t0, h, p)
         if D_f is not None:
-            y = y + D_f * v[:, t0:t1]
+            y = torch.addcmul(y, v[:, t0:t1], D_f, out=ws("skip", shape, f))
         if Z is not None:
-            y = y * F.silu(Z[:, t0:t1].to(f))
-        return y.to(V.dtype)
+            z = Z[:, t0:t1].to(f)
+            gate = torch.sigmoid(z, out=ws("gate", shape, f))
+            gate = torch.mul(gate, z, out=gate if into is not None else None)   # silu(z) = z sigmoid(z)
+            return torch.mul(y, gate, out=into) if into is not None else (y * gate).to(V.dtype)
+        return into.copy_(y) if into is not None else y.to(V.dtype)
 
     out, (angle, ssm, k_last, v_last) = scan_chunks(
         Q.to(f)[:, :, None], K.to(f)[:, :, None], v, None, ADT, DT, Trap, Angles,
-        (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate,
+        (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate_pairs,
         q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], finish=finish)
     return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
 
@@ -124,14 +149,14 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     D_f, Z_f, MIMO_Z_f, MIMO_Out_f = cast(D), cast(Z), cast(MIMO_Z), cast(MIMO_Out)
     weight = norm_weight(outproj_norm_weight, h, p, f)
 
-    def finish(y, t0, t1):  # y (b, L, R, h, p), tokens t0:t1 -> out in V's dtype
+    def finish(y, t0, t1, ws, into):  # y (b, L, R, h, p), tokens t0:t1 -> out in V's dtype
         z = None if Z_f is None else Z_f[:, t0:t1]
         return mimo_read_out(y, v[:, t0:t1, None] * up, D_f, z, MIMO_Z_f, MIMO_Out_f,
                              fuse_pregate_headwise_rms_norm, weight, outproj_norm_eps).to(V.dtype)
 
     out, states = scan_chunks(Q.to(f), K.to(f), v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens,
-                              rotate_halves, q_bias=Q_bias.to(f).transpose(0, 1), k_bias=K_bias.to(f).transpose(0, 1),
-                              finish=finish)
+                              rotate_halves_cs, q_bias=Q_bias.to(f).transpose(0, 1),
+                              k_bias=K_bias.to(f).transpose(0, 1), finish=finish)
     return (out, *states) if return_state else out
 
 
@@ -144,14 +169,16 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     v: (b, l, h, p) raw; up: (R, h, p), the MIMO_V projection v~_{t,r} = v_t * up[r], or None
     (rank 1, v~ = v); ADT, DT, Trap: (b, h, l); Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang),
     ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,)
-    with b = 1; rot: the pairing (rotate or rotate_halves); q_bias, k_bias: (R, h, n) or None;
-    finish: None, or a function (y (b, L, R, h, p), t0, t1) -> the output of tokens t0:t1, applied
-    block by block so that no whole-length intermediate is made.
+    with b = 1; rot: the pairing (rotate_pairs, or rotate_halves_cs for MIMO); q_bias, k_bias:
+    (R, h, n) or None; finish: None, or a function (y (b, L, R, h, p), t0, t1, ws, into) -> the
+    output of tokens t0:t1, applied block by block so that no whole-length intermediate is made
+    (ws: a Workspace or NO_WORKSPACE; into: None, or the output's slice to write, which a finish
+    may also leave alone and return its result).
     Returns the output (y (b, l, R, h, p) without finish) and the final states, shaped as init.
     """
     b, l = q.shape[:2]
     h = v.shape[-2]
-    finish = finish or (lambda y, t0, t1: y)
+    finish = finish or (lambda y, t0, t1, ws, into: y if into is None else into.copy_(y))
     if cu_seqlens is None:
         sequences = [(slice(0, b), 0, l, init)]
     else:
@@ -162,6 +189,8 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
         x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, *init))
     pieces, out, finals = [], None, []
     for rows, s, e, (angle, H, k_prev, v_prev) in sequences:
+        # a workspace per sequence: a final state may be a view of one of its buffers
+        ws = NO_WORKSPACE if grad else Workspace(v.device)
         if e > s:
             # fold the shifted term of the sequence's first token into the state it starts from:
             # H' = H + delta_s v~_prev k~_prev^T (later boundaries are folded by the chunk states)
@@ -180,23 +209,28 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             args = (q[rows, t0:t1], k[rows, t0:t1], v[rows, t0:t1], up, ADT[rows, :, t0:t1], DT[rows, :, t0:t1],
                     Trap[rows, :, t0:t1], None if nxt is None else DT[rows, :, nxt],
                     None if nxt is None else Trap[rows, :, nxt], Angles[rows, t0:t1], angle, H, q_bias, k_bias)
-            run = lambda *a, t0=t0, t1=t1, Tb=Tb: _finished_block(*a, Tb=Tb, rot=rot, finish=finish, t0=t0, t1=t1)
-            if grad and CHECKPOINT_BLOCKS:
-                y, angle, H, k_prev, v_prev = checkpoint(run, *args, use_reentrant=False)
-            else:
-                y, angle, H, k_prev, v_prev = run(*args)
             if grad:
+                run = lambda *a, t0=t0, t1=t1, Tb=Tb: _finished_block(*a, Tb=Tb, rot=rot, finish=finish, t0=t0, t1=t1)
+                y, angle, H, k_prev, v_prev = checkpoint(run, *args, use_reentrant=False) if CHECKPOINT_BLOCKS else run(*args)
                 pieces.append(y)
-            else:  # written into the output as it comes: no whole-length list of pieces
-                if out is None:
-                    out = y.new_empty((b, l) + y.shape[2:])
+                continue
+            y, angle, H, k_prev, v_prev = scan_block(*args, Tb=Tb, rot=rot, ws=ws)
+            # finished straight into the output as it comes: no whole-length list of pieces
+            if out is None:
+                y = finish(y, t0, t1, ws, None)
+                out = y.new_empty((b, l) + y.shape[2:])
                 out[:, t0:t1] = y
+            else:
+                into = out[:, t0:t1]
+                done = finish(y, t0, t1, ws, into)
+                if done is not into:   # a finish that does not write in place (MIMO's read-out)
+                    into.copy_(done)
         finals.append((angle, H, k_prev, v_prev))
     if grad:
         out = torch.cat(pieces, 1) if pieces else None
     if out is None:  # l = 0: the output's shape from finish on an empty y
         R, p = q.shape[2], v.shape[-1]
-        out = finish(v.new_zeros(b, 0, R, h, p), 0, 0)
+        out = finish(v.new_zeros(b, 0, R, h, p), 0, 0, NO_WORKSPACE, None)
     if cu_seqlens is None:
         return out, finals[0]
     if not finals:  # no sequences at all (cu_seqlens = [0])
@@ -205,23 +239,25 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
 
 
 def _finished_block(*args, Tb, rot, finish, t0, t1):
-    y, *states = scan_block(*args, Tb=Tb, rot=rot)
-    return (finish(y, t0, t1), *states)
+    y, *states = scan_block(*args, Tb=Tb, rot=rot, ws=NO_WORKSPACE)
+    return (finish(y, t0, t1, NO_WORKSPACE, None), *states)
 
 
-def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, *, Tb, rot):
+def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, *, Tb, rot, ws):
     """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
 
     q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
     DT, Trap); dt_next, trap_next: (b, h, 1), the token after the block, or None at the end of the
     sequence; angles: (b, L, h, n_ang); angle: (b, h, n_ang) and H: (b, h, p, n), the angle and the
-    folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None.
-    Returns y (b, L, R, h, p) (a permuted view), and the angle, H', k~ (b, R, h, n) and v (b, h, p)
-    after the block's last token.
+    folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None; ws: a Workspace (its
+    buffers written in place) or NO_WORKSPACE (every op functional, for autograd).
+    Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
+    and v (b, h, p) after the block's last token.
     """
     b, L, R, h_qk, n = q.shape
     h, p = v.shape[-2:]
-    C, f = L // Tb, q.dtype
+    C, f, n_ang, TR = L // Tb, q.dtype, angles.shape[-1], Tb * R
+    inplace = ws is not NO_WORKSPACE
     a, dt = a.to(f), dt.to(f)
     lam = torch.sigmoid(trap.to(f))
     gamma, delta = lam * dt, (1 - lam) * dt                                  # (b, h, L)
@@ -231,63 +267,116 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
     coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
     gamma, a = gamma.view(b, h, C, Tb), a.view(b, h, C, Tb)
+    zero = a.new_zeros(())
 
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
-    inc = math.pi * torch.tanh(angles.to(f).permute(0, 2, 1, 3)) * dt[..., None]   # (b, h, L, n_ang)
-    cs = inc.reshape(b, h, C, Tb, -1).cumsum(-2)
+    inc = _contiguous(torch.tanh(angles.to(f).permute(0, 2, 1, 3)), ws, "inc")   # (b, h, L, n_ang)
+    inc = torch.mul(inc, (math.pi * dt)[..., None], out=inc if inplace else None)
+    cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
     starts = []
     for c in range(C):
         starts.append(angle)
         angle = torch.remainder(angle + cs[:, :, c, -1], TWO_PI)
-    theta = torch.remainder(torch.stack(starts, 2)[:, :, :, None] + cs, TWO_PI)[..., None, :]  # every rank
-    qr = rot(_per_head(q, q_bias, h, Tb), theta)                             # q~ (b, h, C, Tb, R, n)
-    kr = rot(_per_head(k, k_bias, h, Tb), theta)                             # k~
-    vr = v.permute(0, 2, 1, 3).reshape(b, h, C, Tb, 1, p)
+    theta = torch.add(torch.stack(starts, 2)[:, :, :, None], cs, out=cs if inplace else None)
+    theta = torch.remainder(theta, TWO_PI, out=theta if inplace else None)[..., None, :]   # every rank
+    cos = torch.cos(theta, out=ws("cos", theta.shape, f))
+    sin = torch.sin(theta, out=ws("sin", theta.shape, f))
+    qr = rot(_per_head(q, q_bias, h, Tb, ws, "q"), cos, sin, ws)             # q~ (b, h, C, Tb, R, n)
+    kr = rot(_per_head(k, k_bias, h, Tb, ws, "k"), cos, sin, ws)             # k~
+    vr = _contiguous(v.permute(0, 2, 1, 3), ws, "v").view(b, h, C, Tb, 1, p)
     if up is not None:
-        vr = vr * up.permute(1, 0, 2)[:, None, None]                         # v~ (b, h, C, Tb, R, p)
-    qf, kf, vf = (x.reshape(b, h, C, Tb * R, x.shape[-1]) for x in (qr, kr, vr))   # rows (t r)
+        vr = torch.mul(vr, up.permute(1, 0, 2)[:, None, None], out=ws("v~", (b, h, C, Tb, R, p), f))
+    qf, kf, vf = (x.reshape(b * h * C, TR, x.shape[-1]) for x in (qr, kr, vr))   # rows (t r), batch (b h c)
 
     # 2. intra-chunk: W[t, s] = w(t, s) on and below the diagonal (above it: selected away below)
     ar = torch.arange(Tb, device=q.device)
-    later = ar[:, None] > ar[None, :]                                        # [t, s]: t > s
+    later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]   # [t, s]: t > s, t >= s
     # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
-    seg = torch.where(later, a[..., :, None], 0.0).cumsum(-2)                # (b, h, C, Tb, Tb)
-    EC = torch.exp(seg) * coef[..., None, :]                                 # exp(seg(t, s)) (gamma_s + delta_{s+1})
-    W = torch.where(later, EC, gamma[..., :, None])                          # the diagonal: gamma_t
-    causal = ar[:, None] >= ar[None, :]                                      # [t, s]: t >= s
-    scores = qf @ kf.transpose(-1, -2)                                       # (b, h, C, Tb R, Tb R)
+    masked = torch.where(later, a[..., :, None], zero, out=ws("masked", (b, h, C, Tb, Tb), f))
+    EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
+    EC = torch.exp(EC, out=EC if inplace else None)
+    EC = torch.mul(EC, coef[..., None, :], out=EC if inplace else None)    # exp(seg(t, s)) (gamma_s + delta_{s+1})
+    W = torch.where(later, EC, gamma[..., :, None], out=masked if inplace else None)   # the diagonal: gamma_t
+    scores = torch.bmm(qf, kf.transpose(1, 2), out=ws("scores", (b * h * C, TR, TR), f))
     if R == 1:
-        P = torch.where(causal, scores * W, 0.0)
+        P = torch.mul(scores.view(W.shape), W, out=scores.view(W.shape) if inplace else None)
+        P = torch.where(causal, P, zero, out=P if inplace else None)
     else:
         P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
-                        0.0).view(b, h, C, Tb * R, Tb * R)
-    y = P @ vf                                                               # (b, h, C, Tb R, p)
+                        zero)
+    y = torch.bmm(P.reshape(b * h * C, TR, TR), vf, out=ws("y", (b * h * C, TR, p), f))
     # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
-    w_last = EC[..., -1, :, None, None].expand(b, h, C, Tb, R, 1).reshape(b, h, C, Tb * R, 1)
-    S = (vf * w_last).transpose(-1, -2) @ kf                                 # (b, h, C, p, n)
+    w_last = EC[..., -1, :, None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
+    vw = torch.mul(vf, w_last, out=ws("vw", vf.shape, f))
+    S = torch.bmm(vw.transpose(1, 2), kf, out=ws("S", (b * h * C, p, n), f)).view(b, h, C, p, n)
     from_start = torch.exp(a.cumsum(-1))                                     # exp(a_{c0} + ... + a_t)
 
-    # 3. the state pass, sequential in the compute dtype
-    folded = []
-    for c in range(C):
-        folded.append(H)
-        H = torch.addcmul(S[:, :, c], from_start[:, :, c, -1, None, None], H)
+    # 3. the state pass, sequential in the compute dtype, each H'_c written where the readout reads it
+    if inplace:
+        folded = ws("folded", (b, h, C, p, n), f)
+        folded[:, :, 0] = H
+        for c in range(1, C):
+            torch.addcmul(S[:, :, c - 1], from_start[:, :, c - 1, -1, None, None], folded[:, :, c - 1],
+                          out=folded[:, :, c])
+        H = torch.addcmul(S[:, :, -1], from_start[:, :, -1, -1, None, None], folded[:, :, -1],
+                          out=ws("H", (b, h, p, n), f))
+    else:
+        folded = []
+        for c in range(C):
+            folded.append(H)
+            H = torch.addcmul(S[:, :, c], from_start[:, :, c, -1, None, None], H)
+        folded = torch.stack(folded, 2)
 
     # 4. inter-chunk readout
-    inter = qf @ torch.stack(folded, 2).transpose(-1, -2)                    # (b, h, C, Tb R, p)
-    rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b, h, C, Tb * R, 1)
-    y = torch.addcmul(y, inter, rows)
+    inter = torch.bmm(qf, folded.view(b * h * C, p, n).transpose(1, 2), out=ws("inter", y.shape, f))
+    rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
+    y = torch.addcmul(y, inter, rows, out=y if inplace else None)
     y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
-    return y, angle, H, kr[:, :, -1, -1].transpose(1, 2), v[:, -1]
+    return y, angle, H, kr[:, :, -1, -1].transpose(1, 2).clone(), v[:, -1].clone()
 
 
-def _per_head(x, bias, h, Tb):
+def _contiguous(x, ws, name):
+    """x in contiguous memory: copied into the workspace's buffer, or a fresh copy under autograd."""
+    buffer = ws(name, x.shape, x.dtype)
+    return x.contiguous() if buffer is None else buffer.copy_(x)
+
+
+def rotate_pairs(x, cos, sin, ws):
+    """loop.rotate (interleaved pairs (2i, 2i+1) by theta_i, dimensions from 2 n_ang on unchanged) as
+    one complex product: a pair is a complex number x_{2i} + i x_{2i+1} times e^{i theta_i}, read
+    through a complex view, so the rotation is one pass where the real form makes six; with a
+    workspace it is done in place (x is then a buffer of the caller's).
+
+    x: (..., n) with n even and its last dimension contiguous; cos, sin: cos theta and sin theta,
+    broadcastable to (..., n_ang). Returns (..., n).
+    """
+    m = 2 * cos.shape[-1]
+    pairs = torch.view_as_complex(x[..., :m].unflatten(-1, (m // 2, 2)))
+    c = torch.complex(cos, sin, out=ws("e^i theta", cos.shape, pairs.dtype))
+    if ws is not NO_WORKSPACE:
+        torch.mul(pairs, c, out=pairs)
+        return x
+    turned = torch.view_as_real(pairs * c).flatten(-2)
+    return torch.cat((turned, x[..., m:]), -1) if m < x.shape[-1] else turned
+
+
+def rotate_halves_cs(x, cos, sin, ws):
+    """loop.rotate_halves (pairs (i, i + n/2) by theta_i, the MIMO pairing) from cos and sin theta."""
+    half, na = x.shape[-1] // 2, cos.shape[-1]
+    x0, x1 = x[..., :na], x[..., half:half + na]
+    return torch.cat((x0 * cos - x1 * sin, x[..., na:half], x0 * sin + x1 * cos, x[..., half + na:]), dim=-1)
+
+
+def _per_head(x, bias, h, Tb, ws, name):
     """(b, L, R, h_qk, n) -> (b, h, C, Tb, R, n) + bias (R, h, n), head i reading head i // (h / h_qk),
     made once in the layout the batched matmuls read."""
     b, L, R, h_qk, n = x.shape
-    g = h // h_qk
-    x = x.permute(0, 3, 1, 2, 4).reshape(b, h_qk, 1, L // Tb, Tb, R, n)
+    g, C = h // h_qk, L // Tb
+    x = x.permute(0, 3, 1, 2, 4).reshape(b, h_qk, 1, C, Tb, R, n)
+    shape = (b, h_qk, g, C, Tb, R, n)
     if bias is None:
-        return x.expand(b, h_qk, g, L // Tb, Tb, R, n).reshape(b, h, L // Tb, Tb, R, n)
-    bias = bias.reshape(R, h_qk, g, n).permute(1, 2, 0, 3)[:, :, None, None]   # (h_qk, g, 1, 1, R, n)
-    return (x + bias).reshape(b, h, L // Tb, Tb, R, n)
+        out = _contiguous(x.expand(shape), ws, name)
+    else:
+        bias = bias.reshape(R, h_qk, g, n).permute(1, 2, 0, 3)[:, :, None, None]   # (h_qk, g, 1, 1, R, n)
+        out = torch.add(x, bias, out=ws(name, shape, x.dtype))
+    return out.reshape(b, h, C, Tb, R, n)
