@@ -187,7 +187,11 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                      for i, (s, e) in enumerate(zip(offsets, offsets[1:]))]
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, *init))
-    pieces, out, finals = [], None, []
+    pieces, finals = [], []
+    # the output's trailing shape and dtype: finish on no tokens
+    R, p = q.shape[2], v.shape[-1]
+    empty = finish(v.new_zeros(b, 0, R, h, p), 0, 0, NO_WORKSPACE, None)
+    out = None if grad else empty.new_empty((b, l) + empty.shape[2:])
     for rows, s, e, (angle, H, k_prev, v_prev) in sequences:
         # a workspace per sequence: a final state may be a view of one of its buffers
         ws = NO_WORKSPACE if grad else Workspace(v.device)
@@ -216,21 +220,13 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                 continue
             y, angle, H, k_prev, v_prev = scan_block(*args, Tb=Tb, rot=rot, ws=ws)
             # finished straight into the output as it comes: no whole-length list of pieces
-            if out is None:
-                y = finish(y, t0, t1, ws, None)
-                out = y.new_empty((b, l) + y.shape[2:])
-                out[:, t0:t1] = y
-            else:
-                into = out[:, t0:t1]
-                done = finish(y, t0, t1, ws, into)
-                if done is not into:   # a finish that does not write in place (MIMO's read-out)
-                    into.copy_(done)
+            into = out[:, t0:t1]
+            done = finish(y, t0, t1, ws, into)
+            if done is not into:   # a finish that does not write in place (MIMO's read-out)
+                into.copy_(done)
         finals.append((angle, H, k_prev, v_prev))
     if grad:
-        out = torch.cat(pieces, 1) if pieces else None
-    if out is None:  # l = 0: the output's shape from finish on an empty y
-        R, p = q.shape[2], v.shape[-1]
-        out = finish(v.new_zeros(b, 0, R, h, p), 0, 0, NO_WORKSPACE, None)
+        out = torch.cat(pieces, 1) if pieces else empty
     if cu_seqlens is None:
         return out, finals[0]
     if not finals:  # no sequences at all (cu_seqlens = [0])
@@ -283,8 +279,9 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     theta = torch.remainder(theta, TWO_PI, out=theta if inplace else None)[..., None, :]   # every rank
     cos = torch.cos(theta, out=ws("cos", theta.shape, f))
     sin = torch.sin(theta, out=ws("sin", theta.shape, f))
-    qr = rot(_per_head(q, q_bias, h, Tb, ws, "q"), cos, sin, ws)             # q~ (b, h, C, Tb, R, n)
-    kr = rot(_per_head(k, k_bias, h, Tb, ws, "k"), cos, sin, ws)             # k~
+    turn = torch.complex(cos, sin, out=ws("e^i theta", theta.shape, (1j * zero).dtype))
+    qr = rot(_per_head(q, q_bias, h, Tb, ws, "q"), cos, sin, turn, ws)       # q~ (b, h, C, Tb, R, n)
+    kr = rot(_per_head(k, k_bias, h, Tb, ws, "k"), cos, sin, turn, ws)       # k~
     vr = _contiguous(v.permute(0, 2, 1, 3), ws, "v").view(b, h, C, Tb, 1, p)
     if up is not None:
         vr = torch.mul(vr, up.permute(1, 0, 2)[:, None, None], out=ws("v~", (b, h, C, Tb, R, p), f))
@@ -343,27 +340,27 @@ def _contiguous(x, ws, name):
     return x.contiguous() if buffer is None else buffer.copy_(x)
 
 
-def rotate_pairs(x, cos, sin, ws):
+def rotate_pairs(x, cos, sin, turn, ws):
     """loop.rotate (interleaved pairs (2i, 2i+1) by theta_i, dimensions from 2 n_ang on unchanged) as
     one complex product: a pair is a complex number x_{2i} + i x_{2i+1} times e^{i theta_i}, read
     through a complex view, so the rotation is one pass where the real form makes six; with a
     workspace it is done in place (x is then a buffer of the caller's).
 
-    x: (..., n) with n even and its last dimension contiguous; cos, sin: cos theta and sin theta,
-    broadcastable to (..., n_ang). Returns (..., n).
+    x: (..., n) with n even and its last dimension contiguous; cos, sin: cos theta and sin theta
+    (unused), and turn: e^{i theta}, broadcastable to (..., n_ang). Returns (..., n).
     """
-    m = 2 * cos.shape[-1]
+    m = 2 * turn.shape[-1]
     pairs = torch.view_as_complex(x[..., :m].unflatten(-1, (m // 2, 2)))
-    c = torch.complex(cos, sin, out=ws("e^i theta", cos.shape, pairs.dtype))
     if ws is not NO_WORKSPACE:
-        torch.mul(pairs, c, out=pairs)
+        torch.mul(pairs, turn, out=pairs)
         return x
-    turned = torch.view_as_real(pairs * c).flatten(-2)
+    turned = torch.view_as_real(pairs * turn).flatten(-2)
     return torch.cat((turned, x[..., m:]), -1) if m < x.shape[-1] else turned
 
 
-def rotate_halves_cs(x, cos, sin, ws):
-    """loop.rotate_halves (pairs (i, i + n/2) by theta_i, the MIMO pairing) from cos and sin theta."""
+def rotate_halves_cs(x, cos, sin, turn, ws):
+    """loop.rotate_halves (pairs (i, i + n/2) by theta_i, the MIMO pairing) from cos and sin theta
+    (turn = e^{i theta} and ws unused: the pairs are not adjacent, so no complex view)."""
     half, na = x.shape[-1] // 2, cos.shape[-1]
     x0, x1 = x[..., :na], x[..., half:half + na]
     return torch.cat((x0 * cos - x1 * sin, x[..., na:half], x0 * sin + x1 * cos, x[..., half + na:]), dim=-1)
