@@ -109,23 +109,20 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     init = (zero_states(S, h, p, n, n_ang, f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
     v = V.to(f)
-    D_f = None if D is None else D.to(f)[:, None]
 
     def finish(y, t0, t1, ws, into):  # y (b, L, 1, h, p), tokens t0:t1 -> out (b, L, h, p) in V's dtype
-        y, shape = y[:, :, 0], (b, t1 - t0, h, p)
-        if D_f is not None:
-            y = torch.addcmul(y, v[:, t0:t1], D_f, out=ws("skip", shape, f))
+        y = y[:, :, 0]                # D v is already in y (scan_chunks' skip)
         if Z is not None:
             z = Z[:, t0:t1].to(f)
-            gate = torch.sigmoid(z, out=ws("gate", shape, f))
-            gate = torch.mul(gate, z, out=gate if into is not None else None)   # silu(z) = z sigmoid(z)
-            return torch.mul(y, gate, out=into) if into is not None else (y * gate).to(V.dtype)
+            if into is None:
+                return (y * F.silu(z)).to(V.dtype)
+            return torch.mul(y, torch.ops.aten.silu.out(z, out=ws("gate", z.shape, f)), out=into)
         return into.copy_(y) if into is not None else y.to(V.dtype)
 
     out, (angle, ssm, k_last, v_last) = scan_chunks(
         Q.to(f)[:, :, None], K.to(f)[:, :, None], v, None, ADT, DT, Trap, Angles,
         (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate_pairs,
-        q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], finish=finish)
+        q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], skip=None if D is None else D.to(f), finish=finish)
     return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
 
 
@@ -161,7 +158,7 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
 
 
 def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
-                finish=None):
+                skip=None, finish=None):
     """The chunked scan up to y_{t,r} = h_t q~_{t,r} (or, with finish, the finished output), in the
     compute dtype of q, block after block.
 
@@ -170,7 +167,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     (rank 1, v~ = v); ADT, DT, Trap: (b, h, l); Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang),
     ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,)
     with b = 1; rot: the pairing (rotate_pairs, or rotate_halves_cs for MIMO); q_bias, k_bias:
-    (R, h, n) or None; finish: None, or a function (y (b, L, R, h, p), t0, t1, ws, into) -> the
+    (R, h, n) or None; skip: (h,) or None, D v_t added to y (rank 1 only); finish: None, or a function (y (b, L, R, h, p), t0, t1, ws, into) -> the
     output of tokens t0:t1, applied block by block so that no whole-length intermediate is made
     (ws: a Workspace or NO_WORKSPACE; into: None, or the output's slice to write, which a finish
     may also leave alone and return its result).
@@ -186,7 +183,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
         sequences = [(slice(0, 1), s, e, tuple(x[i:i + 1] for x in init))
                      for i, (s, e) in enumerate(zip(offsets, offsets[1:]))]
     grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, *init))
+        x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init))
     pieces, finals = [], []
     # the output's trailing shape and dtype: finish on no tokens
     R, p = q.shape[2], v.shape[-1]
@@ -212,7 +209,8 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             nxt = slice(t1, t1 + 1) if t1 < e else None   # the token after the block (its delta), if any
             args = (q[rows, t0:t1], k[rows, t0:t1], v[rows, t0:t1], up, ADT[rows, :, t0:t1], DT[rows, :, t0:t1],
                     Trap[rows, :, t0:t1], None if nxt is None else DT[rows, :, nxt],
-                    None if nxt is None else Trap[rows, :, nxt], Angles[rows, t0:t1], angle, H, q_bias, k_bias)
+                    None if nxt is None else Trap[rows, :, nxt], Angles[rows, t0:t1], angle, H, q_bias, k_bias,
+                    skip)
             if grad:
                 run = lambda *a, t0=t0, t1=t1, Tb=Tb: _finished_block(*a, Tb=Tb, rot=rot, finish=finish, t0=t0, t1=t1)
                 y, angle, H, k_prev, v_prev = checkpoint(run, *args, use_reentrant=False) if CHECKPOINT_BLOCKS else run(*args)
@@ -239,13 +237,15 @@ def _finished_block(*args, Tb, rot, finish, t0, t1):
     return (finish(y, t0, t1, NO_WORKSPACE, None), *states)
 
 
-def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, *, Tb, rot, ws):
+def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
+               ws):
     """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
 
     q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
     DT, Trap); dt_next, trap_next: (b, h, 1), the token after the block, or None at the end of the
     sequence; angles: (b, L, h, n_ang); angle: (b, h, n_ang) and H: (b, h, p, n), the angle and the
-    folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None; ws: a Workspace (its
+    folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None; skip: (h,), D added to
+    y (rank 1 only), or None; ws: a Workspace (its
     buffers written in place) or NO_WORKSPACE (every op functional, for autograd).
     Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
     and v (b, h, p) after the block's last token.
@@ -295,17 +295,24 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
     EC = torch.exp(EC, out=EC if inplace else None)
     EC = torch.mul(EC, coef[..., None, :], out=EC if inplace else None)    # exp(seg(t, s)) (gamma_s + delta_{s+1})
-    W = torch.where(later, EC, gamma[..., :, None], out=masked if inplace else None)   # the diagonal: gamma_t
+    # each chunk's contribution to the next H' reads row Tb-1 of EC (seg(last, last) = 0), the
+    # trapezoid's delta_{s+1} included on the diagonal; the intra-chunk weights then have gamma_t
+    # there, written over the diagonal alone (above it the values are selected away below)
+    w_last = EC[..., -1, :].clone()
+    EC.diagonal(dim1=-2, dim2=-1).copy_(gamma)
+    W = EC
     scores = torch.bmm(qf, kf.transpose(1, 2), out=ws("scores", (b * h * C, TR, TR), f))
     if R == 1:
         P = torch.mul(scores.view(W.shape), W, out=scores.view(W.shape) if inplace else None)
+        if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
+            P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
         P = torch.where(causal, P, zero, out=P if inplace else None)
     else:
         P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
                         zero)
     y = torch.bmm(P.reshape(b * h * C, TR, TR), vf, out=ws("y", (b * h * C, TR, p), f))
     # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
-    w_last = EC[..., -1, :, None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
+    w_last = w_last[..., None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
     vw = torch.mul(vf, w_last, out=ws("vw", vf.shape, f))
     S = torch.bmm(vw.transpose(1, 2), kf, out=ws("S", (b * h * C, p, n), f)).view(b, h, C, p, n)
     from_start = torch.exp(a.cumsum(-1))                                     # exp(a_{c0} + ... + a_t)
