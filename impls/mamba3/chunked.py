@@ -110,10 +110,10 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
             else tuple(s.to(f) for s in Input_States))
     v = V.to(f)
 
-    def finish(y, t0, t1, ws, into):  # y (b, L, 1, h, p), tokens t0:t1 -> out (b, L, h, p) in V's dtype
+    def finish(y, v, extras, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
         y = y[:, :, 0]                # D v is already in y (scan_chunks' skip)
         if Z is not None:
-            z = Z[:, t0:t1].to(f)
+            z = extras[0].to(f)
             if into is None:
                 return (y * F.silu(z)).to(V.dtype)
             return torch.mul(y, torch.ops.aten.silu.out(z, out=ws("gate", z.shape, f)), out=into)
@@ -122,7 +122,8 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     out, (angle, ssm, k_last, v_last) = scan_chunks(
         Q.to(f)[:, :, None], K.to(f)[:, :, None], v, None, ADT, DT, Trap, Angles,
         (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate_pairs,
-        q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], skip=None if D is None else D.to(f), finish=finish)
+        q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], skip=None if D is None else D.to(f), finish=finish,
+        extras=() if Z is None else (Z,))
     return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
 
 
@@ -146,19 +147,19 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     D_f, Z_f, MIMO_Z_f, MIMO_Out_f = cast(D), cast(Z), cast(MIMO_Z), cast(MIMO_Out)
     weight = norm_weight(outproj_norm_weight, h, p, f)
 
-    def finish(y, t0, t1, ws, into):  # y (b, L, R, h, p), tokens t0:t1 -> out in V's dtype
-        z = None if Z_f is None else Z_f[:, t0:t1]
-        return mimo_read_out(y, v[:, t0:t1, None] * up, D_f, z, MIMO_Z_f, MIMO_Out_f,
+    def finish(y, v, extras, ws, into):  # y (b, L, R, h, p), v (b, L, h, p), extras (Z's piece,) -> out
+        z = extras[0] if extras else None
+        return mimo_read_out(y, v[:, :, None] * up, D_f, z, MIMO_Z_f, MIMO_Out_f,
                              fuse_pregate_headwise_rms_norm, weight, outproj_norm_eps).to(V.dtype)
 
     out, states = scan_chunks(Q.to(f), K.to(f), v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens,
                               rotate_halves_cs, q_bias=Q_bias.to(f).transpose(0, 1),
-                              k_bias=K_bias.to(f).transpose(0, 1), finish=finish)
+                              k_bias=K_bias.to(f).transpose(0, 1), finish=finish, extras=() if Z_f is None else (Z_f,))
     return (out, *states) if return_state else out
 
 
 def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
-                skip=None, finish=None):
+                skip=None, finish=None, extras=()):
     """The chunked scan up to y_{t,r} = h_t q~_{t,r} (or, with finish, the finished output), in the
     compute dtype of q, block after block.
 
@@ -167,15 +168,16 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     (rank 1, v~ = v); ADT, DT, Trap: (b, h, l); Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang),
     ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,)
     with b = 1; rot: the pairing (rotate_pairs, or rotate_halves_cs for MIMO); q_bias, k_bias:
-    (R, h, n) or None; skip: (h,) or None, D v_t added to y (rank 1 only); finish: None, or a function (y (b, L, R, h, p), t0, t1, ws, into) -> the
-    output of tokens t0:t1, applied block by block so that no whole-length intermediate is made
-    (ws: a Workspace or NO_WORKSPACE; into: None, or the output's slice to write, which a finish
-    may also leave alone and return its result).
+    (R, h, n) or None; skip: (h,) or None, D v_t added to y (rank 1 only); finish: None, or a
+    function (y (b, L, R, h, p), v (b, L, h, p), extras' pieces, ws, into) -> the output of a block
+    of L tokens, applied block by block so that no whole-length intermediate is made (ws: a
+    Workspace or NO_WORKSPACE; into: None, or the output's slice to write, which a finish may also
+    leave alone and return its result); extras: (b, l, ...) tensors finish reads, cut as v is.
     Returns the output (y (b, l, R, h, p) without finish) and the final states, shaped as init.
     """
     b, l = q.shape[:2]
     h = v.shape[-2]
-    finish = finish or (lambda y, t0, t1, ws, into: y if into is None else into.copy_(y))
+    finish = finish or (lambda y, v, extras, ws, into: y if into is None else into.copy_(y))
     if cu_seqlens is None:
         sequences = [(slice(0, b), 0, l, init)]
     else:
@@ -187,39 +189,51 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     pieces, finals = [], []
     # the output's trailing shape and dtype: finish on no tokens
     R, p = q.shape[2], v.shape[-1]
-    empty = finish(v.new_zeros(b, 0, R, h, p), 0, 0, NO_WORKSPACE, None)
+    empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), NO_WORKSPACE, None)
     out = None if grad else empty.new_empty((b, l) + empty.shape[2:])
-    for rows, s, e, (angle, H, k_prev, v_prev) in sequences:
+    # blocks of whole chunks, then each sequence's shorter last chunk alone
+    step = max(1, BLOCK_TOKENS // T) * T
+    cuts = []
+    for rows, s, e, _ in sequences:
+        whole = s + (e - s) // T * T
+        cuts.append([(t0, min(t0 + step, whole), T) for t0 in range(s, whole, step)]
+                    + ([(whole, e, e - whole)] if e > whole else []))
+    # every time input cut into the blocks once, by split: under autograd a slice per block would
+    # make each block's gradient a zero-filled tensor of the whole input (quadratic in l); split's
+    # gradient is one concatenation
+    points = sorted({0, l} | {t for seq in cuts for c in seq for t in c[:2]})
+    sizes = [t1 - t0 for t0, t1 in zip(points, points[1:])]
+    piece = {t0: i for i, t0 in enumerate(points[:-1])}
+    cut = lambda x, dim: torch.split(x, sizes, dim) if sizes else ()
+    q_, k_, v_, A_, DT_, Trap_, Angles_ = (cut(q, 1), cut(k, 1), cut(v, 1), cut(ADT, 2), cut(DT, 2), cut(Trap, 2),
+                                           cut(Angles, 1))
+    extras_ = [cut(x, 1) for x in extras]
+    for (rows, s, e, (angle, H, k_prev, v_prev)), seq in zip(sequences, cuts):
         # a workspace per sequence: a final state may be a view of one of its buffers
         ws = NO_WORKSPACE if grad else Workspace(v.device)
         if e > s:
             # fold the shifted term of the sequence's first token into the state it starts from:
             # H' = H + delta_s v~_prev k~_prev^T (later boundaries are folded by the chunk states)
-            lam = torch.sigmoid(Trap[rows, :, s].to(H.dtype))
-            delta = (1 - lam) * DT[rows, :, s].to(H.dtype)
+            i = piece[s]
+            lam = torch.sigmoid(Trap_[i][rows, :, 0].to(H.dtype))
+            delta = (1 - lam) * DT_[i][rows, :, 0].to(H.dtype)
             v_up = v_prev[:, None] if up is None else v_prev[:, None] * up     # (b, R, h, p)
             H = H + delta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_up, k_prev)
-        # blocks of whole chunks, then the sequence's shorter last chunk alone
-        whole = s + (e - s) // T * T
-        step = max(1, BLOCK_TOKENS // T) * T
-        cuts = [(t0, min(t0 + step, whole), T) for t0 in range(s, whole, step)]
-        if e > whole:
-            cuts.append((whole, e, e - whole))
-        for t0, t1, Tb in cuts:
-            nxt = slice(t1, t1 + 1) if t1 < e else None   # the token after the block (its delta), if any
-            args = (q[rows, t0:t1], k[rows, t0:t1], v[rows, t0:t1], up, ADT[rows, :, t0:t1], DT[rows, :, t0:t1],
-                    Trap[rows, :, t0:t1], None if nxt is None else DT[rows, :, nxt],
-                    None if nxt is None else Trap[rows, :, nxt], Angles[rows, t0:t1], angle, H, q_bias, k_bias,
-                    skip)
+        for t0, t1, Tb in seq:
+            i = piece[t0]
+            nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
+            args = (q_[i][rows], k_[i][rows], v_[i][rows], up, A_[i][rows], DT_[i][rows], Trap_[i][rows],
+                    DT_[i + 1][rows, :, :1] if nxt else None, Trap_[i + 1][rows, :, :1] if nxt else None,
+                    Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_))
             if grad:
-                run = lambda *a, t0=t0, t1=t1, Tb=Tb: _finished_block(*a, Tb=Tb, rot=rot, finish=finish, t0=t0, t1=t1)
+                run = lambda *a, Tb=Tb: _finished_block(*a, Tb=Tb, rot=rot, finish=finish)
                 y, angle, H, k_prev, v_prev = checkpoint(run, *args, use_reentrant=False) if CHECKPOINT_BLOCKS else run(*args)
                 pieces.append(y)
                 continue
-            y, angle, H, k_prev, v_prev = scan_block(*args, Tb=Tb, rot=rot, ws=ws)
+            y, angle, H, k_prev, v_prev = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws)
             # finished straight into the output as it comes: no whole-length list of pieces
             into = out[:, t0:t1]
-            done = finish(y, t0, t1, ws, into)
+            done = finish(y, args[2], args[15:], ws, into)
             if done is not into:   # a finish that does not write in place (MIMO's read-out)
                 into.copy_(done)
         finals.append((angle, H, k_prev, v_prev))
@@ -232,9 +246,9 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     return out, tuple(torch.cat(parts, 0) for parts in zip(*finals))
 
 
-def _finished_block(*args, Tb, rot, finish, t0, t1):
-    y, *states = scan_block(*args, Tb=Tb, rot=rot, ws=NO_WORKSPACE)
-    return (finish(y, t0, t1, NO_WORKSPACE, None), *states)
+def _finished_block(*args, Tb, rot, finish):
+    y, *states = scan_block(*args[:15], Tb=Tb, rot=rot, ws=NO_WORKSPACE)
+    return (finish(y, args[2], args[15:], NO_WORKSPACE, None), *states)
 
 
 def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
