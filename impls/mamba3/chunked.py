@@ -44,11 +44,12 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
 Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens, one block after another,
 carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
 written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
-chunk states, whatever l is. With gradients, each block runs under torch.utils.checkpoint: autograd
-keeps only each block's carried states (h p n + small per block) and recomputes the block's
-intermediates during the backward, so memory beyond inputs, output and gradients stays a block's
-working set plus those carried states (l / BLOCK_TOKENS of them), at the price of a second forward
-inside the backward.
+chunk states, whatever l is. With gradients, each block keeps only its inputs (views of the
+arguments) and the states it starts from (h p n + small, l / BLOCK_TOKENS of them), as
+torch.utils.checkpoint would, and is recomputed with autograd inside the backward
+(RecomputedBlock); memory beyond inputs, output and gradients is then one block's working set and
+its autograd graph plus those carried states. The price is a second forward inside the backward.
+CHECKPOINT_BLOCKS = False keeps every block's graph instead (faster, memory linear in l).
 
 MIMO (``mamba3_mimo``) is the same algorithm with a rank axis R beside time (the official kernel's
 (c r) rows): token s's R pairs (v~_{s,r}, k~_{s,r}) share its weight w(t, s), so
@@ -60,7 +61,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..frontdoor import compute_dtype
 from .loop import mimo_read_out, norm_weight, rotate_halves, zero_mimo_states, zero_states
@@ -110,7 +110,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
             else tuple(s.to(f) for s in Input_States))
     v = V.to(f)
 
-    def finish(y, v, extras, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
+    def finish(y, v, extras, params, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
         y = y[:, :, 0]                # D v is already in y (scan_chunks' skip)
         if Z is not None:
             z = extras[0].to(f)
@@ -144,22 +144,23 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     init = (zero_mimo_states(S, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
     v, up = V.to(f), MIMO_V.to(f).transpose(0, 1)                            # (b, l, h, p), (R, h, p)
-    D_f, Z_f, MIMO_Z_f, MIMO_Out_f = cast(D), cast(Z), cast(MIMO_Z), cast(MIMO_Out)
-    weight = norm_weight(outproj_norm_weight, h, p, f)
+    Z_f = cast(Z)
 
-    def finish(y, v, extras, ws, into):  # y (b, L, R, h, p), v (b, L, h, p), extras (Z's piece,) -> out
+    def finish(y, v, extras, params, ws, into):  # y (b, L, R, h, p), v (b, L, h, p), extras (Z's piece,) -> out
         z = extras[0] if extras else None
+        up, D_f, MIMO_Z_f, MIMO_Out_f, weight = params
         return mimo_read_out(y, v[:, :, None] * up, D_f, z, MIMO_Z_f, MIMO_Out_f,
                              fuse_pregate_headwise_rms_norm, weight, outproj_norm_eps).to(V.dtype)
 
     out, states = scan_chunks(Q.to(f), K.to(f), v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens,
                               rotate_halves_cs, q_bias=Q_bias.to(f).transpose(0, 1),
-                              k_bias=K_bias.to(f).transpose(0, 1), finish=finish, extras=() if Z_f is None else (Z_f,))
+                              k_bias=K_bias.to(f).transpose(0, 1), finish=finish, extras=() if Z_f is None else (Z_f,),
+                              params=(up, cast(D), cast(MIMO_Z), cast(MIMO_Out), norm_weight(outproj_norm_weight, h, p, f)))
     return (out, *states) if return_state else out
 
 
 def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
-                skip=None, finish=None, extras=()):
+                skip=None, finish=None, extras=(), params=()):
     """The chunked scan up to y_{t,r} = h_t q~_{t,r} (or, with finish, the finished output), in the
     compute dtype of q, block after block.
 
@@ -172,12 +173,13 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     function (y (b, L, R, h, p), v (b, L, h, p), extras' pieces, ws, into) -> the output of a block
     of L tokens, applied block by block so that no whole-length intermediate is made (ws: a
     Workspace or NO_WORKSPACE; into: None, or the output's slice to write, which a finish may also
-    leave alone and return its result); extras: (b, l, ...) tensors finish reads, cut as v is.
+    leave alone and return its result); extras: (b, l, ...) tensors finish reads, cut as v is;
+    params: other tensors finish reads (passed to it, not closed over, so that autograd sees them).
     Returns the output (y (b, l, R, h, p) without finish) and the final states, shaped as init.
     """
     b, l = q.shape[:2]
     h = v.shape[-2]
-    finish = finish or (lambda y, v, extras, ws, into: y if into is None else into.copy_(y))
+    finish = finish or (lambda y, v, extras, params, ws, into: y if into is None else into.copy_(y))
     if cu_seqlens is None:
         sequences = [(slice(0, b), 0, l, init)]
     else:
@@ -187,9 +189,10 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init))
     pieces, finals = [], []
+    fast = Workspace(v.device)   # the forward of recomputed blocks
     # the output's trailing shape and dtype: finish on no tokens
     R, p = q.shape[2], v.shape[-1]
-    empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), NO_WORKSPACE, None)
+    empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), params, NO_WORKSPACE, None)
     out = None if grad else empty.new_empty((b, l) + empty.shape[2:])
     # blocks of whole chunks, then each sequence's shorter last chunk alone
     step = max(1, BLOCK_TOKENS // T) * T
@@ -224,16 +227,19 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
             args = (q_[i][rows], k_[i][rows], v_[i][rows], up, A_[i][rows], DT_[i][rows], Trap_[i][rows],
                     DT_[i + 1][rows, :, :1] if nxt else None, Trap_[i + 1][rows, :, :1] if nxt else None,
-                    Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_))
+                    Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_), *params)
             if grad:
-                run = lambda *a, Tb=Tb: _finished_block(*a, Tb=Tb, rot=rot, finish=finish)
-                y, angle, H, k_prev, v_prev = checkpoint(run, *args, use_reentrant=False) if CHECKPOINT_BLOCKS else run(*args)
+                if CHECKPOINT_BLOCKS:
+                    y, angle, H, k_prev, v_prev = RecomputedBlock.apply((Tb, rot, finish, fast, len(extras)), *args)
+                else:
+                    y, angle, H, k_prev, v_prev = _finished_block(*args, Tb=Tb, rot=rot, finish=finish,
+                                                                  extras=len(extras))
                 pieces.append(y)
                 continue
             y, angle, H, k_prev, v_prev = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws)
             # finished straight into the output as it comes: no whole-length list of pieces
             into = out[:, t0:t1]
-            done = finish(y, args[2], args[15:], ws, into)
+            done = finish(y, args[2], args[15:15 + len(extras)], params, ws, into)
             if done is not into:   # a finish that does not write in place (MIMO's read-out)
                 into.copy_(done)
         finals.append((angle, H, k_prev, v_prev))
@@ -246,9 +252,41 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     return out, tuple(torch.cat(parts, 0) for parts in zip(*finals))
 
 
-def _finished_block(*args, Tb, rot, finish):
+class RecomputedBlock(torch.autograd.Function):
+    """A block under autograd that keeps only its inputs: torch.utils.checkpoint's idea, with the
+    forward run as the gradient-free scan (its workspace, out= ops) rather than the recorded
+    functional one, which allocates every intermediate afresh. The backward recomputes the block
+    functionally with autograd and differentiates that."""
+
+    @staticmethod
+    def forward(ctx, meta, *args):
+        Tb, rot, finish, ws, extras = ctx.meta = meta
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*args)   # views of the inputs and the carried states: nothing new
+        y, angle, H, k_last, v_last = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws)
+        y = finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None)
+        # y and H may be the workspace's buffers, which the next block writes
+        return y.clone(), angle, H.clone(), k_last, v_last
+
+    @staticmethod
+    def backward(ctx, *grads):
+        Tb, rot, finish, _, extras = ctx.meta
+        args = [None if a is None else a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = _finished_block(*args, Tb=Tb, rot=rot, finish=finish, extras=extras)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wanted = [i for i, a in enumerate(args) if a is not None and a.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
+                                  allow_unused=True) if pairs and wanted else [None] * len(wanted)
+        result = [None] * len(args)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return (None, *result)
+
+
+def _finished_block(*args, Tb, rot, finish, extras):
     y, *states = scan_block(*args[:15], Tb=Tb, rot=rot, ws=NO_WORKSPACE)
-    return (finish(y, args[2], args[15:], NO_WORKSPACE, None), *states)
+    return (finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None), *states)
 
 
 def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
