@@ -12,15 +12,21 @@ its own gamma and through the next token's beta (the trapezoid's shifted term):
 
 for a chunk starting at token c0, where H' = h_{c0-1} + delta_{c0} v_{c0-1} k~_{c0-1}^T folds the
 shifted term that crosses the chunk boundary into the state the chunk starts from (v_{c0-1} and
-k~_{c0-1} are the previous chunk's last token, or the input v and k states). So:
+k~_{c0-1} are the previous chunk's last token, or the input v and k states). Only the first chunk
+of a sequence folds it explicitly; every later boundary's term is the previous chunk's last token
+weighted by gamma + delta of the next token, so it is already in the previous chunk's S. So:
     1. angles: within each chunk a cumulative sum of pi tanh(Angles) DT; between chunks the
        end angle carried sequentially and reduced mod 2 pi (so float32 keeps its precision
        however long the sequence); then q~, k~ rotated (bias first, interleaved pairs).
     2. intra-chunk: y_t = sum_{s <= t} (q~_t . k~_s) w(t, s) v_s (the quadratic form);
-       each chunk's own state contribution is row T-1 of w: S_c = sum_s w(last, s) v_s k~_s^T.
+       each chunk's own contribution to the next chunk's H' is
+       S_c = sum_s (gamma_s + delta_{s+1}) exp(seg(last, s)) v_s k~_s^T, delta_{s+1} read across the
+       chunk boundary (0 past the end of the sequence, so the last chunk gives the true final state).
     3. the state pass, one chunk after another in the compute dtype:
-       H'_c = H_c + delta_{c0} v_prev k_prev^T;  H_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c.
+       H'_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c.
     4. inter-chunk readout: y_t += exp(a_{c0} + ... + a_t) H'_c q~_t.
+Exactly four batched matrix products per (chunk, head): q~ k~^T, (q~ k~^T o W) V, the chunk state and
+the readout (benchmarks/mamba3_grid.py times these alone as the floor); the rest is elementwise.
 
 Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
     - every segment sum is a masked cumulative sum over exactly its own terms, never a difference
@@ -30,11 +36,20 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
       token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. (A non-finite V is
       still smeared over its chunk's earlier outputs by the intra-chunk matmul, 0 x inf = NaN:
       not handled here, a declared gap.)
-    - chunk_size is any positive integer, l need not be a multiple of it, and with cu_seqlens no
-      chunk straddles two sequences: chunks are cut per sequence, the short last chunk of each is
-      padded by selects (zero decay, zero weight), and the state pass restarts every sequence
-      from its own row of Input_States, the angle sum and the k, v states included.
-Memory holds every chunk's (T, T) matrices and states at once (no blocking yet).
+    - chunk_size is any positive integer and l need not be a multiple of it: the last chunk of a
+      sequence is simply shorter (no padding). With cu_seqlens each sequence is scanned alone from
+      its own row of Input_States, the angle sum and the k, v states included, so no chunk
+      straddles two sequences.
+
+Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens, one block after another,
+carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
+written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
+chunk states, whatever l is. With gradients, each block keeps only its inputs (views of the
+arguments) and the states it starts from (h p n + small, l / BLOCK_TOKENS of them), as
+torch.utils.checkpoint would, and is recomputed with autograd inside the backward
+(RecomputedBlock); memory beyond inputs, output and gradients is then one block's working set and
+its autograd graph plus those carried states. The price is a second forward inside the backward.
+CHECKPOINT_BLOCKS = False keeps every block's graph instead (faster, memory linear in l).
 
 MIMO (``mamba3_mimo``) is the same algorithm with a rank axis R beside time (the official kernel's
 (c r) rows): token s's R pairs (v~_{s,r}, k~_{s,r}) share its weight w(t, s), so
@@ -48,9 +63,37 @@ import torch
 import torch.nn.functional as F
 
 from ..frontdoor import compute_dtype
-from .loop import mimo_read_out, norm_weight, per_head, rotate, rotate_halves, zero_mimo_states, zero_states
+from .loop import mimo_read_out, norm_weight, rotate_halves, zero_mimo_states, zero_states
 
 TWO_PI = 2 * math.pi
+# Tokens per block: a few chunks, so that one block's working set (q~ and k~ at h n floats a token,
+# the (T, T) weights at h T, the chunk states at h p n a chunk) is a few MiB and the per-block
+# Python overhead is small beside its matmuls.
+BLOCK_TOKENS = 256
+# Recompute each block in the backward rather than keep its intermediates (memory independent of l).
+CHECKPOINT_BLOCKS = True
+
+
+class Workspace:
+    """Buffers reused from block to block when no gradient is taken: ``ws(name, shape, dtype)`` is the
+    same tensor every block of one shape. Why: on a CPU a fresh tensor of a few MiB is a fresh mapping
+    of pages, and faulting them in costs more than the arithmetic written into them (measured here:
+    about 15x a multiply into a reused buffer), so an out= into a reused buffer is what keeps the
+    elementwise passes near memory speed. Under autograd ``NO_WORKSPACE`` gives None for every
+    buffer, so every op (called with out=None) is the ordinary functional one autograd records."""
+
+    def __init__(self, device):
+        self.device, self.buffers = device, {}
+
+    def __call__(self, name, shape, dtype):
+        t = self.buffers.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = self.buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return t
+
+
+def NO_WORKSPACE(name, shape, dtype):
+    return None
 
 
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
@@ -65,18 +108,22 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_states(S, h, p, n, n_ang, f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
-    q = (per_head(Q.to(f), h) + Q_bias.to(f))[:, :, None]                   # rank 1: (b, l, 1, h, n)
-    k = (per_head(K.to(f), h) + K_bias.to(f))[:, :, None]
     v = V.to(f)
-    y, (angle, ssm, k_last, v_last) = scan_chunks(q, k, v, None, ADT, DT, Trap, Angles,
-                                                  (init[0], init[1], init[2][:, None], init[3]),
-                                                  int(chunk_size), cu_seqlens, rotate)
-    y = y[:, :, 0]
-    if D is not None:
-        y = y + D.to(f)[:, None] * v
-    if Z is not None:
-        y = y * F.silu(Z.to(f))
-    out = y.to(V.dtype)
+
+    def finish(y, v, extras, params, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
+        y = y[:, :, 0]                # D v is already in y (scan_chunks' skip)
+        if Z is not None:
+            z = extras[0].to(f)
+            if into is None:
+                return (y * F.silu(z)).to(V.dtype)
+            return torch.mul(y, torch.ops.aten.silu.out(z, out=ws("gate", z.shape, f)), out=into)
+        return into.copy_(y) if into is not None else y.to(V.dtype)
+
+    out, (angle, ssm, k_last, v_last) = scan_chunks(
+        Q.to(f)[:, :, None], K.to(f)[:, :, None], v, None, ADT, DT, Trap, Angles,
+        (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate_pairs,
+        q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], skip=None if D is None else D.to(f), finish=finish,
+        extras=() if Z is None else (Z,))
     return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
 
 
@@ -96,114 +143,298 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_mimo_states(S, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
-    q = per_head(Q.to(f), h) + Q_bias.to(f).transpose(0, 1)                 # (b, l, R, h, n)
-    k = per_head(K.to(f), h) + K_bias.to(f).transpose(0, 1)
     v, up = V.to(f), MIMO_V.to(f).transpose(0, 1)                            # (b, l, h, p), (R, h, p)
-    y, states = scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens, rotate_halves)
-    out = mimo_read_out(y, v[:, :, None] * up, cast(D), cast(Z), cast(MIMO_Z), cast(MIMO_Out),
-                        fuse_pregate_headwise_rms_norm, norm_weight(outproj_norm_weight, h, p, f), outproj_norm_eps)
-    out = out.to(V.dtype)
+    Z_f = cast(Z)
+
+    def finish(y, v, extras, params, ws, into):  # y (b, L, R, h, p), v (b, L, h, p), extras (Z's piece,) -> out
+        z = extras[0] if extras else None
+        up, D_f, MIMO_Z_f, MIMO_Out_f, weight = params
+        return mimo_read_out(y, v[:, :, None] * up, D_f, z, MIMO_Z_f, MIMO_Out_f,
+                             fuse_pregate_headwise_rms_norm, weight, outproj_norm_eps).to(V.dtype)
+
+    out, states = scan_chunks(Q.to(f), K.to(f), v, up, ADT, DT, Trap, Angles, init, int(chunk_size), cu_seqlens,
+                              rotate_halves_cs, q_bias=Q_bias.to(f).transpose(0, 1),
+                              k_bias=K_bias.to(f).transpose(0, 1), finish=finish, extras=() if Z_f is None else (Z_f,),
+                              params=(up, cast(D), cast(MIMO_Z), cast(MIMO_Out), norm_weight(outproj_norm_weight, h, p, f)))
     return (out, *states) if return_state else out
 
 
-def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot):
-    """The chunked scan up to y_{t,r} = h_t q~_{t,r}, in the compute dtype of q.
+def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
+                skip=None, finish=None, extras=(), params=()):
+    """The chunked scan up to y_{t,r} = h_t q~_{t,r} (or, with finish, the finished output), in the
+    compute dtype of q, block after block.
 
-    q, k: (b, l, R, h, n) biased, not yet rotated; v: (b, l, h, p) raw; up: (R, h, p), the MIMO_V
-    projection v~_{t,r} = v_t * up[r], or None (rank 1, v~ = v); ADT, DT, Trap: (b, h, l);
-    Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang), ssm (S, h, p, n), k (S, R, h, n),
-    v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,) with b = 1; rot: the pairing
-    (rotate or rotate_halves). Returns y (b, l, R, h, p) and the final states, shaped as init.
+    q, k: (b, l, R, h_qk, n) not yet biased nor rotated, head i reading head i // (h / h_qk);
+    v: (b, l, h, p) raw; up: (R, h, p), the MIMO_V projection v~_{t,r} = v_t * up[r], or None
+    (rank 1, v~ = v); ADT, DT, Trap: (b, h, l); Angles: (b, l, h, n_ang); init: (angle (S, h, n_ang),
+    ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)); T: chunk size; cu_seqlens: None or (S + 1,)
+    with b = 1; rot: the pairing (rotate_pairs, or rotate_halves_cs for MIMO); q_bias, k_bias:
+    (R, h, n) or None; skip: (h,) or None, D v_t added to y (rank 1 only); finish: None, or a
+    function (y (b, L, R, h, p), v (b, L, h, p), extras' pieces, ws, into) -> the output of a block
+    of L tokens, applied block by block so that no whole-length intermediate is made (ws: a
+    Workspace or NO_WORKSPACE; into: None, or the output's slice to write, which a finish may also
+    leave alone and return its result); extras: (b, l, ...) tensors finish reads, cut as v is;
+    params: other tensors finish reads (passed to it, not closed over, so that autograd sees them).
+    Returns the output (y (b, l, R, h, p) without finish) and the final states, shaped as init.
     """
-    b, l, R, h, n = q.shape
-    p, n_ang = v.shape[-1], Angles.shape[-1]
-    f, dev = q.dtype, q.device
-    packed = cu_seqlens is not None
-    bounds = list(zip(*(lambda o: (o, o[1:]))(cu_seqlens.tolist()))) if packed else [(0, l)]
-    rows = (lambda i: slice(i, i + 1)) if packed else (lambda i: slice(0, b))
-    project = (lambda x: x[..., None, :, :]) if up is None else (lambda x: x[..., None, :, :] * up)  # v -> v~ per rank
-
-    a, dt = ADT.to(f).transpose(1, 2), DT.to(f).transpose(1, 2)             # (b, l, h)
-    lam = torch.sigmoid(Trap.to(f).transpose(1, 2))
-    gamma, delta = lam * dt, (1 - lam) * dt
-    inc = math.pi * torch.tanh(Angles.to(f)) * dt[..., None]                 # (b, l, h, n_ang)
-
-    # chunks, cut per sequence: (start, end, sequence); none straddles two sequences
-    chunks = [(c0, min(c0 + T, e), i) for i, (s, e) in enumerate(bounds) for c0 in range(s, e, T)]
-    C = len(chunks)
-    finals = {}
-    if not C:
-        y = v.new_zeros(b, 0, R, h, p)
+    b, l = q.shape[:2]
+    h = v.shape[-2]
+    finish = finish or (lambda y, v, extras, params, ws, into: y if into is None else into.copy_(y))
+    if cu_seqlens is None:
+        sequences = [(slice(0, b), 0, l, init)]
     else:
-        starts = torch.tensor([c[0] for c in chunks], device=dev)
-        ends = torch.tensor([c[1] for c in chunks], device=dev)
-        pos = starts[:, None] + torch.arange(T, device=dev)                  # (C, T)
-        valid = pos < ends[:, None]
-        idx = torch.minimum(pos, ends[:, None] - 1)
+        offsets = cu_seqlens.tolist()
+        sequences = [(slice(0, 1), s, e, tuple(x[i:i + 1] for x in init))
+                     for i, (s, e) in enumerate(zip(offsets, offsets[1:]))]
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init))
+    pieces, finals = [], []
+    fast = Workspace(v.device)   # the forward of recomputed blocks
+    # the output's trailing shape and dtype: finish on no tokens
+    R, p = q.shape[2], v.shape[-1]
+    empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), params, NO_WORKSPACE, None)
+    out = None if grad else empty.new_empty((b, l) + empty.shape[2:])
+    # blocks of whole chunks, then each sequence's shorter last chunk alone
+    step = max(1, BLOCK_TOKENS // T) * T
+    cuts = []
+    for rows, s, e, _ in sequences:
+        whole = s + (e - s) // T * T
+        cuts.append([(t0, min(t0 + step, whole), T) for t0 in range(s, whole, step)]
+                    + ([(whole, e, e - whole)] if e > whole else []))
+    # every time input cut into the blocks once, by split: under autograd a slice per block would
+    # make each block's gradient a zero-filled tensor of the whole input (quadratic in l); split's
+    # gradient is one concatenation
+    points = sorted({0, l} | {t for seq in cuts for c in seq for t in c[:2]})
+    sizes = [t1 - t0 for t0, t1 in zip(points, points[1:])]
+    piece = {t0: i for i, t0 in enumerate(points[:-1])}
+    cut = lambda x, dim: torch.split(x, sizes, dim) if sizes else ()
+    q_, k_, v_, A_, DT_, Trap_, Angles_ = (cut(q, 1), cut(k, 1), cut(v, 1), cut(ADT, 2), cut(DT, 2), cut(Trap, 2),
+                                           cut(Angles, 1))
+    extras_ = [cut(x, 1) for x in extras]
+    for (rows, s, e, (angle, H, k_prev, v_prev)), seq in zip(sequences, cuts):
+        # a workspace per sequence: a final state may be a view of one of its buffers
+        ws = NO_WORKSPACE if grad else Workspace(v.device)
+        if e > s:
+            # fold the shifted term of the sequence's first token into the state it starts from:
+            # H' = H + delta_s v~_prev k~_prev^T (later boundaries are folded by the chunk states)
+            i = piece[s]
+            lam = torch.sigmoid(Trap_[i][rows, :, 0].to(H.dtype))
+            delta = (1 - lam) * DT_[i][rows, :, 0].to(H.dtype)
+            v_up = v_prev[:, None] if up is None else v_prev[:, None] * up     # (b, R, h, p)
+            H = H + delta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_up, k_prev)
+        for t0, t1, Tb in seq:
+            i = piece[t0]
+            nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
+            args = (q_[i][rows], k_[i][rows], v_[i][rows], up, A_[i][rows], DT_[i][rows], Trap_[i][rows],
+                    DT_[i + 1][rows, :, :1] if nxt else None, Trap_[i + 1][rows, :, :1] if nxt else None,
+                    Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_), *params)
+            if grad:
+                if CHECKPOINT_BLOCKS:
+                    y, angle, H, k_prev, v_prev = RecomputedBlock.apply((Tb, rot, finish, fast, len(extras)), *args)
+                else:
+                    y, angle, H, k_prev, v_prev = _finished_block(*args, Tb=Tb, rot=rot, finish=finish,
+                                                                  extras=len(extras))
+                pieces.append(y)
+                continue
+            y, angle, H, k_prev, v_prev = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws)
+            # finished straight into the output as it comes: no whole-length list of pieces
+            into = out[:, t0:t1]
+            done = finish(y, args[2], args[15:15 + len(extras)], params, ws, into)
+            if done is not into:   # a finish that does not write in place (MIMO's read-out)
+                into.copy_(done)
+        finals.append((angle, H, k_prev, v_prev))
+    if grad:
+        out = torch.cat(pieces, 1) if pieces else empty
+    if cu_seqlens is None:
+        return out, finals[0]
+    if not finals:  # no sequences at all (cu_seqlens = [0])
+        return out, tuple(s[:0] for s in init)
+    return out, tuple(torch.cat(parts, 0) for parts in zip(*finals))
 
-        def gather(x):  # (b, l, ...) -> (b, C, T, ...), padding set to 0 by a select
-            g = x[:, idx]
-            return torch.where(valid.view(1, C, T, *([1] * (g.dim() - 3))), g, 0.0)
 
-        a_c, g_c, d_c, v_c = gather(a), gather(gamma), gather(delta), gather(v)
-        vr = project(v_c)                                                    # v~ (b, C, T, R, h, p)
-        # 1. angles: cumulative within the chunk, the chunk's start angle carried sequentially
-        cs = gather(inc).cumsum(2)                                           # (b, C, T, h, n_ang)
-        theta0, first = [], set()
-        for c, (c0, c1, i) in enumerate(chunks):
-            if c == 0 or chunks[c - 1][2] != i:
-                first.add(c)
-                start = init[0][rows(i)]
-            theta0.append(start)
-            start = torch.remainder(start + cs[:, c, -1], TWO_PI)
-            if c == C - 1 or chunks[c + 1][2] != i:
-                finals[i] = [start]
-        theta = torch.remainder(torch.stack(theta0, 1)[:, :, None] + cs, TWO_PI)[:, :, :, None]  # every rank
-        keep = valid[None, :, :, None, None, None]
-        qr = torch.where(keep, rot(gather(q), theta), 0.0)                   # q~ (b, C, T, R, h, n)
-        kr = torch.where(keep, rot(gather(k), theta), 0.0)                   # k~
+class RecomputedBlock(torch.autograd.Function):
+    """A block under autograd that keeps only its inputs: torch.utils.checkpoint's idea, with the
+    forward run as the gradient-free scan (its workspace, out= ops) rather than the recorded
+    functional one, which allocates every intermediate afresh. The backward recomputes the block
+    functionally with autograd and differentiates that."""
 
-        # 2. intra-chunk. Per head, time last: (b, C, h, T)
-        a_h, g_h, d_h = (x.permute(0, 1, 3, 2) for x in (a_c, g_c, d_c))
-        ar = torch.arange(T, device=dev)
-        later = ar[:, None] > ar[None, :]                                    # [t, s]: t > s
-        # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
-        seg = torch.where(later, a_h[..., :, None], 0.0).cumsum(-2)          # (b, C, h, T, T)
-        shifted = torch.cat((d_h[..., 1:], torch.zeros_like(d_h[..., :1])), -1)  # delta_{s+1} in the chunk
-        w = torch.where(later, torch.exp(seg) * (g_h + shifted)[..., None, :],
-                        torch.where(ar[:, None] == ar[None, :], g_h[..., None, :], 0.0))
-        causal = (later | (ar[:, None] == ar[None, :]))[:, None, :, None]     # [t, ., s, .]
-        scores = torch.einsum("bctRhn,bcsrhn->bchtRsr", qr, kr)
-        P = torch.where(causal, scores * w[:, :, :, :, None, :, None], 0.0)
-        y = torch.einsum("bchtRsr,bcsrhp->bctRhp", P, vr)
-        # each chunk's own contribution to its end state: row T-1 of w (padding has zero decay and weight)
-        S_c = torch.einsum("bchs,bcsrhp,bcsrhn->bchpn", w[..., -1, :], vr, kr)
-        from_start = torch.exp(a_h.cumsum(-1))                               # exp(a_{c0} + ... + a_t)
+    @staticmethod
+    def forward(ctx, meta, *args):
+        Tb, rot, finish, ws, extras = ctx.meta = meta
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*args)   # views of the inputs and the carried states: nothing new
+        y, angle, H, k_last, v_last = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws)
+        y = finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None)
+        # y and H may be the workspace's buffers, which the next block writes
+        return y.clone(), angle, H.clone(), k_last, v_last
 
-        # 3. the state pass, sequential in the compute dtype
+    @staticmethod
+    def backward(ctx, *grads):
+        Tb, rot, finish, _, extras = ctx.meta
+        args = [None if a is None else a.detach().requires_grad_(a.requires_grad) for a in ctx.saved_tensors]
+        with torch.enable_grad():
+            outs = _finished_block(*args, Tb=Tb, rot=rot, finish=finish, extras=extras)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wanted = [i for i, a in enumerate(args) if a is not None and a.requires_grad]
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
+                                  allow_unused=True) if pairs and wanted else [None] * len(wanted)
+        result = [None] * len(args)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return (None, *result)
+
+
+def _finished_block(*args, Tb, rot, finish, extras):
+    y, *states = scan_block(*args[:15], Tb=Tb, rot=rot, ws=NO_WORKSPACE)
+    return (finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None), *states)
+
+
+def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
+               ws):
+    """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
+
+    q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
+    DT, Trap); dt_next, trap_next: (b, h, 1), the token after the block, or None at the end of the
+    sequence; angles: (b, L, h, n_ang); angle: (b, h, n_ang) and H: (b, h, p, n), the angle and the
+    folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None; skip: (h,), D added to
+    y (rank 1 only), or None; ws: a Workspace (its
+    buffers written in place) or NO_WORKSPACE (every op functional, for autograd).
+    Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
+    and v (b, h, p) after the block's last token.
+    """
+    b, L, R, h_qk, n = q.shape
+    h, p = v.shape[-2:]
+    C, f, n_ang, TR = L // Tb, q.dtype, angles.shape[-1], Tb * R
+    inplace = ws is not NO_WORKSPACE
+    a, dt = a.to(f), dt.to(f)
+    lam = torch.sigmoid(trap.to(f))
+    gamma, delta = lam * dt, (1 - lam) * dt                                  # (b, h, L)
+    if dt_next is None:   # past the end of the sequence: no next token, no shifted term
+        after = delta.new_zeros(b, h, 1)
+    else:
+        after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
+    coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
+    gamma, a = gamma.view(b, h, C, Tb), a.view(b, h, C, Tb)
+    zero = a.new_zeros(())
+
+    # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
+    # tanh on contiguous memory: on a permuted view it runs about 3x slower than a copy and tanh
+    inc = _contiguous(angles.to(f).permute(0, 2, 1, 3), ws, "inc")          # (b, h, L, n_ang)
+    inc = torch.tanh(inc, out=inc if inplace else None)
+    inc = torch.mul(inc, (math.pi * dt)[..., None], out=inc if inplace else None)
+    cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
+    starts = []
+    for c in range(C):
+        starts.append(angle)
+        angle = torch.remainder(angle + cs[:, :, c, -1], TWO_PI)
+    theta = torch.add(torch.stack(starts, 2)[:, :, :, None], cs, out=cs if inplace else None)
+    theta = torch.remainder(theta, TWO_PI, out=theta if inplace else None)[..., None, :]   # every rank
+    cos = torch.cos(theta, out=ws("cos", theta.shape, f))
+    sin = torch.sin(theta, out=ws("sin", theta.shape, f))
+    turn = torch.complex(cos, sin, out=ws("e^i theta", theta.shape, (1j * zero).dtype))
+    qr = rot(_per_head(q, q_bias, h, Tb, ws, "q"), cos, sin, turn, ws)       # q~ (b, h, C, Tb, R, n)
+    kr = rot(_per_head(k, k_bias, h, Tb, ws, "k"), cos, sin, turn, ws)       # k~
+    vr = _contiguous(v.permute(0, 2, 1, 3), ws, "v").view(b, h, C, Tb, 1, p)
+    if up is not None:
+        vr = torch.mul(vr, up.permute(1, 0, 2)[:, None, None], out=ws("v~", (b, h, C, Tb, R, p), f))
+    qf, kf, vf = (x.reshape(b * h * C, TR, x.shape[-1]) for x in (qr, kr, vr))   # rows (t r), batch (b h c)
+
+    # 2. intra-chunk: W[t, s] = w(t, s) on and below the diagonal (above it: selected away below)
+    ar = torch.arange(Tb, device=q.device)
+    later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]   # [t, s]: t > s, t >= s
+    # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
+    masked = torch.where(later, a[..., :, None], zero, out=ws("masked", (b, h, C, Tb, Tb), f))
+    EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
+    EC = torch.exp(EC, out=EC if inplace else None)
+    EC = torch.mul(EC, coef[..., None, :], out=EC if inplace else None)    # exp(seg(t, s)) (gamma_s + delta_{s+1})
+    # each chunk's contribution to the next H' reads row Tb-1 of EC (seg(last, last) = 0), the
+    # trapezoid's delta_{s+1} included on the diagonal; the intra-chunk weights then have gamma_t
+    # there, written over the diagonal alone (above it the values are selected away below)
+    w_last = EC[..., -1, :].clone()
+    EC.diagonal(dim1=-2, dim2=-1).copy_(gamma)
+    W = EC
+    scores = torch.bmm(qf, kf.transpose(1, 2), out=ws("scores", (b * h * C, TR, TR), f))
+    if R == 1:
+        P = torch.mul(scores.view(W.shape), W, out=scores.view(W.shape) if inplace else None)
+        if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
+            P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
+        P = torch.where(causal, P, zero, out=P if inplace else None)
+    else:
+        P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
+                        zero)
+    y = torch.bmm(P.reshape(b * h * C, TR, TR), vf, out=ws("y", (b * h * C, TR, p), f))
+    # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
+    w_last = w_last[..., None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
+    vw = torch.mul(vf, w_last, out=ws("vw", vf.shape, f))
+    S = torch.bmm(vw.transpose(1, 2), kf, out=ws("S", (b * h * C, p, n), f)).view(b, h, C, p, n)
+    from_start = torch.exp(a.cumsum(-1))                                     # exp(a_{c0} + ... + a_t)
+
+    # 3. the state pass, sequential in the compute dtype, each H'_c written where the readout reads it
+    if inplace:
+        folded = ws("folded", (b, h, C, p, n), f)
+        folded[:, :, 0] = H
+        for c in range(1, C):
+            torch.addcmul(S[:, :, c - 1], from_start[:, :, c - 1, -1, None, None], folded[:, :, c - 1],
+                          out=folded[:, :, c])
+        H = torch.addcmul(S[:, :, -1], from_start[:, :, -1, -1, None, None], folded[:, :, -1],
+                          out=ws("H", (b, h, p, n), f))
+    else:
         folded = []
-        for c, (c0, c1, i) in enumerate(chunks):
-            if c in first:
-                H, k_prev, v_prev = (s[rows(i)] for s in init[1:])
-            prev = torch.einsum("brhp,brhn->bhpn", project(v_prev), k_prev)  # sum_r v~_{c0-1,r} k~_{c0-1,r}^T
-            H = H + d_h[:, c, :, 0, None, None] * prev
+        for c in range(C):
             folded.append(H)
-            H = from_start[:, c, :, -1, None, None] * H + S_c[:, c]
-            last = c1 - c0 - 1
-            k_prev, v_prev = kr[:, c, last], v_c[:, c, last]
-            if i in finals and len(finals[i]) == 1 and (c == C - 1 or chunks[c + 1][2] != i):
-                finals[i] += [H, k_prev, v_prev]
+            H = torch.addcmul(S[:, :, c], from_start[:, :, c, -1, None, None], H)
+        folded = torch.stack(folded, 2)
 
-        # 4. inter-chunk readout
-        Hc = torch.stack(folded, 1)                                          # (b, C, h, p, n)
-        inter = torch.einsum("bchpn,bctRhn->bctRhp", Hc, qr)
-        y = y + from_start.permute(0, 1, 3, 2)[:, :, :, None, :, None] * inter
-        y = y[:, valid]                                                      # (b, l, R, h, p), chunks in time order
+    # 4. inter-chunk readout
+    inter = torch.bmm(qf, folded.view(b * h * C, p, n).transpose(1, 2), out=ws("inter", y.shape, f))
+    rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
+    y = torch.addcmul(y, inter, rows, out=y if inplace else None)
+    y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
+    return y, angle, H, kr[:, :, -1, -1].transpose(1, 2).clone(), v[:, -1].clone()
 
-    # a sequence with no tokens keeps its initial state
-    per_seq = [finals.get(i) or [s[rows(i)] for s in init] for i in range(len(bounds))]
-    if not packed:
-        return y, tuple(per_seq[0])
-    if not per_seq:  # no sequences at all (cu_seqlens = [0])
-        return y, tuple(s[:0] for s in init)
-    return y, tuple(torch.cat(parts, 0) for parts in zip(*per_seq))
+
+def _contiguous(x, ws, name):
+    """x in contiguous memory: copied into the workspace's buffer, or a fresh copy under autograd."""
+    buffer = ws(name, x.shape, x.dtype)
+    return x.contiguous() if buffer is None else buffer.copy_(x)
+
+
+def rotate_pairs(x, cos, sin, turn, ws):
+    """loop.rotate (interleaved pairs (2i, 2i+1) by theta_i, dimensions from 2 n_ang on unchanged) as
+    one complex product: a pair is a complex number x_{2i} + i x_{2i+1} times e^{i theta_i}, read
+    through a complex view, so the rotation is one pass where the real form makes six; with a
+    workspace it is done in place (x is then a buffer of the caller's).
+
+    x: (..., n) with n even and its last dimension contiguous; cos, sin: cos theta and sin theta
+    (unused), and turn: e^{i theta}, broadcastable to (..., n_ang). Returns (..., n).
+    """
+    m = 2 * turn.shape[-1]
+    pairs = torch.view_as_complex(x[..., :m].unflatten(-1, (m // 2, 2)))
+    if ws is not NO_WORKSPACE:
+        torch.mul(pairs, turn, out=pairs)
+        return x
+    turned = torch.view_as_real(pairs * turn).flatten(-2)
+    return torch.cat((turned, x[..., m:]), -1) if m < x.shape[-1] else turned
+
+
+def rotate_halves_cs(x, cos, sin, turn, ws):
+    """loop.rotate_halves (pairs (i, i + n/2) by theta_i, the MIMO pairing) from cos and sin theta
+    (turn = e^{i theta} and ws unused: the pairs are not adjacent, so no complex view)."""
+    half, na = x.shape[-1] // 2, cos.shape[-1]
+    x0, x1 = x[..., :na], x[..., half:half + na]
+    return torch.cat((x0 * cos - x1 * sin, x[..., na:half], x0 * sin + x1 * cos, x[..., half + na:]), dim=-1)
+
+
+def _per_head(x, bias, h, Tb, ws, name):
+    """(b, L, R, h_qk, n) -> (b, h, C, Tb, R, n) + bias (R, h, n), head i reading head i // (h / h_qk),
+    made once in the layout the batched matmuls read."""
+    b, L, R, h_qk, n = x.shape
+    g, C = h // h_qk, L // Tb
+    x = x.permute(0, 3, 1, 2, 4).reshape(b, h_qk, 1, C, Tb, R, n)
+    shape = (b, h_qk, g, C, Tb, R, n)
+    if bias is None:
+        out = _contiguous(x.expand(shape), ws, name)
+    else:
+        bias = bias.reshape(R, h_qk, g, n).permute(1, 2, 0, 3)[:, :, None, None]   # (h_qk, g, 1, 1, R, n)
+        out = torch.add(x, bias, out=ws(name, shape, x.dtype))
+    return out.reshape(b, h, C, Tb, R, n)
