@@ -56,11 +56,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id())
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_float64_loop(case):
     """Outputs and the four final states within the tolerance policy of the float64 loop."""
     args = inputs(case)
-    check(f"triton {case.id()}", scan(args, case), args, repro=repr(case))
+    check(f"triton {case.id}", scan(args, case), args, repro=repr(case))
 
 
 def test_bfloat16_inputs():
@@ -71,7 +71,7 @@ def test_bfloat16_inputs():
         args[k] = args[k].bfloat16()
     res = scan(args, case)
     assert res[0].dtype == torch.bfloat16
-    check(f"triton bf16 {case.id()}", res, args, repro=repr(case) + " (Q K V Z Angles Trap in bfloat16)")
+    check(f"triton bf16 {case.id}", res, args, repro=repr(case) + " (Q K V Z Angles Trap in bfloat16)")
 
 
 def test_empty_and_refusals():
@@ -97,7 +97,7 @@ def test_split_and_continue():
         for a, e in zip(cuts, cuts[1:]):
             out, *states = scan(window(args, a, e, None if states is None else tuple(states)), case)
             outs.append(out)
-        check(f"triton split at {cuts[1:-1]} {case.id()}", (torch.cat(outs, 1), *states), args, repro=repr(case))
+        check(f"triton split at {cuts[1:-1]} {case.id}", (torch.cat(outs, 1), *states), args, repro=repr(case))
 
 
 def test_cross_family_equals_ssd_loop():
@@ -152,7 +152,7 @@ def _grads(scan_fn, args, chunk_size):
     return names, torch.autograd.grad(loss, flat)
 
 
-@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c.id())
+@pytest.mark.parametrize("case", GRAD_CASES, ids=lambda c: c.id)
 def test_gradients_match_float64_loop(case):
     """Every input's gradient, the four initial states' included, from a loss on the output and all
     four final states, against the float64 loop's autograd: float64 agreement up to rounding (1e-12
@@ -187,7 +187,7 @@ STEP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: c.id())
+@pytest.mark.parametrize("case", STEP_CASES, ids=lambda c: c.id)
 def test_step_token_by_token_matches_float64_loop(case):
     """The step run over the sequence (outputs and final states) within the tolerance policy; its
     inputs untouched and its states new tensors."""
@@ -201,7 +201,7 @@ def test_step_token_by_token_matches_float64_loop(case):
             assert all(torch.equal(a, b) for a, b in zip(given, kept))
             assert all(a is not b for a, b in zip(states, given))
         ys.append(y)
-    check(f"triton step {case.id()}", (torch.stack(ys, 1), *states), args, repro=repr(case))
+    check(f"triton step {case.id}", (torch.stack(ys, 1), *states), args, repro=repr(case))
 
 
 def test_prefill_then_decode():
@@ -213,7 +213,7 @@ def test_prefill_then_decode():
     for t in range(5, case.l):
         y, states = mamba3_state_update(**token(args, t), Input_States=tuple(states), impl="triton")
         ys.append(y[:, None])
-    check(f"triton prefill+decode {case.id()}", (torch.cat(ys, 1), *states), args, repro=repr(case))
+    check(f"triton prefill+decode {case.id}", (torch.cat(ys, 1), *states), args, repro=repr(case))
 
 
 def test_step_state_batch_indices():
@@ -282,7 +282,7 @@ def test_padded_lanes_not_written(guarded_allocations):
     case = Case(b=1, l=19, h_qk=1, groups=2, p=17, n=10, n_ang=3, dtype="f64", chunk_size=18, seed=17)
     args = inputs(case)
     res = scan(args, case)
-    check(f"triton guarded {case.id()}", res, args, repro=repr(case))
+    check(f"triton guarded {case.id}", res, args, repro=repr(case))
     names, grads = _grads(lambda **kw: mamba3_scan(**kw, impl="triton"), args, case.chunk_size)
     for name, g in zip(names, grads):
         assert not g.isnan().any(), f"d{name} has unwritten (NaN) elements"
@@ -341,11 +341,11 @@ CUDA_AXIS0, CUDA_AXES12 = 2**31 - 1, 65_535
 
 @pytest.mark.parametrize("b,h", [(1280, 64), (81_920, 1)], ids=["b1280-h64", "b81920-h1"])
 @pytest.mark.parametrize("p,n", [(64, 128), (1, 2), (256, 256)], ids=["p64-n128", "p1-n2", "p256-n256"])
-@pytest.mark.parametrize("family", ["mamba3", "ssd"])
-def test_launch_grids_within_cuda_limits(family, b, h, p, n):
+@pytest.mark.parametrize("kernels", ["mamba3", "ssd"])
+def test_launch_grids_within_cuda_limits(kernels, b, h, p, n):
     """b x h = 81,920 (a serving batch) at l = 4096: every kernel's grid (as the launchers compute it,
     nothing launched) has at most 65,535 programs on axes 1 and 2 and at most 2^31 - 1 on axis 0."""
-    grids = (m3 if family == "mamba3" else ssd_triton).launch_grids(b, 4096, h, p, n, 64)
+    grids = (m3 if kernels == "mamba3" else ssd_triton).launch_grids(b, 4096, h, p, n, 64)
     for kernel, grid in grids.items():
         assert 1 <= len(grid) <= 3
         assert grid[0] <= CUDA_AXIS0, (kernel, grid)

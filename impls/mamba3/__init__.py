@@ -116,12 +116,10 @@ FAMILY = registry.add_family(registry.Family(
     option="--mamba3-impl", step_option="--mamba3-impl-step", equivalence="equivalence.mamba3"))
 
 # The spec computes through autograd in any dtype; chunked builds decays with selects and masked
-# sums. Declared gap of chunked: a non-finite V (NaN, inf or -inf) at a later token of a chunk makes
-# that chunk's earlier outputs NaN, through 0 x inf in the product of the masked score matrix with V:
-# a causality failure, listed in equivalence/mamba3/known_failures.txt for the checks every
-# implementation is held to. A non-finite value in any other input gives the loop's pattern (measured).
+# sums, and a call with a non-finite V (which 0 x inf in its intra-chunk product would carry to the
+# chunk's earlier outputs) takes the spec's path, so its non-finite outputs are the loop's.
 register("loop", loop.mamba3_scan, family="mamba3", gradients=True, varlen=True)
-register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True, nonfinite_inputs=False)
+register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True)
 register("recurrent", recurrent.scan_by_stepping, step=recurrent.mamba3_state_update, family="mamba3", varlen=True)
 
 
@@ -252,11 +250,11 @@ register("recurrent", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mim
 
 # The chunked SISO scan and the decode step as Triton kernels (triton.py), imported on first call only.
 # Without a GPU they run in Triton's interpreter, so property tests fold their cases into small sizes.
-# Declared gaps: packed scans (cu_seqlens), and a non-finite V reaching its chunk's earlier outputs
-# (as chunked's); its step takes state_batch_indices. Each (batch row, head) is computed by programs
+# Declared gap: packed scans (cu_seqlens); a non-finite V takes the spec's path, as in chunked; its
+# step takes state_batch_indices. Each (batch row, head) is computed by programs
 # whose work does not depend on b, so a row's results are the same bits alone or in any batch.
 if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("mamba3.triton", "mamba3_scan"), step=lazy("mamba3.triton", "mamba3_state_update"),
-             family="mamba3", gradients=True, varlen=False, state_batch_indices=True, nonfinite_inputs=False,
+             family="mamba3", gradients=True, varlen=False, state_batch_indices=True,
              batch_invariant=True,
              case_limits=dict(b=2, l=12, h=2, p=3, n=6) if registry.triton_interpreted() else None)

@@ -80,11 +80,10 @@ import triton.language as tl  # noqa: E402
 # Whole (p, n) tiles per program in the backward (and the step): the declared limit on p and n.
 MAX_PN = 256
 
-# Launch configuration. tl.dot needs every block dimension >= 16 on a GPU; the interpreter runs the
-# same kernels with the same blocks.
-# block_p, block_n: the forward's state tiles; block_m, block_k: positions per tile; block_pn: the
-# state pass's slice of the flattened (p, n) state. The interpreter uses the smallest tiles, so that
-# CI's small cases (p = 17, n = 20, chunks of 40) still cross several tiles of every kind.
+# Launch configuration. tl.dot needs every block dimension >= 16 on a GPU; the interpreter runs the same kernels with
+# the same blocks. block_p, block_n: the forward's state tiles; block_m, block_k: positions per tile; block_pn: the
+# state pass's slice of the flattened (p, n) state. The interpreter uses the smallest tiles, so that CI's small cases
+# (p = 17, n = 20, chunks of 40) still cross several tiles of every kind.
 GPU_CONFIG = dict(block_m=64, block_k=64, block_t=64, block_p=64, block_n=128, block_pn=1024, num_warps=4,
                   bwd_block=32, bwd_num_warps=4, step_block_p=16)
 INTERPRETER_CONFIG = dict(block_m=16, block_k=16, block_t=16, block_p=16, block_n=16, block_pn=64, num_warps=1,
@@ -336,10 +335,9 @@ def chunk_scan_kernel(
         b_x = tl.load(p_x + (t_start + o_k)[:, None] * s_xl, mask=m_k[:, None] & m_p[None, :], other=0.0).to(COMPUTE)
         b_xdt = b_x * b_dt[:, None]
         if k0 + BLOCK_K > i_m * BLOCK_M + 1 and _nonfinite(b_xdt):
-            # a NaN or inf above the diagonal: 0 x inf in tl.dot would leak it backwards in time.
-            # The finite entries still go through the same tl.dot (a sum over the tile in another
-            # order would move earlier outputs by an ulp: information flowing backwards too); only
-            # the non-finite ones are added under the causal mask
+            # a NaN or inf above the diagonal: 0 x inf in tl.dot would leak it backwards in time. The finite entries
+            # still go through the same tl.dot (a sum over the tile in another order would move earlier outputs by an
+            # ulp: information flowing backwards too); only the non-finite ones are added under the causal mask
             b_bad = b_xdt * 0.0 != 0.0
             acc += tl.dot(b_L, tl.where(b_bad, 0.0, b_xdt), input_precision=DOT_PRECISION)
             acc += tl.sum(tl.where(causal[:, :, None] & b_bad[None, :, :], b_L[:, :, None] * b_xdt[None, :, :], 0.0),
@@ -377,10 +375,9 @@ def state_pass_bwd_kernel(
     h, l, Q, nc, pn, n_blk,
     HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr, COMPUTE: tl.constexpr,
 ):
-    # Reverse of h_{c+1} = exp(tot_c) h_c + S_c, with tot_c = cs_end of chunk c. dS (b, nc, h, p, n)
-    # holds on entry each chunk's own gradient of its start state (from y = ... + exp(cs_i) h_c C_i)
-    # and on exit the gradient of S_c (= of h_{c+1}); dtot (b, h, nc, n_blk): partial sums of
-    # d tot_c = exp(tot_c) sum(dh_{c+1} h_c), one per program.
+    # Reverse of h_{c+1} = exp(tot_c) h_c + S_c, with tot_c = cs_end of chunk c. dS (b, nc, h, p, n) holds on entry
+    # each chunk's own gradient of its start state (from y = ... + exp(cs_i) h_c C_i) and on exit the gradient of S_c
+    # (= of h_{c+1}); dtot (b, h, nc, n_blk): partial sums of d tot_c = exp(tot_c) sum(dh_{c+1} h_c), one per program.
     i_bh, i_blk = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // h, i_bh % h
     o = i_blk * BLOCK + tl.arange(0, BLOCK)
@@ -473,9 +470,8 @@ def chunk_bwd_kernel(
     b_dw = tl.sum(b_x_j * b_U, axis=1)
     b_dB = tl.dot(b_x_j, b_S, input_precision=DOT_PRECISION) * b_w[:, None]     # (BLOCK, BLOCK_N)
     b_ddt = b_decay_end * b_dw
-    # d cs only from segments of at least one token: the chunk's last token reaches its end state
-    # through no decay, and a +V -V pair summed in different orders would leave rounding noise in dA
-    # (whose true value may be exactly 0)
+    # d cs only from segments of at least one token: the chunk's last token reaches its end state through no decay,
+    # and a +V -V pair summed in different orders would leave rounding noise in dA (whose true value may be exactly 0)
     b_V = tl.where(o_j < clen - 1, b_w * b_dw, 0.0).to(tl.float64)
     b_dcs = -b_V                                                    # float64: see the reverse cumsum
     tl.store(dend_ptr + (tl.cast(i_bh, tl.int64) * nc + i_c) * n_mb + i_m, tl.sum(b_V))
@@ -623,18 +619,13 @@ def launch_grids(b, l, h, p, n, chunk_size):
     """The launch grid of every kernel at these sizes, as the launchers launch them: computed without
     launching, so a test can check CUDA's grid limits at sizes too large to run (l >= 1)."""
     Q = max(1, min(int(chunk_size), l))
-    nc = triton.cdiv(l, Q)
-    BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
+    nc, BP, BN = triton.cdiv(l, Q), _block(p, _config("block_p")), _block(n, _config("block_n"))
     n_blk = triton.cdiv(p * n, min(_config("block_pn"), triton.next_power_of_2(p * n)))
-    return dict(
-        chunk_cumsum=(nc * b, triton.cdiv(h, min(16, triton.next_power_of_2(h)))),
-        chunk_state=(nc * b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN)),
-        state_pass=(b * h, n_blk),
-        chunk_scan=(nc * b * h, triton.cdiv(Q, _block(Q, _config("block_m"))) * triton.cdiv(p, BP)),
-        state_pass_bwd=(b * h, n_blk),
-        chunk_bwd=(nc * b * h, triton.cdiv(Q, _block(Q, _config("bwd_block")))),
-        step=(b * h, triton.cdiv(p, min(_config("step_block_p"), triton.next_power_of_2(p)))),
-    )
+    return dict(chunk_cumsum=(nc * b, triton.cdiv(h, min(16, triton.next_power_of_2(h)))),
+                chunk_state=(nc * b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN)), state_pass=(b * h, n_blk),
+                chunk_scan=(nc * b * h, triton.cdiv(Q, _block(Q, _config("block_m"))) * triton.cdiv(p, BP)),
+                state_pass_bwd=(b * h, n_blk), chunk_bwd=(nc * b * h, triton.cdiv(Q, _block(Q, _config("bwd_block")))),
+                step=(b * h, triton.cdiv(p, min(_config("step_block_p"), triton.next_power_of_2(p)))))
 
 
 def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_limit, save):
