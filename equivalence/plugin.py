@@ -22,6 +22,7 @@ families given: only their tests run.
 
 import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -104,7 +105,10 @@ def load(spec, option):
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise pytest.UsageError(f"{option} {spec}: cannot import {module!r}: {e}") from None
+        hint = ("" if os.getcwd() in sys.path or "" in sys.path else
+                " (the pytest command does not put the current folder on sys.path: run python -m pytest, "
+                "scanbench test, or install your package)")
+        raise pytest.UsageError(f"{option} {spec}: cannot import {module!r}: {e}{hint}") from None
     if not attr:
         return mod
     if not callable(getattr(mod, attr, None)):
@@ -413,6 +417,22 @@ def pytest_collection_modifyitems(config, items):
     for p in set(prefixes) - used:
         config.issue_config_time_warning(pytest.PytestConfigWarning(
             f"--xfails-file: {p!r} matches no collected test"), stacklevel=2)
+
+
+def pytest_itemcollected(item):
+    if str(item.path).startswith(os.path.join(SUITE_ROOT, "equivalence") + os.sep):
+        item.config.scan_suite_collected = True
+
+
+def pytest_collection_finish(session):
+    """A kernel named with a family option while none of the suite's tests is collected would pass
+    without being tested (from another folder, the tests are ``--pyargs equivalence``): refuse."""
+    config = session.config
+    named = [o for f in impls.FAMILIES.values() for o in (f.option, f.step_option) if config.getoption(dest(o), None)]
+    if named and not getattr(config, "scan_suite_collected", False) and not config.getoption("collectonly"):
+        raise pytest.UsageError(f"{' '.join(named)} given, but none of the suite's tests was collected: from a "
+                                f"kernel's folder, run `python -m pytest --pyargs equivalence {named[0]} ...` or "
+                                f"`scanbench test ...`")
 
 
 def replayed_options(config):
