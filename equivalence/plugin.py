@@ -250,6 +250,7 @@ def active(config):
         ours = ours or path.startswith(SUITE_ROOT + os.sep) and os.path.relpath(path, SUITE_ROOT).split(os.sep)[0] in SUITE_PACKAGES
         ours = ours or (config.getoption("pyargs", False) and top in SUITE_PACKAGES)
     config.scan_suite_active = bool(given or ours)
+    config.scan_suite_tests = ours
     return config.scan_suite_active
 
 
@@ -257,6 +258,11 @@ def active(config):
 def pytest_configure(config):
     if not active(config):
         return
+    named = [o for f in impls.FAMILIES.values() for o in (f.option, f.step_option) if config.getoption(dest(o), None)]
+    if named and not config.scan_suite_tests:   # the kernel would pass untested (workers would not say why)
+        raise pytest.UsageError(f"{' '.join(named)} given, but none of the suite's tests is to be collected: from a "
+                                f"kernel's folder, run `python -m pytest --pyargs equivalence {named[0]} ...` or "
+                                f"`scanbench test ...`")
     # The suite's tensors are small: one thread runs them as fast, and on a 2-core machine with any
     # other process busy, a second OpenMP thread made small ops wait on a descheduled thread
     # (measured: a decode step 30x slower). Benchmarks set their own thread count.
