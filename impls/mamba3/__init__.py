@@ -33,6 +33,7 @@ SUPPORTS = dict(
     varlen=False,                   # cu_seqlens
     state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
     nonfinite_inputs=True,          # one inf or NaN input gives non-finite outputs exactly where the loop's are
+    nonfinite_causal=True,          # one inf or NaN input changes no earlier output, bit for bit
     deterministic=True,             # the same call twice (forward, and backward) gives the same bits
     batch_invariant=False,          # row i's results are bit for bit the same alone or in any batch
     case_limits=None,               # dict of upper bounds on b, l, h, p, n for the property tests, if slow
@@ -116,10 +117,12 @@ FAMILY = registry.add_family(registry.Family(
     option="--mamba3-impl", step_option="--mamba3-impl-step", equivalence="equivalence.mamba3"))
 
 # The spec computes through autograd in any dtype; chunked builds decays with selects and masked
-# sums, and a call with a non-finite V (which 0 x inf in its intra-chunk product would carry to the
-# chunk's earlier outputs) takes the spec's path, so its non-finite outputs are the loop's.
+# sums. Declared gaps of chunked: a non-finite V at a later token of a chunk reaches that chunk's
+# earlier outputs through 0 x inf in its intra-chunk product (nonfinite_causal, and so the loop's
+# exact non-finite pattern, nonfinite_inputs); a non-finite value in any other input does not.
 register("loop", loop.mamba3_scan, family="mamba3", gradients=True, varlen=True)
-register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True)
+register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True, nonfinite_inputs=False,
+         nonfinite_causal=False)
 register("recurrent", recurrent.scan_by_stepping, step=recurrent.mamba3_state_update, family="mamba3", varlen=True)
 
 
@@ -144,6 +147,7 @@ MIMO_SUPPORTS = dict(
     pregate_norm=True,              # fuse_pregate_headwise_rms_norm
     rank_outputs=True,              # MIMO_Out = None: the R outputs returned apart
     nonfinite_inputs=True,          # as SUPPORTS
+    nonfinite_causal=True,          # as SUPPORTS
     deterministic=True,
     batch_invariant=False,
     case_limits=None,
@@ -250,11 +254,12 @@ register("recurrent", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mim
 
 # The chunked SISO scan and the decode step as Triton kernels (triton.py), imported on first call only.
 # Without a GPU they run in Triton's interpreter, so property tests fold their cases into small sizes.
-# Declared gap: packed scans (cu_seqlens); a non-finite V takes the spec's path, as in chunked; its
-# step takes state_batch_indices. Each (batch row, head) is computed by programs
+# Declared gaps: packed scans (cu_seqlens), and non-finite inputs as in chunked (a NaN in V or K
+# spreads through its chunk's products). Its step takes state_batch_indices. Each (batch row, head) is computed by programs
 # whose work does not depend on b, so a row's results are the same bits alone or in any batch.
 if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("mamba3.triton", "mamba3_scan"), step=lazy("mamba3.triton", "mamba3_state_update"),
-             family="mamba3", gradients=True, varlen=False, state_batch_indices=True,
+             family="mamba3", gradients=True, varlen=False, state_batch_indices=True, nonfinite_inputs=False,
+             nonfinite_causal=False,
              batch_invariant=True,
              case_limits=dict(b=2, l=12, h=2, p=3, n=6) if registry.triton_interpreted() else None)

@@ -64,7 +64,6 @@ import torch.nn.functional as F
 
 from ..frontdoor import compute_dtype
 from .loop import mimo_read_out, norm_weight, rotate_halves, zero_mimo_states, zero_states
-from . import loop
 
 TWO_PI = 2 * math.pi
 # Tokens per block: a few chunks, so that one block's working set (q~ and k~ at h n floats a token,
@@ -103,11 +102,6 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     Q, K (b, l, h_qk, n); V, Z (b, l, h, p); ADT, DT, Trap (b, h, l); Q_bias, K_bias (h, n);
     Angles (b, l, h, n_ang); D (h,); states (angle (S, h, n_ang), ssm (S, h, p, n), k (S, h, n),
     v (S, h, p)); returns out (b, l, h, p) [, angle, ssm, k, v]."""
-    if not bool(torch.isfinite(V).all()):
-        # A non-finite V would reach the earlier outputs of its chunk through 0 x inf in the
-        # intra-chunk product, where the spec's stay finite: such a call takes the spec's path.
-        return loop.mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size,
-                                return_final_states, cu_seqlens)
     b, l, h, p = V.shape
     n, n_ang = Q.shape[-1], Angles.shape[-1]
     f = compute_dtype(V.dtype)

@@ -787,12 +787,6 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     Raises:
         NotImplementedError: cu_seqlens, or p or n above MAX_PN
     """
-    if not bool(torch.isfinite(V).all()):
-        # A non-finite V would reach the earlier outputs of its chunk through 0 x inf in the
-        # intra-chunk product, where the spec's stay finite: such a call takes the spec's path.
-        from .loop import mamba3_scan as spec
-        return spec(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size,
-                    return_final_states, cu_seqlens)
     if cu_seqlens is not None:
         raise NotImplementedError("triton mamba3_scan: packed sequences (cu_seqlens) are not supported (a declared gap)")
     b, l, h, p = V.shape
