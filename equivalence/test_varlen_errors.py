@@ -14,7 +14,7 @@ import impls
 from .properties import family, wired
 
 # The family modules (equivalence/<family>/), under the parameter name the plugin reads a test's family from
-FAMILIES = [family(f) for f in impls.FAMILIES if wired(f) and hasattr(family(f), "PACKING")]
+FAMILIES = [family(f) for f in impls.FAMILIES if wired(f) and getattr(family(f), "PACKING", None) is not None]
 FAMILY_IDS = [fam.NAME for fam in FAMILIES]
 
 

@@ -157,7 +157,10 @@ def conditioning(args):
 def wrap_angle(actual, oracle):
     """The actual angle state moved by whole turns to lie within pi of the oracle's (0 and 2 pi are one angle)."""
     o = oracle.to(actual.dtype)
-    return o + torch.remainder(actual - o + math.pi, 2 * math.pi) - math.pi
+    d = actual - o
+    # wrapped only where more than half a turn apart: o + ((d + pi) mod 2 pi) - pi rounds o + pi - pi by
+    # an ulp even where actual equals the oracle exactly
+    return o + torch.where(d.abs() > math.pi, torch.remainder(d + math.pi, 2 * math.pi) - math.pi, d)
 
 
 def check(what, result, args, repro=""):
