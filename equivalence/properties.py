@@ -16,8 +16,9 @@ of it:
     scan(name, case, x, chunk_size=None), step(name, state, x, t), state_shape(case)
                             the public scan returning (y, last state); one token through the public step
     supported(entry, case)  whether the entry declares what the case needs
-    magnitudes(case, weights=None), conditionings(case), terms(case, output, arg=None),
-    exact_kinds(case)       what the tolerance policy (equivalence/tolerance.py) needs
+    magnitudes(case, weights=None, x=None), conditionings(case, x=None), terms(case, output, arg=None),
+    exact_kinds(case)       what the tolerance policy (equivalence/tolerance.py) needs; x: float64
+                            inputs to take instead of reference_inputs(case) (a poisoned copy)
     call(name, case)        the public call as a Python expression (the reproduce line's)
     CHUNK_SIZES             chunk sizes a result must not depend on, or None
     PACKING                 its packed sequences (equivalence/varlen.py: Packing), or None
@@ -145,10 +146,12 @@ def max_finite(t):
     return float(t.max()) if t.numel() else None
 
 
-def scales(fam, case):
-    """What the policy's floor is relative to for (y, last state): the largest sum of |terms|."""
-    sy, ss = fam.magnitudes(case)[:2]
-    return max_finite(sy), map_state(fam, max_finite, ss)
+def scales(fam, case, x=None):
+    """What the policy's floor is relative to for (y, last state), and its conditionings, on the
+    case's inputs or the float64 inputs x: (scale y, scale state, conditioning y, conditioning state)."""
+    sy, ss = fam.magnitudes(case, x=x)[:2]
+    ky, ks = fam.conditionings(case, x=x)[:2]
+    return sy, ss, ky, ks
 
 
 def oracle(fam, case):
@@ -371,10 +374,14 @@ def check_nonfinite(fam, name, case, arg, t, poison):
     t = min(t, case.l - 1)
     value = NONFINITE[poison]
     xp = poisoned(fam, x, arg, t, value)
-    ref = fam.scan("loop", case, poisoned(fam, fam.reference_inputs(case), arg, t, value))
+    x64 = poisoned(fam, fam.reference_inputs(case), arg, t, value)
+    ref = fam.scan("loop", case, x64)
     loop = fam.scan("loop", case, xp)
     where = repro(fam, name, case) + f"  # {arg}[token {t}, first element] = {poison}"
-    sy, ss = scales(fam, case)
+    # the scales and conditionings of the poisoned inputs: a finite poison's effect (sigmoid(inf) = 1
+    # where the drawn Trap gave 0.2; a decay of 1 where softplus(-inf) = 0) can raise the sums of
+    # |terms| above the case's. Where they are not finite, the policy drops them (tolerance.compare).
+    sy, ss, ky, ks = scales(fam, case, x64)
     # with gradients an implementation may take another path (autograd-friendly ops): check both
     runs = [(fam.scan(name, case, xp), "")]
     if entry.supports["gradients"] and case.dtype in ("f32", "f64"):
@@ -382,12 +389,12 @@ def check_nonfinite(fam, name, case, arg, t, poison):
         y_g, s_g = fam.scan(name, case, leaves)
         runs.append(((y_g.detach(), map_state(fam, torch.Tensor.detach, s_g)), " (inputs requiring grad)"))
     for got, mode in runs:
-        compared = [("y", got[0], ref[0], loop[0], fam.terms(case, "y"), sy)]
-        compared += [(label, aligned(fam, label, a, r), r, aligned(fam, label, s, r), length, scale)
-                     for (label, a), (_, r), (_, s), length, scale in zip(
+        compared = [("y", got[0], ref[0], loop[0], fam.terms(case, "y"), sy, ky)]
+        compared += [(label, aligned(fam, label, a, r), r, aligned(fam, label, s, r), length, scale, cond)
+                     for (label, a), (_, r), (_, s), length, scale, cond in zip(
                          state_parts(fam, got[1]), state_parts(fam, ref[1]), state_parts(fam, loop[1]),
-                         per_part(fam, fam.terms(case, "state")), per_part(fam, ss))]
-        for what, a, r, s, length, scale in compared:
+                         per_part(fam, fam.terms(case, "state")), per_part(fam, ss), per_part(fam, ks))]
+        for what, a, r, s, length, scale, cond in compared:
             what = what + mode
             bad = torch.isfinite(a) != torch.isfinite(s)
             if bad.any():

@@ -59,13 +59,13 @@ def parallel(x, a, initial_state=None, bug=False):  # Hillis-Steele: after strid
     return X, X[:, -1] if x.shape[1] else h0
 
 
-def conditionings(c):   # the policy's, with log a for dt A (an exact input)
-    k = conditioning(torch.log(reference_inputs(c)["a"]), torch.zeros(()), TIME_DIM)
+def conditionings(c, x=None):   # the policy's, with log a for dt A (an exact input)
+    k = conditioning(torch.log((x or reference_inputs(c))["a"]), torch.zeros(()), TIME_DIM)
     return k, k[:, -1], gradient_conditioning(k[:, -1], gated=False)
 
 
-def magnitudes(c, weights=None):  # sums of |terms|: the loop on |inputs|, with weights |gradients| of the weighted sum
-    leaves = {k: v.abs().requires_grad_() for k, v in reference_inputs(c).items() if v is not None}
+def magnitudes(c, weights=None, x=None):  # sums of |terms|: the loop on |inputs|; with weights, |gradients| of their sum
+    leaves = {k: v.abs().requires_grad_() for k, v in (x or reference_inputs(c)).items() if v is not None}
     y, h = loop(**leaves)
     loss = weights and (y * weights[0].abs()).sum() + (h * weights[1].abs()).sum()
     grads = weights and torch.autograd.grad(loss, list(leaves.values()))

@@ -155,20 +155,21 @@ def scan_by_stepping(step):
 # given here as a scale, (l + c) / l, with conditioning 0: the same eps (l + c) everywhere. As c >= 2 pi l,
 # that scale is above 2 pi, so above the angle itself, as a scale must be.
 
-def _conditioning(case):
+def _conditioning(case, x=None):
     """(ulps by token (b, l, h, 1), the angle's accumulated ulps (b, l, h, 1)): cases.conditioning."""
-    return _cases.conditioning(inputs(case))
+    return _cases.conditioning(inputs(case) if x is None else x)
 
 
 def _last(c):
     return float(c[:, -1:].amax()) if c.numel() else 0.0
 
 
-def conditionings(case):
+def conditionings(case, x=None):
     """Ulps a rounding can grow to, for out (b, l, h, 1), each state part (numbers), and every
     gradient element (a number: the whole sequence's, as the adjoint runs the decays backwards,
-    plus the derivatives of the sigmoid, tanh, sin and cos, and of the gate)."""
-    cond, _ = _conditioning(case)
+    plus the derivatives of the sigmoid, tanh, sin and cos, and of the gate); x: inputs to take
+    instead of the case's (properties.py's contract)."""
+    cond, _ = _conditioning(case, x)
     last = _last(cond)
     gradient = last + 4 * TRANSCENDENTAL_ULPS + (GATE_ULPS if case.Z else 0)
     return cond, (0.0, last, last, 0.0), gradient
@@ -212,7 +213,7 @@ def _pair_bound(x, n_ang):
     return torch.cat((torch.stack((s, s), -1).flatten(-2), x[..., m:].abs()), -1)
 
 
-def magnitudes(case, weights=None):
+def magnitudes(case, weights=None, x=None):
     """Sums of |terms| of each element of out and of each state part (the scale of the policy's floor),
     and with the loss weights ((b, l, h, p), and one per state part), {argument: sums of |summands|
     of each element of its gradient}.
@@ -227,9 +228,10 @@ def magnitudes(case, weights=None):
     entries, (adjoint of q~_s) |q~_s| + (adjoint of k~_s) |k~_s|, and theta_t reaches every later
     theta_s, so dL/dtheta_t sums the direct sums of s >= t and the final angle's weight (Theta_t).
     Then Angles: pi tanh'(.) DT Theta, DT: its beta and gamma terms plus pi |tanh(.)| Theta summed over
-    the pairs, the input angle: Theta_0. Returns (out, (angle, ssm, k, v), that dict or None).
+    the pairs, the input angle: Theta_0. x: float64 inputs to take instead of the case's.
+    Returns (out, (angle, ssm, k, v), that dict or None).
     """
-    a = reference_inputs(case)
+    a = reference_inputs(case) if x is None else x
     b, l, h, p = a["V"].shape
     n, na = a["Q"].shape[-1], a["Angles"].shape[-1]
     grad = weights is not None
@@ -259,7 +261,7 @@ def magnitudes(case, weights=None):
         y = y + leaves["D"][:, None] * leaves["V"]
     if "Z" in leaves:
         y = y * F.silu(leaves["Z"]).abs()
-    _, angle_cond = _conditioning(case)
+    _, angle_cond = _conditioning(case, a)
     L = max(l, 1)
     # at l = 0 the angle is the input's, below 2 pi (and then the bound eps 2 pi is an ulp of it)
     angle = torch.full((b, h, na), max((L + _last(angle_cond)) / L, 2 * math.pi), dtype=torch.float64)
@@ -311,7 +313,11 @@ PINNED_INVARIANTS = dict(
                (Case(b=1, l=20, p=2, n=4, chunk_size=8, dtype="f32"), "Angles", 10, "nan"),
                (Case(b=1, l=20, p=2, n=4, chunk_size=8, dtype="f32"), "ADT", 10, "nan"),
                (Case(b=1, l=20, p=2, n=4, chunk_size=8, dtype="f32"), "DT", 10, "inf"),
-               (Case(b=1, l=20, p=2, n=4, chunk_size=8, dtype="f32"), "ADT", 3, "-inf")],
+               (Case(b=1, l=20, p=2, n=4, chunk_size=8, dtype="f32"), "ADT", 3, "-inf"),
+               # sigmoid(inf) = 1 puts the whole of DT V K in the state, five times the drawn Trap's share:
+               # the recurrent step's last ulp of it failed a bound scaled by the unpoisoned inputs
+               (Case(b=1, l=1, groups=1, p=2, n=2, n_ang=0, dtype="f64", states=False, D=False, Z=False, seed=0,
+                     chunk_size=1), "Trap", 0, "inf")],
     nan=[(Case(b=1, l=1, groups=1, p=1, n=2, n_ang=1), 0), (Case(b=1, l=20, p=2, n=4, chunk_size=8), 10)],
     gradients=[Case(b=2, l=30, h_qk=2, groups=2, p=3, n=4, n_ang=2, dtype="f64", chunk_size=7, seed=7),
                Case(b=1, l=20, h_qk=1, groups=1, p=2, n=6, n_ang=3, dtype="f32", states=False, chunk_size=4, seed=8)],

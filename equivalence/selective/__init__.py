@@ -96,7 +96,7 @@ def exact_kinds(case):
     return not infinite_decay
 
 
-def magnitudes(case, weights=None):
+def magnitudes(case, weights=None, x=None):
     """Sums of |terms|: the scale a sound rounding error is relative to where the oracle's sums
     cancel (equivalence/tolerance.py).
 
@@ -111,9 +111,10 @@ def magnitudes(case, weights=None):
     from this run's adjoint lambda (with |weights|): u, B, C, D, initial_state, z by autograd (the
     outputs are linear in each, with non-negative coefficients); A and delta from each step's decay
     term Ā_t lambda_t h_{t-1} (>= 0) by the chain rule, with |A| and |dt| so that no sign cancels;
-    delta_bias the sum over b and l of delta's. Returns (y, last_state, that dict or None).
+    delta_bias the sum over b and l of delta's. x: float64 inputs to take instead of the case's.
+    Returns (y, last_state, that dict or None).
     """
-    x = reference_inputs(case)
+    x = reference_inputs(case) if x is None else x
     d = x["u"].shape[1]
     raw = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][:, None]
     dt = F.softplus(raw) if x["delta_softplus"] else raw                         # (b, d, l)
@@ -146,11 +147,11 @@ def magnitudes(case, weights=None):
     return y.detach(), last.detach(), sums
 
 
-def conditionings(case):
+def conditionings(case, x=None):
     """Ulps a rounding can grow to (equivalence/tolerance.py: conditioning) for each element of
     y (b, d, l) and last_state (b, d, n), and for every gradient element (a number: the whole
-    sequence's, forwards and through the adjoint)."""
-    x = reference_inputs(case)
+    sequence's, forwards and through the adjoint); x as in magnitudes."""
+    x = reference_inputs(case) if x is None else x
     raw = x["delta"] if x["delta_bias"] is None else x["delta"] + x["delta_bias"][:, None]
     dt = F.softplus(raw) if x["delta_softplus"] else raw                          # (b, d, l)
     dt_rel = dt_ulps(raw, x["delta_softplus"], x["delta_bias"] is not None)[..., None]

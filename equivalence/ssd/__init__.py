@@ -115,7 +115,7 @@ def exact_kinds(case):
     return True
 
 
-def magnitudes(case, weights=None):
+def magnitudes(case, weights=None, x=None):
     """Sums of |terms| of each element of (out, final_states): the scale that a sound rounding error
     is relative to where the oracle's sums cancel (equivalence/tolerance.py).
 
@@ -128,9 +128,10 @@ def magnitudes(case, weights=None):
     linear in each, with non-negative coefficients); A and dt from each token's decay term
     exp(dt_t A) lambda_t h_{t-1} (>= 0) and input term lambda_t x_t B_t by the chain rule with |A|
     and |dt|, so that no sign cancels; dt_bias the sum over b and l of dt's. lambda is the adjoint
-    of the state. Returns (out, final_states, that dict or None).
+    of the state. x: float64 inputs to take instead of the case's. Returns (out, final_states, that
+    dict or None).
     """
-    x = reference_inputs(case)
+    x = reference_inputs(case) if x is None else x
     h, grad = case.h, weights is not None
     raw = x["dt"] + (x["dt_bias"] if x["dt_bias"] is not None else 0)
     dt = effective_dt(x["dt"], x["dt_bias"], x["dt_softplus"], x["dt_limit"], torch.float64)   # (b, l, h)
@@ -176,7 +177,7 @@ def magnitudes(case, weights=None):
     ends = ((H * C[:, :, :, None, :]).sum(-1).detach() * weights[0].abs() * gate).sum(-1)        # P (b, l, h)
     ends[:, -1] += (H[:, -1].detach() * weights[1].abs()).sum((-1, -2))
     M = (ends + dt.abs() * input_terms).flip(1).cumsum(1).flip(1)                              # (b, l, h)
-    g = conditionings(case)[2]
+    g = conditionings(case, x)[2]
     fold = {k: (case.l + GRADIENT_TERM_ROUNDINGS) / (gradient_terms(case, k) + g) for k in ("A", "dt")}
     sums["A"] = sums["A"] + fold["A"] * (dt.abs() * M).sum((0, 1))
     sums["dt"] = sums["dt"] + fold["dt"] * dsoftplus * x["A"].abs() * M
@@ -185,10 +186,11 @@ def magnitudes(case, weights=None):
     return y.detach(), H[:, -1].detach(), sums
 
 
-def conditionings(case):
+def conditionings(case, x=None):
     """Ulps a rounding can grow to (equivalence/tolerance.py: conditioning) for each element of
-    out (b, l, h, p) and final_states (b, h, p, n), and for every gradient element (a number)."""
-    x = reference_inputs(case)
+    out (b, l, h, p) and final_states (b, h, p, n), and for every gradient element (a number);
+    x as in magnitudes."""
+    x = reference_inputs(case) if x is None else x
     raw = x["dt"] + (x["dt_bias"] if x["dt_bias"] is not None else 0)
     dt = effective_dt(x["dt"], x["dt_bias"], x["dt_softplus"], x["dt_limit"], torch.float64)   # (b, l, h)
     cum = conditioning(dt * x["A"], dt_ulps(raw, x["dt_softplus"], x["dt_bias"] is not None), 1)
