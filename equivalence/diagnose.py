@@ -99,6 +99,25 @@ def what_it_needs(failure, budget_s=120.0):
     return lines + ([stopped] if stopped else [])
 
 
+def tensors(value):
+    """The tensors in a value: itself, or those of a (nested) tuple or list, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors(v)]
+    return []
+
+
+def leaf(value):
+    """A floating tensor as a fresh leaf requiring grad, and each of a tuple's (a state of parts);
+    anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_() if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(leaf(v) for v in value)
+    return value
+
+
 def probe_capabilities(fam, scan):
     """What a plain scan function of family ``fam`` can do, found by tiny calls rather than assumed.
 
@@ -121,13 +140,13 @@ def probe_capabilities(fam, scan):
         args = fam.positional(fam.make_inputs(case))
         try:
             if grad:
-                args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                        for a in args]
-                y, s = scan(*args)
-                if not (y.requires_grad or s.requires_grad):
+                args = [leaf(a) for a in args]
+                # whatever the family returns (y and a state; Mamba-3's out and four states): every tensor
+                outs = [t for t in tensors(scan(*args)) if t.requires_grad]
+                if not outs:
                     return "gap: output has no autograd graph (not differentiable)"
-                leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-                torch.autograd.grad((y.double().sum() + s.double().sum()), leaves, allow_unused=True)
+                torch.autograd.grad(sum(t.double().sum() for t in outs), [a for a in tensors(args) if a.requires_grad],
+                                    allow_unused=True)
             else:
                 with torch.no_grad():
                     scan(*args)

@@ -13,7 +13,7 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 
-from . import selective
+from . import properties, selective
 from .diagnose import describe, probe_capabilities
 from .test_planted_bugs import SEARCH, drawn, rejected
 
@@ -116,6 +116,44 @@ def test_the_base_call_is_required_not_probed_away():
     supports, notes = probe_capabilities(selective, refuses)
     assert supports["dtypes"] == (torch.float32,) and not supports["grouped"], notes
     assert notes["dtype f32"].startswith("broken (the base call is required)"), notes
+
+
+@pytest.mark.parametrize("name", [f for f in impls.FAMILIES if properties.wired(f)])
+def test_the_gradient_probe_reads_whatever_a_family_returns(name):
+    """The gradient probe takes every tensor the scan returns, however many (Mamba-1's y and last
+    state, Mamba-3's out and four states): each family's loop, plugged in as a plain function, is
+    differentiable; the same returning detached tensors is not."""
+    fam, loop = properties.family(name), impls.get("loop", name).scan
+
+    def detached(*args):
+        return tuple(t.detach() for t in loop(*args))
+
+    supports, notes = probe_capabilities(fam, loop)
+    assert supports["gradients"] and notes["gradients"] == "ok", notes
+    supports, notes = probe_capabilities(fam, detached)
+    assert not supports["gradients"] and notes["gradients"].startswith("gap: output has no autograd graph"), notes
+
+
+PLAIN_MAMBA3 = """
+import impls
+
+def scan(*args):
+    return impls.get("loop", "mamba3").scan(*args)
+"""
+
+
+def test_a_plain_mamba3_function_has_its_gradients_probed(tmp_path):
+    """--mamba3-impl MODULE:FUNCTION, as a kernel author runs it: the header says its gradients were
+    probed and found (not a probe that broke on the five returns, out and the four states)."""
+    (tmp_path / "plain_mamba3_xyz.py").write_text(PLAIN_MAMBA3)
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "--mamba3-impl=plain_mamba3_xyz:scan", "equivalence/test_values.py"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    header = next((line for line in run.stdout.splitlines() if "plain_mamba3_xyz:scan: plain_mamba3_xyz" in line), "")
+    assert run.returncode == 0 and "'gradients': True" in header, run.stdout[-3000:]
+    assert header.endswith("(probed by tiny calls)"), header   # nothing refused, nothing raised
 
 
 CRASHING = """
