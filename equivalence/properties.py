@@ -410,7 +410,7 @@ def check_nonfinite(fam, name, case, arg, t, poison):
             zero = torch.zeros((), dtype=a.dtype)
             assert_close(f"{name}, {arg} = {poison} at {t}: {what}", torch.where(keep, a, zero),
                          torch.where(keep, r, torch.zeros((), dtype=r.dtype)), torch.where(keep, s, zero), length, where,
-                         scale=scale)
+                         scale=scale, conditioning=cond)
 
 
 @case_check

@@ -46,10 +46,10 @@ def test_nonfinite_propagates_as_the_loops(family, nonfinite_impl, data, t, pois
 
 
 @given(data=st.data(), t=positions)
-def test_nan_propagates_and_stays_in_its_channel(family, causal_nonfinite_impl, data, t):
+def test_nan_propagates_and_stays_in_its_channel(family, impl, data, t):
     """Every implementation, the non-finite-inputs gap included: a NaN in one channel's input
     changes that channel from its token on and nothing else, bit for bit."""
-    check_nan_propagation(family, causal_nonfinite_impl, drawn(data, family, "nonfinite"), t)
+    check_nan_propagation(family, impl, drawn(data, family, "nonfinite"), t)
 
 
 @given(data=st.data())
@@ -79,9 +79,9 @@ def test_pinned_nonfinite(family, nonfinite_impl):
         check_nonfinite(family, nonfinite_impl, case, arg, t, poison)
 
 
-def test_pinned_nan_propagation(family, causal_nonfinite_impl):
+def test_pinned_nan_propagation(family, impl):
     for case, t in family.PINNED_INVARIANTS["nan"]:
-        check_nan_propagation(family, causal_nonfinite_impl, case, t)
+        check_nan_propagation(family, impl, case, t)
 
 
 def test_pinned_chunk_sizes(family, impl):

@@ -150,10 +150,11 @@ def scan_by_stepping(step):
 # k states scaled by their sums of |terms| and conditioned by the decays (exp of ADT), the angle's
 # accumulation, sin, cos and the sigmoid of Trap and the gate; the v state is V's last token,
 # copied (its own magnitude). The angle state is compared as an angle (align_state), with an
-# absolute error: cases.check bounds it by eps (l + c) with c its accumulated ulps and scale 1. The
-# shared checks that take no conditioning (the non-finite one) read only the scale, so that bound is
-# given here as a scale, (l + c) / l, with conditioning 0: the same eps (l + c) everywhere. As c >= 2 pi l,
-# that scale is above 2 pi, so above the angle itself, as a scale must be.
+# absolute error: cases.check bounds it by eps (l + c) with c its accumulated ulps and scale 1. Here
+# that bound is given as a scale, (l + c) / l, with conditioning 0, c each pair's own
+# (cases.angle_ulps), so that a check reading only the scales (the packed ones' largest finite
+# scale) gets it too: the same eps (l + c) everywhere. As c >= 2 pi l, that scale is above 2 pi, so
+# above the angle itself, as a scale must be.
 
 def _conditioning(case, x=None):
     """(ulps by token (b, l, h, 1), the angle's accumulated ulps (b, l, h, 1)): cases.conditioning."""
@@ -261,10 +262,12 @@ def magnitudes(case, weights=None, x=None):
         y = y + leaves["D"][:, None] * leaves["V"]
     if "Z" in leaves:
         y = y * F.silu(leaves["Z"]).abs()
-    _, angle_cond = _conditioning(case, a)
     L = max(l, 1)
-    # at l = 0 the angle is the input's, below 2 pi (and then the bound eps 2 pi is an ulp of it)
-    angle = torch.full((b, h, na), max((L + _last(angle_cond)) / L, 2 * math.pi), dtype=torch.float64)
+    # each pair's own accumulated ulps (cases.angle_ulps): a NaN or inf in one pair's Angles or DT
+    # makes only its own scale non-finite, and the policy drops it there, where the angle is not
+    # finite either. At l = 0 the angle is the input's, below 2 pi (the bound eps 2 pi is an ulp of it)
+    c = _cases.angle_ulps(a).sum(1) if l else torch.zeros(b, h, na, dtype=torch.float64)   # (b, h, n_ang)
+    angle = ((L + c) / L).clamp_min(2 * math.pi)
     states = (angle, ssm, kp, vp)
     if not grad:
         return y, tuple(s.detach() for s in states), None

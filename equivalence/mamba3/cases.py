@@ -148,10 +148,18 @@ def conditioning(args):
     a = as_f64(args)
     adt = a["ADT"].transpose(1, 2)[..., None]                           # (b, l, h, 1)
     decay = tolerance.conditioning(adt, torch.zeros(()), 1)
-    inc = (math.pi * torch.tanh(a["Angles"]) * a["DT"].transpose(1, 2)[..., None]).abs()
-    per_token = 2 * math.pi + inc.amax(-1, keepdim=True) * (3 + tolerance.TRANSCENDENTAL_ULPS) if inc.shape[-1] else 0 * adt
+    per_pair = angle_ulps(a)
+    per_token = per_pair.amax(-1, keepdim=True) if per_pair.shape[-1] else 0 * adt
     angle = torch.as_tensor(per_token).cumsum(1)
     return decay + angle + 3 * tolerance.TRANSCENDENTAL_ULPS + tolerance.GATE_ULPS, angle
+
+
+def angle_ulps(args):
+    """Ulps each rotated pair's angle gains at token t, (b, l, h, n_ang): its own rounding relative to
+    |theta| < 2 pi plus its increment's (pi tanh(.) DT: three roundings and a tanh). A pair's angle
+    inherits only its own earlier errors, so its error by token t is eps times the sum up to t."""
+    inc = (math.pi * torch.tanh(args["Angles"]) * args["DT"].transpose(1, 2)[..., None]).abs()
+    return 2 * math.pi + inc * (3 + tolerance.TRANSCENDENTAL_ULPS)
 
 
 def wrap_angle(actual, oracle):

@@ -54,9 +54,10 @@ Numerics, where this departs from the official kernels on purpose:
   - float32 tl.dot runs with input_precision="ieee"; every exp, the gate's silu included, is taken
     in float64 (Triton's float32 exp is ex2.approx on NVIDIA GPUs), except inside Mamba-2's
     chunk-state kernel, reused as it is (step 2, and the backward's own-state gradient).
-Declared gaps: packed sequences (cu_seqlens) raise NotImplementedError; a non-finite V at a later
-token of a chunk reaches that chunk's earlier outputs through 0 x inf in tl.dot (as the plain
-chunked scan's); p or n above MAX_PN raise NotImplementedError.
+A non-finite V, which tl.dot would carry to its chunk's earlier outputs (0 x inf), is zeroed for the
+kernels and its effect restored after them (mamba3_scan). Declared gaps: packed sequences
+(cu_seqlens) raise NotImplementedError; p or n above MAX_PN raise NotImplementedError; an ADT of
+-inf makes the later segments of its chunk exp(-inf - (-inf)) = NaN, where the loop's decay is 0.
 
 Grids: CUDA allows 2^31 - 1 programs on axis 0 and 65,535 on axes 1 and 2; every grid here puts
 b x h (folded with the chunk index where there is one) on axis 0 and only tile counts on axis 1
@@ -262,7 +263,8 @@ def chunk_scan_kernel(
                                         b_lo_k[None, :] if COMPENSATED else 0.0, COMPENSATED), 0.0)
         b_W = tl.where(later, tl.exp(b_seg).to(COMPUTE) * b_u_k[None, :], tl.where(same, b_gam_m[:, None], 0.0))
         b_v = tl.load(v_ptr + r_k[:, None] * p + o_p[None, :], mask=m_k[:, None] & m_p[None, :], other=0.0).to(COMPUTE)
-        acc += tl.dot(b_qk * b_W, b_v, input_precision=DOT_PRECISION)
+        # a select, not b_W's zeros: q~_t . k~_s is NaN for every t when k~_s is not finite
+        acc += tl.dot(tl.where(later | same, b_qk * b_W, 0.0), b_v, input_precision=DOT_PRECISION)
 
     # + D v_t; out = y silu(z)
     m_mp = m_m[:, None] & m_p[None, :]
@@ -804,11 +806,25 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         res = mamba3_scan(*moved[:11], None if states is None else tuple(moved[11:]), chunk_size, True)
         res = tuple(r.to(V.device) for r in res)
         return res if return_final_states else res[0]
+    # A non-finite V would reach the earlier outputs of its chunk through 0 x inf in tl.dot: the
+    # kernels run on V with its non-finite entries zeroed, and what they reach is restored after,
+    # as the spec has it: from a channel's first non-finite token on, its outputs and its row of the
+    # ssm state are NaN (a NaN or inf in v_s k~_s^T makes that row non-finite for good), and the v
+    # state is V's last token as it is. A finite sum that overflows only takes this slower path.
+    seen = None
+    if not bool(torch.isfinite(V.sum())):
+        bad = ~torch.isfinite(V)
+        seen = bad.cumsum(1) > 0                                            # (b, l, h, p)
+        inputs = (*inputs[:2], torch.where(bad, torch.zeros((), dtype=V.dtype, device=V.device), V), *inputs[3:])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         res = _Mamba3Scan.apply(*inputs, int(chunk_size))
     else:
         out, finals, _ = _forward(*inputs[:11], states, int(chunk_size), save=False)
         res = (out, *finals)
+    if seen is not None:
+        out, angle, ssm, k, v = res
+        res = (torch.where(seen, math.nan, out), angle, torch.where(seen[:, -1, ..., None], math.nan, ssm), k,
+               torch.where(bad[:, -1], V[:, -1].to(v.dtype), v))
     return res if return_final_states else res[0]
 
 
