@@ -141,7 +141,7 @@ register("recurrent", recurrent.scan_by_stepping, step=recurrent.mamba3_state_up
 MIMO_SUPPORTS = dict(
     dtypes=INPUT_DTYPES,            # input dtypes it accepts (V's dtype)
     grouped=True,                   # Q and K with h_qk < h heads
-    initial_states=True,            # Input_States (angle, ssm, k, v); the official kernel takes none
+    Input_States=True,              # initial states (angle, ssm, k, v); the official kernel takes none
     gradients=False,                # autograd through the scan
     varlen=False,                   # cu_seqlens
     pregate_norm=True,              # fuse_pregate_headwise_rms_norm
@@ -152,8 +152,9 @@ MIMO_SUPPORTS = dict(
     batch_invariant=False,
     case_limits=None,
 )
-MIMO_GAPS = dict(grouped=GAPS["grouped"], varlen=GAPS["varlen"], initial_states="Input_States",
-                 pregate_norm="fuse_pregate_headwise_rms_norm", rank_outputs="MIMO_Out = None (outputs per rank)")
+MIMO_GAPS = dict(grouped=GAPS["grouped"], varlen=GAPS["varlen"], Input_States="Input_States",
+                 pregate_norm="fuse_pregate_headwise_rms_norm",
+                 rank_outputs="MIMO_Out = None (outputs per rank)")
 
 
 def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
@@ -190,7 +191,7 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     registry.require(entry, "mamba3_mimo", dims["input_dtype"],
                      (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
                       outproj_norm_weight, *(Input_States or ())),
-                     grouped=dims["h_qk"] < dims["h"], initial_states=Input_States is not None,
+                     grouped=dims["h_qk"] < dims["h"], Input_States=Input_States is not None,
                      varlen=cu_seqlens is not None, pregate_norm=fuse_pregate_headwise_rms_norm,
                      rank_outputs=MIMO_Out is None)
     res = entry.scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
@@ -245,10 +246,12 @@ def _check_mimo_results(where, impl, res, dims, per_rank, with_time):
 
 MIMO_FAMILY = registry.add_family(registry.Family(
     name="mamba3_mimo", scan=mamba3_mimo, step=mamba3_mimo_state_update, supports=MIMO_SUPPORTS, gaps=MIMO_GAPS,
-    option="--mamba3-mimo-impl", step_option="--mamba3-mimo-impl-step", equivalence="equivalence.mamba3.mimo_cases"))
+    option="--mamba3-mimo-impl", step_option="--mamba3-mimo-impl-step", equivalence="equivalence.mamba3.mimo"))
 
 register("loop", loop.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True)
-register("chunked", chunked.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True, nonfinite_inputs=False)
+# chunked: SISO's blocks with a rank axis (scan_chunks), so SISO's declared gaps
+register("chunked", chunked.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True, nonfinite_inputs=False,
+         nonfinite_causal=False)
 register("recurrent", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mimo_state_update, family="mamba3_mimo",
          varlen=True)
 
