@@ -10,9 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 
+import impls
 from equivalence import properties
 from equivalence.mamba3.cases import as_f64, case_strategy, check, inputs, magnitudes, tight, token, window
-from equivalence.mamba3.cases import Case
+from equivalence.mamba3.cases import TIME_LAST, TIME_SECOND, Case
 from equivalence.mamba3.cases import run as run_scan
 from impls.mamba3 import chunked, loop, mamba3_mimo, mamba3_mimo_state_update, recurrent
 
@@ -86,6 +87,83 @@ def test_prefill_then_decode(case):
         assert all(torch.equal(a, b) for a, b in zip(given_states, before))
     for i, (x, y) in enumerate(zip(states, whole[1:])):
         tight(x, y, angle=i == 0)
+
+
+@pytest.mark.parametrize("case", [Case(b=3, l=1, R=3, n=8, n_ang=3), Case(b=3, l=1, R=2, n=6, n_ang=1, norm=True,
+                                                                         per_rank=True)], ids=lambda c: c.id)
+def test_step_indexed_cache(case):
+    """The serving form: with state_batch_indices the step advances slot idx[i] of a cache in place
+    (k: (slots, R, h, n)), padding rows (-1) output zeros and touch no slot, the returned states are
+    the cache itself, and the rows agree with the plain step on the same states."""
+    args = inputs(case)
+    tok, states = token(args, 0), args["Input_States"]
+    y, new = mamba3_mimo_state_update(**tok, Input_States=states)
+    cache = tuple(torch.randn(5, *s.shape[1:], dtype=s.dtype) for s in states)
+    for c, s in zip(cache, states):
+        c[4], c[1] = s[0], s[2]
+    untouched = [c.clone() for c in cache]
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32)
+    yi, returned = mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=idx)
+    assert all(r is c for r, c in zip(returned, cache))
+    tight(yi[[0, 2]], y[[0, 2]])
+    assert torch.equal(yi[1], torch.zeros_like(yi[1]))
+    for c, u, s in zip(cache, untouched, new):
+        tight(c[4], s[0])
+        tight(c[1], s[2])
+        for slot in (0, 2, 3):
+            assert torch.equal(c[slot], u[slot])
+
+
+def test_decode_through_the_cache_equals_the_scan():
+    """Prefill each row's sequence into its own slot, then decode token by token through the cache
+    with the rows in another order and a padding row between them: each row's outputs and final
+    states are the scan's (float64, to rounding)."""
+    case = Case(b=2, l=6, R=2, n=6, n_ang=2, norm=True)
+    args = inputs(case)
+    whole = run(loop.mamba3_mimo, args, case)
+    _, *pre = run(loop.mamba3_mimo, window(args, 0, 2, args["Input_States"]), case)
+    cache = tuple(torch.zeros(4, *s.shape[1:], dtype=s.dtype) for s in pre)
+    for c, s in zip(cache, pre):
+        c[3], c[0] = s[0], s[1]               # row 0 in slot 3, row 1 in slot 0
+    order = torch.tensor([1, 0, 0])           # the step's batch: row 1, row 0, a padding row (row 0's inputs)
+    idx = torch.tensor([0, 3, -1], dtype=torch.int32)
+    for t in range(2, case.l):
+        tok = {k: v[order] if k in TIME_LAST + TIME_SECOND and v is not None else v for k, v in token(args, t).items()}
+        y, _ = mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=idx)
+        tight(y[0], whole[0][1, t])
+        tight(y[1], whole[0][0, t])
+        assert torch.equal(y[2], torch.zeros_like(y[2]))
+    for i, (c, w) in enumerate(zip(cache, whole[1:])):
+        tight(c[3], w[0], angle=i == 0)
+        tight(c[0], w[1], angle=i == 0)
+        assert torch.equal(c[1], torch.zeros_like(c[1])) and torch.equal(c[2], torch.zeros_like(c[2]))
+
+
+def test_front_door_indexed_step():
+    """The indexed step needs the cache, refuses a cache sharing memory with an input (touching
+    nothing), a slot given twice, and a step registered without the capability."""
+    args = _bad()
+    tok = token(args, 0)
+    cache = tuple(s.clone() for s in args["Input_States"])
+    two = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="mamba3_mimo_state_update: Input_States"):
+        mamba3_mimo_state_update(**tok, state_batch_indices=two)
+    aliased = (*cache[:3], tok["V"])
+    kept = [s.clone() for s in aliased]
+    with pytest.raises(ValueError, match=r"Input_States\[3\] \(v\).*memory shared with V"):
+        mamba3_mimo_state_update(**tok, Input_States=aliased, state_batch_indices=two)
+    assert all(torch.equal(a, b) for a, b in zip(aliased, kept))
+    with pytest.raises(ValueError, match="state_batch_indices"):
+        mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=torch.tensor([1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"Input_States\[2\] \(k\)"):   # a SISO-shaped k cache
+        mamba3_mimo_state_update(**tok, Input_States=(*cache[:2], cache[2][:, 0], cache[3]), state_batch_indices=two)
+    impls.register("test-unindexed", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mimo_state_update,
+                   family="mamba3_mimo", state_batch_indices=False)
+    try:
+        with pytest.raises(NotImplementedError, match="state_batch_indices"):
+            mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=two, impl="test-unindexed")
+    finally:
+        impls.unregister("test-unindexed", family="mamba3_mimo")
 
 
 def test_family_is_wired():

@@ -144,6 +144,7 @@ MIMO_SUPPORTS = dict(
     Input_States=True,              # initial states (angle, ssm, k, v); the official kernel takes none
     gradients=False,                # autograd through the scan
     varlen=False,                   # cu_seqlens
+    state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
     pregate_norm=True,              # fuse_pregate_headwise_rms_norm
     rank_outputs=True,              # MIMO_Out = None: the R outputs returned apart
     nonfinite_inputs=True,          # as SUPPORTS
@@ -153,7 +154,7 @@ MIMO_SUPPORTS = dict(
     case_limits=None,
 )
 MIMO_GAPS = dict(grouped=GAPS["grouped"], varlen=GAPS["varlen"], Input_States="Input_States",
-                 pregate_norm="fuse_pregate_headwise_rms_norm",
+                 state_batch_indices=registry.INDEXED_GAP, pregate_norm="fuse_pregate_headwise_rms_norm",
                  rank_outputs="MIMO_Out = None (outputs per rank)")
 
 
@@ -203,7 +204,7 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
 
 def mamba3_mimo_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
                              Input_States=None, fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None,
-                             outproj_norm_eps=1e-5, *, impl="recurrent"):
+                             outproj_norm_eps=1e-5, state_batch_indices=None, *, impl="recurrent"):
     """One Mamba-3 MIMO token (the official has no public MIMO step; the module's decode does this).
 
     Args:
@@ -211,23 +212,28 @@ def mamba3_mimo_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIM
         Q_bias, K_bias: (h, R, n); MIMO_V, MIMO_Z, MIMO_Out: (h, R, p); Angles: (b, h, n_ang); D: (h,)
         Input_States: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, R, h, n), v (b, h, p)) or None (zeros)
         fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps: as mamba3_mimo
+        state_batch_indices: (b,) int32 or None: Input_States is then a cache (slots, h, ...), k
+            (slots, R, h, n), updated in place, row i in slot state_batch_indices[i], negative = padding
+            row (zeros out, no slot touched)
         impl: a registered MIMO implementation with a step
     Returns:
         (out (b, h, p), or (b, R, h, p) without MIMO_Out, in V's dtype, (angle, ssm, k, v)): new
-        tensors in the compute dtype, the inputs untouched
+        tensors in the compute dtype, the inputs untouched; with state_batch_indices, the cache
+        tensors, updated in place
     """
     entry = registry.get(impl, "mamba3_mimo")
     registry.require_step(entry, "mamba3_mimo_state_update")
     dims = frontdoor.check_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
                                      Input_States, fuse_pregate_headwise_rms_norm, outproj_norm_weight,
-                                     outproj_norm_eps)
+                                     outproj_norm_eps, state_batch_indices)
     registry.require(entry, "mamba3_mimo_state_update", dims["input_dtype"],
                      (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
                       outproj_norm_weight, *(Input_States or ())),
                      grouped=dims["h_qk"] < dims["h"], pregate_norm=fuse_pregate_headwise_rms_norm,
-                     rank_outputs=MIMO_Out is None)
+                     rank_outputs=MIMO_Out is None, state_batch_indices=state_batch_indices is not None)
     out, states = entry.step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
-                             Input_States, fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps)
+                             Input_States, fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps,
+                             state_batch_indices)
     _check_mimo_results("mamba3_mimo_state_update", impl, (out, *states), dims, MIMO_Out is None, with_time=False)
     return out, states
 
