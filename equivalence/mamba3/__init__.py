@@ -138,9 +138,10 @@ def positional(x, chunk_size=2):
     """Inputs x as the positional arguments of a registered scan (SISO's or MIMO's), its final states on."""
     if "MIMO_V" not in x:
         return [x[k] for k in SCAN_ARGS] + [chunk_size, True, None]
-    # mamba3_mimo(Q .. Z, chunk_size, rotary_dim_divisor, dtype, return_state, cu_seqlens, norm, its weight, eps, states)
-    return ([x[k] for k in _cases.MIMO_ARGS[:-1]] + [chunk_size, None, None, True, None, x["fuse_pregate_headwise_rms_norm"],
-                                                   x["outproj_norm_weight"], 1e-5, x[STATE_ARG]])
+    # mamba3_mimo(Q .. Z, chunk_size, rotary_dim_divisor, dtype, return_state, cu_seqlens, the norm, its
+    # weight and eps, Input_States)
+    return ([x[k] for k in _cases.MIMO_ARGS[:-1]] + [chunk_size, None, None, True, None]
+            + [x["fuse_pregate_headwise_rms_norm"], x["outproj_norm_weight"], 1e-5, x[STATE_ARG]])
 
 
 def scan_by_stepping(step):

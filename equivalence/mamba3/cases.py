@@ -67,7 +67,8 @@ class Case:
 
     @property
     def id(self):
-        rank = "" if self.R is None else f"-R{self.R}{'-norm' if self.norm else ''}{'-per_rank' if self.per_rank else ''}"
+        rank = ("" if self.R is None else
+                f"-R{self.R}{'-norm' if self.norm else ''}{'-per_rank' if self.per_rank else ''}")
         return (f"b{self.b}-l{self.l}-hqk{self.h_qk}-h{self.h}-p{self.p}-n{self.n}-ang{self.n_ang}-T{self.chunk_size}"
                 f"-{self.dtype}{'-states' if self.states else ''}{rank}")
 
@@ -98,7 +99,8 @@ def inputs(case, S=None):
     if R is not None:
         up, gate = r(h, R, p), r(h, R, p)   # MIMO_Z drawn without Z too: the later draws do not depend on Z
         args.update(MIMO_V=up, MIMO_Z=gate if case.Z else None, MIMO_Out=None if case.per_rank else r(h, R, p))
-    args.update(Angles=case.angle_rate * r(b, l, h, na), D=r(h) if case.D else None, Z=r(b, l, h, p) if case.Z else None)
+    args.update(Angles=case.angle_rate * r(b, l, h, na), D=r(h) if case.D else None,
+                Z=r(b, l, h, p) if case.Z else None)
     if R is not None:
         args["outproj_norm_weight"] = r(h, p) if case.norm else None
     S = b if S is None else S
@@ -215,17 +217,19 @@ def magnitudes(args, weights=None):
     ranked = (lambda t, dim: t) if mimo else (lambda t, dim: t.unsqueeze(dim))   # SISO: a rank axis of 1
     first, second = pair_indices(n, na, halves=mimo)
     leaf = lambda t: t.abs().requires_grad_(grad)
-    leaves = {k: leaf(a[k]) for k in ("Q", "K", "V", "Q_bias", "K_bias", "D", "MIMO_V", "MIMO_Out", "outproj_norm_weight",
-                                      "Z", "MIMO_Z") if a.get(k) is not None}
+    leaves = {k: leaf(a[k]) for k in ("Q", "K", "V", "Q_bias", "K_bias", "D", "MIMO_V", "MIMO_Out",
+                                      "outproj_norm_weight", "Z", "MIMO_Z") if a.get(k) is not None}
     st_ = a["Input_States"]
     shapes = dict(ssm=(b, h, p, n), k=(b, R, h, n) if mimo else (b, h, n), v=(b, h, p))
     for i, part in enumerate(("ssm", "k", "v"), 1):
-        leaves[f"Input_States.{part}"] = leaf(st_[i]) if st_ is not None else torch.zeros(shapes[part], dtype=torch.float64)
+        leaves[f"Input_States.{part}"] = (leaf(st_[i]) if st_ is not None
+                                          else torch.zeros(shapes[part], dtype=torch.float64))
     leaves["ADT"] = a["ADT"].clone().requires_grad_(grad)
     leaves["DT"] = a["DT"].abs().requires_grad_(grad)
     trap_gamma, trap_beta = a["Trap"].clone().requires_grad_(grad), a["Trap"].clone().requires_grad_(grad)
-    QP = pair_bound(loop.per_head(ranked(leaves["Q"], 2), h) + ranked(leaves["Q_bias"], 1).transpose(0, 1), first, second)
-    KP = pair_bound(loop.per_head(ranked(leaves["K"], 2), h) + ranked(leaves["K_bias"], 1).transpose(0, 1), first, second)
+    biased = lambda x, bias: loop.per_head(ranked(x, 2), h) + ranked(bias, 1).transpose(0, 1)   # (b, l, R, h, n)
+    QP = pair_bound(biased(leaves["Q"], leaves["Q_bias"]), first, second)
+    KP = pair_bound(biased(leaves["K"], leaves["K_bias"]), first, second)
     up = leaves["MIMO_V"].transpose(0, 1) if mimo else torch.ones(1, h, p, dtype=torch.float64)   # (R, h, p)
     ssm, kp, vp = leaves["Input_States.ssm"], ranked(leaves["Input_States.k"], 1), leaves["Input_States.v"]
     dt, alpha = leaves["DT"], torch.exp(leaves["ADT"])
