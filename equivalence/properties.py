@@ -51,6 +51,9 @@ Optional, for a family whose arguments or state do not fit the plain form (Mamba
     align_state(part, actual, oracle)
                             the actual part moved to the representative of its value nearest the
                             oracle's before a comparison (an angle: 0 and 2 pi are one value)
+    mixed_axes(case)        the letters of Y_AXES along which one channel's input reaches every output
+                            of its token (a norm over p: Mamba-3 MIMO's); y may have axes past Y_AXES,
+                            each indexed whole (all of a channel's ranks)
 
 Each check(family, name, case, ...) raises AssertionError (with a line that reproduces the case)
 or returns quietly; the case-drawn ones raise a CaseFailure that can re-run the check on other
@@ -335,11 +338,13 @@ def check_prefill_then_decode(fam, name, case, k):
     if k:
         y_pre, state = fam.scan(name, case, time_slice(fam, x, 0, k))
     else:
-        y_pre = time_slice(fam, x, 0, 0)[fam.TIME_ARGS[0]]
         zeros = functools.partial(torch.zeros, dtype=compute_dtype(case.torch_dtype))
         state = (map_state(fam, torch.clone, x[fam.STATE_ARG]) if x[fam.STATE_ARG] is not None
                  else map_state(fam, zeros, fam.state_shape(case)))
-    ys = [y_pre] + [fam.step(name, state, x, t).unsqueeze(fam.TIME_DIM) for t in range(k, case.l)]
+    steps = [fam.step(name, state, x, t).unsqueeze(fam.TIME_DIM) for t in range(k, case.l)]
+    if not k:  # no prefill: an empty output of the steps' shape (at l = 0, the scan's of no token)
+        y_pre = steps[0].narrow(fam.TIME_DIM, 0, 0) if steps else fam.scan(name, case, time_slice(fam, x, 0, 0))[0]
+    ys = [y_pre] + steps
     ref, same = oracle(fam, case)
     assert_matches_oracle(fam, f"{name}, prefill {k} then step", case, torch.cat(ys, fam.TIME_DIM), state, ref, same,
                           repro(fam, name, case) + f"  # prefill k={k}, then the step once per token")
@@ -487,7 +492,8 @@ def check_nonfinite(fam, name, case, arg, t, poison):
 @case_check
 def check_nan_propagation(fam, name, case, t):
     """A NaN at token t of the family's channel input (CHANNEL_ARG: batch row 0, the first element
-    of its other axes) makes that channel's outputs NaN from token t on, and changes no other output,
+    of its other axes) makes that channel's outputs NaN from token t on (and, where the family mixes
+    a token's channels along some axes, mixed_axes(case), all of them along those), and changes no other output,
     bit for bit: a finite change elsewhere (an ulp in another channel, an earlier token) is caught,
     which the non-finite check, held to the tolerance policy away from the non-finite outputs, lets
     pass. Every implementation is held to it, including one with the non-finite-inputs gap (that gap
@@ -501,16 +507,16 @@ def check_nan_propagation(fam, name, case, t):
         y = fam.scan(name, case, poisoned(fam, x, fam.CHANNEL_ARG, t, float("nan")))[0]
         y_clean = fam.scan(name, case, x)[0]
     where = repro(fam, name, case) + f"  # {fam.CHANNEL_ARG}[token {t}, first element] = nan"
-    channel = [0 if a != "l" else slice(t, None) for a in fam.Y_AXES]
-    missed = ~torch.isnan(y[tuple(channel)])
+    mixed = getattr(fam, "mixed_axes", lambda case: ())(case)
+    reach = torch.zeros(y.shape, dtype=torch.bool)
+    reach[tuple(slice(t, None) if a == "l" else slice(None) if a in mixed else 0 for a in fam.Y_AXES)] = True
+    missed = reach & ~torch.isnan(y)
     if missed.any():
-        s = t + int(missed.nonzero()[0])
-        channel[fam.Y_AXES.index("l")] = s
+        i = tuple(missed.nonzero()[0].tolist())
         raise AssertionError(f"{name}: the NaN in input {fam.CHANNEL_ARG} at (batch row 0, first channel, t={t}) did "
-                             f"not reach output t={s} of its channel, which is {y[tuple(channel)].item()!r}"
+                             f"not reach output ({position(fam, i)}) of its channel, which is {y[i].item()!r}"
                              f"\n  reproduce: {where}")
-    outside = ~same(y, y_clean)
-    outside[tuple(channel)] = False
+    outside = ~same(y, y_clean) & ~reach
     if outside.any():
         i = tuple(outside.nonzero()[0].tolist())
         raise AssertionError(f"{name}: output ({position(fam, i)}) changed, to {y[i].item()!r}, by the NaN in input "

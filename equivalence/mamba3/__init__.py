@@ -7,10 +7,13 @@ impls' Family value names this module (``Family.equivalence``); nothing here is 
 ADT, DT and Trap are (b, h, l), time last, as the official kernel takes them (TIME_DIMS).
 The oracle is the loop (impls/mamba3/loop.py) run in float64.
 
+The functions below serve the MIMO family too (equivalence/mamba3/mimo.py, family "mamba3_mimo"):
+each reads the interface from the case (Case.R None: SISO; a rank: MIMO), so the contract is written
+once and the rank is a parameter of the case.
+
 Packed sequences: PACKING (equivalence/mamba3/varlen.py), each sequence's state a row of each of
-the four parts. Not here: the MIMO scan (family "mamba3_mimo", equivalence/mamba3/test_mimo.py),
-whose rank axis and projections are a contract of their own; the diagnosis of a failure's needs
-(OPTIONS, ...: Case has no field for the SSD's group count, so a failure is reported undiagnosed).
+the four parts. Not here: the diagnosis of a failure's needs (OPTIONS, ...: Case has no field for
+the SSD's group count, so a failure is reported undiagnosed).
 """
 
 import dataclasses
@@ -18,7 +21,6 @@ import math
 import sys
 
 import torch
-import torch.nn.functional as F
 from hypothesis import strategies as st
 
 import impls
@@ -39,7 +41,7 @@ TIME_DIM = 1
 STATE_ARG = "Input_States"                  # also the capability that continuing needs
 CHANNEL_ARG = "V"                           # one element per output channel (the NaN-propagation check)
 BATCH_ARGS = TIME_ARGS + (STATE_ARG,)
-Y_AXES = ("b", "l", "h", "p")
+Y_AXES = ("b", "l", "h", "p")               # MIMO's outputs per rank add R last (scan, below)
 CHUNK_SIZES = (1, 2, 5, 64)
 
 # The tiny calls that probe a plain function's capabilities (equivalence/diagnose.py)
@@ -69,14 +71,25 @@ def reference_inputs(case):
 def supported(entry, case):
     s = entry.supports
     return (case.torch_dtype in s["dtypes"] and (s["grouped"] or case.groups == 1)
-            and (s["Input_States"] or not case.states))
+            and (s["Input_States"] or not case.states)
+            and (case.R is None or ((s["pregate_norm"] or not case.norm) and (s["rank_outputs"] or not case.per_rank))))
+
+
+def rank_last(out, case, rank_dim):
+    """MIMO's outputs per rank (rank at ``rank_dim``) with the rank moved last: y's axes are then
+    Y_AXES and a channel (h, p) indexes all its ranks. Other outputs are returned as they are."""
+    return out.movedim(rank_dim, -1) if case.R is not None and case.per_rank else out
 
 
 def scan(name, case, x, chunk_size=None):
-    """(out, (angle, ssm, k, v)) of impls.mamba3_scan on inputs x, at the case's chunk size or ``chunk_size``."""
-    out, *states = impls.mamba3_scan(**x, chunk_size=chunk_size or case.chunk_size, return_final_states=True,
-                                     impl=name)
-    return out, tuple(states)
+    """(out, (angle, ssm, k, v)) of impls.mamba3_scan, or impls.mamba3_mimo for a MIMO case (out per
+    rank as (b, l, h, p, R)), on inputs x, at the case's chunk size or ``chunk_size``."""
+    cs = chunk_size or case.chunk_size
+    if case.R is None:
+        out, *states = impls.mamba3_scan(**x, chunk_size=cs, return_final_states=True, impl=name)
+    else:
+        out, *states = impls.mamba3_mimo(**x, chunk_size=cs, return_state=True, impl=name)
+    return rank_last(out, case, 2), tuple(states)
 
 
 def token(x, t):
@@ -86,28 +99,38 @@ def token(x, t):
 
 
 def step(name, state, x, t):
-    """Token t of inputs x through impls.mamba3_state_update, advancing ``state`` (a tuple of the
-    four parts) in place: the public step returns new tensors. Returns y (b, h, p)."""
-    y, new = impls.mamba3_state_update(**token(x, t), Input_States=tuple(state), impl=name)
+    """Token t of inputs x through impls.mamba3_state_update (impls.mamba3_mimo_state_update for a
+    MIMO case), advancing ``state`` (a tuple of the four parts) in place: the public step returns new
+    tensors. Returns y (b, h, p) (MIMO per rank: (b, h, p, R))."""
+    mimo = "MIMO_V" in x
+    update = impls.mamba3_mimo_state_update if mimo else impls.mamba3_state_update
+    y, new = update(**token(x, t), Input_States=tuple(state), impl=name)
     for s, n in zip(state, new):
         s.copy_(n)
-    return y
+    return y.movedim(1, -1) if mimo and x["MIMO_Out"] is None else y
 
 
 def state_shape(case):
     b, h, p, n = case.b, case.h, case.p, case.n
-    return (b, h, case.n_ang), (b, h, p, n), (b, h, n), (b, h, p)
+    return (b, h, case.n_ang), (b, h, p, n), (b, h, n) if case.R is None else (b, case.R, h, n), (b, h, p)
 
 
 def call(name, case):
     """The public call on the case's inputs, as a Python expression (the reproduce line's)."""
-    return (f"impls.mamba3_scan(**equivalence.mamba3.make_inputs(equivalence.mamba3.{case!r}), "
-            f"chunk_size={case.chunk_size}, return_final_states=True, impl={name!r})")
+    x = f"**equivalence.mamba3.make_inputs(equivalence.mamba3.{case!r}), chunk_size={case.chunk_size}"
+    if case.R is None:
+        return f"impls.mamba3_scan({x}, return_final_states=True, impl={name!r})"
+    return f"impls.mamba3_mimo({x}, return_state=True, impl={name!r})"
 
 
 def positional(x, chunk_size=2):
-    """Inputs x as the positional arguments of a registered scan, return_final_states on."""
-    return [x[k] for k in SCAN_ARGS] + [chunk_size, True, None]
+    """Inputs x as the positional arguments of a registered scan (SISO's or MIMO's), its final states on."""
+    if "MIMO_V" not in x:
+        return [x[k] for k in SCAN_ARGS] + [chunk_size, True, None]
+    # mamba3_mimo(Q .. Z, chunk_size, rotary_dim_divisor, dtype, return_state, cu_seqlens, the norm, its
+    # weight and eps, Input_States)
+    return ([x[k] for k in _cases.MIMO_ARGS[:-1]] + [chunk_size, None, None, True, None]
+            + [x["fuse_pregate_headwise_rms_norm"], x["outproj_norm_weight"], 1e-5, x[STATE_ARG]])
 
 
 def scan_by_stepping(step):
@@ -149,133 +172,80 @@ def _last(c):
 
 
 def conditionings(case, x=None):
-    """Ulps a rounding can grow to, for out (b, l, h, 1), each state part (numbers), and every
-    gradient element (a number: the whole sequence's, as the adjoint runs the decays backwards,
-    plus the derivatives of the sigmoid, tanh, sin and cos, and of the gate); x: inputs to take
-    instead of the case's (properties.py's contract; then case is not read)."""
+    """Ulps a rounding can grow to, for out (b, l, h, 1) ((b, l, h, 1, 1) for MIMO's outputs per rank),
+    each state part (numbers), and every gradient element (a number: the whole sequence's, as the
+    adjoint runs the decays backwards, plus the derivatives of the sigmoid, tanh, sin and cos, and of
+    the gate, and with MIMO's norm the derivative of its square root); x: inputs to take instead of
+    the case's (properties.py's contract)."""
     x = inputs(case) if x is None else x
     cond, _ = _cases.conditioning(x)
     last = _last(cond)
-    gradient = last + 4 * TRANSCENDENTAL_ULPS + (GATE_ULPS if x["Z"] is not None else 0)
-    return cond, (0.0, last, last, 0.0), gradient
+    gradient = (last + 4 * TRANSCENDENTAL_ULPS + (GATE_ULPS if x["Z"] is not None else 0)
+                + (TRANSCENDENTAL_ULPS if case.norm else 0))
+    return (cond[..., None] if case.R is not None and case.per_rank else cond), (0.0, last, last, 0.0), gradient
 
 
 # Each summand of a gradient element is a product of up to about sixteen rounded factors (the
 # biased and rotated q~ and k~ with their cos and sin, beta's three products, alpha, v, the adjoint,
-# the gate): half an ulp each, 8 eps in all.
+# the gate): half an ulp each, 8 eps in all. MIMO adds up to six (MIMO_V in v~ and in the previous
+# v~, MIMO_Z in the gate, MIMO_Out, the norm's 1 / rms and weight): 3 eps more.
 GRADIENT_TERM_ROUNDINGS = 8
+MIMO_GRADIENT_TERM_ROUNDINGS = 3
 
 
 def gradient_terms(case, arg):
     """Rounded terms accumulated into one element of the gradient of ``arg``: over the tokens its
     adjoint runs through (l), what it is read against (n, p, a group's heads) and, for a parameter
-    shared by every token and row, b l of those."""
+    shared by every token and row, b l of those. MIMO adds the sum over the R ranks wherever the
+    state's adjoint or v~ is read (R), and with the norm its sum over p in each readout's adjoint."""
     b, l, p, n, hg = case.b, case.l, case.p, case.n, case.groups
-    summed = {"Q": p * hg + 2, "K": l + p * hg + 2, "V": l + n, "Z": l + n, "ADT": l + p * n, "DT": l + p * n + n,
-              "Trap": l + p * n, "Angles": l + p * n, "Q_bias": b * l * (p + 2), "K_bias": b * l * (l + p + 2),
-              "D": b * l * p, "Input_States.angle": l + p * n, "Input_States.ssm": l + n, "Input_States.k": l + p,
-              "Input_States.v": l + n}[arg]
-    return summed + GRADIENT_TERM_ROUNDINGS
+    R = case.R or 0
+    norm = p if case.norm else 0
+    y = l + n + norm            # an output's own terms, read by the gradients of the gate and projections
+    summed = {"Q": p * hg + 2 + norm, "K": l + p * hg + 2 + R + norm, "V": l + n + 2 * R + norm,
+              "Z": l + n + R + norm, "ADT": l + p * n + R + norm, "DT": l + p * n + n + R + norm,
+              "Trap": l + p * n + R + norm, "Angles": l + p * n + R + norm, "Q_bias": b * l * (p + 2 + norm),
+              "K_bias": b * l * (l + p + 2 + R + norm), "D": b * l * (p + R + norm),
+              "MIMO_V": b * l * (l + n + 2 + norm), "MIMO_Z": b * l + y, "MIMO_Out": b * l + y,
+              "outproj_norm_weight": b * l * (R + 1) + y,
+              "Input_States.angle": l + p * n + R + norm, "Input_States.ssm": l + n + R + norm,
+              "Input_States.k": l + p + R + norm, "Input_States.v": l + n + R + norm}[arg]
+    return summed + GRADIENT_TERM_ROUNDINGS + (MIMO_GRADIENT_TERM_ROUNDINGS if case.R is not None else 0)
 
 
 def terms(case, output, arg=None):
-    """Rounded terms per element of "y" (l + n), each "state" part (l), or the "gradient" of arg."""
+    """Rounded terms per element of "y" (cases.y_terms), each "state" part (cases.state_terms), or the
+    "gradient" of arg."""
     if output == "gradient":
         return gradient_terms(case, arg)
     if output == "y":
-        return case.l + case.n
-    return (max(case.l, 1),) * 4
+        return _cases.y_terms(case.l, case.n, case.p, case.R, case.norm, case.per_rank)
+    return _cases.state_terms(case.l, case.R)
 
 
 def exact_kinds(case):
     return True
 
 
-def _pair_bound(x, n_ang):
-    """|x| with each rotated pair's two entries replaced by |x0| + |x1| (a rotation's bound in both)."""
-    m = 2 * n_ang
-    s = x[..., 0:m:2].abs() + x[..., 1:m:2].abs()
-    return torch.cat((torch.stack((s, s), -1).flatten(-2), x[..., m:].abs()), -1)
-
-
 def magnitudes(case, weights=None, x=None):
     """Sums of |terms| of each element of out and of each state part (the scale of the policy's floor),
-    and with the loss weights ((b, l, h, p), and one per state part), {argument: sums of |summands|
-    of each element of its gradient}.
-
-    The recursion of cases.magnitudes: the loop's in float64 with every term non-negative (a rotated
-    pair bounded by |x0| + |x1| in both places). Its adjoint, by autograd on the non-negative inputs,
-    gives the sums for Q, K, the biases, V, D, the ssm, k and v states, Z (through |silu(Z)|) and ADT
-    (alpha = exp(ADT) > 0); Trap's sigmoid enters gamma as lambda and beta as 1 - lambda, opposite
-    signs, so each use is a leaf of its own and their sums add. The angle is absent from the
-    recursion (a rotation does not change the bound), so its sums come from the rotation's
-    derivative, bounded by the same pair bound: the direct sum at token s is, over the pair's two
-    entries, (adjoint of q~_s) |q~_s| + (adjoint of k~_s) |k~_s|, and theta_t reaches every later
-    theta_s, so dL/dtheta_t sums the direct sums of s >= t and the final angle's weight (Theta_t).
-    Then Angles: pi tanh'(.) DT Theta, DT: its beta and gamma terms plus pi |tanh(.)| Theta summed over
-    the pairs, the input angle: Theta_0. x: float64 inputs to take instead of the case's.
-    Returns (out, (angle, ssm, k, v), that dict or None).
+    and with the loss weights (as out, and one per state part), {argument: sums of |summands| of each
+    element of its gradient}: cases.magnitudes, with MIMO's outputs per rank as scan gives them
+    (rank last), and the angle's scale (the comment above). x: float64 inputs to take instead of the
+    case's. Returns (out, (angle, ssm, k, v), that dict or None).
     """
     a = reference_inputs(case) if x is None else x
-    b, l, h, p = a["V"].shape
-    n, na = a["Q"].shape[-1], a["Angles"].shape[-1]
-    grad = weights is not None
-    leaf = lambda t: t.abs().requires_grad_(grad)
-    leaves = {k: leaf(a[k]) for k in ("Q", "K", "V", "Q_bias", "K_bias", "D") if a[k] is not None}
-    st = a[STATE_ARG]
-    for part, i, shape in (("ssm", 1, (b, h, p, n)), ("k", 2, (b, h, n)), ("v", 3, (b, h, p))):
-        leaves[f"{STATE_ARG}.{part}"] = leaf(st[i]) if st is not None else torch.zeros(shape, dtype=torch.float64)
-    leaves["ADT"] = a["ADT"].clone().requires_grad_(grad)
-    leaves["DT"] = a["DT"].abs().requires_grad_(grad)
-    trap_gamma, trap_beta = a["Trap"].clone().requires_grad_(grad), a["Trap"].clone().requires_grad_(grad)
-    if a["Z"] is not None:
-        leaves["Z"] = a["Z"].clone().requires_grad_(grad)
-    QP = _pair_bound(loop.per_head(leaves["Q"], h) + leaves["Q_bias"], na)           # (b, l, h, n)
-    KP = _pair_bound(loop.per_head(leaves["K"], h) + leaves["K_bias"], na)
-    ssm, kp, vp = (leaves[f"{STATE_ARG}.{k}"] for k in ("ssm", "k", "v"))
-    dt, alpha = leaves["DT"], torch.exp(leaves["ADT"])
-    gamma, beta = torch.sigmoid(trap_gamma) * dt, (1 - torch.sigmoid(trap_beta)) * dt * alpha   # (b, h, l)
-    ys = []
-    for t in range(l):
-        ssm = (alpha[:, :, t, None, None] * ssm + beta[:, :, t, None, None] * vp[..., None] * kp[..., None, :]
-               + gamma[:, :, t, None, None] * leaves["V"][:, t, ..., None] * KP[:, t, :, None, :])
-        ys.append((ssm * QP[:, t, :, None, :]).sum(-1))
-        kp, vp = KP[:, t], leaves["V"][:, t]
-    y = torch.stack(ys, 1) if ys else torch.zeros(b, 0, h, p, dtype=torch.float64)
-    if "D" in leaves:
-        y = y + leaves["D"][:, None] * leaves["V"]
-    if "Z" in leaves:
-        y = y * F.silu(leaves["Z"]).abs()
+    if weights is not None and case.R is not None and case.per_rank:
+        weights = (weights[0].movedim(-1, 2), weights[1])              # y's weights as out per rank: (b, l, R, h, p)
+    y, (ssm, k, v), sums = _cases.magnitudes(a, weights)
+    b, l, h = a["V"].shape[:3]
     L = max(l, 1)
     # each pair's own accumulated ulps (cases.angle_ulps): a NaN or inf in one pair's Angles or DT
     # makes only its own scale non-finite, and the policy drops it there, where the angle is not
     # finite either. At l = 0 the angle is the input's, below 2 pi (the bound eps 2 pi is an ulp of it)
-    c = _cases.angle_ulps(a).sum(1) if l else torch.zeros(b, h, na, dtype=torch.float64)   # (b, h, n_ang)
+    c = _cases.angle_ulps(a).sum(1) if l else torch.zeros(b, h, a["Angles"].shape[-1], dtype=torch.float64)
     angle = ((L + c) / L).clamp_min(2 * math.pi)
-    states = (angle, ssm, kp, vp)
-    if not grad:
-        return y, tuple(s.detach() for s in states), None
-    loss = (y * weights[0].abs()).sum() + sum((s * w.abs()).sum() for s, w in zip(states[1:], weights[1][1:]))
-    wrt = {k: v for k, v in leaves.items() if v.requires_grad}
-    # at l = 0 without input states nothing reaches the loss: a zero term keeps the graph (zero sums)
-    loss = loss + sum(0 * v.sum() for v in (QP, KP, trap_gamma, trap_beta, *wrt.values()))
-    got = torch.autograd.grad(loss, [QP, KP, trap_gamma, trap_beta, *wrt.values()], allow_unused=True)
-    zero = lambda t: torch.zeros_like(t)
-    g_qp, g_kp, g_tg, g_tb = (zero(t) if g is None else g for g, t in zip(got[:4], (QP, KP, trap_gamma, trap_beta)))
-    sums = {k: (zero(v) if g is None else g.abs()) for (k, v), g in zip(wrt.items(), got[4:])}
-    sums["Trap"] = g_tg.abs() + g_tb.abs()
-    direct = (g_qp * QP + g_kp * KP).detach()[..., :2 * na]                          # (b, l, h, 2 n_ang)
-    direct = direct[..., 0::2] + direct[..., 1::2]                                    # (b, l, h, n_ang)
-    theta = direct.flip(1).cumsum(1).flip(1) + weights[1][0].abs()[:, None]           # Theta_t
-    tanh = torch.tanh(a["Angles"])
-    sums["Angles"] = math.pi * (1 - tanh ** 2) * a["DT"].abs().transpose(1, 2)[..., None] * theta
-    sums["DT"] = sums["DT"] + (math.pi * tanh.abs() * theta).sum(-1).transpose(1, 2)
-    if st is not None:
-        sums[f"{STATE_ARG}.angle"] = theta[:, 0] if l else weights[1][0].abs()
-    else:
-        for part in ("ssm", "k", "v"):
-            sums.pop(f"{STATE_ARG}.{part}", None)
-    return y.detach(), tuple(s.detach() for s in states), sums
+    return rank_last(y, case, 2), (angle, ssm, k, v), sums
 
 
 # What each property test draws (equivalence/test_*.py), smallest first when shrunk

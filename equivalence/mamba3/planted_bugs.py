@@ -1,4 +1,4 @@
-"""Planted bugs for the Mamba-3 (SISO) family: each a small variant of the spec or a wrapper of a
+"""Planted bugs for the Mamba-3 families, SISO and MIMO: each a small variant of the spec or a wrapper of a
 correct scan, drawn from the field's reports and from what a port gets wrong. Every one
 takes the scan's signature (impls/mamba3/loop.py) and must be caught by the checks of
 equivalence/mamba3/test_planted_bugs.py on a small case, while the correct scans pass them.
@@ -6,6 +6,7 @@ equivalence/mamba3/test_planted_bugs.py on a small case, while the correct scans
 
 import functools
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,7 @@ CAPABILITIES = {k: dict(batch_invariant=False) for k in (*BUGS, "correct")}
 
 # ---- MIMO ----------------------------------------------------------------------------------------
 # Each takes mamba3_mimo's signature (impls/mamba3/loop.py) and must be caught by the checks of
-# equivalence/mamba3/test_mimo_planted_bugs.py, while the correct MIMO scans pass them.
+# equivalence/mamba3/test_planted_bugs.py, while the correct MIMO scans pass them.
 
 def _interleaved(x, theta):
     """SISO's pairing (2i, 2i+1) where MIMO rotates (i, i + n/2)."""
@@ -173,21 +174,23 @@ def mimo_variant(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Ou
         y = (ssm[:, None] * q[..., None, :]).sum(-1)                                  # (b, R, h, p)
         if D is not None:
             y = y + D.to(f)[:, None] * (V_f[:, t, None] if bug == "D_on_raw_v" else v)
-        z = None if Z is None else F.silu(Z.to(f)[:, t, None] * MIMO_Z.to(f).transpose(0, 1))
+        g = 1 if Z is None else F.silu(Z.to(f)[:, t, None] * MIMO_Z.to(f).transpose(0, 1))
         norm = lambda y: (y * torch.rsqrt(y.square().mean(-1, keepdim=True) + outproj_norm_eps)
                           * (1 if w is None else w)) if fuse_pregate_headwise_rms_norm else y
-        o = cast(MIMO_Out).transpose(0, 1)
-        if bug == "out_proj_before_gate":           # contract the ranks first, then one averaged gate
-            y = (norm(y) * o).sum(1) * (1 if z is None else z.mean(1))
-        elif bug == "norm_after_gate":
-            y = (norm(y * (1 if z is None else z)) * o).sum(1)
+        o = None if MIMO_Out is None else cast(MIMO_Out).transpose(0, 1)
+        gated = norm(y * g) if bug == "norm_after_gate" else norm(y) * g
+        if o is None:                               # the outputs per rank
+            y = gated
+        elif bug == "out_proj_before_gate":         # contract the ranks first, then one averaged gate
+            y = (norm(y) * o).sum(1) * (g.mean(1) if Z is not None else 1)
         elif bug == "ranks_summed_before_projecting":   # sum_r y_r, then the mean projection
-            y = (norm(y) * (1 if z is None else z)).sum(1) * o.mean(0)
+            y = gated.sum(1) * o.mean(0)
         else:
-            y = (norm(y) * (1 if z is None else z) * o).sum(1)
+            y = (gated * o).sum(1)
         ys.append(y)
         k_prev, v_prev = k, V_f[:, t]
-    out = (torch.stack(ys, 1) if ys else V_f.new_zeros(b, 0, h, p)).to(V.dtype)
+    empty = V_f.new_zeros((b, 0, h, p) if MIMO_Out is not None else (b, 0, R, h, p))
+    out = (torch.stack(ys, 1) if ys else empty).to(V.dtype)
     return (out, angle, ssm, k_prev, v_prev) if return_state else out
 
 
@@ -205,3 +208,9 @@ MIMO_BUGS = {name: functools.partial(mimo_variant, bug=name) for name in (
     "ranks_summed_before_projecting", "out_proj_before_gate", "interleaved", "norm_after_gate", "beta_one_rank",
     "l1_drops_input_kv", "D_on_raw_v")}
 MIMO_BUGS.update(v_state_from_pack_end=mimo_v_state_from_pack_end)
+
+# What the shared planted-bug tests read of the MIMO family (equivalence/mamba3/mimo.py's planted_bugs),
+# as this module is for SISO: the packed v state is left to the family's own packed check.
+MIMO = types.SimpleNamespace(**MIMO_BUGS, correct=loop.mamba3_mimo,
+                             BUGS=tuple(k for k in MIMO_BUGS if k != "v_state_from_pack_end"), ONLY={},
+                             CAPABILITIES={k: dict(batch_invariant=False) for k in (*MIMO_BUGS, "correct")})

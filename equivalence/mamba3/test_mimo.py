@@ -3,7 +3,6 @@
 Run: .venv/bin/pytest -q -p no:cacheprovider equivalence/mamba3/test_mimo.py
 """
 
-import dataclasses
 import itertools
 import math
 
@@ -11,9 +10,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from equivalence.mamba3.mimo_cases import (MimoCase, as_f64, check_mimo, mimo_case_strategy, mimo_inputs,
-                                           mimo_magnitudes, token, window, wrap_angle)
+import impls
+from equivalence import properties
+from equivalence.mamba3.cases import as_f64, case_strategy, check, inputs, magnitudes, tight, token, window
+from equivalence.mamba3.cases import TIME_LAST, TIME_SECOND, Case
+from equivalence.mamba3.cases import run as run_scan
 from impls.mamba3 import chunked, loop, mamba3_mimo, mamba3_mimo_state_update, recurrent
+
+# plain tests of their own, run when Mamba-3 MIMO is under test (--mamba3-mimo-impl, or no family chosen)
+pytestmark = pytest.mark.family("mamba3_mimo")
 
 SCANS = {
     "loop": loop.mamba3_mimo,
@@ -22,47 +27,41 @@ SCANS = {
 }
 
 
-def tight(actual, expected, angle=False):
-    """float64 agreement up to rounding, as equivalence/mamba3/test_spec.py's: 1e-12 of the larger
-    of 1 and the expected magnitude (O(1) values, short sequences). Angles compared as angles."""
-    if angle:
-        actual = wrap_angle(actual, expected)
-    big = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12 * (1 + big))
+def mimo_strategy(dtypes=("f64", "f32"), max_l=10):
+    return case_strategy(dtypes=dtypes, max_l=max_l, chunk_sizes=(1, 5), ranks=(1, 3))
 
 
 def run(scan, args, case=None, **kw):
-    kw.setdefault("chunk_size", case.chunk_size if case else 4)
-    return scan(**args, return_state=True, **kw)
+    return run_scan(scan, args, case.chunk_size if case else 4, **kw)
 
 
 @pytest.mark.parametrize("name", ["chunked", "recurrent"])
 @settings(max_examples=15, deadline=None)
-@given(case=mimo_case_strategy())
+@given(case=mimo_strategy())
 def test_matches_float64_loop(name, case):
     """Outputs and all four final states within the tolerance policy (float64: rounding only)."""
-    args = mimo_inputs(case)
-    check_mimo(f"{name} {case.id()}", run(SCANS[name], args, case), args, repro=repr(case))
+    args = inputs(case)
+    check(f"{name} {case.id}", run(SCANS[name], args, case), args, repro=repr(case))
 
 
 @settings(max_examples=10, deadline=None)
-@given(case=mimo_case_strategy(dtypes=("f64",)))
+@given(case=mimo_strategy(dtypes=("f64",)))
 def test_magnitudes_bound_the_oracle(case):
-    """The tolerance's scales (sums of |terms|) never fall below |oracle|: out, ssm and k states."""
-    args = mimo_inputs(case)
-    scale = mimo_magnitudes(dict(args, outproj_norm_eps=1e-5))
+    """The tolerance's scales (sums of |terms|) never fall below |oracle|: out, ssm, k and v states."""
+    args = inputs(case)
+    out, states, _ = magnitudes(args)
     oracle = loop.mamba3_mimo(**args, return_state=True)
-    for s, o in zip(scale, (oracle[0], oracle[2], oracle[3])):
+    for s, o in zip((out, *states), (oracle[0], *oracle[2:])):
         assert (s >= o.abs() * (1 - 1e-12)).all()
 
 
 @pytest.mark.parametrize("name", list(SCANS))
 @settings(max_examples=6, deadline=None)
-@given(case=mimo_case_strategy(dtypes=("f64",), max_l=8))
+@given(case=mimo_strategy(dtypes=("f64",), max_l=8))
 def test_split_and_continue(name, case):
     """Splitting at every point with all four states carried equals one call (the beta term's
     sum over r of v~_{t-1,r} k~_{t-1,r} crosses the split through the k (all ranks) and v states)."""
-    args = mimo_inputs(case)
+    args = inputs(case)
     whole = run(SCANS[name], args, case)
     for s in range(case.l + 1):
         first = run(SCANS[name], window(args, 0, s, args["Input_States"]), case)
@@ -73,11 +72,11 @@ def test_split_and_continue(name, case):
 
 
 @settings(max_examples=6, deadline=None)
-@given(case=mimo_case_strategy(dtypes=("f64",), max_l=8))
+@given(case=mimo_strategy(dtypes=("f64",), max_l=8))
 def test_prefill_then_decode(case):
     """The public chunked scan over a prefix, then the public step token by token, equals the scan;
     the step leaves the states it is given untouched."""
-    args = mimo_inputs(case)
+    args = inputs(case)
     whole = run(chunked.mamba3_mimo, args, case)
     s = case.l // 2
     _, *states = mamba3_mimo(**window(args, 0, s, args["Input_States"]), return_state=True, chunk_size=case.chunk_size)
@@ -90,13 +89,95 @@ def test_prefill_then_decode(case):
         tight(x, y, angle=i == 0)
 
 
+@pytest.mark.parametrize("case", [Case(b=3, l=1, R=3, n=8, n_ang=3), Case(b=3, l=1, R=2, n=6, n_ang=1, norm=True,
+                                                                         per_rank=True)], ids=lambda c: c.id)
+def test_step_indexed_cache(case):
+    """The serving form: with state_batch_indices the step advances slot idx[i] of a cache in place
+    (k: (slots, R, h, n)), padding rows (-1) output zeros and touch no slot, the returned states are
+    the cache itself, and the rows agree with the plain step on the same states."""
+    args = inputs(case)
+    tok, states = token(args, 0), args["Input_States"]
+    y, new = mamba3_mimo_state_update(**tok, Input_States=states)
+    cache = tuple(torch.randn(5, *s.shape[1:], dtype=s.dtype) for s in states)
+    for c, s in zip(cache, states):
+        c[4], c[1] = s[0], s[2]
+    untouched = [c.clone() for c in cache]
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32)
+    yi, returned = mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=idx)
+    assert all(r is c for r, c in zip(returned, cache))
+    tight(yi[[0, 2]], y[[0, 2]])
+    assert torch.equal(yi[1], torch.zeros_like(yi[1]))
+    for c, u, s in zip(cache, untouched, new):
+        tight(c[4], s[0])
+        tight(c[1], s[2])
+        for slot in (0, 2, 3):
+            assert torch.equal(c[slot], u[slot])
+
+
+def test_decode_through_the_cache_equals_the_scan():
+    """Prefill each row's sequence into its own slot, then decode token by token through the cache
+    with the rows in another order and a padding row between them: each row's outputs and final
+    states are the scan's (float64, to rounding)."""
+    case = Case(b=2, l=6, R=2, n=6, n_ang=2, norm=True)
+    args = inputs(case)
+    whole = run(loop.mamba3_mimo, args, case)
+    _, *pre = run(loop.mamba3_mimo, window(args, 0, 2, args["Input_States"]), case)
+    cache = tuple(torch.zeros(4, *s.shape[1:], dtype=s.dtype) for s in pre)
+    for c, s in zip(cache, pre):
+        c[3], c[0] = s[0], s[1]               # row 0 in slot 3, row 1 in slot 0
+    order = torch.tensor([1, 0, 0])           # the step's batch: row 1, row 0, a padding row (row 0's inputs)
+    idx = torch.tensor([0, 3, -1], dtype=torch.int32)
+    for t in range(2, case.l):
+        tok = {k: v[order] if k in TIME_LAST + TIME_SECOND and v is not None else v for k, v in token(args, t).items()}
+        y, _ = mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=idx)
+        tight(y[0], whole[0][1, t])
+        tight(y[1], whole[0][0, t])
+        assert torch.equal(y[2], torch.zeros_like(y[2]))
+    for i, (c, w) in enumerate(zip(cache, whole[1:])):
+        tight(c[3], w[0], angle=i == 0)
+        tight(c[0], w[1], angle=i == 0)
+        assert torch.equal(c[1], torch.zeros_like(c[1])) and torch.equal(c[2], torch.zeros_like(c[2]))
+
+
+def test_front_door_indexed_step():
+    """The indexed step needs the cache, refuses a cache sharing memory with an input (touching
+    nothing), a slot given twice, and a step registered without the capability."""
+    args = _bad()
+    tok = token(args, 0)
+    cache = tuple(s.clone() for s in args["Input_States"])
+    two = torch.tensor([0, 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="mamba3_mimo_state_update: Input_States"):
+        mamba3_mimo_state_update(**tok, state_batch_indices=two)
+    aliased = (*cache[:3], tok["V"])
+    kept = [s.clone() for s in aliased]
+    with pytest.raises(ValueError, match=r"Input_States\[3\] \(v\).*memory shared with V"):
+        mamba3_mimo_state_update(**tok, Input_States=aliased, state_batch_indices=two)
+    assert all(torch.equal(a, b) for a, b in zip(aliased, kept))
+    with pytest.raises(ValueError, match="state_batch_indices"):
+        mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=torch.tensor([1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"Input_States\[2\] \(k\)"):   # a SISO-shaped k cache
+        mamba3_mimo_state_update(**tok, Input_States=(*cache[:2], cache[2][:, 0], cache[3]), state_batch_indices=two)
+    impls.register("test-unindexed", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mimo_state_update,
+                   family="mamba3_mimo", state_batch_indices=False)
+    try:
+        with pytest.raises(NotImplementedError, match="state_batch_indices"):
+            mamba3_mimo_state_update(**tok, Input_States=cache, state_batch_indices=two, impl="test-unindexed")
+    finally:
+        impls.unregister("test-unindexed", family="mamba3_mimo")
+
+
+def test_family_is_wired():
+    """The shared properties run on MIMO: its module has the whole family contract."""
+    assert properties.missing_contract("mamba3_mimo") == []
+
+
 @pytest.mark.parametrize("name", list(SCANS))
 def test_packed_equals_per_sequence(name):
     """cu_seqlens: each sequence scanned alone from its own initial states, lengths 0 and 1 included,
     chunks not multiples of the lengths; every sequence's final v state is its own last token."""
     lens = [3, 0, 7, 1, 9, 0]
-    case = MimoCase(b=1, l=sum(lens), R=3, n=8, n_ang=2, chunk_size=4)
-    args = mimo_inputs(case, S=len(lens))
+    case = Case(b=1, l=sum(lens), R=3, n=8, n_ang=2, chunk_size=4)
+    args = inputs(case, S=len(lens))
     cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
     packed = run(SCANS[name], args, case, cu_seqlens=cu)
     for i, (s, e) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
@@ -113,8 +194,8 @@ def test_packed_equals_per_sequence(name):
 def test_length_one(name, states):
     """l = 1 (the official MIMO forward fails there): the scan equals the loop and the step, with
     and without input states; l = 0 returns the input states."""
-    case = MimoCase(b=2, l=1, R=3, n=8, n_ang=3, chunk_size=4, states=states)
-    args = mimo_inputs(case)
+    case = Case(b=2, l=1, R=3, n=8, n_ang=3, chunk_size=4, states=states)
+    args = inputs(case)
     got, ref = run(SCANS[name], args, case), run(loop.mamba3_mimo, args, case)
     y, step_states = mamba3_mimo_state_update(**token(args, 0), Input_States=args["Input_States"])
     tight(got[0][:, 0], y)
@@ -133,8 +214,8 @@ def test_length_one(name, states):
 def test_rank_one_is_siso_with_the_mimo_pairing(name):
     """R = 1 with MIMO_V = MIMO_Z = MIMO_Out = 1 is the SISO scan once Q, K, the biases and the
     states are permuted so that MIMO's pair (i, i + n/2) sits where SISO rotates (2i, 2i + 1)."""
-    case = MimoCase(b=2, l=9, R=1, h_qk=1, groups=2, p=3, n=8, n_ang=3, chunk_size=4)
-    args = mimo_inputs(case)
+    case = Case(b=2, l=9, R=1, h_qk=1, groups=2, p=3, n=8, n_ang=3, chunk_size=4)
+    args = inputs(case)
     ones = torch.ones(case.h, 1, case.p, dtype=torch.float64)
     args.update(MIMO_V=ones, MIMO_Z=ones, MIMO_Out=ones)
     n = case.n
@@ -185,8 +266,8 @@ def test_rotation_pairs_hand_worked():
 @pytest.mark.parametrize("name", list(SCANS))
 def test_rank_outputs_contract_to_out(name):
     """MIMO_Out = None returns y per rank (after the norm and gate); sum_r MIMO_Out[r] * y_r is out."""
-    case = MimoCase(b=2, l=6, R=3, n=6, n_ang=2, norm=True)
-    args = mimo_inputs(case)
+    case = Case(b=2, l=6, R=3, n=6, n_ang=2, norm=True)
+    args = inputs(case)
     out = run(SCANS[name], args, case)[0]
     per_rank = run(SCANS[name], dict(args, MIMO_Out=None), case)[0]
     assert per_rank.shape == (2, 6, 3, case.h, case.p)
@@ -196,8 +277,8 @@ def test_rank_outputs_contract_to_out(name):
 def test_gradients_chunked_match_loop():
     """Autograd through the chunked MIMO scan, every input (the projections, the norm weight and the
     four states included), against the loop's (float64)."""
-    case = MimoCase(b=2, l=7, R=2, n=6, n_ang=2, chunk_size=3, norm=True)
-    args = as_f64(mimo_inputs(case))
+    case = Case(b=2, l=7, R=2, n=6, n_ang=2, chunk_size=3, norm=True)
+    args = as_f64(inputs(case))
     grads = {}
     for name in ("loop", "chunked"):
         leaf = lambda v: v.clone().requires_grad_() if isinstance(v, torch.Tensor) else v
@@ -214,7 +295,7 @@ def test_gradients_chunked_match_loop():
 # ---- the front door ---------------------------------------------------------------------------
 
 def _bad(**change):
-    args = mimo_inputs(MimoCase(b=2, l=5, R=2, h_qk=1, groups=2, n=4, n_ang=2, dtype="f32", norm=True))
+    args = inputs(Case(b=2, l=5, R=2, h_qk=1, groups=2, n=4, n_ang=2, dtype="f32", norm=True))
     for k, v in change.items():
         args[k] = v(args) if callable(v) else v
     return args

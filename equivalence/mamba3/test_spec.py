@@ -12,7 +12,8 @@ import torch
 from hypothesis import given, settings
 
 import impls
-from equivalence.mamba3.cases import Case, as_f64, case_strategy, check, inputs, wrap_angle
+from equivalence.mamba3.cases import Case, as_f64, case_strategy, check, inputs, tight, token, window
+from equivalence.mamba3.cases import run as run_scan
 from impls.mamba3 import chunked, loop, mamba3_scan, mamba3_state_update, recurrent
 
 # plain tests of their own, run when Mamba-3 is under test (--mamba3-impl, or no family chosen)
@@ -25,34 +26,8 @@ SCANS = {
 }
 
 
-def tight(actual, expected, angle=False):
-    """float64 agreement up to rounding: 1e-12 of the larger of 1 and the expected magnitude (the
-    cases' values are O(1) and their sequences short: a few hundred roundings at most). Angles are
-    compared as angles (0 and 2 pi are one)."""
-    if angle:
-        actual = wrap_angle(actual, expected)
-    big = expected.abs().max().item() if expected.numel() else 0.0
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12 * (1 + big))
-
-
-TIME_LAST, TIME_SECOND = ("ADT", "DT", "Trap"), ("Q", "K", "V", "Angles", "Z")
-
-
-def window(args, a, e, states=None):
-    """The scan's arguments for tokens a:e (states: the Input_States to start from; default none given)."""
-    cut = lambda k, v: (None if v is None else v[..., a:e] if k in TIME_LAST else v[:, a:e] if k in TIME_SECOND else v)
-    return dict({k: cut(k, v) for k, v in args.items()}, Input_States=states)
-
-
-def token(args, t):
-    """The step's arguments for token t (no Input_States)."""
-    pick = lambda k, v: (None if v is None else v[..., t] if k in TIME_LAST else v[:, t] if k in TIME_SECOND else v)
-    return {k: pick(k, v) for k, v in args.items() if k != "Input_States"}
-
-
 def run(scan, args, case=None, **kw):
-    kw.setdefault("chunk_size", case.chunk_size if case else 4)
-    return scan(**args, return_final_states=True, **kw)
+    return run_scan(scan, args, case.chunk_size if case else 4, **kw)
 
 
 @pytest.mark.parametrize("name", ["chunked", "recurrent"])

@@ -381,6 +381,14 @@ assert not approx, f"approximate instructions in the step: {sorted(set(approx))}
 p64 = {"*": "*fp64", "idx_ptr": "*i32"}
 build(m3.chunk_scan_kernel, p64, dict(COMPENSATED=True, HAS_D=False, HAS_Z=False, SAVE_Y=False, BLOCK_M=16, BLOCK_K=16,
                                       BLOCK_P=16, BLOCK_N=16, COMPUTE=tl.float64, DOT_PRECISION=P))
+# Mamba-2's chunk-state kernel as the float64 path launches it (step 2 and the backward's own-state
+# gradient): its exps stay float64 on the GPU (libdevice's exp), never a float32 conversion and ex2.approx,
+# which the interpreter, computing in numpy, could not show
+for from_start in (False, True):
+    ptx = build(m3.chunk_state_kernel, p64, dict(COMPENSATED=True, FROM_START=from_start, BLOCK_K=16, BLOCK_P=16,
+                                                 BLOCK_N=16, COMPUTE=tl.float64, DOT_PRECISION=P)).asm["ptx"]
+    single = re.findall(r"ex2\.approx\S*|cvt\.\S*f32\.f64", ptx)
+    assert not single and "__nv_exp" in ptx, f"float64 chunk states through float32: {sorted(set(single))}"
 print("OK")
 """
 

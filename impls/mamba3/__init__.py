@@ -137,9 +137,10 @@ register("recurrent", recurrent.scan_by_stepping, step=recurrent.mamba3_state_up
 MIMO_SUPPORTS = dict(
     dtypes=INPUT_DTYPES,            # input dtypes it accepts (V's dtype)
     grouped=True,                   # Q and K with h_qk < h heads
-    initial_states=True,            # Input_States (angle, ssm, k, v); the official kernel takes none
+    Input_States=True,              # initial states (angle, ssm, k, v); the official kernel takes none
     gradients=False,                # autograd through the scan
     varlen=False,                   # cu_seqlens
+    state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
     pregate_norm=True,              # fuse_pregate_headwise_rms_norm
     rank_outputs=True,              # MIMO_Out = None: the R outputs returned apart
     nonfinite_inputs=True,          # as SUPPORTS
@@ -147,8 +148,9 @@ MIMO_SUPPORTS = dict(
     batch_invariant=False,
     case_limits=None,
 )
-MIMO_GAPS = dict(grouped=GAPS["grouped"], varlen=GAPS["varlen"], initial_states="Input_States",
-                 pregate_norm="fuse_pregate_headwise_rms_norm", rank_outputs="MIMO_Out = None (outputs per rank)")
+MIMO_GAPS = dict(grouped=GAPS["grouped"], varlen=GAPS["varlen"], Input_States="Input_States",
+                 state_batch_indices=registry.INDEXED_GAP, pregate_norm="fuse_pregate_headwise_rms_norm",
+                 rank_outputs="MIMO_Out = None (outputs per rank)")
 
 
 def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
@@ -185,7 +187,7 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     registry.require(entry, "mamba3_mimo", dims["input_dtype"],
                      (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
                       outproj_norm_weight, *(Input_States or ())),
-                     grouped=dims["h_qk"] < dims["h"], initial_states=Input_States is not None,
+                     grouped=dims["h_qk"] < dims["h"], Input_States=Input_States is not None,
                      varlen=cu_seqlens is not None, pregate_norm=fuse_pregate_headwise_rms_norm,
                      rank_outputs=MIMO_Out is None)
     res = entry.scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
@@ -197,7 +199,7 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
 
 def mamba3_mimo_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
                              Input_States=None, fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None,
-                             outproj_norm_eps=1e-5, *, impl="recurrent"):
+                             outproj_norm_eps=1e-5, state_batch_indices=None, *, impl="recurrent"):
     """One Mamba-3 MIMO token (the official has no public MIMO step; the module's decode does this).
 
     Args:
@@ -205,23 +207,28 @@ def mamba3_mimo_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIM
         Q_bias, K_bias: (h, R, n); MIMO_V, MIMO_Z, MIMO_Out: (h, R, p); Angles: (b, h, n_ang); D: (h,)
         Input_States: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, R, h, n), v (b, h, p)) or None (zeros)
         fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps: as mamba3_mimo
+        state_batch_indices: (b,) int32 or None: Input_States is then a cache (slots, h, ...), k
+            (slots, R, h, n), updated in place, row i in slot state_batch_indices[i], negative = padding
+            row (zeros out, no slot touched)
         impl: a registered MIMO implementation with a step
     Returns:
         (out (b, h, p), or (b, R, h, p) without MIMO_Out, in V's dtype, (angle, ssm, k, v)): new
-        tensors in the compute dtype, the inputs untouched
+        tensors in the compute dtype, the inputs untouched; with state_batch_indices, the cache
+        tensors, updated in place
     """
     entry = registry.get(impl, "mamba3_mimo")
     registry.require_step(entry, "mamba3_mimo_state_update")
     dims = frontdoor.check_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
                                      Input_States, fuse_pregate_headwise_rms_norm, outproj_norm_weight,
-                                     outproj_norm_eps)
+                                     outproj_norm_eps, state_batch_indices)
     registry.require(entry, "mamba3_mimo_state_update", dims["input_dtype"],
                      (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
                       outproj_norm_weight, *(Input_States or ())),
                      grouped=dims["h_qk"] < dims["h"], pregate_norm=fuse_pregate_headwise_rms_norm,
-                     rank_outputs=MIMO_Out is None)
+                     rank_outputs=MIMO_Out is None, state_batch_indices=state_batch_indices is not None)
     out, states = entry.step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z,
-                             Input_States, fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps)
+                             Input_States, fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps,
+                             state_batch_indices)
     _check_mimo_results("mamba3_mimo_state_update", impl, (out, *states), dims, MIMO_Out is None, with_time=False)
     return out, states
 
@@ -240,9 +247,10 @@ def _check_mimo_results(where, impl, res, dims, per_rank, with_time):
 
 MIMO_FAMILY = registry.add_family(registry.Family(
     name="mamba3_mimo", scan=mamba3_mimo, step=mamba3_mimo_state_update, supports=MIMO_SUPPORTS, gaps=MIMO_GAPS,
-    option="--mamba3-mimo-impl", step_option="--mamba3-mimo-impl-step", equivalence="equivalence.mamba3.mimo_cases"))
+    option="--mamba3-mimo-impl", step_option="--mamba3-mimo-impl-step", equivalence="equivalence.mamba3.mimo"))
 
 register("loop", loop.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True)
+# chunked: SISO's blocks with a rank axis (scan_chunks), so SISO's declared gaps
 register("chunked", chunked.mamba3_mimo, family="mamba3_mimo", gradients=True, varlen=True, nonfinite_inputs=False)
 register("recurrent", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mimo_state_update, family="mamba3_mimo",
          varlen=True)

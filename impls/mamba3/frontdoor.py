@@ -137,13 +137,19 @@ def check_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_State
     where = "mamba3_state_update"
     named = dict(Q=Q, K=K, V=V, ADT=ADT, DT=DT, Trap=Trap, Q_bias=Q_bias, K_bias=K_bias, Angles=Angles, D=D, Z=Z)
     dims = dict(_check(where, named, 0), device=V.device)
+    return check_step_states(where, Input_States, state_batch_indices, dims, named)
+
+
+def check_step_states(where, Input_States, state_batch_indices, dims, named):
+    """A step's Input_States: (b, h, ...) rows only read, or with state_batch_indices a cache of slots
+    (slots, h, ...) written in place, which must then be given, own its memory and share none with
+    ``named`` (the step's other tensors). Returns dims with S (and slots, indices when indexed)."""
     if state_batch_indices is None:
-        dims["S"] = check_states(where, Input_States, dims["b"], dims, "b")
-        return dims
+        return dict(dims, S=check_states(where, Input_States, dims["b"], dims, "b"))
     if Input_States is None:
         fail(ValueError, where, "Input_States", "the state cache (angle, ssm, k, v) that state_batch_indices indexes", None)
     slots = check_states(where, Input_States, None, dims, "slots", slots=True)
-    indices = check_state_batch_indices(where, state_batch_indices, dims["b"], slots, V.device)
+    indices = check_state_batch_indices(where, state_batch_indices, dims["b"], slots, dims["device"])
     written = {f"Input_States[{i}] ({STATE_NAMES[i]})": s for i, s in enumerate(Input_States)}
     check_no_overlap(where, written, dict(named, state_batch_indices=state_batch_indices))
     return dict(dims, S=slots, slots=slots, indices=indices)
@@ -250,12 +256,13 @@ def check_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out,
 
 
 def check_mimo_step(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D, Z, Input_States,
-                    fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps):
-    """Validate mamba3_mimo_state_update's arguments (shapes in impls.mamba3.mamba3_mimo_state_update).
-    Returns the sizes and dtypes (dict as check_mimo's, without chunk_size)."""
+                    fuse_pregate_headwise_rms_norm, outproj_norm_weight, outproj_norm_eps, state_batch_indices=None):
+    """Validate mamba3_mimo_state_update's arguments (shapes in impls.mamba3.mamba3_mimo_state_update);
+    with state_batch_indices, Input_States is a cache written in place, checked as check_step's.
+    Returns the sizes and dtypes (dict as check_mimo's, without chunk_size, with slots and indices
+    for the indexed form)."""
     where = "mamba3_mimo_state_update"
     named = dict(Q=Q, K=K, V=V, ADT=ADT, DT=DT, Trap=Trap, Q_bias=Q_bias, K_bias=K_bias, MIMO_V=MIMO_V, MIMO_Z=MIMO_Z,
                  MIMO_Out=MIMO_Out, Angles=Angles, D=D, Z=Z, outproj_norm_weight=outproj_norm_weight)
     dims = _check_mimo(where, named, 0, None, fuse_pregate_headwise_rms_norm, outproj_norm_eps)
-    dims["S"] = check_states(where, Input_States, dims["b"], dims, "b")
-    return dims
+    return check_step_states(where, Input_States, state_batch_indices, dims, named)

@@ -173,32 +173,65 @@ def mimo_advance(q, k, v, adt, dt, trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Ou
 
 def mamba3_mimo_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
                              Input_States=None, fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None,
-                             outproj_norm_eps=1e-5):
+                             outproj_norm_eps=1e-5, state_batch_indices=None):
     """One Mamba-3 MIMO token, arguments already checked.
 
     Args:
         Q, K: (b, R, h_qk, n); V, Z: (b, h, p) (Z optional); ADT, DT, Trap: (b, h)
         Q_bias, K_bias: (h, R, n); MIMO_V, MIMO_Z, MIMO_Out: (h, R, p); Angles: (b, h, n_ang); D: (h,)
-        Input_States: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, R, h, n), v (b, h, p)) in the
-            compute dtype, or None (zeros); only read
+        Input_States: (angle (S, h, n_ang), ssm (S, h, p, n), k (S, R, h, n), v (S, h, p)) in the
+            compute dtype, or None (zeros). Without state_batch_indices, S = b and they are only read.
         fuse_pregate_headwise_rms_norm, outproj_norm_weight ((h, p) or (h * p,)), outproj_norm_eps:
             the norm before the gate, as mamba3_mimo's
+        state_batch_indices: (b,) int32 or None. Given, Input_States is a cache of S slots: row i
+            reads and writes slot state_batch_indices[i] IN PLACE; a negative index marks a padding
+            row, whose output is zeros and which touches no slot.
     Returns:
         (out (b, h, p), or (b, R, h, p) without MIMO_Out, in V's dtype, (angle, ssm, k, v)): new
-        state tensors in the compute dtype
+        state tensors (b, ...) in the compute dtype; with state_batch_indices, the cache tensors
+        themselves, updated
     """
     b, R, _, n = Q.shape
     h, p = V.shape[-2:]
     f = compute_dtype(V.dtype)
     cast = lambda x: None if x is None else x.to(f)
-    states = (zero_mimo_states(b, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
-              else tuple(map(cast, Input_States)))
-    out, new = mimo_advance(per_head(Q.to(f), h), per_head(K.to(f), h), cast(V), cast(ADT), cast(DT), cast(Trap),
-                            cast(Q_bias), cast(K_bias), cast(MIMO_V), cast(MIMO_Z), cast(MIMO_Out), cast(Angles),
-                            cast(D), cast(Z), fuse_pregate_headwise_rms_norm,
-                            None if outproj_norm_weight is None else cast(outproj_norm_weight).reshape(h, p),
-                            outproj_norm_eps, states)
-    return out.to(V.dtype), new
+    weight = None if outproj_norm_weight is None else cast(outproj_norm_weight).reshape(h, p)
+    params = (cast(Q_bias), cast(K_bias), cast(MIMO_V), cast(MIMO_Z), cast(MIMO_Out))
+
+    def advance_rows(rows, states):
+        """mimo_advance on the batch rows ``rows`` (an index tensor, or a full slice) from ``states``."""
+        pick = lambda x: None if x is None else x.to(f)[rows]
+        return mimo_advance(per_head(pick(Q), h), per_head(pick(K), h), pick(V), pick(ADT), pick(DT), pick(Trap),
+                            *params, pick(Angles), cast(D), pick(Z), fuse_pregate_headwise_rms_norm,
+                            weight, outproj_norm_eps, states)
+
+    if state_batch_indices is None:
+        states = (zero_mimo_states(b, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
+                  else tuple(map(cast, Input_States)))
+        out, new = advance_rows(slice(None), states)
+        return out.to(V.dtype), new
+    return mimo_update_slots(advance_rows, Input_States, state_batch_indices,
+                             (b, h, p) if MIMO_Out is not None else (b, R, h, p), V.dtype, f)
+
+
+def mimo_update_slots(advance_rows, cache, state_batch_indices, out_shape, out_dtype, f):
+    """The serving form of the MIMO step: gather the rows' slots of ``cache`` (a tuple of state tensors
+    (slots, ...)), advance them with ``advance_rows(rows, states) -> (out, new states)``, scatter the
+    new states back in place; padding rows (negative index) get zeros and touch no slot.
+    Returns (out ``out_shape`` in ``out_dtype``, the cache tuple)."""
+    indices = state_batch_indices.tolist()
+    rows = [i for i, s in enumerate(indices) if s >= 0]
+    device = cache[0].device
+    out = torch.zeros(out_shape, dtype=out_dtype, device=device)
+    if rows:
+        r = torch.tensor(rows, device=device)
+        slots = torch.tensor([indices[i] for i in rows], device=device)
+        y, new = advance_rows(r, tuple(s[slots].to(f) for s in cache))
+        out[r] = y.to(out_dtype)
+        with torch.no_grad():
+            for c, s in zip(cache, new):
+                c.index_copy_(0, slots, s.to(c.dtype))
+    return out, tuple(cache)
 
 
 def mimo_scan_by_stepping(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
