@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from importlib import metadata
@@ -17,7 +18,9 @@ from . import selective
 from .diagnose import describe, probe_capabilities
 from .test_planted_bugs import SEARCH, drawn, rejected
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "my_kernel")
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)   # the checkout's root, or site-packages installed
+IN_CHECKOUT = os.path.isfile(os.path.join(ROOT, "Makefile"))
+EXAMPLE = os.path.join(ROOT, "examples", "my_kernel")
 
 
 def fake_entry_points(*values):
@@ -35,6 +38,7 @@ def groups_read(scan):
     return [0 if float(v) > 0.5 else 1 for v in y[0, :, 0]]
 
 
+@pytest.mark.skipif(not IN_CHECKOUT, reason="the example kernel is in the checkout, not in an installed suite")
 def test_installed_package_registers_through_the_entry_point_and_its_bug_is_found(monkeypatch):
     """The example as shipped has its group-mapping bug, and the suite finds it, on a grouped case
     with several channels per group; once a reader has made the README's fix, the suite finds
@@ -66,7 +70,7 @@ def test_xfails_file_marks_listed_tests(tmp_path):
     listed.write_text("# a known gap\nequivalence/test_front_door.py::test_empty_sequence[loop]  # l = 0 demo\n")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rX", f"--xfails-file={listed}",
            "equivalence/test_front_door.py", "-k", "empty_sequence"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(EXAMPLE, os.pardir, os.pardir))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert "1 passed" in run.stdout and "1 xpassed" in run.stdout, run.stdout[-2000:]
     assert "l = 0 demo" in run.stdout
 
@@ -135,25 +139,26 @@ def test_a_kernel_that_crashes_on_every_call_fails_the_values_test(tmp_path, opt
            "ci", f"{option}=crashing_kernel_xyz:scan", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+                         cwd=ROOT)
     assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout[-3000:]
     assert "1 failed" in run.stdout and "RuntimeError: CUDA error: an illegal memory access" in run.stdout
     assert "(probed by tiny calls; raised, so tested and expected to fail: {'dtype f16'" in run.stdout, run.stdout[:3000]
 
 
-def test_impl_alone_restricts_the_run_to_mamba1_tests():
+def test_impl_restricts_the_run_to_the_tests_of_what_it_names():
     """As --ssd-impl alone deselects the Mamba-1 tests, --impl alone deselects the SSD family's: the
-    SSD files, the SSD varlen files, the Mamba-2 model's, SSD-named tests in a mixed file, and the
-    SSD header lines."""
-    files = ["equivalence/test_model2.py", "equivalence/test_model2_parity.py", "equivalence/ssd/test_seq_idx.py",
-             "benchmarks/test_varlen.py", "equivalence/test_front_door.py"]
+    SSD files, the Mamba-2 model's, SSD-parametrized tests in a shared file, and the SSD header
+    lines. And what the named implementation does not run is deselected too: the suite's tests of
+    itself (the tolerance policy's), and another implementation's internals (parallel's)."""
+    files = ["equivalence/test_model2.py", "equivalence/ssd/test_seq_idx.py", "equivalence/test_values.py",
+             "equivalence/test_tolerance.py", "equivalence/test_parallel.py"]
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist", "--impl=loop", *files]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "SSD implementation under test" not in run.stdout and "implementation under test: loop" in run.stdout
-    for gone in ("test_model2", "test_seq_idx", "test_ssd_packed", "test_an_ssd_run"):
+    for gone in ("test_model2", "test_seq_idx", "[ssd-", "test_tolerance", "test_parallel"):
         assert gone not in run.stdout.replace("deselected", ""), run.stdout[-3000:]
-    assert "<Function test_a_run_records_both_sides>" in run.stdout and "<Module test_front_door.py>" in run.stdout
+    assert "<Function test_values_and_last_state[selective-loop]>" in run.stdout, run.stdout[-3000:]
 
 
 STEP = """
@@ -177,10 +182,10 @@ def test_impl_step_names_its_option_and_module(tmp_path, spec, expected):
     names the step's module (not impls.selective.recurrent, where its scan-by-stepping is built)."""
     (tmp_path / "step_mod_xyz.py").write_text(STEP)
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
-           f"--impl-step={spec}", "equivalence/test_tolerance.py"]
+           f"--impl-step={spec}", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+                         cwd=ROOT)
     assert expected in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
     assert (run.returncode == 0) == (not expected.startswith("ERROR")), run.returncode
 
@@ -204,10 +209,40 @@ def test_reproduce_line_of_a_plain_function_runs_in_a_script_elsewhere(tmp_path)
            "--impl=wrong_kernel_xyz:scan", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "kernels"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+                         cwd=ROOT)
     assert run.returncode == 1 and "reproduce: " in run.stdout, run.stdout[-3000:]
+    if IN_CHECKOUT:   # test ids are paths from the checkout's root
+        assert ("pytest 'equivalence/test_values.py::test_values_and_last_state[selective-wrong_kernel_xyz:scan]' "
+                "--impl wrong_kernel_xyz:scan --hypothesis-profile ci --hypothesis-seed") in run.stdout, run.stdout[-3000:]
     line = re.search(r"reproduce: (.*)", run.stdout).group(1)
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = subprocess.run([sys.executable, "-c", line + "; print(out[0].shape)"], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path, env=plain)
     assert script.returncode == 0 and "torch.Size" in script.stdout, (line, script.stderr[-2000:])
+
+
+@pytest.mark.skipif(not IN_CHECKOUT, reason="an installed suite has no checkout and no Makefile")
+def test_a_run_in_the_checkout_is_replayed_by_make_test():
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "--hypothesis-seed", "12345", "equivalence/test_values.py"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "seed 12345 (replay this run: make test SEED=12345)" in run.stdout, run.stdout[-3000:]
+
+
+def test_a_run_from_a_kernels_folder_is_replayed_by_the_commands_it_prints(tmp_path):
+    """From a kernel's folder the suite's tests are modules (--pyargs), and there is no Makefile:
+    the header and a failure's replay lines say python -m pytest --pyargs, never make test, and the
+    line for the failing test alone, run as printed from that folder, fails again on the same case."""
+    (tmp_path / "wrong_kernel_xyz.py").write_text(WRONG)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile", "ci",
+           "--impl=wrong_kernel_xyz:scan", "--pyargs", "equivalence.test_values", "-k", "test_values_and_last_state"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1 and "make test" not in run.stdout, run.stdout[-3000:]
+    seed = re.search(r"seed (\d+) \(replay this run: python -m pytest --pyargs equivalence "
+                     r"--impl wrong_kernel_xyz:scan --hypothesis-profile ci --hypothesis-seed (\d+)\)", run.stdout)
+    assert seed and seed.group(1) == seed.group(2), run.stdout[:3000]
+    alone = re.search(r"or this test alone:\n(python -m pytest --pyargs .*)", run.stdout).group(1)
+    case = re.search(r"^case = (Case\(.*\))$", run.stdout, re.M).group(1)
+    again = subprocess.run([sys.executable, *shlex.split(alone)[1:], "-p", "no:cacheprovider", "-p", "no:xdist"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert "1 failed" in again.stdout and f"case = {case}" in again.stdout, (alone, again.stdout[-3000:])
