@@ -156,10 +156,13 @@ def register_probed(fam, name, scan, step, setup):
     """Register a plain function under ``name`` with the capabilities its tiny probe calls showed
     (equivalence/diagnose.py: probe_capabilities), and how a plain script registers it the same way."""
     spec = properties.family(fam.name)
-    supports, notes = diagnose.probe_capabilities(spec, scan)
+    supports, notes = diagnose.probe_capabilities(spec, scan, step)
     impls.register(name, scan, step=step, family=fam.name, **supports)
     diagnose.PROBED[(fam.name, name)] = notes
-    properties.SETUP[(fam.name, name)] = setup
+    # the script's registration declares what the probes found beyond the defaults (a packed case
+    # needs varlen=True there too); setup ends with its impls.register(...) call
+    declared = "".join(f", {k}={v!r}" for k, v in supports.items() if k != "dtypes" and fam.supports.get(k) != v)
+    properties.SETUP[(fam.name, name)] = setup[:-1] + declared + ")"
 
 
 def not_wired(family):

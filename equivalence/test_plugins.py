@@ -14,7 +14,7 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 
-from . import selective
+from . import selective, ssd
 from .diagnose import describe, probe_capabilities
 from .test_planted_bugs import SEARCH, drawn, rejected
 
@@ -111,6 +111,61 @@ def test_a_plain_functions_capabilities_are_probed():
     assert not supports["gradients"] and supports["grouped"] and len(supports["dtypes"]) == 4, notes
 
 
+def test_packed_sequences_are_probed_like_the_other_capabilities():
+    """cu_seqlens, of both families with packing: a scan that does not take the argument, or
+    refuses it with NotImplementedError, lacks varlen; one that takes it has it; one that raises
+    anything else inside keeps it (supported but broken). With a step, state_batch_indices is probed
+    the same way (one batch-indexed step), and a step alone (its scan run token by token) has
+    packing exactly when its step takes the indices. No probe registration is left behind."""
+    loop, recurrent = impls.get("loop"), impls.get("recurrent")
+
+    def unpacked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                 return_last_state=False):
+        return loop.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+
+    def packed(*args, cu_seqlens=None):
+        return loop.scan(*args, cu_seqlens=cu_seqlens)
+
+    def refusing(*args, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise NotImplementedError("no packing yet")
+        return loop.scan(*args)
+
+    def crashing(*args, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+        return loop.scan(*args)
+
+    def step_without_indices(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        return recurrent.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+    before = impls.names()
+    for scan, step, varlen, indexed in [(unpacked, None, "gap: TypeError", None), (packed, None, "ok", None),
+                                        (refusing, None, "gap: NotImplementedError", None),
+                                        (crashing, None, "broken: TypeError", None),
+                                        (packed, recurrent.step, "ok", "ok"),
+                                        (packed, step_without_indices, "ok", "gap: TypeError"),
+                                        (selective.scan_by_stepping(step_without_indices), step_without_indices,
+                                         "gap: TypeError", "gap: TypeError"),
+                                        (selective.scan_by_stepping(recurrent.step), recurrent.step, "ok", "ok")]:
+        supports, notes = probe_capabilities(selective, scan, step)
+        assert notes["varlen"].startswith(varlen) and supports["varlen"] == (not varlen.startswith("gap")), notes
+        assert notes.get("state_batch_indices", "")[:len(indexed or "")] == (indexed or ""), notes
+        if indexed:
+            assert supports["state_batch_indices"] == (not indexed.startswith("gap")), notes
+    assert impls.names() == before
+
+    ssd_loop = impls.get("loop", family="ssd").scan
+
+    def ssd_refusing(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, *rest):
+        if cu_seqlens is not None:
+            raise NotImplementedError("no packing yet")
+        return ssd_loop(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, *rest)
+
+    assert probe_capabilities(ssd, ssd_loop)[0]["varlen"]
+    assert not probe_capabilities(ssd, ssd_refusing)[0]["varlen"]
+
+
 def test_the_base_call_is_required_not_probed_away():
     """A function that refuses even the plainest call (float32, ungrouped) keeps float32 on."""
 
@@ -142,7 +197,8 @@ def test_a_kernel_that_crashes_on_every_call_fails_the_values_test(tmp_path, opt
                          cwd=ROOT)
     assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout[-3000:]
     assert "1 failed" in run.stdout and "RuntimeError: CUDA error: an illegal memory access" in run.stdout
-    assert "(probed by tiny calls; raised, so tested and expected to fail: {'dtype f16'" in run.stdout, run.stdout[:3000]
+    assert "(probed by tiny calls; " in run.stdout, run.stdout[:3000]
+    assert "; raised, so tested and expected to fail: {'dtype f16'" in run.stdout, run.stdout[:3000]
 
 
 def test_impl_restricts_the_run_to_the_tests_of_what_it_names():
