@@ -516,6 +516,9 @@ def replay(config, item=None):
     return f"python -m pytest --pyargs {what} {tail}"
 
 
+CASE_TAG = "scan_failing_case"   # a failure's (final, shrunk case, its reproduce line), in report.user_properties
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On a failed property check, say what the failing case needs: the check re-run once, for the
@@ -533,7 +536,12 @@ def pytest_runtest_makereport(item, call):
         if isinstance(e, properties.CaseFailure):
             failure = e
         todo += list(getattr(e, "exceptions", ())) + [x for x in (e.__cause__, e.__context__) if x is not None]
-    if failure is not None and all(hasattr(failure.family, k) for k in diagnose.NEEDS):
+    if failure is None:
+        return
+    # for the review summary (equivalence/summary.py), which may read it on another process
+    report.user_properties.append((CASE_TAG, (repr(failure.case),
+                                              properties.repro(failure.family, failure.name, failure.case))))
+    if all(hasattr(failure.family, k) for k in diagnose.NEEDS):
         lines = diagnose.what_it_needs(failure)
         report.sections.append((f"what the failure needs ({failure.case.id}, re-run with each option off and "
                                 f"each axis reduced)", "\n".join(lines)))

@@ -288,10 +288,12 @@ def test_a_run_in_the_checkout_is_replayed_by_make_test():
 def test_a_run_from_a_kernels_folder_is_replayed_by_the_commands_it_prints(tmp_path):
     """From a kernel's folder the suite's tests are modules (--pyargs), and there is no Makefile:
     the header and a failure's replay lines say python -m pytest --pyargs, never make test, and the
-    line for the failing test alone, run as printed from that folder, fails again on the same case."""
+    line for the failing test alone, run as printed from that folder, fails again on the same case.
+    The Markdown summary names that case, its reproduce line and the replay command."""
     (tmp_path / "wrong_kernel_xyz.py").write_text(WRONG)
     cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile", "ci",
-           "--impl=wrong_kernel_xyz:scan", "--pyargs", "equivalence.test_values", "-k", "test_values_and_last_state"]
+           "--impl=wrong_kernel_xyz:scan", "--pyargs", "equivalence.test_values", "-k", "test_values_and_last_state",
+           "--scan-summary", "summary.md"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 1 and "make test" not in run.stdout, run.stdout[-3000:]
     seed = re.search(r"seed (\d+) \(replay this run: python -m pytest --pyargs equivalence "
@@ -302,3 +304,6 @@ def test_a_run_from_a_kernels_folder_is_replayed_by_the_commands_it_prints(tmp_p
     again = subprocess.run([sys.executable, *shlex.split(alone)[1:], "-p", "no:cacheprovider", "-p", "no:xdist"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert "1 failed" in again.stdout and f"case = {case}" in again.stdout, (alone, again.stdout[-3000:])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| wrong_kernel_xyz:scan | fail |" in summary and f"smallest case: `{case}`" in summary, summary
+    assert f"replay: `{alone}`" in summary and "reproduce in Python: `import impls" in summary, summary
