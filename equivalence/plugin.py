@@ -242,6 +242,12 @@ def named_options(config):
     return [o for f in impls.FAMILIES.values() for o in (f.option, f.step_option) if config.getoption(dest(o), None)]
 
 
+def of_the_suite(path):
+    """Whether ``path`` is in one of the suite's own packages (not, say, a kernel's tests)."""
+    path = os.path.abspath(str(path))
+    return path.startswith(SUITE_ROOT + os.sep) and os.path.relpath(path, SUITE_ROOT).split(os.sep)[0] in SUITE_PACKAGES
+
+
 def active(config):
     """Whether this run is the suite's: one of its options given, or its own tests collected (a
     checkout's root, a path inside it, or ``--pyargs equivalence``). Installed, this plugin loads in
@@ -254,7 +260,7 @@ def active(config):
     for arg in config.args:
         path = os.path.abspath(str(arg).split("::")[0])
         top = str(arg).split("::")[0].replace("/", ".").split(".")[0]
-        ours = ours or path.startswith(SUITE_ROOT + os.sep) and os.path.relpath(path, SUITE_ROOT).split(os.sep)[0] in SUITE_PACKAGES
+        ours = ours or of_the_suite(path)
         ours = ours or (config.getoption("pyargs", False) and top in SUITE_PACKAGES)
     config.scan_suite_active = bool(given or ours)
     config.scan_suite_tests = ours
@@ -440,15 +446,16 @@ def pytest_collection_modifyitems(config, items):
         return
     # Tests of another family than those chosen, and tests of one implementation's internals
     # (pytest.mark.only_for) when it is not under test, are not collected: deselected (one count in
-    # the summary), not a skip line each. With implementations named (--impl ...), only the tests
-    # that exercise them: the suite's tests of itself and of its own implementations (the
+    # the summary), not a skip line each. With implementations named (--impl ...), of the suite's
+    # tests only those that exercise them: its tests of itself and of its own implementations (the
     # tolerance policy, the planted bugs, the front door on the loop) say nothing about a kernel.
+    # A kernel's own tests collected in the same run stay.
     named = bool(named_options(config))
     keep, dropped = [], []
     for item in items:
         marker = item.get_closest_marker("only_for")
         off = marker is not None and marker.args[0] not in config.selected[marker.kwargs.get("family", DEFAULT_FAMILY)]
-        off = off or (named and not under_test(config, item))
+        off = off or (named and of_the_suite(item.path) and not under_test(config, item))
         (dropped if off or item_family(item) not in config.families else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)

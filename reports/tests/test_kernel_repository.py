@@ -3,6 +3,7 @@ your kernel" commands): a fresh virtual environment outside the checkout; the su
 the checkout's path and examples/my_kernel from its own folder; the suite run from the kernel's
 folder with `scanbench test`. The kernel's documented bug is met first in a values test on the
 smallest case; the fix its BUG comment gives makes the run pass; the Markdown summaries say so.
+The kernel's folder also has packages of its own named benchmarks and reports, first on sys.path.
 
 Minutes: it installs torch, as `make test` does, through the environment's pip configuration (the
 pinned CPU build)."""
@@ -12,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 import torch
@@ -19,14 +21,24 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "my_kernel")
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(EXAMPLE), reason="the example kernel is in the checkout, "
-                                                                    "not in an installed suite")
 
 
-def run(args, cwd, timeout=1200):
-    """args in a clean environment (nothing of this run's PYTHONPATH or virtual environment)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+def run(args, cwd, timeout=1200, **env):
+    """args in a clean environment (nothing of this run's PYTHONPATH or virtual environment), plus ``env``."""
+    env = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}, **env}
     return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# A kernel's repository may have packages of its own named as two of the suite's top-level packages,
+# here first on sys.path (PYTHONPATH=.): each side must import its own.
+OWN_PACKAGES_TEST = """
+import benchmarks
+import reports
+
+
+def test_this_repositorys_own_benchmarks_and_reports():
+    assert benchmarks.WHO == reports.WHO == "kernel"
+"""
 
 
 def fixed(source):
@@ -41,6 +53,28 @@ def fixed(source):
     return source
 
 
+def test_scanbench_runs_where_a_kernel_has_packages_named_benchmarks_and_reports(tmp_path):
+    """The suite installs the plain top-level names benchmarks and reports; a kernel's repository
+    with its own, first on sys.path (PYTHONPATH=.), once made the scanbench command fail to start.
+    Started as its console script is, it runs the suite's own and leaves sys.path as it found it."""
+    for name in ("benchmarks", "reports"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text('WHO = "kernel"\n')
+    entry = next(e for e in metadata.entry_points(group="console_scripts") if e.name == "scanbench")
+    module, _, function = entry.value.partition(":")
+    code = (f"import sys; before = sys.path[:]; from {module} import {function}; "
+            f"status = {function}(['report', '--results', 'no-such-file.jsonl']); "
+            "import reports.cli, benchmarks.runner; "
+            "print(status, sys.path == before, reports.cli.__file__, benchmarks.runner.__file__)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "no-such-file.jsonl: no such file" in done.stderr, done.stderr[-3000:]
+    status, same_path, *files = done.stdout.split()
+    assert status == "2" and same_path == "True", done.stdout
+    assert not any(f.startswith(str(tmp_path)) for f in files), files
+
+
+@pytest.mark.skipif(not os.path.isdir(EXAMPLE), reason="the example kernel is in the checkout, not in an installed suite")
 def test_a_kernel_repository_meets_its_bug_first_fixes_it_and_passes(tmp_path):
     python = tmp_path / "venv" / "bin" / "python"
     made = run([sys.executable, "-m", "venv", tmp_path / "venv"], cwd=tmp_path)
@@ -53,9 +87,13 @@ def test_a_kernel_repository_meets_its_bug_first_fixes_it_and_passes(tmp_path):
     shutil.copytree(EXAMPLE, kernel, ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "build"))
     done = run(pip + ["-e", "."], cwd=kernel)
     assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("benchmarks", "reports"):
+        (kernel / name).mkdir()
+        (kernel / name / "__init__.py").write_text('WHO = "kernel"\n')
+    (kernel / "tests" / "test_own_packages.py").write_text(OWN_PACKAGES_TEST)
     scanbench = tmp_path / "venv" / "bin" / "scanbench"
 
-    first = run([scanbench, "test", "my_kernel", "--summary", "before.md", "--", "-x"], cwd=kernel)
+    first = run([scanbench, "test", "my_kernel", "--summary", "before.md", "--", "-x"], cwd=kernel, PYTHONPATH=".")
     assert first.returncode == 1, first.stdout[-5000:]
     assert "make test" not in first.stdout, first.stdout[-5000:]
     failed = re.findall(r"^FAILED (\S+)", first.stdout, re.M)
@@ -66,7 +104,7 @@ def test_a_kernel_repository_meets_its_bug_first_fixes_it_and_passes(tmp_path):
     assert re.search(r"smallest case: .*Case\(b=1, d=4, n=1, l=1, g=2,", failures), before
     assert "fails only with g > 1 and d/g > 1" in first.stdout, first.stdout[-5000:]
     own = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=kernel)
-    assert own.returncode == 1 and "1 failed" in own.stdout and "-d6-" in own.stdout, own.stdout[-3000:]
+    assert own.returncode == 1 and "1 failed, 6 passed" in own.stdout and "-d6-" in own.stdout, own.stdout[-3000:]
 
     source = kernel / "my_kernel" / "__init__.py"
     source.write_text(fixed(source.read_text()))
