@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 import threading
 import time
 
@@ -135,6 +136,31 @@ def peak_rss_during(fn, interval_s=0.001):
         done.set()
         thread.join()
     return result, max(peak[0], _rss_bytes()), before
+
+
+def status_bytes(field):
+    """A /proc/self/status size in bytes: VmRSS now, VmHWM the peak resident memory since exec. Not
+    ru_maxrss: Linux carries that over from the forking parent, whose memory a fresh process does
+    not hold."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def in_fresh_process(module, function, point):
+    """``module.function(point)`` (a sweep's memory point) run in a new Python process, with
+    point["threads"] OpenMP threads: its peak resident memory (VmHWM) is then the arguments, the
+    output and the scan's own, nothing left over from earlier points. Returns what it returned
+    (JSON-serialisable)."""
+    code = f"import json, {module} as g; print(json.dumps(g.{function}({point!r})))"
+    env = dict(os.environ, OMP_NUM_THREADS=str(point["threads"]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"child process failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _git(*args):

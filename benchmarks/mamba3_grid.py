@@ -34,29 +34,24 @@ with c = ceil(l / T), on random float32 operands into preallocated outputs. Ever
 rotations, the decays and trapezoid weights, the masks, the state pass, D and the gate) is
 elementwise and comes on top.
 
-Ratios are paired: in each interleaved round every callable runs once (a block of calls for the
-fast ones), and each ratio is taken within a round (benchmarks.common.interleaved, paired_ratio).
-Forward+backward: gradients of every input (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D,
-Z) for chunked, beside chunked's forward in the same rounds. One thread (MAMBA3_GRID_THREADS to
-change it), for the reason benchmarks/ssd_grid.py gives.
-
-Memory: each memory point runs chunked alone in a fresh process and records its peak resident
-memory beyond the inputs and the output; the points at several l give the growth per token.
+Timing and memory as benchmarks/chunked_grid.py measures every chunked family: paired ratios of
+interleaved rounds. Forward+backward: gradients of every input (Q, K, V, ADT, DT, Trap, Q_bias,
+K_bias, Angles, D, Z) for chunked, beside chunked's forward in the same rounds. One thread
+(MAMBA3_GRID_THREADS to change it), for the reason benchmarks/ssd_grid.py gives. Memory: each
+memory point runs chunked alone in a fresh process; the points at several l give the growth per
+token (``memory_growth``).
 """
 
-import argparse
-import json
 import math
 import os
-import subprocess
 import sys
-import time
 
 import torch
 
 import impls
-from .common import interleaved, paired_ratio, peak_rss_during
+from . import chunked_grid
 
+BENCHMARK = "mamba3_grid"
 SHAPE = dict(b=1, h_qk=1, h=32, p=64, n=128, n_ang=32)
 CHUNK_SIZE = 64
 IMPLS = ("chunked", "loop", "recurrent", "step", "floor")
@@ -67,6 +62,7 @@ ROUNDS = {"quick": 3, "default": 5, "long": 5}
 # report extrapolates; MEMORY_L is the target, measured only on request (--direction memory --l).
 MEMORY_LS = (1024, 2048, 4096, 8192)
 MEMORY_L = 65536
+MAX_L = {}                                   # every implementation at every l
 
 
 def points(size, names):
@@ -114,124 +110,13 @@ def chunk_bytes(h, p, n, chunk_size, **_):
     return 4 * (h * T * T + 2 * T * h * n + 2 * T * h * p + h * p * n)
 
 
-def floor_fn(point):
-    """A no-argument function doing the floor's matmuls once (operands made here, outside the timing)."""
-    shapes, _ = floor_work(**point)
-    g = torch.Generator().manual_seed(0)
-    ops = [(torch.randn(k, m, i, generator=g), torch.randn(k, i, j, generator=g), torch.empty(k, m, j))
-           for k, m, i, j in shapes]
-
-    def fn():
-        for a, b_, out in ops:
-            torch.matmul(a, b_, out=out)
-    return fn
-
-
-def call(point, impl, backward=False):
-    """A no-argument function running impl once at point (forward, or forward and backward)."""
-    if impl == "floor":
-        return floor_fn(point)
-    x = make_inputs(**point, requires_grad=backward)
+def forward(point, impl, x):
+    """A no-argument function: impl on inputs x through impls.mamba3_scan, or for "step" one token
+    through the recurrent mamba3_state_update."""
     if impl == "step":
         tok = {k: v[..., 0] if k in ("ADT", "DT", "Trap") else v[:, 0] if v.dim() > 2 else v for k, v in x.items()}
         return lambda: impls.mamba3_state_update(**tok, impl="recurrent")
-
-    def forward():
-        return impls.mamba3_scan(**x, chunk_size=point["chunk_size"], impl=impl)
-    if not backward:
-        return forward
-    leaves = list(x.values())
-    gy = torch.randn(x["V"].shape, generator=torch.Generator().manual_seed(1))
-    return lambda: torch.autograd.grad(forward(), leaves, gy)
-
-
-def measure(point, progress=None):
-    """Interleaved rounds at one point. Returns dict(results={impl: seconds per call (median,
-    quartiles), its paired ratio to chunked (wall-clock, and CPU time beside it), the first call's
-    growth of resident memory}), with the floor's flops and rate and, on chunked, the targets' paired
-    ratios of CPU time: over_floor, per_token_over_step (its time per token over one step) and, for
-    forward+backward, forward_backward_over_forward."""
-    if point["direction"] == "memory":
-        return in_fresh_process(point)
-    torch.set_num_threads(point["threads"])
-    backward = point["direction"] == "forward+backward"
-    fns = {i: call(point, i, backward) for i in point["impls"]}
-    if backward:
-        fns["chunked forward"] = call(point, "chunked")
-    growth = {}
-    for name, fn in fns.items():  # a first call, watched for memory (interleaved warms up again)
-        if progress:
-            progress(f"first call: {name}")
-        _, peak, before = peak_rss_during(fn)
-        growth[name] = peak - before
-    if progress:
-        progress(f"{point['rounds']} interleaved rounds of {', '.join(fns)}")
-    times = interleaved(fns, rounds=point["rounds"])
-    ref = times["chunked"]
-    results = {}
-    for name, t in times.items():
-        if name == "step":  # one token against a whole scan: its ratio is per_token_over_step below
-            results[name] = dict(t, rss_growth_bytes=growth[name])
-            continue
-        cpu = paired_ratio(t["cpu_s"], ref["cpu_s"], to="chunked")
-        results[name] = dict(t, rss_growth_bytes=growth[name], cpu_ratio=cpu["ratio"], cpu_ratio_q1=cpu["ratio_q1"],
-                             cpu_ratio_q3=cpu["ratio_q3"], **paired_ratio(t["times_s"], ref["times_s"], to="chunked"))
-    # the targets' ratios on CPU time, the steadier on a busy machine (benchmarks/common.py)
-    if "step" in times:
-        per_token = [s / point["l"] for s in ref["cpu_s"]]
-        results["chunked"]["per_token_over_step"] = paired_ratio(per_token, times["step"]["cpu_s"], to="step")
-    if "floor" in times:
-        _, flops = floor_work(**point)
-        results["floor"].update(flops=flops, gflop_per_s=flops / results["floor"]["median_s"] / 1e9)
-        results["chunked"]["over_floor"] = paired_ratio(ref["cpu_s"], times["floor"]["cpu_s"], to="floor")
-    if backward:
-        results["chunked"]["forward_backward_over_forward"] = paired_ratio(
-            ref["cpu_s"], times["chunked forward"]["cpu_s"], to="chunked forward")
-    return dict(results=results)
-
-
-def in_fresh_process(point):
-    """The memory point in a new Python process: its peak resident memory (VmHWM) is then the
-    arguments, the output and the scan's own, nothing left over from earlier points."""
-    code = f"import json, benchmarks.mamba3_grid as g; print(json.dumps(g.memory_child({point!r})))"
-    env = dict(os.environ, OMP_NUM_THREADS=str(point["threads"]))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"child process failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _status_bytes(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def memory_child(point):
-    """Run in the fresh process: chunked once at point's l; its peak beyond inputs and output."""
-    torch.set_num_threads(point["threads"])
-    impl = point["impls"][0]
-    # a short call first: what torch allocates once is then in the base, not counted as the scan's
-    small = make_inputs(**dict(point, l=2 * point["chunk_size"]))
-    impls.mamba3_scan(**small, chunk_size=point["chunk_size"], impl=impl)
-    del small
-    x = make_inputs(**point)
-    inputs_bytes = sum(v.numel() * v.element_size() for v in x.values())
-    base = _status_bytes("VmRSS")            # the interpreter, torch, a warm scan and the inputs
-    start = time.perf_counter()
-    out = impls.mamba3_scan(**x, chunk_size=point["chunk_size"], impl=impl)
-    seconds = time.perf_counter() - start
-    peak = _status_bytes("VmHWM")
-    out_bytes = out.numel() * out.element_size()
-    beyond = peak - base - out_bytes
-    chunk = chunk_bytes(**point)
-    return dict(results={impl: dict(
-        median_s=seconds, runs=1, peak_rss_bytes=peak, rss_before_bytes=base, inputs_bytes=inputs_bytes,
-        output_bytes=out_bytes, beyond_inputs_and_output_bytes=beyond, chunk_bytes=chunk,
-        beyond_in_chunks=beyond / chunk)})
+    return lambda: impls.mamba3_scan(**x, chunk_size=point["chunk_size"], impl=impl)
 
 
 def memory_growth(records):
@@ -246,50 +131,8 @@ def memory_growth(records):
     return dict(bytes_per_token=slope, at_MEMORY_L_bytes=my + slope * (MEMORY_L - ml), ls=list(ls), beyond_bytes=list(ys))
 
 
-def _ratio(q):
-    return f"{q['ratio']:.2f} ({q['ratio_q1']:.2f}-{q['ratio_q3']:.2f}{', UNSTABLE' if q['unstable'] else ''})"
-
-
-def table(point, measured):
-    """Plain text lines: one per implementation."""
-    lines = [f"l={point['l']} {point['direction']} (b={point['b']} h_qk={point['h_qk']} h={point['h']} p={point['p']} "
-             f"n={point['n']} n_ang={point['n_ang']} chunk_size={point['chunk_size']}, {point['threads']} threads)"]
-    for name, r in measured["results"].items():
-        line = f"  {name:16s} {r['median_s'] * 1e3:10.2f} ms"
-        if "ratio" in r:
-            line += f"   / chunked: {_ratio(r)}; CPU time {r['cpu_ratio']:.2f}"
-        for key, label in (("over_floor", "chunked / floor"), ("per_token_over_step", "per token / step"),
-                           ("forward_backward_over_forward", "(f+b)/f")):
-            if key in r:
-                line += f"   {label}: {_ratio(r[key])}"
-        if "gflop_per_s" in r:
-            line += f"   {r['flops'] / 1e9:.2f} GFLOP at {r['gflop_per_s']:.1f} GFLOP/s"
-        if "beyond_in_chunks" in r:
-            line += (f"   peak {r['peak_rss_bytes'] / 2**20:.0f} MiB; beyond inputs ({r['inputs_bytes'] / 2**20:.0f} MiB)"
-                     f" and output ({r['output_bytes'] / 2**20:.0f} MiB): {r['beyond_inputs_and_output_bytes'] / 2**20:.0f}"
-                     f" MiB = {r['beyond_in_chunks']:.1f} chunks of {r['chunk_bytes'] / 2**20:.2f} MiB")
-        lines.append(line)
-    return lines
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.mamba3_grid", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--l", type=int, default=2048)
-    parser.add_argument("--direction", choices=("forward", "forward+backward", "memory"), default="forward")
-    parser.add_argument("--impl", action="append", help=f"of {IMPLS} (default: all registered)")
-    parser.add_argument("--rounds", type=int, default=ROUNDS["default"])
-    parser.add_argument("--out", help="append the result as one JSON line to this file")
-    args = parser.parse_args(argv)
-    default = [p for p in points("long", args.impl) if p["direction"] == args.direction][0]
-    point = dict(default, l=args.l, rounds=args.rounds)
-    measured = measure(point, progress=lambda s: print(s, file=sys.stderr, flush=True))
-    print("\n".join(table(point, measured)))
-    if args.out:
-        from .common import append_jsonl, machine_info
-        append_jsonl(args.out, dict(benchmark="mamba3_grid", **point, **measured, machine=machine_info(),
-                                    load_avg=os.getloadavg()[0]))
-    return 0
+globals().update(chunked_grid.bound(sys.modules[__name__]))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main())  # noqa: F821 (bound just above)

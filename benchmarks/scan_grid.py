@@ -41,14 +41,12 @@ MemoryError (recorded by the runner, visible in the report).
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch
 
 import impls
-from .common import interleaved, paired_ratio, peak_rss_during, time_call
+from .common import in_fresh_process, interleaved, paired_ratio, peak_rss_during, status_bytes, time_call
 
 ELEMENTS = {"1k": dict(b=1, d=64, n=16), "16k": dict(b=1, d=1024, n=16), "262k": dict(b=4, d=4096, n=16)}
 LENGTHS = (512, 2048, 8192)
@@ -204,7 +202,7 @@ def measure(point):
         return dict(skipped=point["reason"])
     torch.set_num_threads(point["threads"])
     if _is_memory_point(point):
-        return _in_fresh_process(point)
+        return in_fresh_process(__spec__.name, "memory_child", point)
     key = group(point)
     if point["impl"] not in _stored.get(key, {}):
         _stored[key] = _measure_group(point, _members.get(key) or [point["impl"], "floor"])
@@ -253,29 +251,8 @@ def _measure_group(point, members):
     return out
 
 
-def _in_fresh_process(point):
-    """Run the point in a new Python process: its peak resident memory (VmHWM) is then the
-    arguments, the output and the scan's own memory, nothing left over from earlier points."""
-    code = f"import json, benchmarks.scan_grid as g; print(json.dumps(g._child({point!r})))"
-    env = dict(os.environ, OMP_NUM_THREADS=str(point["threads"]))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"child process failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _high_water_bytes():
-    """This process's peak resident memory since its exec (VmHWM). Not ru_maxrss: Linux carries
-    that over from the forking parent, whose memory a fresh process does not hold."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _child(point):
+def memory_child(point):
+    """Run in the fresh process: the point's implementation alone, its time and peak resident memory."""
     torch.set_num_threads(point["threads"])
     # the scan alone: u, delta, B, C, D, delta_bias (a gate z would add 0.4 GB of input, not of scan)
     x = make_inputs(point["b"], point["d"], point["n"], point["l"], gate=False)
@@ -285,6 +262,6 @@ def _child(point):
     out, peak, before = peak_rss_during(fn)
     del out
     result = time_call(fn, min_run_time=1.0, warmup=0)
-    result.update(peak_rss_bytes=max(peak, _high_water_bytes()), rss_before_bytes=before,
+    result.update(peak_rss_bytes=max(peak, status_bytes("VmHWM")), rss_before_bytes=before,
                   full_tensor_bytes=point["b"] * point["d"] * point["l"] * point["n"] * 4, gate=False)
     return result

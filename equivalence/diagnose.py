@@ -99,6 +99,25 @@ def what_it_needs(failure, budget_s=120.0):
     return lines + ([stopped] if stopped else [])
 
 
+def tensors(value):
+    """The tensors in a value: itself, or those of a (nested) tuple or list, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors(v)]
+    return []
+
+
+def leaf(value):
+    """A floating tensor as a fresh leaf requiring grad, and each of a tuple's (a state of parts);
+    anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().requires_grad_() if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(leaf(v) for v in value)
+    return value
+
+
 def probe_capabilities(fam, scan, step=None):
     """What a plain scan function of family ``fam`` can do, found by tiny calls rather than assumed.
 
@@ -122,15 +141,15 @@ def probe_capabilities(fam, scan, step=None):
         if not grad:
             with torch.no_grad():
                 return outcome(lambda: scan(*args))
-        args = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                for a in args]
+        args = [leaf(a) for a in args]
 
         def backward():
-            y, s = scan(*args)
-            if not (y.requires_grad or s.requires_grad):
+            # whatever the family returns (y and a state; Mamba-3's out and four states): every tensor
+            outs = [t for t in tensors(scan(*args)) if t.requires_grad]
+            if not outs:
                 raise NotImplementedError("output has no autograd graph (not differentiable)")
-            leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-            torch.autograd.grad((y.double().sum() + s.double().sum()), leaves, allow_unused=True)
+            torch.autograd.grad(sum(t.double().sum() for t in outs), [a for a in tensors(args) if a.requires_grad],
+                                allow_unused=True)
         return outcome(backward)
 
     notes = {f"dtype {k}": attempt(dataclasses.replace(fam.TINY, dtype=k)) for k in fam.DTYPES}
@@ -178,22 +197,21 @@ PROBE_NAME = "probe: packed sequences"
 
 def probe_packed(fam, scan, step):
     """A plain function's packed-sequence capabilities: ``varlen``, from one call of two packed
-    sequences (fam.TINY's options, no initial states) through the family's public scan, and with a
+    sequences (fam.TINY's options: no initial states) through the family's public scan, and with a
     step ``state_batch_indices``, from one batch-indexed step of two rows into a cache of two slots
     through its public step. Both are made under a registration that declares them, removed after.
     Returns {capability: outcome}."""
     P = fam.PACKING
     packed_type = type(P.pinned[0])
     fields = {f.name for f in dataclasses.fields(packed_type)} - {"lengths"}
-    case = packed_type(lengths=(2, fam.TINY.l - 2), **{**{k: getattr(fam.TINY, k) for k in fields if hasattr(fam.TINY, k)},
-                                                      P.state_arg: False})
+    case = packed_type(lengths=(2, fam.TINY.l - 2), **{k: getattr(fam.TINY, k) for k in fields if hasattr(fam.TINY, k)})
     x = P.inputs(case)
     impls.register(PROBE_NAME, scan, step=step, family=fam.NAME, varlen=True, state_batch_indices=step is not None)
     try:
         notes = {"varlen": outcome(lambda: P.scan(PROBE_NAME, x))}
-        if step is not None:
-            cache = torch.zeros(2, *fam.state_shape(case.packed_case())[1:])
-            tokens = {k: None if x[k] is None else P.token(x[k], [0, 1]) for k in P.step_args}
+        if step is not None:   # a cache of the loop's packed states' shapes (each part's, where they have parts)
+            cache = P.map(lambda s: torch.zeros(2, *s.shape[1:], dtype=s.dtype), P.scan("loop", x)[1])
+            tokens = {k: None if x[k] is None else P.token(x[k], [0, 1], k) for k in P.step_args}
             notes["state_batch_indices"] = outcome(
                 lambda: P.step(PROBE_NAME, cache, x, tokens, torch.tensor([1, 0], dtype=torch.int32)))
     finally:

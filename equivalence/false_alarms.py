@@ -4,7 +4,7 @@ implementation, N rounds with fresh random seeds, and count.
     python -m equivalence.false_alarms --rounds 3                 # thorough profile: 500 examples a property
     python -m equivalence.false_alarms --rounds 1 --profile dev   # a quick look (25 a property)
 
-Each round is one pytest run (``-n 2``) with its own seed (printed: ``make test SEED=N`` replays it)
+Each round is one pytest run (``-n 2``) with its own seed (printed, with the command that replays it)
 and a fresh hypothesis directory, so nothing stored is replayed. hypothesis' observability records
 every drawn example and the targets each comparison reported (equivalence/tolerance.py:
 error / bound); from them this prints the drawn examples and failures per family, and the largest
@@ -68,8 +68,7 @@ def split(nodeid):
 def pytest_command(seed, profile, workers, files, extra):
     import impls
 
-    selected = [a for n in impls.names() for a in ("--impl", n)]
-    selected += [a for n in impls.names(family="ssd") for a in ("--ssd-impl", n)]
+    selected = [a for f in impls.FAMILIES.values() for n in impls.names(family=f.name) for a in (f.option, n)]
     return [sys.executable, "-m", "pytest", *files, "-n", str(workers), "-q", "-p", "no:cacheprovider",
             "--hypothesis-profile", profile, "--hypothesis-seed", str(seed), *selected, *TRANSFORMERS, *extra]
 
@@ -136,7 +135,9 @@ def main(argv=None):
             margins[k] = max(margins.get(k, 0.0), v)
         minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
         print(f"round {r + 1}/{args.rounds}: seed {seed}: {dict(got)} examples drawn, {len(failed)} failed "
-              f"({minutes:.1f} min)" + "".join(f"\n  FAILED {f}  (replay: make test SEED={seed})" for f in failed),
+              f"({minutes:.1f} min)" + "".join(f"\n  FAILED {f}" for f in failed)
+              + (f"\n  replay: {' '.join(pytest_command(seed, args.profile, args.workers, args.files, args.pytest_args))}"
+                 if failed else ""),
               flush=True)
         with out.open("a") as f:
             f.write(json.dumps(dict(seed=seed, profile=args.profile, started=started.isoformat(), examples=dict(got),

@@ -338,8 +338,6 @@ IMPL_FIXTURES = {
                                         else f"no {spec.STATE_ARG} support"),
     "deterministic_impl": lambda e, spec: None if e.supports["deterministic"] else "not deterministic",
     "nonfinite_impl": lambda e, spec: None if e.supports["nonfinite_inputs"] else "non-finite inputs",
-    "causal_nonfinite_impl": lambda e, spec: (None if e.supports.get("nonfinite_causal", True)
-                                              else "a non-finite input reaches earlier outputs"),
     "varlen_impl": lambda e, spec: None if e.supports["varlen"] else "varlen",
     "varlen_gradient_impl": lambda e, spec: ", ".join(g for g, lacks in (("varlen", not e.supports["varlen"]),
                                                       ("gradients", not e.supports["gradients"])) if lacks) or None,

@@ -2,28 +2,44 @@
 
 A family is its module in equivalence/ (equivalence/selective/, equivalence/ssd/, ...), named by
 its impls Family value (``Family.equivalence``) and got by ``family(name)``. What a property needs
-of it:
+of it, what it must write itself first:
 
     NAME                    the impls family name
-    Case, cases(...)        the case type (frozen dataclass: id, seed, b, l, g, dtype, torch_dtype,
-                            within(limits)) and its hypothesis strategy, shrinking to the plainest case
-    PINNED                  known edge cases, each run by a test of its own
-    make_inputs(case, dtype=None), reference_inputs(case)
-                            keyword arguments of its public scan (the float64 oracle's copy)
-    SCAN_ARGS, TIME_ARGS, BATCH_ARGS, STATE_ARG, CHANNEL_ARG, TIME_DIM, Y_AXES
-                            argument names (CHANNEL_ARG: the input with one element per output
-                            channel); the time axis of the time arguments and of y; y's letters
-    scan(name, case, x, chunk_size=None), step(name, state, x, t), state_shape(case)
-                            the public scan returning (y, last state); one token through the public step
-    supported(entry, case)  whether the entry declares what the case needs
-    magnitudes(case, weights=None, x=None), conditionings(case, x=None), terms(case, output, arg=None),
-    exact_kinds(case)       what the tolerance policy (equivalence/tolerance.py) needs; x: float64
+    Case, cases(...)        the case type (frozen dataclass: id, seed, b, l, dtype, torch_dtype; and
+                            within(limits) where an implementation declares case_limits) and its
+                            hypothesis strategy, shrinking to the plainest case
+    make_inputs(case, dtype=None)
+                            keyword arguments of its public scan (dtype: the float64 oracle's copy)
+    TIME_ARGS, Y_AXES       the arguments with a time axis; y's letters
+    magnitudes(case, weights=None, x=None), conditionings(case, x=None), terms(case, output, arg=None)
+                            what the tolerance policy (equivalence/tolerance.py) needs; x: float64
                             inputs to take instead of reference_inputs(case) (a poisoned copy)
-    call(name, case)        the public call as a Python expression (the reproduce line's)
-    CHUNK_SIZES             chunk sizes a result must not depend on, or None
-    PACKING                 its packed sequences (equivalence/varlen.py: Packing), or None
+
+and what it writes only where it differs from the default (DEFAULTS below fills in the rest):
+
+    TIME_DIM                the time axis of the time arguments and of y (1: batch, then time)
+    STATE_ARG               the initial state's argument ("initial_state"), also the capability
+                            that continuing needs
+    SCAN_ARGS, BATCH_ARGS   the tensor arguments, and those with a batch axis (both: TIME_ARGS and
+                            STATE_ARG)
+    CHANNEL_ARG             the input with one element per output channel (TIME_ARGS[0])
+    PINNED                  known edge cases, each run by a test of its own (none)
+    PINNED_INVARIANTS       {property: its long and edge cases} (none)
+    STRATEGIES              {test: the strategy it draws from} (cases() for every test)
+    reference_inputs(case)  the float64 oracle's inputs (make_inputs(case, torch.float64))
+    scan(name, case, x, chunk_size=None), step(name, state, x, t), state_shape(case)
+                            the public scan returning (y, last state) (the Family's scan, which
+                            returns both); one token through the public step, updating the state
+                            in place (the Family's step on token t of each time argument, the
+                            other arguments as they are); the state's shape (the loop's last state's)
+    supported(entry, case)  whether the entry declares what the case needs (its dtype)
+    exact_kinds(case)       whether NaN, +inf and -inf must match the loop's kind for kind (always)
+    call(name, case)        the public call as a Python expression, the reproduce line's (scan on
+                            make_inputs, through the family's module)
+    CHUNK_SIZES             chunk sizes a result must not depend on (None: no chunk size)
+    PACKING                 its packed sequences (equivalence/varlen.py: Packing) (None)
     and for equivalence/diagnose.py: OPTIONS, UNGROUPED, GROUPED_AXIS, AXES, PLAIN, TINY, PROBES,
-    positional(x), scan_by_stepping(step)
+    positional(x), scan_by_stepping(step) (without them a failure is reported undiagnosed)
 
 Optional, for a family whose arguments or state do not fit the plain form (Mamba-3's):
     TIME_DIMS               {argument: its time axis} where it is not TIME_DIM (y's is TIME_DIM)
@@ -58,6 +74,7 @@ determinism): the spec says where a NaN goes, not which NaN it is; its sign and 
 part of any interface, and an output that is NaN in both runs was not changed by the perturbation.
 """
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -71,16 +88,65 @@ from impls.frontdoor import compute_dtype
 from .tolerance import assert_close
 
 
-# What a family's module must define for the shared properties to run on it (the list above; the
-# diagnosis' names are optional: without them a failure is reported undiagnosed)
-CONTRACT = ("NAME", "Case", "cases", "PINNED", "make_inputs", "reference_inputs", "SCAN_ARGS", "TIME_ARGS",
-            "BATCH_ARGS", "STATE_ARG", "CHANNEL_ARG", "TIME_DIM", "Y_AXES", "scan", "step", "state_shape", "supported",
-            "magnitudes", "conditionings", "terms", "exact_kinds", "call", "CHUNK_SIZES", "PACKING", "STRATEGIES")
+# What a family's module must define for the shared properties to run on it: the first list above
+CONTRACT = ("NAME", "Case", "cases", "make_inputs", "TIME_ARGS", "Y_AXES", "magnitudes", "conditionings", "terms")
+
+
+def default_scan(fam, name, case, x, chunk_size=None):
+    return impls.get_family(fam.NAME).scan(**x, impl=name)
+
+
+def default_step(fam, name, state, x, t):
+    token = {k: (v.select(time_dim(fam, k), t) if k in fam.TIME_ARGS and v is not None else v)
+             for k, v in x.items() if k != fam.STATE_ARG}
+    return impls.get_family(fam.NAME).step(state, **token, impl=name)
+
+
+def default_state_shape(fam, case):
+    return map_state(fam, lambda s: tuple(s.shape), fam.scan("loop", case, fam.make_inputs(case))[1])
+
+
+def default_call(fam, name, case):
+    m = fam.__name__
+    return f"{m}.scan({name!r}, {m}.{case!r}, {m}.make_inputs({m}.{case!r}))"
+
+
+# What a family leaves out, as a function of its module, in the order they may depend on each other
+DEFAULTS = dict(
+    TIME_DIM=lambda fam: 1,
+    STATE_ARG=lambda fam: "initial_state",
+    SCAN_ARGS=lambda fam: fam.TIME_ARGS + (fam.STATE_ARG,),
+    BATCH_ARGS=lambda fam: fam.TIME_ARGS + (fam.STATE_ARG,),
+    CHANNEL_ARG=lambda fam: fam.TIME_ARGS[0],
+    PINNED=lambda fam: (),
+    PINNED_INVARIANTS=lambda fam: {},
+    STRATEGIES=lambda fam: collections.defaultdict(fam.cases),
+    reference_inputs=lambda fam: lambda case: fam.make_inputs(case, torch.float64),
+    scan=lambda fam: functools.partial(default_scan, fam),
+    step=lambda fam: functools.partial(default_step, fam),
+    state_shape=lambda fam: functools.partial(default_state_shape, fam),
+    supported=lambda fam: lambda entry, case: case.torch_dtype in entry.supports["dtypes"],
+    exact_kinds=lambda fam: lambda case: True,
+    call=lambda fam: functools.partial(default_call, fam),
+    CHUNK_SIZES=lambda fam: None,
+    PACKING=lambda fam: None,
+)
+
+
+def complete(module):
+    """The family's module with every name of DEFAULTS that it does not define set to the default,
+    where it has the whole CONTRACT (the defaults are made of it); returns it."""
+    if any(not hasattr(module, k) for k in CONTRACT):
+        return module
+    for k, default in DEFAULTS.items():
+        if not hasattr(module, k):
+            setattr(module, k, default(module))
+    return module
 
 
 def family(name):
-    """The equivalence module of the impls family ``name`` (equivalence.selective, ...)."""
-    return importlib.import_module(impls.get_family(name).equivalence)
+    """The equivalence module of the impls family ``name`` (equivalence.selective, ...), completed."""
+    return complete(importlib.import_module(impls.get_family(name).equivalence))
 
 
 def missing_contract(name):
@@ -95,10 +161,15 @@ def wired(name):
     return not missing_contract(name)
 
 
+def within(case, limits):
+    """The case folded into an implementation's size limits (``case_limits``; None: none)."""
+    return case if limits is None else case.within(limits)
+
+
 def prepare(fam, name, case):
     """The implementation's entry and the case folded into its size limits."""
     entry = impls.get(name, fam.NAME)
-    return entry, case.within(entry.supports["case_limits"])
+    return entry, within(case, entry.supports["case_limits"])
 
 
 # (family, name) -> Python statements that register it in a plain script, for implementations that
@@ -129,7 +200,7 @@ def case_check(check):
 
     @functools.wraps(check)
     def wrapper(fam, name, case, *extra):
-        case = case.within(impls.get(name, fam.NAME).supports["case_limits"])
+        case = within(case, impls.get(name, fam.NAME).supports["case_limits"])
         try:
             return check(fam, name, case, *extra)
         except CaseFailure:
@@ -410,7 +481,7 @@ def check_nonfinite(fam, name, case, arg, t, poison):
             zero = torch.zeros((), dtype=a.dtype)
             assert_close(f"{name}, {arg} = {poison} at {t}: {what}", torch.where(keep, a, zero),
                          torch.where(keep, r, torch.zeros((), dtype=r.dtype)), torch.where(keep, s, zero), length, where,
-                         scale=scale)
+                         scale=scale, conditioning=cond)
 
 
 @case_check
@@ -759,3 +830,24 @@ def property_checks(fam, name, small, k, poison):
         "unwritten memory": lambda: check_unwritten_memory(fam, name, small),
         "non-finite causality": lambda: check_nonfinite_causality(fam, name, small, k, poison),
     }
+
+
+def every_check(fam, name, case, t, poison):
+    """{property: a call of its check on one case} for every property of this module, in the order
+    of its docstring, for a test that runs them all on one drawn case (a family of its own). t: a
+    token and a batch row, each folded to the case; poison: a key of NONFINITE. The non-finite
+    check runs once for each time argument; chunk sizes only where the family has them."""
+    checks = {
+        "values": lambda: check_values(fam, name, case),
+        "split": lambda: check_split(fam, name, case, t),
+        "prefill then decode": lambda: check_prefill_then_decode(fam, name, case, t),
+        "causality": lambda: check_causality(fam, name, case, t),
+        "batch independence": lambda: check_batch_independence(fam, name, case, t),
+        **{f"non-finite {arg}": functools.partial(check_nonfinite, fam, name, case, arg, t, poison)
+           for arg in fam.TIME_ARGS},
+        "NaN propagation": lambda: check_nan_propagation(fam, name, case, t),
+        "gradients": lambda: check_gradients(fam, name, case),
+    }
+    if fam.CHUNK_SIZES is not None:
+        checks["chunk sizes"] = lambda: check_chunk_size_invariance(fam, name, case, fam.CHUNK_SIZES)
+    return {**checks, **property_checks(fam, name, case, t, poison)}

@@ -4,6 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from .properties import check_gradients, gradient_weights, gradients, per_part, state_parts
+from .test_invariants import pinned
 
 
 @given(data=st.data())
@@ -13,7 +14,7 @@ def test_gradients_match_float64_loop(family, gradient_impl, data):
 
 def test_pinned_gradients(family, gradient_impl):
     """Long grouped cases from an initial state, as tests of their own (never pre-empting a drawn one)."""
-    for case in family.PINNED_INVARIANTS["gradients"]:
+    for case in pinned(family, "gradients"):
         check_gradients(family, gradient_impl, case)
 
 

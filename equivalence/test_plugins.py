@@ -1,5 +1,6 @@
 """Implementations from installed packages: the entry point, its failure modes, and the xfails file."""
 
+import inspect
 import os
 import re
 import shlex
@@ -14,7 +15,7 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 
-from . import selective, ssd
+from . import properties, selective, ssd
 from .diagnose import describe, probe_capabilities
 from .test_planted_bugs import SEARCH, drawn, rejected
 
@@ -112,7 +113,7 @@ def test_a_plain_functions_capabilities_are_probed():
 
 
 def test_packed_sequences_are_probed_like_the_other_capabilities():
-    """cu_seqlens, of both families with packing: a scan that does not take the argument, or
+    """cu_seqlens, of every family with packing: a scan that does not take the argument, or
     refuses it with NotImplementedError, lacks varlen; one that takes it has it; one that raises
     anything else inside keeps it (supported but broken). With a step, state_batch_indices is probed
     the same way (one batch-indexed step), and a step alone (its scan run token by token) has
@@ -139,7 +140,7 @@ def test_packed_sequences_are_probed_like_the_other_capabilities():
     def step_without_indices(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
         return recurrent.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
-    before = impls.names()
+    before, before_mamba3 = impls.names(), impls.names(family="mamba3")
     for scan, step, varlen, indexed in [(unpacked, None, "gap: TypeError", None), (packed, None, "ok", None),
                                         (refusing, None, "gap: NotImplementedError", None),
                                         (crashing, None, "broken: TypeError", None),
@@ -153,17 +154,20 @@ def test_packed_sequences_are_probed_like_the_other_capabilities():
         assert notes.get("state_batch_indices", "")[:len(indexed or "")] == (indexed or ""), notes
         if indexed:
             assert supports["state_batch_indices"] == (not indexed.startswith("gap")), notes
-    assert impls.names() == before
 
-    ssd_loop = impls.get("loop", family="ssd").scan
+    for fam in [properties.family(f) for f in impls.FAMILIES if properties.wired(f) and properties.family(f).PACKING]:
+        scan = impls.get("loop", fam.NAME).scan
+        names = list(inspect.signature(scan).parameters)
 
-    def ssd_refusing(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, *rest):
-        if cu_seqlens is not None:
-            raise NotImplementedError("no packing yet")
-        return ssd_loop(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, *rest)
+        def refusing(*args, scan=scan, names=names, **kw):
+            if {**dict(zip(names, args)), **kw}.get("cu_seqlens") is not None:
+                raise NotImplementedError("no packing yet")
+            return scan(*args, **kw)
 
-    assert probe_capabilities(ssd, ssd_loop)[0]["varlen"]
-    assert not probe_capabilities(ssd, ssd_refusing)[0]["varlen"]
+        assert probe_capabilities(fam, scan)[0]["varlen"], fam.NAME
+        supports, notes = probe_capabilities(fam, refusing)
+        assert not supports["varlen"] and notes["varlen"] == "gap: NotImplementedError: no packing yet", notes
+    assert impls.names() == before and impls.names(family="mamba3") == before_mamba3
 
 
 def test_the_base_call_is_required_not_probed_away():
@@ -175,6 +179,44 @@ def test_the_base_call_is_required_not_probed_away():
     supports, notes = probe_capabilities(selective, refuses)
     assert supports["dtypes"] == (torch.float32,) and not supports["grouped"], notes
     assert notes["dtype f32"].startswith("broken (the base call is required)"), notes
+
+
+@pytest.mark.parametrize("name", [f for f in impls.FAMILIES if properties.wired(f)])
+def test_the_gradient_probe_reads_whatever_a_family_returns(name):
+    """The gradient probe takes every tensor the scan returns, however many (Mamba-1's y and last
+    state, Mamba-3's out and four states): each family's loop, plugged in as a plain function, is
+    differentiable; the same returning detached tensors is not."""
+    fam, loop = properties.family(name), impls.get("loop", name).scan
+
+    def detached(*args):
+        return tuple(t.detach() for t in loop(*args))
+
+    supports, notes = probe_capabilities(fam, loop)
+    assert supports["gradients"] and notes["gradients"] == "ok", notes
+    supports, notes = probe_capabilities(fam, detached)
+    assert not supports["gradients"] and notes["gradients"].startswith("gap: output has no autograd graph"), notes
+
+
+PLAIN_MAMBA3 = """
+import impls
+
+def scan(*args):
+    return impls.get("loop", "mamba3").scan(*args)
+"""
+
+
+def test_a_plain_mamba3_function_has_its_gradients_probed(tmp_path):
+    """--mamba3-impl MODULE:FUNCTION, as a kernel author runs it: the header says its gradients were
+    probed and found (not a probe that broke on the five returns, out and the four states)."""
+    (tmp_path / "plain_mamba3_xyz.py").write_text(PLAIN_MAMBA3)
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "--mamba3-impl=plain_mamba3_xyz:scan", "equivalence/test_values.py"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    header = next((line for line in run.stdout.splitlines() if "plain_mamba3_xyz:scan: plain_mamba3_xyz" in line), "")
+    assert run.returncode == 0 and "'gradients': True" in header, run.stdout[-3000:]
+    assert header.endswith("(probed by tiny calls)"), header   # nothing refused, nothing raised
 
 
 CRASHING = """

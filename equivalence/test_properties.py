@@ -41,10 +41,10 @@ def test_no_unwritten_memory(family, impl, data):
 
 @FEW
 @given(data=st.data(), t=positions, poison=poisons)
-def test_nonfinite_input_changes_no_earlier_output(family, causal_nonfinite_impl, data, t, poison):
-    check_nonfinite_causality(family, causal_nonfinite_impl, small(data, family), t, poison)
+def test_nonfinite_input_changes_no_earlier_output(family, impl, data, t, poison):
+    check_nonfinite_causality(family, impl, small(data, family), t, poison)
 
 
-def test_pinned_nonfinite_input_changes_no_earlier_output(family, causal_nonfinite_impl):
+def test_pinned_nonfinite_input_changes_no_earlier_output(family, impl):
     for case, t, poison in family.PINNED_INVARIANTS.get("nonfinite_causality", ()):
-        check_nonfinite_causality(family, causal_nonfinite_impl, case, t, poison)
+        check_nonfinite_causality(family, impl, case, t, poison)

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.only_for("triton")
 def block_d(request, monkeypatch):
     """Channel blocks of this size in every kernel: d = 37 spans 5 blocks of 8 (the last with 5
     channels) or 2 of 32. The kernels are the same; only the launch changes."""
-    config = ts.INTERPRETER_CONFIG if ts.INTERPRETED else ts.GPU_CONFIG
+    config = ts.CONFIG
     for key in ("block_d", "bwd_block_d"):
         monkeypatch.setitem(config, key, request.param)
     return request.param
@@ -68,7 +68,7 @@ def test_odd_sizes_gradients(block_d, case):
 def test_backward_partial_sums_of_grouped_B_and_C(monkeypatch, case):
     """dB, dC are summed over the channels of a group: per block when blocks tile the groups,
     per channel when a block straddles two groups. Both paths against the float64 loop."""
-    config = ts.INTERPRETER_CONFIG if ts.INTERPRETED else ts.GPU_CONFIG
+    config = ts.CONFIG
     monkeypatch.setitem(config, "bwd_block_d", 8)
     monkeypatch.setitem(config, "block_d", 8)
     check_gradients("triton", case)

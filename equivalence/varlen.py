@@ -16,8 +16,11 @@ A packed call lays nseq sequences end to end along time (b = 1) and marks their 
 Written once for every family: the drawn lengths, the chunk geometry they are meant to exercise
 (``covered``) and the properties (``check_*``), which reach a family only through a ``Packing``:
 its inputs, its public scan and step, its sums of |terms| for the tolerance's floor. Each family's
-folder declares its Packing (equivalence/selective/varlen.py, equivalence/ssd/varlen.py), with a
-case type that has ``lengths``, ``offsets``, ``l``, ``nseq`` and ``seed``.
+folder declares its Packing (equivalence/selective/varlen.py, equivalence/ssd/varlen.py,
+equivalence/mamba3/varlen.py), with a case type that has ``lengths``, ``offsets``, ``l``, ``nseq``
+and ``seed``. A state is one tensor (nseq, ...) or, for a family with ``state_parts`` (Mamba-3's
+angle, ssm, k and v), a tuple of them, each with one row per sequence: the properties reach its
+parts only through ``Packing.parts`` and ``Packing.map``.
 """
 
 import dataclasses
@@ -119,14 +122,21 @@ class Packing:
     step(name, cache, x, tokens, indices): one batch-indexed decoding step; tokens holds each of
         ``step_args`` for the rows, (rows, ...); returns the rows' outputs
     magnitudes(x64, weights=None): (y scale, states scale, {argument: gradient scale} or None),
-        sums of |terms| (equivalence/tolerance.py)
-    conditioning(x64): ulps a rounding can grow to (equivalence/tolerance.py), one number for every
-        output and gradient of the pack: the whole pack's, which bounds each sequence's
-    terms(case, output, arg=None): rounded terms per element of "y", "state" or "gradient" (of arg)
+        sums of |terms| (equivalence/tolerance.py); the states' scale, the weights' and a state
+        argument's gradient scales (named "<state_arg>.<part>") per part where there are parts
+    conditioning(x64, output): ulps a rounding can grow to (equivalence/tolerance.py) for "y",
+        "state" (one per part where there are parts) or "gradient": the whole pack's, which
+        bounds each sequence's
+    terms(case, output, arg=None): rounded terms per element of "y", "state" (one per part where
+        there are parts) or "gradient" (of arg)
     repro(name, case, note): a line that reproduces the call
     cases(chunk=8, dtypes=..., max_seqs=6, max_total=80): the hypothesis strategy of its packed cases
     pinned: packed cases that together cover every geometry in CATEGORIES on ``chunk_starts``
     chunk_starts(case): packed positions where the chunks start that ``pinned`` is meant to cover
+    time_dims: {argument: its time axis} where it is not time_dim (Mamba-3's ADT, DT, Trap: last)
+    state_parts: the names of a state's parts when it is a tuple of tensors, else None
+    align_state(part, actual, oracle): the actual part moved to the representative of its value
+        nearest the oracle's before a comparison (an angle: 0 and 2 pi are one value), or None
     """
     name: str
     time_args: tuple       # arguments with a time axis
@@ -143,24 +153,62 @@ class Packing:
     cases: object
     pinned: tuple
     chunk_starts: object
+    time_dims: dict = dataclasses.field(default_factory=dict)
+    state_parts: tuple = None
+    align_state: object = None
 
-    def cut(self, X, a, e):
-        return X.narrow(self.time_dim, a, e - a)
+    def axis(self, arg):
+        """The time axis of argument ``arg`` (y's: time_dim)."""
+        return self.time_dims.get(arg, self.time_dim)
 
-    def token(self, X, pos):
-        """(1, ..., l, ...) -> (rows, ...): token pos[r] of X for row r."""
-        td = self.time_dim - 1 if self.time_dim > 0 else self.time_dim       # in X[0]
+    def cut(self, X, a, e, arg=None):
+        """Tokens a..e-1 of X, the argument ``arg`` (y when None)."""
+        return X.narrow(self.axis(arg), a, e - a)
+
+    def token(self, X, pos, arg=None):
+        """(1, ..., l, ...) -> (rows, ...): token pos[r] of X (the argument ``arg``) for row r."""
+        td = self.axis(arg)
+        td = td - 1 if td > 0 else td                                    # in X[0]
         return X[0].index_select(td, torch.tensor(pos, dtype=torch.long)).movedim(td, 0)
+
+    def parts(self, state):
+        """A state as a list of tensors: itself, or its parts."""
+        return [state] if self.state_parts is None else list(state)
+
+    def map(self, f, *states):
+        """f applied to the states (part by part where they have parts: f(part of each))."""
+        if self.state_parts is None:
+            return f(*states)
+        return tuple(f(*p) for p in zip(*(self.parts(s) for s in states)))
+
+    def labelled(self, state):
+        """[(label, tensor)]: "last states", or "last states <part>" for each part."""
+        if self.state_parts is None:
+            return [("last states", state)]
+        return [(f"last states {k}", s) for k, s in zip(self.state_parts, state)]
+
+    def per_part(self, value):
+        """A per-state value (a scale, a count, a conditioning) as a list aligned with parts()."""
+        return [value] if self.state_parts is None else list(value)
+
+    def aligned(self, label, actual, oracle):
+        if self.align_state is None or self.state_parts is None:
+            return actual
+        return self.align_state(label[len("last states "):], actual, oracle)
+
+    def equal(self, a, b):
+        """Whether two states are the same, bit for bit."""
+        return all(torch.equal(x, y) for x, y in zip(self.parts(a), self.parts(b)))
 
 
 def sequence(family, x, i):
     """The arguments of sequence i of packed inputs x, as an ordinary (b = 1) call."""
     offsets = x["cu_seqlens"].tolist()
     a, e = offsets[i], offsets[i + 1]
-    out = {k: (family.cut(v, a, e) if k in family.time_args and v is not None else v)
+    out = {k: (family.cut(v, a, e, k) if k in family.time_args and v is not None else v)
            for k, v in x.items() if k != "cu_seqlens"}
     if x[family.state_arg] is not None:
-        out[family.state_arg] = x[family.state_arg][i:i + 1]
+        out[family.state_arg] = family.map(lambda s: s[i:i + 1], x[family.state_arg])
     return out
 
 
@@ -172,7 +220,7 @@ def scan_alone(family, name, x):
         y, last = family.scan(name, sequence(family, x, i))
         ys.append(y)
         lasts.append(last)
-    return torch.cat(ys, family.time_dim), torch.cat(lasts)
+    return torch.cat(ys, family.time_dim), family.map(lambda *s: torch.cat(s), *lasts)
 
 
 def max_finite(t):
@@ -188,11 +236,14 @@ def _against_alone(what, name, case, family, y, last, where):
     ref = scan_alone(family, "loop", x64)
     same = scan_alone(family, "loop", family.inputs(case))
     sy, ss, _ = family.magnitudes(x64)
-    k = family.conditioning(x64)
     assert_close(f"{name} {what}: y", y, ref[0], same[0], family.terms(case, "y"), where, scale=max_finite(sy),
-                 conditioning=k)
-    assert_close(f"{name} {what}: last states", last, ref[1], same[1], family.terms(case, "state"), where,
-                 scale=max_finite(ss), conditioning=k)
+                 conditioning=family.conditioning(x64, "y"))
+    for (label, s), (_, r), (_, m), length, scale, k in zip(
+            family.labelled(last), family.labelled(ref[1]), family.labelled(same[1]),
+            family.per_part(family.terms(case, "state")), family.per_part(ss),
+            family.per_part(family.conditioning(x64, "state"))):
+        assert_close(f"{name} {what}: {label}", family.aligned(label, s, r), r, family.aligned(label, m, r), length,
+                     where, scale=max_finite(scale), conditioning=k)
 
 
 def check_alone(family, name, case):
@@ -201,10 +252,32 @@ def check_alone(family, name, case):
     _against_alone("packed", name, case, family, y, last, family.repro(name, case, ""))
 
 
-def _gradients(scan, x, weights, wrt):
-    leaves = {k: (v.detach().requires_grad_() if k in wrt else v) for k, v in x.items()}
-    y, last = scan(leaves)
-    loss = (y.double() * weights[0]).sum() + (last.double() * weights[1]).sum()
+def named_tensors(family, x):
+    """{name: tensor} of the floating tensor inputs of x, a state's parts named "<state_arg>.<part>"."""
+    out = {}
+    for k, v in x.items():
+        if k == family.state_arg and v is not None and family.state_parts is not None:
+            out.update({f"{k}.{part}": t for part, t in zip(family.state_parts, v)})
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            out[k] = v
+    return out
+
+
+def with_tensors(family, x, named):
+    """x with the tensors of ``named`` (named_tensors' names) in place of its own."""
+    out = {k: named.get(k, v) for k, v in x.items()}
+    if x.get(family.state_arg) is not None and family.state_parts is not None:
+        out[family.state_arg] = tuple(named.get(f"{family.state_arg}.{part}", t)
+                                      for part, t in zip(family.state_parts, x[family.state_arg]))
+    return out
+
+
+def _gradients(family, scan, x, weights, wrt):
+    named = named_tensors(family, x)
+    leaves = {k: named[k].detach().requires_grad_() for k in wrt}
+    y, last = scan(with_tensors(family, x, leaves))
+    loss = (y.double() * weights[0]).sum() + sum((s.double() * w).sum() for s, w in
+                                                 zip(family.parts(last), family.parts(weights[1])))
     if not loss.requires_grad:   # no token and no initial state: nothing depends on any input
         return dict.fromkeys(wrt)
     return dict(zip(wrt, torch.autograd.grad(loss, [leaves[k] for k in wrt], allow_unused=True)))
@@ -212,22 +285,23 @@ def _gradients(scan, x, weights, wrt):
 
 def check_alone_gradients(family, name, case):
     """Gradients of a random linear function of (y, last states) of the packed call, for every
-    floating tensor input, initial states included, against float64 autograd through the loop run
-    on each sequence alone (the shared parameters' gradients summed over the sequences)."""
+    floating tensor input, initial states (each part) included, against float64 autograd through
+    the loop run on each sequence alone (the shared parameters' gradients summed over the sequences)."""
     x, x64 = family.inputs(case), family.inputs(case, torch.float64)
     y0, s0 = scan_alone(family, "loop", x64)
     gen = torch.Generator().manual_seed(case.seed + 3)
     weights = (torch.randn(y0.shape, generator=gen, dtype=torch.float64),
-               torch.randn(s0.shape, generator=gen, dtype=torch.float64))
-    wrt = [k for k, v in x.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    got = _gradients(lambda v: family.scan(name, v), x, weights, wrt)
-    ref = _gradients(lambda v: scan_alone(family, "loop", v), x64, weights, wrt)
-    same = _gradients(lambda v: scan_alone(family, "loop", v), x, weights, wrt)
+               family.map(lambda s: torch.randn(s.shape, generator=gen, dtype=torch.float64), s0))
+    named, named64 = named_tensors(family, x), named_tensors(family, x64)
+    wrt = list(named)
+    got = _gradients(family, lambda v: family.scan(name, v), x, weights, wrt)
+    ref = _gradients(family, lambda v: scan_alone(family, "loop", v), x64, weights, wrt)
+    same = _gradients(family, lambda v: scan_alone(family, "loop", v), x, weights, wrt)
     sums = family.magnitudes(x64, weights)[2]
-    pack_conditioning = family.conditioning(x64)
+    pack_conditioning = family.conditioning(x64, "gradient")
     for k in wrt:
-        zero = torch.zeros_like(x64[k])        # an input no output depends on (l = 0) has no gradient
-        g, r, s = (zero.to(x[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
+        zero = torch.zeros_like(named64[k])    # an input no output depends on (l = 0) has no gradient
+        g, r, s = (zero.to(named[k].dtype) if v is None else v for v in (got[k], ref[k], same[k]))
         assert_close(f"{name} packed: grad {k}", g, r, s, family.terms(case, "gradient", k),
                      family.repro(name, case, f"gradient of {k}"), scale=max_finite(sums[k]),
                      conditioning=pack_conditioning)
@@ -239,16 +313,24 @@ def _perturbed(x, i, gen, value, family):
     out = dict(x)
     offsets = x["cu_seqlens"].tolist()
     a, e = offsets[i], offsets[i + 1]
-    for k in family.time_args + (family.state_arg,):
+
+    def redrawn(v):
+        v = v.clone()
+        v[i:i + 1].copy_(torch.randn(v[i:i + 1].shape, generator=gen, dtype=torch.float64).to(v.dtype))
+        return v
+
+    for k in family.time_args:
         v = x[k]
-        if v is None or (k != family.state_arg and e == a):
+        if v is None or e == a:
             continue
         v = v.clone()
-        part = v[i:i + 1] if k == family.state_arg else family.cut(v, a, e)
+        part = family.cut(v, a, e, k)
         part.copy_(torch.randn(part.shape, generator=gen, dtype=torch.float64).to(v.dtype))
         if value is not None and k == family.time_args[0]:
-            family.cut(part, (e - a) // 2, (e - a) // 2 + 1).fill_(float(value))
+            family.cut(part, (e - a) // 2, (e - a) // 2 + 1, k).fill_(float(value))
         out[k] = v
+    if x[family.state_arg] is not None:
+        out[family.state_arg] = family.map(redrawn, x[family.state_arg])
     return out
 
 
@@ -266,7 +348,9 @@ def check_no_crossing(family, name, case, i, value=None):
         if j == i:
             continue
         a, e = offsets[j], offsets[j + 1]
-        if not torch.equal(family.cut(y, a, e), family.cut(y2, a, e)) or not torch.equal(last[j], last2[j]):
+        row = lambda s: s[j]
+        if (not torch.equal(family.cut(y, a, e), family.cut(y2, a, e))
+                or not family.equal(family.map(row, last), family.map(row, last2))):
             raise AssertionError(f"{name}: perturbing sequence {i} changed sequence {j}'s output or last state\n"
                                  f"  reproduce: {where}")
 
@@ -283,17 +367,21 @@ def check_prefill(family, name, case, i, k):
 
     def part(lo, hi, seqs, h0):
         lens = [max(0, min(offsets[j + 1], hi) - max(offsets[j], lo)) for j in seqs]
-        out = {key: (family.cut(v, lo, hi) if key in family.time_args and v is not None else v) for key, v in x.items()}
+        out = {key: (family.cut(v, lo, hi, key) if key in family.time_args and v is not None else v)
+               for key, v in x.items()}
         out["cu_seqlens"] = torch.tensor(offsets_of(lens), dtype=torch.int32)
         out[family.state_arg] = h0
         return out
 
     h0 = x[family.state_arg]
-    y1, last1 = family.scan(name, part(0, cut, range(i + 1), None if h0 is None else h0[:i + 1]))
-    others = h0 if h0 is not None else last1.new_zeros(case.nseq, *last1.shape[1:])   # zeros: no initial states
-    y2, last2 = family.scan(name, part(cut, case.l, range(i, case.nseq), torch.cat([last1[i:i + 1], others[i + 1:]])))
+    y1, last1 = family.scan(name, part(0, cut, range(i + 1), None if h0 is None else family.map(lambda s: s[:i + 1], h0)))
+    # zeros where there are no initial states
+    others = h0 if h0 is not None else family.map(lambda s: s.new_zeros(case.nseq, *s.shape[1:]), last1)
+    y2, last2 = family.scan(name, part(cut, case.l, range(i, case.nseq),
+                                       family.map(lambda s, o: torch.cat([s[i:i + 1], o[i + 1:]]), last1, others)))
     _against_alone("split prefill", name, case, family, torch.cat([y1, y2], family.time_dim),
-                   torch.cat([last1[:i], last2]), family.repro(name, case, f"sequence {i} split at its token {k}"))
+                   family.map(lambda s1, s2: torch.cat([s1[:i], s2]), last1, last2),
+                   family.repro(name, case, f"sequence {i} split at its token {k}"))
 
 
 def check_decoding(family, name, case, order_seed, padding):
@@ -307,11 +395,13 @@ def check_decoding(family, name, case, order_seed, padding):
     y0, s0 = scan_alone(family, "loop", x)                      # only for the shapes and dtypes
     nslots = case.nseq + 2
     slot_of = torch.randperm(nslots, generator=gen)[:case.nseq].tolist()
-    cache = torch.randn(nslots, *s0.shape[1:], generator=gen, dtype=torch.float64).to(s0.dtype)
+    cache = family.map(lambda s: torch.randn(nslots, *s.shape[1:], generator=gen, dtype=torch.float64).to(s.dtype), s0)
+    h0 = family.map(torch.zeros_like, s0) if x[family.state_arg] is None else x[family.state_arg]
     for i, slot in enumerate(slot_of):
-        cache[slot] = 0 if x[family.state_arg] is None else x[family.state_arg][i]
+        for c, s in zip(family.parts(cache), family.parts(h0)):
+            c[slot] = s[i]
     spare = [slot for slot in range(nslots) if slot not in slot_of]
-    spare_before = cache[spare].clone()
+    spare_before = family.map(lambda c: c[spare].clone(), cache)
     y = torch.full_like(y0, float("nan"))
     where = family.repro(name, case, f"decoded through state_batch_indices, order seed {order_seed}, "
                                      f"{padding} padding rows")
@@ -320,7 +410,7 @@ def check_decoding(family, name, case, order_seed, padding):
         rows = [i for i in range(case.nseq) if t < case.lengths[i]] + [-1] * padding
         rows = [rows[r] for r in torch.randperm(len(rows), generator=gen).tolist()]
         pos = [offsets[i] + t if i >= 0 else 0 for i in rows]    # a padding row reads some token
-        tokens = {k: (None if x[k] is None else family.token(x[k], pos)) for k in family.step_args}
+        tokens = {k: (None if x[k] is None else family.token(x[k], pos, k)) for k in family.step_args}
         indices = torch.tensor([slot_of[i] if i >= 0 else -1 for i in rows], dtype=torch.int32)
         out = family.step(name, cache, x, tokens, indices)
         for r, i in enumerate(rows):
@@ -329,9 +419,9 @@ def check_decoding(family, name, case, order_seed, padding):
                     raise AssertionError(f"{name}: a padding row's output is not zero\n  reproduce: {where}")
             else:
                 y[0].select(td, offsets[i] + t).copy_(out[r])
-    if not torch.equal(cache[spare], spare_before):
+    if not family.equal(family.map(lambda c: c[spare], cache), spare_before):
         raise AssertionError(f"{name}: decoding changed a cache slot no row owns\n  reproduce: {where}")
-    _against_alone("decoding", name, case, family, y, cache[slot_of], where)
+    _against_alone("decoding", name, case, family, y, family.map(lambda c: c[slot_of], cache), where)
 
 
 
@@ -370,8 +460,8 @@ def packed_case_type(case_type, name, module, state, drop=(), **defaults):
     options = [f[0] for f in fields[1:] if f[0] != state]
 
     def packed_case(self):
-        """The case whose (b = 1, packed l) inputs are the packed inputs."""
-        return case_type(b=1, l=self.l, **{k: getattr(self, k) for k in options})
+        """The case whose (b = 1, packed l) inputs are the packed inputs, its own states off."""
+        return case_type(b=1, l=self.l, **{state: False}, **{k: getattr(self, k) for k in options})
 
     def case_id(self):
         lens = "_".join(map(str, self.lengths))
@@ -399,19 +489,25 @@ def packed_inputs(case, x, state, state_shape, dtype=None):
 
 # --- the recurrence over packed sequences, for the sums of |terms| and the planted bugs ----------
 
+def row(h0s, i):
+    """Row i of per-sequence states (nseq, ...), or of each of their parts (a tuple), as (1, ...)."""
+    return tuple(s[i:i + 1] for s in h0s) if isinstance(h0s, tuple) else h0s[i:i + 1]
+
+
 def run_sequences(offsets, h0s, advance, start=None):
     """The recurrence over packed sequences: sequence i runs over tokens offsets[i]..offsets[i+1]-1,
     h = advance(h, t), from start(i, a, h) (given the state the sequence before it ended in;
-    default its own initial state h0s[i:i + 1]). Returns lists: the state after each token, the
-    state before each token, and each sequence's last state (its initial state when it is empty)."""
-    h, after, before, lasts = h0s[:1], [], [], []
+    default its own initial state row(h0s, i)). h0s: (nseq, ...), or a tuple of such parts. Returns
+    lists: the state after each token, the state before each token, and each sequence's last state
+    (its initial state when it is empty)."""
+    h, after, before, lasts = row(h0s, 0), [], [], []
     for i, (a, e) in enumerate(zip(offsets, offsets[1:])):
-        h = h0s[i:i + 1] if start is None else start(i, a, h)
+        h = row(h0s, i) if start is None else start(i, a, h)
         for t in range(a, e):
             before.append(h)
             h = advance(h, t)
             after.append(h)
-        lasts.append(h if e > a else h0s[i:i + 1])
+        lasts.append(h if e > a else row(h0s, i))
     return after, before, lasts
 
 

@@ -1,10 +1,11 @@
 """What the Triton kernels of every family share: the interpreter when there is no GPU, the
 elementwise functions written to match torch's to the last bit, and the launchers' helpers.
 
-Kernel helpers (``@triton.jit``, called from the kernels of impls/selective/triton.py and
-impls/ssd/triton.py): ``div`` (division rounded to nearest), ``softplus`` (threshold 20),
-``silu`` and ``sigmoid``. Launcher helpers: ``tl_dtype``, ``result_dtype``, ``quiet`` and
-``host_tensors_on_a_gpu_machine``.
+Kernel helpers (``@triton.jit``, called from the kernels of impls/selective/triton.py,
+impls/ssd/triton.py and impls/mamba3/triton.py): ``div`` (division rounded to nearest),
+``softplus`` (threshold 20), ``silu``, ``sigmoid`` and ``segment`` (a difference of two compensated
+cumulative sums). Launcher helpers: ``launch_config`` with the chunked kernels' tables, ``block``,
+``check_tile_limits``, ``tl_dtype``, ``result_dtype``, ``quiet`` and ``host_tensors_on_a_gpu_machine``.
 
 Devices: tensors on a CUDA device run there. Without a GPU, CPU tensors run in the interpreter; on a
 machine with a GPU, CPU tensors (the equivalence suite builds its cases on the CPU) are copied to it
@@ -20,7 +21,7 @@ kernels on the CPU with numpy, in CI. Its differences, each handled where marked
     (``result_dtype``); on a GPU they store bfloat16 directly, rounded to nearest even;
   - ``triton.autotune`` with several configs and ``triton.testing.do_bench`` need a GPU: nothing here
     autotunes (a step must not: autotuning would apply its in-place update more than once), the
-    block sizes are chosen by each kernel file's launch configuration;
+    block sizes are chosen by each kernel file's launch configuration (``launch_config``);
   - programs run one after another, so scratch shared between the steps of one program never races
     there; on a GPU each program owns its scratch and a barrier separates writing it from reading it;
   - numpy warns where a value overflows to inf or turns NaN (``quiet``).
@@ -84,9 +85,55 @@ def sigmoid(x):
     return tl.where(x >= 0, div(1.0, 1.0 + e), div(e, 1.0 + e))
 
 
+@triton.jit
+def segment(hi_i, lo_i, hi_j, lo_j, COMPENSATED: tl.constexpr):
+    """cs_i - cs_j from the (hi, lo) cumsum of the SSD's chunk cumsum kernel: exact to rounding of
+    the segment itself, not of cs."""
+    if COMPENSATED:
+        d = (hi_i - hi_j) + (lo_i - lo_j)
+    else:
+        d = hi_i - hi_j
+    return d
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher helpers
 # ---------------------------------------------------------------------------------------------
+
+def launch_config(gpu, interpreter):
+    """The launch configuration in force here: the ``gpu`` table on a GPU, the ``interpreter`` one in
+    Triton's interpreter. Each kernel file holds one such dict and reads it at every launch, so that a
+    test or a tuning sweep changes its block sizes in place."""
+    return interpreter if INTERPRETED else gpu
+
+
+# The chunked kernels' launch configuration (impls/ssd/triton.py's; impls/mamba3/triton.py launches
+# those kernels and its own beside them). tl.dot needs every block dimension >= 16 on a GPU; the
+# interpreter runs the same kernels with the same blocks. block_p, block_n: the forward's state
+# tiles; block_m, block_k: positions per tile; block_t: positions per cumsum block; block_pn: the
+# state pass's slice of the flattened (p, n) state; bwd_*: the backward's; step_block_p: the step's
+# p tile. The interpreter uses the smallest tiles, so that CI's small cases (p = 17, n = 20, chunks
+# of 20 to 40) still cross several tiles of every kind.
+CHUNKED_GPU_CONFIG = dict(block_m=64, block_k=64, block_t=64, block_p=64, block_n=128, block_pn=1024, num_warps=4,
+                          bwd_block=32, bwd_num_warps=4, step_block_p=16)
+CHUNKED_INTERPRETER_CONFIG = dict(block_m=16, block_k=16, block_t=16, block_p=16, block_n=16, block_pn=64,
+                                  num_warps=1, bwd_block=16, bwd_num_warps=1, step_block_p=16)
+
+# Whole (p, n) tiles per program in the chunked kernels' backward and step: the declared limit on p and n.
+MAX_PN = 256
+
+
+def block(size, cap):
+    """A block covering ``size`` up to ``cap``, at least 16 (tl.dot's smallest dimension)."""
+    return max(16, min(triton.next_power_of_2(max(size, 1)), cap))
+
+
+def check_tile_limits(where, kernels, p, n):
+    """Refuse p or n above MAX_PN (NotImplementedError), naming ``kernels``."""
+    if p > MAX_PN or n > MAX_PN:
+        raise NotImplementedError(f"{where}: {kernels} hold a whole (p, n) state tile per program: p and n up to "
+                                  f"{MAX_PN} (declared limit), got p={p}, n={n}")
+
 
 def tl_dtype(dtype):
     """The Triton compute dtype of a torch compute dtype (float32 or float64)."""

@@ -440,7 +440,7 @@ def _selective_tune(torch, ts, dev, gen, smoke, timed, out, started, budget):
     size = SMOKE_BENCH_SIZES[0] if smoke else MAIN_SIZE
     x = _inputs(torch, dev, size["b"], size["d"], size["n"], size["l"], torch.float32, gen)
     gy = torch.randn(size["b"], size["d"], size["l"], device=dev, generator=gen)
-    config = ts.INTERPRETER_CONFIG if ts.INTERPRETED else ts.GPU_CONFIG
+    config = ts.CONFIG
     default = dict(config)
     out["default_config"] = default
     out["fwd_configs"], out["bwd_configs"] = [], []

@@ -7,11 +7,10 @@ impls' Family value names this module (``Family.equivalence``); nothing here is 
 ADT, DT and Trap are (b, h, l), time last, as the official kernel takes them (TIME_DIMS).
 The oracle is the loop (impls/mamba3/loop.py) run in float64.
 
-Not here: the MIMO scan (family "mamba3_mimo", equivalence/mamba3/test_mimo.py), whose rank axis and
-projections are a contract of their own; packed sequences (PACKING is None: the shared packing
-properties take one state tensor per sequence; equivalence/mamba3/test_spec.py checks Mamba-3's
-cu_seqlens against the loop run per sequence); the diagnosis of a failure's needs (OPTIONS, ...:
-Case has no field for the SSD's group count, so a failure is reported undiagnosed).
+Packed sequences: PACKING (equivalence/mamba3/varlen.py), each sequence's state a row of each of
+the four parts. Not here: the MIMO scan (family "mamba3_mimo", equivalence/mamba3/test_mimo.py),
+whose rank axis and projections are a contract of their own; the diagnosis of a failure's needs
+(OPTIONS, ...: Case has no field for the SSD's group count, so a failure is reported undiagnosed).
 """
 
 import dataclasses
@@ -29,22 +28,19 @@ from impls.mamba3 import loop
 from .. import properties
 from ..tolerance import GATE_ULPS, TRANSCENDENTAL_ULPS
 from . import cases as _cases
-from . import planted_bugs  # noqa: F401 (the shared planted-bug tests find it here)
-from .cases import ARGS, DTYPES, Case, as_f64, case_strategy, inputs  # noqa: F401
+from . import planted_bugs, varlen_planted_bugs  # noqa: F401 (the shared planted-bug tests find them here)
+from .cases import (ARGS, DTYPES, STATE_PARTS, TIME_ARGS, TIME_DIMS, Case, align_state, as_dtype, as_f64,  # noqa: F401
+                    case_strategy, inputs)
+from .varlen import PACKING, varlen_cases
 
 NAME = "mamba3"
 SCAN_ARGS = ARGS + ("Input_States",)
-# V first: prefill-then-decode takes its empty slice as the empty output (same shape and dtype)
-TIME_ARGS = ("V", "Q", "K", "Z", "Angles", "ADT", "DT", "Trap")
 TIME_DIM = 1
-TIME_DIMS = dict(ADT=-1, DT=-1, Trap=-1)    # (b, h, l): time last
 STATE_ARG = "Input_States"                  # also the capability that continuing needs
-STATE_PARTS = ("angle", "ssm", "k", "v")
 CHANNEL_ARG = "V"                           # one element per output channel (the NaN-propagation check)
 BATCH_ARGS = TIME_ARGS + (STATE_ARG,)
 Y_AXES = ("b", "l", "h", "p")
 CHUNK_SIZES = (1, 2, 5, 64)
-PACKING = None
 
 # The tiny calls that probe a plain function's capabilities (equivalence/diagnose.py)
 TINY = Case(b=1, l=3, h_qk=1, groups=1, p=2, n=2, n_ang=1, dtype="f32", states=False, chunk_size=2)
@@ -63,10 +59,7 @@ PINNED = (
 def make_inputs(case, dtype=None):
     """The scan's keyword arguments for the case, rounded to its dtype (then cast to ``dtype``)."""
     x = inputs(case)
-    if dtype is None:
-        return x
-    return {k: (None if v is None else tuple(s.to(dtype) for s in v) if isinstance(v, tuple) else v.to(dtype))
-            for k, v in x.items()}
+    return x if dtype is None else as_dtype(x, dtype)
 
 
 def reference_inputs(case):
@@ -104,11 +97,6 @@ def step(name, state, x, t):
 def state_shape(case):
     b, h, p, n = case.b, case.h, case.p, case.n
     return (b, h, case.n_ang), (b, h, p, n), (b, h, n), (b, h, p)
-
-
-def align_state(part, actual, oracle):
-    """The angle moved by whole turns to within pi of the oracle's (0 and 2 pi are one angle)."""
-    return _cases.wrap_angle(actual, oracle) if part == "angle" else actual
 
 
 def call(name, case):
@@ -150,15 +138,11 @@ def scan_by_stepping(step):
 # k states scaled by their sums of |terms| and conditioned by the decays (exp of ADT), the angle's
 # accumulation, sin, cos and the sigmoid of Trap and the gate; the v state is V's last token,
 # copied (its own magnitude). The angle state is compared as an angle (align_state), with an
-# absolute error: cases.check bounds it by eps (l + c) with c its accumulated ulps and scale 1. The
-# shared checks that take no conditioning (the non-finite one) read only the scale, so that bound is
-# given here as a scale, (l + c) / l, with conditioning 0: the same eps (l + c) everywhere. As c >= 2 pi l,
-# that scale is above 2 pi, so above the angle itself, as a scale must be.
-
-def _conditioning(case, x=None):
-    """(ulps by token (b, l, h, 1), the angle's accumulated ulps (b, l, h, 1)): cases.conditioning."""
-    return _cases.conditioning(inputs(case) if x is None else x)
-
+# absolute error: cases.check bounds it by eps (l + c) with c its accumulated ulps and scale 1. Here
+# that bound is given as a scale, (l + c) / l, with conditioning 0, c each pair's own
+# (cases.angle_ulps), so that a check reading only the scales (the packed ones' largest finite
+# scale) gets it too: the same eps (l + c) everywhere. As c >= 2 pi l, that scale is above 2 pi, so
+# above the angle itself, as a scale must be.
 
 def _last(c):
     return float(c[:, -1:].amax()) if c.numel() else 0.0
@@ -168,10 +152,11 @@ def conditionings(case, x=None):
     """Ulps a rounding can grow to, for out (b, l, h, 1), each state part (numbers), and every
     gradient element (a number: the whole sequence's, as the adjoint runs the decays backwards,
     plus the derivatives of the sigmoid, tanh, sin and cos, and of the gate); x: inputs to take
-    instead of the case's (properties.py's contract)."""
-    cond, _ = _conditioning(case, x)
+    instead of the case's (properties.py's contract; then case is not read)."""
+    x = inputs(case) if x is None else x
+    cond, _ = _cases.conditioning(x)
     last = _last(cond)
-    gradient = last + 4 * TRANSCENDENTAL_ULPS + (GATE_ULPS if case.Z else 0)
+    gradient = last + 4 * TRANSCENDENTAL_ULPS + (GATE_ULPS if x["Z"] is not None else 0)
     return cond, (0.0, last, last, 0.0), gradient
 
 
@@ -261,10 +246,12 @@ def magnitudes(case, weights=None, x=None):
         y = y + leaves["D"][:, None] * leaves["V"]
     if "Z" in leaves:
         y = y * F.silu(leaves["Z"]).abs()
-    _, angle_cond = _conditioning(case, a)
     L = max(l, 1)
-    # at l = 0 the angle is the input's, below 2 pi (and then the bound eps 2 pi is an ulp of it)
-    angle = torch.full((b, h, na), max((L + _last(angle_cond)) / L, 2 * math.pi), dtype=torch.float64)
+    # each pair's own accumulated ulps (cases.angle_ulps): a NaN or inf in one pair's Angles or DT
+    # makes only its own scale non-finite, and the policy drops it there, where the angle is not
+    # finite either. At l = 0 the angle is the input's, below 2 pi (the bound eps 2 pi is an ulp of it)
+    c = _cases.angle_ulps(a).sum(1) if l else torch.zeros(b, h, na, dtype=torch.float64)   # (b, h, n_ang)
+    angle = ((L + c) / L).clamp_min(2 * math.pi)
     states = (angle, ssm, kp, vp)
     if not grad:
         return y, tuple(s.detach() for s in states), None
@@ -300,6 +287,8 @@ STRATEGIES = dict(
     properties=case_strategy(min_l=1, max_l=8, chunk_sizes=(2, 5)),
     magnitudes=case_strategy(dtypes=("f64",), min_l=1, max_l=10),   # at l = 0 y has no autograd graph
     planted=case_strategy(min_l=1, max_l=14), planted_positions=st.integers(0, 14),
+    packed=varlen_cases(), packed_gradients=varlen_cases(max_total=40), packed_decoding=varlen_cases(max_total=40),
+    packed_planted=varlen_cases(chunk=varlen_planted_bugs.CHUNK, max_p=2, max_seqs=4, max_total=40),
 )
 # The long and edge cases of the invariants, each in a test of its own (an @example is never shrunk)
 PINNED_INVARIANTS = dict(

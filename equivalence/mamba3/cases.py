@@ -17,6 +17,11 @@ from impls.mamba3 import loop
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
 ARGS = ("Q", "K", "V", "ADT", "DT", "Trap", "Q_bias", "K_bias", "Angles", "D", "Z")
+# The arguments with a time axis, V first (prefill-then-decode takes its empty slice as the empty
+# output: same shape and dtype), and those whose time axis is not 1: ADT, DT and Trap are (b, h, l)
+TIME_ARGS = ("V", "Q", "K", "Z", "Angles", "ADT", "DT", "Trap")
+TIME_DIMS = dict(ADT=-1, DT=-1, Trap=-1)
+STATE_PARTS = ("angle", "ssm", "k", "v")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +89,14 @@ def inputs(case, S=None):
     return args
 
 
+def as_dtype(args, dtype):
+    """The scan's tensor arguments (the states' parts too) cast to ``dtype``; anything else as it is."""
+    cast = lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+    return {k: (tuple(map(cast, v)) if isinstance(v, tuple) else cast(v)) for k, v in args.items()}
+
+
 def as_f64(args):
-    return {k: (None if v is None else tuple(s.double() for s in v) if isinstance(v, tuple) else v.double())
-            for k, v in args.items()}
+    return as_dtype(args, torch.float64)
 
 
 def case_strategy(dtypes=("f64", "f32"), max_l=12, min_l=0, min_b=1, max_b=2, max_p=3, chunk_sizes=(1, 6)):
@@ -145,13 +155,26 @@ def conditioning(args):
     adds, per token, its own rounding relative to |theta| < 2 pi plus the increment's (pi tanh(.) DT:
     three roundings and a tanh), accumulated over the sequence because each token's angle inherits
     the previous one's error; sin, cos and the sigmoid of Trap add TRANSCENDENTAL_ULPS each."""
-    a = as_f64(args)
+    a = as_f64({k: args[k] for k in ("ADT", "DT", "Angles")})
     adt = a["ADT"].transpose(1, 2)[..., None]                           # (b, l, h, 1)
     decay = tolerance.conditioning(adt, torch.zeros(()), 1)
-    inc = (math.pi * torch.tanh(a["Angles"]) * a["DT"].transpose(1, 2)[..., None]).abs()
-    per_token = 2 * math.pi + inc.amax(-1, keepdim=True) * (3 + tolerance.TRANSCENDENTAL_ULPS) if inc.shape[-1] else 0 * adt
+    per_pair = angle_ulps(a)
+    per_token = per_pair.amax(-1, keepdim=True) if per_pair.shape[-1] else 0 * adt
     angle = torch.as_tensor(per_token).cumsum(1)
     return decay + angle + 3 * tolerance.TRANSCENDENTAL_ULPS + tolerance.GATE_ULPS, angle
+
+
+def angle_ulps(args):
+    """Ulps each rotated pair's angle gains at token t, (b, l, h, n_ang): its own rounding relative to
+    |theta| < 2 pi plus its increment's (pi tanh(.) DT: three roundings and a tanh). A pair's angle
+    inherits only its own earlier errors, so its error by token t is eps times the sum up to t."""
+    inc = (math.pi * torch.tanh(args["Angles"]) * args["DT"].transpose(1, 2)[..., None]).abs()
+    return 2 * math.pi + inc * (3 + tolerance.TRANSCENDENTAL_ULPS)
+
+
+def align_state(part, actual, oracle):
+    """The angle moved by whole turns to within pi of the oracle's (0 and 2 pi are one angle)."""
+    return wrap_angle(actual, oracle) if part == "angle" else actual
 
 
 def wrap_angle(actual, oracle):

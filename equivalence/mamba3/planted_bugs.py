@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from impls.frontdoor import compute_dtype
 from impls.mamba3 import chunked, loop
 
+from .varlen_planted_bugs import angle_not_reset, v_state_from_pack_end
+
 
 def _halves(x, theta):
     """Rotation of pairs (i, i + n/2), the MIMO pairing, instead of SISO's interleaved (2i, 2i+1)."""
@@ -81,39 +83,6 @@ def variant(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Inpu
     return (out, angle, ssm, k_prev, v_prev) if return_final_states else out
 
 
-def angle_not_reset(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None, chunk_size=64,
-                    return_final_states=False, cu_seqlens=None):
-    """Packed: the angle sum runs on across sequence boundaries (each sequence starts from the previous
-    one's final angle instead of its own initial angle state)."""
-    if cu_seqlens is None:
-        return loop.mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size,
-                                return_final_states)
-    offsets = cu_seqlens.tolist()
-    outs, finals, carried = [], [], None
-    for i, (s, e) in enumerate(zip(offsets, offsets[1:])):
-        init = list(st[i:i + 1] for st in Input_States)
-        if carried is not None:
-            init[0] = carried
-        cut = lambda x, dim=1: None if x is None else x.narrow(dim, s, e - s)
-        out, *st = loop.mamba3_scan(cut(Q), cut(K), cut(V), cut(ADT, 2), cut(DT, 2), cut(Trap, 2), Q_bias, K_bias,
-                                    cut(Angles), D, cut(Z), tuple(init), chunk_size, True)
-        outs.append(out)
-        finals.append(st)
-        carried = st[0]
-    out = torch.cat(outs, 1)
-    return (out, *(torch.cat(x, 0) for x in zip(*finals))) if return_final_states else out
-
-
-def v_state_from_pack_end(*args, **kwargs):
-    """Packed: every sequence's final v state is the pack's last token (read in the official MIMO code)."""
-    result = loop.mamba3_scan(*args, **kwargs)
-    if kwargs.get("cu_seqlens") is None or not kwargs.get("return_final_states"):
-        return result
-    out, angle, ssm, k, v = result
-    V = args[2] if len(args) > 2 else kwargs["V"]
-    return out, angle, ssm, k, V[0, -1].to(v.dtype).expand_as(v).clone()
-
-
 def chunk_boundary_drops_kv(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
                             chunk_size=64, return_final_states=False, cu_seqlens=None):
     """Chunked, but the v_{t-1} k~_{t-1} term is dropped at every chunk boundary: the chunked scan run
@@ -142,9 +111,10 @@ VARIANTS.update(angle_not_reset=angle_not_reset, v_state_from_pack_end=v_state_f
                 chunk_boundary_drops_kv=chunk_boundary_drops_kv)
 
 # What the shared planted-bug tests (equivalence/test_planted_bugs.py) read: each bug by name, the
-# control, and the bugs their drawn cases can reach. Not among those: the two packed bugs (the
-# shared properties have no Mamba-3 packing; this folder's packed check finds them) and the angle
-# never reduced mod 2 pi (it shows only after thousands of float32 tokens: the long check here).
+# control, and the bugs their drawn cases can reach. Not among those: the two packed bugs (planted in
+# varlen_planted_bugs.py, where the packed properties find them, equivalence/test_varlen_planted_bugs.py;
+# this folder's packed check finds them too) and the angle never reduced mod 2 pi (it shows only
+# after thousands of float32 tokens: the long check here).
 globals().update(VARIANTS)
 correct = loop.mamba3_scan
 BUGS = tuple(k for k in VARIANTS if k not in ("angle_not_reset", "v_state_from_pack_end", "no_modulo"))

@@ -27,11 +27,7 @@ from .varlen import PACKING, decay_sums, varlen_cases
 NAME = "selective"
 TIME_ARGS = ("u", "delta", "z", "B", "C")   # the arguments with a time axis (last)
 TIME_DIM = -1
-STATE_ARG = "initial_state"                  # also the capability that continuing needs
-CHANNEL_ARG = "u"                            # one element per output channel (the NaN-propagation check)
-BATCH_ARGS = TIME_ARGS + (STATE_ARG,)
 Y_AXES = ("b", "d", "l")
-CHUNK_SIZES = None                           # no chunk size in the interface
 
 # What a failure is diagnosed over (equivalence/diagnose.py): each option with its "off" value,
 # the group count(s) that mean ungrouped (0: B (b, n, l); 1: one group), the axis groups divide,
@@ -189,5 +185,5 @@ PLANTED_SMALL = dict(b=3, d=8, n=6, l=24)
 
 # The properties with this family bound, for the tests of one implementation or one adapter:
 # check_values(name, case), oracle(case), ... (equivalence/properties.py has them over any family)
-FAMILY = sys.modules[__name__]
+FAMILY = properties.complete(sys.modules[__name__])
 globals().update(properties.bound(FAMILY))

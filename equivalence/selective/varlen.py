@@ -129,7 +129,8 @@ def _step(name, cache, x, tokens, indices):
                                         state_batch_indices=indices, impl=name)
 
 
-def _conditioning(x64):
+def _conditioning(x64, output):
+    """The whole pack's conditioning: one number for every ``output`` (y, the states, the gradients)."""
     raw = x64["delta"] if x64["delta_bias"] is None else x64["delta"] + x64["delta_bias"][:, None]
     dt = F.softplus(raw) if x64["delta_softplus"] else raw                        # (1, d, l)
     return varlen.pack_conditioning(dt[..., None] * x64["A"][:, None, :], raw[..., None], x64["delta_softplus"],

@@ -25,7 +25,7 @@ def _tokens(bug, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
     states, lasts = run_packed(
         bug, offsets, h0s,
         lambda h, t: torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * uf[:, :, t])[..., None] * Bc[..., t],
-        lambda a, e: torch.exp(dt[:, :, a:e].sum(-1)[..., None] * A), reset)
+        lambda h, a, e: torch.exp(dt[:, :, a:e].sum(-1)[..., None] * A) * h, reset)
     ys = [(h * Cc[..., t]).sum(-1) for t, h in enumerate(states)]
     y = torch.stack(ys, -1) if ys else uf[..., :0]
     if D is not None:

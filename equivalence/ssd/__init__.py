@@ -25,10 +25,7 @@ from .varlen import PACKING, varlen_cases
 
 NAME = "ssd"
 Case = SSDCase
-TIME_DIM = 1
-STATE_ARG = "initial_states"                 # also the capability that continuing needs
-CHANNEL_ARG = "x"                            # one element per output channel (the NaN-propagation check)
-BATCH_ARGS = TIME_ARGS + (STATE_ARG,)
+STATE_ARG = "initial_states"
 Y_AXES = ("b", "l", "h", "p")
 
 # What a failure is diagnosed over (equivalence/diagnose.py): each option with its "off" value,
@@ -108,11 +105,6 @@ def terms(case, output, arg=None):
     if output == "gradient":
         return gradient_terms(case, arg)
     return ssd_terms("out" if output == "y" else "final_states", case.l, case.n)
-
-
-def exact_kinds(case):
-    """Whether NaN, +inf and -inf must match the loop's kind for kind (no poison here: always)."""
-    return True
 
 
 def magnitudes(case, weights=None, x=None):
@@ -249,6 +241,6 @@ PLANTED_SMALL = dict(b=2, l=24, h=4, p=4, n=6)
 
 # The properties with this family bound, for the tests of one implementation or one adapter:
 # check_values(name, case), oracle(case), ... (equivalence/properties.py has them over any family)
-FAMILY = sys.modules[__name__]
+FAMILY = properties.complete(sys.modules[__name__])
 globals().update(properties.bound(FAMILY))
 check_step_equals_scan = check_prefill_then_decode  # noqa: F821 (bound just above)

@@ -92,7 +92,8 @@ def magnitudes(x64, weights=None):
     return y.detach(), last.detach(), sums
 
 
-def _conditioning(x64):
+def _conditioning(x64, output):
+    """The whole pack's conditioning: one number for every ``output`` (y, the states, the gradients)."""
     raw = x64["dt"] + (x64["dt_bias"] if x64["dt_bias"] is not None else 0)
     dt = effective_dt(x64["dt"], x64["dt_bias"], x64["dt_softplus"], x64["dt_limit"], torch.float64)   # (1, l, h)
     return varlen.pack_conditioning(dt * x64["A"], raw, x64["dt_softplus"], x64["dt_bias"] is not None,

@@ -27,7 +27,7 @@ def _tokens(bug, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_
         bug, offsets, h0s,
         lambda s, t: (torch.exp(dt[:, t] * A)[:, :, None, None] * s
                       + (dt[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]),
-        lambda a, e: torch.exp(dt[:, a:e].sum(1) * A)[:, :, None, None], reset)
+        lambda h, a, e: torch.exp(dt[:, a:e].sum(1) * A)[:, :, None, None] * h, reset)
     ys = [(s * Ch[:, t, :, None, :]).sum(-1) for t, s in enumerate(states)]
     y = torch.stack(ys, 1) if ys else xf[:, :0]
     if D is not None:

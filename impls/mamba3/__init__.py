@@ -33,7 +33,6 @@ SUPPORTS = dict(
     varlen=False,                   # cu_seqlens
     state_batch_indices=None,       # the step's batch-indexed state cache; None: as varlen
     nonfinite_inputs=True,          # one inf or NaN input gives non-finite outputs exactly where the loop's are
-    nonfinite_causal=True,          # one inf or NaN input changes no earlier output, bit for bit
     deterministic=True,             # the same call twice (forward, and backward) gives the same bits
     batch_invariant=False,          # row i's results are bit for bit the same alone or in any batch
     case_limits=None,               # dict of upper bounds on b, l, h, p, n for the property tests, if slow
@@ -117,12 +116,9 @@ FAMILY = registry.add_family(registry.Family(
     option="--mamba3-impl", step_option="--mamba3-impl-step", equivalence="equivalence.mamba3"))
 
 # The spec computes through autograd in any dtype; chunked builds decays with selects and masked
-# sums. Declared gaps of chunked: a non-finite V at a later token of a chunk reaches that chunk's
-# earlier outputs through 0 x inf in its intra-chunk product (nonfinite_causal, and so the loop's
-# exact non-finite pattern, nonfinite_inputs); a non-finite value in any other input does not.
+# sums, and keeps a non-finite V out of its chunk's earlier outputs (impls/mamba3/chunked.py).
 register("loop", loop.mamba3_scan, family="mamba3", gradients=True, varlen=True)
-register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True, nonfinite_inputs=False,
-         nonfinite_causal=False)
+register("chunked", chunked.mamba3_scan, family="mamba3", gradients=True, varlen=True)
 register("recurrent", recurrent.scan_by_stepping, step=recurrent.mamba3_state_update, family="mamba3", varlen=True)
 
 
@@ -147,7 +143,6 @@ MIMO_SUPPORTS = dict(
     pregate_norm=True,              # fuse_pregate_headwise_rms_norm
     rank_outputs=True,              # MIMO_Out = None: the R outputs returned apart
     nonfinite_inputs=True,          # as SUPPORTS
-    nonfinite_causal=True,          # as SUPPORTS
     deterministic=True,
     batch_invariant=False,
     case_limits=None,
@@ -254,12 +249,14 @@ register("recurrent", recurrent.mimo_scan_by_stepping, step=recurrent.mamba3_mim
 
 # The chunked SISO scan and the decode step as Triton kernels (triton.py), imported on first call only.
 # Without a GPU they run in Triton's interpreter, so property tests fold their cases into small sizes.
-# Declared gaps: packed scans (cu_seqlens), and non-finite inputs as in chunked (a NaN in V or K
-# spreads through its chunk's products). Its step takes state_batch_indices. Each (batch row, head) is computed by programs
-# whose work does not depend on b, so a row's results are the same bits alone or in any batch.
+# Declared gaps: packed scans (cu_seqlens), and the loop's exact non-finite pattern (nonfinite_inputs:
+# a segment's decay is exp(cs_t - cs_s), a difference of cumulative sums, NaN after an ADT of -inf
+# where the loop's decays are 0). No non-finite input reaches an earlier output (a non-finite V is
+# zeroed for the kernels and its effect restored after them). Its step takes state_batch_indices.
+# Each (batch row, head) is computed by programs whose work does not depend on b, so a row's results
+# are the same bits alone or in any batch.
 if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("mamba3.triton", "mamba3_scan"), step=lazy("mamba3.triton", "mamba3_state_update"),
              family="mamba3", gradients=True, varlen=False, state_batch_indices=True, nonfinite_inputs=False,
-             nonfinite_causal=False,
              batch_invariant=True,
              case_limits=dict(b=2, l=12, h=2, p=3, n=6) if registry.triton_interpreted() else None)

@@ -33,9 +33,11 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
       of prefix sums; the non-causal entries (t <= s) sum no terms (0) and are dropped by a
       select, so no exp of a positive non-causal sum is ever used;
     - masked entries are set by torch.where, not multiplied by 0: a NaN or inf in a later
-      token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. (A non-finite V is
-      still smeared over its chunk's earlier outputs by the intra-chunk matmul, 0 x inf = NaN:
-      not handled here, a declared gap.)
+      token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. A non-finite V is
+      the one input the intra-chunk matmul would still smear over its chunk's earlier outputs
+      (0 x inf = NaN), so where V has one, that matmul runs on V with non-finite entries zeroed
+      and each output from the bad token on, in its channel, is made NaN, as the loop's is (the
+      SSD chunked scan's remedy); the chunk state takes the raw V, so later chunks get it.
     - chunk_size is any positive integer and l need not be a multiple of it: the last chunk of a
       sequence is simply shorter (no padding). With cu_seqlens each sequence is scanned alone from
       its own row of Input_States, the angle sum and the k, v states included, so no chunk
@@ -362,7 +364,17 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     else:
         P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
                         zero)
-    y = torch.bmm(P.reshape(b * h * C, TR, TR), vf, out=ws("y", (b * h * C, TR, p), f))
+    # a non-finite v_s would reach the earlier outputs of its chunk through P's zeros (0 x inf is
+    # NaN): the product runs on v with non-finite entries zeroed, and each output from the bad token
+    # on, in its channel and every rank, is made NaN, as the loop's is. The chunk state S keeps the
+    # raw v, so later chunks get the NaN (or inf) through the state, as in the loop.
+    finite = bool(torch.isfinite(vf.sum()))   # a finite sum that overflows only takes the slow path
+    vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, zero)
+    y = torch.bmm(P.reshape(b * h * C, TR, TR), vf_intra, out=ws("y", (b * h * C, TR, p), f))
+    if not finite:
+        seen = (~torch.isfinite(vr)).any(-2, keepdim=True).cumsum(3) > 0      # (b, h, C, Tb, 1, p)
+        poison = torch.where(seen, math.nan, zero).expand(b, h, C, Tb, R, p).reshape(b * h * C, TR, p)
+        y = torch.add(y, poison, out=y if inplace else None)
     # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
     w_last = w_last[..., None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
     vw = torch.mul(vf, w_last, out=ws("vw", vf.shape, f))

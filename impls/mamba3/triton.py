@@ -54,9 +54,10 @@ Numerics, where this departs from the official kernels on purpose:
   - float32 tl.dot runs with input_precision="ieee"; every exp, the gate's silu included, is taken
     in float64 (Triton's float32 exp is ex2.approx on NVIDIA GPUs), except inside Mamba-2's
     chunk-state kernel, reused as it is (step 2, and the backward's own-state gradient).
-Declared gaps: packed sequences (cu_seqlens) raise NotImplementedError; a non-finite V at a later
-token of a chunk reaches that chunk's earlier outputs through 0 x inf in tl.dot (as the plain
-chunked scan's); p or n above MAX_PN raise NotImplementedError.
+A non-finite V, which tl.dot would carry to its chunk's earlier outputs (0 x inf), is zeroed for the
+kernels and its effect restored after them (mamba3_scan). Declared gaps: packed sequences
+(cu_seqlens) raise NotImplementedError; p or n above MAX_PN raise NotImplementedError; an ADT of
+-inf makes the later segments of its chunk exp(-inf - (-inf)) = NaN, where the loop's decay is 0.
 
 Grids: CUDA allows 2^31 - 1 programs on axis 0 and 65,535 on axes 1 and 2; every grid here puts
 b x h (folded with the chunk index where there is one) on axis 0 and only tile counts on axis 1
@@ -72,26 +73,19 @@ from torch.autograd.function import once_differentiable
 
 from ..frontdoor import compute_dtype
 # first: importing it settles TRITON_INTERPRET, which triton reads when it is imported
-from ..triton_common import INTERPRETED, host_tensors_on_a_gpu_machine, quiet, result_dtype, sigmoid, silu, tl_dtype
+from ..triton_common import INTERPRETED  # noqa: F401 (the compile tests read it here)
+from ..triton_common import (CHUNKED_GPU_CONFIG, CHUNKED_INTERPRETER_CONFIG, MAX_PN, block,
+                             check_tile_limits, host_tensors_on_a_gpu_machine, launch_config, quiet, result_dtype,
+                             segment, sigmoid, silu, tl_dtype)
 from ..ssd.triton import chunk_cumsum_kernel, chunk_state_kernel, state_pass_bwd_kernel, state_pass_kernel
 from .loop import per_head, rotate, zero_states
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-# Whole (p, n) tiles per program in the backward: the declared limit on p and n.
-MAX_PN = 256
-
-# Launch configuration (as impls/ssd/triton.py's). The interpreter uses the smallest tiles, so that
-# the tests' small cases (p = 17, chunks of 20) still cross several tiles of every kind.
-GPU_CONFIG = dict(block_t=32, block_m=64, block_k=64, block_p=64, block_n=64, block_pn=1024, num_warps=4,
-                  bwd_block=32, bwd_num_warps=4, step_block_p=16)
-INTERPRETER_CONFIG = dict(block_t=16, block_m=16, block_k=16, block_p=16, block_n=16, block_pn=64, num_warps=1,
-                          bwd_block=16, bwd_num_warps=1, step_block_p=16)
-
-
-def _config(key):
-    return (INTERPRETER_CONFIG if INTERPRETED else GPU_CONFIG)[key]
+# Launch configuration: the chunked kernels' (impls/triton_common.py) with 32-token cumsum blocks
+# and n tiles of 64 on a GPU, read at every launch.
+CONFIG = launch_config(dict(CHUNKED_GPU_CONFIG, block_t=32, block_n=64), dict(CHUNKED_INTERPRETER_CONFIG))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,16 +103,6 @@ def tanh64(x):
     e = tl.where(u == 1.0, y, tl.where(u == 0.0, -1.0, (safe - 1.0) * y / tl.log(safe)))
     t = -e / (2.0 + e)
     return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def segment(hi_i, lo_i, hi_j, lo_j, COMPENSATED: tl.constexpr):
-    """cs_i - cs_j from the (hi, lo) float64 cumsum of Mamba-2's chunk cumsum kernel."""
-    if COMPENSATED:
-        d = (hi_i - hi_j) + (lo_i - lo_j)
-    else:
-        d = hi_i - hi_j
-    return d
 
 
 _NS = ["h", "l", "Q", "p", "n", "nc", "n_ang", "hpg", "n_mb"]
@@ -262,7 +246,8 @@ def chunk_scan_kernel(
                                         b_lo_k[None, :] if COMPENSATED else 0.0, COMPENSATED), 0.0)
         b_W = tl.where(later, tl.exp(b_seg).to(COMPUTE) * b_u_k[None, :], tl.where(same, b_gam_m[:, None], 0.0))
         b_v = tl.load(v_ptr + r_k[:, None] * p + o_p[None, :], mask=m_k[:, None] & m_p[None, :], other=0.0).to(COMPUTE)
-        acc += tl.dot(b_qk * b_W, b_v, input_precision=DOT_PRECISION)
+        # a select, not b_W's zeros: q~_t . k~_s is NaN for every t when k~_s is not finite
+        acc += tl.dot(tl.where(later | same, b_qk * b_W, 0.0), b_v, input_precision=DOT_PRECISION)
 
     # + D v_t; out = y silu(z)
     m_mp = m_m[:, None] & m_p[None, :]
@@ -517,27 +502,22 @@ def step_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _block(size, cap):
-    """A block covering ``size`` up to ``cap``, at least 16 (tl.dot's smallest dimension)."""
-    return max(16, min(triton.next_power_of_2(max(size, 1)), cap))
-
-
 def launch_grids(b, l, h, p, n, chunk_size):
     """The launch grid of every kernel at these sizes, as the launchers launch them: computed without
     launching, so a test can check CUDA's grid limits (65,535 on axes 1 and 2) at sizes too large to
     run (l >= 1)."""
     Q = max(1, min(int(chunk_size), l))
     nc = triton.cdiv(l, Q)
-    BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
-    n_blk = triton.cdiv(p * n, min(_config("block_pn"), triton.next_power_of_2(p * n)))
+    BP, BN = block(p, CONFIG["block_p"]), block(n, CONFIG["block_n"])
+    n_blk = triton.cdiv(p * n, min(CONFIG["block_pn"], triton.next_power_of_2(p * n)))
     return dict(
         prep=(b * h,),
         chunk_cumsum=(nc * b, triton.cdiv(h, min(16, triton.next_power_of_2(h)))),
         chunk_state=(nc * b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN)),
         state_pass=(b * h, n_blk),
-        chunk_scan=(nc * b * h, triton.cdiv(Q, _block(Q, _config("block_m"))) * triton.cdiv(p, BP)),
+        chunk_scan=(nc * b * h, triton.cdiv(Q, block(Q, CONFIG["block_m"])) * triton.cdiv(p, BP)),
         state_pass_bwd=(b * h, n_blk),
-        chunk_bwd=(nc * b * h, triton.cdiv(Q, _block(Q, _config("bwd_block")))),
+        chunk_bwd=(nc * b * h, triton.cdiv(Q, block(Q, CONFIG["bwd_block"]))),
         step=(b * h,),
     )
 
@@ -572,7 +552,7 @@ def _forward(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, states, chunk
         prep_kernel[grid["prep"]](
             Q, K, Q_bias, K_bias, Angles, DT, Trap, angle0 if angle0 is not None else DT, _consts(dev),
             qr, kr, u, gam, theta, angle, h, l, n, n_ang, h // h_qk,
-            HAS_ANGLE0=angle0 is not None, BLOCK_T=_config("block_t"),
+            HAS_ANGLE0=angle0 is not None, BLOCK_T=CONFIG["block_t"],
             BLOCK_A=triton.next_power_of_2(max(n // 2, 1)), COMPUTE=T)
 
         # cs = the cumsum of ADT within each chunk: Mamba-2's kernel with dt = ADT, A = 1, no dt pipeline
@@ -584,31 +564,31 @@ def _forward(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, states, chunk
         chunk_cumsum_kernel[grid["chunk_cumsum"]](
             ADT, ones, ones, limits, a_c, cs, cs_lo, h, l, Qs, ADT.stride(0), ADT.stride(2), ADT.stride(1),
             HAS_BIAS=False, SOFTPLUS=False, BLOCK_H=min(16, triton.next_power_of_2(h)),
-            BLOCK_T=_block(Qs, _config("block_t")), COMPUTE=T, COMPENSATED=comp)
+            BLOCK_T=block(Qs, CONFIG["block_t"]), COMPUTE=T, COMPENSATED=comp)
 
         chunk = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
-        BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
+        BP, BN = block(p, CONFIG["block_p"]), block(n, CONFIG["block_n"])
         chunk_state_kernel[grid["chunk_state"]](
             V, kr, u, cs, cs_lo, chunk, h, l, Qs, p, n, 1, nc, *V.stride(), *kr.stride(),
-            COMPENSATED=comp, FROM_START=False, BLOCK_K=_block(Qs, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
-            COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
+            COMPENSATED=comp, FROM_START=False, BLOCK_K=block(Qs, CONFIG["block_k"]), BLOCK_P=BP, BLOCK_N=BN,
+            COMPUTE=T, DOT_PRECISION=prec, num_warps=CONFIG["num_warps"])
 
         h0 = None if states is None else fold_initial_state(states, DT, Trap)
         final = torch.empty(b, h, p, n, dtype=f, device=dev)
-        BLOCK = min(_config("block_pn"), triton.next_power_of_2(p * n))
+        BLOCK = min(CONFIG["block_pn"], triton.next_power_of_2(p * n))
         state_pass_kernel[grid["state_pass"]](
             chunk, cs, h0 if h0 is not None else final, final, h, l, Qs, nc, p * n,
             HAS_H0=h0 is not None, BLOCK=BLOCK, COMPUTE=T)
 
         out = torch.empty(b, l, h, p, dtype=result_dtype(V.dtype), device=dev)
         ypre = torch.empty(b, l, h, p, dtype=f, device=dev) if save and Z is not None else None
-        BM = _block(Qs, _config("block_m"))
+        BM = block(Qs, CONFIG["block_m"])
         chunk_scan_kernel[grid["chunk_scan"]](
             qr, kr, V, Z if Z is not None else V, D if D is not None else ones, u, gam, cs, cs_lo, chunk, out,
             ypre if ypre is not None else out, h, l, Qs, p, n, nc,
             COMPENSATED=comp, HAS_D=D is not None, HAS_Z=Z is not None, SAVE_Y=ypre is not None,
             BLOCK_M=BM, BLOCK_K=BM, BLOCK_P=BP, BLOCK_N=BN, COMPUTE=T, DOT_PRECISION=prec,
-            num_warps=_config("num_warps"))
+            num_warps=CONFIG["num_warps"])
     finals = (angle, final, kr[:, -1].clone(), V[:, -1].to(f, copy=True))
     return out.to(V.dtype), finals, (qr, kr, u, gam, cs, cs_lo, chunk, theta, ypre)
 
@@ -654,12 +634,12 @@ def _backward(saved, douts, chunk_size):
     with quiet():
         # each chunk's own gradient of its start state: sum_t exp(cs_t) g_t q~_t^T (step 2's kernel)
         dS = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
-        BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
+        BP, BN = block(p, CONFIG["block_p"]), block(n, CONFIG["block_n"])
         chunk_state_kernel[grid["chunk_state"]](
             gy, qr, u, cs, cs_lo, dS, h, l, Qs, p, n, 1, nc, *gy.stride(), *qr.stride(),
-            COMPENSATED=comp, FROM_START=True, BLOCK_K=_block(Qs, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
-            COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
-        BLOCK = min(_config("block_pn"), triton.next_power_of_2(p * n))
+            COMPENSATED=comp, FROM_START=True, BLOCK_K=block(Qs, CONFIG["block_k"]), BLOCK_P=BP, BLOCK_N=BN,
+            COMPUTE=T, DOT_PRECISION=prec, num_warps=CONFIG["num_warps"])
+        BLOCK = min(CONFIG["block_pn"], triton.next_power_of_2(p * n))
         n_blk = triton.cdiv(p * n, BLOCK)
         dh0 = torch.empty(b, h, p, n, dtype=f, device=dev)
         dtot = torch.empty(b, h, nc, n_blk, dtype=f, device=dev)
@@ -667,7 +647,7 @@ def _backward(saved, douts, chunk_size):
         state_pass_bwd_kernel[grid["state_pass_bwd"]](
             dS, chunk, cs, dssm if dssm is not None else dh0, dh0, dtot, h, l, Qs, nc, p * n, n_blk,
             HAS_DFINAL=dssm is not None, BLOCK=BLOCK, COMPUTE=T)
-        BK = _block(Qs, _config("bwd_block"))
+        BK = block(Qs, CONFIG["bwd_block"])
         n_mb = triton.cdiv(Qs, BK)
         dv = torch.empty(b, l, h, p, dtype=f, device=dev)
         dk, dq = (torch.empty(b, l, h, n, dtype=f, device=dev) for _ in range(2))
@@ -678,8 +658,8 @@ def _backward(saved, douts, chunk_size):
         chunk_bwd_kernel[grid["chunk_bwd"]](
             qr, kr, V_f, u, gam, cs, cs_lo, gy, chunk, dS, dv, dk, dq, du, dgam, dcs, dend, rpart,
             h, l, Qs, p, n, nc, n_mb,
-            COMPENSATED=comp, BLOCK=BK, BLOCK_P=_block(p, MAX_PN), BLOCK_N=_block(n, MAX_PN), COMPUTE=T,
-            DOT_PRECISION=prec, num_warps=_config("bwd_num_warps"))
+            COMPENSATED=comp, BLOCK=BK, BLOCK_P=block(p, MAX_PN), BLOCK_N=block(n, MAX_PN), COMPUTE=T,
+            DOT_PRECISION=prec, num_warps=CONFIG["bwd_num_warps"])
 
     # d cs at each chunk's last position also takes the end-state terms; then d ADT_m = sum_{k >= m}
     # d cs_k within the chunk (a reverse cumsum, in float64: it cancels the +T -T pairs)
@@ -765,12 +745,6 @@ class _Mamba3Scan(torch.autograd.Function):
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def _check_limits(where, p, n):
-    if p > MAX_PN or n > MAX_PN:
-        raise NotImplementedError(f"{where}: the Triton Mamba-3 kernels hold a whole (p, n) state tile per program: "
-                                  f"p and n up to {MAX_PN} (declared limit), got p={p}, n={n}")
-
-
 def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
                 chunk_size=64, return_final_states=False, cu_seqlens=None):
     """Mamba-3 SISO scan by the chunked Triton kernels (forward, and backward through autograd).
@@ -792,7 +766,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     b, l, h, p = V.shape
     n, n_ang = Q.shape[-1], Angles.shape[-1]
     f = compute_dtype(V.dtype)
-    _check_limits("mamba3_scan", p, n)
+    check_tile_limits("mamba3_scan", "the Triton Mamba-3 kernels", p, n)
     states = None if Input_States is None else tuple(Input_States)
     if l == 0 or b == 0 or h == 0:
         finals = (zero_states(b, h, p, n, n_ang, f, V.device) if states is None else tuple(s.to(f) for s in states))
@@ -804,11 +778,25 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         res = mamba3_scan(*moved[:11], None if states is None else tuple(moved[11:]), chunk_size, True)
         res = tuple(r.to(V.device) for r in res)
         return res if return_final_states else res[0]
+    # A non-finite V would reach the earlier outputs of its chunk through 0 x inf in tl.dot: the
+    # kernels run on V with its non-finite entries zeroed, and what they reach is restored after,
+    # as the spec has it: from a channel's first non-finite token on, its outputs and its row of the
+    # ssm state are NaN (a NaN or inf in v_s k~_s^T makes that row non-finite for good), and the v
+    # state is V's last token as it is. A finite sum that overflows only takes this slower path.
+    seen = None
+    if not bool(torch.isfinite(V.sum())):
+        bad = ~torch.isfinite(V)
+        seen = bad.cumsum(1) > 0                                            # (b, l, h, p)
+        inputs = (*inputs[:2], torch.where(bad, torch.zeros((), dtype=V.dtype, device=V.device), V), *inputs[3:])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         res = _Mamba3Scan.apply(*inputs, int(chunk_size))
     else:
         out, finals, _ = _forward(*inputs[:11], states, int(chunk_size), save=False)
         res = (out, *finals)
+    if seen is not None:
+        out, angle, ssm, k, v = res
+        res = (torch.where(seen, math.nan, out), angle, torch.where(seen[:, -1, ..., None], math.nan, ssm), k,
+               torch.where(bad[:, -1], V[:, -1].to(v.dtype), v))
     return res if return_final_states else res[0]
 
 
@@ -832,7 +820,7 @@ def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
     h_qk, n = Q.shape[-2:]
     n_ang = Angles.shape[-1]
     f = compute_dtype(V.dtype)
-    _check_limits("mamba3_state_update", p, n)
+    check_tile_limits("mamba3_state_update", "the Triton Mamba-3 kernels", p, n)
     if host_tensors_on_a_gpu_machine(V):
         moved = [None if t is None else t.to("cuda")
                  for t in (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, state_batch_indices)]
@@ -862,6 +850,6 @@ def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
                 *(ins if ins is not None else outs), *outs, y, h, p, n, n_ang, h // h_qk,
                 *strides(ins if ins is not None else outs), *strides(outs),
                 HAS_STATE=ins is not None, HAS_D=D is not None, HAS_Z=Z is not None,
-                HAS_IDX=state_batch_indices is not None, BLOCK_P=min(_config("step_block_p"), triton.next_power_of_2(p)),
+                HAS_IDX=state_batch_indices is not None, BLOCK_P=min(CONFIG["step_block_p"], triton.next_power_of_2(p)),
                 BLOCK_N=triton.next_power_of_2(n), COMPUTE=tl_dtype(f), num_warps=1)
     return y.to(V.dtype), tuple(outs)

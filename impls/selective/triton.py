@@ -62,7 +62,7 @@ Devices and Triton's interpreter (which runs these kernels on the CPU in CI): se
 impls/triton_common.py, which also holds the elementwise functions (softplus, silu, sigmoid) and the
 launcher helpers shared with the SSD kernels. Here the interpreter's differences are handled where
 marked "interpreter:"; in particular nothing autotunes (the step must not: autotuning would apply
-its in-place update more than once), the block sizes are chosen in ``_config``, and the per-chunk
+its in-place update more than once), the block sizes are chosen in ``CONFIG`` and ``_config``, and the per-chunk
 scratch of the backward never races there, as programs run one after another; on a GPU each program
 owns its scratch rows and a barrier separates writing them from reading them.
 """
@@ -72,8 +72,9 @@ from torch.autograd.function import once_differentiable
 
 from ..frontdoor import compute_dtype
 # first: importing it settles TRITON_INTERPRET, which triton reads when it is imported
-from ..triton_common import (INTERPRETED, host_tensors_on_a_gpu_machine, quiet, result_dtype, sigmoid, silu,
-                             softplus, tl_dtype)
+from ..triton_common import INTERPRETED  # noqa: F401 (the tests read it here)
+from ..triton_common import (host_tensors_on_a_gpu_machine, launch_config, quiet, result_dtype, sigmoid, silu, softplus,
+                             tl_dtype)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -425,13 +426,12 @@ def step_kernel(
 # Launch configuration per machine. On a GPU, small channel blocks give many programs (b·d/BLOCK_D)
 # to hide the latency of the sequential walk; the interpreter runs programs one after another at a
 # fixed cost per operation, so there a block covers up to 32 channels. The kernels are the same.
-GPU_CONFIG = dict(block_d=16, num_warps=1, num_stages=3, bwd_block_d=16, bwd_num_warps=1)
-INTERPRETER_CONFIG = dict(block_d=32, num_warps=1, num_stages=1, bwd_block_d=32, bwd_num_warps=1)
+CONFIG = launch_config(dict(block_d=16, num_warps=1, num_stages=3, bwd_block_d=16, bwd_num_warps=1),
+                       dict(block_d=32, num_warps=1, num_stages=1, bwd_block_d=32, bwd_num_warps=1))
 
 
 def _config(d, key):
-    cfg = INTERPRETER_CONFIG if INTERPRETED else GPU_CONFIG
-    value = cfg[key]
+    value = CONFIG[key]
     if key in ("block_d", "bwd_block_d"):
         value = min(value, triton.next_power_of_2(d))
     return value

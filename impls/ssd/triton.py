@@ -72,26 +72,16 @@ from torch.autograd.function import once_differentiable
 
 from ..frontdoor import compute_dtype
 # first: importing it settles TRITON_INTERPRET, which triton reads when it is imported
-from ..triton_common import INTERPRETED, host_tensors_on_a_gpu_machine, quiet, result_dtype, silu, softplus, tl_dtype
+from ..triton_common import INTERPRETED  # noqa: F401 (the compile tests read it here)
+from ..triton_common import (CHUNKED_GPU_CONFIG, CHUNKED_INTERPRETER_CONFIG, MAX_PN, block,
+                             check_tile_limits, host_tensors_on_a_gpu_machine, launch_config, quiet, result_dtype,
+                             segment, silu, softplus, tl_dtype)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-# Whole (p, n) tiles per program in the backward (and the step): the declared limit on p and n.
-MAX_PN = 256
-
-# Launch configuration. tl.dot needs every block dimension >= 16 on a GPU; the interpreter runs the same kernels with
-# the same blocks. block_p, block_n: the forward's state tiles; block_m, block_k: positions per tile; block_pn: the
-# state pass's slice of the flattened (p, n) state. The interpreter uses the smallest tiles, so that CI's small cases
-# (p = 17, n = 20, chunks of 40) still cross several tiles of every kind.
-GPU_CONFIG = dict(block_m=64, block_k=64, block_t=64, block_p=64, block_n=128, block_pn=1024, num_warps=4,
-                  bwd_block=32, bwd_num_warps=4, step_block_p=16)
-INTERPRETER_CONFIG = dict(block_m=16, block_k=16, block_t=16, block_p=16, block_n=16, block_pn=64, num_warps=1,
-                          bwd_block=16, bwd_num_warps=1, step_block_p=16)
-
-
-def _config(key):
-    return (INTERPRETER_CONFIG if INTERPRETED else GPU_CONFIG)[key]
+# Launch configuration: the chunked kernels' (impls/triton_common.py), read at every launch.
+CONFIG = launch_config(dict(CHUNKED_GPU_CONFIG), dict(CHUNKED_INTERPRETER_CONFIG))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,16 +114,6 @@ def _two_sum(a_hi, a_lo, b_hi, b_lo):
     bb = s - a_hi
     err = (a_hi - (s - bb)) + (b_hi - bb)
     return s, a_lo + b_lo + err
-
-
-@triton.jit
-def _segment(hi_i, lo_i, hi_j, lo_j, COMPENSATED: tl.constexpr):
-    """cs_i - cs_j from the (hi, lo) cumsum: exact to rounding of the segment itself, not of cs."""
-    if COMPENSATED:
-        d = (hi_i - hi_j) + (lo_i - lo_j)
-    else:
-        d = hi_i - hi_j
-    return d
 
 
 # Sizes and strides are not specialised: one compiled kernel per set of flags and dtypes.
@@ -229,7 +209,7 @@ def chunk_state_kernel(
         else:
             b_dt = tl.load(dt_ptr + o_row + o_k, mask=m_k, other=0.0)
             b_cs_lo = tl.load(cs_lo_ptr + o_row + o_k, mask=m_k, other=0.0) if COMPENSATED else 0.0
-            b_seg = tl.where(m_k, _segment(cs_end, cs_end_lo, b_cs, b_cs_lo, COMPENSATED), 0.0)
+            b_seg = tl.where(m_k, segment(cs_end, cs_end_lo, b_cs, b_cs_lo, COMPENSATED), 0.0)
             b_w = tl.where(m_k, tl.exp(b_seg.to(COMPUTE)) * b_dt, 0.0)
         b_x = tl.load(p_x + o_t[:, None] * s_xl, mask=m_k[:, None] & m_p[None, :], other=0.0).to(COMPUTE)
         b_B = tl.load(p_B + o_t[:, None] * s_Bl, mask=m_k[:, None] & m_n[None, :], other=0.0).to(COMPUTE)
@@ -327,7 +307,7 @@ def chunk_scan_kernel(
         b_cs_k = tl.load(cs_ptr + o_row + o_k, mask=m_k, other=0.0)
         b_lo_k = tl.load(cs_lo_ptr + o_row + o_k, mask=m_k, other=0.0) if COMPENSATED else 0.0
         causal = (o_m[:, None] >= o_k[None, :]) & m_m[:, None] & m_k[None, :]
-        b_seg = tl.where(causal, _segment(b_cs_m[:, None], b_lo_m[:, None] if COMPENSATED else 0.0, b_cs_k[None, :],
+        b_seg = tl.where(causal, segment(b_cs_m[:, None], b_lo_m[:, None] if COMPENSATED else 0.0, b_cs_k[None, :],
                                           b_lo_k[None, :] if COMPENSATED else 0.0, COMPENSATED), 0.0)
         b_seg = b_seg.to(COMPUTE)                                       # never above the diagonal
         b_L = tl.where(causal, b_cb * tl.exp(b_seg), 0.0)
@@ -462,7 +442,7 @@ def chunk_bwd_kernel(
     b_g_j = tl.load(g_ptr + o_g, mask=m_j[:, None] & m_p[None, :], other=0.0)
 
     # sources, through the chunk's end state
-    b_decay_end = tl.where(m_j, tl.exp(tl.where(m_j, _segment(cs_end, cs_end_lo, b_cs_j, b_lo_j, COMPENSATED),
+    b_decay_end = tl.where(m_j, tl.exp(tl.where(m_j, segment(cs_end, cs_end_lo, b_cs_j, b_lo_j, COMPENSATED),
                                                 0.0).to(COMPUTE)), 0.0)
     b_w = b_decay_end * b_dt_j
     b_U = tl.dot(b_B_j, tl.trans(b_S), input_precision=DOT_PRECISION)            # (BLOCK, BLOCK_P)
@@ -490,7 +470,7 @@ def chunk_bwd_kernel(
         b_cs_i = tl.load(cs_ptr + o_row + o_i, mask=m_i, other=0.0)
         b_lo_i = tl.load(cs_lo_ptr + o_row + o_i, mask=m_i, other=0.0) if COMPENSATED else 0.0
         causal = (o_i[None, :] >= o_j[:, None]) & m_j[:, None] & m_i[None, :]        # (j, i)
-        b_seg = _segment(b_cs_i[None, :], b_lo_i[None, :] if COMPENSATED else 0.0, b_cs_j[:, None],
+        b_seg = segment(b_cs_i[None, :], b_lo_i[None, :] if COMPENSATED else 0.0, b_cs_j[:, None],
                          b_lo_j[:, None] if COMPENSATED else 0.0, COMPENSATED)
         b_L = tl.where(causal, tl.exp(tl.where(causal, b_seg, 0.0).to(COMPUTE)), 0.0)
         b_cb = tl.dot(b_B_j, tl.trans(b_C_i), input_precision=DOT_PRECISION)          # (j, i): C_i . B_j
@@ -520,7 +500,7 @@ def chunk_bwd_kernel(
         b_cs_s = tl.load(cs_ptr + o_row + o_s, mask=m_s, other=0.0)
         b_lo_s = tl.load(cs_lo_ptr + o_row + o_s, mask=m_s, other=0.0) if COMPENSATED else 0.0
         causal = (o_j[:, None] >= o_s[None, :]) & m_j[:, None] & m_s[None, :]        # (i, j)
-        b_seg = _segment(b_cs_i[:, None], b_lo_j[:, None] if COMPENSATED else 0.0, b_cs_s[None, :],
+        b_seg = segment(b_cs_i[:, None], b_lo_j[:, None] if COMPENSATED else 0.0, b_cs_s[None, :],
                          b_lo_s[None, :] if COMPENSATED else 0.0, COMPENSATED)
         b_L = tl.where(causal, tl.exp(tl.where(causal, b_seg, 0.0).to(COMPUTE)), 0.0)
         b_gx = tl.dot(b_g_j, tl.trans(b_x_s), input_precision=DOT_PRECISION)          # (i, j)
@@ -595,11 +575,6 @@ def step_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _block(size, cap):
-    """A block covering ``size`` up to ``cap``, at least 16 (tl.dot's smallest dimension)."""
-    return max(16, min(triton.next_power_of_2(max(size, 1)), cap))
-
-
 def _limits(dt_limit, f, device):
     return torch.tensor([float(dt_limit[0]), float(dt_limit[1])], dtype=f, device=device)
 
@@ -619,13 +594,13 @@ def launch_grids(b, l, h, p, n, chunk_size):
     """The launch grid of every kernel at these sizes, as the launchers launch them: computed without
     launching, so a test can check CUDA's grid limits at sizes too large to run (l >= 1)."""
     Q = max(1, min(int(chunk_size), l))
-    nc, BP, BN = triton.cdiv(l, Q), _block(p, _config("block_p")), _block(n, _config("block_n"))
-    n_blk = triton.cdiv(p * n, min(_config("block_pn"), triton.next_power_of_2(p * n)))
+    nc, BP, BN = triton.cdiv(l, Q), block(p, CONFIG["block_p"]), block(n, CONFIG["block_n"])
+    n_blk = triton.cdiv(p * n, min(CONFIG["block_pn"], triton.next_power_of_2(p * n)))
     return dict(chunk_cumsum=(nc * b, triton.cdiv(h, min(16, triton.next_power_of_2(h)))),
                 chunk_state=(nc * b * h, triton.cdiv(p, BP) * triton.cdiv(n, BN)), state_pass=(b * h, n_blk),
-                chunk_scan=(nc * b * h, triton.cdiv(Q, _block(Q, _config("block_m"))) * triton.cdiv(p, BP)),
-                state_pass_bwd=(b * h, n_blk), chunk_bwd=(nc * b * h, triton.cdiv(Q, _block(Q, _config("bwd_block")))),
-                step=(b * h, triton.cdiv(p, min(_config("step_block_p"), triton.next_power_of_2(p)))))
+                chunk_scan=(nc * b * h, triton.cdiv(Q, block(Q, CONFIG["block_m"])) * triton.cdiv(p, BP)),
+                state_pass_bwd=(b * h, n_blk), chunk_bwd=(nc * b * h, triton.cdiv(Q, block(Q, CONFIG["bwd_block"]))),
+                step=(b * h, triton.cdiv(p, min(CONFIG["step_block_p"], triton.next_power_of_2(p)))))
 
 
 def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, dt_limit, save):
@@ -649,17 +624,17 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
             dt, A, dt_bias if dt_bias is not None else A, _limits(dt_limit, f, dev), dt_c, cs, cs_lo,
             h, l, Q, *dt.stride(),
             HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_H=BLOCK_H,
-            BLOCK_T=_block(Q, _config("block_t")), COMPUTE=T, COMPENSATED=comp)
+            BLOCK_T=block(Q, CONFIG["block_t"]), COMPUTE=T, COMPENSATED=comp)
 
         states = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
-        BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
+        BP, BN = block(p, CONFIG["block_p"]), block(n, CONFIG["block_n"])
         chunk_state_kernel[grid["chunk_state"]](
             x, B, dt_c, cs, cs_lo, states, h, l, Q, p, n, h // g, nc, *x.stride(), *B.stride(),
-            COMPENSATED=comp, FROM_START=False, BLOCK_K=_block(Q, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
-            COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
+            COMPENSATED=comp, FROM_START=False, BLOCK_K=block(Q, CONFIG["block_k"]), BLOCK_P=BP, BLOCK_N=BN,
+            COMPUTE=T, DOT_PRECISION=prec, num_warps=CONFIG["num_warps"])
 
         final = torch.empty(b, h, p, n, dtype=f, device=dev)
-        BLOCK = min(_config("block_pn"), triton.next_power_of_2(p * n))
+        BLOCK = min(CONFIG["block_pn"], triton.next_power_of_2(p * n))
         state_pass_kernel[grid["state_pass"]](
             states, cs, h0 if h0 is not None else final, final, h, l, Q, nc, p * n,
             HAS_H0=h0 is not None, BLOCK=BLOCK, COMPUTE=T)
@@ -667,13 +642,13 @@ def _forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
         out = torch.empty(b, l, h, p, dtype=result_dtype(x.dtype), device=dev)
         ypre = torch.empty(b, l, h, p, dtype=f, device=dev) if save and z is not None else None
         zz = z if z is not None else x
-        BM = _block(Q, _config("block_m"))
+        BM = block(Q, CONFIG["block_m"])
         chunk_scan_kernel[grid["chunk_scan"]](
             x, zz, B, C, D if D is not None else A, dt_c, cs, cs_lo, states, out, ypre if ypre is not None else out,
             h, l, Q, p, n, h // g, nc, *x.stride(), *zz.stride(), *B.stride(), *C.stride(),
             COMPENSATED=comp, HAS_D=D is not None, D_HP=D is not None and D.dim() == 2, HAS_Z=z is not None,
             SAVE_Y=ypre is not None, BLOCK_M=BM, BLOCK_K=BM, BLOCK_P=BP, BLOCK_N=BN,
-            COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
+            COMPUTE=T, DOT_PRECISION=prec, num_warps=CONFIG["num_warps"])
     return out.to(x.dtype), final, (dt_c, cs, cs_lo, states, ypre)
 
 
@@ -708,13 +683,13 @@ def _backward(saved, dout, dfinal):
     with quiet():
         # each chunk's own gradient of its start state: sum_i exp(cs_i) g_i ⊗ C_i (step 2's kernel)
         dS = torch.empty(b, nc, h, p, n, dtype=f, device=dev)
-        BP, BN = _block(p, _config("block_p")), _block(n, _config("block_n"))
+        BP, BN = block(p, CONFIG["block_p"]), block(n, CONFIG["block_n"])
         chunk_state_kernel[grid["chunk_state"]](
             gy, C, dt_c, cs, cs_lo, dS, h, l, Q, p, n, h // g, nc, *gy.stride(), *C.stride(),
-            COMPENSATED=comp, FROM_START=True, BLOCK_K=_block(Q, _config("block_k")), BLOCK_P=BP, BLOCK_N=BN,
-            COMPUTE=T, DOT_PRECISION=prec, num_warps=_config("num_warps"))
+            COMPENSATED=comp, FROM_START=True, BLOCK_K=block(Q, CONFIG["block_k"]), BLOCK_P=BP, BLOCK_N=BN,
+            COMPUTE=T, DOT_PRECISION=prec, num_warps=CONFIG["num_warps"])
         # the reverse state pass
-        BLOCK = min(_config("block_pn"), triton.next_power_of_2(p * n))
+        BLOCK = min(CONFIG["block_pn"], triton.next_power_of_2(p * n))
         n_blk = triton.cdiv(p * n, BLOCK)
         dh0 = torch.empty(b, h, p, n, dtype=f, device=dev)
         dtot = torch.empty(b, h, nc, n_blk, dtype=f, device=dev)
@@ -723,7 +698,7 @@ def _backward(saved, dout, dfinal):
             dS, states, cs, dfinal if dfinal is not None else dh0, dh0, dtot, h, l, Q, nc, p * n, n_blk,
             HAS_DFINAL=dfinal is not None, BLOCK=BLOCK, COMPUTE=T)
         # per block of positions: dx, dB, dC, d dt (direct), d cs
-        BK = _block(Q, _config("bwd_block"))
+        BK = block(Q, CONFIG["bwd_block"])
         n_mb = triton.cdiv(Q, BK)
         dx = torch.empty(b, l, h, p, dtype=f, device=dev)
         dB_h, dC_h = (torch.empty(b, l, h, n, dtype=f, device=dev) for _ in range(2))
@@ -734,8 +709,8 @@ def _backward(saved, dout, dfinal):
         chunk_bwd_kernel[grid["chunk_bwd"]](
             x, B, C, dt_c, cs, cs_lo, gy, states, dS, dx, dB_h, dC_h, ddt, dcs, dend, rpart,
             h, l, Q, p, n, h // g, nc, n_mb, *x.stride(), *B.stride(), *C.stride(),
-            COMPENSATED=comp, BLOCK=BK, BLOCK_P=_block(p, MAX_PN), BLOCK_N=_block(n, MAX_PN), COMPUTE=T, DOT_PRECISION=prec,
-            num_warps=_config("bwd_num_warps"))
+            COMPENSATED=comp, BLOCK=BK, BLOCK_P=block(p, MAX_PN), BLOCK_N=block(n, MAX_PN), COMPUTE=T, DOT_PRECISION=prec,
+            num_warps=CONFIG["bwd_num_warps"])
 
     # d cs at each chunk's last position also takes the end-state terms; then da_m = sum_{k >= m} d cs_k
     # within the chunk (a reverse cumsum), and a = dt A
@@ -798,12 +773,6 @@ class _SSDScan(torch.autograd.Function):
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
-def _check_limits(where, p, n):
-    if p > MAX_PN or n > MAX_PN:
-        raise NotImplementedError(f"{where}: triton_ssd holds a whole (p, n) state tile per program: p and n up to "
-                                  f"{MAX_PN} (declared limit), got p={p}, n={n}")
-
-
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
              cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")), return_final_states=False,
              return_varlen_states=False):
@@ -828,7 +797,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_s
     b, l, h, p = x.shape
     n = B.shape[-1]
     f = compute_dtype(x.dtype)
-    _check_limits("ssd_scan", p, n)
+    check_tile_limits("ssd_scan", "the Triton SSD kernels", p, n)
     if x.numel() == 0:
         final = (initial_states.to(f) if initial_states is not None
                  else torch.zeros(b, h, p, n, dtype=f, device=x.device))
@@ -873,7 +842,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     b, h, p = x.shape
     n = B.shape[-1]
     g = B.shape[1]
-    _check_limits("ssd_state_update", p, n)
+    check_tile_limits("ssd_state_update", "the Triton SSD kernels", p, n)
     if host_tensors_on_a_gpu_machine(x):
         moved = [None if t is None else t.to("cuda") for t in (x, dt, A, B, C, D, z, dt_bias, state_batch_indices)]
         state_gpu = state.to("cuda")
@@ -883,7 +852,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     f = compute_dtype(x.dtype)
     y = torch.empty(b, h, p, dtype=result_dtype(x.dtype), device=x.device)
     zz = z if z is not None else x
-    BP = min(_config("step_block_p"), triton.next_power_of_2(p))
+    BP = min(CONFIG["step_block_p"], triton.next_power_of_2(p))
     s_A = list(A.stride()) if A.dim() == 3 else [A.stride(0), 0, 0]
     with quiet():
         step_kernel[launch_grids(b, 1, h, p, n, 1)["step"]](
