@@ -12,7 +12,7 @@ from equivalence.mamba3.planted_bugs import VARIANTS
 from equivalence.mamba3.test_spec import SCANS, tight, window
 from impls.mamba3 import loop
 
-# plain tests of their own, run when Mamba-3 is under test (--mamba3-impl, or no family chosen)
+# the family's plain tests of its own: in a run with no implementation named (they run none of them)
 pytestmark = pytest.mark.family("mamba3")
 
 SMALL = Case(b=2, l=7, h_qk=2, groups=2, p=2, n=6, n_ang=2, chunk_size=3, seed=3)
