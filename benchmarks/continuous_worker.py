@@ -119,6 +119,10 @@ def load_plugin(spec, path, family):
     import impls
     sys.path.insert(0, path)
     module, _, attr = spec.partition(":")
+    # importing impls loaded the installed copy of a kernel with an entry point: this side's is in path
+    top = module.split(".")[0]
+    for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+        del sys.modules[name]
     mod = importlib.import_module(module)
     where = os.path.realpath(getattr(mod, "__file__", "") or "")
     if not where.startswith(os.path.realpath(path) + os.sep):

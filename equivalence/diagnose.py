@@ -118,53 +118,105 @@ def leaf(value):
     return value
 
 
-def probe_capabilities(fam, scan):
+def probe_capabilities(fam, scan, step=None):
     """What a plain scan function of family ``fam`` can do, found by tiny calls rather than assumed.
 
     scan: a function with the signature of the family's public scan (without ``impl``), called
-    positionally as the registry calls it. Calls: each input dtype; each of fam.PROBES (grouped
-    B/C, initial states, ...) on its own; and a backward pass to every input. The base capability
-    (float32, fam.TINY) is required, never probed away. Any other capability is a gap only when its
-    call raises NotImplementedError, the interface's way to refuse (or, for gradients, when the
-    output has no autograd graph: nothing to differentiate). Any other exception, a TypeError
-    included, means "supported but broken": the capability stays on, so the tests run and fail with
-    the kernel's own error instead of passing on a refusal the kernel never made.
-    What a call returns is not judged here (that is the tests' job).
+    positionally as the registry calls it; step: its step function, if it has one. Calls: each
+    input dtype; each of fam.PROBES (grouped B/C, initial states, ...) on its own; a backward pass
+    to every input; and, for a family with packed sequences (fam.PACKING), a tiny packed call, and
+    with a step a batch-indexed step (probe_packed). The base capability (float32, fam.TINY) is
+    required, never probed away. Any other capability is a gap only when its call is refused: it
+    raises NotImplementedError, the interface's way to refuse, or the function does not take the
+    call's arguments (a scan without a ``cu_seqlens`` parameter: refused_by_signature); for
+    gradients, also when the output has no autograd graph (nothing to differentiate). Any other
+    exception, a TypeError inside the function included, means "supported but broken": the
+    capability stays on, so the tests run and fail with the kernel's own error instead of passing
+    on a refusal the kernel never made. What a call returns is not judged here (that is the tests' job).
     Returns (capabilities for impls.register, {capability: "ok", "gap: <exception>" or
     "broken: <exception>"}).
     """
-    def said(e):
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
-
     def attempt(case, grad=False):
         args = fam.positional(fam.make_inputs(case))
-        try:
-            if grad:
-                args = [leaf(a) for a in args]
-                # whatever the family returns (y and a state; Mamba-3's out and four states): every tensor
-                outs = [t for t in tensors(scan(*args)) if t.requires_grad]
-                if not outs:
-                    return "gap: output has no autograd graph (not differentiable)"
-                torch.autograd.grad(sum(t.double().sum() for t in outs), [a for a in tensors(args) if a.requires_grad],
-                                    allow_unused=True)
-            else:
-                with torch.no_grad():
-                    scan(*args)
-            return "ok"
-        except NotImplementedError as e:  # the interface's refusal: a declared gap
-            return "gap: " + said(e)
-        except Exception as e:  # anything else is a bug in a supported path: the tests show it
-            return "broken: " + said(e)
+        if not grad:
+            with torch.no_grad():
+                return outcome(lambda: scan(*args))
+        args = [leaf(a) for a in args]
+
+        def backward():
+            # whatever the family returns (y and a state; Mamba-3's out and four states): every tensor
+            outs = [t for t in tensors(scan(*args)) if t.requires_grad]
+            if not outs:
+                raise NotImplementedError("output has no autograd graph (not differentiable)")
+            torch.autograd.grad(sum(t.double().sum() for t in outs), [a for a in tensors(args) if a.requires_grad],
+                                allow_unused=True)
+        return outcome(backward)
 
     notes = {f"dtype {k}": attempt(dataclasses.replace(fam.TINY, dtype=k)) for k in fam.DTYPES}
     notes.update({k: attempt(case) for k, case in fam.PROBES.items()})
     notes["gradients"] = attempt(fam.TINY, grad=True)
+    if getattr(fam, "PACKING", None) is not None:
+        notes.update(probe_packed(fam, scan, step))
     if notes["dtype f32"].startswith("gap"):  # the base call is required: its refusal is a failure too
         notes["dtype f32"] = "broken (the base call is required): " + notes["dtype f32"][len("gap: "):]
     on = {k: not v.startswith("gap") for k, v in notes.items()}
     supports = dict(dtypes=tuple(v for k, v in fam.DTYPES.items() if on[f"dtype {k}"]),
-                    **{k: on[k] for k in fam.PROBES}, gradients=on["gradients"])
+                    **{k: on[k] for k in notes if not k.startswith("dtype ")})
     return supports, notes
+
+
+def refused_by_signature(e):
+    """Whether exception ``e`` is a function refusing the arguments it was called with: a TypeError
+    raised where the suite called it (the innermost frame is the suite's: the function never ran),
+    such as "got an unexpected keyword argument 'cu_seqlens'". Inside the function, it is a bug."""
+    if not isinstance(e, TypeError) or "argument" not in str(e) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "").split(".")[0] in ("impls", "equivalence")
+
+
+def outcome(call):
+    """"ok", "gap: <exception>" (refused: NotImplementedError, or arguments the function does not
+    take) or "broken: <exception>" (any other exception: a bug in a supported path) of call()."""
+    def said(e):
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+
+    try:
+        call()
+        return "ok"
+    except NotImplementedError as e:  # the interface's refusal: a declared gap
+        return "gap: " + said(e)
+    except Exception as e:  # anything else is a bug in a supported path (the tests show it), unless never called
+        return ("gap: " if refused_by_signature(e) else "broken: ") + said(e)
+
+
+PROBE_NAME = "probe: packed sequences"
+
+
+def probe_packed(fam, scan, step):
+    """A plain function's packed-sequence capabilities: ``varlen``, from one call of two packed
+    sequences (fam.TINY's options: no initial states) through the family's public scan, and with a
+    step ``state_batch_indices``, from one batch-indexed step of two rows into a cache of two slots
+    through its public step. Both are made under a registration that declares them, removed after.
+    Returns {capability: outcome}."""
+    P = fam.PACKING
+    packed_type = type(P.pinned[0])
+    fields = {f.name for f in dataclasses.fields(packed_type)} - {"lengths"}
+    case = packed_type(lengths=(2, fam.TINY.l - 2), **{k: getattr(fam.TINY, k) for k in fields if hasattr(fam.TINY, k)})
+    x = P.inputs(case)
+    impls.register(PROBE_NAME, scan, step=step, family=fam.NAME, varlen=True, state_batch_indices=step is not None)
+    try:
+        notes = {"varlen": outcome(lambda: P.scan(PROBE_NAME, x))}
+        if step is not None:   # a cache of the loop's packed states' shapes (each part's, where they have parts)
+            cache = P.map(lambda s: torch.zeros(2, *s.shape[1:], dtype=s.dtype), P.scan("loop", x)[1])
+            tokens = {k: None if x[k] is None else P.token(x[k], [0, 1], k) for k in P.step_args}
+            notes["state_batch_indices"] = outcome(
+                lambda: P.step(PROBE_NAME, cache, x, tokens, torch.tensor([1, 0], dtype=torch.int32)))
+    finally:
+        impls.unregister(PROBE_NAME, fam.NAME)
+    return notes
 
 
 def version(package):
@@ -195,6 +247,6 @@ def describe(fam, name):
     if probed:
         gaps = {k: v[len("gap: "):] for k, v in probed.items() if v.startswith("gap")}
         broken = {k: v[len("broken"):].lstrip(": ") for k, v in probed.items() if v.startswith("broken")}
-        line += (" (probed by tiny calls" + (f"; refused (NotImplementedError): {gaps}" if gaps else "")
+        line += (" (probed by tiny calls" + (f"; refused: {gaps}" if gaps else "")
                  + (f"; raised, so tested and expected to fail: {broken}" if broken else "") + ")")
     return line

@@ -156,10 +156,13 @@ def register_probed(fam, name, scan, step, setup):
     """Register a plain function under ``name`` with the capabilities its tiny probe calls showed
     (equivalence/diagnose.py: probe_capabilities), and how a plain script registers it the same way."""
     spec = properties.family(fam.name)
-    supports, notes = diagnose.probe_capabilities(spec, scan)
+    supports, notes = diagnose.probe_capabilities(spec, scan, step)
     impls.register(name, scan, step=step, family=fam.name, **supports)
     diagnose.PROBED[(fam.name, name)] = notes
-    properties.SETUP[(fam.name, name)] = setup
+    # the script's registration declares what the probes found beyond the defaults (a packed case
+    # needs varlen=True there too); setup ends with its impls.register(...) call
+    declared = "".join(f", {k}={v!r}" for k, v in supports.items() if k != "dtypes" and fam.supports.get(k) != v)
+    properties.SETUP[(fam.name, name)] = setup[:-1] + declared + ")"
 
 
 def not_wired(family):
@@ -234,6 +237,17 @@ SUITE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUITE_PACKAGES = ("impls", "equivalence", "benchmarks", "reports", "docs")
 
 
+def named_options(config):
+    """The family options given (--impl, --ssd-impl-step, ...): implementations named to be tested."""
+    return [o for f in impls.FAMILIES.values() for o in (f.option, f.step_option) if config.getoption(dest(o), None)]
+
+
+def of_the_suite(path):
+    """Whether ``path`` is in one of the suite's own packages (not, say, a kernel's tests)."""
+    path = os.path.abspath(str(path))
+    return path.startswith(SUITE_ROOT + os.sep) and os.path.relpath(path, SUITE_ROOT).split(os.sep)[0] in SUITE_PACKAGES
+
+
 def active(config):
     """Whether this run is the suite's: one of its options given, or its own tests collected (a
     checkout's root, a path inside it, or ``--pyargs equivalence``). Installed, this plugin loads in
@@ -241,13 +255,12 @@ def active(config):
     options, and changes no setting (threads, hypothesis profile, seed) and no test."""
     if getattr(config, "scan_suite_active", None) is not None:
         return config.scan_suite_active
-    given = any(config.getoption(dest(o), None) for f in impls.FAMILIES.values() for o in (f.option, f.step_option))
-    given = given or config.getoption("xfails_file", None) or config.getoption("scan_summary", None)
+    given = named_options(config) or config.getoption("xfails_file", None) or config.getoption("scan_summary", None)
     ours = str(config.rootpath) == SUITE_ROOT
     for arg in config.args:
         path = os.path.abspath(str(arg).split("::")[0])
         top = str(arg).split("::")[0].replace("/", ".").split(".")[0]
-        ours = ours or path.startswith(SUITE_ROOT + os.sep) and os.path.relpath(path, SUITE_ROOT).split(os.sep)[0] in SUITE_PACKAGES
+        ours = ours or of_the_suite(path)
         ours = ours or (config.getoption("pyargs", False) and top in SUITE_PACKAGES)
     config.scan_suite_active = bool(given or ours)
     config.scan_suite_tests = ours
@@ -258,7 +271,7 @@ def active(config):
 def pytest_configure(config):
     if not active(config):
         return
-    named = [o for f in impls.FAMILIES.values() for o in (f.option, f.step_option) if config.getoption(dest(o), None)]
+    named = named_options(config)
     if named and not config.scan_suite_tests:   # the kernel would pass untested (workers would not say why)
         raise pytest.UsageError(f"{' '.join(named)} given, but none of the suite's tests is to be collected: from a "
                                 f"kernel's folder, run `python -m pytest --pyargs equivalence {named[0]} ...` or "
@@ -301,14 +314,17 @@ def xfail_prefixes(config):
 # The order a failure is best met in: values (the drawn, shrunk case first, then the pinned edge
 # cases), then invariants, then gradients; everything else after. A forward bug then shows first as
 # a wrong value on the smallest case, not as a failed split or gradient, whose names point away from it.
+# A family's own files of the same name (equivalence/selective/test_values.py: its non-finite
+# patterns) come after the shared ones, which a directory's sorted collection would put first.
 ORDER = ("test_values.py", "test_invariants.py", "test_gradients.py")
 
 
 def rank(item):
     file = os.path.basename(item.nodeid.split("::")[0])
     if file not in ORDER:
-        return 2 * len(ORDER)
-    return 2 * ORDER.index(file) + ("::test_pinned_" in item.nodeid)
+        return (len(ORDER),)
+    shared = os.path.dirname(str(item.path)) == os.path.join(SUITE_ROOT, "equivalence")
+    return ORDER.index(file), not shared, "::test_pinned_" in item.nodeid
 
 
 # Fixtures that parametrize over the implementations under test, each family's under its prefix
@@ -382,6 +398,31 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize(fixture, params(metafunc.config, *found))
 
 
+def implementation_of(item):
+    """(family, implementation name) a test runs, from its parameters, or None for a test of no
+    implementation: the value of an implementation fixture (impl, ssd_impl, ...), or a parameter
+    naming a registered implementation of the test's family (a family module parameter, or Mamba-1)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    family = next((params[k].NAME for k in ("family", "fam") if hasattr(params.get(k), "NAME")), None)
+    for key, value in params.items():
+        if not isinstance(value, str) or key in ("family", "fam"):
+            continue
+        fam = family or (fixture_family(key) or (DEFAULT_FAMILY,))[0]
+        if fam in impls.FAMILIES and value in impls.names(fam):
+            return fam, value
+    return None
+
+
+def under_test(config, item):
+    """Whether a test exercises an implementation under test: it runs one (implementation_of), or
+    it tests one's internals (pytest.mark.only_for)."""
+    marker = item.get_closest_marker("only_for")
+    if marker is not None:
+        return marker.args[0] in config.selected[marker.kwargs.get("family", DEFAULT_FAMILY)]
+    found = implementation_of(item)
+    return found is not None and found[1] in config.selected[found[0]]
+
+
 def item_family(item):
     """The family a collected test belongs to (see the module's docstring)."""
     callspec = getattr(item, "callspec", None)
@@ -403,11 +444,16 @@ def pytest_collection_modifyitems(config, items):
         return
     # Tests of another family than those chosen, and tests of one implementation's internals
     # (pytest.mark.only_for) when it is not under test, are not collected: deselected (one count in
-    # the summary), not a skip line each.
+    # the summary), not a skip line each. With implementations named (--impl ...), of the suite's
+    # tests only those that exercise them: its tests of itself and of its own implementations (the
+    # tolerance policy, the planted bugs, the front door on the loop) say nothing about a kernel.
+    # A kernel's own tests collected in the same run stay.
+    named = bool(named_options(config))
     keep, dropped = [], []
     for item in items:
         marker = item.get_closest_marker("only_for")
         off = marker is not None and marker.args[0] not in config.selected[marker.kwargs.get("family", DEFAULT_FAMILY)]
+        off = off or (named and of_the_suite(item.path) and not under_test(config, item))
         (dropped if off or item_family(item) not in config.families else keep).append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
@@ -434,7 +480,7 @@ def pytest_collection_finish(session):
     """A kernel named with a family option while none of the suite's tests is collected would pass
     without being tested (from another folder, the tests are ``--pyargs equivalence``): refuse."""
     config = session.config
-    named = [o for f in impls.FAMILIES.values() for o in (f.option, f.step_option) if config.getoption(dest(o), None)]
+    named = named_options(config)
     if named and not getattr(config, "scan_suite_collected", False) and not config.getoption("collectonly"):
         raise pytest.UsageError(f"{' '.join(named)} given, but none of the suite's tests was collected: from a "
                                 f"kernel's folder, run `python -m pytest --pyargs equivalence {named[0]} ...` or "
@@ -446,10 +492,36 @@ def replayed_options(config):
     test id exists only with its option)."""
     flags = [(o, dest(o)) for f in impls.FAMILIES.values() for o in (f.option, f.step_option)]
     out = []
-    for flag, d in flags + [("--xfails-file", "xfails_file")]:
+    for flag, d in flags + [("--xfails-file", "xfails_file"), ("--hypothesis-profile", "hypothesis_profile")]:
         value = config.getoption(d, None)  # a family added after the options were parsed has none
         out += [f"{flag} {v}" for v in ([] if value is None else value if isinstance(value, list) else [value])]
     return " ".join(out)
+
+
+def in_checkout(config):
+    """Whether the run is rooted at the suite's own checkout (its Makefile beside it), where test ids
+    are paths from that root and `make test` runs the suite. Otherwise (the suite installed, run from
+    a kernel's folder) its tests are reached as modules: ``--pyargs``."""
+    return str(config.rootpath) == SUITE_ROOT and os.path.isfile(os.path.join(SUITE_ROOT, "Makefile"))
+
+
+def replay(config, item=None):
+    """The command that replays this run's draws (its seed and options), or one test of it, in the
+    form that works where the run was made."""
+    seed, chosen = config.option.hypothesis_seed, replayed_options(config)
+    tail = f"{chosen + ' ' if chosen else ''}--hypothesis-seed {seed}"
+    if in_checkout(config):
+        if item is not None:
+            return f"pytest '{item.nodeid}' {tail}"
+        return f"make test SEED={seed}" if not chosen else f"pytest {tail}"
+    what = "equivalence"
+    if item is not None and str(item.path).startswith(SUITE_ROOT + os.sep):
+        module = os.path.splitext(os.path.relpath(str(item.path), SUITE_ROOT))[0].replace(os.sep, ".")
+        what = f"'{module}::{item.nodeid.partition('::')[2]}'"
+    return f"python -m pytest --pyargs {what} {tail}"
+
+
+CASE_TAG = "scan_failing_case"   # a failure's (final, shrunk case, its reproduce line), in report.user_properties
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -461,17 +533,20 @@ def pytest_runtest_makereport(item, call):
     if report.when != "call" or not report.failed or call.excinfo is None or not active(item.config):
         return
     seed = item.config.option.hypothesis_seed
-    chosen = replayed_options(item.config)
-    whole = f"make test SEED={seed}" if not chosen else f"pytest {chosen} --hypothesis-seed {seed}"
-    report.sections.append(("replay", f"this run's hypothesis seed is {seed}: {whole}, or this test alone:\n"
-                                      f"pytest '{item.nodeid}' {chosen + ' ' if chosen else ''}--hypothesis-seed {seed}"))
+    report.sections.append(("replay", f"this run's hypothesis seed is {seed}: {replay(item.config)}, or this "
+                                      f"test alone:\n{replay(item.config, item)}"))
     failure, todo = None, [call.excinfo.value]
     while todo and failure is None:  # hypothesis may wrap several distinct failures in a group
         e = todo.pop(0)
         if isinstance(e, properties.CaseFailure):
             failure = e
         todo += list(getattr(e, "exceptions", ())) + [x for x in (e.__cause__, e.__context__) if x is not None]
-    if failure is not None and all(hasattr(failure.family, k) for k in diagnose.NEEDS):
+    if failure is None:
+        return
+    # for the review summary (equivalence/summary.py), which may read it on another process
+    report.user_properties.append((CASE_TAG, (repr(failure.case),
+                                              properties.repro(failure.family, failure.name, failure.case))))
+    if all(hasattr(failure.family, k) for k in diagnose.NEEDS):
         lines = diagnose.what_it_needs(failure)
         report.sections.append((f"what the failure needs ({failure.case.id}, re-run with each option off and "
                                 f"each axis reduced)", "\n".join(lines)))
@@ -481,7 +556,7 @@ def pytest_report_header(config):
     if not active(config):
         return
     lines = [f"hypothesis profile: {settings().max_examples} examples per property; seed "
-             f"{config.option.hypothesis_seed} (replay this run: make test SEED={config.option.hypothesis_seed})"]
+             f"{config.option.hypothesis_seed} (replay this run: {replay(config)})"]
     for family in config.families:  # a family whose tests are deselected has no lines
         which = "" if family == DEFAULT_FAMILY else f"{family.upper()} "
         if family not in config.wired:

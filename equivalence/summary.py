@@ -2,9 +2,11 @@
 
     pytest --scan-summary summary.md        # also written as Markdown, for a CI job to post
 
-After the run the terminal shows one table per family; each failure is listed below it with its
-smallest case (hypothesis' falsifying example) and the line that replays it. Loaded by the suite's
-pytest plugin; pytest's own --junitxml is unaffected.
+After the run the terminal shows one table per family; each failure is listed below it, in the
+order failures are best met in (values first), with its smallest case (the final, shrunk case of a
+property check, or hypothesis' falsifying example), what it needs, a Python line that reproduces
+it and the command that replays the test. Loaded by the suite's pytest plugin; pytest's own
+--junitxml is unaffected.
 
 Which property a test checks is read from its file and name (PROPERTIES, first match wins), and
 which implementation from its parameters, tagged on each test at collection (so that pytest-xdist
@@ -41,36 +43,22 @@ def property_of(nodeid):
     return next((column for column, pattern in PROPERTIES if re.search(pattern, text)), "other")
 
 
-def implementation_of(item):
-    """(family, implementation name) from a test's parameters, or None for a test of no implementation."""
-    import impls
-
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    family = getattr(params.get("family"), "NAME", params.get("family"))  # the family's module, or its name
-    for key, value in params.items():
-        if not isinstance(value, str) or key == "family":
-            continue
-        fam = family or ("ssd" if key.startswith("ssd") else "selective")
-        if fam in impls.FAMILIES and value in impls.names(fam):
-            return fam, value
-    return None
-
-
 def pytest_addoption(parser):
     parser.getgroup("scan suite").addoption(
         "--scan-summary", default=None, metavar="FILE",
         help="also write the implementation x property summary as Markdown to FILE")
 
 
+@pytest.hookimpl(trylast=True)  # after the plugin's ordering: a failure is listed in the order it is best met in
 def pytest_collection_modifyitems(config, items):
-    from .plugin import active
+    from .plugin import active, implementation_of
 
     if not active(config):
         return
-    for item in items:
+    for position, item in enumerate(items):
         found = implementation_of(item)
         if found is not None:
-            item.user_properties.append((TAG, (*found, property_of(item.nodeid))))
+            item.user_properties.append((TAG, (*found, property_of(item.nodeid), position)))
 
 
 class Summary:
@@ -78,7 +66,9 @@ class Summary:
 
     def __init__(self):
         self.cells = {}      # (family, impl, property) -> set of outcomes
-        self.failures = []   # (family, impl, property, nodeid, message, smallest case, replay)
+        # (position in the run, family, impl, property, nodeid, message, smallest case, its reproduce
+        # line, what the failure needs, replay)
+        self.failures = []
 
     def pytest_runtest_logreport(self, report):
         tag = dict(report.user_properties).get(TAG)
@@ -87,13 +77,21 @@ class Summary:
         outcome = ("expected failure" if hasattr(report, "wasxfail") else
                    GAP if report.skipped and GAP in str(report.longrepr) else
                    "skipped" if report.skipped else "fail" if report.failed else "pass")
+        *tag, position = tag
         self.cells.setdefault(tuple(tag), set()).add(outcome)
         if outcome == "fail":
+            from .plugin import CASE_TAG
+
             text = report.longreprtext
             message = next((line[2:].strip() for line in text.splitlines() if line.startswith("E ")), "")
-            example = re.search(r"Falsifying (?:explicit )?example:.*?(?=\n\n|\n[A-Z_]|\Z)", text, re.S)
+            case, reproduce = dict(report.user_properties).get(CASE_TAG, ("", ""))
+            if not case:  # not a property check's failure: hypothesis' own words, if any
+                example = re.search(r"(?:Falsifying (?:explicit )?example|Failing test case):.*?(?=\n\n|\n[A-Z_]|\Z)",
+                                    text, re.S)
+                case = " ".join(example.group(0).split()) if example else ""
+            needs = next((body for title, body in report.sections if title.startswith("what the failure needs")), "")
             replay = next((body for title, body in report.sections if title.endswith("replay")), "")
-            self.failures.append((*tag, report.nodeid, message, example.group(0).strip() if example else "",
+            self.failures.append((position, *tag, report.nodeid, message, case, reproduce, needs.strip(),
                                   replay.strip()))
 
     def verdict(self, outcomes):
@@ -118,10 +116,13 @@ class Summary:
             out.append("")
         if self.failures:
             out += ["### Failures", ""]
-            for family, impl, prop, nodeid, message, example, replay in self.failures:
+            # in the run's order (values first), not the order parallel workers finished in
+            for _, family, impl, prop, nodeid, message, case, reproduce, needs, replay in sorted(self.failures):
                 out += [f"- **{family} / {impl} / {prop}**: `{nodeid}`", f"  - {message}"]
-                out += [f"  - smallest case: `{' '.join(example.split())}`"] if example else []
-                out += [f"  - replay: `{line.strip()}`" for line in replay.splitlines() if line.strip().startswith(("pytest", "make"))]
+                out += [f"  - smallest case: `{case}`"] if case else []
+                out += [f"  - {line}" for line in needs.splitlines()]
+                out += [f"  - reproduce in Python: `{reproduce}`"] if reproduce else []
+                out += [f"  - replay: `{line.strip()}`" for line in replay.splitlines() if line.strip().startswith(("pytest", "make", "python"))]
             out.append("")
         return "\n".join(out)
 

@@ -1,7 +1,9 @@
 """Implementations from installed packages: the entry point, its failure modes, and the xfails file."""
 
+import inspect
 import os
 import re
+import shlex
 import subprocess
 import sys
 from importlib import metadata
@@ -13,11 +15,13 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 
-from . import properties, selective
+from . import properties, selective, ssd
 from .diagnose import describe, probe_capabilities
 from .test_planted_bugs import SEARCH, drawn, rejected
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "my_kernel")
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)   # the checkout's root, or site-packages installed
+IN_CHECKOUT = os.path.isfile(os.path.join(ROOT, "Makefile"))
+EXAMPLE = os.path.join(ROOT, "examples", "my_kernel")
 
 
 def fake_entry_points(*values):
@@ -35,6 +39,7 @@ def groups_read(scan):
     return [0 if float(v) > 0.5 else 1 for v in y[0, :, 0]]
 
 
+@pytest.mark.skipif(not IN_CHECKOUT, reason="the example kernel is in the checkout, not in an installed suite")
 def test_installed_package_registers_through_the_entry_point_and_its_bug_is_found(monkeypatch):
     """The example as shipped has its group-mapping bug, and the suite finds it, on a grouped case
     with several channels per group; once a reader has made the README's fix, the suite finds
@@ -66,7 +71,7 @@ def test_xfails_file_marks_listed_tests(tmp_path):
     listed.write_text("# a known gap\nequivalence/test_front_door.py::test_empty_sequence[loop]  # l = 0 demo\n")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rX", f"--xfails-file={listed}",
            "equivalence/test_front_door.py", "-k", "empty_sequence"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(EXAMPLE, os.pardir, os.pardir))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert "1 passed" in run.stdout and "1 xpassed" in run.stdout, run.stdout[-2000:]
     assert "l = 0 demo" in run.stdout
 
@@ -105,6 +110,64 @@ def test_a_plain_functions_capabilities_are_probed():
     assert notes["dtype f64"].startswith("gap: NotImplementedError"), notes
     supports, notes = probe_capabilities(selective, detached)
     assert not supports["gradients"] and supports["grouped"] and len(supports["dtypes"]) == 4, notes
+
+
+def test_packed_sequences_are_probed_like_the_other_capabilities():
+    """cu_seqlens, of every family with packing: a scan that does not take the argument, or
+    refuses it with NotImplementedError, lacks varlen; one that takes it has it; one that raises
+    anything else inside keeps it (supported but broken). With a step, state_batch_indices is probed
+    the same way (one batch-indexed step), and a step alone (its scan run token by token) has
+    packing exactly when its step takes the indices. No probe registration is left behind."""
+    loop, recurrent = impls.get("loop"), impls.get("recurrent")
+
+    def unpacked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+                 return_last_state=False):
+        return loop.scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+
+    def packed(*args, cu_seqlens=None):
+        return loop.scan(*args, cu_seqlens=cu_seqlens)
+
+    def refusing(*args, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise NotImplementedError("no packing yet")
+        return loop.scan(*args)
+
+    def crashing(*args, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise TypeError("unsupported operand type(s) for +: 'NoneType' and 'int'")
+        return loop.scan(*args)
+
+    def step_without_indices(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+        return recurrent.step(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+    before, before_mamba3 = impls.names(), impls.names(family="mamba3")
+    for scan, step, varlen, indexed in [(unpacked, None, "gap: TypeError", None), (packed, None, "ok", None),
+                                        (refusing, None, "gap: NotImplementedError", None),
+                                        (crashing, None, "broken: TypeError", None),
+                                        (packed, recurrent.step, "ok", "ok"),
+                                        (packed, step_without_indices, "ok", "gap: TypeError"),
+                                        (selective.scan_by_stepping(step_without_indices), step_without_indices,
+                                         "gap: TypeError", "gap: TypeError"),
+                                        (selective.scan_by_stepping(recurrent.step), recurrent.step, "ok", "ok")]:
+        supports, notes = probe_capabilities(selective, scan, step)
+        assert notes["varlen"].startswith(varlen) and supports["varlen"] == (not varlen.startswith("gap")), notes
+        assert notes.get("state_batch_indices", "")[:len(indexed or "")] == (indexed or ""), notes
+        if indexed:
+            assert supports["state_batch_indices"] == (not indexed.startswith("gap")), notes
+
+    for fam in [properties.family(f) for f in impls.FAMILIES if properties.wired(f) and properties.family(f).PACKING]:
+        scan = impls.get("loop", fam.NAME).scan
+        names = list(inspect.signature(scan).parameters)
+
+        def refusing(*args, scan=scan, names=names, **kw):
+            if {**dict(zip(names, args)), **kw}.get("cu_seqlens") is not None:
+                raise NotImplementedError("no packing yet")
+            return scan(*args, **kw)
+
+        assert probe_capabilities(fam, scan)[0]["varlen"], fam.NAME
+        supports, notes = probe_capabilities(fam, refusing)
+        assert not supports["varlen"] and notes["varlen"] == "gap: NotImplementedError: no packing yet", notes
+    assert impls.names() == before and impls.names(family="mamba3") == before_mamba3
 
 
 def test_the_base_call_is_required_not_probed_away():
@@ -173,25 +236,27 @@ def test_a_kernel_that_crashes_on_every_call_fails_the_values_test(tmp_path, opt
            "ci", f"{option}=crashing_kernel_xyz:scan", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+                         cwd=ROOT)
     assert run.returncode == 1 and "1 failed" in run.stdout, run.stdout[-3000:]
     assert "1 failed" in run.stdout and "RuntimeError: CUDA error: an illegal memory access" in run.stdout
-    assert "(probed by tiny calls; raised, so tested and expected to fail: {'dtype f16'" in run.stdout, run.stdout[:3000]
+    assert "(probed by tiny calls; " in run.stdout, run.stdout[:3000]
+    assert "; raised, so tested and expected to fail: {'dtype f16'" in run.stdout, run.stdout[:3000]
 
 
-def test_impl_alone_restricts_the_run_to_mamba1_tests():
+def test_impl_restricts_the_run_to_the_tests_of_what_it_names():
     """As --ssd-impl alone deselects the Mamba-1 tests, --impl alone deselects the SSD family's: the
-    SSD files, the SSD varlen files, the Mamba-2 model's, SSD-named tests in a mixed file, and the
-    SSD header lines."""
-    files = ["equivalence/test_model2.py", "equivalence/test_model2_parity.py", "equivalence/ssd/test_seq_idx.py",
-             "benchmarks/test_varlen.py", "equivalence/test_front_door.py"]
+    SSD files, the Mamba-2 model's, SSD-parametrized tests in a shared file, and the SSD header
+    lines. And what the named implementation does not run is deselected too: the suite's tests of
+    itself (the tolerance policy's), and another implementation's internals (parallel's)."""
+    files = ["equivalence/test_model2.py", "equivalence/ssd/test_seq_idx.py", "equivalence/test_values.py",
+             "equivalence/test_tolerance.py", "equivalence/test_parallel.py"]
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist", "--impl=loop", *files]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "SSD implementation under test" not in run.stdout and "implementation under test: loop" in run.stdout
-    for gone in ("test_model2", "test_seq_idx", "test_ssd_packed", "test_an_ssd_run"):
+    for gone in ("test_model2", "test_seq_idx", "[ssd-", "test_tolerance", "test_parallel"):
         assert gone not in run.stdout.replace("deselected", ""), run.stdout[-3000:]
-    assert "<Function test_a_run_records_both_sides>" in run.stdout and "<Module test_front_door.py>" in run.stdout
+    assert "<Function test_values_and_last_state[selective-loop]>" in run.stdout, run.stdout[-3000:]
 
 
 STEP = """
@@ -215,10 +280,10 @@ def test_impl_step_names_its_option_and_module(tmp_path, spec, expected):
     names the step's module (not impls.selective.recurrent, where its scan-by-stepping is built)."""
     (tmp_path / "step_mod_xyz.py").write_text(STEP)
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
-           f"--impl-step={spec}", "equivalence/test_tolerance.py"]
+           f"--impl-step={spec}", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+                         cwd=ROOT)
     assert expected in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
     assert (run.returncode == 0) == (not expected.startswith("ERROR")), run.returncode
 
@@ -242,10 +307,45 @@ def test_reproduce_line_of_a_plain_function_runs_in_a_script_elsewhere(tmp_path)
            "--impl=wrong_kernel_xyz:scan", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "kernels"), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                         cwd=os.path.join(os.path.dirname(__file__), os.pardir))
+                         cwd=ROOT)
     assert run.returncode == 1 and "reproduce: " in run.stdout, run.stdout[-3000:]
+    if IN_CHECKOUT:   # test ids are paths from the checkout's root
+        assert ("pytest 'equivalence/test_values.py::test_values_and_last_state[selective-wrong_kernel_xyz:scan]' "
+                "--impl wrong_kernel_xyz:scan --hypothesis-profile ci --hypothesis-seed") in run.stdout, run.stdout[-3000:]
     line = re.search(r"reproduce: (.*)", run.stdout).group(1)
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = subprocess.run([sys.executable, "-c", line + "; print(out[0].shape)"], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path, env=plain)
     assert script.returncode == 0 and "torch.Size" in script.stdout, (line, script.stderr[-2000:])
+
+
+@pytest.mark.skipif(not IN_CHECKOUT, reason="an installed suite has no checkout and no Makefile")
+def test_a_run_in_the_checkout_is_replayed_by_make_test():
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
+           "--hypothesis-seed", "12345", "equivalence/test_values.py"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "seed 12345 (replay this run: make test SEED=12345)" in run.stdout, run.stdout[-3000:]
+
+
+def test_a_run_from_a_kernels_folder_is_replayed_by_the_commands_it_prints(tmp_path):
+    """From a kernel's folder the suite's tests are modules (--pyargs), and there is no Makefile:
+    the header and a failure's replay lines say python -m pytest --pyargs, never make test, and the
+    line for the failing test alone, run as printed from that folder, fails again on the same case.
+    The Markdown summary names that case, its reproduce line and the replay command."""
+    (tmp_path / "wrong_kernel_xyz.py").write_text(WRONG)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile", "ci",
+           "--impl=wrong_kernel_xyz:scan", "--pyargs", "equivalence.test_values", "-k", "test_values_and_last_state",
+           "--scan-summary", "summary.md"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1 and "make test" not in run.stdout, run.stdout[-3000:]
+    seed = re.search(r"seed (\d+) \(replay this run: python -m pytest --pyargs equivalence "
+                     r"--impl wrong_kernel_xyz:scan --hypothesis-profile ci --hypothesis-seed (\d+)\)", run.stdout)
+    assert seed and seed.group(1) == seed.group(2), run.stdout[:3000]
+    alone = re.search(r"or this test alone:\n(python -m pytest --pyargs .*)", run.stdout).group(1)
+    case = re.search(r"^case = (Case\(.*\))$", run.stdout, re.M).group(1)
+    again = subprocess.run([sys.executable, *shlex.split(alone)[1:], "-p", "no:cacheprovider", "-p", "no:xdist"],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert "1 failed" in again.stdout and f"case = {case}" in again.stdout, (alone, again.stdout[-3000:])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| wrong_kernel_xyz:scan | fail |" in summary and f"smallest case: `{case}`" in summary, summary
+    assert f"replay: `{alone}`" in summary and "reproduce in Python: `import impls" in summary, summary

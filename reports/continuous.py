@@ -52,7 +52,8 @@ from benchmarks.common import append_jsonl, fingerprint, machine_info, paired_ra
 from benchmarks.runner import UsageError, check_writable
 from .check import ALPHA, verdict
 
-WORKER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "continuous_worker.py")
+SUITE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # a checkout, or site-packages
+WORKER = os.path.join(SUITE_ROOT, "benchmarks", "continuous_worker.py")
 ROUNDS = {"quick": 12, "default": 21}   # timed rounds per point, shared among the process pairs
 PROCESS_PAIRS = 3   # fresh BASE/HEAD worker pairs per run, in turn (an odd count: a median over them)
 BLOCK_S = {"quick": 0.03, "default": 0.05}   # seconds of calls per side per round (at least one call)
@@ -350,11 +351,15 @@ def run(args):
             planted.parse(plant)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    repo = repository()
+    # A plugged-in kernel's two versions run on the suite that runs this (a checkout, or installed in
+    # a kernel's CI, where the folder is no git repository of this suite's): no commits to extract.
+    repo = SUITE_ROOT if args.impl else repository()
     with tempfile.TemporaryDirectory(prefix="scanbench-continuous-") as tmp:
         trees, names = {}, {}
         for side, ref in (("BASE", args.base), ("HEAD", args.head)):
-            if ref is None:
+            if args.impl:
+                trees[side], names[side] = repo, f"the suite in {repo}"
+            elif ref is None:
                 trees[side] = repo
                 dirty = bool(git(repo, "status", "--porcelain", "--untracked-files=no").strip())
                 names[side] = f"the working tree ({git(repo, 'rev-parse', '--short', 'HEAD').decode().strip()}"\

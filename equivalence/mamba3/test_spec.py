@@ -16,7 +16,7 @@ from equivalence.mamba3.cases import Case, as_f64, case_strategy, check, inputs,
 from equivalence.mamba3.cases import run as run_scan
 from impls.mamba3 import chunked, loop, mamba3_scan, mamba3_state_update, recurrent
 
-# plain tests of their own, run when Mamba-3 is under test (--mamba3-impl, or no family chosen)
+# the family's plain tests of its own: in a run with no implementation named (they run none of them)
 pytestmark = pytest.mark.family("mamba3")
 
 SCANS = {

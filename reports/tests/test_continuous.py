@@ -1,6 +1,8 @@
 """scanbench continuous (the speed gate between two versions) and check's per-machine speed history."""
 
+import os
 import subprocess
+import sys
 
 import pytest
 
@@ -45,6 +47,43 @@ def test_continuous_usage_errors_exit_2_in_one_line(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err.strip()
     assert err.startswith("scanbench continuous: error:") and len(err.splitlines()) == 1, err
     assert "Traceback" not in err
+
+
+def test_a_plugged_in_kernel_is_gated_on_the_running_suite_outside_any_git_repository(tmp_path, monkeypatch):
+    """A kernel's CI checks out BASE and HEAD side by side in a folder that is no git repository, and
+    runs an installed suite: both versions of the kernel are measured on that suite's own tree."""
+    for side in ("base", "head"):
+        (tmp_path / side).mkdir()
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def compare(base_tree, head_tree, *args, **kw):
+        seen.update(base=base_tree, head=head_tree, paths=args[5:7])
+        raise continuous.UsageError("measured nothing")
+
+    monkeypatch.setattr(continuous, "compare", compare)
+    assert cli.main(["continuous", "--impl", "mine:scan", "--base-path", "base", "--head-path", "head", "--quick"]) == 2
+    suite = os.path.dirname(os.path.dirname(os.path.abspath(impls.__file__)))
+    assert seen["base"] == seen["head"] == suite, seen
+    assert seen["paths"] == (str(tmp_path / "base"), str(tmp_path / "head")), seen
+
+
+def test_each_side_imports_its_own_copy_of_a_kernel_already_loaded_by_its_entry_point(tmp_path, monkeypatch):
+    """A kernel's CI installs the kernel (for its dependencies), so importing impls loads the installed
+    copy through the entry point; each worker still measures its own side's copy."""
+    for side in ("installed", "base"):
+        (tmp_path / side / "gate_kernel_xyz").mkdir(parents=True)
+        (tmp_path / side / "gate_kernel_xyz" / "__init__.py").write_text(f"SIDE = {side!r}\ndef scan(*args):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "installed"))
+    import gate_kernel_xyz  # noqa: F401 (as the entry point would)
+    monkeypatch.setattr(sys, "path", list(sys.path))   # load_plugin puts base first: undone after
+    try:
+        where = continuous_worker.load_plugin("gate_kernel_xyz:scan", str(tmp_path / "base"), "selective")
+        assert where == os.path.realpath(tmp_path / "base" / "gate_kernel_xyz" / "__init__.py")
+        assert impls.get("gate_kernel_xyz:scan").scan.__globals__["SIDE"] == "base"
+    finally:
+        impls.unregister("gate_kernel_xyz:scan")
+        sys.modules.pop("gate_kernel_xyz", None)
 
 
 def test_every_family_with_a_default_is_gated():
