@@ -69,9 +69,12 @@ TRANSFORMERS_MODELS = {"mamba": "Mamba1", "mamba2": "Mamba2"}
 REQUIRED = ("d_model", "n_layer", "vocab_size", "ssm_cfg")
 
 
-def heavy_tail(x):
-    """The official heavy_tail_activation: 1 + x for x >= 0, 1 / (1 - x) for x < 0 (positive, C1 at 0)."""
-    return x.clamp_min(0) + torch.reciprocal(1 - x.clamp_max(0))
+def negative_heavy_tail(x):
+    """-heavy_tail(x), the official heavy_tail_activation negated: -(1 + x) for x >= 0, -1 / (1 - x) for
+    x < 0. Written as 1 / (min(x, 0) - 1) - max(x, 0), each term the exact negation of the official
+    max(x, 0) + 1 / (1 - min(x, 0))'s, so bit for bit its negation, in one op fewer (a decoding step
+    computes it per layer and token)."""
+    return torch.reciprocal(x.clamp_max(0) - 1) - x.clamp_min(0)
 
 
 class Mamba3Config:
@@ -206,25 +209,41 @@ class LayerCache:
 
     angle (b, h, n_ang), ssm_state (b, h, p, n), k (b, h, n), v (b, h, p): the scan's four states in
     the compute dtype (k: the last token's B, biased and rotated; v: its x), replaced at each step;
-    D, dt_bias (h,), B_bias, C_bias (h, n): the parameters in the compute dtype, made once per cache.
+    D, dt_bias (h,), B_bias, C_bias (h, n): the parameters in the compute dtype, made once per cache;
+    proj (b, d_in_proj): in_proj's output buffer in the model dtype, with its views z, x (b, h, p),
+    BC_in (b, 2, g, n) (B and C side by side), dd_dt, dd_A, trap (b, h), angles (b, h, n_ang);
+    BC (b, 2, g, n): B and C normed, in the compute dtype, with BC_weight (2, 1, n) the two norms'
+    weights, eps (1, 1, 1) and mean_sq (b 2 g, 1, 1) (Mamba3Mixer.norm_bc).
     """
 
-    __slots__ = ("angle", "ssm_state", "k", "v", "D", "dt_bias", "B_bias", "C_bias")
+    __slots__ = ("angle", "ssm_state", "k", "v", "D", "dt_bias", "B_bias", "C_bias", "proj", "z", "x", "BC_in",
+                 "dd_dt", "dd_A", "trap", "angles", "BC", "BC_weight", "eps", "mean_sq")
 
     def __init__(self, mixer, b, dtype, device):
         f = compute_dtype(dtype)
-        h, p, n = mixer.nheads, mixer.headdim, mixer.d_state
+        h, p, g, n = mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state
         self.angle = torch.zeros(b, h, mixer.num_rope_angles, dtype=f, device=device)
         self.ssm_state = torch.zeros(b, h, p, n, dtype=f, device=device)
         self.k = torch.zeros(b, h, n, dtype=f, device=device)
         self.v = torch.zeros(b, h, p, dtype=f, device=device)
         self.D, self.dt_bias, self.B_bias, self.C_bias = mixer.ssm_params(f)
+        self.proj = torch.empty(b, sum(mixer.in_proj_split), dtype=dtype, device=device)
+        z, x, _, _, self.dd_dt, self.dd_A, self.trap, angles = self.proj.split(mixer.in_proj_split, dim=-1)
+        self.z, self.x = z.unflatten(-1, (h, p)), x.unflatten(-1, (h, p))                # (b, h, p)
+        d2 = 2 * mixer.d_inner
+        self.BC_in = self.proj[:, d2:d2 + 2 * g * n].unflatten(-1, (2, g, n))           # B, C side by side
+        self.angles = angles[:, None, :].expand(b, h, mixer.num_rope_angles)             # shared by the heads
+        self.BC = torch.empty(b, 2, g, n, dtype=f, device=device)
+        self.BC_weight = torch.stack((mixer.B_norm.weight, mixer.C_norm.weight)).detach().to(f)[:, None, :]
+        self.eps = torch.full((1, 1, 1), BC_NORM_EPS, dtype=f, device=device)
+        self.mean_sq = torch.empty(b * 2 * g, 1, 1, dtype=f, device=device)
 
     def states(self):
         return self.angle, self.ssm_state, self.k, self.v
 
     def tensors(self):
-        return (*self.states(), self.D, self.dt_bias, self.B_bias, self.C_bias)
+        return (*self.states(), self.D, self.dt_bias, self.B_bias, self.C_bias, self.proj, self.BC, self.BC_weight,
+                self.eps, self.mean_sq)
 
 
 class Mamba3Mixer(nn.Module):
@@ -269,10 +288,9 @@ class Mamba3Mixer(nn.Module):
     def decay_inputs(self, dd_dt, dd_A, dt_bias):
         """DT = softplus(dd_dt + dt_bias) and ADT = A DT with A = min(-act(dd_A), -A_floor), act the
         config's (heavy_tail or softplus). dd_dt, dd_A (..., h) and dt_bias (h,) in the compute dtype."""
-        act = heavy_tail(dd_A) if self.A_activation == "heavy_tail" else F.softplus(dd_A)
-        A = torch.clamp(-act, max=-self.A_floor)
+        neg_act = negative_heavy_tail(dd_A) if self.A_activation == "heavy_tail" else -F.softplus(dd_A)
         DT = F.softplus(dd_dt + dt_bias)
-        return DT, A * DT
+        return DT, neg_act.clamp_max(-self.A_floor) * DT
 
     def forward(self, hidden, mask=None, impl=None, cache=None):
         """The block over a whole sequence: one Mamba-3 scan.
@@ -314,25 +332,33 @@ class Mamba3Mixer(nn.Module):
         """An empty LayerCache for b rows (states in the compute dtype); ``fused`` changes nothing."""
         return LayerCache(self, b, dtype, device)
 
+    def norm_bc(self, cache):
+        """B_norm and C_norm of the token's B and C (cache.BC_in) into cache.BC, both at once: the mean of
+        squares of every (row, group) as one baddbmm with eps as its input, then rsqrt_ and the weights
+        (F.rms_norm on a CPU dispatches six ops for each). Returns (C, B), each (b, g, n)."""
+        BC = cache.BC
+        BC.copy_(cache.BC_in)
+        rows = BC.view(-1, 1, self.d_state)
+        torch.baddbmm(cache.eps, rows, rows.transpose(1, 2), alpha=1.0 / self.d_state, out=cache.mean_sq)
+        rows.mul_(cache.mean_sq.rsqrt_())
+        BC.mul_(cache.BC_weight)
+        return BC[:, 1], BC[:, 0]
+
     def step_y(self, hidden, cache, step_fn, impl):
         """in_proj and one Mamba-3 step for one token, the cache's states replaced by the new ones.
-        hidden: (b, m). Returns (y (b, d) before out_proj, z (b, d))."""
-        b = hidden.shape[0]
-        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        hidden: (b, m). Returns y (b, d) before out_proj; cache.z holds the token's z."""
         f = cache.ssm_state.dtype
-        z, x, B, C, dd_dt, dd_A, trap, angles = F.linear(hidden, self.in_proj.weight).split(self.in_proj_split, -1)
-        DT, ADT = self.decay_inputs(dd_dt.to(f), dd_A.to(f), cache.dt_bias)    # (b, h)
-        B = self.B_norm(B.view(b, g, n))
-        C = self.C_norm(C.view(b, g, n))
-        angles = angles.to(f)[:, None, :].expand(b, h, self.num_rope_angles)
-        args = (C, B, x.view(b, h, p), ADT, DT, trap, cache.C_bias, cache.B_bias, angles, cache.D,
-                None if self.norm is not None else z.view(b, h, p), cache.states())
+        torch.mm(hidden, self.in_proj.weight.t(), out=cache.proj)
+        DT, ADT = self.decay_inputs(cache.dd_dt.to(f), cache.dd_A.to(f), cache.dt_bias)    # (b, h)
+        C, B = self.norm_bc(cache)
+        args = (C, B, cache.x, ADT, DT, cache.trap, cache.C_bias, cache.B_bias, cache.angles, cache.D,
+                None if self.norm is not None else cache.z, cache.states())
         if step_fn is None:
             y, states = impls.mamba3_state_update(*args, impl=impl)
         else:
             y, states = step_fn(*args, None)
         cache.angle, cache.ssm_state, cache.k, cache.v = states
-        return y.reshape(b, self.d_inner), z
+        return y.reshape(y.shape[0], self.d_inner)
 
     def step(self, hidden, cache, phase, step_fn, impl, residual):
         """The block for one new token, from the cache, which it advances.
@@ -345,16 +371,16 @@ class Mamba3Mixer(nn.Module):
         Returns:
             residual + the block's output (b, m), a new tensor
         """
-        y, z = self.step_y(hidden, cache, step_fn, impl)
+        y = self.step_y(hidden, cache, step_fn, impl)
         if self.norm is not None:
-            y = self.norm(y, z)
+            y = self.norm(y, cache.z.flatten(-2))
         return residual + self.out_proj(y.to(hidden.dtype))
 
     def fused_step(self, hidden, cache, phase, step_fn, impl, residual):
         """``step`` with the block's output added into residual (b, m) in place (float32/float64 models)."""
-        y, z = self.step_y(hidden, cache, step_fn, impl)
+        y = self.step_y(hidden, cache, step_fn, impl)
         if self.norm is not None:
-            y = self.norm(y, z)
+            y = self.norm(y, cache.z.flatten(-2))
         residual.addmm_(y, self.out_proj.weight.t())
 
 
