@@ -40,16 +40,15 @@ so is x (so the next real token's trapezoid term, which reads the previous v, ad
 state is exactly zero when a row's first real token arrives, as if unpadded.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import impls
 from ..frontdoor import compute_dtype
-from .checkpoints import check_int, read_config_json
-from .lm import LanguageModel, RMSNorm
+from . import checkpoints
+from .checkpoints import read_config_json
+from .lm import LanguageModel, RMSNorm, dt_bias_init
 from .mamba2 import GatedRMSNorm
 
 BC_NORM_EPS = 1e-5   # the official B_norm, C_norm and output norm are built with eps=1e-5
@@ -62,11 +61,6 @@ SSM_DEFAULTS = dict(d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=
 A_ACTIVATIONS = ("heavy_tail", "softplus")
 MIMO_MISSING = ("is_mimo=True: Mamba-3 MIMO is not implemented here yet: it needs the rank-R Mamba-3 scan "
                 "(impls/mamba3 has SISO only) and this mixer's mimo_x, mimo_z, mimo_o projections")
-# What a folder of another official layer (ssm_cfg.layer) or transformers model_type is, for the errors.
-OTHER_MODELS = {"Mamba1": "a Mamba-1 checkpoint (load it with impls.models.mamba.MambaLM)",
-                "Mamba2": "a Mamba-2 checkpoint (load it with impls.models.mamba2.Mamba2LM)"}
-TRANSFORMERS_MODELS = {"mamba": "Mamba1", "mamba2": "Mamba2"}
-REQUIRED = ("d_model", "n_layer", "vocab_size", "ssm_cfg")
 
 
 def negative_heavy_tail(x):
@@ -91,65 +85,27 @@ class Mamba3Config:
             of headdim, nheads not a multiple of ngroups, an odd d_state (the scan rotates pairs), a
             rope_fraction other than 0.5 or 1.0, no rotated pair, an unknown A_activation, a negative
             A_floor, an unknown ssm_cfg key;
-        NotImplementedError: another layer (Mamba1, Mamba2: named), is_mimo, attention or MLP layers.
+        NotImplementedError: another layer (named, with its loader), is_mimo, attention or MLP layers.
     """
 
-    FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
-              "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
-              "norm_epsilon")
+    FIELDS = checkpoints.OFFICIAL_FIELDS
+    to_dict, __eq__, __repr__ = checkpoints.official_dict, checkpoints.same_config, checkpoints.config_repr
 
-    def __init__(self, d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
-                 attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                 pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5):
+    def __init__(self, **fields):
+        """fields: the official config.json's (checkpoints.OFFICIAL_DEFAULTS), ssm_cfg with SSM_DEFAULTS' keys."""
+        s = checkpoints.set_official_fields(self, "Mamba3", SSM_DEFAULTS,
+                                            ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"), fields)
         where = "Mamba3Config"
-        self.d_model, self.n_layer = check_int(where, "d_model", d_model), check_int(where, "n_layer", n_layer)
-        self.d_intermediate = check_int(where, "d_intermediate", d_intermediate)
-        self.vocab_size = check_int(where, "vocab_size", vocab_size)
-        self.ssm_cfg = {"layer": "Mamba3", **dict(ssm_cfg or {})}
-        self.attn_layer_idx, self.attn_cfg = list(attn_layer_idx or []), dict(attn_cfg or {})
-        self.rms_norm, self.residual_in_fp32 = bool(rms_norm), bool(residual_in_fp32)
-        self.fused_add_norm = bool(fused_add_norm)
-        self.pad_vocab_size_multiple = check_int(where, "pad_vocab_size_multiple", pad_vocab_size_multiple)
-        self.tie_embeddings, self.norm_epsilon = bool(tie_embeddings), float(norm_epsilon)
-
-        layer = self.ssm_cfg["layer"]
-        if layer != "Mamba3":
-            raise NotImplementedError(f"{where}: ssm_cfg.layer = {layer!r}: this is the Mamba-3 model"
-                                      + (f"; {OTHER_MODELS[layer]}" if layer in OTHER_MODELS else ""))
-        if self.attn_layer_idx or self.d_intermediate:
-            raise NotImplementedError(f"{where}: attn_layer_idx = {self.attn_layer_idx}, d_intermediate = "
-                                      f"{self.d_intermediate}: hybrid attention and MLP layers are not implemented")
-        unknown = set(self.ssm_cfg) - set(SSM_DEFAULTS) - {"layer"}
-        if unknown:
-            raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(SSM_DEFAULTS)}")
-        s = {**SSM_DEFAULTS, **self.ssm_cfg}
         self.d_state, self.headdim, self.ngroups, self.chunk_size, mimo_rank = (
-            check_int(where, f"ssm_cfg.{k}", s[k])
-            for k in ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"))
-        self.expand = s["expand"]
+            s[k] for k in ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"))
         self.rope_fraction, self.A_floor = float(s["rope_fraction"]), float(s["A_floor"])
         self.dt_min, self.dt_max, self.dt_init_floor = float(s["dt_min"]), float(s["dt_max"]), float(s["dt_init_floor"])
         self.is_outproj_norm, self.is_mimo = bool(s["is_outproj_norm"]), bool(s["is_mimo"])
         self.fuse_pregate_headwise_norm, self.dropout = bool(s["fuse_pregate_headwise_norm"]), s["dropout"]
         self.A_activation = s["A_activation"]
-
-        sizes = dict(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab_size,
-                     pad_vocab_size_multiple=self.pad_vocab_size_multiple, d_state=self.d_state,
-                     headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.chunk_size, mimo_rank=mimo_rank)
-        small = {k: v for k, v in sizes.items() if v < 1}
-        if small:
-            raise ValueError(f"{where}: sizes must be >= 1, got {small}")
         if self.is_mimo:
             raise NotImplementedError(f"{where}: ssm_cfg.{MIMO_MISSING} (mimo_rank = {mimo_rank})")
         self.mimo_rank = mimo_rank if self.is_mimo else 1   # the official module ignores mimo_rank for SISO
-        self.d_inner = int(self.expand * self.d_model)
-        if self.d_inner < 1 or self.d_inner != self.expand * self.d_model or self.d_inner % self.headdim:
-            raise ValueError(f"{where}: d_inner = expand * d_model = {self.expand} * {self.d_model} must be a positive "
-                             f"integer multiple of headdim = {self.headdim}")
-        self.nheads = self.d_inner // self.headdim
-        if self.nheads % self.ngroups:
-            raise ValueError(f"{where}: nheads = {self.nheads} (d_inner / headdim) must be a multiple of "
-                             f"ngroups = {self.ngroups}")
         if self.d_state % 2:
             raise ValueError(f"{where}: ssm_cfg.d_state = {self.d_state} must be even (B and C are rotated in pairs)")
         if self.rope_fraction not in (0.5, 1.0):
@@ -169,18 +125,6 @@ class Mamba3Config:
         # the official order: [z, x, B, C, dd_dt, dd_A, trap, angle]
         self.in_proj_split = (self.d_inner, self.d_inner, g * n * R, g * n * R, h, h, h, self.num_rope_angles)
         self.d_in_proj = sum(self.in_proj_split)
-        m = self.pad_vocab_size_multiple
-        self.padded_vocab_size = self.vocab_size + (-self.vocab_size) % m
-
-    def to_dict(self):
-        """The official config.json contents."""
-        return {k: getattr(self, k) for k in self.FIELDS}
-
-    def __eq__(self, other):
-        return isinstance(other, Mamba3Config) and self.to_dict() == other.to_dict()
-
-    def __repr__(self):
-        return "Mamba3Config(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 
 
 def parameter_shapes(config):
@@ -188,20 +132,11 @@ def parameter_shapes(config):
     (nothing is built); lm_head.weight included (a tied or safetensors checkpoint may omit it)."""
     c = config
     m, d, h, n, R = c.d_model, c.d_inner, c.nheads, c.d_state, c.mimo_rank
-    v = c.padded_vocab_size
-    shapes = {"backbone.embedding.weight": (v, m), "backbone.norm_f.weight": (m,), "lm_head.weight": (v, m)}
-    for i in range(c.n_layer):
-        p = f"backbone.layers.{i}."
-        shapes.update({p + "norm.weight": (m,), p + "mixer.in_proj.weight": (c.d_in_proj, m),
-                       p + "mixer.dt_bias": (h,), p + "mixer.B_bias": (h, R, n), p + "mixer.C_bias": (h, R, n),
-                       p + "mixer.B_norm.weight": (n,), p + "mixer.C_norm.weight": (n,), p + "mixer.D": (h,),
-                       p + "mixer.out_proj.weight": (m, d)})
-        if c.is_outproj_norm:
-            shapes[p + "mixer.norm.weight"] = (d,)
-    if not c.rms_norm:  # LayerNorm blocks carry a bias
-        shapes.update({k[:-len("weight")] + "bias": s for k, s in shapes.items()
-                       if k.endswith("norm.weight") and ".mixer." not in k})
-    return shapes
+    mixer = {"in_proj.weight": (c.d_in_proj, m), "dt_bias": (h,), "B_bias": (h, R, n), "C_bias": (h, R, n),
+             "B_norm.weight": (n,), "C_norm.weight": (n,), "D": (h,), "out_proj.weight": (m, d)}
+    if c.is_outproj_norm:
+        mixer["norm.weight"] = (d,)
+    return checkpoints.stack_shapes(c, mixer)
 
 
 class LayerCache:
@@ -277,9 +212,7 @@ class Mamba3Mixer(nn.Module):
     def reset_dt_bias(self, c):
         """The official initialisation: dt log-uniform in [dt_min, dt_max] (floored), stored through the
         inverse of softplus in dt_bias. B_bias, C_bias and D start at 1, the norms' weights at 1."""
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(dt_bias_init(self.nheads, c))
 
     def ssm_params(self, f):
         """D (h,), dt_bias (h,), B_bias and C_bias (h, n) (the SISO rank squeezed) in the compute dtype f."""
@@ -417,22 +350,7 @@ class Mamba3LM(LanguageModel):
 
 def read_config(folder):
     """(Mamba3Config, "official") from ``folder``/config.json, checked before anything is built.
-    A Mamba-1 or Mamba-2 folder (official or transformers layout) is a ValueError naming it."""
+    Another model's folder (official or transformers layout) is a ValueError naming it."""
     cfg = read_config_json(folder)
-    model_type = cfg.get("model_type")
-    if model_type in TRANSFORMERS_MODELS:
-        raise ValueError(f"from_pretrained({folder!r}): model_type {model_type!r}: "
-                         f"{OTHER_MODELS[TRANSFORMERS_MODELS[model_type]]}, in transformers' layout")
-    missing = [k for k in REQUIRED if k not in cfg]
-    if missing:
-        raise ValueError(f"from_pretrained({folder!r}): config.json is not an official Mamba-3 config: missing "
-                         f"{missing} (expected the official fields {list(REQUIRED)} with ssm_cfg.layer 'Mamba3')"
-                         + (f"; its model_type is {model_type!r}" if model_type else ""))
-    layer = (cfg["ssm_cfg"] or {}).get("layer", "Mamba1")   # the official default layer
-    if layer != "Mamba3":
-        raise ValueError(f"from_pretrained({folder!r}): ssm_cfg.layer is {layer!r}, not 'Mamba3'"
-                         + (f": {OTHER_MODELS[layer]}" if layer in OTHER_MODELS else ""))
-    unknown = set(cfg) - set(Mamba3Config.FIELDS)
-    if unknown:
-        raise ValueError(f"from_pretrained({folder!r}): unknown official config fields {sorted(unknown)}")
-    return Mamba3Config(**cfg), "official"
+    checkpoints.check_folder_model(cfg, folder, "Mamba3")
+    return checkpoints.read_official_config(cfg, folder, Mamba3Config), "official"
