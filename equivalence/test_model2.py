@@ -2,10 +2,8 @@
 float64 spec, left-padded batches decode as if unpadded, sampling is reproducible across modes,
 configs and checkpoints are checked before anything is built, and the official layout is exact.
 
-The oracle for logits is the float64 model through the SSD loop (the spec) over the whole token
-sequence; the baseline is the float32 model through the loop. ``length`` for the policy is
-tolerance.terms("y", l, n): the logits are y passed through projections and norms whose rounding
-the loop run shares. Parity with transformers' Mamba2ForCausalLM: test_model2_parity.py.
+Oracle, baseline and the checks every model passes alike: equivalence/model_helpers.py. Parity with
+transformers' Mamba2ForCausalLM: test_model2_parity.py.
 """
 
 import json
@@ -18,18 +16,12 @@ from hypothesis import strategies as st
 
 import impls
 from impls.models.mamba2 import Mamba2Config, Mamba2LM, parameter_shapes
-from .model_helpers import Mamba2Case as Case, check, one_thread  # noqa: F401
+from .model_helpers import Mamba2Case as Case, one_thread  # noqa: F401
+from .model_helpers import (check, check_forward_and_steps, check_generation_modes_agree, check_left_padding,
+                            check_official_round_trip, check_refused_ids_and_tokens, check_sampling_modes_agree,
+                            never_built, refused_before_building, step_by_step)
 
 pytestmark = pytest.mark.family("ssd")
-
-
-def step_by_step(model, ids, impl, prefix=1, scan_impl="loop"):
-    """Logits at positions prefix-1 .. l-1: prefill of ``prefix`` tokens, then one step per token."""
-    logits, cache = model.prefill(ids[:, :prefix], impl=scan_impl)
-    out = [logits]
-    for t in range(prefix, ids.shape[1]):
-        out.append(model.step(ids[:, t], cache, impl=impl))
-    return torch.stack(out, 1)
 
 
 cases = st.builds(
@@ -45,17 +37,9 @@ cases = st.builds(
 @example(case=Case(l=1))
 @example(case=Case(l=21, b=2, ngroups=2, D_has_hdim=True, chunk_size=8, bias=True))  # l not a multiple of chunk_size
 def test_forward_and_steps_match_the_float64_spec(case):
-    """The full forward through the chunked default and through the loop, and prefill + steps (D of
-    shape (h, p) included: the official step mishandles it), give the float64 oracle's logits."""
-    model, model64, ids = case.build()
-    l, n = ids.shape[1], case.d_state
-    with torch.no_grad():
-        oracle = model64(ids, impl="loop")
-        baseline = model(ids, impl="loop")
-        check("forward (default scan)", case, model(ids), oracle, baseline, l, n)
-        prefix = max(1, l // 2)
-        got = step_by_step(model, ids, impl=None, prefix=prefix, scan_impl=None)
-        check("prefill + steps", case, got, oracle[:, prefix - 1:], baseline[:, prefix - 1:], l, n)
+    """The full forward through the chunked default, and prefill + steps (D of shape (h, p) included:
+    the official step mishandles it), give the float64 oracle's logits."""
+    check_forward_and_steps(case)
 
 
 def reference_mixer(mixer, hidden):
@@ -160,45 +144,12 @@ def test_every_ssd_implementation_drives_the_model(ssd_impl):
 @pytest.mark.parametrize("case", [Case(l=9, b=1), Case(l=17, b=3, ngroups=2, D_has_hdim=True, d_conv=2, seed=2)],
                          ids=["plain", "grouped-Dhp"])
 def test_recurrent_and_reforward_generate_the_same_tokens(case):
-    """Greedy tokens agree between the modes, and so do the logits each was chosen from (within policy
-    of the float64 reforward oracle on those tokens)."""
-    model, model64, ids = case.build()
-    T = 6
-    with torch.no_grad():
-        rec, rec_logits = model.generate(ids, T, mode="recurrent", return_logits=True)
-        ref, ref_logits = model.generate(ids, T, mode="reforward", impl="loop", return_logits=True)
-        assert torch.equal(rec, ref)
-        oracle = model64(rec[:, :-1], impl="loop")[:, case.l - 1:]
-        baseline = model(rec[:, :-1], impl="loop")[:, case.l - 1:]
-        check("recurrent", case, rec_logits, oracle, baseline, case.l + T, case.d_state)
-        check("reforward", case, ref_logits, oracle, baseline, case.l + T, case.d_state)
-        assert (rec[:, case.l:] < case.vocab).all()
+    check_generation_modes_agree(case)
 
 
 def test_left_padding_is_exact():
-    """A left-padded batch gives each row the logits and tokens of that row alone, unpadded, in
-    forward, prefill + steps and both generate modes (the conv window and state see zeros)."""
-    case = Case(l=13, b=1, ngroups=2, bias=True, seed=7)   # in_proj bias: padding must not leak a bias into xBC
-    model, model64, _ = case.build()
-    gen = torch.Generator().manual_seed(3)
-    lengths = [13, 4, 1]
-    rows = [torch.randint(0, case.vocab, (1, k), generator=gen) for k in lengths]
-    ids = torch.zeros(len(rows), 13, dtype=torch.long)
-    mask = torch.zeros(len(rows), 13, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, 13 - r.shape[1]:], mask[i, 13 - r.shape[1]:] = r, 1
-    with torch.no_grad():
-        full = model64(ids, impl="loop", attention_mask=mask)
-        rec = model.generate(ids, 5, attention_mask=mask, return_logits=True)
-        ref = model.generate(ids, 5, mode="reforward", attention_mask=mask)
-        assert torch.equal(rec[0], ref)
-        for i, r in enumerate(rows):
-            alone = model64(r, impl="loop")
-            k = r.shape[1]
-            torch.testing.assert_close(full[i, 13 - k:], alone[0], rtol=0, atol=1e-12)
-            tokens, logits = model.generate(r, 5, return_logits=True)
-            assert torch.equal(rec[0][i, 13:], tokens[0, k:]), f"row {i}"
-            torch.testing.assert_close(rec[1][i], logits[0], rtol=1e-5, atol=1e-5)
+    """The conv window and the state see zeros at padded positions; an in_proj bias must not leak into xBC."""
+    check_left_padding(Case(l=13, b=1, ngroups=2, bias=True, seed=7))
 
 
 @pytest.mark.parametrize("dtype, rms_norm", [(torch.float32, False), (torch.bfloat16, True)], ids=["layernorm-f32", "bf16"])
@@ -218,21 +169,14 @@ def test_module_by_module_step(dtype, rms_norm):
     assert model.new_cache(2).stream is None     # the module-by-module path
     with torch.no_grad():
         oracle, baseline = model64(ids, impl="loop"), model(ids, impl="loop")
-        check("prefill + steps", case, step_by_step(model, ids, impl=None, prefix=5), oracle[:, 4:], baseline[:, 4:],
-              case.l, case.d_state)
+        check("prefill + steps", case, step_by_step(model, ids, prefix=5, scan_impl="loop"), oracle[:, 4:],
+              baseline[:, 4:], case.l, case.d_state)
 
 
 # ---------------------------------------------------------------------------- sampling and arguments
 
 def test_sampling_same_seed_same_tokens_in_both_modes():
-    case = Case(l=5, b=2, seed=11)
-    model, model64, ids = case.build()
-    kw = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
-    a = model64.generate(ids, 8, generator=torch.Generator().manual_seed(5), **kw)
-    b = model64.generate(ids, 8, mode="reforward", impl="loop", generator=torch.Generator().manual_seed(5), **kw)
-    c = model64.generate(ids, 8, generator=torch.Generator().manual_seed(6), **kw)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)   # the draws do depend on the generator (8 tokens, 2 rows)
+    check_sampling_modes_agree(Case(l=5, b=2, seed=11))
 
 
 def test_eos_stops_rows_and_generation():
@@ -265,21 +209,7 @@ def test_generation_arguments_are_checked(kw, error):
 
 
 def test_bad_ids_and_tokens_raise_and_leave_the_cache():
-    model, _, ids = Case(n_layer=1, l=5).build()
-    with pytest.raises(ValueError, match="input_ids"):
-        model(torch.zeros(1, 0, dtype=torch.long))
-    with pytest.raises(ValueError, match="input_ids"):
-        model.prefill(torch.zeros(3, dtype=torch.long))
-    with pytest.raises(ValueError, match="input_ids"):
-        model(torch.full((1, 2), 40))
-    _, cache = model.prefill(ids)
-    before = [t.clone() for c in cache.layers for t in (c.ssm_state, c.conv_store)]
-    for bad, error in ((torch.zeros(2, dtype=torch.long), ValueError), (torch.zeros(1, 1, dtype=torch.long), ValueError),
-                       (torch.zeros(1), TypeError), (torch.tensor([40]), ValueError)):
-        with pytest.raises(error, match="token"):
-            model.step(bad, cache)
-    after = [t for c in cache.layers for t in (c.ssm_state, c.conv_store)]
-    assert all(torch.equal(x, y) for x, y in zip(before, after)) and cache.phase == 3
+    check_refused_ids_and_tokens(Case(n_layer=1, l=5))
 
 
 # ---------------------------------------------------------------------------- config and checkpoints
@@ -346,46 +276,22 @@ def test_config_is_checked(kw, error, match):
 
 @pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
 def test_official_round_trip(tmp_path, safe):
-    case = Case(D_has_hdim=True, ngroups=2, bias=True, vocab=45, l=9, b=2)
-    model, _, ids = case.build()
-    model.save_pretrained(tmp_path, safe_serialization=safe)
-    with open(tmp_path / "config.json") as f:
-        cfg = json.load(f)
+    cfg = check_official_round_trip(Case(D_has_hdim=True, ngroups=2, bias=True, vocab=45, l=9, b=2), tmp_path, safe)
     assert cfg["ssm_cfg"]["layer"] == "Mamba2" and cfg["ssm_cfg"]["D_has_hdim"] is True
-    loaded = Mamba2LM.from_pretrained(tmp_path)
-    assert loaded.config == model.config
-    with torch.no_grad():
-        assert torch.equal(loaded(ids, impl="loop"), model(ids, impl="loop"))
-
-
-def _never_built(monkeypatch):
-    def refuse(self, config):
-        raise AssertionError("a model was built before the checkpoint was checked")
-    monkeypatch.setattr(Mamba2LM, "__init__", refuse)
 
 
 def test_checkpoint_checked_before_building(tmp_path, monkeypatch):
     """Wrong shapes, missing or unknown names, a Mamba-1 config, a config in neither layout, missing
     size fields: each a ValueError naming the problem, raised before a model is allocated."""
-    model, _, _ = Case().build()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    _never_built(monkeypatch)
-    cfg_path = tmp_path / "config.json"
-    good = json.loads(cfg_path.read_text())
-
-    def with_config(cfg, match):
-        cfg_path.write_text(json.dumps(cfg))
-        with pytest.raises(ValueError, match=match):
-            Mamba2LM.from_pretrained(tmp_path)
-
-    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "d_state": 16}}, "shape")
-    with_config({**good, "n_layer": 3}, "missing")
-    with_config({**good, "n_layer": 1}, "unexpected")
-    with_config({**good, "ssm_cfg": {}}, "Mamba-1")
-    with_config({k: v for k, v in good.items() if k != "d_model"}, "d_model")
-    with_config({"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 40}, "num_heads")
-    with_config({"model_type": "llama", "dim": 4}, "neither layout")
-    os.remove(cfg_path)
+    good, refuse = refused_before_building(Case().build()[0], tmp_path, monkeypatch)
+    refuse({**good, "ssm_cfg": {**good["ssm_cfg"], "d_state": 16}}, "shape")
+    refuse({**good, "n_layer": 3}, "missing")
+    refuse({**good, "n_layer": 1}, "unexpected")
+    refuse({**good, "ssm_cfg": {}}, "Mamba-1")
+    refuse({k: v for k, v in good.items() if k != "d_model"}, "d_model")
+    refuse({"hidden_size": 16, "num_hidden_layers": 2, "vocab_size": 40}, "num_heads")
+    refuse({"model_type": "llama", "dim": 4}, "neither layout")
+    os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError):
         Mamba2LM.from_pretrained(tmp_path)
 
@@ -425,7 +331,7 @@ def test_official_and_transformers_fields_that_disagree_are_refused(tmp_path, mo
     hf = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**hf, **extra}))
     with monkeypatch.context() as mp:
-        _never_built(mp)
+        never_built(mp, Mamba2LM)
         with pytest.raises(ValueError, match="disagree") as info:
             Mamba2LM.from_pretrained(tmp_path)
     for words in named:
@@ -492,10 +398,3 @@ def test_generate_with_a_scan_only_impl_asks_for_step_impl():
     assert torch.equal(got, model.generate(ids, 2, mode="reforward", impl="chunked"))
     assert torch.equal(model.generate(ids, 2, mode="reforward", impl="chunked"),
                        model.generate(ids, 2, mode="reforward", impl="loop"))
-
-
-def test_a_mamba1_transformers_folder_is_named(tmp_path):
-    from impls.models.mamba import MambaConfig, MambaLM
-    MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=40)).save_pretrained(tmp_path, layout="transformers")
-    with pytest.raises(ValueError, match="model_type 'mamba': a Mamba-1 checkpoint"):
-        Mamba2LM.from_pretrained(tmp_path)

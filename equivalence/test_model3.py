@@ -10,11 +10,8 @@ token, sharing no code with impls/. The tolerance policy's oracle for logits is 
 through the loop spec; its baseline the float32 model through the loop.
 """
 
-import dataclasses
-import json
 import math
 import os
-import pickle
 
 import pytest
 import torch
@@ -22,63 +19,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import impls
-from impls.models.mamba import MambaConfig, MambaLM
-from impls.models.mamba2 import Mamba2Config, Mamba2LM
 from impls.models.mamba3 import Mamba3Config, Mamba3LM, parameter_shapes
-from .model_helpers import check, one_thread, randomize_  # noqa: F401
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """A Mamba3LM test case: its config fields, the ids' shape (b, l) and a seed."""
-    d_model: int = 16
-    n_layer: int = 2
-    vocab: int = 40
-    l: int = 12
-    b: int = 1
-    d_state: int = 8
-    headdim: int = 8
-    ngroups: int = 1
-    rope_fraction: float = 0.5
-    A_floor: float = 1e-4
-    A_activation: str = "heavy_tail"
-    is_outproj_norm: bool = False
-    chunk_size: int = 8
-    tie: bool = True
-    seed: int = 0
-
-    def config(self):
-        return Mamba3Config(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab, tie_embeddings=self.tie,
-                            ssm_cfg=dict(d_state=self.d_state, headdim=self.headdim, ngroups=self.ngroups,
-                                         rope_fraction=self.rope_fraction, A_floor=self.A_floor,
-                                         A_activation=self.A_activation, is_outproj_norm=self.is_outproj_norm,
-                                         chunk_size=self.chunk_size))
-
-    def build(self):
-        """(float32 model with every parameter moved off its initial value, float64 copy, ids (b, l)).
-        B_bias and C_bias (initialised to 1) get 1 + N(0, 0.3); the rest as model_helpers.randomize_."""
-        gen = torch.Generator().manual_seed(self.seed)
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            model = Mamba3LM(self.config()).eval()
-        randomize_(model, gen)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(("B_bias", "C_bias")):
-                    p.add_(0.3 * torch.randn(p.shape, generator=gen))
-        model64 = Mamba3LM(model.config)
-        model64.load_state_dict(model.state_dict())
-        ids = torch.randint(0, self.vocab, (self.b, self.l), generator=gen)
-        return model, model64.double().eval(), ids
-
-
-def step_by_step(model, ids, impl=None, prefix=1, scan_impl=None):
-    """Logits at positions prefix-1 .. l-1: prefill of ``prefix`` tokens, then one step per token."""
-    logits, cache = model.prefill(ids[:, :prefix], impl=scan_impl)
-    out = [logits]
-    for t in range(prefix, ids.shape[1]):
-        out.append(model.step(ids[:, t], cache, impl=impl))
-    return torch.stack(out, 1)
+from .model_helpers import Mamba3Case as Case, one_thread  # noqa: F401
+from .model_helpers import (check, check_forward_and_steps, check_generation_modes_agree, check_left_padding,
+                            check_official_round_trip, check_refused_ids_and_tokens, check_sampling_modes_agree,
+                            refused_before_building, step_by_step)
 
 
 # ---------------------------------------------------------------------------- the written-out block
@@ -214,66 +159,23 @@ cases = st.builds(
 @example(case=Case(l=1))
 @example(case=Case(l=21, b=2, ngroups=2, chunk_size=8))   # l past a chunk boundary, not a multiple of it
 def test_forward_and_steps_match_the_float64_spec(case):
-    """The full forward through the chunked default, and prefill + steps, give the float64 oracle's
-    logits (the model in float64 through the loop) within the tolerance policy."""
-    model, model64, ids = case.build()
-    l, n = ids.shape[1], case.d_state
-    with torch.no_grad():
-        oracle = model64(ids, impl="loop")
-        baseline = model(ids, impl="loop")
-        check("forward (default scan)", case, model(ids), oracle, baseline, l, n)
-        prefix = max(1, l // 2)
-        got = step_by_step(model, ids, prefix=prefix)
-        check("prefill + steps", case, got, oracle[:, prefix - 1:], baseline[:, prefix - 1:], l, n)
+    """The full forward through the chunked default, and prefill + steps, give the float64 oracle's logits."""
+    check_forward_and_steps(case)
 
 
 @pytest.mark.parametrize("case", [Case(l=9, b=1), Case(l=17, b=3, ngroups=2, is_outproj_norm=True, seed=2)],
                          ids=["plain", "grouped-outproj_norm"])
 def test_recurrent_and_reforward_generate_the_same_tokens(case):
-    """Greedy tokens agree between the modes, and so do the logits each was chosen from (within policy
-    of the float64 re-forward oracle on those tokens)."""
-    model, model64, ids = case.build()
-    T = 6
-    with torch.no_grad():
-        rec, rec_logits = model.generate(ids, T, mode="recurrent", return_logits=True)
-        ref, ref_logits = model.generate(ids, T, mode="reforward", return_logits=True)
-        assert torch.equal(rec, ref)
-        oracle = model64(rec[:, :-1], impl="loop")[:, case.l - 1:]
-        baseline = model(rec[:, :-1], impl="loop")[:, case.l - 1:]
-        check("recurrent", case, rec_logits, oracle, baseline, case.l + T, case.d_state)
-        check("reforward", case, ref_logits, oracle, baseline, case.l + T, case.d_state)
+    check_generation_modes_agree(case)
 
 
 def test_sampling_same_seed_same_tokens_in_both_modes():
-    model, model64, ids = Case(l=5, b=2, seed=11).build()
-    kw = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
-    a = model64.generate(ids, 8, generator=torch.Generator().manual_seed(5), **kw)
-    b = model64.generate(ids, 8, mode="reforward", generator=torch.Generator().manual_seed(5), **kw)
-    assert torch.equal(a, b)
+    check_sampling_modes_agree(Case(l=5, b=2, seed=11))
 
 
 def test_left_padding_is_exact():
-    """A left-padded batch gives each row the logits and tokens of that row alone, unpadded, in
-    forward, prefill + steps and both generate modes (DT and x zeroed: every state stays zero)."""
-    case = Case(l=13, b=1, ngroups=2, seed=7)
-    model, model64, _ = case.build()
-    gen = torch.Generator().manual_seed(3)
-    rows = [torch.randint(0, case.vocab, (1, k), generator=gen) for k in (13, 4, 1)]
-    ids = torch.zeros(len(rows), 13, dtype=torch.long)
-    mask = torch.zeros(len(rows), 13, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, 13 - r.shape[1]:], mask[i, 13 - r.shape[1]:] = r, 1
-    with torch.no_grad():
-        full = model64(ids, impl="loop", attention_mask=mask)
-        rec = model.generate(ids, 5, attention_mask=mask, return_logits=True)
-        ref = model.generate(ids, 5, mode="reforward", attention_mask=mask)
-        assert torch.equal(rec[0], ref)
-        for i, r in enumerate(rows):
-            k = r.shape[1]
-            torch.testing.assert_close(full[i, 13 - k:], model64(r, impl="loop")[0], rtol=0, atol=1e-12)
-            tokens, logits = model.generate(r, 5, return_logits=True)
-            assert torch.equal(rec[0][i, 13:], tokens[0, k:]), f"row {i}"
-            torch.testing.assert_close(rec[1][i], logits[0], rtol=1e-5, atol=1e-5)
+    """DT and x are zeroed at padded positions: every state stays zero until a row's first real token."""
+    check_left_padding(Case(l=13, b=1, ngroups=2, seed=7))
 
 
 # ---------------------------------------------------------------------------- official bugs, replayed
@@ -382,15 +284,8 @@ def test_siso_ignores_mimo_rank_as_the_official_module():
 @pytest.mark.parametrize("safe", [False, True], ids=["bin", "safetensors"])
 def test_official_round_trip(tmp_path, safe):
     case = Case(ngroups=2, A_activation="softplus", is_outproj_norm=True, vocab=45, l=9, b=2)
-    model, _, ids = case.build()
-    model.save_pretrained(tmp_path, safe_serialization=safe)
-    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg = check_official_round_trip(case, tmp_path, safe)
     assert cfg["ssm_cfg"]["layer"] == "Mamba3" and cfg["ssm_cfg"]["A_activation"] == "softplus"
-    loaded = Mamba3LM.from_pretrained(tmp_path)
-    assert loaded.config == model.config
-    with torch.no_grad():
-        assert torch.equal(loaded(ids), model(ids))
-        assert torch.equal(loaded.generate(ids, 4), model.generate(ids, 4))
 
 
 def test_transformers_layout_is_refused():
@@ -400,90 +295,30 @@ def test_transformers_layout_is_refused():
     assert not os.path.exists("unused")
 
 
-def _never_built(monkeypatch):
-    def refuse(self, config):
-        raise AssertionError("a model was built before the checkpoint was checked")
-    monkeypatch.setattr(Mamba3LM, "__init__", refuse)
-
-
 def test_checkpoint_checked_before_building(tmp_path, monkeypatch):
     """Wrong shapes, missing or unknown names, a Mamba-1 or Mamba-2 config, a config of another model,
     missing size fields, MIMO: each an error naming the problem, raised before a model is allocated."""
-    model, _, _ = Case().build()
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    _never_built(monkeypatch)
-    cfg_path = tmp_path / "config.json"
-    good = json.loads(cfg_path.read_text())
-
-    def with_config(cfg, match, error=ValueError):
-        cfg_path.write_text(json.dumps(cfg))
-        with pytest.raises(error, match=match):
-            Mamba3LM.from_pretrained(tmp_path)
-
-    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "d_state": 16}}, "shape")
-    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "rope_fraction": 1.0}}, "in_proj.weight")
-    with_config({**good, "n_layer": 3}, "missing")
-    with_config({**good, "n_layer": 1}, "unexpected")
-    with_config({**good, "ssm_cfg": {}}, "'Mamba1'.*a Mamba-1 checkpoint")
-    with_config({**good, "ssm_cfg": {"layer": "Mamba2"}}, "a Mamba-2 checkpoint")
-    with_config({**good, "ssm_cfg": {**good["ssm_cfg"], "is_mimo": True}}, "MIMO", NotImplementedError)
-    with_config({k: v for k, v in good.items() if k != "d_model"}, "d_model")
-    with_config({**good, "d_model": 16.0}, "d_model must be an integer")
-    with_config({"model_type": "mamba2", "hidden_size": 16}, "a Mamba-2 checkpoint")
-    with_config({"model_type": "llama", "dim": 4}, "model_type is 'llama'")
+    good, refuse = refused_before_building(Case().build()[0], tmp_path, monkeypatch)
+    refuse({**good, "ssm_cfg": {**good["ssm_cfg"], "d_state": 16}}, "shape")
+    refuse({**good, "ssm_cfg": {**good["ssm_cfg"], "rope_fraction": 1.0}}, "in_proj.weight")
+    refuse({**good, "n_layer": 3}, "missing")
+    refuse({**good, "n_layer": 1}, "unexpected")
+    refuse({**good, "ssm_cfg": {}}, "'Mamba1'.*a Mamba-1 checkpoint")
+    refuse({**good, "ssm_cfg": {"layer": "Mamba2"}}, "a Mamba-2 checkpoint")
+    refuse({**good, "ssm_cfg": {**good["ssm_cfg"], "is_mimo": True}}, "MIMO", NotImplementedError)
+    refuse({k: v for k, v in good.items() if k != "d_model"}, "d_model")
+    refuse({**good, "d_model": 16.0}, "d_model must be an integer")
+    refuse({"model_type": "mamba2", "hidden_size": 16}, "a Mamba-2 checkpoint")
+    refuse({"model_type": "llama", "dim": 4}, "model_type is 'llama'")
     with pytest.raises(ValueError, match="expected a checkpoint folder"):
-        Mamba3LM.from_pretrained(cfg_path)
-    os.remove(cfg_path)
+        Mamba3LM.from_pretrained(tmp_path / "config.json")
+    os.remove(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError):
         Mamba3LM.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("other", ["mamba1", "mamba2"])
-@pytest.mark.parametrize("layout", ["official", "transformers"])
-def test_a_mamba1_or_mamba2_folder_is_named(tmp_path, other, layout):
-    """Folders the other models wrote, in both their layouts, named by what they are."""
-    if other == "mamba1":
-        MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=40)).save_pretrained(tmp_path, layout=layout)
-    else:
-        Mamba2LM(Mamba2Config(d_model=16, n_layer=1, vocab_size=40, ssm_cfg=dict(d_state=8, headdim=8))
-                 ).save_pretrained(tmp_path, layout=layout)
-    with pytest.raises(ValueError, match=f"a Mamba-{other[-1]} checkpoint"):
-        Mamba3LM.from_pretrained(tmp_path)
-
-
-class _Runs:
-    """A pickle that would run code when loaded (writes a file)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def test_no_pickled_code_runs(tmp_path):
-    model, _, _ = Case(n_layer=1).build()
-    model.save_pretrained(tmp_path)   # pytorch_model.bin
-    marker = tmp_path / "ran"
-    state = dict(model.state_dict())
-    state["backbone.norm_f.weight"] = _Runs(str(marker))
-    torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(pickle.UnpicklingError):
-        Mamba3LM.from_pretrained(tmp_path)
-    assert not marker.exists()
-
-
 def test_bad_ids_and_tokens_raise_and_leave_the_cache():
-    model, _, ids = Case(n_layer=1, l=5).build()
-    with pytest.raises(ValueError, match="input_ids"):
-        model(torch.full((1, 2), 40))
-    _, cache = model.prefill(ids)
-    before = [t.clone() for c in cache.layers for t in c.states()]
-    for bad, error in ((torch.zeros(2, dtype=torch.long), ValueError), (torch.zeros(1), TypeError),
-                       (torch.tensor([40]), ValueError)):
-        with pytest.raises(error, match="token"):
-            model.step(bad, cache)
-    assert all(torch.equal(x, y) for x, y in zip(before, [t for c in cache.layers for t in c.states()]))
+    check_refused_ids_and_tokens(Case(n_layer=1, l=5))
 
 
 def test_module_by_module_step_in_bfloat16():

@@ -1,4 +1,6 @@
-"""The model's front door (impls/models/mamba.py): configs and weight files checked before anything is built,
+"""The models' front door (impls/models/lm.py, checkpoints.py; Mamba-1's config tables in
+impls/models/mamba.py): configs and weight files checked before anything is built, another model's
+folder named,
 generation arguments checked and named, a refused step leaving the cache as it was, and sampling
 with transformers' semantics (checked against transformers' own warpers and generate where it is
 installed, a dev dependency).
@@ -9,6 +11,7 @@ Tiny models throughout: the file takes about 20 s here.
 import json
 import math
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -19,8 +22,8 @@ from hypothesis import strategies as st
 import impls.models.checkpoints as checkpoints
 from impls.models.lm import sampling_scores
 from impls.models.mamba import MambaConfig, MambaLM, config_from_dict, parameter_shapes
-from .model_helpers import (mamba_official_layout as official_layout, one_thread, randomize_,  # noqa: F401
-                            tiny_mamba, tiny_mamba2)
+from .model_helpers import (TINY, TINY_IDS, mamba_official_layout as official_layout, one_thread,  # noqa: F401
+                            never_built, randomize_, tiny_mamba, tiny_mamba2, tiny_mamba3)
 
 
 # ---------------------------------------------------------------------------- configs
@@ -467,7 +470,7 @@ def test_transformers_sizes_must_be_integers(hf_field, official):
         config_from_dict({**cfg, hf_field: cfg[hf_field] + 0.5})
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
 def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path, make):
     model = make()
     model.save_pretrained(tmp_path, safe_serialization=True)
@@ -480,7 +483,7 @@ def test_from_pretrained_dtype_and_a_corrupt_weight_file(tmp_path, make):
         type(model).from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
 def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path, make):
     """from_pretrained(dtype=float64) builds in float64: no weight passes through float32 on the way."""
     model = make().double()
@@ -493,7 +496,7 @@ def test_a_float64_checkpoint_loads_bit_for_bit(tmp_path, make):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
 def test_an_implementation_without_gradients_names_the_models_parameters(make):
     """Autograd on and the model's own parameters requiring grad, not an input: said so, with the way out."""
     model, ids = make(), torch.zeros(1, 3, dtype=torch.long)
@@ -503,14 +506,80 @@ def test_an_implementation_without_gradients_names_the_models_parameters(make):
         assert model(ids, impl="recurrent").shape == (1, 3, model.config.padded_vocab_size)
 
 
-@pytest.mark.parametrize("layout", ["official", "transformers"])
-def test_a_mamba2_folder_points_at_mamba2lm(tmp_path, layout):
-    tiny_mamba2().save_pretrained(tmp_path, layout=layout)
-    with pytest.raises((ValueError, NotImplementedError), match="Mamba-2 checkpoint: load it with impls.models.mamba2.Mamba2LM"):
-        MambaLM.from_pretrained(tmp_path)
+# Each model's folders, in each layout it writes: (writer, layout, what a reader must call it)
+FOLDERS = [(tiny_mamba, "official", r"ssm_cfg.layer is 'Mamba1' \(the official default\): a Mamba-1 checkpoint "
+                                    r"\(load it with impls.models.mamba.MambaLM\)"),
+           (tiny_mamba, "transformers", r"model_type 'mamba': a Mamba-1 checkpoint \(load it with impls.models.mamba.MambaLM\)"),
+           (tiny_mamba2, "official", r"ssm_cfg.layer is 'Mamba2': a Mamba-2 checkpoint "
+                                     r"\(load it with impls.models.mamba2.Mamba2LM\)"),
+           (tiny_mamba2, "transformers", r"model_type 'mamba2': a Mamba-2 checkpoint "
+                                         r"\(load it with impls.models.mamba2.Mamba2LM\)"),
+           (tiny_mamba3, "official", r"ssm_cfg.layer is 'Mamba3': a Mamba-3 checkpoint "
+                                     r"\(load it with impls.models.mamba3.Mamba3LM\)")]
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("writer, layout, named", FOLDERS, ids=[f"{w.__name__}-{lay}" for w, lay, _ in FOLDERS])
+@pytest.mark.parametrize("reader", TINY, ids=TINY_IDS)
+def test_another_models_folder_is_named(tmp_path, monkeypatch, reader, writer, layout, named):
+    """Every model's from_pretrained given another model's folder says which model it is and which
+    loader reads it, before building anything."""
+    if reader is writer:
+        pytest.skip("a model's own folder")
+    writer().save_pretrained(tmp_path, layout=layout)
+    model = reader()
+    own = checkpoints.MODELS[model.config.ssm_cfg.get("layer", "Mamba1")][0]     # "Mamba-2", ...
+    never_built(monkeypatch, type(model))
+    with pytest.raises(ValueError, match=f"{named}, not a {own} one"):
+        type(model).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2", "Mamba3"])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_another_models_layer_is_named_by_each_config(make, layer):
+    config = make().config
+    if config.ssm_cfg.get("layer", "Mamba1") == layer:
+        pytest.skip("the model's own layer")
+    name, loader = checkpoints.MODELS[layer]
+    with pytest.raises(NotImplementedError, match=rf"that is a {name} checkpoint \(load it with {loader}\)"):
+        type(config)(d_model=16, n_layer=1, vocab_size=20, ssm_cfg={"layer": layer})
+
+
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_layernorm_checkpoints_round_trip(tmp_path, make):
+    """A model with LayerNorm blocks (rms_norm false) carries their biases, norm_f's included: its
+    parameter_shapes (what a weight file is checked against) are its own, and its folder loads."""
+    model = make(rms_norm=False)
+    assert type(model).parameter_shapes(model.config) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert "backbone.norm_f.bias" in model.state_dict()
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+class _Runs:
+    """A pickle that would run code when loaded (writes a file)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_no_pickled_code_runs(tmp_path, make):
+    model = make()
+    model.save_pretrained(tmp_path)   # pytorch_model.bin
+    marker = tmp_path / "ran"
+    state = dict(model.state_dict())
+    state["backbone.norm_f.weight"] = _Runs(str(marker))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(pickle.UnpicklingError):
+        type(model).from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
 def test_a_file_given_for_the_folder_is_named(tmp_path, make):
     model = make()
     model.save_pretrained(tmp_path)
@@ -521,7 +590,7 @@ def test_a_file_given_for_the_folder_is_named(tmp_path, make):
         type(model).from_pretrained(tmp_path / "elsewhere")
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
 def test_ids_past_vocab_size_in_the_padding_rows_are_refused(make):
     model = make()   # vocab 45 in 48 rows
     assert model.config.padded_vocab_size == 48
@@ -532,7 +601,7 @@ def test_ids_past_vocab_size_in_the_padding_rows_are_refused(make):
             call()
 
 
-@pytest.mark.parametrize("make", [tiny_mamba, tiny_mamba2], ids=["MambaLM", "Mamba2LM"])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
 def test_attention_mask_errors_name_the_method(make):
     model = make()
     ids = torch.zeros(1, 3, dtype=torch.long)

@@ -2,12 +2,15 @@
 
 Written apart from the loop (impls/mamba3/loop.py, the spec) so that comparing the two checks
 something: the rotation here is a complex product (pair (x_{2i}, x_{2i+1}) as x_{2i} + i x_{2i+1},
-times e^{i theta_i}), and the trapezoid is folded into the previous state,
+times e^{i theta_i}), q and k turned together in one buffer; the biases are added while Q and K
+are spread over the heads; and the two input terms of the trapezoid are one rank-2 product per head,
 
-    h_t = alpha_t (h_{t-1} + (1 - lambda_t) DT_t v_{t-1} k~_{t-1}^T) + lambda_t DT_t v_t k~_t^T,
+    h_t = alpha_t h_{t-1} + [beta_t v_{t-1}, gamma_t v_t] [k~_{t-1}; k~_t]     ((p, 2) @ (2, n)),
 
-which is the spec's alpha h + beta v k^T + gamma v k^T with beta = (1 - lambda) DT alpha. Letters
-(b, h, h_qk, p, n, n_ang, S) as in impls/mamba3/loop.py.
+added into alpha_t h_{t-1} in place (baddbmm): three passes over the (p, n) state per token (the
+scaled copy, the update, the read-out) where a sum of outer-product terms makes eight, and the
+state is most of a decoding step's memory traffic.
+Letters (b, h, h_qk, p, n, n_ang, S) as in impls/mamba3/loop.py.
 
 n_ang need not be even. The official ``mamba3_siso_step`` asserts ``headdim_angles % 2 == 0``
 while its scan does not; its kernel masks the angles past n_ang (cos 1, sin 0) exactly as an odd
@@ -28,37 +31,52 @@ from .loop import each_sequence, mimo_each_sequence, per_head, zero_mimo_states,
 TWO_PI = 2 * math.pi
 
 
-def rotate_complex(x, theta):
-    """x (..., n) with its first n_ang interleaved pairs rotated by theta (..., n_ang), as complex products."""
-    n_ang = theta.shape[-1]
-    pairs = torch.view_as_complex(x[..., :2 * n_ang].reshape(*x.shape[:-1], n_ang, 2).contiguous())
-    turned = torch.view_as_real(pairs * torch.polar(torch.ones_like(theta), theta)).flatten(-2)
-    return torch.cat((turned, x[..., 2 * n_ang:]), dim=-1)
+def to_dtype(x, f):
+    """x in dtype f, or x itself when it already is (or is None): a decoding step converts each of its
+    arguments, and ``.to`` costs a dispatch even when it has nothing to do."""
+    return x if x is None or x.dtype == f else x.to(f)
 
 
-def advance(q, k, v, adt, dt, trap, Q_bias, K_bias, angles, D, z, states):
+def advance(Q, K, v, adt, dt, trap, Q_bias, K_bias, angles, D, z, states):
     """One token for every row, in the compute dtype, without the front door.
 
-    q, k: (b, h, n) already spread over the h heads; v, z: (b, h, p); adt, dt, trap: (b, h);
-    Q_bias, K_bias: (h, n); angles: (b, h, n_ang); D: (h,) or None; z may be None;
+    Q, K: (b, h_qk, n); v, z: (b, h, p); adt, dt, trap: (b, h); Q_bias, K_bias: (h, n);
+    angles: (b, h, n_ang); D: (h,) or None; z may be None;
     states: (angle (b, h, n_ang), ssm (b, h, p, n), k (b, h, n), v (b, h, p)).
     Returns (y (b, h, p), the four new states). Nothing is written in place.
     """
     angle, ssm, k_prev, v_prev = states
-    lam = torch.sigmoid(trap)[..., None, None]
-    theta = angle + math.pi * torch.tanh(angles) * dt[..., None]
-    theta = theta - TWO_PI * torch.floor(theta / TWO_PI)                   # into [0, 2 pi)
-    k_rot = rotate_complex(k + K_bias, theta)
-    q_rot = rotate_complex(q + Q_bias, theta)
-    dt4 = dt[..., None, None]
-    folded = ssm + ((1 - lam) * dt4) * (v_prev[..., :, None] * k_prev[..., None, :])
-    ssm = torch.exp(adt)[..., None, None] * folded + (lam * dt4) * (v[..., :, None] * k_rot[..., None, :])
-    y = torch.einsum("bhpn,bhn->bhp", ssm, q_rot)
+    b, h, p = v.shape
+    h_qk, n = Q.shape[-2:]
+    # the angle formed as the spec forms it, (pi tanh) DT then the sum: one fused multiply-add
+    # (addcmul) rounds differently, and the angle state feeds every later rotation
+    theta = torch.remainder(angle + math.pi * torch.tanh(angles) * dt[..., None], TWO_PI)
+    # q~, k~_{t-1} and k~_t in one buffer (3, b, h, n): each bias added while its group is spread over
+    # the group's heads (head i reads Q/K head i // (h / h_qk)), then the new pairs of q and k turned
+    # by one complex product
+    qk = v.new_empty(3, b, h, n)
+    spread = (b, h_qk, h // h_qk, n)
+    torch.add(Q[:, :, None], Q_bias.reshape(spread[1:]), out=qk[0].view(spread))
+    qk[1].copy_(k_prev)
+    torch.add(K[:, :, None], K_bias.reshape(spread[1:]), out=qk[2].view(spread))
+    pairs = torch.view_as_complex(qk.view(3, b, h, n // 2, 2))
+    pairs[::2, ..., :theta.shape[-1]].mul_(torch.polar(torch.ones_like(theta), theta))
+    alpha = torch.exp(adt)
+    gamma = torch.sigmoid(trap) * dt                                           # lambda DT
+    # beta v_{t-1} k~_{t-1}^T + gamma v_t k~_t^T as one (p, 2) @ (2, n) product per head, added into
+    # alpha h_{t-1} in place: three passes over the state, one of them its only allocation
+    vv = torch.stack((v_prev, v))                                              # (2, b, h, p)
+    vs = vv * torch.stack(((dt - gamma) * alpha, gamma))[..., None]            # beta v_{t-1}, gamma v_t
+    new = ssm.flatten(0, 1) * alpha.view(b * h, 1, 1)                          # (b h, p, n)
+    new.baddbmm_(vs.permute(1, 2, 3, 0).reshape(b * h, p, 2), qk[1:].permute(1, 2, 0, 3).reshape(b * h, 2, n))
+    # h_t q~_t as q~^T h_t^T: on a CPU (MKL, torch 2.13) the same products in a third of the time of
+    # h_t @ q~ (b h, n, 1), whose one-column batched product takes a slow path
+    y = torch.bmm(qk[0].view(b * h, 1, n), new.transpose(1, 2)).view(b, h, p)
     if D is not None:
-        y = y + D[:, None] * v
+        y = torch.addcmul(y, v, D[:, None])
     if z is not None:
         y = y * F.silu(z)
-    return y, (theta, ssm, k_rot, v.clone())
+    return y, (theta, new.view(b, h, p, n), qk[2], vv[1])
 
 
 def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
@@ -78,16 +96,14 @@ def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
         compute dtype; with state_batch_indices, the cache tensors themselves, updated.
     """
     b, h, p = V.shape
-    n, n_ang = Q.shape[-1], Angles.shape[-1]
     f = compute_dtype(V.dtype)
-    cast = lambda x: None if x is None else x.to(f)
-    q, k = per_head(Q.to(f), h), per_head(K.to(f), h)
-    common = (cast(Q_bias), cast(K_bias), cast(D))
+    Q, K, V_f, ADT, DT, Trap, Angles, Z = (to_dtype(x, f) for x in (Q, K, V, ADT, DT, Trap, Angles, Z))
+    Q_bias, K_bias, D = to_dtype(Q_bias, f), to_dtype(K_bias, f), to_dtype(D, f)
     if state_batch_indices is None:
-        states = zero_states(b, h, p, n, n_ang, f, V.device) if Input_States is None else tuple(map(cast, Input_States))
-        y, new = advance(q, k, cast(V), cast(ADT), cast(DT), cast(Trap), common[0], common[1], cast(Angles),
-                         common[2], cast(Z), states)
-        return y.to(V.dtype), new
+        states = (zero_states(b, h, p, Q.shape[-1], Angles.shape[-1], f, V.device) if Input_States is None
+                  else tuple(to_dtype(s, f) for s in Input_States))
+        y, new = advance(Q, K, V_f, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, states)
+        return to_dtype(y, V.dtype), new
 
     # the serving form: gather the rows' slots, advance them, scatter back in place
     indices = state_batch_indices.tolist()
@@ -97,9 +113,8 @@ def mamba3_state_update(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, 
         r = torch.tensor(rows, device=V.device)
         slots = torch.tensor([indices[i] for i in rows], device=V.device)
         states = tuple(s[slots].to(f) for s in Input_States)
-        pick = lambda x: None if x is None else x.to(f)[r]
-        y, new = advance(q[r], k[r], pick(V), pick(ADT), pick(DT), pick(Trap), common[0], common[1], pick(Angles),
-                         common[2], pick(Z), states)
+        pick = lambda x: None if x is None else x[r]
+        y, new = advance(Q[r], K[r], V_f[r], ADT[r], DT[r], Trap[r], Q_bias, K_bias, Angles[r], D, pick(Z), states)
         out[r] = y.to(V.dtype)
         with torch.no_grad():
             for cache, s in zip(Input_States, new):

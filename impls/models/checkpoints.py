@@ -6,6 +6,10 @@ the official one (state-spaces/mamba-*, the mamba_ssm code) and transformers' (i
 Mamba2ForCausalLM). Each model keeps its own table of what differs between them (config field names,
 weight names) beside its config, in its own file; the functions here read those tables:
 
+    folder_model / check_folder_model   which model a config.json is for; another model's is named
+    OFFICIAL_DEFAULTS / set_official_fields / read_official_config   the official MambaConfig's
+                                     top-level fields, checked, for every model with heads
+    stack_shapes                     the stack's parameter shapes around a mixer's
     layout_markers / config_layout   which layout a config.json is in, from the fields only one has
     require_fields / map_config      its size fields present; its fields renamed by a table
     rename_weights / weights_layout  weight names between layouts; which layout a file's names are in
@@ -47,6 +51,172 @@ def check_dtype_arg(where, dtype):
 def few(items, k=8):
     """The first k items of a list, with " ..." when there are more: for error messages."""
     return f"{list(items)[:k]}{' ...' if len(items) > k else ''}"
+
+
+# ---------------------------------------------------------------------------- which model a folder is
+
+# The models here, by the official config's ssm_cfg.layer: what a folder of each is called in
+# another model's errors, and its loader.
+MODELS = {"Mamba1": ("Mamba-1", "impls.models.mamba.MambaLM"),
+          "Mamba2": ("Mamba-2", "impls.models.mamba2.Mamba2LM"),
+          "Mamba3": ("Mamba-3", "impls.models.mamba3.Mamba3LM")}
+# transformers' model_type of each that transformers has (5.24.0 has no Mamba-3 model)
+TRANSFORMERS_MODEL_TYPES = {"mamba": "Mamba1", "mamba2": "Mamba2"}
+DEFAULT_LAYER = "Mamba1"   # the official MambaConfig's, when ssm_cfg names no layer (mamba-130m's is {})
+
+
+def model_hint(layer):
+    """"a Mamba-2 checkpoint (load it with impls.models.mamba2.Mamba2LM)" for an official layer name."""
+    if layer not in MODELS:
+        return f"a layer no model here implements (known: {', '.join(MODELS)})"
+    name, loader = MODELS[layer]
+    return f"a {name} checkpoint (load it with {loader})"
+
+
+def folder_model(cfg):
+    """The official layer name ("Mamba1", "Mamba2", ...) of the model a config.json dict is for, from
+    transformers' model_type or the official ssm_cfg.layer (DEFAULT_LAYER when ssm_cfg names none);
+    None when it says neither (another model's fields, or none)."""
+    if cfg.get("model_type") is not None:
+        return TRANSFORMERS_MODEL_TYPES.get(cfg["model_type"])
+    if "ssm_cfg" in cfg and isinstance(cfg["ssm_cfg"] or {}, dict):
+        return (cfg["ssm_cfg"] or {}).get("layer", DEFAULT_LAYER)
+    return None
+
+
+def check_folder_model(cfg, folder, layer):
+    """ValueError naming the model and its loader when the config.json dict of ``folder`` is another
+    model's than the official layer ``layer``'s (folder_model); nothing when it is, or says neither."""
+    other = folder_model(cfg)
+    if other is None or other == layer:
+        return
+    if cfg.get("model_type") is not None:
+        said = f"model_type {cfg['model_type']!r}"
+    else:
+        said = f"ssm_cfg.layer is {other!r}" + ("" if "layer" in (cfg["ssm_cfg"] or {}) else " (the official default)")
+    raise ValueError(f"from_pretrained({folder!r}): {said}: {model_hint(other)}, not a {MODELS[layer][0]} one")
+
+
+# ---------------------------------------------------------------------------- the official config
+
+# The official MambaConfig's top-level fields (mamba_ssm/models/config_mamba.py), in its order,
+# with its defaults; ssm_cfg holds the mixer's own keys and its layer name.
+OFFICIAL_DEFAULTS = dict(d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
+                         attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
+                         pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5)
+OFFICIAL_FIELDS = tuple(OFFICIAL_DEFAULTS)
+OFFICIAL_SIZES = ("d_model", "n_layer", "vocab_size", "ssm_cfg")   # what a checkpoint's config must state
+
+
+def set_official_fields(config, layer, ssm_defaults, int_keys, fields):
+    """Check the official config ``fields`` (a dict of OFFICIAL_FIELDS; OFFICIAL_DEFAULTS for those
+    absent) of a model with heads (Mamba-2, Mamba-3) and set them on ``config``, with the sizes every
+    such model resolves: d_inner (d = expand * d_model), nheads (h = d / headdim), padded_vocab_size (v).
+
+    Args:
+        config: the object to set them on (its class name starts the errors)
+        layer: the official ssm_cfg.layer of the model ("Mamba2", ...)
+        ssm_defaults: the mixer's ssm_cfg keys and their official defaults (expand, headdim, ngroups among them)
+        int_keys: the ssm_cfg keys that are sizes: integers, at least 1
+    Returns:
+        the ssm_cfg merged over ssm_defaults, for the caller's own keys
+    Raises:
+        TypeError: a field that is not an official one;
+        ValueError: a size that is not an int (the field named), a size below 1, d_inner not a multiple
+            of headdim, nheads not a multiple of ngroups, an unknown ssm_cfg key;
+        NotImplementedError: another layer (named, with its loader), attention or MLP layers.
+    """
+    where = type(config).__name__
+    unknown = set(fields) - set(OFFICIAL_FIELDS)
+    if unknown:
+        raise TypeError(f"{where}: unexpected field(s) {sorted(unknown)}; the official fields: {list(OFFICIAL_FIELDS)}")
+    f = {**OFFICIAL_DEFAULTS, **fields}
+    # sizes as given: 2.5 or "2" in a config.json is refused, not truncated (check_int)
+    for k in ("d_model", "d_intermediate", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+        setattr(config, k, check_int(where, k, f[k]))
+    # tuples as lists, as config.json gives them back, so a saved config loads equal
+    config.ssm_cfg = {"layer": layer, **{k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in dict(f["ssm_cfg"] or {}).items()}}
+    config.attn_layer_idx, config.attn_cfg = list(f["attn_layer_idx"] or []), dict(f["attn_cfg"] or {})
+    config.rms_norm, config.residual_in_fp32 = bool(f["rms_norm"]), bool(f["residual_in_fp32"])
+    config.fused_add_norm, config.tie_embeddings = bool(f["fused_add_norm"]), bool(f["tie_embeddings"])
+    config.norm_epsilon = float(f["norm_epsilon"])
+
+    if config.ssm_cfg["layer"] != layer:
+        raise NotImplementedError(f"{where}: ssm_cfg.layer = {config.ssm_cfg['layer']!r}: this is the {MODELS[layer][0]} "
+                                  f"model; that is {model_hint(config.ssm_cfg['layer'])}")
+    if config.attn_layer_idx or config.d_intermediate:
+        raise NotImplementedError(f"{where}: attn_layer_idx = {config.attn_layer_idx}, d_intermediate = "
+                                  f"{config.d_intermediate}: hybrid attention and MLP layers are not implemented")
+    unknown = set(config.ssm_cfg) - set(ssm_defaults) - {"layer"}
+    if unknown:
+        raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(ssm_defaults)}")
+    s = {**ssm_defaults, **config.ssm_cfg}
+    sizes = {k: getattr(config, k) for k in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple")}
+    sizes.update({k: check_int(where, f"ssm_cfg.{k}", s[k]) for k in int_keys})
+    small = {k: v for k, v in sizes.items() if v < 1}
+    if small:
+        raise ValueError(f"{where}: sizes must be >= 1, got {small}")
+    config.expand = s["expand"]
+    config.d_inner = int(config.expand * config.d_model)
+    if config.d_inner < 1 or config.d_inner != config.expand * config.d_model or config.d_inner % sizes["headdim"]:
+        raise ValueError(f"{where}: d_inner = expand * d_model = {config.expand} * {config.d_model} must be a positive "
+                         f"integer multiple of headdim = {sizes['headdim']}")
+    config.nheads = config.d_inner // sizes["headdim"]
+    if config.nheads % sizes["ngroups"]:
+        raise ValueError(f"{where}: nheads = {config.nheads} (d_inner / headdim) must be a multiple of "
+                         f"ngroups = {sizes['ngroups']}")
+    m = config.pad_vocab_size_multiple
+    config.padded_vocab_size = config.vocab_size + (-config.vocab_size) % m
+    return {**s, **{k: sizes[k] for k in int_keys}}
+
+
+def official_dict(config):
+    """A config's official config.json contents (OFFICIAL_FIELDS)."""
+    return {k: getattr(config, k) for k in OFFICIAL_FIELDS}
+
+
+def same_config(config, other):
+    """Configs of one class with the same official fields."""
+    return type(other) is type(config) and config.to_dict() == other.to_dict()
+
+
+def config_repr(config):
+    return f"{type(config).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items()) + ")"
+
+
+def read_official_config(cfg, folder, config_class):
+    """``config_class(**cfg)`` for a config.json dict in the official layout, its size fields
+    (OFFICIAL_SIZES) and only official fields present: ValueError naming what is missing or unknown
+    (and the model_type it has, if any) before anything is built."""
+    missing = [k for k in OFFICIAL_SIZES if k not in cfg]
+    if missing:
+        model_type = cfg.get("model_type")
+        raise ValueError(f"from_pretrained({folder!r}): config.json: missing the official size fields {missing} "
+                         f"(a {config_class.__name__} needs {list(OFFICIAL_SIZES)})"
+                         + (f"; its model_type is {model_type!r}" if model_type else ""))
+    unknown = set(cfg) - set(OFFICIAL_FIELDS)
+    if unknown:
+        raise ValueError(f"from_pretrained({folder!r}): unknown official config fields {sorted(unknown)}")
+    return config_class(**cfg)
+
+
+def stack_shapes(config, mixer, embedding="backbone.embedding.weight"):
+    """Parameter name -> shape of the official stack (MixerModel and the LM head) of ``config``, from
+    the config alone: the embedding (under the name ``embedding``), per layer its norm and the mixer's
+    parameters (``mixer``: name under "mixer." -> shape), norm_f, and lm_head.weight (a tied or
+    safetensors checkpoint may omit it); with LayerNorm blocks (rms_norm false), their biases."""
+    m, v = config.d_model, config.padded_vocab_size
+    shapes = {embedding: (v, m)}
+    for i in range(config.n_layer):
+        p = f"backbone.layers.{i}."
+        shapes[p + "norm.weight"] = (m,)
+        shapes.update({p + "mixer." + k: shape for k, shape in mixer.items()})
+    shapes.update({"backbone.norm_f.weight": (m,), "lm_head.weight": (v, m)})
+    if not config.rms_norm:
+        shapes.update({k[:-len("weight")] + "bias": shape for k, shape in shapes.items()
+                       if k.endswith(("norm.weight", "norm_f.weight")) and ".mixer." not in k})
+    return shapes
 
 
 # ---------------------------------------------------------------------------- configs

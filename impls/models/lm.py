@@ -304,6 +304,15 @@ class Backbone(nn.Module):
         self.norm_f = block_norm(config)
 
 
+def dt_bias_init(size, config):
+    """The official dt initialisation of every mixer here: dt log-uniform in [dt_min, dt_max], floored
+    at dt_init_floor, returned through the inverse of softplus (what the dt bias stores): (size,)."""
+    c = config
+    dt = torch.exp(torch.rand(size) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+    dt = dt.clamp(min=c.dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
 def transposed_storage(weight):
     """The same (out, in) parameter, its values unchanged, stored transposed in memory (strides (1, out)).
 

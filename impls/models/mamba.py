@@ -58,10 +58,9 @@ import torch.nn.functional as F
 
 import impls
 from ..frontdoor import compute_dtype
+from . import checkpoints
 from .checkpoints import check_int, config_layout, layout_markers, map_config, read_config_json, require_fields
-from .lm import LanguageModel, conv_buffer, keep_prefill_state, rotated_conv_taps
-
-MAMBA2_HINT = "; a Mamba-2 checkpoint: load it with impls.models.mamba2.Mamba2LM"
+from .lm import LanguageModel, conv_buffer, dt_bias_init, keep_prefill_state, rotated_conv_taps
 
 # ssm_cfg keys of the official Mamba-1 mixer (mamba_simple.Mamba.__init__) and their defaults.
 SSM_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
@@ -111,9 +110,8 @@ class MambaConfig:
         self.transformers_extra = {}
 
         if self.ssm_cfg.get("layer", "Mamba1") != "Mamba1":
-            raise NotImplementedError(f"MambaConfig: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: "
-                                      f"only the Mamba-1 block is implemented here"
-                                      + MAMBA2_HINT * (self.ssm_cfg["layer"] == "Mamba2"))
+            raise NotImplementedError(f"MambaConfig: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: this is the Mamba-1 "
+                                      f"model; that is {checkpoints.model_hint(self.ssm_cfg['layer'])}")
         if self.attn_layer_idx:
             raise NotImplementedError(f"MambaConfig: attn_layer_idx = {self.attn_layer_idx}: "
                                       f"hybrid attention layers are not implemented")
@@ -137,9 +135,7 @@ class MambaConfig:
         m = self.pad_vocab_size_multiple
         self.padded_vocab_size = self.vocab_size + (-self.vocab_size) % m
 
-    FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
-              "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
-              "norm_epsilon")
+    FIELDS = checkpoints.OFFICIAL_FIELDS
 
     def to_dict(self):
         """The config.json contents: every official field, then the unknown ones kept from loading."""
@@ -214,8 +210,9 @@ def transformers_to_official(d):
     require_fields(d, "transformers", SIZE_FIELDS)
     for key, value in TRANSFORMERS_FIXED.items():
         if d.get(key, value) != value:
+            other = checkpoints.TRANSFORMERS_MODEL_TYPES.get(d[key]) if key == "model_type" else None
             raise ValueError(f"config (transformers layout): {key} = {d[key]!r}: only {value!r} is implemented"
-                             + MAMBA2_HINT * (d[key] == "mamba2"))
+                             + (f"; that is {checkpoints.model_hint(other)}" if other else ""))
     mapped, rest = map_config(d, {v: k for k, v in CONFIG_FIELDS.items()})
     expand = mapped.get("ssm_cfg", {}).get("expand", SSM_DEFAULTS["expand"])
     if rest.get("intermediate_size") not in (None, int(expand * d["hidden_size"])):
@@ -284,34 +281,24 @@ def config_from_dict(d):
 
 
 def read_config(folder):
-    """config.json of a checkpoint folder -> (MambaConfig, layout). FileNotFoundError if absent."""
-    return config_from_dict(read_config_json(folder))
+    """config.json of a checkpoint folder -> (MambaConfig, layout). FileNotFoundError if absent;
+    ValueError naming the model of another model's folder."""
+    cfg = read_config_json(folder)
+    checkpoints.check_folder_model(cfg, folder, "Mamba1")
+    return config_from_dict(cfg)
 
 
 def parameter_shapes(config):
     """Official checkpoint name -> shape for a MambaConfig, from the config alone (no tensor made):
     what ``check_weight_shapes`` compares a weight file's header against. lm_head.weight included."""
-    m, d, n, r, k, v = (config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv,
-                        config.padded_vocab_size)
-    shapes = {"backbone.embedding.weight": (v, m)}
-    for i in range(config.n_layer):
-        p = f"backbone.layers.{i}."
-        shapes.update({p + "norm.weight": (m,), p + "mixer.in_proj.weight": (2 * d, m),
-                       p + "mixer.conv1d.weight": (d, 1, k), p + "mixer.x_proj.weight": (r + 2 * n, d),
-                       p + "mixer.dt_proj.weight": (d, r), p + "mixer.dt_proj.bias": (d,),
-                       p + "mixer.A_log": (d, n), p + "mixer.D": (d,), p + "mixer.out_proj.weight": (m, d)})
-        if config.conv_bias:
-            shapes[p + "mixer.conv1d.bias"] = (d,)
-        if config.bias:
-            shapes[p + "mixer.in_proj.bias"] = (2 * d,)
-            shapes[p + "mixer.out_proj.bias"] = (m,)
-        if not config.rms_norm:
-            shapes[p + "norm.bias"] = (m,)
-    shapes["backbone.norm_f.weight"] = (m,)
-    if not config.rms_norm:
-        shapes["backbone.norm_f.bias"] = (m,)
-    shapes["lm_head.weight"] = (v, m)
-    return shapes
+    m, d, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
+    mixer = {"in_proj.weight": (2 * d, m), "conv1d.weight": (d, 1, k), "x_proj.weight": (r + 2 * n, d),
+             "dt_proj.weight": (d, r), "dt_proj.bias": (d,), "A_log": (d, n), "D": (d,), "out_proj.weight": (m, d)}
+    if config.conv_bias:
+        mixer["conv1d.bias"] = (d,)
+    if config.bias:
+        mixer.update({"in_proj.bias": (2 * d,), "out_proj.bias": (m,)})
+    return checkpoints.stack_shapes(config, mixer)
 
 
 class LayerCache:
@@ -462,10 +449,7 @@ class MambaMixer(nn.Module):
             nn.init.uniform_(self.dt_proj.weight, -std, std)
         else:
             raise NotImplementedError(f"ssm_cfg.dt_init = {c.dt_init!r}: expected 'random' or 'constant'")
-        # dt log-uniform in [dt_min, dt_max], stored through the inverse of softplus in dt_proj.bias
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, c))
         # S4D-real: A = -(1..n) per channel, stored as A_log = log(1..n); D = 1
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
         self.D.fill_(1.0)

@@ -45,8 +45,9 @@ import torch.nn.functional as F
 
 import impls
 from ..frontdoor import compute_dtype
-from .checkpoints import check_int, config_layout, layout_markers, read_config_json
-from .lm import LanguageModel, conv_buffer, keep_prefill_state, rotated_conv_taps
+from . import checkpoints
+from .checkpoints import config_layout, layout_markers, read_config_json
+from .lm import LanguageModel, conv_buffer, dt_bias_init, keep_prefill_state, rotated_conv_taps
 
 NORM_GATED_EPS = 1e-5  # the official Mamba2 builds its gated norm with eps=1e-5, whatever norm_epsilon is
 
@@ -74,7 +75,7 @@ LAYOUT = dict(
     weights={"backbone.embedding.weight": "backbone.embeddings.weight"},
 )
 # Size fields a checkpoint's config must state (defaults never stand in for them), per layout.
-REQUIRED = dict(official=("d_model", "n_layer", "vocab_size", "ssm_cfg"),
+REQUIRED = dict(official=checkpoints.OFFICIAL_SIZES,
                 transformers=("hidden_size", "num_hidden_layers", "vocab_size", "num_heads", "head_dim",
                               "state_size", "n_groups", "expand", "conv_kernel"))
 
@@ -89,48 +90,25 @@ class Mamba2Config:
 
     Raises:
         ValueError: a size that is not an int (bool, float or string: the field named), a size below 1,
-            d_inner not a multiple of headdim, nheads not a multiple of ngroups, a dt_limit that is not a pair lo <= hi, an A_init_range not 0 < lo <= hi, an
-            unknown ssm_cfg key;
-        NotImplementedError: a Mamba-1 layer, attention layers, MLP layers (d_intermediate), d_ssm.
+            d_inner not a multiple of headdim, nheads not a multiple of ngroups, a dt_limit that is not
+            a pair lo <= hi, an A_init_range not 0 < lo <= hi, an unknown ssm_cfg key;
+        NotImplementedError: another layer (named, with its loader), attention layers, MLP layers
+            (d_intermediate), d_ssm.
     """
 
-    FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
-              "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
-              "norm_epsilon")
+    FIELDS = checkpoints.OFFICIAL_FIELDS
+    to_dict, __eq__, __repr__ = checkpoints.official_dict, checkpoints.same_config, checkpoints.config_repr
 
-    def __init__(self, d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
-                 attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                 pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5):
+    def __init__(self, **fields):
+        """fields: the official config.json's (checkpoints.OFFICIAL_DEFAULTS), ssm_cfg with SSM_DEFAULTS' keys."""
+        s = checkpoints.set_official_fields(self, "Mamba2", SSM_DEFAULTS,
+                                            ("d_state", "d_conv", "headdim", "ngroups", "chunk_size"), fields)
         where = "Mamba2Config"
-        # sizes as given: 2.5 or "2" in a config.json is refused, not truncated (check_int)
-        self.d_model, self.n_layer = check_int(where, "d_model", d_model), check_int(where, "n_layer", n_layer)
-        self.d_intermediate = check_int(where, "d_intermediate", d_intermediate)
-        self.vocab_size = check_int(where, "vocab_size", vocab_size)
-        # tuples as lists, as config.json gives them back, so a saved config loads equal
-        self.ssm_cfg = {"layer": "Mamba2", **{k: list(v) if isinstance(v, tuple) else v
-                                              for k, v in dict(ssm_cfg or {}).items()}}
-        self.attn_layer_idx, self.attn_cfg = list(attn_layer_idx or []), dict(attn_cfg or {})
-        self.rms_norm, self.residual_in_fp32 = bool(rms_norm), bool(residual_in_fp32)
-        self.fused_add_norm = bool(fused_add_norm)
-        self.pad_vocab_size_multiple = check_int(where, "pad_vocab_size_multiple", pad_vocab_size_multiple)
-        self.tie_embeddings, self.norm_epsilon = bool(tie_embeddings), float(norm_epsilon)
-
-        if self.ssm_cfg["layer"] != "Mamba2":
-            raise NotImplementedError(f"{where}: ssm_cfg.layer = {self.ssm_cfg['layer']!r}: this is the Mamba-2 "
-                                      f"model (impls/models/mamba.py's MambaLM is the Mamba-1 one)")
-        if self.attn_layer_idx or self.d_intermediate:
-            raise NotImplementedError(f"{where}: attn_layer_idx = {self.attn_layer_idx}, d_intermediate = "
-                                      f"{self.d_intermediate}: hybrid attention and MLP layers are not implemented")
-        unknown = set(self.ssm_cfg) - set(SSM_DEFAULTS) - {"layer"}
-        if unknown:
-            raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(SSM_DEFAULTS)}")
-        s = {**SSM_DEFAULTS, **self.ssm_cfg}
         if s["d_ssm"] is not None and s["d_ssm"] != s["expand"] * self.d_model:
             raise NotImplementedError(f"{where}: ssm_cfg.d_ssm = {s['d_ssm']}: a gated-MLP part beside the SSM is "
                                       f"not implemented")
         self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = (
-            check_int(where, f"ssm_cfg.{k}", s[k]) for k in ("d_state", "d_conv", "headdim", "ngroups", "chunk_size"))
-        self.expand = s["expand"]
+            s[k] for k in ("d_state", "d_conv", "headdim", "ngroups", "chunk_size"))
         self.d_ssm, self.conv_init = s["d_ssm"], s["conv_init"]
         self.A_init_range = tuple(float(a) for a in s["A_init_range"])
         self.D_has_hdim, self.rmsnorm = bool(s["D_has_hdim"]), bool(s["rmsnorm"])
@@ -138,32 +116,11 @@ class Mamba2Config:
         self.dt_min, self.dt_max, self.dt_init_floor = float(s["dt_min"]), float(s["dt_max"]), float(s["dt_init_floor"])
         self.dt_limit = tuple(float(a) for a in s["dt_limit"])
         self.bias, self.conv_bias, self.use_mem_eff_path = bool(s["bias"]), bool(s["conv_bias"]), s["use_mem_eff_path"]
-
-        sizes = dict(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab_size,
-                     pad_vocab_size_multiple=self.pad_vocab_size_multiple, d_state=self.d_state, d_conv=self.d_conv,
-                     headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.chunk_size)
-        small = {k: v for k, v in sizes.items() if v < 1}
-        if small:
-            raise ValueError(f"{where}: sizes must be >= 1, got {small}")
-        self.d_inner = int(self.expand * self.d_model)
-        if self.d_inner < 1 or self.d_inner != self.expand * self.d_model or self.d_inner % self.headdim:
-            raise ValueError(f"{where}: d_inner = expand * d_model = {self.expand} * {self.d_model} must be a positive "
-                             f"integer multiple of headdim = {self.headdim}")
-        self.nheads = self.d_inner // self.headdim
-        if self.nheads % self.ngroups:
-            raise ValueError(f"{where}: nheads = {self.nheads} (d_inner / headdim) must be a multiple of "
-                             f"ngroups = {self.ngroups}")
         if len(self.dt_limit) != 2 or not self.dt_limit[0] <= self.dt_limit[1]:
             raise ValueError(f"{where}: dt_limit must be a pair (lo, hi) with lo <= hi, got {s['dt_limit']}")
         if len(self.A_init_range) != 2 or not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"{where}: A_init_range must be a pair 0 < lo <= hi, got {s['A_init_range']}")
         self.conv_dim = self.d_inner + 2 * self.ngroups * self.d_state
-        m = self.pad_vocab_size_multiple
-        self.padded_vocab_size = self.vocab_size + (-self.vocab_size) % m
-
-    def to_dict(self):
-        """The official config.json contents."""
-        return {k: getattr(self, k) for k in self.FIELDS}
 
     def to_transformers_dict(self):
         """The same model as transformers' Mamba2Config fields (LAYOUT), for save_pretrained(layout="transformers").
@@ -219,11 +176,6 @@ class Mamba2Config:
                              f"expand / head_dim = {config.nheads}")
         return config
 
-    def __repr__(self):
-        return "Mamba2Config(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
-
-    def __eq__(self, other):
-        return isinstance(other, Mamba2Config) and self.to_dict() == other.to_dict()
 
 
 def parameter_shapes(config, layout="official"):
@@ -232,24 +184,17 @@ def parameter_shapes(config, layout="official"):
     safetensors checkpoint may omit it)."""
     c = config
     m, d, h, k, cdim = c.d_model, c.d_inner, c.nheads, c.d_conv, c.conv_dim
-    emb = LAYOUT["weights"]["backbone.embedding.weight"] if layout == "transformers" else "backbone.embedding.weight"
-    shapes = {emb: (c.padded_vocab_size, m), "backbone.norm_f.weight": (m,), "lm_head.weight": (c.padded_vocab_size, m)}
-    for i in range(c.n_layer):
-        p = f"backbone.layers.{i}."
-        shapes.update({p + "norm.weight": (m,), p + "mixer.in_proj.weight": (2 * d + 2 * c.ngroups * c.d_state + h, m),
-                       p + "mixer.conv1d.weight": (cdim, 1, k), p + "mixer.dt_bias": (h,), p + "mixer.A_log": (h,),
-                       p + "mixer.D": (d,) if c.D_has_hdim else (h,), p + "mixer.out_proj.weight": (m, d)})
-        if c.bias:
-            shapes.update({p + "mixer.in_proj.bias": (2 * d + 2 * c.ngroups * c.d_state + h,),
-                           p + "mixer.out_proj.bias": (m,)})
-        if c.conv_bias:
-            shapes[p + "mixer.conv1d.bias"] = (cdim,)
-        if c.rmsnorm:
-            shapes[p + "mixer.norm.weight"] = (d,)
-    if not c.rms_norm:  # LayerNorm blocks carry a bias
-        shapes.update({k[:-len("weight")] + "bias": s for k, s in shapes.items()
-                       if k.endswith("norm.weight") and ".mixer." not in k})
-    return shapes
+    d_in_proj = 2 * d + 2 * c.ngroups * c.d_state + h
+    mixer = {"in_proj.weight": (d_in_proj, m), "conv1d.weight": (cdim, 1, k), "dt_bias": (h,), "A_log": (h,),
+             "D": (d,) if c.D_has_hdim else (h,), "out_proj.weight": (m, d)}
+    if c.bias:
+        mixer.update({"in_proj.bias": (d_in_proj,), "out_proj.bias": (m,)})
+    if c.conv_bias:
+        mixer["conv1d.bias"] = (cdim,)
+    if c.rmsnorm:
+        mixer["norm.weight"] = (d,)
+    emb = "backbone.embedding.weight"
+    return checkpoints.stack_shapes(c, mixer, LAYOUT["weights"][emb] if layout == "transformers" else emb)
 
 
 class GatedRMSNorm(nn.Module):
@@ -355,9 +300,7 @@ class Mamba2Mixer(nn.Module):
         stored through the inverse of softplus in dt_bias; A = U(A_init_range) stored as A_log; D = 1."""
         if c.conv_init is not None:
             nn.init.uniform_(self.conv1d.weight, -c.conv_init, c.conv_init)
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(dt_bias_init(self.nheads, c))
         self.A_log.copy_(torch.log(torch.empty(self.nheads).uniform_(*c.A_init_range)))
         self.D.fill_(1.0)
 
@@ -501,9 +444,7 @@ class Mamba2LM(LanguageModel):
 def read_config(folder):
     """(Mamba2Config, layout) from ``folder``/config.json, checked (see Mamba2LM.from_pretrained)."""
     cfg = read_config_json(folder)
-    if cfg.get("model_type") == "mamba":
-        raise ValueError(f"from_pretrained({folder!r}): model_type 'mamba': a Mamba-1 checkpoint in transformers' "
-                         f"layout (load it with impls.models.mamba.MambaLM)")
+    checkpoints.check_folder_model(cfg, folder, "Mamba2")
     try:   # another model_type is another model, whatever fields it shares
         layout = config_layout(cfg, MARKERS, REQUIRED) if cfg.get("model_type", "mamba2") == "mamba2" else None
     except ValueError:
@@ -513,17 +454,7 @@ def read_config(folder):
     if layout == "transformers":
         return Mamba2Config.from_transformers_dict(cfg), "transformers"
     if layout == "official":
-        missing = [k for k in REQUIRED["official"] if k not in cfg]
-        if missing:
-            raise ValueError(f"from_pretrained({folder!r}): official-layout config missing size fields {missing}")
-        layer = (cfg["ssm_cfg"] or {}).get("layer", "Mamba1")
-        if layer != "Mamba2":
-            raise ValueError(f"from_pretrained({folder!r}): ssm_cfg.layer is {layer!r}, not 'Mamba2': a Mamba-1 "
-                             f"checkpoint (load it with impls.models.mamba.MambaLM)")
-        unknown = set(cfg) - set(Mamba2Config.FIELDS)
-        if unknown:
-            raise ValueError(f"from_pretrained({folder!r}): unknown official config fields {sorted(unknown)}")
-        return Mamba2Config(**cfg), "official"
+        return checkpoints.read_official_config(cfg, folder, Mamba2Config), "official"
     model_type = cfg.get("model_type")
     raise ValueError(f"from_pretrained({folder!r}): config.json is in neither layout: expected the official fields "
                      f"{list(REQUIRED['official'])} (with ssm_cfg.layer 'Mamba2') or transformers' Mamba2 fields "

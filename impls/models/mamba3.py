@@ -40,16 +40,15 @@ so is x (so the next real token's trapezoid term, which reads the previous v, ad
 state is exactly zero when a row's first real token arrives, as if unpadded.
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import impls
 from ..frontdoor import compute_dtype
-from .checkpoints import check_int, read_config_json
-from .lm import LanguageModel, RMSNorm
+from . import checkpoints
+from .checkpoints import read_config_json
+from .lm import LanguageModel, RMSNorm, dt_bias_init
 from .mamba2 import GatedRMSNorm
 
 BC_NORM_EPS = 1e-5   # the official B_norm, C_norm and output norm are built with eps=1e-5
@@ -62,16 +61,14 @@ SSM_DEFAULTS = dict(d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=
 A_ACTIVATIONS = ("heavy_tail", "softplus")
 MIMO_MISSING = ("is_mimo=True: Mamba-3 MIMO is not implemented here yet: it needs the rank-R Mamba-3 scan "
                 "(impls/mamba3 has SISO only) and this mixer's mimo_x, mimo_z, mimo_o projections")
-# What a folder of another official layer (ssm_cfg.layer) or transformers model_type is, for the errors.
-OTHER_MODELS = {"Mamba1": "a Mamba-1 checkpoint (load it with impls.models.mamba.MambaLM)",
-                "Mamba2": "a Mamba-2 checkpoint (load it with impls.models.mamba2.Mamba2LM)"}
-TRANSFORMERS_MODELS = {"mamba": "Mamba1", "mamba2": "Mamba2"}
-REQUIRED = ("d_model", "n_layer", "vocab_size", "ssm_cfg")
 
 
-def heavy_tail(x):
-    """The official heavy_tail_activation: 1 + x for x >= 0, 1 / (1 - x) for x < 0 (positive, C1 at 0)."""
-    return x.clamp_min(0) + torch.reciprocal(1 - x.clamp_max(0))
+def negative_heavy_tail(x):
+    """-heavy_tail(x), the official heavy_tail_activation negated: -(1 + x) for x >= 0, -1 / (1 - x) for
+    x < 0. Written as 1 / (min(x, 0) - 1) - max(x, 0), each term the exact negation of the official
+    max(x, 0) + 1 / (1 - min(x, 0))'s, so bit for bit its negation, in one op fewer (a decoding step
+    computes it per layer and token)."""
+    return torch.reciprocal(x.clamp_max(0) - 1) - x.clamp_min(0)
 
 
 class Mamba3Config:
@@ -88,65 +85,27 @@ class Mamba3Config:
             of headdim, nheads not a multiple of ngroups, an odd d_state (the scan rotates pairs), a
             rope_fraction other than 0.5 or 1.0, no rotated pair, an unknown A_activation, a negative
             A_floor, an unknown ssm_cfg key;
-        NotImplementedError: another layer (Mamba1, Mamba2: named), is_mimo, attention or MLP layers.
+        NotImplementedError: another layer (named, with its loader), is_mimo, attention or MLP layers.
     """
 
-    FIELDS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
-              "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings",
-              "norm_epsilon")
+    FIELDS = checkpoints.OFFICIAL_FIELDS
+    to_dict, __eq__, __repr__ = checkpoints.official_dict, checkpoints.same_config, checkpoints.config_repr
 
-    def __init__(self, d_model=2560, d_intermediate=0, n_layer=64, vocab_size=50277, ssm_cfg=None,
-                 attn_layer_idx=None, attn_cfg=None, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
-                 pad_vocab_size_multiple=8, tie_embeddings=True, norm_epsilon=1e-5):
+    def __init__(self, **fields):
+        """fields: the official config.json's (checkpoints.OFFICIAL_DEFAULTS), ssm_cfg with SSM_DEFAULTS' keys."""
+        s = checkpoints.set_official_fields(self, "Mamba3", SSM_DEFAULTS,
+                                            ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"), fields)
         where = "Mamba3Config"
-        self.d_model, self.n_layer = check_int(where, "d_model", d_model), check_int(where, "n_layer", n_layer)
-        self.d_intermediate = check_int(where, "d_intermediate", d_intermediate)
-        self.vocab_size = check_int(where, "vocab_size", vocab_size)
-        self.ssm_cfg = {"layer": "Mamba3", **dict(ssm_cfg or {})}
-        self.attn_layer_idx, self.attn_cfg = list(attn_layer_idx or []), dict(attn_cfg or {})
-        self.rms_norm, self.residual_in_fp32 = bool(rms_norm), bool(residual_in_fp32)
-        self.fused_add_norm = bool(fused_add_norm)
-        self.pad_vocab_size_multiple = check_int(where, "pad_vocab_size_multiple", pad_vocab_size_multiple)
-        self.tie_embeddings, self.norm_epsilon = bool(tie_embeddings), float(norm_epsilon)
-
-        layer = self.ssm_cfg["layer"]
-        if layer != "Mamba3":
-            raise NotImplementedError(f"{where}: ssm_cfg.layer = {layer!r}: this is the Mamba-3 model"
-                                      + (f"; {OTHER_MODELS[layer]}" if layer in OTHER_MODELS else ""))
-        if self.attn_layer_idx or self.d_intermediate:
-            raise NotImplementedError(f"{where}: attn_layer_idx = {self.attn_layer_idx}, d_intermediate = "
-                                      f"{self.d_intermediate}: hybrid attention and MLP layers are not implemented")
-        unknown = set(self.ssm_cfg) - set(SSM_DEFAULTS) - {"layer"}
-        if unknown:
-            raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(SSM_DEFAULTS)}")
-        s = {**SSM_DEFAULTS, **self.ssm_cfg}
         self.d_state, self.headdim, self.ngroups, self.chunk_size, mimo_rank = (
-            check_int(where, f"ssm_cfg.{k}", s[k])
-            for k in ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"))
-        self.expand = s["expand"]
+            s[k] for k in ("d_state", "headdim", "ngroups", "chunk_size", "mimo_rank"))
         self.rope_fraction, self.A_floor = float(s["rope_fraction"]), float(s["A_floor"])
         self.dt_min, self.dt_max, self.dt_init_floor = float(s["dt_min"]), float(s["dt_max"]), float(s["dt_init_floor"])
         self.is_outproj_norm, self.is_mimo = bool(s["is_outproj_norm"]), bool(s["is_mimo"])
         self.fuse_pregate_headwise_norm, self.dropout = bool(s["fuse_pregate_headwise_norm"]), s["dropout"]
         self.A_activation = s["A_activation"]
-
-        sizes = dict(d_model=self.d_model, n_layer=self.n_layer, vocab_size=self.vocab_size,
-                     pad_vocab_size_multiple=self.pad_vocab_size_multiple, d_state=self.d_state,
-                     headdim=self.headdim, ngroups=self.ngroups, chunk_size=self.chunk_size, mimo_rank=mimo_rank)
-        small = {k: v for k, v in sizes.items() if v < 1}
-        if small:
-            raise ValueError(f"{where}: sizes must be >= 1, got {small}")
         if self.is_mimo:
             raise NotImplementedError(f"{where}: ssm_cfg.{MIMO_MISSING} (mimo_rank = {mimo_rank})")
         self.mimo_rank = mimo_rank if self.is_mimo else 1   # the official module ignores mimo_rank for SISO
-        self.d_inner = int(self.expand * self.d_model)
-        if self.d_inner < 1 or self.d_inner != self.expand * self.d_model or self.d_inner % self.headdim:
-            raise ValueError(f"{where}: d_inner = expand * d_model = {self.expand} * {self.d_model} must be a positive "
-                             f"integer multiple of headdim = {self.headdim}")
-        self.nheads = self.d_inner // self.headdim
-        if self.nheads % self.ngroups:
-            raise ValueError(f"{where}: nheads = {self.nheads} (d_inner / headdim) must be a multiple of "
-                             f"ngroups = {self.ngroups}")
         if self.d_state % 2:
             raise ValueError(f"{where}: ssm_cfg.d_state = {self.d_state} must be even (B and C are rotated in pairs)")
         if self.rope_fraction not in (0.5, 1.0):
@@ -166,18 +125,6 @@ class Mamba3Config:
         # the official order: [z, x, B, C, dd_dt, dd_A, trap, angle]
         self.in_proj_split = (self.d_inner, self.d_inner, g * n * R, g * n * R, h, h, h, self.num_rope_angles)
         self.d_in_proj = sum(self.in_proj_split)
-        m = self.pad_vocab_size_multiple
-        self.padded_vocab_size = self.vocab_size + (-self.vocab_size) % m
-
-    def to_dict(self):
-        """The official config.json contents."""
-        return {k: getattr(self, k) for k in self.FIELDS}
-
-    def __eq__(self, other):
-        return isinstance(other, Mamba3Config) and self.to_dict() == other.to_dict()
-
-    def __repr__(self):
-        return "Mamba3Config(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 
 
 def parameter_shapes(config):
@@ -185,20 +132,11 @@ def parameter_shapes(config):
     (nothing is built); lm_head.weight included (a tied or safetensors checkpoint may omit it)."""
     c = config
     m, d, h, n, R = c.d_model, c.d_inner, c.nheads, c.d_state, c.mimo_rank
-    v = c.padded_vocab_size
-    shapes = {"backbone.embedding.weight": (v, m), "backbone.norm_f.weight": (m,), "lm_head.weight": (v, m)}
-    for i in range(c.n_layer):
-        p = f"backbone.layers.{i}."
-        shapes.update({p + "norm.weight": (m,), p + "mixer.in_proj.weight": (c.d_in_proj, m),
-                       p + "mixer.dt_bias": (h,), p + "mixer.B_bias": (h, R, n), p + "mixer.C_bias": (h, R, n),
-                       p + "mixer.B_norm.weight": (n,), p + "mixer.C_norm.weight": (n,), p + "mixer.D": (h,),
-                       p + "mixer.out_proj.weight": (m, d)})
-        if c.is_outproj_norm:
-            shapes[p + "mixer.norm.weight"] = (d,)
-    if not c.rms_norm:  # LayerNorm blocks carry a bias
-        shapes.update({k[:-len("weight")] + "bias": s for k, s in shapes.items()
-                       if k.endswith("norm.weight") and ".mixer." not in k})
-    return shapes
+    mixer = {"in_proj.weight": (c.d_in_proj, m), "dt_bias": (h,), "B_bias": (h, R, n), "C_bias": (h, R, n),
+             "B_norm.weight": (n,), "C_norm.weight": (n,), "D": (h,), "out_proj.weight": (m, d)}
+    if c.is_outproj_norm:
+        mixer["norm.weight"] = (d,)
+    return checkpoints.stack_shapes(c, mixer)
 
 
 class LayerCache:
@@ -206,25 +144,41 @@ class LayerCache:
 
     angle (b, h, n_ang), ssm_state (b, h, p, n), k (b, h, n), v (b, h, p): the scan's four states in
     the compute dtype (k: the last token's B, biased and rotated; v: its x), replaced at each step;
-    D, dt_bias (h,), B_bias, C_bias (h, n): the parameters in the compute dtype, made once per cache.
+    D, dt_bias (h,), B_bias, C_bias (h, n): the parameters in the compute dtype, made once per cache;
+    proj (b, d_in_proj): in_proj's output buffer in the model dtype, with its views z, x (b, h, p),
+    BC_in (b, 2, g, n) (B and C side by side), dd_dt, dd_A, trap (b, h), angles (b, h, n_ang);
+    BC (b, 2, g, n): B and C normed, in the compute dtype, with BC_weight (2, 1, n) the two norms'
+    weights, eps (1, 1, 1) and mean_sq (b 2 g, 1, 1) (Mamba3Mixer.norm_bc).
     """
 
-    __slots__ = ("angle", "ssm_state", "k", "v", "D", "dt_bias", "B_bias", "C_bias")
+    __slots__ = ("angle", "ssm_state", "k", "v", "D", "dt_bias", "B_bias", "C_bias", "proj", "z", "x", "BC_in",
+                 "dd_dt", "dd_A", "trap", "angles", "BC", "BC_weight", "eps", "mean_sq")
 
     def __init__(self, mixer, b, dtype, device):
         f = compute_dtype(dtype)
-        h, p, n = mixer.nheads, mixer.headdim, mixer.d_state
+        h, p, g, n = mixer.nheads, mixer.headdim, mixer.ngroups, mixer.d_state
         self.angle = torch.zeros(b, h, mixer.num_rope_angles, dtype=f, device=device)
         self.ssm_state = torch.zeros(b, h, p, n, dtype=f, device=device)
         self.k = torch.zeros(b, h, n, dtype=f, device=device)
         self.v = torch.zeros(b, h, p, dtype=f, device=device)
         self.D, self.dt_bias, self.B_bias, self.C_bias = mixer.ssm_params(f)
+        self.proj = torch.empty(b, sum(mixer.in_proj_split), dtype=dtype, device=device)
+        z, x, _, _, self.dd_dt, self.dd_A, self.trap, angles = self.proj.split(mixer.in_proj_split, dim=-1)
+        self.z, self.x = z.unflatten(-1, (h, p)), x.unflatten(-1, (h, p))                # (b, h, p)
+        d2 = 2 * mixer.d_inner
+        self.BC_in = self.proj[:, d2:d2 + 2 * g * n].unflatten(-1, (2, g, n))           # B, C side by side
+        self.angles = angles[:, None, :].expand(b, h, mixer.num_rope_angles)             # shared by the heads
+        self.BC = torch.empty(b, 2, g, n, dtype=f, device=device)
+        self.BC_weight = torch.stack((mixer.B_norm.weight, mixer.C_norm.weight)).detach().to(f)[:, None, :]
+        self.eps = torch.full((1, 1, 1), BC_NORM_EPS, dtype=f, device=device)
+        self.mean_sq = torch.empty(b * 2 * g, 1, 1, dtype=f, device=device)
 
     def states(self):
         return self.angle, self.ssm_state, self.k, self.v
 
     def tensors(self):
-        return (*self.states(), self.D, self.dt_bias, self.B_bias, self.C_bias)
+        return (*self.states(), self.D, self.dt_bias, self.B_bias, self.C_bias, self.proj, self.BC, self.BC_weight,
+                self.eps, self.mean_sq)
 
 
 class Mamba3Mixer(nn.Module):
@@ -258,9 +212,7 @@ class Mamba3Mixer(nn.Module):
     def reset_dt_bias(self, c):
         """The official initialisation: dt log-uniform in [dt_min, dt_max] (floored), stored through the
         inverse of softplus in dt_bias. B_bias, C_bias and D start at 1, the norms' weights at 1."""
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(dt_bias_init(self.nheads, c))
 
     def ssm_params(self, f):
         """D (h,), dt_bias (h,), B_bias and C_bias (h, n) (the SISO rank squeezed) in the compute dtype f."""
@@ -269,10 +221,9 @@ class Mamba3Mixer(nn.Module):
     def decay_inputs(self, dd_dt, dd_A, dt_bias):
         """DT = softplus(dd_dt + dt_bias) and ADT = A DT with A = min(-act(dd_A), -A_floor), act the
         config's (heavy_tail or softplus). dd_dt, dd_A (..., h) and dt_bias (h,) in the compute dtype."""
-        act = heavy_tail(dd_A) if self.A_activation == "heavy_tail" else F.softplus(dd_A)
-        A = torch.clamp(-act, max=-self.A_floor)
+        neg_act = negative_heavy_tail(dd_A) if self.A_activation == "heavy_tail" else -F.softplus(dd_A)
         DT = F.softplus(dd_dt + dt_bias)
-        return DT, A * DT
+        return DT, neg_act.clamp_max(-self.A_floor) * DT
 
     def forward(self, hidden, mask=None, impl=None, cache=None):
         """The block over a whole sequence: one Mamba-3 scan.
@@ -314,25 +265,33 @@ class Mamba3Mixer(nn.Module):
         """An empty LayerCache for b rows (states in the compute dtype); ``fused`` changes nothing."""
         return LayerCache(self, b, dtype, device)
 
+    def norm_bc(self, cache):
+        """B_norm and C_norm of the token's B and C (cache.BC_in) into cache.BC, both at once: the mean of
+        squares of every (row, group) as one baddbmm with eps as its input, then rsqrt_ and the weights
+        (F.rms_norm on a CPU dispatches six ops for each). Returns (C, B), each (b, g, n)."""
+        BC = cache.BC
+        BC.copy_(cache.BC_in)
+        rows = BC.view(-1, 1, self.d_state)
+        torch.baddbmm(cache.eps, rows, rows.transpose(1, 2), alpha=1.0 / self.d_state, out=cache.mean_sq)
+        rows.mul_(cache.mean_sq.rsqrt_())
+        BC.mul_(cache.BC_weight)
+        return BC[:, 1], BC[:, 0]
+
     def step_y(self, hidden, cache, step_fn, impl):
         """in_proj and one Mamba-3 step for one token, the cache's states replaced by the new ones.
-        hidden: (b, m). Returns (y (b, d) before out_proj, z (b, d))."""
-        b = hidden.shape[0]
-        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        hidden: (b, m). Returns y (b, d) before out_proj; cache.z holds the token's z."""
         f = cache.ssm_state.dtype
-        z, x, B, C, dd_dt, dd_A, trap, angles = F.linear(hidden, self.in_proj.weight).split(self.in_proj_split, -1)
-        DT, ADT = self.decay_inputs(dd_dt.to(f), dd_A.to(f), cache.dt_bias)    # (b, h)
-        B = self.B_norm(B.view(b, g, n))
-        C = self.C_norm(C.view(b, g, n))
-        angles = angles.to(f)[:, None, :].expand(b, h, self.num_rope_angles)
-        args = (C, B, x.view(b, h, p), ADT, DT, trap, cache.C_bias, cache.B_bias, angles, cache.D,
-                None if self.norm is not None else z.view(b, h, p), cache.states())
+        torch.mm(hidden, self.in_proj.weight.t(), out=cache.proj)
+        DT, ADT = self.decay_inputs(cache.dd_dt.to(f), cache.dd_A.to(f), cache.dt_bias)    # (b, h)
+        C, B = self.norm_bc(cache)
+        args = (C, B, cache.x, ADT, DT, cache.trap, cache.C_bias, cache.B_bias, cache.angles, cache.D,
+                None if self.norm is not None else cache.z, cache.states())
         if step_fn is None:
             y, states = impls.mamba3_state_update(*args, impl=impl)
         else:
             y, states = step_fn(*args, None)
         cache.angle, cache.ssm_state, cache.k, cache.v = states
-        return y.reshape(b, self.d_inner), z
+        return y.reshape(y.shape[0], self.d_inner)
 
     def step(self, hidden, cache, phase, step_fn, impl, residual):
         """The block for one new token, from the cache, which it advances.
@@ -345,16 +304,16 @@ class Mamba3Mixer(nn.Module):
         Returns:
             residual + the block's output (b, m), a new tensor
         """
-        y, z = self.step_y(hidden, cache, step_fn, impl)
+        y = self.step_y(hidden, cache, step_fn, impl)
         if self.norm is not None:
-            y = self.norm(y, z)
+            y = self.norm(y, cache.z.flatten(-2))
         return residual + self.out_proj(y.to(hidden.dtype))
 
     def fused_step(self, hidden, cache, phase, step_fn, impl, residual):
         """``step`` with the block's output added into residual (b, m) in place (float32/float64 models)."""
-        y, z = self.step_y(hidden, cache, step_fn, impl)
+        y = self.step_y(hidden, cache, step_fn, impl)
         if self.norm is not None:
-            y = self.norm(y, z)
+            y = self.norm(y, cache.z.flatten(-2))
         residual.addmm_(y, self.out_proj.weight.t())
 
 
@@ -391,22 +350,7 @@ class Mamba3LM(LanguageModel):
 
 def read_config(folder):
     """(Mamba3Config, "official") from ``folder``/config.json, checked before anything is built.
-    A Mamba-1 or Mamba-2 folder (official or transformers layout) is a ValueError naming it."""
+    Another model's folder (official or transformers layout) is a ValueError naming it."""
     cfg = read_config_json(folder)
-    model_type = cfg.get("model_type")
-    if model_type in TRANSFORMERS_MODELS:
-        raise ValueError(f"from_pretrained({folder!r}): model_type {model_type!r}: "
-                         f"{OTHER_MODELS[TRANSFORMERS_MODELS[model_type]]}, in transformers' layout")
-    missing = [k for k in REQUIRED if k not in cfg]
-    if missing:
-        raise ValueError(f"from_pretrained({folder!r}): config.json is not an official Mamba-3 config: missing "
-                         f"{missing} (expected the official fields {list(REQUIRED)} with ssm_cfg.layer 'Mamba3')"
-                         + (f"; its model_type is {model_type!r}" if model_type else ""))
-    layer = (cfg["ssm_cfg"] or {}).get("layer", "Mamba1")   # the official default layer
-    if layer != "Mamba3":
-        raise ValueError(f"from_pretrained({folder!r}): ssm_cfg.layer is {layer!r}, not 'Mamba3'"
-                         + (f": {OTHER_MODELS[layer]}" if layer in OTHER_MODELS else ""))
-    unknown = set(cfg) - set(Mamba3Config.FIELDS)
-    if unknown:
-        raise ValueError(f"from_pretrained({folder!r}): unknown official config fields {sorted(unknown)}")
-    return Mamba3Config(**cfg), "official"
+    checkpoints.check_folder_model(cfg, folder, "Mamba3")
+    return checkpoints.read_official_config(cfg, folder, Mamba3Config), "official"
