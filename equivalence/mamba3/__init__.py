@@ -78,7 +78,12 @@ def supported(entry, case):
 def rank_last(out, case, rank_dim):
     """MIMO's outputs per rank (rank at ``rank_dim``) with the rank moved last: y's axes are then
     Y_AXES and a channel (h, p) indexes all its ranks. Other outputs are returned as they are."""
-    return out.movedim(rank_dim, -1) if case.R is not None and case.per_rank else out
+    return out.movedim(rank_dim, -1) if per_rank(case) else out
+
+
+def per_rank(case):
+    """Whether the case's outputs are MIMO's per rank; no case (packed inputs, taken from x alone): SISO."""
+    return case is not None and case.R is not None and case.per_rank
 
 
 def scan(name, case, x, chunk_size=None):
@@ -181,8 +186,8 @@ def conditionings(case, x=None):
     cond, _ = _cases.conditioning(x)
     last = _last(cond)
     gradient = (last + 4 * TRANSCENDENTAL_ULPS + (GATE_ULPS if x["Z"] is not None else 0)
-                + (TRANSCENDENTAL_ULPS if case.norm else 0))
-    return (cond[..., None] if case.R is not None and case.per_rank else cond), (0.0, last, last, 0.0), gradient
+                + (TRANSCENDENTAL_ULPS if x.get("fuse_pregate_headwise_rms_norm") else 0))
+    return (cond[..., None] if per_rank(case) else cond), (0.0, last, last, 0.0), gradient
 
 
 # Each summand of a gradient element is a product of up to about sixteen rounded factors (the
@@ -235,7 +240,7 @@ def magnitudes(case, weights=None, x=None):
     case's. Returns (out, (angle, ssm, k, v), that dict or None).
     """
     a = reference_inputs(case) if x is None else x
-    if weights is not None and case.R is not None and case.per_rank:
+    if weights is not None and per_rank(case):
         weights = (weights[0].movedim(-1, 2), weights[1])              # y's weights as out per rank: (b, l, R, h, p)
     y, (ssm, k, v), sums = _cases.magnitudes(a, weights)
     b, l, h = a["V"].shape[:3]
