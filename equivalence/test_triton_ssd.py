@@ -21,7 +21,7 @@ from .ssd import SSDCase, make_inputs  # noqa: E402
 from .ssd import check_gradients, check_step_equals_scan, check_values  # noqa: E402
 from .tolerance import assert_close, ssd_terms  # noqa: E402
 
-pytestmark = pytest.mark.family("ssd")
+pytestmark = [pytest.mark.family("ssd"), pytest.mark.only_for("triton", family="ssd")]   # the Triton SSD kernel's tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
