@@ -190,9 +190,12 @@ SMALLEST = Case(b=1, d=1, n=1, l=1, D=False, z=False, delta_bias=False, softplus
 # Known edge cases, each run by a test of its own (test_values.py: test_pinned_edge_case), never as
 # an @example of a drawn test: hypothesis does not shrink an @example, so a failing one would
 # pre-empt the smaller, shrunk failure. Single token, single channel, single state, long sequences
-# past 256 and not a power of two, and grouping with several channels per group.
+# past 256 and not a power of two, and grouping with several channels per group: first on the
+# smallest geometry where the channel-to-group mapping shows (g = 2, d/g = 2), which the drawn cases
+# miss in a few runs in a hundred.
 PINNED = (
     Case(b=1, d=1, n=1, l=1),
+    Case(b=1, d=4, n=2, l=5, g=2, seed=5),
     Case(b=2, d=1, n=3, l=7, g=1, dtype="bf16", initial_state=True),
     Case(b=1, d=5, n=1, l=33, dtype="f16", regime="official"),
     Case(b=2, d=37, n=5, l=300, g=37, dtype="f32", regime="stress", initial_state=True, seed=1),

@@ -96,12 +96,16 @@ def test_a_kernel_repository_meets_its_bug_first_fixes_it_and_passes(tmp_path):
     first = run([scanbench, "test", "my_kernel", "--summary", "before.md", "--", "-x"], cwd=kernel, PYTHONPATH=".")
     assert first.returncode == 1, first.stdout[-5000:]
     assert "make test" not in first.stdout, first.stdout[-5000:]
+    # the drawn cases shrunk to the smallest grouping that shows the bug, or, in the few runs whose
+    # draws miss it, the pinned case of that grouping right after
     failed = re.findall(r"^FAILED (\S+)", first.stdout, re.M)
-    assert failed == ["test_values.py::test_values_and_last_state[selective-my_kernel]"], first.stdout[-5000:]
+    assert failed in (["test_values.py::test_values_and_last_state[selective-my_kernel]"],
+                      ["test_values.py::test_pinned_edge_case[selective-my_kernel-b1-d4-n2-l5-g2-f32-mamba-D-z-delta_bias-"
+                       "softplus-s5]"]), first.stdout[-5000:]
     before = (kernel / "before.md").read_text()
     failures = before[before.index("### Failures"):]
     assert failures.count("- **") == 1 and "**selective / my_kernel / values**" in failures, before
-    assert re.search(r"smallest case: .*Case\(b=1, d=4, n=1, l=1, g=2,", failures), before
+    assert re.search(r"smallest case: .*Case\(b=1, d=4, n=[12], l=[15], g=2,", failures), before
     assert "fails only with g > 1 and d/g > 1" in first.stdout, first.stdout[-5000:]
     own = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=kernel)
     assert own.returncode == 1 and "1 failed, 6 passed" in own.stdout and "-d6-" in own.stdout, own.stdout[-3000:]
