@@ -401,13 +401,14 @@ def pytest_generate_tests(metafunc):
 def implementation_of(item):
     """(family, implementation name) a test runs, from its parameters, or None for a test of no
     implementation: the value of an implementation fixture (impl, ssd_impl, ...), or a parameter
-    naming a registered implementation of the test's family (a family module parameter, or Mamba-1)."""
+    naming a registered implementation of the test's family (a family module parameter, else
+    item_family: a family folder's tests that parametrize over names, "loop", are its own)."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     family = next((params[k].NAME for k in ("family", "fam") if hasattr(params.get(k), "NAME")), None)
     for key, value in params.items():
         if not isinstance(value, str) or key in ("family", "fam"):
             continue
-        fam = family or (fixture_family(key) or (DEFAULT_FAMILY,))[0]
+        fam = family or (fixture_family(key) or (item_family(item),))[0]
         if fam in impls.FAMILIES and value in impls.names(fam):
             return fam, value
     return None

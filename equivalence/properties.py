@@ -214,6 +214,17 @@ def case_check(check):
     return wrapper
 
 
+def register_planted(fam, bug):
+    """Register the family's planted scan ``bug`` (equivalence/<family>/planted_bugs.py) as
+    "planted:<bug>"; returns that name. They are written row by row, so they claim batch_invariant
+    (the bit-for-bit check runs on them)."""
+    key = f"planted:{bug}"
+    if key not in impls.names(fam.NAME):
+        impls.register(key, getattr(fam.planted_bugs, bug), family=fam.NAME,
+                       **{"batch_invariant": True, **fam.planted_bugs.CAPABILITIES.get(bug, {})})
+    return key
+
+
 def max_finite(t):
     t = t.detach()
     t = t[torch.isfinite(t)]

@@ -19,7 +19,7 @@ from . import properties, selective, ssd
 from .diagnose import what_it_needs
 from .properties import (NONFINITE, CaseFailure, check_batch_independence, check_causality,
                          check_chunk_size_invariance, check_gradients, check_nonfinite, check_split, check_values,
-                         family, fresh_memory, property_checks)
+                         family, fresh_memory, property_checks, register_planted)
 from .selective import Case, planted_bugs
 
 SEARCH = settings(max_examples=300, database=None, derandomize=True, deadline=None,
@@ -66,23 +66,13 @@ def rejected(fam, name, drawn, only=None):
     return False
 
 
-def register(fam, bug):
-    """Register a planted scan by name. They are written row by row, so they claim batch_invariant
-    (the bit-for-bit check runs on them)."""
-    key = f"planted:{bug}"
-    if key not in impls.names(fam.NAME):
-        impls.register(key, getattr(fam.planted_bugs, bug), family=fam.NAME,
-                       **{"batch_invariant": True, **fam.planted_bugs.CAPABILITIES.get(bug, {})})
-    return key
-
-
 def each(what):
     return [pytest.param(family(f), bug, id=f"{f}-{bug}") for f in FAMILIES for bug in getattr(family(f).planted_bugs, what)]
 
 
 @pytest.mark.parametrize("fam, bug", each("BUGS"))
 def test_suite_finds_the_planted_bug(fam, bug):
-    name = register(fam, bug)
+    name = register_planted(fam, bug)
     find(drawn(fam), lambda d: rejected(fam, name, d), settings=SEARCH)
 
 
@@ -91,7 +81,7 @@ def test_only_its_property_catches_the_planted_bug(fam, bug):
     """Hypothesis finds a case its property rejects; on that case every other check passes, those
     the search runs and non-finite propagation, the gradients and chunk sizes too. Fresh memory is
     zero there (as a CPU often gives it): what a NaN fill exposes, stale memory would show only by chance."""
-    name = register(fam, bug)
+    name = register_planted(fam, bug)
     prop = fam.planted_bugs.ONLY[bug]
     found = find(drawn(fam), lambda d: rejected(fam, name, d, only=prop), settings=SEARCH)
     case, k, poison = found
@@ -108,7 +98,7 @@ def test_only_its_property_catches_the_planted_bug(fam, bug):
 
 @pytest.mark.parametrize("fam", [family(f) for f in FAMILIES], ids=FAMILIES)
 def test_suite_accepts_the_correct_control(fam):
-    name = register(fam, "correct")
+    name = register_planted(fam, "correct")
     with pytest.raises(NoSuchExample):
         find(drawn(fam), lambda d: rejected(fam, name, d), settings=settings(SEARCH, max_examples=40))
 
@@ -140,7 +130,7 @@ def test_command_line_plugin(target, fails):
 ])
 def test_a_failure_says_what_it_needs(bug, case, needs):
     """The re-runs behind "what the failure needs" name the option or axis each bug depends on."""
-    name = register(selective, bug)
+    name = register_planted(selective, bug)
     with pytest.raises(CaseFailure) as info:
         check_values(selective, name, case)
     lines = what_it_needs(info.value)
