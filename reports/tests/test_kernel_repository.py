@@ -121,3 +121,33 @@ def test_a_kernel_repository_meets_its_bug_first_fixes_it_and_passes(tmp_path):
     assert row.split("|")[header.split("|").index(" values ")].strip() == "pass", after
     own = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=kernel)
     assert own.returncode == 0, own.stdout[-3000:]
+
+
+RECIPE = os.path.join(ROOT, "examples", "ci", "scan-suite.yml")
+
+
+@pytest.mark.skipif(not os.path.isfile(RECIPE), reason="the CI recipe is in the checkout, not in an installed suite")
+def test_the_ci_recipes_commands_are_what_the_suite_accepts(monkeypatch):
+    """Each scanbench line of examples/ci/scan-suite.yml, its variables filled from the file's env
+    block, parses as the command it names, for the example kernel's module and a registered family;
+    the recipe installs this distribution and the torch this environment was built with."""
+    import shlex
+
+    import impls
+    from reports import cli
+
+    text = open(RECIPE).read()
+    env = dict(re.findall(r'^  ([A-Z]+): "(.*)"$', text, re.M))
+    assert env["SUITE"].startswith(metadata.metadata("selective-scan-suite")["Name"] + " @ "), env
+    assert text.count(f"pip install torch=={torch.__version__.split('+')[0]} ") == 2, "torch pin"
+    called = {}
+    for name in ("test", "continuous"):
+        monkeypatch.setattr(cli, name, lambda args, name=name: called.setdefault(name, args) and 0)
+    lines = re.findall(r"^\s+run: (scanbench .*)$", text, re.M)
+    for line in lines:
+        line = re.sub(r"\$(\w+)", lambda m: env[m.group(1)], line)
+        assert cli.main(shlex.split(line)[1:]) == 0, line
+    assert sorted(called) == ["continuous", "test"], lines
+    assert called["test"].kernel == called["continuous"].impl == "my_kernel:selective_scan", called
+    assert called["test"].pytest_args[:2] == ["-n", "2"] and called["continuous"].base_path == "base", called
+    assert {a.family for a in called.values()} <= set(impls.FAMILIES), called
