@@ -69,12 +69,15 @@ class SSDCase:
 
     def within(self, limits):
         """The same case folded into an implementation's size limits (b, l, h, p, n), keeping g a
-        divisor of h; folding by remainder keeps odd sizes odd-ish and spreads them."""
+        divisor of h; folding by remainder keeps odd sizes odd-ish and spreads them. ``chunks``
+        limits how many chunks the sequence spans, by raising chunk_size (an interpreter's time
+        grows with the number of programs, one per chunk and head)."""
         if not limits:
             return self
         fold = {k: 1 + (getattr(self, k) - 1) % limits[k] for k in ("b", "l", "h", "p", "n") if k in limits}
         new = dataclasses.replace(self, **fold)
-        return dataclasses.replace(new, g=math.gcd(self.g, new.h))
+        chunk_size = max(new.chunk_size, -(-new.l // limits.get("chunks", max(new.l, 1))))
+        return dataclasses.replace(new, g=math.gcd(self.g, new.h), chunk_size=chunk_size)
 
 
 def make_inputs(case, dtype=None):

@@ -175,4 +175,4 @@ mapped.register_all()
 if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("ssd.triton", "ssd_scan"), step=lazy("ssd.triton", "ssd_state_update"), family="ssd",
              gradients=True, state_batch_indices=True, batch_invariant=True,
-             case_limits=dict(b=2, l=24, h=2, p=6, n=6) if registry.triton_interpreted() else None)
+             case_limits=dict(b=2, l=24, h=2, p=6, n=6, chunks=4) if registry.triton_interpreted() else None)
