@@ -15,8 +15,10 @@ one JSON line.
 """
 
 import argparse
+import ast
 import collections
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -44,14 +46,44 @@ def params(nodeid):
 
 def family(nodeid):
     """Which family a test id belongs to: the family parameter a family-parametrized test's id starts
-    with ([ssd-chunked]), else the family folder its file is in (equivalence/ssd/), else Mamba-1."""
+    with ([ssd-chunked]), else the family its file declares for all its tests (a module-level
+    ``pytestmark = pytest.mark.family(name)``), else the family folder its file is in
+    (equivalence/ssd/), else Mamba-1."""
     import impls
 
     first = params(nodeid)[0]
     if first in impls.FAMILIES:
         return first
-    folders = nodeid.split("::")[0].split("/")[1:-1]
+    path = nodeid.split("::")[0]
+    declared = file_family(path)
+    if declared is not None:
+        return declared
+    folders = path.split("/")[1:-1]
     return next((f for f in folders if f in impls.FAMILIES), "selective")
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@functools.lru_cache(maxsize=None)
+def file_family(path):
+    """The family named by a test file's module-level ``pytestmark = pytest.mark.family(name)`` (alone
+    or in a list), or None. Read from the source, not imported: counting examples runs no test module.
+    path: relative to the repository root, as in a test id."""
+    try:
+        tree = ast.parse((ROOT / path).read_text())
+    except (OSError, SyntaxError):
+        return None
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "pytestmark"
+                                                     for t in node.targets)):
+            continue
+        marks = node.value.elts if isinstance(node.value, (ast.List, ast.Tuple)) else [node.value]
+        for mark in marks:
+            if (isinstance(mark, ast.Call) and isinstance(mark.func, ast.Attribute) and mark.func.attr == "family"
+                    and mark.args and isinstance(mark.args[0], ast.Constant)):
+                return mark.args[0].value
+    return None
 
 
 def split(nodeid):

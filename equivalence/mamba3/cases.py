@@ -35,6 +35,8 @@ STATE_PARTS = ("angle", "ssm", "k", "v")
 MIMO_ARGS = ("Q", "K", "V", "ADT", "DT", "Trap", "Q_bias", "K_bias", "MIMO_V", "MIMO_Z", "MIMO_Out", "Angles", "D", "Z",
              "outproj_norm_weight")
 TIME_LAST, TIME_SECOND = ("ADT", "DT", "Trap"), ("Q", "K", "V", "Angles", "Z")
+# The MIMO ranks drawn (lo, hi), smallest first when shrunk
+RANKS = (1, 3)
 
 
 @dataclasses.dataclass(frozen=True)

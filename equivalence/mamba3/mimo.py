@@ -9,9 +9,11 @@ v (b, h, p)). The oracle is the MIMO loop run in float64.
 
 MIMO's own: its arguments, cases and strategies (R from 1 to 3, the norm before the gate, outputs per
 rank, any n_ang <= n / 2), the NaN's reach (the norm mixes a head's p channels: mixed_axes), its
-planted bugs (equivalence/mamba3/planted_bugs.py, MIMO) and a step run as a scan. Not here, as for
-SISO: packed sequences (equivalence/mamba3/test_mimo.py checks them, the v state per sequence
-included) and the diagnosis of a failure's needs.
+planted bugs (equivalence/mamba3/planted_bugs.py, MIMO) and a step run as a scan. Packed sequences:
+PACKING (equivalence/mamba3/varlen.py's MIMO_PACKING, Mamba-3's packing with the rank drawn), each
+sequence's state a row of each of the four parts, and their planted bugs (varlen_planted_bugs: the
+shared ones and Mamba-3's two, the v state from the pack's end among them). Not here, as for SISO:
+the diagnosis of a failure's needs.
 """
 
 import dataclasses
@@ -28,12 +30,15 @@ from . import (BATCH_ARGS, CHANNEL_ARG, CHUNK_SIZES, DTYPES, STATE_ARG, STATE_PA
                TIME_DIMS, Y_AXES, align_state, call, cases, conditionings, exact_kinds, magnitudes, make_inputs,
                positional, reference_inputs, scan, state_shape, step, supported, terms)
 from . import planted_bugs as _planted_bugs
-from .cases import MIMO_ARGS, Case, case_strategy
+from . import varlen_planted_bugs as _varlen_planted_bugs
+from .cases import MIMO_ARGS, RANKS, Case, case_strategy
+from .varlen import MIMO_PACKING, varlen_cases
 
 NAME = "mamba3_mimo"
 SCAN_ARGS = MIMO_ARGS + (STATE_ARG,)
-PACKING = None
+PACKING = MIMO_PACKING
 planted_bugs = _planted_bugs.MIMO
+varlen_planted_bugs = _varlen_planted_bugs.MIMO
 
 # The tiny calls that probe a plain function's capabilities (equivalence/diagnose.py)
 TINY = Case(b=1, l=3, h_qk=1, groups=1, p=2, n=4, n_ang=1, dtype="f32", states=False, chunk_size=2, R=2)
@@ -85,7 +90,6 @@ def scan_by_stepping(step):
 
 
 # What each property test draws (equivalence/test_*.py), smallest first when shrunk: ranks 1 to 3
-RANKS = (1, 3)
 STRATEGIES = dict(
     values=case_strategy(ranks=RANKS), split=case_strategy(min_l=1, ranks=RANKS),
     causality=case_strategy(min_l=1, ranks=RANKS), decode=case_strategy(min_l=1, ranks=RANKS),
@@ -94,6 +98,9 @@ STRATEGIES = dict(
     properties=case_strategy(min_l=1, max_l=8, chunk_sizes=(2, 5), ranks=RANKS),
     magnitudes=case_strategy(dtypes=("f64",), min_l=1, max_l=10, ranks=RANKS),
     planted=case_strategy(min_l=1, max_l=14, ranks=RANKS), planted_positions=st.integers(0, 14),
+    packed=varlen_cases(ranks=RANKS), packed_gradients=varlen_cases(max_total=40, ranks=RANKS),
+    packed_decoding=varlen_cases(max_total=40, ranks=RANKS),
+    packed_planted=varlen_cases(chunk=_varlen_planted_bugs.CHUNK, max_p=2, max_seqs=4, max_total=40, ranks=RANKS),
 )
 # The long and edge cases of the invariants, each in a test of its own (an @example is never shrunk)
 PINNED_INVARIANTS = dict(

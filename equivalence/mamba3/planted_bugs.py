@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from impls.frontdoor import compute_dtype
 from impls.mamba3 import chunked, loop
 
+from .varlen_planted_bugs import MIMO as MIMO_PACKED
 from .varlen_planted_bugs import angle_not_reset, v_state_from_pack_end
 
 
@@ -194,23 +195,16 @@ def mimo_variant(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Ou
     return (out, angle, ssm, k_prev, v_prev) if return_state else out
 
 
-def mimo_v_state_from_pack_end(*args, **kwargs):
-    """Packed MIMO: every sequence's final v state is the pack's last token (the official
-    ``mamba3_mimo`` returns V[:, -1] whatever cu_seqlens says)."""
-    result = loop.mamba3_mimo(*args, **kwargs)
-    if kwargs.get("cu_seqlens") is None or not kwargs.get("return_state"):
-        return result
-    out, angle, ssm, k, v = result
-    return out, angle, ssm, k, kwargs["V"][0, -1].to(v.dtype).expand_as(v).clone()
-
-
 MIMO_BUGS = {name: functools.partial(mimo_variant, bug=name) for name in (
     "ranks_summed_before_projecting", "out_proj_before_gate", "interleaved", "norm_after_gate", "beta_one_rank",
     "l1_drops_input_kv", "D_on_raw_v")}
-MIMO_BUGS.update(v_state_from_pack_end=mimo_v_state_from_pack_end)
+# Packed MIMO: every sequence's final v state is the pack's last token (the official ``mamba3_mimo``
+# returns V[:, -1] whatever cu_seqlens says); planted once, with the packed bugs (varlen_planted_bugs.py,
+# where the shared packed properties find it), and found here too by the packed check.
+MIMO_BUGS.update(v_state_from_pack_end=MIMO_PACKED.v_state_from_pack_end)
 
 # What the shared planted-bug tests read of the MIMO family (equivalence/mamba3/mimo.py's planted_bugs),
-# as this module is for SISO: the packed v state is left to the family's own packed check.
+# as this module is for SISO: not the packed v state (equivalence/test_varlen_planted_bugs.py's).
 MIMO = types.SimpleNamespace(**MIMO_BUGS, correct=loop.mamba3_mimo,
                              BUGS=tuple(k for k in MIMO_BUGS if k != "v_state_from_pack_end"), ONLY={},
                              CAPABILITIES={k: dict(batch_invariant=False) for k in (*MIMO_BUGS, "correct")})

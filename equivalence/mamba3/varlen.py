@@ -1,13 +1,21 @@
-"""Mamba-3's packed sequences: its packed case type, inputs, sums of |terms| and its ``Packing``
-(impls.mamba3_scan with cu_seqlens; the family-neutral properties are equivalence/varlen.py).
+"""Mamba-3's packed sequences, SISO and MIMO: the packed case type, inputs, sums of |terms| and the
+two ``Packing``s, PACKING (impls.mamba3_scan with cu_seqlens) and MIMO_PACKING (impls.mamba3_mimo
+with cu_seqlens); the family-neutral properties are equivalence/varlen.py.
+
+One packed case type serves both, as Case does: its rank R is None for SISO and a rank for MIMO,
+and every function here reads the interface from the case or the inputs, so the two Packings
+differ only in their name, their drawn cases and their pinned packings.
 
 Each sequence's state is a row of each of the four parts (angle (nseq, h, n_ang), ssm (nseq, h, p,
-n), k (nseq, h, n), v (nseq, h, p)); ADT, DT and Trap have time last, (1, h, l). The sums of |terms|
-are the family's own (equivalence.mamba3.magnitudes) run on each sequence alone: packing must not
-change a sequence, so its scale is its own.
+n), k (nseq, h, n), MIMO's (nseq, R, h, n), v (nseq, h, p)); ADT, DT and Trap have time last,
+(1, h, l). MIMO's outputs per rank (MIMO_Out None) are y (1, l, R, h, p) as the scan returns them,
+time at axis 1 as for every y here. The sums of |terms| are the family's own
+(equivalence.mamba3.magnitudes) run on each sequence alone: packing must not change a sequence, so
+its scale is its own.
 """
 
 import dataclasses
+import functools
 
 import torch
 from hypothesis import strategies as st
@@ -15,30 +23,37 @@ from hypothesis import strategies as st
 import impls
 
 from .. import varlen
-from .cases import DTYPES, STATE_PARTS, TIME_ARGS, TIME_DIMS, Case, align_state, as_dtype, inputs
+from .cases import DTYPES, RANKS, STATE_PARTS, TIME_ARGS, TIME_DIMS, Case, align_state, as_dtype, inputs
 
 STATE_ARG = "Input_States"
-SHARED = ("Q_bias", "K_bias", "D")       # parameters every token of every sequence reads
+# parameters every token of every sequence reads (MIMO's projections and norm weight among them)
+SHARED = ("Q_bias", "K_bias", "D", "MIMO_V", "MIMO_Z", "MIMO_Out", "outproj_norm_weight")
 
-# Every option of Case; per-sequence initial states (the four parts) on by default, and chunks of 8
+# Every option of Case (the rank, the norm and outputs per rank included); per-sequence initial
+# states (the four parts) on by default, and chunks of 8
 Mamba3VarlenCase = varlen.packed_case_type(Case, "Mamba3VarlenCase", __name__, "states", states=True, chunk_size=8)
 
 
 @st.composite
-def varlen_cases(draw, chunk=8, dtypes=tuple(DTYPES), max_p=3, max_seqs=6, max_total=80):
+def varlen_cases(draw, chunk=8, dtypes=tuple(DTYPES), max_p=3, max_seqs=6, max_total=80, ranks=None):
+    """Packed cases; ranks None: SISO; (lo, hi): MIMO with R in it, the norm and outputs per rank drawn."""
     n = draw(st.sampled_from([2, 4, 6]))
+    mimo = {} if ranks is None else dict(R=draw(st.integers(*ranks)), norm=draw(st.booleans()),
+                                         per_rank=draw(st.booleans()))
     return Mamba3VarlenCase(
         lengths=draw(varlen.sequence_lengths(chunk, max_seqs, max_total)), h_qk=draw(st.integers(1, 2)),
         groups=draw(st.integers(1, 2)), p=draw(st.integers(1, max_p)), n=n, n_ang=draw(st.integers(0, n // 2)),
         dtype=draw(st.sampled_from(dtypes)), states=draw(st.booleans()), D=draw(st.booleans()), Z=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)), chunk_size=draw(st.sampled_from((chunk, 1, 3, chunk + 5))))
+        seed=draw(st.integers(0, 2**31 - 1)), chunk_size=draw(st.sampled_from((chunk, 1, 3, chunk + 5))), **mimo)
 
 
 def packed_inputs(case, dtype=None):
     """impls.mamba3_scan keyword arguments for the packed call: Q, K (1, l, h_qk, n), V, Z (1, l, h, p),
     ADT, DT, Trap (1, h, l), Angles (1, l, h, n_ang), Q_bias, K_bias (h, n), D (h,), Input_States (one
-    row per sequence of each part) or None, cu_seqlens (nseq + 1,) int32 and chunk_size. With
-    dtype=torch.float64, the same values in float64."""
+    row per sequence of each part) or None, cu_seqlens (nseq + 1,) int32 and chunk_size; for a MIMO
+    case impls.mamba3_mimo's (Q, K (1, l, R, h_qk, n), Q_bias, K_bias (h, R, n), MIMO_V, MIMO_Z,
+    MIMO_Out (h, R, p), the norm's flag and weight). With dtype=torch.float64, the same values in
+    float64."""
     x = inputs(dataclasses.replace(case.packed_case(), states=case.states), S=case.nseq)
     x = x if dtype is None else as_dtype(x, dtype)
     x["cu_seqlens"] = torch.tensor(case.offsets, dtype=torch.int32)
@@ -47,8 +62,9 @@ def packed_inputs(case, dtype=None):
 
 
 def repro(name, case, note=""):
-    return (f"impls.mamba3_scan(**equivalence.mamba3.varlen.packed_inputs(equivalence.mamba3.varlen.{case!r}), "
-            f"return_final_states=True, impl={name!r}){'  # ' + note if note else ''}")
+    scan, states = ("mamba3_scan", "return_final_states") if case.R is None else ("mamba3_mimo", "return_state")
+    return (f"impls.{scan}(**equivalence.mamba3.varlen.packed_inputs(equivalence.mamba3.varlen.{case!r}), "
+            f"{states}=True, impl={name!r}){'  # ' + note if note else ''}")
 
 
 def magnitudes(x64, weights=None):
@@ -96,11 +112,21 @@ def _terms(case, output, arg=None):
 
 
 def _scan(name, x):
-    out, *states = impls.mamba3_scan(**x, return_final_states=True, impl=name)
+    if "MIMO_V" in x:
+        out, *states = impls.mamba3_mimo(**x, return_state=True, impl=name)
+    else:
+        out, *states = impls.mamba3_scan(**x, return_final_states=True, impl=name)
     return out, tuple(states)
 
 
 def _step(name, cache, x, tokens, indices):
+    if "MIMO_V" in x:
+        out, _ = impls.mamba3_mimo_state_update(
+            tokens["Q"], tokens["K"], tokens["V"], tokens["ADT"], tokens["DT"], tokens["Trap"], x["Q_bias"],
+            x["K_bias"], x["MIMO_V"], x["MIMO_Z"], x["MIMO_Out"], tokens["Angles"], x["D"], tokens["Z"],
+            Input_States=cache, fuse_pregate_headwise_rms_norm=x["fuse_pregate_headwise_rms_norm"],
+            outproj_norm_weight=x["outproj_norm_weight"], state_batch_indices=indices, impl=name)
+        return out
     out, _ = impls.mamba3_state_update(tokens["Q"], tokens["K"], tokens["V"], tokens["ADT"], tokens["DT"], tokens["Trap"],
                                        x["Q_bias"], x["K_bias"], tokens["Angles"], x["D"], tokens["Z"],
                                        Input_States=cache, state_batch_indices=indices, impl=name)
@@ -130,8 +156,14 @@ PINNED = (
                      seed=7),
 )
 
+# MIMO's: the same packings with a rank, the norm and outputs per rank varied among them
+MIMO_PINNED = tuple(dataclasses.replace(case, R=R, norm=norm, per_rank=per_rank) for case, (R, norm, per_rank) in zip(
+    PINNED, ((3, True, False), (2, False, True), (1, False, False), (4, True, True), (2, False, False),
+             (2, True, False), (3, False, True))))
 PACKING = varlen.Packing(name="mamba3", time_args=TIME_ARGS, time_dim=1, state_arg=STATE_ARG,
                          step_args=("Q", "K", "V", "ADT", "DT", "Trap", "Angles", "Z"), inputs=packed_inputs,
                          scan=_scan, step=_step, magnitudes=magnitudes, conditioning=_conditioning, terms=_terms,
                          repro=repro, cases=varlen_cases, pinned=PINNED, chunk_starts=chunk_starts,
                          time_dims=TIME_DIMS, state_parts=STATE_PARTS, align_state=align_state)
+MIMO_PACKING = dataclasses.replace(PACKING, name="mamba3_mimo", cases=functools.partial(varlen_cases, ranks=RANKS),
+                                   pinned=MIMO_PINNED)
