@@ -231,7 +231,10 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                     DT_[i + 1][rows, :, :1] if nxt else None, Trap_[i + 1][rows, :, :1] if nxt else None,
                     Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_), *params)
             if grad:
-                if CHECKPOINT_BLOCKS:
+                if up is None and rot is rotate_pairs:
+                    y, angle, H, k_prev, v_prev = SisoBlock.apply((Tb, rot), *args[:15])
+                    y = finish(y, args[2], args[15:15 + len(extras)], params, NO_WORKSPACE, None)
+                elif CHECKPOINT_BLOCKS:
                     y, angle, H, k_prev, v_prev = RecomputedBlock.apply((Tb, rot, finish, fast, len(extras)), *args)
                 else:
                     y, angle, H, k_prev, v_prev = _finished_block(*args, Tb=Tb, rot=rot, finish=finish,
@@ -286,13 +289,171 @@ class RecomputedBlock(torch.autograd.Function):
         return (None, *result)
 
 
+class SisoBlock(torch.autograd.Function):
+    """A rank-1 block under autograd with its backward written out: the forward is the workspace scan
+    on fresh buffers (no buffer reused, so each intermediate the backward reads is kept as written),
+    and the backward runs the four matmuls' eight transposes and the elementwise chain rule once,
+    where RecomputedBlock runs the block twice. Its memory is the kept intermediates, about 12 floats
+    a token per (head, channel) pair, linear in l; the forward without gradients is unchanged.
+    args: scan_block's first 15 (up None); returns scan_block's five (y not yet finished)."""
+
+    @staticmethod
+    def forward(ctx, meta, *args):
+        Tb, rot = meta
+        ctx.set_materialize_grads(False)
+        device = args[2].device
+        fresh = lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+        outs, kept = scan_block(*args, Tb=Tb, rot=rot, ws=fresh, keep=True)
+        ctx.Tb, ctx.finite, ctx.nones = Tb, kept.pop("finite"), [a is None for a in args]
+        ctx.names = list(kept)
+        ctx.save_for_backward(*(a for a in args if a is not None), *kept.values())
+        return outs
+
+    @staticmethod
+    def backward(ctx, gy, g_angle, g_H, g_k, g_v):
+        saved = list(ctx.saved_tensors)
+        args = [None if none else saved.pop(0) for none in ctx.nones]
+        kept = dict(zip(ctx.names, saved))
+        grads = siso_block_backward(args, kept, ctx.Tb, ctx.finite, gy, g_angle, g_H, g_k, g_v)
+        return (None, *(None if g is None or a is None else g.to(a.dtype) for a, g in zip(args, grads)))
+
+
+def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v):
+    """The gradients of scan_block's 15 arguments (rank 1) from those of its five results (each may be
+    None) and the intermediates its keep mode returned; the chain rule of steps 4 back to 1, every
+    masked entry dropped by a select, as in the forward."""
+    q, k, v, _, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip = args
+    lam, th, E, turn, qf, kf, vf, vw, W, scores, P, w_last, folded, fs = (kept[x] for x in (
+        "lam", "th", "E", "turn", "qf", "kf", "vf", "vw", "W", "scores", "P", "w_last", "folded", "from_start"))
+    b, L, _, h_qk, n = q.shape
+    h, p = v.shape[-2:]
+    C, f, n_ang = L // Tb, qf.dtype, angles.shape[-1]
+    B = b * h * C
+    zero = fs.new_zeros(())
+    dt_f = dt.to(f)
+    gY = (fs.new_zeros(B, Tb, p) if gy is None
+          else gy[:, :, 0].to(f).permute(0, 2, 1, 3).reshape(B, Tb, p))
+
+    # 4. readout y += from_start_t (H'_c q~_t): through q~, H'_c and from_start
+    gYf = gY * fs.reshape(B, Tb, 1)
+    A = torch.bmm(gY, folded.view(B, p, n))                                  # (B, Tb, n)
+    g_fs = (A * qf).sum(-1).view(b, h, C, Tb)
+    g_qf = A.mul_(fs.reshape(B, Tb, 1))
+    g_folded = torch.bmm(gYf.transpose(1, 2), qf).view(b, h, C, p, n)
+
+    # 3. the state pass, backwards
+    # H'_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c: S_c's gradient is H'_{c+1}'s
+    gS = torch.empty_like(folded)
+    if g_H is None:
+        gS[:, :, -1] = 0
+    else:
+        gS[:, :, -1] = g_H
+    fsl = fs[..., -1, None, None]
+    for c in range(C - 1, 0, -1):
+        torch.addcmul(g_folded[:, :, c], fsl[:, :, c], gS[:, :, c], out=gS[:, :, c - 1])
+    g_H_in = torch.addcmul(g_folded[:, :, 0], fsl[:, :, 0], gS[:, :, 0])
+    g_fs[..., -1] += (gS * folded).sum((-1, -2))
+
+    # 2. chunk states S = (v w_last)^T k~, and the intra-chunk y = P v, P = (q~ k~^T o W) on t >= s
+    gS = gS.view(B, p, n)
+    g_vw = torch.bmm(kf, gS.transpose(1, 2))                                 # (B, Tb, p)
+    g_kf = torch.bmm(vw, gS)
+    g_vf = g_vw * w_last.reshape(B, Tb, 1)
+    g_w_last = (g_vw * vf).sum(-1).view(b, h, C, Tb)
+    vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, zero)
+    gP = torch.bmm(gY, vf_intra.transpose(1, 2))                             # (B, Tb, Tb)
+    g_intra = torch.bmm(P.view(B, Tb, Tb).transpose(1, 2), gY)
+    g_vf += g_intra if finite else torch.where(torch.isfinite(vf), g_intra, zero)
+    ar = torch.arange(Tb, device=fs.device)
+    later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]
+    gP = gP.view(b, h, C, Tb, Tb)
+    gP = torch.where(causal, gP, zero, out=gP)
+    g_skip = None if skip is None else gP.diagonal(dim1=-2, dim2=-1).sum((0, 2, 3))
+    g_scores = torch.where(causal, gP * W, zero).view(B, Tb, Tb)
+    g_W = torch.where(causal, gP.mul_(scores.view(W.shape)), zero)
+    g_qf = torch.baddbmm(g_qf, g_scores, kf)
+    g_kf = torch.baddbmm(g_kf, g_scores.transpose(1, 2), qf)
+
+    # the weights: W = exp(seg(t, s)) coef_s below the diagonal, gamma_t on it; w_last its row Tb-1
+    g_gamma = g_W.diagonal(dim1=-2, dim2=-1).clone()
+    g_M = torch.where(later, g_W, zero, out=g_W)
+    g_M[..., -1, :] += g_w_last
+    g_M = g_M.mul_(E)
+    gamma = lam * dt_f
+    after = (delta_of(trap_next, dt_next, f) if dt_next is not None else lam.new_zeros(b, h, 1))
+    coef = (gamma + torch.cat((((1 - lam) * dt_f)[..., 1:], after), -1)).view(b, h, C, Tb)
+    g_coef = g_M.sum(-2)                                                     # (b, h, C, Tb)
+    g_seg = g_M.mul_(coef[..., None, :])
+    # seg(t, s) sums a_r over s < r <= t: a_r's gradient sums g_seg[t, s] over s < r (a cumsum along
+    # the contiguous s, read at r - 1) and then over t >= r (a select and a column sum), never a
+    # difference of prefix sums; a_0 of a chunk is in no seg
+    g_a = torch.zeros_like(fs)
+    g_a[..., 1:] = torch.where(later[:, :-1], g_seg.cumsum(-1)[..., :-1], zero).sum(-2)
+    g_a += (g_fs * fs).flip(-1).cumsum(-1).flip(-1)                          # from_start = exp(cumsum a)
+    g_gamma += g_coef
+    g_coef = g_coef.reshape(b, h, L)
+    g_delta = torch.cat((g_coef.new_zeros(b, h, 1), g_coef[..., :-1]), -1)
+    g_after = g_coef[..., -1:]
+    g_gamma = g_gamma.reshape(b, h, L)
+    g_dt = g_gamma * lam + g_delta * (1 - lam)
+    g_trap = (g_gamma - g_delta) * dt_f * lam * (1 - lam)
+    if dt_next is None:
+        g_dt_next = g_trap_next = None
+    else:
+        lam_next = torch.sigmoid(trap_next.to(f))
+        g_dt_next = g_after * (1 - lam_next)
+        g_trap_next = -g_after * dt_next.to(f) * lam_next * (1 - lam_next)
+
+    # 1. the rotation q~ = e^{i theta} (q + bias) per pair: back by e^{-i theta}; theta's gradient Im(g conj(q~))
+    g_kf = g_kf.view(b, h, C, Tb, 1, n)
+    if g_k is not None:
+        g_kf[:, :, -1, -1] += g_k.to(f).transpose(1, 2)
+    m = 2 * n_ang
+    pairs = lambda x: torch.view_as_complex(x.view(b, h, C, Tb, n)[..., :m].unflatten(-1, (n_ang, 2)))
+    gq, gk = pairs(g_qf), pairs(g_kf)
+    # Im(g conj(x~)) summed over q and k: the imaginary part of one complex sum of products
+    g_theta = torch.addcmul(gq * pairs(qf).conj(), gk, pairs(kf).conj()).imag.contiguous()  # (b, h, C, Tb, n_ang)
+    back = turn.view(b, h, C, Tb, n_ang).conj_physical()
+    torch.mul(gq, back, out=gq)
+    torch.mul(gk, back, out=gk)
+    g_pre = [g_qf.view(b, h, C, Tb, 1, n), g_kf]
+    # theta = start_c + cumsum within the chunk; start_{c+1} = start_c + the chunk's last cumsum
+    Ga = fs.new_zeros(b, h, n_ang) if g_angle is None else g_angle.to(f)
+    g_start = g_theta.sum(3)
+    for c in reversed(range(C)):
+        g_theta[:, :, c, -1] += Ga
+        Ga = Ga + g_start[:, :, c]
+    g_inc = g_theta.flip(-2).cumsum(-2).flip(-2).view(b, h, L, n_ang)
+    g_dt += (g_inc * th).sum(-1) * math.pi
+    g_angles = (g_inc * (math.pi * dt_f)[..., None] * (1 - th * th)).permute(0, 2, 1, 3)
+
+    def per_head(g, bias):  # (b, h, C, Tb, 1, n) -> the gradients of x (b, L, 1, h_qk, n) and of bias (1, h, n)
+        g_bias = None if bias is None else g.sum((0, 2, 3)).transpose(0, 1)
+        g_x = g.reshape(b, h_qk, h // h_qk, L, 1, n).sum(2).permute(0, 2, 3, 1, 4)
+        return g_x, g_bias
+
+    g_q, g_q_bias = per_head(g_pre[0], q_bias)
+    g_k_in, g_k_bias = per_head(g_pre[1], k_bias)
+    g_v_in = g_vf.view(b, h, L, p).permute(0, 2, 1, 3)
+    if g_v is not None:
+        g_v_in = g_v_in.clone()
+        g_v_in[:, -1] += g_v.to(f)
+    return (g_q, g_k_in, g_v_in, None, g_a.reshape(b, h, L), g_dt, g_trap, g_dt_next, g_trap_next, g_angles, Ga,
+            g_H_in, g_q_bias, g_k_bias, g_skip)
+
+
+def delta_of(trap, dt, f):
+    """(1 - sigmoid(Trap)) DT in the compute dtype f: the trapezoid's shifted weight."""
+    return (1 - torch.sigmoid(trap.to(f))) * dt.to(f)
+
+
 def _finished_block(*args, Tb, rot, finish, extras):
     y, *states = scan_block(*args[:15], Tb=Tb, rot=rot, ws=NO_WORKSPACE)
     return (finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None), *states)
 
 
 def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
-               ws):
+               ws, keep=False):
     """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
 
     q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
@@ -300,9 +461,11 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     sequence; angles: (b, L, h, n_ang); angle: (b, h, n_ang) and H: (b, h, p, n), the angle and the
     folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None; skip: (h,), D added to
     y (rank 1 only), or None; ws: a Workspace (its
-    buffers written in place) or NO_WORKSPACE (every op functional, for autograd).
+    buffers written in place) or NO_WORKSPACE (every op functional, for autograd); keep (rank 1, with
+    a workspace of fresh buffers): the scores are kept apart from the weighted P, and the block's
+    intermediates are returned too, for SisoBlock's backward.
     Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
-    and v (b, h, p) after the block's last token.
+    and v (b, h, p) after the block's last token [, the intermediates (dict)].
     """
     b, L, R, h_qk, n = q.shape
     h, p = v.shape[-2:]
@@ -322,8 +485,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
     # tanh on contiguous memory: on a permuted view it runs about 3x slower than a copy and tanh
     inc = _contiguous(angles.to(f).permute(0, 2, 1, 3), ws, "inc")          # (b, h, L, n_ang)
-    inc = torch.tanh(inc, out=inc if inplace else None)
-    inc = torch.mul(inc, (math.pi * dt)[..., None], out=inc if inplace else None)
+    th = torch.tanh(inc, out=inc if inplace else None)
+    inc = torch.mul(th, (math.pi * dt)[..., None], out=ws("pi tanh dt", th.shape, f) if keep else th if inplace else None)
     cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
     starts = []
     for c in range(C):
@@ -347,8 +510,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
     masked = torch.where(later, a[..., :, None], zero, out=ws("masked", (b, h, C, Tb, Tb), f))
     EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
-    EC = torch.exp(EC, out=EC if inplace else None)
-    EC = torch.mul(EC, coef[..., None, :], out=EC if inplace else None)    # exp(seg(t, s)) (gamma_s + delta_{s+1})
+    E = EC = torch.exp(EC, out=EC if inplace else None)
+    EC = torch.mul(EC, coef[..., None, :], out=ws("W", EC.shape, f) if keep else EC if inplace else None)
     # each chunk's contribution to the next H' reads row Tb-1 of EC (seg(last, last) = 0), the
     # trapezoid's delta_{s+1} included on the diagonal; the intra-chunk weights then have gamma_t
     # there, written over the diagonal alone (above it the values are selected away below)
@@ -357,7 +520,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     W = EC
     scores = torch.bmm(qf, kf.transpose(1, 2), out=ws("scores", (b * h * C, TR, TR), f))
     if R == 1:
-        P = torch.mul(scores.view(W.shape), W, out=scores.view(W.shape) if inplace else None)
+        P = torch.mul(scores.view(W.shape), W, out=ws("P", W.shape, f) if keep else
+                      scores.view(W.shape) if inplace else None)
         if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
             P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
         P = torch.where(causal, P, zero, out=P if inplace else None)
@@ -376,6 +540,7 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         poison = torch.where(seen, math.nan, zero).expand(b, h, C, Tb, R, p).reshape(b * h * C, TR, p)
         y = torch.add(y, poison, out=y if inplace else None)
     # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
+    w_kept = w_last
     w_last = w_last[..., None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
     vw = torch.mul(vf, w_last, out=ws("vw", vf.shape, f))
     S = torch.bmm(vw.transpose(1, 2), kf, out=ws("S", (b * h * C, p, n), f)).view(b, h, C, p, n)
@@ -402,7 +567,11 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
     y = torch.addcmul(y, inter, rows, out=y if inplace else None)
     y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
-    return y, angle, H, kr[:, :, -1, -1].transpose(1, 2).clone(), v[:, -1].clone()
+    states = (y, angle, H, kr[:, :, -1, -1].transpose(1, 2).clone(), v[:, -1].clone())
+    if not keep:
+        return states
+    return states, dict(lam=lam, th=th, E=E, turn=turn, qf=qf, kf=kf, vf=vf, vw=vw, finite=finite, W=W, scores=scores, P=P,
+                        w_last=w_kept, folded=folded, from_start=from_start)
 
 
 def _contiguous(x, ws, name):
