@@ -192,6 +192,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
         x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init))
     pieces, finals = [], []
     fast = Workspace(v.device)   # the forward of recomputed blocks
+    back = Workspace(v.device)   # the backward of SisoBlocks
     # the output's trailing shape and dtype: finish on no tokens
     R, p = q.shape[2], v.shape[-1]
     empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), params, NO_WORKSPACE, None)
@@ -232,7 +233,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                     Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_), *params)
             if grad:
                 if up is None and rot is rotate_pairs:
-                    y, angle, H, k_prev, v_prev = SisoBlock.apply((Tb, rot), *args[:15])
+                    y, angle, H, k_prev, v_prev = SisoBlock.apply((Tb, rot, back), *args[:15])
                     y = finish(y, args[2], args[15:15 + len(extras)], params, NO_WORKSPACE, None)
                 elif CHECKPOINT_BLOCKS:
                     y, angle, H, k_prev, v_prev = RecomputedBlock.apply((Tb, rot, finish, fast, len(extras)), *args)
@@ -299,7 +300,7 @@ class SisoBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, *args):
-        Tb, rot = meta
+        Tb, rot, ctx.ws = meta
         ctx.set_materialize_grads(False)
         device = args[2].device
         fresh = lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
@@ -314,17 +315,19 @@ class SisoBlock(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         args = [None if none else saved.pop(0) for none in ctx.nones]
         kept = dict(zip(ctx.names, saved))
-        grads = siso_block_backward(args, kept, ctx.Tb, ctx.finite, gy, g_angle, g_H, g_k, g_v)
+        grads = siso_block_backward(args, kept, ctx.Tb, ctx.finite, gy, g_angle, g_H, g_k, g_v, ctx.ws)
         return (None, *(None if g is None or a is None else g.to(a.dtype) for a, g in zip(args, grads)))
 
 
-def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v):
+def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
     """The gradients of scan_block's 15 arguments (rank 1) from those of its five results (each may be
     None) and the intermediates its keep mode returned; the chain rule of steps 4 back to 1, every
-    masked entry dropped by a select, as in the forward."""
+    masked entry dropped by a select, as in the forward. ws: a Workspace for the temporaries that no
+    gradient returned is a view of (shared by the blocks of one scan: their backwards run in turn)."""
     q, k, v, _, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip = args
-    lam, th, E, turn, qf, kf, vf, vw, W, scores, P, w_last, folded, fs = (kept[x] for x in (
-        "lam", "th", "E", "turn", "qf", "kf", "vf", "vw", "W", "scores", "P", "w_last", "folded", "from_start"))
+    lam, th, E, turn, qf, kf, vf, vw, W, scores, P, w_last, folded, inter, fs = (kept[x] for x in (
+        "lam", "th", "E", "turn", "qf", "kf", "vf", "vw", "W", "scores", "P", "w_last", "folded", "inter",
+        "from_start"))
     b, L, _, h_qk, n = q.shape
     h, p = v.shape[-2:]
     C, f, n_ang = L // Tb, qf.dtype, angles.shape[-1]
@@ -332,18 +335,17 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v):
     zero = fs.new_zeros(())
     dt_f = dt.to(f)
     gY = (fs.new_zeros(B, Tb, p) if gy is None
-          else gy[:, :, 0].to(f).permute(0, 2, 1, 3).reshape(B, Tb, p))
+          else _contiguous(gy[:, :, 0].to(f).permute(0, 2, 1, 3), ws, "gY").view(B, Tb, p))
 
     # 4. readout y += from_start_t (H'_c q~_t): through q~, H'_c and from_start
-    gYf = gY * fs.reshape(B, Tb, 1)
-    A = torch.bmm(gY, folded.view(B, p, n))                                  # (B, Tb, n)
-    g_fs = (A * qf).sum(-1).view(b, h, C, Tb)
-    g_qf = A.mul_(fs.reshape(B, Tb, 1))
-    g_folded = torch.bmm(gYf.transpose(1, 2), qf).view(b, h, C, p, n)
+    gYf = torch.mul(gY, fs.reshape(B, Tb, 1), out=ws("gYf", gY.shape, f))
+    g_fs = (gY * inter).sum(-1).view(b, h, C, Tb)
+    g_qf = torch.bmm(gYf, folded.view(B, p, n), out=ws("g_qf", qf.shape, f))   # (B, Tb, n)
+    g_folded = torch.bmm(gYf.transpose(1, 2), qf, out=ws("g_folded", (B, p, n), f)).view(b, h, C, p, n)
 
     # 3. the state pass, backwards
     # H'_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c: S_c's gradient is H'_{c+1}'s
-    gS = torch.empty_like(folded)
+    gS = ws("gS", folded.shape, f)
     if g_H is None:
         gS[:, :, -1] = 0
     else:
@@ -356,27 +358,26 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v):
 
     # 2. chunk states S = (v w_last)^T k~, and the intra-chunk y = P v, P = (q~ k~^T o W) on t >= s
     gS = gS.view(B, p, n)
-    g_vw = torch.bmm(kf, gS.transpose(1, 2))                                 # (B, Tb, p)
-    g_kf = torch.bmm(vw, gS)
-    g_vf = g_vw * w_last.reshape(B, Tb, 1)
+    g_vw = torch.bmm(kf, gS.transpose(1, 2), out=ws("g_vw", vf.shape, f))  # (B, Tb, p)
+    g_kf = torch.bmm(vw, gS, out=ws("g_kf", kf.shape, f))
     g_w_last = (g_vw * vf).sum(-1).view(b, h, C, Tb)
     vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, zero)
-    gP = torch.bmm(gY, vf_intra.transpose(1, 2))                             # (B, Tb, Tb)
+    gP = torch.bmm(gY, vf_intra.transpose(1, 2), out=ws("gP", (B, Tb, Tb), f))
     g_intra = torch.bmm(P.view(B, Tb, Tb).transpose(1, 2), gY)
-    g_vf += g_intra if finite else torch.where(torch.isfinite(vf), g_intra, zero)
-    ar = torch.arange(Tb, device=fs.device)
-    later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]
-    gP = gP.view(b, h, C, Tb, Tb)
-    gP = torch.where(causal, gP, zero, out=gP)
+    if not finite:
+        g_intra = torch.where(torch.isfinite(vf), g_intra, zero)
+    g_vf = torch.addcmul(g_intra, g_vw, w_last.reshape(B, Tb, 1), out=g_intra)
+    # tril_ is a select (the entries above the diagonal are set to 0), as the forward's
+    gP = gP.view(b, h, C, Tb, Tb).tril_()
     g_skip = None if skip is None else gP.diagonal(dim1=-2, dim2=-1).sum((0, 2, 3))
-    g_scores = torch.where(causal, gP * W, zero).view(B, Tb, Tb)
-    g_W = torch.where(causal, gP.mul_(scores.view(W.shape)), zero)
-    g_qf = torch.baddbmm(g_qf, g_scores, kf)
-    g_kf = torch.baddbmm(g_kf, g_scores.transpose(1, 2), qf)
+    g_scores = torch.mul(gP, W, out=ws("g_scores", W.shape, f)).tril_().view(B, Tb, Tb)
+    g_W = gP.mul_(scores.view(W.shape)).tril_()
+    g_qf.baddbmm_(g_scores, kf)
+    g_kf.baddbmm_(g_scores.transpose(1, 2), qf)
 
     # the weights: W = exp(seg(t, s)) coef_s below the diagonal, gamma_t on it; w_last its row Tb-1
     g_gamma = g_W.diagonal(dim1=-2, dim2=-1).clone()
-    g_M = torch.where(later, g_W, zero, out=g_W)
+    g_M = g_W.tril_(-1)
     g_M[..., -1, :] += g_w_last
     g_M = g_M.mul_(E)
     gamma = lam * dt_f
@@ -388,7 +389,7 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v):
     # the contiguous s, read at r - 1) and then over t >= r (a select and a column sum), never a
     # difference of prefix sums; a_0 of a chunk is in no seg
     g_a = torch.zeros_like(fs)
-    g_a[..., 1:] = torch.where(later[:, :-1], g_seg.cumsum(-1)[..., :-1], zero).sum(-2)
+    g_a[..., 1:] = g_seg.cumsum(-1)[..., :-1].tril_(-1).sum(-2)
     g_a += (g_fs * fs).flip(-1).cumsum(-1).flip(-1)                          # from_start = exp(cumsum a)
     g_gamma += g_coef
     g_coef = g_coef.reshape(b, h, L)
@@ -411,8 +412,7 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v):
     m = 2 * n_ang
     pairs = lambda x: torch.view_as_complex(x.view(b, h, C, Tb, n)[..., :m].unflatten(-1, (n_ang, 2)))
     gq, gk = pairs(g_qf), pairs(g_kf)
-    # Im(g conj(x~)) summed over q and k: the imaginary part of one complex sum of products
-    g_theta = torch.addcmul(gq * pairs(qf).conj(), gk, pairs(kf).conj()).imag.contiguous()  # (b, h, C, Tb, n_ang)
+    g_theta = (gq * pairs(qf).conj()).imag + (gk * pairs(kf).conj()).imag   # (b, h, C, Tb, n_ang)
     back = turn.view(b, h, C, Tb, n_ang).conj_physical()
     torch.mul(gq, back, out=gq)
     torch.mul(gk, back, out=gk)
@@ -508,7 +508,7 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     ar = torch.arange(Tb, device=q.device)
     later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]   # [t, s]: t > s, t >= s
     # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
-    masked = torch.where(later, a[..., :, None], zero, out=ws("masked", (b, h, C, Tb, Tb), f))
+    masked = torch.tril(a[..., :, None].expand(b, h, C, Tb, Tb), -1, out=ws("masked", (b, h, C, Tb, Tb), f))
     EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
     E = EC = torch.exp(EC, out=EC if inplace else None)
     EC = torch.mul(EC, coef[..., None, :], out=ws("W", EC.shape, f) if keep else EC if inplace else None)
@@ -524,7 +524,7 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
                       scores.view(W.shape) if inplace else None)
         if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
             P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
-        P = torch.where(causal, P, zero, out=P if inplace else None)
+        P = P.tril_() if inplace else torch.where(causal, P, zero)
     else:
         P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
                         zero)
@@ -571,7 +571,7 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     if not keep:
         return states
     return states, dict(lam=lam, th=th, E=E, turn=turn, qf=qf, kf=kf, vf=vf, vw=vw, finite=finite, W=W, scores=scores, P=P,
-                        w_last=w_kept, folded=folded, from_start=from_start)
+                        w_last=w_kept, folded=folded, inter=inter, from_start=from_start)
 
 
 def _contiguous(x, ws, name):
