@@ -113,7 +113,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     v = V.to(f)
 
     def finish(y, v, extras, params, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
-        y = y[:, :, 0]                # D v is already in y (scan_chunks' skip)
+        y = y.squeeze(2)              # D v is already in y (scan_chunks' skip); a view (a select's gradient is a copy)
         if Z is not None:
             z = extras[0].to(f)
             if into is None:
@@ -228,9 +228,12 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
         for t0, t1, Tb in seq:
             i = piece[t0]
             nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
-            args = (q_[i][rows], k_[i][rows], v_[i][rows], up, A_[i][rows], DT_[i][rows], Trap_[i][rows],
-                    DT_[i + 1][rows, :, :1] if nxt else None, Trap_[i + 1][rows, :, :1] if nxt else None,
-                    Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_), *params)
+            # the rows of a packed sequence; without cu_seqlens every row, taken whole: under autograd a
+            # slice's gradient is a zero-filled copy of the piece
+            take = (lambda x: x) if cu_seqlens is None else (lambda x: x[rows])
+            args = (take(q_[i]), take(k_[i]), take(v_[i]), up, take(A_[i]), take(DT_[i]), take(Trap_[i]),
+                    take(DT_[i + 1])[:, :, :1] if nxt else None, take(Trap_[i + 1])[:, :, :1] if nxt else None,
+                    take(Angles_[i]), angle, H, q_bias, k_bias, skip, *(take(x[i]) for x in extras_), *params)
             if grad:
                 if up is None and rot is rotate_pairs:
                     y, angle, H, k_prev, v_prev = SisoBlock.apply((Tb, rot, back), *args[:15])
@@ -290,6 +293,11 @@ class RecomputedBlock(torch.autograd.Function):
         return (None, *result)
 
 
+# scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
+# forward takes them from a workspace, every other buffer fresh
+SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "S"})
+
+
 class SisoBlock(torch.autograd.Function):
     """A rank-1 block under autograd with its backward written out: the forward is the workspace scan
     on fresh buffers (no buffer reused, so each intermediate the backward reads is kept as written),
@@ -303,7 +311,8 @@ class SisoBlock(torch.autograd.Function):
         Tb, rot, ctx.ws = meta
         ctx.set_materialize_grads(False)
         device = args[2].device
-        fresh = lambda name, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+        fresh = lambda name, shape, dtype: (ctx.ws(name, shape, dtype) if name in SCRATCH
+                                            else torch.empty(shape, dtype=dtype, device=device))
         outs, kept = scan_block(*args, Tb=Tb, rot=rot, ws=fresh, keep=True)
         ctx.Tb, ctx.finite, ctx.nones = Tb, kept.pop("finite"), [a is None for a in args]
         ctx.names = list(kept)
