@@ -32,7 +32,7 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
     - every segment sum is a masked cumulative sum over exactly its own terms, never a difference
       of prefix sums; the non-causal entries (t <= s) sum no terms (0) and are dropped by a
       select, so no exp of a positive non-causal sum is ever used;
-    - masked entries are set by torch.where, not multiplied by 0: a NaN or inf in a later
+    - masked entries are set by a select (torch.where, tril), not multiplied by 0: a NaN or inf in a later
       token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. A non-finite V is
       the one input the intra-chunk matmul would still smear over its chunk's earlier outputs
       (0 x inf = NaN), so where V has one, that matmul runs on V with non-finite entries zeroed
@@ -46,12 +46,15 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
 Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens, one block after another,
 carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
 written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
-chunk states, whatever l is. With gradients, each block keeps only its inputs (views of the
-arguments) and the states it starts from (h p n + small, l / BLOCK_TOKENS of them), as
-torch.utils.checkpoint would, and is recomputed with autograd inside the backward
-(RecomputedBlock); memory beyond inputs, output and gradients is then one block's working set and
-its autograd graph plus those carried states. The price is a second forward inside the backward.
-CHECKPOINT_BLOCKS = False keeps every block's graph instead (faster, memory linear in l).
+chunk states, whatever l is. With gradients, a SISO block (SisoBlock) keeps the intermediates its
+written-out backward reads (q~, k~, v, the (T, T) decays, weights, scores and P, the folded states,
+...: about 2 n + 3 p + 4 T + 3 n_ang + p n / T floats a token and head, 4 KB at the official
+optimum shape), so memory under autograd grows with l while the
+backward costs its eight transposed matmuls and one elementwise chain rule, no second forward. A
+MIMO block keeps only its inputs (views of the arguments) and the states it starts from (h p n +
+small, l / BLOCK_TOKENS of them), as torch.utils.checkpoint would, and is recomputed with autograd
+inside the backward (RecomputedBlock); CHECKPOINT_BLOCKS = False keeps every MIMO block's graph
+instead (faster, memory linear in l).
 
 MIMO (``mamba3_mimo``) is the same algorithm with a rank axis R beside time (the official kernel's
 (c r) rows): token s's R pairs (v~_{s,r}, k~_{s,r}) share its weight w(t, s), so
@@ -302,8 +305,8 @@ class SisoBlock(torch.autograd.Function):
     """A rank-1 block under autograd with its backward written out: the forward is the workspace scan
     on fresh buffers (no buffer reused, so each intermediate the backward reads is kept as written),
     and the backward runs the four matmuls' eight transposes and the elementwise chain rule once,
-    where RecomputedBlock runs the block twice. Its memory is the kept intermediates, about 12 floats
-    a token per (head, channel) pair, linear in l; the forward without gradients is unchanged.
+    where RecomputedBlock runs the block twice. Its memory is the kept intermediates (the module
+    docstring), linear in l; the forward without gradients is unchanged.
     args: scan_block's first 15 (up None); returns scan_block's five (y not yet finished)."""
 
     @staticmethod
