@@ -78,14 +78,19 @@ class Case:
                 f"-{self.dtype}{'-states' if self.states else ''}{rank}")
 
     def within(self, limits):
-        """The case with b, l, p and n at most ``limits``' (a dict, or None for no limits); n stays
-        even and n_ang at most n / 2."""
+        """The case with b, l, p, n and h at most ``limits``' (a dict, or None for no limits); n
+        stays even and n_ang at most n / 2, h is lowered through groups, then h_qk; ``chunks``
+        limits how many chunks the sequence spans, by raising chunk_size (an interpreter's time
+        grows with the number of programs, one per chunk and head)."""
         if not limits:
             return self
         c = dataclasses.replace(self, **{k: min(getattr(self, k), v) for k, v in limits.items()
                                          if k in ("b", "l", "p", "n")})
         n = max(2, c.n - c.n % 2)
-        return dataclasses.replace(c, n=n, n_ang=min(c.n_ang, n // 2))
+        h_qk = min(c.h_qk, limits.get("h", c.h))
+        groups = max(1, min(c.groups, limits.get("h", c.h) // h_qk))
+        chunk_size = max(c.chunk_size, -(-c.l // limits.get("chunks", max(c.l, 1))))
+        return dataclasses.replace(c, n=n, n_ang=min(c.n_ang, n // 2), h_qk=h_qk, groups=groups, chunk_size=chunk_size)
 
 
 def inputs(case, S=None):

@@ -267,4 +267,4 @@ if importlib.util.find_spec("triton") is not None:
     register("triton", lazy("mamba3.triton", "mamba3_scan"), step=lazy("mamba3.triton", "mamba3_state_update"),
              family="mamba3", gradients=True, varlen=False, state_batch_indices=True, nonfinite_inputs=False,
              batch_invariant=True,
-             case_limits=dict(b=2, l=12, h=2, p=3, n=6) if registry.triton_interpreted() else None)
+             case_limits=dict(b=2, l=12, h=2, p=3, n=6, chunks=4) if registry.triton_interpreted() else None)
