@@ -32,7 +32,7 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
     - every segment sum is a masked cumulative sum over exactly its own terms, never a difference
       of prefix sums; the non-causal entries (t <= s) sum no terms (0) and are dropped by a
       select, so no exp of a positive non-causal sum is ever used;
-    - masked entries are set by torch.where, not multiplied by 0: a NaN or inf in a later
+    - masked entries are set by a select (torch.where, tril), not multiplied by 0: a NaN or inf in a later
       token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. A non-finite V is
       the one input the intra-chunk matmul would still smear over its chunk's earlier outputs
       (0 x inf = NaN), so where V has one, that matmul runs on V with non-finite entries zeroed
@@ -46,12 +46,15 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
 Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens, one block after another,
 carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
 written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
-chunk states, whatever l is. With gradients, each block keeps only its inputs (views of the
-arguments) and the states it starts from (h p n + small, l / BLOCK_TOKENS of them), as
-torch.utils.checkpoint would, and is recomputed with autograd inside the backward
-(RecomputedBlock); memory beyond inputs, output and gradients is then one block's working set and
-its autograd graph plus those carried states. The price is a second forward inside the backward.
-CHECKPOINT_BLOCKS = False keeps every block's graph instead (faster, memory linear in l).
+chunk states, whatever l is. With gradients, a SISO block (SisoBlock) keeps the intermediates its
+written-out backward reads (q~, k~, v, the (T, T) decays, weights, scores and P, the folded states,
+...: about 2 n + 3 p + 4 T + 3 n_ang + p n / T floats a token and head, 4 KB at the official
+optimum shape), so memory under autograd grows with l while the
+backward costs its eight transposed matmuls and one elementwise chain rule, no second forward. A
+MIMO block keeps only its inputs (views of the arguments) and the states it starts from (h p n +
+small, l / BLOCK_TOKENS of them), as torch.utils.checkpoint would, and is recomputed with autograd
+inside the backward (RecomputedBlock); CHECKPOINT_BLOCKS = False keeps every MIMO block's graph
+instead (faster, memory linear in l).
 
 MIMO (``mamba3_mimo``) is the same algorithm with a rank axis R beside time (the official kernel's
 (c r) rows): token s's R pairs (v~_{s,r}, k~_{s,r}) share its weight w(t, s), so
@@ -113,7 +116,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     v = V.to(f)
 
     def finish(y, v, extras, params, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
-        y = y[:, :, 0]                # D v is already in y (scan_chunks' skip)
+        y = y.squeeze(2)              # D v is already in y (scan_chunks' skip); a view (a select's gradient is a copy)
         if Z is not None:
             z = extras[0].to(f)
             if into is None:
@@ -192,6 +195,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
         x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init))
     pieces, finals = [], []
     fast = Workspace(v.device)   # the forward of recomputed blocks
+    back = Workspace(v.device)   # the backward of SisoBlocks
     # the output's trailing shape and dtype: finish on no tokens
     R, p = q.shape[2], v.shape[-1]
     empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), params, NO_WORKSPACE, None)
@@ -227,11 +231,17 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
         for t0, t1, Tb in seq:
             i = piece[t0]
             nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
-            args = (q_[i][rows], k_[i][rows], v_[i][rows], up, A_[i][rows], DT_[i][rows], Trap_[i][rows],
-                    DT_[i + 1][rows, :, :1] if nxt else None, Trap_[i + 1][rows, :, :1] if nxt else None,
-                    Angles_[i][rows], angle, H, q_bias, k_bias, skip, *(x[i][rows] for x in extras_), *params)
+            # the rows of a packed sequence; without cu_seqlens every row, taken whole: under autograd a
+            # slice's gradient is a zero-filled copy of the piece
+            take = (lambda x: x) if cu_seqlens is None else (lambda x: x[rows])
+            args = (take(q_[i]), take(k_[i]), take(v_[i]), up, take(A_[i]), take(DT_[i]), take(Trap_[i]),
+                    take(DT_[i + 1])[:, :, :1] if nxt else None, take(Trap_[i + 1])[:, :, :1] if nxt else None,
+                    take(Angles_[i]), angle, H, q_bias, k_bias, skip, *(take(x[i]) for x in extras_), *params)
             if grad:
-                if CHECKPOINT_BLOCKS:
+                if up is None and rot is rotate_pairs:
+                    y, angle, H, k_prev, v_prev = SisoBlock.apply((Tb, rot, back), *args[:15])
+                    y = finish(y, args[2], args[15:15 + len(extras)], params, NO_WORKSPACE, None)
+                elif CHECKPOINT_BLOCKS:
                     y, angle, H, k_prev, v_prev = RecomputedBlock.apply((Tb, rot, finish, fast, len(extras)), *args)
                 else:
                     y, angle, H, k_prev, v_prev = _finished_block(*args, Tb=Tb, rot=rot, finish=finish,
@@ -286,13 +296,176 @@ class RecomputedBlock(torch.autograd.Function):
         return (None, *result)
 
 
+# scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
+# forward takes them from a workspace, every other buffer fresh
+SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "S"})
+
+
+class SisoBlock(torch.autograd.Function):
+    """A rank-1 block under autograd with its backward written out: the forward is the workspace scan
+    on fresh buffers (no buffer reused, so each intermediate the backward reads is kept as written),
+    and the backward runs the four matmuls' eight transposes and the elementwise chain rule once,
+    where RecomputedBlock runs the block twice. Its memory is the kept intermediates (the module
+    docstring), linear in l; the forward without gradients is unchanged.
+    args: scan_block's first 15 (up None); returns scan_block's five (y not yet finished)."""
+
+    @staticmethod
+    def forward(ctx, meta, *args):
+        Tb, rot, ctx.ws = meta
+        ctx.set_materialize_grads(False)
+        device = args[2].device
+        fresh = lambda name, shape, dtype: (ctx.ws(name, shape, dtype) if name in SCRATCH
+                                            else torch.empty(shape, dtype=dtype, device=device))
+        outs, kept = scan_block(*args, Tb=Tb, rot=rot, ws=fresh, keep=True)
+        ctx.Tb, ctx.finite, ctx.nones = Tb, kept.pop("finite"), [a is None for a in args]
+        ctx.names = list(kept)
+        ctx.save_for_backward(*(a for a in args if a is not None), *kept.values())
+        return outs
+
+    @staticmethod
+    def backward(ctx, gy, g_angle, g_H, g_k, g_v):
+        saved = list(ctx.saved_tensors)
+        args = [None if none else saved.pop(0) for none in ctx.nones]
+        kept = dict(zip(ctx.names, saved))
+        grads = siso_block_backward(args, kept, ctx.Tb, ctx.finite, gy, g_angle, g_H, g_k, g_v, ctx.ws)
+        return (None, *(None if g is None or a is None else g.to(a.dtype) for a, g in zip(args, grads)))
+
+
+def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
+    """The gradients of scan_block's 15 arguments (rank 1) from those of its five results (each may be
+    None) and the intermediates its keep mode returned; the chain rule of steps 4 back to 1, every
+    masked entry dropped by a select, as in the forward. ws: a Workspace for the temporaries that no
+    gradient returned is a view of (shared by the blocks of one scan: their backwards run in turn)."""
+    q, k, v, _, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip = args
+    lam, th, E, turn, qf, kf, vf, vw, W, scores, P, w_last, folded, inter, fs = (kept[x] for x in (
+        "lam", "th", "E", "turn", "qf", "kf", "vf", "vw", "W", "scores", "P", "w_last", "folded", "inter",
+        "from_start"))
+    b, L, _, h_qk, n = q.shape
+    h, p = v.shape[-2:]
+    C, f, n_ang = L // Tb, qf.dtype, angles.shape[-1]
+    B = b * h * C
+    zero = fs.new_zeros(())
+    dt_f = dt.to(f)
+    gY = (fs.new_zeros(B, Tb, p) if gy is None
+          else _contiguous(gy[:, :, 0].to(f).permute(0, 2, 1, 3), ws, "gY").view(B, Tb, p))
+
+    # 4. readout y += from_start_t (H'_c q~_t): through q~, H'_c and from_start
+    gYf = torch.mul(gY, fs.reshape(B, Tb, 1), out=ws("gYf", gY.shape, f))
+    g_fs = (gY * inter).sum(-1).view(b, h, C, Tb)
+    g_qf = torch.bmm(gYf, folded.view(B, p, n), out=ws("g_qf", qf.shape, f))   # (B, Tb, n)
+    g_folded = torch.bmm(gYf.transpose(1, 2), qf, out=ws("g_folded", (B, p, n), f)).view(b, h, C, p, n)
+
+    # 3. the state pass, backwards
+    # H'_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c: S_c's gradient is H'_{c+1}'s
+    gS = ws("gS", folded.shape, f)
+    if g_H is None:
+        gS[:, :, -1] = 0
+    else:
+        gS[:, :, -1] = g_H
+    fsl = fs[..., -1, None, None]
+    for c in range(C - 1, 0, -1):
+        torch.addcmul(g_folded[:, :, c], fsl[:, :, c], gS[:, :, c], out=gS[:, :, c - 1])
+    g_H_in = torch.addcmul(g_folded[:, :, 0], fsl[:, :, 0], gS[:, :, 0])
+    g_fs[..., -1] += (gS * folded).sum((-1, -2))
+
+    # 2. chunk states S = (v w_last)^T k~, and the intra-chunk y = P v, P = (q~ k~^T o W) on t >= s
+    gS = gS.view(B, p, n)
+    g_vw = torch.bmm(kf, gS.transpose(1, 2), out=ws("g_vw", vf.shape, f))  # (B, Tb, p)
+    g_kf = torch.bmm(vw, gS, out=ws("g_kf", kf.shape, f))
+    g_w_last = (g_vw * vf).sum(-1).view(b, h, C, Tb)
+    vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, zero)
+    gP = torch.bmm(gY, vf_intra.transpose(1, 2), out=ws("gP", (B, Tb, Tb), f))
+    g_intra = torch.bmm(P.view(B, Tb, Tb).transpose(1, 2), gY)
+    if not finite:
+        g_intra = torch.where(torch.isfinite(vf), g_intra, zero)
+    g_vf = torch.addcmul(g_intra, g_vw, w_last.reshape(B, Tb, 1), out=g_intra)
+    # tril_ is a select (the entries above the diagonal are set to 0), as the forward's
+    gP = gP.view(b, h, C, Tb, Tb).tril_()
+    g_skip = None if skip is None else gP.diagonal(dim1=-2, dim2=-1).sum((0, 2, 3))
+    g_scores = torch.mul(gP, W, out=ws("g_scores", W.shape, f)).tril_().view(B, Tb, Tb)
+    g_W = gP.mul_(scores.view(W.shape)).tril_()
+    g_qf.baddbmm_(g_scores, kf)
+    g_kf.baddbmm_(g_scores.transpose(1, 2), qf)
+
+    # the weights: W = exp(seg(t, s)) coef_s below the diagonal, gamma_t on it; w_last its row Tb-1
+    g_gamma = g_W.diagonal(dim1=-2, dim2=-1).clone()
+    g_M = g_W.tril_(-1)
+    g_M[..., -1, :] += g_w_last
+    g_M = g_M.mul_(E)
+    gamma = lam * dt_f
+    after = (delta_of(trap_next, dt_next, f) if dt_next is not None else lam.new_zeros(b, h, 1))
+    coef = (gamma + torch.cat((((1 - lam) * dt_f)[..., 1:], after), -1)).view(b, h, C, Tb)
+    g_coef = g_M.sum(-2)                                                     # (b, h, C, Tb)
+    g_seg = g_M.mul_(coef[..., None, :])
+    # seg(t, s) sums a_r over s < r <= t: a_r's gradient sums g_seg[t, s] over s < r (a cumsum along
+    # the contiguous s, read at r - 1) and then over t >= r (a select and a column sum), never a
+    # difference of prefix sums; a_0 of a chunk is in no seg
+    g_a = torch.zeros_like(fs)
+    g_a[..., 1:] = g_seg.cumsum(-1)[..., :-1].tril_(-1).sum(-2)
+    g_a += (g_fs * fs).flip(-1).cumsum(-1).flip(-1)                          # from_start = exp(cumsum a)
+    g_gamma += g_coef
+    g_coef = g_coef.reshape(b, h, L)
+    g_delta = torch.cat((g_coef.new_zeros(b, h, 1), g_coef[..., :-1]), -1)
+    g_after = g_coef[..., -1:]
+    g_gamma = g_gamma.reshape(b, h, L)
+    g_dt = g_gamma * lam + g_delta * (1 - lam)
+    g_trap = (g_gamma - g_delta) * dt_f * lam * (1 - lam)
+    if dt_next is None:
+        g_dt_next = g_trap_next = None
+    else:
+        lam_next = torch.sigmoid(trap_next.to(f))
+        g_dt_next = g_after * (1 - lam_next)
+        g_trap_next = -g_after * dt_next.to(f) * lam_next * (1 - lam_next)
+
+    # 1. the rotation q~ = e^{i theta} (q + bias) per pair: back by e^{-i theta}; theta's gradient Im(g conj(q~))
+    g_kf = g_kf.view(b, h, C, Tb, 1, n)
+    if g_k is not None:
+        g_kf[:, :, -1, -1] += g_k.to(f).transpose(1, 2)
+    m = 2 * n_ang
+    pairs = lambda x: torch.view_as_complex(x.view(b, h, C, Tb, n)[..., :m].unflatten(-1, (n_ang, 2)))
+    gq, gk = pairs(g_qf), pairs(g_kf)
+    g_theta = (gq * pairs(qf).conj()).imag + (gk * pairs(kf).conj()).imag   # (b, h, C, Tb, n_ang)
+    back = turn.view(b, h, C, Tb, n_ang).conj_physical()
+    torch.mul(gq, back, out=gq)
+    torch.mul(gk, back, out=gk)
+    g_pre = [g_qf.view(b, h, C, Tb, 1, n), g_kf]
+    # theta = start_c + cumsum within the chunk; start_{c+1} = start_c + the chunk's last cumsum
+    Ga = fs.new_zeros(b, h, n_ang) if g_angle is None else g_angle.to(f)
+    g_start = g_theta.sum(3)
+    for c in reversed(range(C)):
+        g_theta[:, :, c, -1] += Ga
+        Ga = Ga + g_start[:, :, c]
+    g_inc = g_theta.flip(-2).cumsum(-2).flip(-2).view(b, h, L, n_ang)
+    g_dt += (g_inc * th).sum(-1) * math.pi
+    g_angles = (g_inc * (math.pi * dt_f)[..., None] * (1 - th * th)).permute(0, 2, 1, 3)
+
+    def per_head(g, bias):  # (b, h, C, Tb, 1, n) -> the gradients of x (b, L, 1, h_qk, n) and of bias (1, h, n)
+        g_bias = None if bias is None else g.sum((0, 2, 3)).transpose(0, 1)
+        g_x = g.reshape(b, h_qk, h // h_qk, L, 1, n).sum(2).permute(0, 2, 3, 1, 4)
+        return g_x, g_bias
+
+    g_q, g_q_bias = per_head(g_pre[0], q_bias)
+    g_k_in, g_k_bias = per_head(g_pre[1], k_bias)
+    g_v_in = g_vf.view(b, h, L, p).permute(0, 2, 1, 3)
+    if g_v is not None:
+        g_v_in = g_v_in.clone()
+        g_v_in[:, -1] += g_v.to(f)
+    return (g_q, g_k_in, g_v_in, None, g_a.reshape(b, h, L), g_dt, g_trap, g_dt_next, g_trap_next, g_angles, Ga,
+            g_H_in, g_q_bias, g_k_bias, g_skip)
+
+
+def delta_of(trap, dt, f):
+    """(1 - sigmoid(Trap)) DT in the compute dtype f: the trapezoid's shifted weight."""
+    return (1 - torch.sigmoid(trap.to(f))) * dt.to(f)
+
+
 def _finished_block(*args, Tb, rot, finish, extras):
     y, *states = scan_block(*args[:15], Tb=Tb, rot=rot, ws=NO_WORKSPACE)
     return (finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None), *states)
 
 
 def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
-               ws):
+               ws, keep=False):
     """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
 
     q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
@@ -300,9 +473,11 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     sequence; angles: (b, L, h, n_ang); angle: (b, h, n_ang) and H: (b, h, p, n), the angle and the
     folded state H' the block starts from; q_bias, k_bias: (R, h, n) or None; skip: (h,), D added to
     y (rank 1 only), or None; ws: a Workspace (its
-    buffers written in place) or NO_WORKSPACE (every op functional, for autograd).
+    buffers written in place) or NO_WORKSPACE (every op functional, for autograd); keep (rank 1, with
+    a workspace of fresh buffers): the scores are kept apart from the weighted P, and the block's
+    intermediates are returned too, for SisoBlock's backward.
     Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
-    and v (b, h, p) after the block's last token.
+    and v (b, h, p) after the block's last token [, the intermediates (dict)].
     """
     b, L, R, h_qk, n = q.shape
     h, p = v.shape[-2:]
@@ -322,8 +497,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
     # tanh on contiguous memory: on a permuted view it runs about 3x slower than a copy and tanh
     inc = _contiguous(angles.to(f).permute(0, 2, 1, 3), ws, "inc")          # (b, h, L, n_ang)
-    inc = torch.tanh(inc, out=inc if inplace else None)
-    inc = torch.mul(inc, (math.pi * dt)[..., None], out=inc if inplace else None)
+    th = torch.tanh(inc, out=inc if inplace else None)
+    inc = torch.mul(th, (math.pi * dt)[..., None], out=ws("pi tanh dt", th.shape, f) if keep else th if inplace else None)
     cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
     starts = []
     for c in range(C):
@@ -345,10 +520,10 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     ar = torch.arange(Tb, device=q.device)
     later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]   # [t, s]: t > s, t >= s
     # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
-    masked = torch.where(later, a[..., :, None], zero, out=ws("masked", (b, h, C, Tb, Tb), f))
+    masked = torch.tril(a[..., :, None].expand(b, h, C, Tb, Tb), -1, out=ws("masked", (b, h, C, Tb, Tb), f))
     EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
-    EC = torch.exp(EC, out=EC if inplace else None)
-    EC = torch.mul(EC, coef[..., None, :], out=EC if inplace else None)    # exp(seg(t, s)) (gamma_s + delta_{s+1})
+    E = EC = torch.exp(EC, out=EC if inplace else None)
+    EC = torch.mul(EC, coef[..., None, :], out=ws("W", EC.shape, f) if keep else EC if inplace else None)
     # each chunk's contribution to the next H' reads row Tb-1 of EC (seg(last, last) = 0), the
     # trapezoid's delta_{s+1} included on the diagonal; the intra-chunk weights then have gamma_t
     # there, written over the diagonal alone (above it the values are selected away below)
@@ -357,10 +532,11 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     W = EC
     scores = torch.bmm(qf, kf.transpose(1, 2), out=ws("scores", (b * h * C, TR, TR), f))
     if R == 1:
-        P = torch.mul(scores.view(W.shape), W, out=scores.view(W.shape) if inplace else None)
+        P = torch.mul(scores.view(W.shape), W, out=ws("P", W.shape, f) if keep else
+                      scores.view(W.shape) if inplace else None)
         if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
             P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
-        P = torch.where(causal, P, zero, out=P if inplace else None)
+        P = P.tril_() if inplace else torch.where(causal, P, zero)
     else:
         P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
                         zero)
@@ -376,6 +552,7 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         poison = torch.where(seen, math.nan, zero).expand(b, h, C, Tb, R, p).reshape(b * h * C, TR, p)
         y = torch.add(y, poison, out=y if inplace else None)
     # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
+    w_kept = w_last
     w_last = w_last[..., None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
     vw = torch.mul(vf, w_last, out=ws("vw", vf.shape, f))
     S = torch.bmm(vw.transpose(1, 2), kf, out=ws("S", (b * h * C, p, n), f)).view(b, h, C, p, n)
@@ -402,7 +579,11 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
     y = torch.addcmul(y, inter, rows, out=y if inplace else None)
     y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
-    return y, angle, H, kr[:, :, -1, -1].transpose(1, 2).clone(), v[:, -1].clone()
+    states = (y, angle, H, kr[:, :, -1, -1].transpose(1, 2).clone(), v[:, -1].clone())
+    if not keep:
+        return states
+    return states, dict(lam=lam, th=th, E=E, turn=turn, qf=qf, kf=kf, vf=vf, vw=vw, finite=finite, W=W, scores=scores, P=P,
+                        w_last=w_kept, folded=folded, inter=inter, from_start=from_start)
 
 
 def _contiguous(x, ws, name):
