@@ -186,8 +186,24 @@ def conditionings(case, x=None):
     cond, _ = _cases.conditioning(x)
     last = _last(cond)
     gradient = (last + 4 * TRANSCENDENTAL_ULPS + (GATE_ULPS if x["Z"] is not None else 0)
-                + (TRANSCENDENTAL_ULPS if x.get("fuse_pregate_headwise_rms_norm") else 0))
+                + (TRANSCENDENTAL_ULPS + norm_jacobian_ulps(x) if x.get("fuse_pregate_headwise_rms_norm") else 0))
     return (cond[..., None] if per_rank(case) else cond), (0.0, last, last, 0.0), gradient
+
+
+def norm_jacobian_ulps(x):
+    """The backward through MIMO's pre-gate norm reads its Jacobian, (I - y^ y^T / p) / rms, at the
+    forward's own y, and an error e in y changes that Jacobian by up to 3 |e| / rms relative to its
+    entries (y^ and rms each move by |e| / rms). Near the norm's epsilon the change is not small: a
+    y of 2 sqrt(eps) that cancels from terms a hundred times larger gives a float64 gradient 1e-11
+    off. In ulps: 3 x y's rounded terms x the largest sums of |terms| of y over its row's rms."""
+    a = as_f64(dict(x, Z=None, MIMO_Out=None, fuse_pregate_headwise_rms_norm=False, outproj_norm_weight=None))
+    y = loop.mamba3_mimo(**a)                                                        # (b, l, R, h, p)
+    if not y.numel():
+        return 0.0
+    rms = torch.sqrt(y.square().mean(-1, keepdim=True) + x.get("outproj_norm_eps", 1e-5))
+    b, l, R, h, p = y.shape
+    ratio = (_cases.magnitudes(a)[0] / rms).amax().item()
+    return 3 * _cases.y_terms(l, x["Q"].shape[-1], p, R, per_rank=True) * ratio
 
 
 # Each summand of a gradient element is a product of up to about sixteen rounded factors (the

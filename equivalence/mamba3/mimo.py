@@ -122,7 +122,10 @@ PINNED_INVARIANTS = dict(
          (Case(b=1, l=20, p=3, n=4, chunk_size=8, R=2, norm=True, per_rank=True), 10)],
     gradients=[Case(b=2, l=30, h_qk=2, groups=2, p=3, n=4, n_ang=2, dtype="f64", chunk_size=7, seed=7, R=3, norm=True),
                Case(b=1, l=20, h_qk=1, groups=1, p=2, n=8, n_ang=2, dtype="f32", states=False, chunk_size=4, seed=8,
-                    R=2, per_rank=True)],
+                    R=2, per_rank=True),
+               # a pre-norm y of 2 sqrt(eps) that cancels from far larger terms (norm_jacobian_ulps)
+               Case(b=1, l=1, h_qk=2, groups=1, p=1, n=6, n_ang=3, dtype="f64", D=False, Z=False, seed=7343,
+                    chunk_size=1, R=2, norm=True)],
     chunk_sizes=[Case(b=2, l=130, h_qk=2, groups=2, p=3, n=6, n_ang=3, dtype="f32", seed=1, R=2, norm=True),
                  Case(b=1, l=70, h_qk=1, groups=3, p=2, n=4, n_ang=1, dtype="f64", states=False, seed=2, R=3)],
     nonfinite_causality=[(Case(b=1, l=12, p=2, n=4, chunk_size=5, dtype="f32", R=2), 9, "nan"),
