@@ -13,6 +13,7 @@ which implementation from its parameters, tagged on each test at collection (so 
 workers send the tag to the controller with each report).
 """
 
+import os
 import re
 
 import pytest
@@ -127,9 +128,22 @@ class Summary:
         return "\n".join(out)
 
 
+def check_writable(path):
+    """Refuse, before any test runs, a --scan-summary FILE that could not be written after them."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise pytest.UsageError(f"--scan-summary {path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise pytest.UsageError(f"--scan-summary {path}: no folder {folder}")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise pytest.UsageError(f"--scan-summary {path}: not writable")
+
+
 def pytest_configure(config):
     from .plugin import active
 
+    if config.getoption("scan_summary", None):
+        check_writable(config.getoption("scan_summary"))
     if active(config):
         config.pluginmanager.register(Summary(), "scan-summary-collector")
 

@@ -364,3 +364,24 @@ def test_a_family_folders_tests_are_summarised_under_their_family():
     item = SimpleNamespace(callspec=SimpleNamespace(params={"name": "loop"}), fixturenames=["name"],
                            get_closest_marker=marks.get)
     assert implementation_of(item) == ("mamba3", "loop")
+
+
+def test_a_function_of_another_family_is_refused_before_any_test():
+    """A Mamba-1 scan named for the SSD family does not take its arguments: a usage error naming the
+    family and the options, not a run of tests that each fail on the same TypeError."""
+    from equivalence.plugin import register_probed
+
+    with pytest.raises(pytest.UsageError, match=r"--ssd-impl wrong_family_xyz: does not take the ssd scan's "
+                                                r"arguments \(TypeError: .*--impl, --ssd-impl"):
+        register_probed(impls.get_family("ssd"), "wrong_family_xyz", impls.get("loop").scan, None, "")
+    assert "wrong_family_xyz" not in impls.names("ssd")
+
+
+@pytest.mark.parametrize("where, said", [("no_such_folder_xyz/s.md", "no folder"), (".", "is a folder")])
+def test_an_unwritable_summary_is_refused_before_any_test(tmp_path, where, said):
+    """--scan-summary is checked when the run starts, not after every test has run."""
+    from equivalence.summary import check_writable
+
+    with pytest.raises(pytest.UsageError, match=said):
+        check_writable(str(tmp_path / where))
+    check_writable(str(tmp_path / "s.md"))
