@@ -28,3 +28,11 @@ def materialize(values, dtype=None, strided_views=False):
         t = t if dtype is None else t.to(dtype)
         out[k] = strided(t) if strided_views else t
     return out
+
+
+def chunk_size_within(chunk_size, l, limits):
+    """chunk_size raised so that l tokens span at most ``limits["chunks"]`` chunks (an interpreter's
+    time grows with the number of programs, one per chunk and head); unchanged without that limit."""
+    if "chunks" not in limits:
+        return chunk_size
+    return max(chunk_size, -(-l // limits["chunks"]))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from hypothesis import strategies as st
 
 from equivalence import tolerance
+from equivalence.inputs import chunk_size_within
 from impls.mamba3 import loop
 
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
@@ -91,8 +92,8 @@ class Case:
         n = max(2, c.n - c.n % 2)
         h_qk = min(c.h_qk, limits.get("h", c.h))
         groups = max(1, min(c.groups, limits.get("h", c.h) // h_qk))
-        chunk_size = max(c.chunk_size, -(-c.l // limits.get("chunks", max(c.l, 1))))
-        return dataclasses.replace(c, n=n, n_ang=min(c.n_ang, n // 2), h_qk=h_qk, groups=groups, chunk_size=chunk_size)
+        return dataclasses.replace(c, n=n, n_ang=min(c.n_ang, n // 2), h_qk=h_qk, groups=groups,
+                                   chunk_size=chunk_size_within(c.chunk_size, c.l, limits))
 
 
 def inputs(case, S=None):

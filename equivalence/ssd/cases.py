@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from impls.frontdoor import compute_dtype
 
-from ..inputs import DTYPES, materialize
+from ..inputs import DTYPES, chunk_size_within, materialize
 REGIMES = ("mamba2", "stress", "slow")
 DT_LIMITS = {"default": (0.0, float("inf")), "tight": (0.01, 0.05)}
 EXTREME_RAW_DT = (-30.0, -0.5, 19.5, 20.5, 25.0, 100.0)
@@ -76,8 +76,8 @@ class SSDCase:
             return self
         fold = {k: 1 + (getattr(self, k) - 1) % limits[k] for k in ("b", "l", "h", "p", "n") if k in limits}
         new = dataclasses.replace(self, **fold)
-        chunk_size = max(new.chunk_size, -(-new.l // limits.get("chunks", max(new.l, 1))))
-        return dataclasses.replace(new, g=math.gcd(self.g, new.h), chunk_size=chunk_size)
+        return dataclasses.replace(new, g=math.gcd(self.g, new.h),
+                                   chunk_size=chunk_size_within(new.chunk_size, new.l, limits))
 
 
 def make_inputs(case, dtype=None):
