@@ -18,7 +18,9 @@ if not os.path.exists(SCRIPT):  # an installed suite (pip install, --pyargs) has
 _spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "scripts", "gpu_check.py"))
 gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
-SELECTIVE, SSD = gpu_check.FAMILIES["selective"], gpu_check.FAMILIES["ssd"]
+import gpu_families  # noqa: E402  (beside gpu_check.py, which put its folder on sys.path)
+
+SELECTIVE, SSD = gpu_families.FAMILIES["selective"], gpu_families.FAMILIES["ssd"]
 
 
 def run(*args, timeout=120, cwd=None):
@@ -54,25 +56,25 @@ def test_without_cuda_exits_with_an_explanation_and_writes_nothing(tmp_path):
 def test_memory_floor_bytes_at_the_target_size():
     """About 1.6 GB for the forward at b=8, d=1536, n=16, l=8192 in float32 (the field notes' figure)."""
     b, d, n, l = 8, 1536, 16, 8192
-    assert gpu_check.forward_bytes(b, d, n, l) == 4 * (4 * b * d * l + 2 * b * n * l) + 4 * (d * n + 2 * d)
-    assert 1.6e9 < gpu_check.forward_bytes(b, d, n, l) < 1.7e9
-    assert gpu_check.forward_bytes(b, d, n, l, itemsize=2) < gpu_check.forward_bytes(b, d, n, l)
-    assert gpu_check.backward_bytes(b, d, n, l) > gpu_check.forward_bytes(b, d, n, l)
+    assert gpu_families.forward_bytes(b, d, n, l) == 4 * (4 * b * d * l + 2 * b * n * l) + 4 * (d * n + 2 * d)
+    assert 1.6e9 < gpu_families.forward_bytes(b, d, n, l) < 1.7e9
+    assert gpu_families.forward_bytes(b, d, n, l, itemsize=2) < gpu_families.forward_bytes(b, d, n, l)
+    assert gpu_families.backward_bytes(b, d, n, l) > gpu_families.forward_bytes(b, d, n, l)
 
 
 def test_ssd_memory_floor_and_flops_at_mamba2_shapes():
     """The SSD floor counts x, z, out (b·l·h·p each) and B, C (b·l·g·n each) plus dt; the FLOP count
     is the chunked algorithm's products, dominated by the state terms 4 p n per token and head."""
     b, l, h, p, n = 1, 8192, 80, 64, 128
-    fwd = gpu_check.ssd_forward_bytes(b, l, h, p, n, itemsize=2)
+    fwd = gpu_families.ssd_forward_bytes(b, l, h, p, n, itemsize=2)
     assert fwd == 2 * (3 * b * l * h * p + 2 * b * l * n + b * l * h) + 12 * h
     assert 250e6 < fwd < 260e6                                   # about a quarter GB in bfloat16
-    assert gpu_check.ssd_backward_bytes(b, l, h, p, n, itemsize=2) > fwd
-    assert gpu_check.ssd_forward_bytes(b, l, h, p, n, has_z=False) < gpu_check.ssd_forward_bytes(b, l, h, p, n)
-    flops = gpu_check.ssd_flops(b, l, h, p, n, 256)
+    assert gpu_families.ssd_backward_bytes(b, l, h, p, n, itemsize=2) > fwd
+    assert gpu_families.ssd_forward_bytes(b, l, h, p, n, has_z=False) < gpu_families.ssd_forward_bytes(b, l, h, p, n)
+    flops = gpu_families.ssd_flops(b, l, h, p, n, 256)
     assert flops == 2 * b * l * h * (2 * p * n + 256 * (n + p) / 2)
-    assert gpu_check.ssd_flops(b, 100, h, p, n, 256) == 2 * b * 100 * h * (2 * p * n + 100 * (n + p) / 2)  # Q = l
-    assert gpu_check.ssd_step_bytes(64, 24, 64, 128) > 2 * 4 * 64 * 24 * 64 * 128
+    assert gpu_families.ssd_flops(b, 100, h, p, n, 256) == 2 * b * 100 * h * (2 * p * n + 100 * (n + p) / 2)  # Q = l
+    assert gpu_families.ssd_step_bytes(64, 24, 64, 128) > 2 * 4 * 64 * 24 * 64 * 128
 
 
 def test_ssd_targets_and_table():
@@ -99,7 +101,7 @@ def test_pytest_summary():
 
 
 def _bench(tri, par, floor):
-    row = dict(gpu_check.MAIN_SIZE, dtype="float32", op="forward", ms={"triton": tri, "parallel": par, "loop": 900.0},
+    row = dict(gpu_families.MAIN_SIZE, dtype="float32", op="forward", ms={"triton": tri, "parallel": par, "loop": 900.0},
                floor_ms=floor, bytes=1)
     return dict(names=["triton", "parallel", "loop"], rows=[row], step=[], copy_bandwidth_gbs=4300.0)
 
