@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
 import gpu_families  # noqa: E402  (beside gpu_check.py, which put its folder on sys.path)
 
-SELECTIVE, SSD = gpu_families.FAMILIES["selective"], gpu_families.FAMILIES["ssd"]
+SELECTIVE, SSD, MAMBA3 = (gpu_families.FAMILIES[name] for name in ("selective", "ssd", "mamba3"))
 
 
 def run(*args, timeout=120, cwd=None):
@@ -75,6 +76,73 @@ def test_ssd_memory_floor_and_flops_at_mamba2_shapes():
     assert flops == 2 * b * l * h * (2 * p * n + 256 * (n + p) / 2)
     assert gpu_families.ssd_flops(b, 100, h, p, n, 256) == 2 * b * 100 * h * (2 * p * n + 100 * (n + p) / 2)  # Q = l
     assert gpu_families.ssd_step_bytes(64, 24, 64, 128) > 2 * 4 * 64 * 24 * 64 * 128
+
+
+def test_mamba3_memory_floor_by_hand_at_the_official_shape():
+    """Each tensor's bytes counted by hand at b=16, l=2048, h=32, h_qk=1, p=64, n=128, n_ang=32, in
+    bfloat16 but ADT, DT, D and the step's states (float32)."""
+    fwd = (2 * 8_388_608          # Q, K: 16·2048·1·128 x 2 bytes each
+           + 3 * 134_217_728      # V, Z read, out written: 16·2048·32·64 x 2
+           + 67_108_864           # Angles: 16·2048·32·32 x 2
+           + 2_097_152            # Trap: 16·32·2048 x 2
+           + 2 * 4_194_304        # ADT, DT: 16·32·2048 x 4
+           + 2 * 8_192            # Q_bias, K_bias: 32·128 x 2
+           + 128)                 # D: 32 x 4
+    assert fwd == 497_041_536
+    args = (16, 2048, 32, 64, 128, 32)
+    assert gpu_families.mamba3_forward_bytes(*args) == fwd
+    assert gpu_families.mamba3_forward_bytes(*args, has_z=False) == fwd - 134_217_728
+    # the backward: the forward's inputs read again and their gradients written, d out read
+    assert gpu_families.mamba3_backward_bytes(*args) == 2 * (fwd - 134_217_728) + 134_217_728
+    step = (2 * (524_288          # the states, read and written: angle 128·32·32 x 4,
+                 + 134_217_728    # ssm 128·32·64·128 x 4,
+                 + 2_097_152      # k 128·32·128 x 4,
+                 + 1_048_576)     # v 128·32·64 x 4
+            + 2 * 32_768          # q, k: 128·128 x 2
+            + 3 * 524_288         # v, z, out: 128·32·64 x 2
+            + 8_192               # trap: 128·32 x 2
+            + 262_144             # angles: 128·32·32 x 2
+            + 2 * 16_384          # adt, dt: 128·32 x 4
+            + 2 * 8_192 + 128)    # Q_bias, K_bias, D
+    assert gpu_families.mamba3_step_bytes(128, 32, 64, 128, 32) == step == 277_733_504
+
+
+@pytest.mark.parametrize("name", list(gpu_families.FAMILIES))
+def test_every_target_row_is_a_benchmarked_row(name):
+    """A target read from a row the bench never measures would always say "not measured"."""
+    family = gpu_families.FAMILIES[name]
+    rows = [dict(case, op="forward") for case in family["bench_cases"](False)]
+    assert any(all(row.get(k) == v for k, v in family["target_row"].items()) for row in rows), family["target_row"]
+
+
+def test_big_phase_catches_a_far_row_of_a_returned_state(monkeypatch):
+    """The big phase on stand-in Mamba-3 kernels (the torch chunked scan and step) that corrupt, in
+    the big call only, out at the last head's last token and the last row of the ssm state the
+    step returns, where a wrapped offset lands: exactly those two checks fail. A phase that read the
+    step's input states (an in-place step's) instead of the returned ones would miss the second."""
+    from impls.mamba3 import chunked, recurrent
+
+    def scan(**kw):
+        out, *states = chunked.mamba3_scan(**kw)
+        if kw["V"].shape[2] > 2:                   # more heads than the compact window's two
+            out = out.clone()
+            out[:, -1, -1] += 1
+        return (out, *states)
+
+    def step(**kw):
+        out, (angle, ssm, k, v) = recurrent.mamba3_state_update(**kw)
+        if kw["V"].shape[0] > 1:                   # the full batch, not the last row alone
+            ssm = ssm.clone()
+            ssm[-1, -1, -1, -1] += 1
+        return out, (angle, ssm, k, v)
+
+    planted = types.ModuleType("planted_mamba3_kernels")
+    planted.mamba3_scan, planted.mamba3_state_update = scan, step
+    monkeypatch.setitem(sys.modules, planted.__name__, planted)
+    result = gpu_check.phase_big(dict(MAMBA3, kernels=planted.__name__), smoke=True)
+    failed = {name for name, check in result["checks"].items() if not check["ok"]}
+    assert failed == {"mamba3 forward out", "mamba3 step ssm"}, result["checks"]
+    assert len(result["checks"]) == 15 and not result["ok"]
 
 
 def test_ssd_targets_and_table():
@@ -150,5 +218,12 @@ def test_smoke_run_of_every_phase(tmp_path):
     assert {r["op"] for r in results["ssd_bench"]["rows"]} == {"forward", "backward", "forward+backward"}
     assert all(r["ms"]["triton"] > 0 and r["ms"]["chunked"] > 0 for r in results["ssd_bench"]["rows"] if r["op"] == "forward")
     assert results["ssd_bench"]["step"][0]["ms"]["triton"] > 0
-    assert results["suite"]["files"]["smoke_ssd"]["ok"]
+    # one pytest run, every family's option: a test of each family's kernels passed
+    assert results["suite"]["files"]["smoke"]["ok"] and results["suite"]["files"]["smoke"]["counts"]["passed"] >= len(gpu_families.FAMILIES)
+    assert results["mamba3_big"]["ok"] and len(results["mamba3_big"]["checks"]) == 15
+    rows = results["mamba3_bench"]["rows"]
+    assert {r["op"] for r in rows} == {"forward", "backward", "forward+backward"}
+    assert all(r["ms"]["triton"] > 0 and r["ms"]["chunked"] > 0 for r in rows if r["op"] == "forward")
+    assert all(results["mamba3_bench"]["step"][0]["ms"][nm] > 0 for nm in ("triton", "recurrent"))
+    assert "Mamba-3 scan" in r.stdout
     assert "SMOKE" in r.stdout and "PASSED" in r.stdout

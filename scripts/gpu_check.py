@@ -1,4 +1,5 @@
-"""GPU check of the Triton kernels (impls/selective/triton.py, impls/ssd/triton.py), for when a machine with a GPU is lent.
+"""GPU check of the Triton kernels (impls/selective/triton.py, impls/ssd/triton.py,
+impls/mamba3/triton.py), for when a machine with a GPU is lent. None of it has run on a GPU yet.
 Run it through scripts/gpu_check.sh:
 
     scripts/gpu_check.sh OUTPUT_DIR            # on a machine with a CUDA device
@@ -9,14 +10,16 @@ Phases, each in its own process (a crash, say an illegal address from a wrapped 
 is recorded and the other phases still run); suite and the big phases run side by side, the bench
 phases alone after them. Every phase but the suite is written once and run for each family of
 FAMILIES (in scripts/gpu_families.py: Mamba-1 "selective", its results under big and bench;
-Mamba-2 "ssd", under ssd_big and ssd_bench), which says what differs: inputs, shapes, names, bytes
-and targets.
+Mamba-2 "ssd", under ssd_big and ssd_bench; Mamba-3 SISO "mamba3", under mamba3_big and
+mamba3_bench), which says what differs: inputs, shapes, names, bytes and targets.
   suite  the equivalence suite for triton, natively, every family's files in parallel. On a GPU
          the triton entries have no case limits, so the property tests draw their full sizes.
   big    forward, backward and step on more than 2^31 elements, each checked against the same rows
          computed on a compact copy: a wrapped 32-bit offset reads or writes the wrong row.
          selective: b·d·l = 2^31 + 2^18 for the scan, b·d·n > 2^31 for the step's state;
-         ssd: x of b·l·h·p = 2^31 + 2^17 elements, the step on a state of b·h·p·n > 2^31.
+         ssd: x of b·l·h·p = 2^31 + 2^17 elements, the step on a state of b·h·p·n > 2^31;
+         mamba3: V of b·l·h·p = 2^31 + 2^17 (no Z), the last two heads; the step on an ssm
+         state of b·h·p·n = 2^31 + 2^18, its last row (the step returns new states).
   bench  CUDA-event timings (triton.testing.do_bench; calls slower than 50 ms are timed with CUDA
          events directly, median of 3) of the scan forward, forward + backward and the step, with
          the device copy bandwidth and the memory floor.
@@ -26,13 +29,18 @@ and targets.
          chunk_size=256), l = 2048, 8192, 65536, bfloat16: triton against chunked (the torch SSD,
          same GPU) and the official mamba_chunk_scan_combined when mamba_ssm imports (registered as
          mamba_ssm), in ms, GB/s and TFLOP/s.
+         mamba3: at the official SISO kernel's tuned shape (h=32, h_qk=1, p=64, n=128, n_ang=32,
+         chunk_size=64), b=16 l=2048, b=1 l=8192 and 65536, bfloat16, the step at b=128: triton
+         against chunked (the torch scan; recurrent for the step) and the official
+         mamba3_siso_combined and mamba3_siso_step when mamba_ssm imports (registered as mamba_ssm).
 
 Writes OUTPUT_DIR/gpu_check.json (complete or not at all) and prints a short table.
 Exit status: 0 every check passed; 1 a check failed, or a phase crashed or ran out of time (the
 JSON says which); 2 usage error; 3 no CUDA device, or no torch or triton: nothing is written.
 The speed targets (selective, at b=8, d=1536, n=16, l=8192: forward at least 20x faster than
 parallel and within 2x of the memory floor; ssd, at mamba2-2.7b's layer and l = 8192: forward at
-least 20x faster than chunked and within 1.5x of the official kernel) are reported, not enforced.
+least 20x faster than chunked and within 1.5x of the official kernel; mamba3, at b=16, l=2048: the
+same two) are reported, not enforced.
 """
 
 import argparse
@@ -192,9 +200,6 @@ def write_atomically(path, obj):
 
 # ---- the phases, written once over a family (each runs in its own process) -----------------------
 
-BATCHED = ("x", "dt", "B", "C", "z")      # the step arguments with a batch row each, in every family
-
-
 def _setup(family, smoke):
     """Import the family's kernels; returns (torch, the kernel module, device)."""
     sys.path.insert(0, ROOT)
@@ -224,7 +229,9 @@ def _compare(torch, big, small, elements):
 def phase_big(family, smoke):
     """Forward, backward and step past 2^31 elements against compact copies of some of their rows.
     The family gives the inputs (big_scan: inputs, elements, and windows: a label and how to take
-    the window's part of an input, output or gradient by name) and the step's (big_step)."""
+    the window's part of an input, output or gradient by name) and the step's (big_step: the state,
+    a tensor or a tuple of tensors passed as the argument step_state, and the other arguments, of
+    which those named in step_batched have a batch row each)."""
     torch, kernels, dev = _setup(family, smoke)
     gen = torch.Generator(device=dev).manual_seed(0)
     results = {}
@@ -255,14 +262,21 @@ def phase_big(family, smoke):
             check(f"backward d{k} {label}".strip(), take(k, big_g), small_g, elements)
     del grads, x, gy, small, wrt
 
-    # the step: its last batch row against the same row updated alone
+    # the step: its last batch row against the same row updated alone. A step that returns (y, new
+    # states) is read as such; one that returns y alone has updated its state in place.
     state, args = family["big_step"](torch, dev, gen, smoke)
-    step = getattr(kernels, family["step"])
-    last_row = state[-1:].clone()
-    y = step(state, **args)
-    ys = step(last_row, **{k: (v[-1:] if k in BATCHED else v) for k, v in args.items()})
-    check("step y", y[-1:], ys, state.numel())
-    check("step state", state[-1:], last_row, state.numel())
+    states = state if isinstance(state, tuple) else (state,)
+    last_rows = tuple(s[-1:].clone() for s in states)
+    step, batched = getattr(kernels, family["step"]), family["step_batched"]
+    as_given = lambda rows: rows if isinstance(state, tuple) else rows[0]
+    read = lambda res, rows: res if isinstance(res, tuple) else (res, rows)
+    y, new = read(step(**args, **{family["step_state"]: state}), states)
+    ys, new_rows = read(step(**{k: (v[-1:] if k in batched else v) for k, v in args.items()},
+                             **{family["step_state"]: as_given(last_rows)}), last_rows)
+    elements = max(s.numel() for s in states)
+    check("step y", y[-1:], ys, elements)
+    for name, big_s, small_s in zip(family["step_states"], new, new_rows):
+        check(f"step {name}", big_s[-1:], small_s, elements)
     return dict(checks=results, ok=all(r["ok"] for r in results.values()))
 
 
@@ -318,7 +332,8 @@ def phase_bench(family, smoke):
     out = dict(names=names, step_names=step_names, rows=[], step=[], errors=[], methods={},
                notes=["backward = (forward + backward) - forward",
                       "GB/s: the memory floor's bytes over triton's time",
-                      "TFLOP/s (where counted): the forward's FLOPs, 3x for forward + backward, 2x for the backward"])
+                      "TFLOP/s (where counted): the forward's FLOPs, 3x for forward + backward, 2x for the backward",
+                      *family.get("bench_notes", ())])
     scan, step = getattr(impls, family["scan"]), getattr(impls, family["step"])
 
     def timed(key, fn):
@@ -382,7 +397,7 @@ def phase_bench(family, smoke):
         row = dict(case, op="step", ms={}, bytes=c["bytes"])
         for nm in step_names:
             row["ms"][nm] = timed(f"{nm} step {family['label'](case)}",
-                                  lambda: step(c["state"], **c["inputs"], impl=nm))
+                                  lambda: step(**c["inputs"], impl=nm))
         add(row)
     if family.get("tune"):
         family["tune"](torch, kernels, dev, gen, smoke, timed, out, started, budget)
@@ -415,7 +430,12 @@ def _run_phase(phase, smoke, timeout):
 def _run_suite(smoke):
     env = dict(os.environ, CI="true")
     if smoke:
-        jobs = {f["smoke_job"]: [f["option"], "triton", *f["smoke_suite"]] for f in FAMILIES.values()}
+        # one pytest run with every family's option and a quick test of each family's own file: the
+        # options and files are checked as the full suite uses them, and pytest starts once (on a
+        # CPU, starting it is most of a smoke job's time)
+        fams = FAMILIES.values()
+        jobs = {"smoke": [*(a for f in fams for a in (f["option"], "triton")), *(f["smoke_tests"][0] for f in fams),
+                          "-k", " or ".join(f["smoke_tests"][1] for f in fams)]}
     else:
         # the property files are shared by the families: one job per family and file, each with only
         # its family's option (so only that family's tests run in it)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the Triton kernels (Mamba-1 and Mamba-2 SSD): correctness natively (including past
-# 2^31 elements) and timings against the other implementations. Details, phases and exit statuses:
-# scripts/gpu_check.py.
+# GPU check of the Triton kernels (Mamba-1, Mamba-2 SSD and Mamba-3 SISO): correctness natively
+# (including past 2^31 elements) and timings against the other implementations. None of its phases
+# has run on a GPU yet (no GPU has been lent). Details, phases and exit statuses: scripts/gpu_check.py.
 #
 #   scripts/gpu_check.sh OUTPUT_DIR            # needs a CUDA device; writes OUTPUT_DIR/gpu_check.json
 #   scripts/gpu_check.sh --smoke OUTPUT_DIR    # tiny sizes on the CPU: tests this script

@@ -27,6 +27,19 @@ SMOKE_SSD_SHAPES = {"tiny": dict(h=2, p=4, n=4, g=1)}
 SMOKE_SSD_LENGTHS = [24]
 SMOKE_SSD_CHUNK = 8
 
+# Mamba-3 (SISO): the shape the official Triton kernel is tuned for, as its entry point's docstring
+# says ("optimized for nheads_qk=1, nheads=32, headdim_qk=128, headdim_v=64, chunk_size=64",
+# mamba3_siso_combined in mamba_ssm/ops/triton/mamba3/mamba3_siso_combined.py), with n_ang = n / 4
+# as the official tests draw it; batch 16 as the official scan test, batch 128 for the step as its
+# step test (tests/ops/triton/test_mamba3_siso.py); a long sequence besides, as the SSD grid's.
+MAMBA3_SHAPE = dict(h=32, h_qk=1, p=64, n=128, n_ang=32)
+MAMBA3_SIZES = [dict(b=16, l=2048), dict(b=1, l=8192), dict(b=1, l=65536)]
+MAMBA3_CHUNK = 64
+MAMBA3_STEP_BATCH = 128
+SMOKE_MAMBA3_SHAPE = dict(h=2, h_qk=1, p=4, n=4, n_ang=1)
+SMOKE_MAMBA3_SIZES = [dict(b=1, l=12)]
+SMOKE_MAMBA3_CHUNK = 4
+
 
 
 # ---- memory floors and FLOP counts (pure, tested on the CPU) -------------------------------------
@@ -71,6 +84,31 @@ def ssd_flops(b, l, h, p, n, chunk_size):
 def ssd_step_bytes(b, h, p, n, g=1, itemsize=4):
     """The state read and written (b·h·p·n each), x, z read and y written, dt, B, C read."""
     return 4 * 2 * b * h * p * n + itemsize * (3 * b * h * p + b * h + 2 * b * g * n) + 4 * 3 * h
+
+
+def mamba3_forward_bytes(b, l, h, p, n, n_ang, h_qk=1, itemsize=2, has_z=True):
+    """Bytes the Mamba-3 SISO forward must move at the least, in the official kernel's dtypes: Q, K
+    read (b·l·h_qk·n each), V (and Z) read and out written (b·l·h·p each), Angles (b·l·h·n_ang) and
+    Trap (b·h·l) read, Q_bias and K_bias (h·n each) once, all in the input dtype; ADT and DT read in
+    float32 (b·h·l each), D (h) once in float32. No state in or out."""
+    return (itemsize * (2 * b * l * h_qk * n + (3 if has_z else 2) * b * l * h * p + b * l * h * n_ang + b * h * l
+                        + 2 * h * n) + 4 * (2 * b * h * l + h))
+
+
+def mamba3_backward_bytes(b, l, h, p, n, n_ang, h_qk=1, itemsize=2, has_z=True):
+    """Bytes the Mamba-3 backward must move at the least: every input of the forward read again and
+    its gradient written in its dtype (twice the forward's inputs), and d out read (b·l·h·p)."""
+    out = itemsize * b * l * h * p
+    return 2 * (mamba3_forward_bytes(b, l, h, p, n, n_ang, h_qk, itemsize, has_z) - out) + out
+
+
+def mamba3_step_bytes(b, h, p, n, n_ang, h_qk=1, itemsize=2):
+    """The four float32 states read and written (angle b·h·n_ang, ssm b·h·p·n, k b·h·n, v b·h·p);
+    q, k read (b·h_qk·n each), v, z read and out written (b·h·p each), trap and angles read (b·h,
+    b·h·n_ang), Q_bias, K_bias once (h·n each), in the input dtype; adt, dt (b·h each) and D (h) in
+    float32."""
+    states = 4 * 2 * b * h * (n_ang + p * n + n + p)
+    return states + itemsize * (2 * b * h_qk * n + 3 * b * h * p + b * h + b * h * n_ang + 2 * h * n) + 4 * (2 * b * h + h)
 
 
 # ---- each family's inputs, cases and tuning -------------------------------------------------------
@@ -147,7 +185,7 @@ def _selective_step_inputs(torch, dev, gen, case, smoke):
     x = _inputs(torch, dev, b, d, n, 1, torch.float32, gen)
     args = dict(x=x["u"][..., 0], dt=x["delta"][..., 0], A=x["A"], B=x["B"][..., 0], C=x["C"][..., 0], D=x["D"],
                 z=x["z"][..., 0], dt_bias=x["delta_bias"], dt_softplus=True)
-    return dict(state=torch.zeros(b, d, n, device=dev), inputs=args, bytes=step_bytes(b, d, n))
+    return dict(inputs=dict(args, state=torch.zeros(b, d, n, device=dev)), bytes=step_bytes(b, d, n))
 
 
 def _selective_tune(torch, ts, dev, gen, smoke, timed, out, started, budget):
@@ -265,12 +303,98 @@ def _ssd_step_inputs(torch, dev, gen, case, smoke):
     x = _ssd_inputs(torch, dev, b, 1, h, p, n, g, torch.bfloat16, gen)
     args = dict(x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"], B=x["B"][:, 0], C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0],
                 dt_bias=x["dt_bias"], dt_softplus=True)
-    return dict(state=torch.zeros(b, h, p, n, device=dev), inputs=args, bytes=ssd_step_bytes(b, h, p, n, g, 2))
+    return dict(inputs=dict(args, state=torch.zeros(b, h, p, n, device=dev)), bytes=ssd_step_bytes(b, h, p, n, g, 2))
 
+
+def _mamba3_inputs(torch, dev, gen, b, l, h, h_qk, p, n, n_ang, has_z=True):
+    """The official SISO tests' draw: Q, K RMS-normed over n, V, Z, Angles, the biases standard
+    normal, DT log-uniform in [1e-3, 0.1], ADT = -U(1, 16) DT, Trap U(0, 1) before its sigmoid, D = 1.
+    In the official kernel's dtypes: bfloat16, but ADT, DT and D in float32. l = None: one token, the
+    step's arguments (b, h, ...)."""
+    bf, t = torch.bfloat16, () if l is None else (l,)
+    r = lambda *s: torch.randn(*s, device=dev, generator=gen, dtype=bf)
+    u = lambda *s: torch.rand(*s, device=dev, generator=gen)
+    rms = lambda x: (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)).to(bf)
+    DT = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * u(b, h, *t))
+    return dict(Q=rms(torch.randn(b, *t, h_qk, n, device=dev, generator=gen)),
+                K=rms(torch.randn(b, *t, h_qk, n, device=dev, generator=gen)), V=r(b, *t, h, p),
+                ADT=-(1 + 15 * u(b, h, *t)) * DT, DT=DT, Trap=u(b, h, *t).to(bf), Q_bias=r(h, n), K_bias=r(h, n),
+                Angles=r(b, *t, h, n_ang), D=torch.ones(h, device=dev), Z=r(b, *t, h, p) if has_z else None)
+
+
+def _mamba3_big_scan(torch, dev, gen, smoke):
+    """V of b·l·h·p = 2^31 + 2^17 bfloat16 elements, p = 128 and n = 16 (the kernels' float32 q~ and
+    k~, (b, l, h, n), are an eighth of V's count), so that the backward fits an H100's 80 GB: about
+    65 GB at its peak, counted on paper, most of it float32 copies of V's size (d out, V, dv, dV, in
+    torch). No Z: the kernel reads it at out's offsets, and its gradient's float32 temporaries would
+    need some 60 GB more. The window: the last two heads (Q and K, one head shared by all, h_qk = 1,
+    are taken whole): in every head the last 32 tokens lie past element 2^31 of V and out."""
+    b, l, h, p, n, n_ang = (1, 10, 4, 4, 4, 1) if smoke else (1, 2**19 + 32, 32, 128, 16, 2)
+    ch = 2
+    x = _mamba3_inputs(torch, dev, gen, b, l, h, 1, p, n, n_ang, has_z=False)
+
+    def take(name, t):
+        if name in ("Q", "K"):
+            return t
+        if name in ("Q_bias", "K_bias", "D"):
+            return t[h - ch:]
+        if name in ("ADT", "DT", "Trap", "angle", "ssm", "k", "v"):
+            return t[:, h - ch:].contiguous()                # (b, h, ...)
+        return t[:, :, h - ch:].contiguous()                 # (b, l, h, ...): V, Angles, out, gradients
+    return dict(inputs=dict(x, chunk_size=SMOKE_MAMBA3_CHUNK if smoke else MAMBA3_CHUNK), elements=b * l * h * p,
+                windows=[("", take)])
+
+
+def _mamba3_big_step(torch, dev, gen, smoke):
+    """An ssm state of b·h·p·n = 2^31 + 2^18 float32 elements (the official step test's h = 32,
+    p = 64, n = 128, n_ang = 32; 8,193 rows); the four states in, new ones out."""
+    sb, sh, sp, sn, sa = (3, 2, 4, 4, 1) if smoke else (8193, 32, 64, 128, 32)
+    f = dict(device=dev, generator=gen)
+    states = (2 * math.pi * torch.rand(sb, sh, sa, **f), torch.randn(sb, sh, sp, sn, **f), torch.randn(sb, sh, sn, **f),
+              torch.randn(sb, sh, sp, **f))
+    return states, _mamba3_inputs(torch, dev, gen, sb, None, sh, 1, sp, sn, sa)
+
+
+def _mamba3_bench_cases(smoke):
+    shape, chunk = (SMOKE_MAMBA3_SHAPE, SMOKE_MAMBA3_CHUNK) if smoke else (MAMBA3_SHAPE, MAMBA3_CHUNK)
+    sizes = SMOKE_MAMBA3_SIZES if smoke else MAMBA3_SIZES
+    return [dict(size, **shape, chunk_size=chunk, dtype="bfloat16") for size in sizes]
+
+
+def _mamba3_step_cases(smoke):
+    return [dict(SMOKE_MAMBA3_SHAPE if smoke else MAMBA3_SHAPE, b=2 if smoke else MAMBA3_STEP_BATCH)]
+
+
+def _mamba3_dims(case):
+    return [case[k] for k in ("b", "h", "h_qk", "p", "n", "n_ang")]
+
+
+def _mamba3_bench_inputs(torch, dev, gen, case, smoke):
+    b, h, h_qk, p, n, n_ang = _mamba3_dims(case)
+    l, chunk = case["l"], case["chunk_size"]
+    x = dict(_mamba3_inputs(torch, dev, gen, b, l, h, h_qk, p, n, n_ang), chunk_size=chunk)
+    gy = torch.randn(b, l, h, p, device=dev, generator=gen).to(torch.bfloat16)
+    # the FLOPs are the SSD's: per head, q~ k~^T within chunks and states of (p, n)
+    return dict(inputs=x, gy=gy, bytes=(mamba3_forward_bytes(b, l, h, p, n, n_ang, h_qk),
+                                        mamba3_backward_bytes(b, l, h, p, n, n_ang, h_qk)),
+                flops=ssd_flops(b, l, h, p, n, chunk))
+
+
+def _mamba3_step_inputs(torch, dev, gen, case, smoke):
+    b, h, h_qk, p, n, n_ang = _mamba3_dims(case)
+    states = tuple(torch.zeros(b, h, *s, device=dev) for s in ((n_ang,), (p, n), (n,), (p,)))
+    return dict(inputs=dict(_mamba3_inputs(torch, dev, gen, b, None, h, h_qk, p, n, n_ang), Input_States=states),
+                bytes=mamba3_step_bytes(b, h, p, n, n_ang, h_qk))
+
+
+# A step that updates one state tensor in place, named state, and takes these arguments per batch row
+IN_PLACE_STEP = dict(step_state="state", step_states=("state",), step_batched=("x", "dt", "B", "C", "z"))
 
 # A family: its registry name; key, the prefix of its results in the JSON; title and check_prefix,
-# how the table and the check names call it; the suite's option and files; its Triton kernel module
+# how the table and the check names call it; the suite's option and files, and the smoke run's file
+# and -k expression (a quick test of the family's kernels, run with its option); its Triton kernel module
 # and public function names; the names of its outputs and of the inputs the big phase differentiates;
+# its step's state argument, the names of its states and its arguments with a batch row each;
 # the big and bench phases' inputs and cases; its targets: (name, reference, "speedup" or "over", bound),
 # read from the bench row matching target_row.
 FAMILIES = {
@@ -278,9 +402,9 @@ FAMILIES = {
         name="selective", key="", title="Mamba-1", check_prefix="", option="--impl",
         suite=["equivalence/test_values.py", "equivalence/test_invariants.py",
                "equivalence/test_gradients.py", "equivalence/test_triton.py"],
-        smoke_job="smoke", smoke_suite=["equivalence/test_triton.py", "-k", "offset_helpers"],
+        smoke_tests=("equivalence/test_triton.py", "offset_helpers"),
         kernels="impls.selective.triton", scan="selective_scan", step="selective_state_update",
-        return_state="return_last_state", outputs=("y", "state"), leaves=("u", "delta", "z"),
+        return_state="return_last_state", outputs=("y", "state"), leaves=("u", "delta", "z"), **IN_PLACE_STEP,
         big_scan=_selective_big_scan, big_step=_selective_big_step,
         bench_names=("triton", "parallel", "loop"), step_names=("triton", "parallel", "recurrent"),
         bench_cases=_selective_bench_cases, bench_inputs=_selective_bench_inputs,
@@ -294,9 +418,9 @@ FAMILIES = {
         name="ssd", key="ssd_", title="SSD", check_prefix="ssd", option="--ssd-impl",
         suite=["equivalence/test_values.py", "equivalence/test_invariants.py",
                "equivalence/test_gradients.py", "equivalence/ssd/test_step.py", "equivalence/test_triton_ssd.py"],
-        smoke_job="smoke_ssd", smoke_suite=["equivalence/test_triton_ssd.py", "-k", "growth"],
+        smoke_tests=("equivalence/test_triton_ssd.py", "growth"),
         kernels="impls.ssd.triton", scan="ssd_scan", step="ssd_state_update",
-        return_state="return_final_states", outputs=("out", "final_states"), leaves=("x", "z"),
+        return_state="return_final_states", outputs=("out", "final_states"), leaves=("x", "z"), **IN_PLACE_STEP,
         big_scan=_ssd_big_scan, big_step=_ssd_big_step,
         bench_names=("triton", "chunked", "mamba_ssm"), step_names=("triton", "recurrent", "mamba_ssm"),
         bench_cases=_ssd_bench_cases, bench_inputs=_ssd_bench_inputs,
@@ -306,4 +430,25 @@ FAMILIES = {
         targets=[("ssd_forward_speedup_vs_chunked", "chunked", "speedup", 20.0),
                  ("ssd_forward_over_official", "mamba_ssm", "over", 1.5)],
         timeouts=dict(big=240, bench=300)),
+    "mamba3": dict(
+        name="mamba3", key="mamba3_", title="Mamba-3", check_prefix="mamba3", option="--mamba3-impl",
+        suite=["equivalence/test_values.py", "equivalence/test_invariants.py", "equivalence/test_gradients.py",
+               "equivalence/test_properties.py", "equivalence/test_varlen.py", "equivalence/mamba3/test_triton.py"],
+        smoke_tests=("equivalence/mamba3/test_triton.py", "launch_grids"),
+        kernels="impls.mamba3.triton", scan="mamba3_scan", step="mamba3_state_update",
+        return_state="return_final_states", outputs=("out", "angle", "ssm", "k", "v"),
+        leaves=("V", "ADT", "DT", "Trap", "Angles"), step_state="Input_States", step_states=("angle", "ssm", "k", "v"),
+        step_batched=("Q", "K", "V", "ADT", "DT", "Trap", "Angles", "Z"),
+        big_scan=_mamba3_big_scan, big_step=_mamba3_big_step,
+        bench_names=("triton", "chunked", "mamba_ssm"), step_names=("triton", "recurrent", "mamba_ssm"),
+        bench_cases=_mamba3_bench_cases, bench_inputs=_mamba3_bench_inputs,
+        step_cases=_mamba3_step_cases, step_inputs=_mamba3_step_inputs,
+        label=lambda r: f"b{r['b']} l{r['l']}" if "l" in r else f"b{r['b']}",
+        target_row=dict(b=16, l=2048, op="forward"),
+        targets=[("mamba3_forward_speedup_vs_chunked", "chunked", "speedup", 20.0),
+                 ("mamba3_forward_over_official", "mamba_ssm", "over", 1.5)],
+        # the official kernels are timed through their adapter, as the suite calls them
+        bench_notes=["mamba_ssm: through impls/adapters/mamba3.py, which returns new tensors: its forward's time "
+                     "includes a copy of out (b·l·h·p), its step's a copy of the four states"],
+        timeouts=dict(big=240, bench=240)),
 }
