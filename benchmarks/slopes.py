@@ -38,6 +38,19 @@ def t_quantile(p, df):
     return (lo + hi) / 2
 
 
+def _checked(where, L, t, sizes):
+    """L and t as float arrays; ValueError unless 1-d, of one length, positive, finite, with ``sizes``
+    distinct sizes at least."""
+    L, t = np.asarray(L, dtype=float), np.asarray(t, dtype=float)
+    if L.shape != t.shape or L.ndim != 1:
+        raise ValueError(f"{where}: L and t must be 1-d of the same length, got {L.shape} and {t.shape}")
+    if not (np.isfinite(L).all() and np.isfinite(t).all() and (L > 0).all() and (t > 0).all()):
+        raise ValueError(f"{where}: L and t must be positive and finite")
+    if len(np.unique(L)) < sizes:
+        raise ValueError(f"{where}: need at least {sizes} distinct sizes")
+    return L, t
+
+
 def fit_slope(L, t, confidence=0.95):
     """Fit t = C * L^slope on log-log axes.
 
@@ -47,13 +60,7 @@ def fit_slope(L, t, confidence=0.95):
         dict(slope, intercept (natural log of C), stderr, ci_low, ci_high, confidence, n, r2);
         with only two points the interval is unknown (stderr, ci_low, ci_high are NaN).
     """
-    L, t = np.asarray(L, dtype=float), np.asarray(t, dtype=float)
-    if L.shape != t.shape or L.ndim != 1:
-        raise ValueError(f"fit_slope: L and t must be 1-d of the same length, got {L.shape} and {t.shape}")
-    if not (np.isfinite(L).all() and np.isfinite(t).all() and (L > 0).all() and (t > 0).all()):
-        raise ValueError("fit_slope: L and t must be positive and finite")
-    if len(np.unique(L)) < 2:
-        raise ValueError("fit_slope: need at least two distinct sizes")
+    L, t = _checked("fit_slope", L, t, 2)
     x, y = np.log(L), np.log(t)
     slope, intercept = np.polyfit(x, y, 1)
     n = len(x)
@@ -86,13 +93,7 @@ def fit_quadratic(L, t, confidence=0.95):
              L_star: the L from which c L^2 > a + b L (the largest root of c L^2 = a + b L; 0.0 when
                      c L^2 is larger at every L > 0), None unless c_sign is "positive")
     """
-    L, t = np.asarray(L, dtype=float), np.asarray(t, dtype=float)
-    if L.shape != t.shape or L.ndim != 1:
-        raise ValueError(f"fit_quadratic: L and t must be 1-d of the same length, got {L.shape} and {t.shape}")
-    if not (np.isfinite(L).all() and np.isfinite(t).all() and (L > 0).all() and (t > 0).all()):
-        raise ValueError("fit_quadratic: L and t must be positive and finite")
-    if len(np.unique(L)) < 4:
-        raise ValueError("fit_quadratic: need at least four distinct sizes (three terms and an interval)")
+    L, t = _checked("fit_quadratic", L, t, 4)
     # in units of the largest L and t, so that the three columns are of one scale
     l_unit, t_unit = L.max(), t.max()
     x, y = L / l_unit, t / t_unit

@@ -93,7 +93,7 @@ def test_linear_series_leaves_c_unresolved():
 
 
 def test_quadratic_needs_four_lengths():
-    with pytest.raises(ValueError, match="four distinct"):
+    with pytest.raises(ValueError, match="at least 4 distinct sizes"):
         fit_quadratic([8, 16, 32, 32], [1, 2, 3, 3])
     with pytest.raises(ValueError):
         fit_quadratic([8, 16, 32, 64], [1, 2, 0, 4])
