@@ -93,8 +93,8 @@ MODEL_LENGTHS = {"quick": [2 ** k for k in range(6, 9)],
 # cumulative generation: recurrent up to CUMULATIVE_MAX tokens, re-forwarding (quadratic) up to
 # CUMULATIVE_REFORWARD_MAX, from 8 tokens on, at powers of two and, up to CUMULATIVE_REFORWARD_MAX,
 # 1.5 times each: at least 4 points for the fit of a + b L + c L^2; with 11 points to 256 (8 degrees of
-# freedom) its interval of c is about 0.6 times as wide as with the 6 powers of two (simulated, 10 %
-# noise), for about half again of re-forwarding's time
+# freedom) its interval of c was 0.41-0.51 times as wide as with the 6 powers of two in one default
+# run (Mamba-3's c resolved only with them), for about half again of re-forwarding's time
 CUMULATIVE_MIN = 8
 CUMULATIVE_MAX = {"quick": 2 ** 6, "default": 2 ** 10, "long": 2 ** 13}
 CUMULATIVE_REFORWARD_MAX = {"quick": 2 ** 6, "default": 2 ** 8, "long": 2 ** 10}

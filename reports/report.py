@@ -237,7 +237,7 @@ def plot_cumulative(data, path):
     fits = _cumulative_fits(data)
     if not any(len(stable) for _, stable, _ in fits):
         return None
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = plt.subplots(figsize=(9, 7.5))
     for key, stable, row in fits:
         label = " / ".join(str(key[k]) for k in ("level", "impl", "mode") if k in key)
         if len({k.get("source") for k, _, _ in fits}) > 1:
@@ -245,7 +245,7 @@ def plot_cumulative(data, path):
         ax.loglog(stable["L"], stable["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3,
                   label=f"{label} ({row['points']} points): {quadratic_label(row)}")
     _label_axes(ax, "tokens generated L", "time to generate L tokens (s)", cumulative_title([r for _, _, r in fits]))
-    ax.legend(fontsize=7, loc="upper left")   # totals rise to the right: the upper left stays clear
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))   # below the axes: the labels are long
     return _save(fig, path)
 
 
@@ -492,7 +492,7 @@ MISSING = {  # what a "–" (a missing value) means in each table
                                          "inputs, where the loop is the oracle), so no multiple of it exists.",
     "Against mamba.py: decoding and prefill": "speedup_over_mambapy and same_next_tokens are for prefill rows only.",
     "Time per token": "ci95: two lengths only, no interval.",
-    "Cumulative generation time": "L_star: c is not resolved positive; a_s to c_ci95_high: not fitted "
+    "Cumulative generation time": "L_star: c is not resolved positive; c_s to b_s: not fitted "
                                   "(under 4 stable lengths).",
 }
 
@@ -534,8 +534,8 @@ def build(data, problems, out_dir):
              "freedom) excludes 0; L_star is the length from which c·L² is the larger part of t(L) "
              "(c·L² > a + b·L). Re-forwarding runs a forward over the whole prefix for every token, so c > 0; "
              "recurrent decoding costs the same at every position, so c should be consistent with 0. A log-log "
-             "slope of these totals lies between 1 and 2 wherever a and b·L are much of the time, so the "
-             "figure's title states only what these fits show."),
+             "slope of these totals reads below 2 (re-forward) and 1 (recurrent) wherever the fixed cost a is "
+             "much of the time, so none is drawn, and the figure's title states only what these fits show."),
         ("Memory of recurrent decoding", memory_table(data), [], [],
          "Peak resident memory of a process decoding L tokens: a kept state takes constant memory."),
         ("Scan speed grid", grid, [figures["scan_grid"]] if figures["scan_grid"] else [], left_out(data, "scan_grid"),
