@@ -4,6 +4,7 @@ import re
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 from benchmarks import runner
 from benchmarks.common import append_jsonl
@@ -91,13 +92,13 @@ def data(tmp_path):
 def drawn(monkeypatch):
     """The title and legend labels of the figures drawn, as the figure holds them when saved."""
     out = {}
-    save = report._save
+    save = Figure.savefig
 
-    def keep(fig, path):
+    def keep(fig, *args, **kwargs):
         ax = fig.axes[0]
         out.update(title=ax.get_title(), labels=[t.get_text() for t in ax.get_legend().get_texts()])
-        return save(fig, path)
-    monkeypatch.setattr(report, "_save", keep)
+        return save(fig, *args, **kwargs)
+    monkeypatch.setattr(Figure, "savefig", keep)
     return out
 
 
