@@ -17,10 +17,10 @@ Model level, the small model MODEL (impls/models/mamba.py, official layout and i
                (powers of two, and 1.5 times each within re-forwarding's range; re-forwarding is
                quadratic in L, so it runs directly only up to CUMULATIVE_REFORWARD_MAX[size]: at
                least 4 points in every size, as a fit of a + b L + c L^2 needs), for each
-               family's small model with MODEL's sizes: MambaLM
-               (level "model", through the chosen implementations), and, when no implementation
-               is named, Mamba2LM ("model2": model2_speed's, the same sizes) and Mamba3LM ("model3",
-               the official Mamba-3 defaults inside), each through CUMULATIVE_FAMILIES' scan and step
+               family's small model with MODEL's sizes: MambaLM (level "model", through the chosen
+               implementations) and, when no implementation is named, Mamba2LM ("model2":
+               model2_speed's, the same sizes) and Mamba3LM ("model3", the official Mamba-3
+               defaults inside), each through CUMULATIVE_FAMILIES' scan and step
 Memory: recurrent decoding of L tokens (selective_state_update L times, inputs cycled from a fixed
 pool so they take constant memory), in a fresh process so that its peak resident memory is its own.
 

@@ -3,9 +3,10 @@
 Sections, each present only when its data is: where the results come from (thread counts and load)
 and what could not be read or was left out; the targets of docs/figures.md, met or not; time per token
 against prefix length on log-log axes, one figure per level, with fitted slopes and their
-intervals; cumulative generation time with its fitted L² term; the scan speed grid as paired ratios to the floor and to the
-best peer, with absolute ms; against mamba.py; the decode cost split; accuracy against the float64
-loop (verdict per implementation, then every case); pytest-benchmark timings. Every section lists
+intervals; cumulative generation time with its fitted L² term; the scan speed grid as paired ratios
+to the floor and to the best peer, with absolute ms; against mamba.py; the decode cost split;
+accuracy against the float64 loop (verdict per implementation, then every case); pytest-benchmark
+timings. Every section lists
 the implementations its sweep left out, with the reason. Ratios come from paired, interleaved
 measurements (benchmarks/common.py); points marked unstable are never drawn or fitted.
 """
