@@ -206,6 +206,46 @@ def test_results_are_written_whole_or_not_at_all(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_on_a_gpu_the_big_phases_run_one_at_a_time_and_every_phase_within_the_budget(tmp_path, monkeypatch):
+    """The GPU path's schedule, with the phases stood in for (nothing may need debugging on a lent
+    GPU): the big phases never overlap (each needs most of its memory), and every phase, bench phases
+    included, is given at most what is left of --budget."""
+    clock, calls, running = [1000.0], [], set()
+
+    def phase(name, smoke, timeout):
+        assert not smoke and not (name.endswith("big") and any(r.endswith("big") for r in running)), running
+        running.add(name)
+        calls.append((name, clock[0], timeout))
+        clock[0] += 30.0                                     # each phase takes 30 s of the budget
+        running.discard(name)
+        return dict(ok=True, rows=[], step=[], errors=[])
+    monkeypatch.setattr(gpu_check, "_run_phase", phase)
+    monkeypatch.setattr(gpu_check, "_run_suite", lambda smoke, timeout: dict(ok=True, files={}, timeout=timeout))
+    monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "stand-in GPU")
+    monkeypatch.setattr(gpu_check, "format_table", lambda results: "")
+    assert gpu_check.main([str(tmp_path), "--budget", "300"]) == gpu_check.EXIT_OK
+    phases = [f["key"] + kind for f in gpu_families.FAMILIES.values() for kind in gpu_check.PHASE_KINDS]
+    assert sorted(name for name, _, _ in calls) == sorted(phases)
+    assert [name for name, _, _ in calls[:3]] == [n for n in phases if n.endswith("big")]
+    assert all(started + timeout <= 1000.0 + 300 for _, started, timeout in calls), calls
+    assert all(started + timeout <= 1000.0 + 150 for name, started, timeout in calls if name.endswith("big")), calls
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_run_ends_within_its_budget(tmp_path):
+    """--budget: no phase is given more than what is left of it, one left too little is recorded as
+    not run (a failed run, not a passed one), and the results are still written."""
+    r = run("--smoke", "--budget", "6", str(tmp_path), timeout=120)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert not results["ok"] and results["duration_s"] < 6 + 10
+    phases = [f["key"] + kind for f in gpu_families.FAMILIES.values() for kind in gpu_check.PHASE_KINDS]
+    assert all(results[name]["error"].startswith("not run") for name in phases), {k: results[k] for k in phases}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_smoke_run_of_every_phase(tmp_path):
     """--smoke: each phase at tiny sizes on the CPU (Triton's interpreter), the JSON and the table."""
     r = run("--smoke", "out", timeout=600, cwd=tmp_path)       # relative to the caller's directory

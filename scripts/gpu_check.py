@@ -3,13 +3,17 @@ impls/mamba3/triton.py), for when a machine with a GPU is lent. None of it has r
 Run it through scripts/gpu_check.sh:
 
     scripts/gpu_check.sh OUTPUT_DIR            # on a machine with a CUDA device
+    scripts/gpu_check.sh --budget 560 OUTPUT_DIR   # given more time (seconds; default 480)
     scripts/gpu_check.sh --smoke OUTPUT_DIR    # every phase at tiny sizes on the CPU, in Triton's
                                                # interpreter: tests this script, measures nothing
 
 Phases, each in its own process (a crash, say an illegal address from a wrapped offset, or a hang
-is recorded and the other phases still run); suite and the big phases run side by side, the bench
-phases alone after them. Every phase but the suite is written once and run for each family of
-FAMILIES (in scripts/gpu_families.py: Mamba-1 "selective", its results under big and bench;
+is recorded and the other phases still run): the suite, beside it the big phases one after another
+(each needs most of a GPU's memory), then the bench phases alone, all within --budget seconds
+(default 480: a lent GPU's 15 minutes must leave room to run it again). A phase's limit is cut to
+what is left; a bench phase gets its share of it and measures what fits (the rest is listed as not
+measured); a phase left under 20 s is recorded as not run, which fails the run. Every phase but
+the suite is written once and run for each family of FAMILIES (in scripts/gpu_families.py: Mamba-1 "selective", its results under big and bench;
 Mamba-2 "ssd", under ssd_big and ssd_bench; Mamba-3 SISO "mamba3", under mamba3_big and
 mamba3_bench), which says what differs: inputs, shapes, names, bytes and targets.
   suite  the equivalence suite for triton, natively, every family's files in parallel. On a GPU
@@ -58,6 +62,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_NAME = "gpu_check.json"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_CUDA = 0, 1, 2, 3
 SUITE_TIMEOUT_S = 240
+# A lent GPU comes with 15 minutes for everything, starting it included, and one command may run
+# 10 minutes: the run must end well inside one call, with time left to run it again.
+DEFAULT_BUDGET_S = 480
+MIN_PHASE_S = 20      # a phase given less is recorded as not run
+BIG_SHARE = 0.5        # of the budget, for the suite and (beside it, one after another) the big phases
 PHASE_KINDS = ("big", "bench")
 
 # the families' own parts live beside this file (loaded by path, as the tests load this one, it is
@@ -78,8 +87,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n\n")[0],
                                 epilog=f"exit status: {EXIT_OK} passed, {EXIT_FAILED} a check failed, "
                                        f"{EXIT_USAGE} usage error, {EXIT_NO_CUDA} no CUDA device (nothing written)")
-    p.add_argument("output_dir", help=f"folder for {RESULT_NAME} (created if missing)")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help=f"folder for {RESULT_NAME} (created if missing)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to test this script")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET_S,
+                   help=f"seconds the whole run may take (default {DEFAULT_BUDGET_S}); each phase's limit is cut to fit")
+    p.add_argument("--phase-budget", type=float, help=argparse.SUPPRESS)  # internal: the phase's own limit
     p.add_argument("--phase", choices=[f["key"] + k for f in FAMILIES.values() for k in PHASE_KINDS],
                    help=argparse.SUPPRESS)  # internal
     return p.parse_args(argv)
@@ -315,7 +327,7 @@ def _timer(torch, smoke):
 
 
 
-def phase_bench(family, smoke):
+def phase_bench(family, smoke, budget=None):
     """Timings of the scan (forward, forward + backward, and their difference) and of the step, for
     triton and the family's other implementations, with the memory floor from the copy bandwidth.
     The family gives its cases (bench_cases, step_cases), their inputs and sizes, and whatever it
@@ -323,7 +335,7 @@ def phase_bench(family, smoke):
     torch, kernels, dev = _setup(family, smoke)
     import impls
     started = time.time()
-    budget = family["timeouts"]["bench"]
+    budget = budget or family["timeouts"]["bench"]
     measure = _timer(torch, smoke)
     gen = torch.Generator(device=dev).manual_seed(0)
     registered = impls.names(family=family["name"])
@@ -409,9 +421,13 @@ def phase_bench(family, smoke):
 
 def _run_phase(phase, smoke, timeout):
     """Run one phase in a fresh process; its JSON result, or an error record."""
+    if timeout < MIN_PHASE_S:
+        return dict(ok=False, error=f"not run: {timeout:.0f} s were left of the time budget (--budget)")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, result] + (["--smoke"] if smoke else [])
+        # the phase's own budget leaves it time to start and to write its result before it is stopped
+        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, result, "--phase-budget", str(timeout - 15)]
+        cmd += ["--smoke"] if smoke else []
         t0 = time.time()
         try:
             run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -427,7 +443,7 @@ def _run_phase(phase, smoke, timeout):
 
 
 
-def _run_suite(smoke):
+def _run_suite(smoke, timeout=SUITE_TIMEOUT_S):
     env = dict(os.environ, CI="true")
     if smoke:
         # one pytest run with every family's option and a quick test of each family's own file: the
@@ -445,9 +461,9 @@ def _run_suite(smoke):
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
         t0 = time.time()
         try:
-            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUITE_TIMEOUT_S)
+            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            return dict(ok=False, error=f"timed out after {SUITE_TIMEOUT_S} s", output_tail=str(e.stdout or "")[-2000:])
+            return dict(ok=False, error=f"timed out after {timeout:.0f} s", output_tail=str(e.stdout or "")[-2000:])
         counts = pytest_summary(run.stdout)
         return dict(ok=run.returncode == 0 and counts.get("passed", 0) > 0, returncode=run.returncode,
                     counts=counts, duration_s=time.time() - t0, output_tail=run.stdout[-3000:])
@@ -462,7 +478,7 @@ def main(argv=None):
     phases = {f["key"] + kind: (kind, f) for f in FAMILIES.values() for kind in PHASE_KINDS}
     if args.phase:                                    # internal: one phase, in this process
         kind, family = phases[args.phase]
-        result = dict(big=phase_big, bench=phase_bench)[kind](family, args.smoke)
+        result = phase_big(family, args.smoke) if kind == "big" else phase_bench(family, args.smoke, args.phase_budget)
         with open(args.output_dir, "w") as f:         # here output_dir is the result file
             json.dump(result, f, default=str)
         return EXIT_OK
@@ -484,19 +500,29 @@ def main(argv=None):
                    device="CPU (smoke)" if args.smoke else torch.cuda.get_device_name(0),
                    cuda=None if args.smoke else torch.version.cuda)
     timeouts = {name: (kind, f["timeouts"][kind]) for name, (kind, f) in phases.items()}
-    at_most = (max([SUITE_TIMEOUT_S] + [t for k, t in timeouts.values() if k == "big"])
-               + sum(t for k, t in timeouts.values() if k == "bench"))
-    print(f"gpu_check: suite and big (2^31) phases, then the bench phases; about {at_most // 60} min at most", flush=True)
+    deadline = started + args.budget
+    big_deadline = started + BIG_SHARE * args.budget
+    print(f"gpu_check: the suite, beside it the big (2^31) phases one after another, then the bench phases; "
+          f"at most {args.budget} s (--budget)", flush=True)
+
+    def big_phases():
+        # one after another: each needs most of a GPU's memory
+        return {name: _run_phase(name, args.smoke, min(t, big_deadline - time.time()))
+                for name, (kind, t) in timeouts.items() if kind == "big"}
+
     with concurrent.futures.ThreadPoolExecutor(2 + len(phases)) as pool:
-        suite = pool.submit(_run_suite, args.smoke)
-        # a smoke run measures nothing: no need to keep the timings alone
-        running = {name: pool.submit(_run_phase, name, args.smoke, t) for name, (kind, t) in timeouts.items()
-                   if kind == "big" or args.smoke}
+        suite = pool.submit(_run_suite, args.smoke, min(SUITE_TIMEOUT_S, BIG_SHARE * args.budget))
+        if args.smoke:     # tiny sizes on a CPU: no memory to share, and nothing is timed
+            running = {name: pool.submit(_run_phase, name, True, min(t, deadline - time.time()))
+                       for name, (kind, t) in timeouts.items()}
+        else:
+            running = {"big phases": pool.submit(big_phases)}
         results["suite"] = suite.result()
-        results.update({name: r.result() for name, r in running.items()})
-    for name, (kind, t) in timeouts.items():
-        if name not in results:
-            results[name] = _run_phase(name, args.smoke, t)
+        for name, r in running.items():
+            results.update({name: r.result()} if name in phases else r.result())
+    benches = [name for name, (kind, t) in timeouts.items() if name not in results]
+    for i, name in enumerate(benches):   # alone, each given its share of what is left
+        results[name] = _run_phase(name, args.smoke, min(timeouts[name][1], (deadline - time.time()) / (len(benches) - i)))
     for f in FAMILIES.values():
         results[f["key"] + "targets"] = targets(results[f["key"] + "bench"], f)
     results["ok"] = results["suite"].get("ok") and all(results[name].get("ok") for name in phases)
