@@ -29,10 +29,19 @@ def run(*args, timeout=120, cwd=None):
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
-@pytest.mark.parametrize("args", [(), ("a", "b", "c")], ids=["no-argument", "three-arguments"])
+@pytest.mark.parametrize("args", [(), ("a", "b", "c"), ("--budget",), ("--budget", "-5", "out"), ("--budget", "0", "out")],
+                         ids=["no-argument", "three-arguments", "budget-without-value", "negative-budget", "zero-budget"])
 def test_usage_error(args):
     r = run(*args)
     assert r.returncode == gpu_check.EXIT_USAGE and "usage:" in r.stderr and "OUTPUT_DIR" in r.stderr
+
+
+@pytest.mark.parametrize("where", ["/proc/no_such_folder", "a_file"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_anything_runs(where, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    r = run("--smoke", "--budget", "1", where, cwd=tmp_path, timeout=60)
+    assert r.returncode == gpu_check.EXIT_USAGE and "cannot write into" in r.stderr, r.stdout + r.stderr
+    assert "suite" not in r.stdout
 
 
 def test_help():

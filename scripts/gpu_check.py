@@ -94,7 +94,10 @@ def parse_args(argv):
     p.add_argument("--phase-budget", type=float, help=argparse.SUPPRESS)  # internal: the phase's own limit
     p.add_argument("--phase", choices=[f["key"] + k for f in FAMILIES.values() for k in PHASE_KINDS],
                    help=argparse.SUPPRESS)  # internal
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.budget <= 0:
+        p.error(f"--budget {args.budget}: the run's time in seconds must be positive")
+    return args
 
 
 # ---- pure helpers (tested on the CPU) ------------------------------------------------------------
@@ -422,7 +425,8 @@ def phase_bench(family, smoke, budget=None):
 def _run_phase(phase, smoke, timeout):
     """Run one phase in a fresh process; its JSON result, or an error record."""
     if timeout < MIN_PHASE_S:
-        return dict(ok=False, error=f"not run: {timeout:.0f} s were left of the time budget (--budget)")
+        return dict(ok=False, error=f"not run: {max(timeout, 0):.0f} s were left of the time budget (--budget), "
+                                    f"under the {MIN_PHASE_S} s a phase needs")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
         # the phase's own budget leaves it time to start and to write its result before it is stopped
@@ -493,8 +497,14 @@ def main(argv=None):
         print(NO_CUDA.format(why=f"torch {torch.__version__} sees no CUDA device", code=EXIT_NO_CUDA), file=sys.stderr)
         return EXIT_NO_CUDA
 
+    try:   # before anything runs: a result that cannot be written would lose the whole run
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_atomically(os.path.join(args.output_dir, RESULT_NAME + ".probe"), {})
+        os.unlink(os.path.join(args.output_dir, RESULT_NAME + ".probe"))
+    except OSError as e:
+        print(f"gpu_check: cannot write into {args.output_dir}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     started = time.time()
-    os.makedirs(args.output_dir, exist_ok=True)
     results = dict(smoke=args.smoke, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__,
                    triton=triton.__version__, python=sys.version.split()[0],
                    device="CPU (smoke)" if args.smoke else torch.cuda.get_device_name(0),

@@ -16,12 +16,13 @@ cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then py="$PYTHON"
 elif [ -x .venv/bin/python ]; then py=.venv/bin/python
 else py=python3; fi
-# the output folder is relative to where the script was called from; --budget's value is not a folder
+# the output folder is relative to where the script was called from; options and --budget's value
+# are passed as they are (gpu_check.py refuses what it does not know, exit 2)
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
-    --budget) args+=("$1" "${2:-}"); shift;;
-    --*|/*) args+=("$1");;
+    --budget) args+=("$1"); [ $# -gt 1 ] && { args+=("$2"); shift; };;
+    -*|/*) args+=("$1");;
     *) args+=("$OLDPWD/$1");;
   esac
   shift
