@@ -196,21 +196,33 @@ def _names(rows):
     return out
 
 
+def dominance(row):
+    """Where a resolved positive L^2 term is the larger part of t(L), said within what was measured:
+    'at every measured length', 'from L ≈ 94', or 'only past the measured lengths (L > 1,024)' (an
+    L_star found by extrapolation is not quoted)."""
+    if row["L_star"] < row["L_min"]:
+        return "at every measured length"
+    if row["L_star"] <= row["L_max"]:
+        return f"from L ≈ {row['L_star']:,.0f}"
+    return f"only past the measured lengths (L > {row['L_max']:,})"
+
+
 def cumulative_title(rows):
     """What the fits of cumulative_table's rows show, a line per mode and finding: where the L^2 term is
-    resolved and from which L it dominates, or that it is not resolved (or not fitted) at the measured lengths."""
-    lines = ["generating L tokens, fitted t(L) = a + b·L + c·L² (95 % interval of c)"]
+    resolved and where it dominates, or that it is not resolved (or not fitted) at the measured lengths."""
+    lines = ["generating L tokens, fitted t(L) = a + b·L + c·L² (c and its 95 % interval in the legend)"]
     names = _names(rows)
     for mode, shown in MODES.items():
         mine = [(n, r) for n, r in zip(names, rows) if r["mode"] == mode]
         if not mine:
             continue
-        within = [f"≈ {r['L_star']:,.0f} ({n})" for n, r in mine
-                  if r["L2_term"] == "resolved positive" and r["L_star"] <= r["L_max"]]
-        beyond = [f"≈ {r['L_star']:,.0f} ({n})" for n, r in mine
-                  if r["L2_term"] == "resolved positive" and r["L_star"] > r["L_max"]]
-        phrases = (([f"resolved, dominant from L {', '.join(within)}"] if within else [])
-                   + ([f"resolved, dominant only past the measured lengths, from L {', '.join(beyond)}"] if beyond else []))
+        positive = [(n, r) for n, r in mine if r["L2_term"] == "resolved positive"]
+        within = [f"≈ {r['L_star']:,.0f} ({n})" for n, r in positive if r["L_min"] <= r["L_star"] <= r["L_max"]]
+        phrases = [f"resolved, dominant from L {', '.join(within)}"] if within else []
+        for test, text in ((lambda r: r["L_star"] < r["L_min"], "at every measured length"),
+                           (lambda r: r["L_star"] > r["L_max"], "only past the measured lengths")):
+            hit = [n for n, r in positive if test(r)]
+            phrases += [f"resolved, dominant {text} ({', '.join(hit)})"] if hit else []
         for term, text in (("resolved negative", "resolved negative"), ("not resolved", "not resolved at these lengths")):
             hit = [n for n, r in mine if r["L2_term"] == term]
             phrases += [f"{text} ({', '.join(hit)})"] if hit else []
@@ -227,8 +239,7 @@ def quadratic_label(row):
         return row["L2_term"]
     c = f"c = {row['c_s']:.2g} [{row['c_ci95_low']:.2g}, {row['c_ci95_high']:.2g}] s/token²"
     if row["L2_term"] == "resolved positive":
-        past = " (past the measured lengths)" if row["L_star"] > row["L_max"] else ""
-        return f"{c}, c·L² dominant from L ≈ {row['L_star']:,.0f}{past}"
+        return f"{c}, c·L² dominant {dominance(row)}"
     return f"{c}, {row['L2_term']}"
 
 
@@ -240,7 +251,7 @@ def plot_cumulative(data, path):
         return None
     fig, ax = plt.subplots(figsize=(9, 7.5))
     for key, stable, row in fits:
-        label = " / ".join(str(key[k]) for k in ("level", "impl", "mode") if k in key)
+        label = " / ".join(dict.fromkeys(str(key[k]) for k in ("level", "impl", "mode") if k in key))  # once each
         if len({k.get("source") for k, _, _ in fits}) > 1:
             label += f" [{key['source']}]"
         ax.loglog(stable["L"], stable["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3,

@@ -12,10 +12,11 @@ from reports import report
 from reports.load import load
 
 # re-forward series: the generating (a s, b s per token, c s per token^2), exact, at L = 8 ... 256
-REFORWARD = {"model": (5e-3, 5e-5, 1e-6), "model3": (5e-3, 5e-4, 1e-6)}
+REFORWARD = {"model": (5e-3, 5e-5, 1e-6), "model3": (5e-3, 5e-4, 1e-6), "model4": (1e-5, 1e-7, 1e-5)}
 # where c L^2 = a + b L, by hand: model 1e-6 * 100^2 = 5e-3 + 5e-5 * 100; model3 (b + sqrt(b^2 + 4ac)) / 2c
-# = (5e-4 + 5.196e-4) / 2e-6 = 509.8, past the longest length measured
-L_STAR = {"model": 100, "model3": 510}
+# = (5e-4 + 5.196e-4) / 2e-6 = 509.8, past the longest length measured; model4 by the same formula
+# (1e-7 + 2.00002e-5) / 2e-5 = 1.005, before the shortest
+L_STAR = {"model": 100, "model3": 510, "model4": 1}
 RECURRENT = (4e-3, 3e-4)            # a + b L with 5 % noise: c = 0
 NOISE_SEED = 0                      # a draw in which all three intervals hold c = 0, as 95 % of draws each do
 IMPL = {"model": "parallel", "model2": "chunked", "model3": "chunked"}
@@ -23,7 +24,8 @@ OLD_TITLE = "cumulative time: quadratic (re-forward, slope 2) vs linear (recurre
 
 # what the title must say of each series, from the generating terms
 TRUTH = {("re-forward", "model"): ("dominant", L_STAR["model"]),
-         ("re-forward", "model3"): ("past", L_STAR["model3"]),
+         ("re-forward", "model3"): ("past", None),             # an extrapolated L is not quoted
+         ("re-forward", "model4"): ("everywhere", None),
          ("re-forward", "model2"): ("not fitted", None),       # three lengths only
          **{("recurrent", level): ("not resolved", None) for level in IMPL}}
 
@@ -32,7 +34,7 @@ def write(path):
     rng = np.random.default_rng(NOISE_SEED)
 
     def record(level, mode, L, t):
-        point = dict(kind="cumulative", level=level, mode=mode, impl="recurrent" if mode == "recurrent" else IMPL[level],
+        point = dict(kind="cumulative", level=level, mode=mode, impl="recurrent" if mode == "recurrent" else IMPL.get(level, "chunked"),
                      L=int(L), threads=1)
         append_jsonl(path, dict(benchmark="time_per_token", key=runner.point_key("time_per_token", point),
                                 commit="abc1234", median_s=float(t), **point))
@@ -56,10 +58,14 @@ def claims(title):
         if not found:
             continue
         for phrase in rest.split("; "):
-            if phrase.startswith("resolved, dominant"):
-                status = "past" if "past the measured lengths" in phrase else "dominant"
+            if phrase.startswith("resolved, dominant from"):
                 for L, name in re.findall(r"≈ ([\d,]+) \(([^)]+)\)", phrase):
-                    out[(mode, name)] = (status, int(L.replace(",", "")))
+                    out[(mode, name)] = ("dominant", int(L.replace(",", "")))
+                continue
+            if phrase.startswith("resolved, dominant"):
+                status = "past" if "past the measured lengths" in phrase else "everywhere"
+                for name in re.search(r"\(([^)]+)\)$", phrase).group(1).split(", "):
+                    out[(mode, name)] = (status, None)
                 continue
             m = re.fullmatch(r"(resolved negative|not resolved|not fitted)[^(]*\((.+)\)", phrase)
             for name in (m.group(2).split(", ") if m else [phrase]):
@@ -72,7 +78,8 @@ def from_fits(table):
     out = {}
     for _, r in table.iterrows():
         if r["L2_term"] == "resolved positive":
-            said = ("dominant" if r["L_star"] <= r["L_max"] else "past", round(r["L_star"]))
+            said = (("everywhere", None) if r["L_star"] < r["L_min"] else ("past", None) if r["L_star"] > r["L_max"]
+                    else ("dominant", round(r["L_star"])))
         else:
             said = (next(s for s in ("resolved negative", "not resolved", "not fitted") if r["L2_term"].startswith(s)), None)
         out[(report.MODES[r["mode"]], r["level"])] = said
@@ -119,7 +126,9 @@ def test_title_and_legend_say_what_the_terms_are(data, drawn, tmp_path):
     assert report.plot_cumulative(data, str(tmp_path / "c.png"))
     assert claims(drawn["title"]) == TRUTH
     assert claims(drawn["title"]) == from_fits(report.cumulative_table(data))
-    label = {tuple(t.split(" (")[0].split(" / ")[::2]): t for t in drawn["labels"]}   # (level, mode) -> label
+    parts = {t: t.split(" (")[0].split(" / ") for t in drawn["labels"]}
+    label = {(p[0], p[-1]): t for t, p in parts.items()}   # (level, mode) -> label
+    assert all(len(set(p)) == len(p) for p in parts.values()), parts   # "model / recurrent", not twice
     assert f"dominant from L ≈ {L_STAR['model']}" in label[("model", "reforward")]
     assert all("not resolved" in label[(level, "recurrent")] for level in IMPL)
     assert "not fitted" in label[("model2", "reforward")]
@@ -146,5 +155,5 @@ def test_the_report_tables_the_fits(data, tmp_path):
     assert "slope" not in header
     for column in ("c_s", "c_ci95_low", "c_ci95_high", "L2_term", "L_star"):
         assert f" {column} " in header
-    assert section.count("| resolved positive") == 2 and section.count("| not resolved") == 3
+    assert section.count("| resolved positive") == len(REFORWARD) and section.count("| not resolved") == len(IMPL)
     assert "L2_term" in open(html_path).read()
