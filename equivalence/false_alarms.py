@@ -109,12 +109,14 @@ def pytest_command(seed, profile, workers, files, extra):
 
 def read_round(folder, junit):
     """(examples per family, failed test ids, {(implementation, test, label): largest target})."""
-    examples, margins = collections.Counter(), {}
+    examples, margins, failed_drawn = collections.Counter(), {}, set()
     for path in (folder / "hypothesis" / "observed").glob("*testcases.jsonl"):
         for line in path.read_text().splitlines():
             case = json.loads(line)
             if case.get("type") != "test_case" or case["status"] == "gave_up":
                 continue
+            if case["status"] == "failed":   # seen here even when the round was stopped before its report
+                failed_drawn.add(case["property"])
             examples[family(case["property"])] += 1
             test, impl = split(case["property"])
             for key, value in case["features"].items():
@@ -126,7 +128,7 @@ def read_round(folder, junit):
         for tc in ET.parse(junit).iter("testcase"):
             if tc.find("failure") is not None or tc.find("error") is not None:
                 failed.append(f"{tc.get('classname', '').replace('.', '/')}.py::{tc.get('name')}")
-    return examples, failed, margins
+    return examples, failed + sorted(failed_drawn - set(failed)), margins
 
 
 def run_pytest(cmd, env, log):
@@ -138,7 +140,10 @@ def run_pytest(cmd, env, log):
     previous = signal.signal(signal.SIGTERM, stop)
     interrupted = False
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # SIGINT as pytest expects it: a shell starts a background job with SIGINT ignored, and an
+        # ignored signal stays ignored through exec, so the round could not be stopped that way
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             proc.wait()
         except KeyboardInterrupt:

@@ -38,12 +38,14 @@ def test_each_example_is_counted_for_its_family():
 
 def test_an_interrupted_round_is_counted_and_written(tmp_path, monkeypatch):
     """SIGTERM in the middle of a round (a thorough run stopped after hours): the examples drawn so
-    far are counted and the round is written, marked interrupted, instead of lost with its folder."""
+    far, and those that failed, are counted and the round is written, marked interrupted, instead of
+    lost with its folder."""
     ready = tmp_path / "ready"
-    drawn = dict(type="test_case", status="passed", features={"target:y": 0.25},
-                 property="equivalence/test_values.py::test_values_and_last_state[ssd-loop]")
+    drawn = [dict(type="test_case", status=status, features={"target:y": 0.25},
+                  property=f"equivalence/test_values.py::test_values_and_last_state[ssd-{impl}]")
+             for status, impl in (("passed", "loop"), ("failed", "chunked"))]
     child = ("import json, os, pathlib, time; d = pathlib.Path(os.environ['HYPOTHESIS_STORAGE_DIRECTORY'], 'observed'); "
-             f"d.mkdir(parents=True); (d / 'a_testcases.jsonl').write_text(json.dumps({drawn!r}) + '\\n'); "
+             f"d.mkdir(parents=True); (d / 'a_testcases.jsonl').write_text(''.join(json.dumps(c) + '\\n' for c in {drawn!r})); "
              f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)")
     monkeypatch.setattr(false_alarms, "pytest_command", lambda *args: [sys.executable, "-c", child])
 
@@ -54,9 +56,10 @@ def test_an_interrupted_round_is_counted_and_written(tmp_path, monkeypatch):
     threading.Thread(target=terminate_when_drawn, daemon=True).start()
     out = tmp_path / "rounds.jsonl"
     started = time.monotonic()
-    assert false_alarms.main(["--rounds", "3", "--out", str(out)]) == 0
+    assert false_alarms.main(["--rounds", "3", "--out", str(out)]) == 1
     assert time.monotonic() - started < 60
     (line,) = out.read_text().splitlines()
     written = json.loads(line)
-    assert written["interrupted"] and written["examples"] == {"ssd": 1}
-    assert written["margins"] == [["ssd", "loop", "test_values_and_last_state", "y", 0.25]]
+    assert written["interrupted"] and written["examples"] == {"ssd": 2}
+    assert written["failed"] == [drawn[1]["property"]]
+    assert sorted(written["margins"]) == [["ssd", impl, "test_values_and_last_state", "y", 0.25] for impl in ("chunked", "loop")]
