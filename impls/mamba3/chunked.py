@@ -75,6 +75,8 @@ TWO_PI = 2 * math.pi
 # the (T, T) weights at h T, the chunk states at h p n a chunk) is a few MiB and the per-block
 # Python overhead is small beside its matmuls.
 BLOCK_TOKENS = 256
+# Tokens per sub-block of a chunk's decay matrix (segment_decays): exp on G T entries a chunk, not T^2.
+DECAY_BLOCK = 16
 # Recompute each block in the backward rather than keep its intermediates (memory independent of l).
 CHECKPOINT_BLOCKS = True
 
@@ -298,7 +300,7 @@ class RecomputedBlock(torch.autograd.Function):
 
 # scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
 # forward takes them from a workspace, every other buffer fresh
-SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "S"})
+SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "seg", "S"})
 
 
 class SisoBlock(torch.autograd.Function):
@@ -520,14 +522,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
 
     # 2. intra-chunk: W[t, s] = w(t, s) on and below the diagonal (above it: selected away below)
     ar = torch.arange(Tb, device=q.device)
-    later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]   # [t, s]: t > s, t >= s
-    # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
-    # (tril with out= on a broadcast input takes a slow path: the copy and then tril_ is about 5x faster)
-    masked = ws("masked", (b, h, C, Tb, Tb), f)
-    rows_a = a[..., :, None].expand(b, h, C, Tb, Tb)
-    masked = torch.tril(rows_a, -1) if masked is None else masked.copy_(rows_a).tril_(-1)
-    EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
-    E = EC = torch.exp(EC, out=EC if inplace else None)
+    causal = ar[:, None] >= ar[None, :]                                      # [t, s]: t >= s
+    E = EC = segment_decays(a, ws)                                           # (b, h, C, Tb, Tb)
     EC = torch.mul(EC, coef[..., None, :], out=ws("W", EC.shape, f) if keep else EC if inplace else None)
     # each chunk's contribution to the next H' reads row Tb-1 of EC (seg(last, last) = 0), the
     # trapezoid's delta_{s+1} included on the diagonal; the intra-chunk weights then have gamma_t
@@ -568,24 +564,30 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
 
     # 3. the state pass, sequential in the compute dtype, each H'_c written where the readout reads it
     HT = H.transpose(-1, -2)                                                 # (b, h, n, p)
+    last = lambda out: torch.addcmul(ST[:, :, -1], from_start[:, :, -1, -1, None, None], folded[:, :, -1], out=out)
     if inplace:
         folded = ws("folded", (b, h, C, n, p), f)
-        folded[:, :, 0] = HT
+        if HT.data_ptr() != folded.data_ptr():   # else the previous block left it there (below)
+            folded[:, :, 0] = HT
         for c in range(1, C):
             torch.addcmul(ST[:, :, c - 1], from_start[:, :, c - 1, -1, None, None], folded[:, :, c - 1],
                           out=folded[:, :, c])
-        HT = torch.addcmul(ST[:, :, -1], from_start[:, :, -1, -1, None, None], folded[:, :, -1],
-                           out=ws("H", (b, h, n, p), f))
+        if keep:
+            HT = last(ws("H", (b, h, n, p), f))
     else:
         folded = []
         for c in range(C):
             folded.append(HT)
             HT = torch.addcmul(ST[:, :, c], from_start[:, :, c, -1, None, None], HT)
         folded = torch.stack(folded, 2)
-    H = HT.transpose(-1, -2)                                                 # (b, h, p, n), a view
 
     # 4. inter-chunk readout
     inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("inter", y.shape, f))
+    if inplace and not keep:
+        # the block's last state written where the next block of this shape starts from (its folded[0]),
+        # now that the readout has read this block's; no copy between blocks
+        HT = last(folded[:, :, 0])
+    H = HT.transpose(-1, -2)                                                 # (b, h, p, n), a view
     rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
     y = torch.addcmul(y, inter, rows, out=y if inplace else None)
     y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
@@ -594,6 +596,53 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         return states
     return states, dict(lam=lam, th=th, E=E, turn=turn, qf=qf, kf=kf, vf=vf, vw=vw, finite=finite, W=W, scores=scores, P=P,
                         w_last=w_kept, folded=folded, inter=inter, from_start=from_start)
+
+
+def segment_decays(a, ws, G=DECAY_BLOCK):
+    """exp(seg(t, s)) = exp(a_{s+1} + ... + a_t) within each chunk: a (b, h, C, T) -> E (b, h, C, T, T),
+    1 on and above the diagonal (above it a placeholder that the callers select away, finite so that
+    a zero gradient there stays zero).
+
+    Within each sub-block of G tokens on the diagonal: a masked cumulative sum over exactly its own
+    terms (row r of the masked matrix holds a_r where r > s), then its exp. Below them, row t of
+    sub-block I (whose first token is t_I) is exp(a_{t_I} + ... + a_t) times row t_I - 1, itself
+    exp(a_{s+1} + ... + a_{t_I - 1}) at column s: each factor the exp of a sum of its own terms, never
+    of a difference of prefix sums, and exp and the cumulative sum run over G T entries a chunk, not
+    T^2 (the largest elementwise cost of the chunk). ws: a Workspace (its buffers written in place) or
+    NO_WORKSPACE (functional, for autograd).
+    """
+    b, h, C, T = a.shape
+    G = decay_block(T, G)
+    K = T // G
+    blocks = a.view(b, h, C, K, G)
+    # (tril with out= on a broadcast input takes a slow path: the copy and then tril_ is about 5x faster)
+    masked = ws("masked", (b, h, C, K, G, G), a.dtype)
+    rows = blocks[..., :, None].expand(b, h, C, K, G, G)
+    masked = torch.tril(rows, -1) if masked is None else masked.copy_(rows).tril_(-1)
+    seg = torch.cumsum(masked, -2, out=ws("seg", masked.shape, a.dtype))
+    head = torch.exp(blocks.cumsum(-1))                                      # exp(a_{t_I} + ... + a_t)
+    E = ws("EC", (b, h, C, T, T), a.dtype)
+    inplace = E is not None
+    pieces = []                                                              # without a workspace: E's rows by sub-block
+    for I in range(K):
+        s0, s1 = I * G, (I + 1) * G
+        if inplace:
+            torch.exp(seg[:, :, :, I], out=E[..., s0:s1, s0:s1])
+            if I:
+                torch.mul(head[..., I, :, None], E[..., s0 - 1, None, :s0], out=E[..., s0:s1, :s0])
+            E[..., s0:s1, s1:].fill_(1)
+        else:
+            below = [head[..., I, :, None] * pieces[-1][..., -1, None, :s0]] if I else []
+            pieces.append(torch.cat(below + [torch.exp(seg[:, :, :, I]), a.new_ones(b, h, C, G, T - s1)], -1))
+    return E if inplace else torch.cat(pieces, -2)
+
+
+def decay_block(T, most=DECAY_BLOCK):
+    """The sub-block of a chunk of T tokens in segment_decays: the largest divisor of T that is at most
+    ``most`` and T / 2 and leaves at most ``most`` sub-blocks; T itself (one sub-block) where none is.
+    So T = 64 takes 16, and the small chunks of the property tests take 1 (2, 3, 5), 2 (4) or 3 (6)."""
+    fits = [d for d in range(1, min(most, T // 2) + 1) if T % d == 0 and T // d <= most]
+    return fits[-1] if fits else T
 
 
 def _contiguous(x, ws, name):
