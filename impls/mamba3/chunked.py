@@ -439,6 +439,7 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
         g_theta[:, :, c, -1] += Ga
         Ga = Ga + g_start[:, :, c]
     g_inc = g_theta.flip(-2).cumsum(-2).flip(-2).view(b, h, L, n_ang)
+    th = th.permute(0, 2, 1, 3)                                              # kept as (b, L, h, n_ang)
     g_dt += (g_inc * th).sum(-1) * math.pi
     g_angles = (g_inc * (math.pi * dt_f)[..., None] * (1 - th * th)).permute(0, 2, 1, 3)
 
@@ -498,10 +499,10 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     zero = a.new_zeros(())
 
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
-    # tanh on contiguous memory: on a permuted view it runs about 3x slower than a copy and tanh
-    inc = _contiguous(angles.to(f).permute(0, 2, 1, 3), ws, "inc")          # (b, h, L, n_ang)
-    th = torch.tanh(inc, out=inc if inplace else None)
-    inc = torch.mul(th, (math.pi * dt)[..., None], out=ws("pi tanh dt", th.shape, f) if keep else th if inplace else None)
+    # tanh in the input's own layout (on a permuted view it runs about 3x slower), the product with
+    # pi DT written in the block's: no separate copy
+    th = torch.tanh(angles.to(f), out=ws("tanh", angles.shape, f))          # (b, L, h, n_ang)
+    inc = torch.mul(th.permute(0, 2, 1, 3), (math.pi * dt)[..., None], out=ws("pi tanh dt", (b, h, L, n_ang), f))
     cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
     starts = []
     for c in range(C):
@@ -512,7 +513,7 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     theta = torch.add(torch.stack(starts, 2)[:, :, :, None], cs, out=cs if inplace else None)[..., None, :]  # every rank
     cos = torch.cos(theta, out=ws("cos", theta.shape, f))
     sin = torch.sin(theta, out=ws("sin", theta.shape, f))
-    turn = torch.complex(cos, sin, out=ws("e^i theta", theta.shape, (1j * zero).dtype))
+    turn = torch.complex(cos, sin, out=ws("e^i theta", theta.shape, torch.promote_types(f, torch.complex64)))
     qr = rot(_per_head(q, q_bias, h, Tb, ws, "q"), cos, sin, turn, ws)       # q~ (b, h, C, Tb, R, n)
     kr = rot(_per_head(k, k_bias, h, Tb, ws, "k"), cos, sin, turn, ws)       # k~
     vr = _contiguous(v.permute(0, 2, 1, 3), ws, "v").view(b, h, C, Tb, 1, p)
@@ -521,10 +522,9 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     qf, kf, vf = (x.reshape(b * h * C, TR, x.shape[-1]) for x in (qr, kr, vr))   # rows (t r), batch (b h c)
 
     # 2. intra-chunk: W[t, s] = w(t, s) on and below the diagonal (above it: selected away below)
-    ar = torch.arange(Tb, device=q.device)
-    causal = ar[:, None] >= ar[None, :]                                      # [t, s]: t >= s
-    E = EC = segment_decays(a, ws)                                           # (b, h, C, Tb, Tb)
-    EC = torch.mul(EC, coef[..., None, :], out=ws("W", EC.shape, f) if keep else EC if inplace else None)
+    # the weights EC[t, s] = exp(seg(t, s)) coef_s; the decays E alone are kept for the backward
+    E = segment_decays(a, ws) if keep else None                              # (b, h, C, Tb, Tb)
+    EC = torch.mul(E, coef[..., None, :], out=ws("W", E.shape, f)) if keep else segment_decays(a, ws, coef)
     # each chunk's contribution to the next H' reads row Tb-1 of EC (seg(last, last) = 0), the
     # trapezoid's delta_{s+1} included on the diagonal; the intra-chunk weights then have gamma_t
     # there, written over the diagonal alone (above it the values are selected away below)
@@ -537,9 +537,9 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
                       scores.view(W.shape) if inplace else None)
         if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
             P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
-        P = P.tril_() if inplace else torch.where(causal, P, zero)
+        P = P.tril_() if inplace else torch.where(_causal(Tb, q.device), P, zero)
     else:
-        P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
+        P = torch.where(_causal(Tb, q.device)[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
                         zero)
     # a non-finite v_s would reach the earlier outputs of its chunk through P's zeros (0 x inf is
     # NaN): the product runs on v with non-finite entries zeroed, and each output from the bad token
@@ -598,18 +598,19 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
                         w_last=w_kept, folded=folded, inter=inter, from_start=from_start)
 
 
-def segment_decays(a, ws, G=DECAY_BLOCK):
-    """exp(seg(t, s)) = exp(a_{s+1} + ... + a_t) within each chunk: a (b, h, C, T) -> E (b, h, C, T, T),
-    1 on and above the diagonal (above it a placeholder that the callers select away, finite so that
-    a zero gradient there stays zero).
+def segment_decays(a, ws, coef=None, G=DECAY_BLOCK):
+    """exp(seg(t, s)) = exp(a_{s+1} + ... + a_t) within each chunk, times coef_s if given: a, coef
+    (b, h, C, T) -> E (b, h, C, T, T); above the diagonal a placeholder that the callers select away
+    (1 or coef_s: finite, so that a zero gradient there stays zero).
 
     Within each sub-block of G tokens on the diagonal: a masked cumulative sum over exactly its own
     terms (row r of the masked matrix holds a_r where r > s), then its exp. Below them, row t of
     sub-block I (whose first token is t_I) is exp(a_{t_I} + ... + a_t) times row t_I - 1, itself
     exp(a_{s+1} + ... + a_{t_I - 1}) at column s: each factor the exp of a sum of its own terms, never
     of a difference of prefix sums, and exp and the cumulative sum run over G T entries a chunk, not
-    T^2 (the largest elementwise cost of the chunk). ws: a Workspace (its buffers written in place) or
-    NO_WORKSPACE (functional, for autograd).
+    T^2 (the largest elementwise cost of the chunk). A column factor coef_s carries through those
+    products, so it costs a pass over the diagonal sub-blocks only. ws: a Workspace (its buffers
+    written in place) or NO_WORKSPACE (functional, for autograd).
     """
     b, h, C, T = a.shape
     G = decay_block(T, G)
@@ -620,20 +621,24 @@ def segment_decays(a, ws, G=DECAY_BLOCK):
     rows = blocks[..., :, None].expand(b, h, C, K, G, G)
     masked = torch.tril(rows, -1) if masked is None else masked.copy_(rows).tril_(-1)
     seg = torch.cumsum(masked, -2, out=ws("seg", masked.shape, a.dtype))
-    head = torch.exp(blocks.cumsum(-1))                                      # exp(a_{t_I} + ... + a_t)
     E = ws("EC", (b, h, C, T, T), a.dtype)
     inplace = E is not None
+    # exp on the contiguous sums, then copied into place: into a strided block it runs about 3x slower
+    seg = torch.exp(seg, out=seg if inplace else None)
+    if coef is not None:
+        seg = torch.mul(seg, coef.view(b, h, C, K, 1, G), out=seg if inplace else None)
+    head = torch.exp(blocks.cumsum(-1))                                      # exp(a_{t_I} + ... + a_t)
     pieces = []                                                              # without a workspace: E's rows by sub-block
     for I in range(K):
         s0, s1 = I * G, (I + 1) * G
         if inplace:
-            torch.exp(seg[:, :, :, I], out=E[..., s0:s1, s0:s1])
+            E[..., s0:s1, s0:s1] = seg[:, :, :, I]
             if I:
                 torch.mul(head[..., I, :, None], E[..., s0 - 1, None, :s0], out=E[..., s0:s1, :s0])
             E[..., s0:s1, s1:].fill_(1)
         else:
             below = [head[..., I, :, None] * pieces[-1][..., -1, None, :s0]] if I else []
-            pieces.append(torch.cat(below + [torch.exp(seg[:, :, :, I]), a.new_ones(b, h, C, G, T - s1)], -1))
+            pieces.append(torch.cat(below + [seg[:, :, :, I], a.new_ones(b, h, C, G, T - s1)], -1))
     return E if inplace else torch.cat(pieces, -2)
 
 
@@ -643,6 +648,12 @@ def decay_block(T, most=DECAY_BLOCK):
     So T = 64 takes 16, and the small chunks of the property tests take 1 (2, 3, 5), 2 (4) or 3 (6)."""
     fits = [d for d in range(1, min(most, T // 2) + 1) if T % d == 0 and T // d <= most]
     return fits[-1] if fits else T
+
+
+def _causal(T, device):
+    """(T, T) bool, [t, s]: t >= s."""
+    ar = torch.arange(T, device=device)
+    return ar[:, None] >= ar[None, :]
 
 
 def _contiguous(x, ws, name):
