@@ -212,11 +212,11 @@ def test_segment_decays_match_their_definition(T, column, workspace):
     """chunked.segment_decays (exp of each within-chunk segment sum, formed by sub-blocks of
     decay_block(T) tokens, optionally times a column factor coef_s) against the definition
     exp(a_{s+1} + ... + a_t) (coef_s) in float64 on and below the diagonal (above it a finite
-    placeholder), on float32 decays: within a relative
-    eps32 (2 K + 3 + G sum_{s<r<=t} |a_r|), K sub-blocks of G tokens (a sum over G terms, then at
-    most K exps and K products, and the factor). A term too many or too few is off by |a_r| (at
-    least 0.05 here), which that bound rejects. A NaN, inf or -inf decay reaches exactly the entries
-    whose segment holds it (NaN where the definition has NaN)."""
+    placeholder), on float32 decays: within a relative eps32 (2 K + 3 + (G + K) sum_{s<r<=t} |a_r|),
+    K sub-blocks of G tokens (each sum over at most G terms, the sum between sub-blocks over at most
+    K of them; three exps, the factor and two products). A term too many or too few is off by
+    |a_r| (at least 0.05 here), which that bound rejects. A NaN, inf or -inf decay reaches exactly
+    the entries whose segment holds it (NaN where the definition has NaN)."""
     g = torch.Generator().manual_seed(T)
     a = -(0.05 + torch.rand(2, 3, 2, T, generator=g))                        # (b, h, C, T)
     coef = 0.5 + torch.rand(a.shape, generator=g) if column else None
@@ -233,7 +233,8 @@ def test_segment_decays_match_their_definition(T, column, workspace):
     E = chunked.segment_decays(a, ws, coef).double()
     below = (t >= s).expand(E.shape)
     def bound(a):
-        return torch.finfo(torch.float32).eps * (2 * T // G + 3 + G * torch.where(span, a.abs().double()[..., :, None, None], 0.0).sum(-3))
+        K = T // G
+        return torch.finfo(torch.float32).eps * (2 * K + 3 + (G + K) * torch.where(span, a.abs().double()[..., :, None, None], 0.0).sum(-3))
 
     ref = definition(a)
     assert ((E - ref).abs() <= bound(a) * ref)[below].all(), float(((E - ref).abs() / (bound(a) * ref))[below].max())

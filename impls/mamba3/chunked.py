@@ -601,16 +601,19 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
 def segment_decays(a, ws, coef=None, G=DECAY_BLOCK):
     """exp(seg(t, s)) = exp(a_{s+1} + ... + a_t) within each chunk, times coef_s if given: a, coef
     (b, h, C, T) -> E (b, h, C, T, T); above the diagonal a placeholder that the callers select away
-    (1 or coef_s: finite, so that a zero gradient there stays zero).
+    (finite where a is).
 
-    Within each sub-block of G tokens on the diagonal: a masked cumulative sum over exactly its own
-    terms (row r of the masked matrix holds a_r where r > s), then its exp. Below them, row t of
-    sub-block I (whose first token is t_I) is exp(a_{t_I} + ... + a_t) times row t_I - 1, itself
-    exp(a_{s+1} + ... + a_{t_I - 1}) at column s: each factor the exp of a sum of its own terms, never
-    of a difference of prefix sums, and exp and the cumulative sum run over G T entries a chunk, not
-    T^2 (the largest elementwise cost of the chunk). A column factor coef_s carries through those
-    products, so it costs a pass over the diagonal sub-blocks only. ws: a Workspace (its buffers
-    written in place) or NO_WORKSPACE (functional, for autograd).
+    In sub-blocks of G tokens (G = decay_block(T), K = T / G of them): on the diagonal sub-blocks a
+    masked cumulative sum over exactly its own terms (row r of the masked matrix holds a_r where
+    r > s), then its exp. Below them, for t in sub-block I and s in sub-block J < I, the segment
+    splits at the sub-blocks' edges, and E[t, s] is the product of three exps, each of a sum over
+    its own terms: head_I(t) = exp(a_{t_I} + ... + a_t) (t_I the first token of I), between(I, J)
+    = exp of the totals of the sub-blocks strictly between (the same masked cumulative sum, over
+    the K totals) and tail_J(s) = exp(a_{s+1} + ... + a_{last of J}), the last row of J's diagonal
+    sub-block. Never a difference of prefix sums; exp and the cumulative sums run over G T + K^2
+    entries a chunk, not T^2 (the chunk's largest elementwise cost), and the rest is one product
+    over E and one copy. A column factor coef_s rides on tail_J(s) and the diagonal sub-blocks.
+    ws: a Workspace (its buffers written in place) or NO_WORKSPACE (functional, for autograd).
     """
     b, h, C, T = a.shape
     G = decay_block(T, G)
@@ -623,23 +626,20 @@ def segment_decays(a, ws, coef=None, G=DECAY_BLOCK):
     seg = torch.cumsum(masked, -2, out=ws("seg", masked.shape, a.dtype))
     E = ws("EC", (b, h, C, T, T), a.dtype)
     inplace = E is not None
-    # exp on the contiguous sums, then copied into place: into a strided block it runs about 3x slower
-    seg = torch.exp(seg, out=seg if inplace else None)
+    seg = torch.exp(seg, out=seg if inplace else None)                      # the diagonal sub-blocks
     if coef is not None:
         seg = torch.mul(seg, coef.view(b, h, C, K, 1, G), out=seg if inplace else None)
-    head = torch.exp(blocks.cumsum(-1))                                      # exp(a_{t_I} + ... + a_t)
-    pieces = []                                                              # without a workspace: E's rows by sub-block
-    for I in range(K):
-        s0, s1 = I * G, (I + 1) * G
-        if inplace:
-            E[..., s0:s1, s0:s1] = seg[:, :, :, I]
-            if I:
-                torch.mul(head[..., I, :, None], E[..., s0 - 1, None, :s0], out=E[..., s0:s1, :s0])
-            E[..., s0:s1, s1:].fill_(1)
-        else:
-            below = [head[..., I, :, None] * pieces[-1][..., -1, None, :s0]] if I else []
-            pieces.append(torch.cat(below + [seg[:, :, :, I], a.new_ones(b, h, C, G, T - s1)], -1))
-    return E if inplace else torch.cat(pieces, -2)
+    sums = blocks.cumsum(-1)                                                 # a_{t_I} + ... + a_t
+    totals = sums[..., -1]                                                   # (b, h, C, K)
+    # across[I', J] = exp(total_{J+1} + ... + total_{I'}) for I' > J (1 for I' <= J); between(I, J)
+    # is its row I - 1 (row -1, for I = 0, has no entry below the diagonal: 1)
+    across = torch.exp(torch.tril(totals[..., :, None].expand(b, h, C, K, K), -1).cumsum(-2))
+    between = torch.cat((torch.ones_like(across[..., :1, :]), across[..., :-1, :]), -2)
+    outer = between[..., :, :, None] * seg[..., -1, :][..., None, :, :]      # between(I, J) tail_J(s): (b, h, C, K, K, G)
+    E = torch.mul(torch.exp(sums)[..., :, :, None, None], outer[..., :, None, :, :],
+                  out=None if E is None else E.view(b, h, C, K, G, K, G)).view(b, h, C, T, T)
+    E.view(b, h, C, K, G, K, G).diagonal(0, 3, 5).permute(0, 1, 2, 5, 3, 4).copy_(seg)
+    return E
 
 
 def decay_block(T, most=DECAY_BLOCK):
