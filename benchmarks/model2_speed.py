@@ -250,6 +250,15 @@ PER_TOKEN_L = {"quick": [64, 128, 256, 512], "default": [64, 128, 256, 512, 1024
 _small2 = {}
 
 
+def small_model():
+    """The level "model2" Mamba2LM (MODEL2, official initialisation, seed 0), float32, eval mode; built once."""
+    if "model" not in _small2:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            _small2["model"] = Mamba2LM(Mamba2Config(**MODEL2, ssm_cfg={"layer": "Mamba2"})).eval()
+    return _small2["model"]
+
+
 def per_token_points(size, threads=1):
     """Re-forward (``chunked``) and recurrent (``recurrent``, prefilled by ``chunked``) time per token
     at each L, at both Mamba-2 levels, as time_per_token's "per_token" points."""
@@ -282,11 +291,7 @@ def per_token_group(point, members, timed_group):
                                           return_final_states=True, impl=pre, **kw)
                 calls[(mode, impl)] = lambda impl=impl, s=state: impls.ssd_state_update(s, *token, impl=impl, **kw)
     else:
-        if "model" not in _small2:
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                _small2["model"] = Mamba2LM(Mamba2Config(**MODEL2, ssm_cfg={"layer": "Mamba2"})).eval()
-        model = _small2["model"]
+        model = small_model()
         ids = torch.randint(0, model.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(1))
         for mode, impl in members:
             if mode == "reforward":

@@ -275,7 +275,7 @@ def run(sweeps=None, size="default", impls_=None, out=DEFAULT_OUT, resume=False,
 
 def add_arguments(parser):
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", dest="size", action="store_const", const="quick", help="about a minute")
+    size.add_argument("--quick", dest="size", action="store_const", const="quick", help="about 80 s of CPU (2-3 min on 2 cores)")
     size.add_argument("--long", dest="size", action="store_const", const="long")
     parser.add_argument("--sweep", action="append", help=f"only this sweep, repeatable: {', '.join(SWEEPS)}")
     parser.add_argument("--impl", action="append", metavar="NAME|MODULE|MODULE:FUNCTION",

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.slopes import fit_slope, t_quantile
+from benchmarks.slopes import fit_quadratic, fit_slope, t_quantile
 
 L = 2.0 ** np.arange(6, 14)
 
@@ -45,3 +45,55 @@ def test_two_points_have_no_interval_and_bad_input_is_refused():
         fit_slope([4, 4], [1, 2])
     with pytest.raises(ValueError):
         fit_slope([1, 2], [0, 1])
+
+
+# ------------------------------------------------------------------- fit_quadratic
+
+LQ = 2.0 ** np.arange(3, 9)        # 8 ... 256: the default sweep's re-forward lengths
+
+
+def hand_L_star(a, b, c):
+    """The positive root of c L^2 = a + b L, by the quadratic formula."""
+    return (b + math.sqrt(b * b + 4 * a * c)) / (2 * c)
+
+
+@pytest.mark.parametrize("a, b, c, L_star", [(5e-3, 5e-5, 1e-6, 100.0),                # c 100^2 = 5e-3 + 5e-5 100
+                                             (2e-3, 1e-4, 3e-7, hand_L_star(2e-3, 1e-4, 3e-7))])
+def test_quadratic_recovers_known_terms_and_L_star(a, b, c, L_star):
+    fit = fit_quadratic(LQ, a + b * LQ + c * LQ ** 2)
+    assert (fit["a"], fit["b"], fit["c"]) == pytest.approx((a, b, c), rel=1e-6)
+    assert fit["c_low"] <= c <= fit["c_high"] and fit["c_sign"] == "positive"
+    assert fit["L_star"] == pytest.approx(L_star, rel=1e-6)
+
+
+def test_noisy_quadratic_interval_covers_c():
+    """Timing noise as a share of the time: the 95 % interval of c holds the generating c in about 95 %
+    of series, and the fitted c lies inside its own interval."""
+    a, b, c = 5e-3, 5e-5, 1e-6
+    rng = np.random.default_rng(0)
+    covered = 0
+    for _ in range(300):
+        fit = fit_quadratic(LQ, (a + b * LQ + c * LQ ** 2) * np.exp(rng.normal(0, 0.05, len(LQ))))
+        covered += fit["c_low"] <= c <= fit["c_high"]
+        assert fit["c_low"] < fit["c"] < fit["c_high"]
+    assert 0.9 <= covered / 300 <= 0.99
+
+
+def test_linear_series_leaves_c_unresolved():
+    """a + b L with noise (recurrent decoding): c's interval holds 0 in about 95 % of series, and then
+    there is no L_star."""
+    L = 2.0 ** np.arange(3, 11)
+    rng = np.random.default_rng(1)
+    unresolved = 0
+    for _ in range(300):
+        fit = fit_quadratic(L, (4e-3 + 3e-4 * L) * np.exp(rng.normal(0, 0.05, len(L))))
+        unresolved += fit["c_sign"] == "not resolved"
+        assert (fit["L_star"] is None) == (fit["c_sign"] != "positive")
+    assert 0.9 <= unresolved / 300 <= 0.99
+
+
+def test_quadratic_needs_four_lengths():
+    with pytest.raises(ValueError, match="at least 4 distinct sizes"):
+        fit_quadratic([8, 16, 32, 32], [1, 2, 3, 3])
+    with pytest.raises(ValueError):
+        fit_quadratic([8, 16, 32, 64], [1, 2, 0, 4])

@@ -13,9 +13,14 @@ Scan level, one Mamba layer's scan at mamba-130m's size (b=1, d = d_inner = 1536
 Model level, the small model MODEL (impls/models/mamba.py, official layout and initialisation):
     reforward  MambaLM.forward over the L tokens so far (LM head on the last position only)
     recurrent  MambaLM.step at position L, after MambaLM.prefill of L tokens
-    cumulative MambaLM.generate of L tokens from a one-token prompt, in both modes, L from
-               CUMULATIVE_MIN (re-forwarding is quadratic in L, so it runs directly only up to
-               CUMULATIVE_REFORWARD_MAX[size]: at least 4 points in every size)
+    cumulative generate of L tokens from a one-token prompt, in both modes, L from CUMULATIVE_MIN
+               (powers of two, and 1.5 times each within re-forwarding's range; re-forwarding is
+               quadratic in L, so it runs directly only up to CUMULATIVE_REFORWARD_MAX[size]: at
+               least 4 points in every size, as a fit of a + b L + c L^2 needs), for each
+               family's small model with MODEL's sizes: MambaLM (level "model", through the chosen
+               implementations) and, when no implementation is named, Mamba2LM ("model2":
+               model2_speed's, the same sizes) and Mamba3LM ("model3", the official Mamba-3
+               defaults inside), each through CUMULATIVE_FAMILIES' scan and step
 Memory: recurrent decoding of L tokens (selective_state_update L times, inputs cycled from a fixed
 pool so they take constant memory), in a fresh process so that its peak resident memory is its own.
 
@@ -86,10 +91,15 @@ MODEL_LENGTHS = {"quick": [2 ** k for k in range(6, 9)],
                  "default": [2 ** k for k in range(6, 14)],
                  "long": [2 ** k for k in range(6, 15)]}
 # cumulative generation: recurrent up to CUMULATIVE_MAX tokens, re-forwarding (quadratic) up to
-# CUMULATIVE_REFORWARD_MAX, from 8 tokens on, so that each curve has at least 4 points for its slope
+# CUMULATIVE_REFORWARD_MAX, from 8 tokens on, at powers of two and, up to CUMULATIVE_REFORWARD_MAX,
+# 1.5 times each: at least 4 points for the fit of a + b L + c L^2; with 11 points to 256 (8 degrees of
+# freedom) its interval of c was 0.41-0.51 times as wide as with the 6 powers of two in one default
+# run (Mamba-3's c resolved only with them), for about half again of re-forwarding's time
 CUMULATIVE_MIN = 8
 CUMULATIVE_MAX = {"quick": 2 ** 6, "default": 2 ** 10, "long": 2 ** 13}
 CUMULATIVE_REFORWARD_MAX = {"quick": 2 ** 6, "default": 2 ** 8, "long": 2 ** 10}
+# the other families' cumulative levels: level -> (the scan that re-forwards and prefills, the step)
+CUMULATIVE_FAMILIES = {"model2": ("chunked", "recurrent"), "model3": ("chunked", "recurrent")}
 MEMORY_LENGTHS = {"quick": [], "default": [2 ** 10, 2 ** 13], "long": [2 ** 10, 2 ** 20]}
 POOL = 64                                            # distinct token inputs cycled by the memory points
 PEER = "mambapy"                                     # the peer's name in records: mamba.py's model, measured
@@ -142,13 +152,19 @@ def points(size, names):
         out += [dict(kind="per_token", level="model", mode="recurrent", impl=n, prefill_impl=pre, L=L, model=MODEL, **common)
                 for n in stepping]
     cumulative = [2 ** k for k in range(CUMULATIVE_MIN.bit_length() - 1, CUMULATIVE_MAX[size].bit_length())]
-    for L in cumulative:
-        if stepping:
-            out.append(dict(kind="cumulative", level="model", mode="recurrent", impl=stepping[0], prefill_impl=pre,
-                            L=L, model=MODEL, **common))
-        if fast and L <= CUMULATIVE_REFORWARD_MAX[size]:
-            out.append(dict(kind="cumulative", level="model", mode="reforward", impl=pre if pre in fast else fast[0],
-                            L=L, model=MODEL, **common))
+    cumulative = sorted(set(cumulative) | {3 * L // 2 for L in cumulative if 3 * L // 2 <= CUMULATIVE_REFORWARD_MAX[size]})
+    # level -> (re-forwarding scan, step, the scan that prefills the step's state), None where none is chosen
+    families = {"model": (pre if pre in fast else (fast or [None])[0], (stepping or [None])[0], pre)}
+    if names is None:   # names are Mamba-1's implementations
+        families.update({level: (scan, step, scan) for level, (scan, step) in CUMULATIVE_FAMILIES.items()})
+    for level, (scan, step, prefill) in families.items():
+        model = model2_speed.MODEL2 if level == "model2" else MODEL
+        for L in cumulative:
+            if step is not None:
+                out.append(dict(kind="cumulative", level=level, mode="recurrent", impl=step, prefill_impl=prefill, L=L,
+                                model=model, **common))
+            if scan is not None and L <= CUMULATIVE_REFORWARD_MAX[size]:
+                out.append(dict(kind="cumulative", level=level, mode="reforward", impl=scan, L=L, model=model, **common))
     for L in MEMORY_LENGTHS[size]:
         out += [dict(kind="memory", level="scan", mode="recurrent", impl=n, L=L, **SCAN, **common) for n in stepping]
     if peer_wanted:
@@ -208,12 +224,19 @@ def step_args(x, t):
             x["C"][..., t].contiguous(), x["D"], x["z"][..., t].contiguous(), x["delta_bias"], x["delta_softplus"])
 
 
-def small_model():
+def small_model(level="model"):
+    """The small model of a model level (official initialisation, seed 0), float32, eval mode: MambaLM
+    ("model", MODEL), Mamba2LM ("model2", model2_speed's MODEL2) or Mamba3LM ("model3", MODEL)."""
+    if level == "model2":
+        return model2_speed.small_model()
     from impls.models.mamba import MambaConfig, MambaLM
+    from impls.models.mamba3 import Mamba3Config, Mamba3LM
 
+    build = dict(model=lambda: MambaLM(MambaConfig(**MODEL)),
+                 model3=lambda: Mamba3LM(Mamba3Config(**MODEL, ssm_cfg={"layer": "Mamba3"})))[level]
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        return MambaLM(MambaConfig(**MODEL)).eval()
+        return build().eval()
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -330,7 +353,7 @@ def _model_per_token(point):
 def _model_cumulative(point):
     def measure_group(point):
         members = _members.get(group(point)) or [(point["mode"], point["impl"])]
-        model, L = small_model(), point["L"]
+        model, L = small_model(point["level"]), point["L"]
         prompt = torch.tensor([[1]])
         calls = {}
         for mode, impl in members:

@@ -158,11 +158,22 @@ def probe_capabilities(fam, scan, step=None):
     if getattr(fam, "PACKING", None) is not None:
         notes.update(probe_packed(fam, scan, step))
     if notes["dtype f32"].startswith("gap"):  # the base call is required: its refusal is a failure too
-        notes["dtype f32"] = "broken (the base call is required): " + notes["dtype f32"][len("gap: "):]
+        notes["dtype f32"] = BASE_REFUSED + notes["dtype f32"][len("gap: "):]
     on = {k: not v.startswith("gap") for k, v in notes.items()}
     supports = dict(dtypes=tuple(v for k, v in fam.DTYPES.items() if on[f"dtype {k}"]),
                     **{k: on[k] for k in notes if not k.startswith("dtype ")})
     return supports, notes
+
+
+BASE_REFUSED = "broken (the base call is required): "
+
+
+def base_call_refused_by_signature(notes):
+    """The TypeError of probe_capabilities' base call when the function refused it by its signature
+    (it does not take the family's arguments: a kernel of another family?), else None. A refusal
+    by signature is the only TypeError a refused call is noted with (outcome)."""
+    note = notes["dtype f32"]
+    return note[len(BASE_REFUSED):] if note.startswith(BASE_REFUSED + "TypeError") else None
 
 
 def refused_by_signature(e):

@@ -11,7 +11,8 @@ error / bound); from them this prints the drawn examples and failures per family
 error / bound per implementation and property: the margin a correct kernel keeps, not only pass or
 fail. transformers' SSD runs with its known failures listed (impls/adapters/xfails/transformers_ssd.txt),
 which are reported as expected failures, not false alarms. Each round is appended to ``--out`` as
-one JSON line.
+one JSON line. Ctrl-C or SIGTERM stops the round in progress and writes it, marked interrupted, with
+what it drew so far; no later round starts.
 """
 
 import argparse
@@ -23,6 +24,7 @@ import json
 import os
 import pathlib
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -127,6 +129,31 @@ def read_round(folder, junit):
     return examples, failed, margins
 
 
+def run_pytest(cmd, env, log):
+    """(exit status, the tail of its output, interrupted) of one round, its output written to ``log``.
+    A round stopped by Ctrl-C or SIGTERM (hours into a thorough run, say) stops pytest and still
+    returns: what it drew so far is counted and written, not lost with the round's folder."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, stop)
+    interrupted = False
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            proc.send_signal(signal.SIGINT)    # pytest's own way to stop: it ends its workers and its report
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return proc.returncode, pathlib.Path(log).read_text()[-6000:], interrupted
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m equivalence.false_alarms", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1, help="pytest runs, each with a fresh seed (default 1)")
@@ -157,25 +184,29 @@ def main(argv=None):
                                  [f"--junitxml={folder / 'junit.xml'}", *args.pytest_args])
             started = datetime.datetime.now(datetime.timezone.utc)
             print(f"round {r + 1}/{args.rounds}: seed {seed} ...", flush=True)
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            returncode, output, interrupted = run_pytest(cmd, env, folder / "pytest.log")
             got, failed, m = read_round(folder, folder / "junit.xml")
-        if run.returncode not in (0, 1):   # 1: tests failed; anything else: pytest itself could not run
-            sys.exit(f"round {r + 1}: pytest exited {run.returncode}:\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
+        if returncode not in (0, 1) and not interrupted:   # 1: tests failed; else pytest itself could not run
+            sys.exit(f"round {r + 1}: pytest exited {returncode}:\n{output}")
         examples.update(got)
         failures += [(seed, f) for f in failed]
         for k, v in m.items():
             margins[k] = max(margins.get(k, 0.0), v)
         minutes = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds() / 60
-        print(f"round {r + 1}/{args.rounds}: seed {seed}: {dict(got)} examples drawn, {len(failed)} failed "
+        print(f"round {r + 1}/{args.rounds}: seed {seed}: {'INTERRUPTED, ' if interrupted else ''}"
+              f"{dict(got)} examples drawn, {len(failed)} failed "
               f"({minutes:.1f} min)" + "".join(f"\n  FAILED {f}" for f in failed)
               + (f"\n  replay: {' '.join(pytest_command(seed, args.profile, args.workers, args.files, args.pytest_args))}"
                  if failed else ""),
               flush=True)
         with out.open("a") as f:
             f.write(json.dumps(dict(seed=seed, profile=args.profile, started=started.isoformat(), examples=dict(got),
-                                    failed=failed, margins=[[*k, v] for k, v in m.items()])) + "\n")
+                                    failed=failed, margins=[[*k, v] for k, v in m.items()],
+                                    interrupted=interrupted)) + "\n")
+        if interrupted:
+            break
 
-    print(f"\n{args.rounds} round(s), {args.profile} profile: examples drawn per family {dict(examples)}; "
+    print(f"\n{r + 1} round(s){' (the last interrupted)' if interrupted else ''}, {args.profile} profile: examples drawn per family {dict(examples)}; "
           f"{len(failures)} failure(s)")
     if margins:
         table = pd.DataFrame([[*k, v] for k, v in margins.items()],

@@ -160,11 +160,11 @@ def register_probed(fam, name, scan, step, setup):
     (equivalence/diagnose.py: probe_capabilities), and how a plain script registers it the same way."""
     spec = properties.family(fam.name)
     supports, notes = diagnose.probe_capabilities(spec, scan, step)
-    # the base call refused by its signature (a TypeError where the suite called it): another family's kernel?
-    if notes["dtype f32"].startswith("broken (the base call is required): TypeError"):
+    refused = diagnose.base_call_refused_by_signature(notes)
+    if refused:
         options = ", ".join(f.option for f in impls.FAMILIES.values())
         raise pytest.UsageError(f"{fam.option} {name}: does not take the {fam.name} scan's arguments "
-                                f"({notes['dtype f32'].partition('): ')[2]}); a kernel of another "
+                                f"({refused}); a kernel of another "
                                 f"family is named with its family's option ({options}; scanbench test --family)")
     impls.register(name, scan, step=step, family=fam.name, **supports)
     diagnose.PROBED[(fam.name, name)] = notes

@@ -148,14 +148,19 @@ def complete(module):
 
 
 def family(name):
-    """The equivalence module of the impls family ``name`` (equivalence.selective, ...), completed."""
+    """The equivalence module of the impls family ``name`` (equivalence.selective, ...), completed;
+    TypeError naming what it lacks of CONTRACT (without it no property can run on the family)."""
+    missing = missing_contract(name)
+    if missing:
+        raise TypeError(f"family {name!r}: {impls.get_family(name).equivalence} does not define "
+                        f"{', '.join(missing)} (equivalence/properties.py: CONTRACT)")
     return complete(importlib.import_module(impls.get_family(name).equivalence))
 
 
 def missing_contract(name):
     """The names of CONTRACT that the equivalence module of family ``name`` lacks (empty when the
     shared properties can run on it)."""
-    module = family(name)
+    module = importlib.import_module(impls.get_family(name).equivalence)
     return [k for k in CONTRACT if not hasattr(module, k)]
 
 

@@ -1,5 +1,12 @@
 """The false-alarm command (equivalence/false_alarms.py) runs every built-in implementation of every
-family, and attributes each drawn example to its family."""
+family, attributes each drawn example to its family, and keeps what an interrupted round drew."""
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
 
 import impls
 
@@ -27,3 +34,29 @@ def test_each_example_is_counted_for_its_family():
     assert false_alarms.file_family("equivalence/no_such_file.py") is None
     assert false_alarms.split("equivalence/test_values.py::test_values_and_last_state[mamba3-recurrent]") == (
         "test_values_and_last_state", "recurrent")
+
+
+def test_an_interrupted_round_is_counted_and_written(tmp_path, monkeypatch):
+    """SIGTERM in the middle of a round (a thorough run stopped after hours): the examples drawn so
+    far are counted and the round is written, marked interrupted, instead of lost with its folder."""
+    ready = tmp_path / "ready"
+    drawn = dict(type="test_case", status="passed", features={"target:y": 0.25},
+                 property="equivalence/test_values.py::test_values_and_last_state[ssd-loop]")
+    child = ("import json, os, pathlib, time; d = pathlib.Path(os.environ['HYPOTHESIS_STORAGE_DIRECTORY'], 'observed'); "
+             f"d.mkdir(parents=True); (d / 'a_testcases.jsonl').write_text(json.dumps({drawn!r}) + '\\n'); "
+             f"pathlib.Path({str(ready)!r}).touch(); time.sleep(120)")
+    monkeypatch.setattr(false_alarms, "pytest_command", lambda *args: [sys.executable, "-c", child])
+
+    def terminate_when_drawn():
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=terminate_when_drawn, daemon=True).start()
+    out = tmp_path / "rounds.jsonl"
+    started = time.monotonic()
+    assert false_alarms.main(["--rounds", "3", "--out", str(out)]) == 0
+    assert time.monotonic() - started < 60
+    (line,) = out.read_text().splitlines()
+    written = json.loads(line)
+    assert written["interrupted"] and written["examples"] == {"ssd": 1}
+    assert written["margins"] == [["ssd", "loop", "test_values_and_last_state", "y", 0.25]]

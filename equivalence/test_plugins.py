@@ -1,11 +1,13 @@
 """Implementations from installed packages: the entry point, its failure modes, and the xfails file."""
 
+import dataclasses
 import inspect
 import os
 import re
 import shlex
 import subprocess
 import sys
+import types
 from importlib import metadata
 
 import pytest
@@ -385,3 +387,18 @@ def test_an_unwritable_summary_is_refused_before_any_test(tmp_path, where, said)
     with pytest.raises(pytest.UsageError, match=said):
         check_writable(str(tmp_path / where))
     check_writable(str(tmp_path / "s.md"))
+
+
+def test_a_family_module_without_its_whole_contract_is_named_with_what_it_lacks(monkeypatch):
+    """A family whose equivalence module forgets a name of the contract: the error names it (not a
+    default that could not be filled in from it), and the family counts as not wired."""
+    module = types.ModuleType("half_a_family")
+    for k in properties.CONTRACT:
+        setattr(module, k, None)
+    del module.terms
+    monkeypatch.setitem(sys.modules, "half_a_family", module)
+    monkeypatch.setitem(impls.FAMILIES, "half", dataclasses.replace(impls.get_family("selective"), name="half",
+                                                                    equivalence="half_a_family"))
+    assert not properties.wired("half")
+    with pytest.raises(TypeError, match=r"family 'half': half_a_family does not define terms \(.*CONTRACT\)"):
+        properties.family("half")

@@ -7,7 +7,7 @@ from hypothesis import example, given, strategies as st
 import impls
 from .selective import Case, cases, make_inputs, reference_inputs
 from .selective import magnitudes
-from .tolerance import compare, conditioning, dt_ulps, terms
+from .tolerance import compare, conditioning, dt_ulps, polynomial_magnitudes, terms
 
 
 def runs(case):
@@ -93,6 +93,20 @@ def test_sums_of_absolute_summands_bound_the_gradients(case):
     for k in names:
         finite = torch.isfinite(ref[k]) & torch.isfinite(sums[k])
         assert (sums[k][finite] >= ref[k].abs()[finite] * (1 - 1e-9)).all(), k
+
+
+def test_polynomial_magnitudes_are_the_sums_of_absolute_terms_worked_by_hand():
+    """h_t = a_t h_{t-1} + x_t over two tokens: y_2 = a_2 x_1 + x_2 has |terms| |a_2 x_1| + |x_2|, and
+    the gradients of y_1 + y_2 + h_2 have |summands| d/dx_1: 1 + 2|a_2|, d/da_2: 2|x_1|."""
+    def loop(x, a):
+        h1 = x[0]
+        h2 = a[1] * h1 + x[1]
+        return torch.stack([h1, h2]), h2
+
+    x, a = torch.tensor([1.0, -2.0], dtype=torch.float64), torch.tensor([0.5, -0.25], dtype=torch.float64)
+    y, state, grads = polynomial_magnitudes(loop, dict(x=x, a=a), (torch.ones(2), -torch.ones(())))
+    assert y.tolist() == [1.0, 2.25] and state.item() == 2.25
+    assert grads["x"].tolist() == [1.5, 2.0] and grads["a"].tolist() == [0.0, 2.0]
 
 
 def test_one_rounding_of_the_decay_argument_grows_by_its_magnitude():

@@ -14,7 +14,7 @@ import impls
 
 from . import properties as P
 from .inputs import DTYPES, materialize
-from .tolerance import conditioning, gradient_conditioning
+from .tolerance import conditioning, gradient_conditioning, polynomial_magnitudes
 
 NAME, TIME_ARGS, Y_AXES = "toy", ("x", "a"), ("b", "l")
 
@@ -61,12 +61,8 @@ def conditionings(c, x=None):   # the policy's, with log a for dt A (an exact in
     return k, k[:, -1], gradient_conditioning(k[:, -1], gated=False)
 
 
-def magnitudes(c, weights=None, x=None):  # sums of |terms|: the loop on |inputs|; with weights, of each gradient
-    leaves = {k: v.abs().requires_grad_() for k, v in (x or make_inputs(c, torch.float64)).items() if v is not None}
-    y, h = loop(**leaves)
-    loss = weights and (y * weights[0].abs()).sum() + (h * weights[1].abs()).sum()
-    grads = weights and torch.autograd.grad(loss, list(leaves.values()))
-    return y.detach(), h.detach(), grads and {k: g.abs() for k, g in zip(leaves, grads)}
+def magnitudes(c, weights=None, x=None):  # the loop on |inputs|: its outputs are sums of products
+    return polynomial_magnitudes(loop, x or make_inputs(c, torch.float64), weights)
 
 
 def terms(c, output, arg=None):   # rounded terms per element: sums of l products

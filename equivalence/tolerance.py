@@ -111,6 +111,21 @@ def terms(output, l, n):
     return l + n if output == "y" else l
 
 
+def polynomial_magnitudes(loop, x, weights=None):
+    """Sums of |terms| for a scan whose outputs are sums of products of its inputs (no exp, no
+    division): ``loop`` run on |x| in float64, where each product's magnitude is the product of its
+    factors' and no term can cancel another. With weights (w_y, w_state), also {argument: the
+    gradient of sum(|w_y| y) + sum(|w_state| state) through that run}, which is by the same argument
+    the sum of |summands| of that argument's gradient. A family with a transcendental step (an exp
+    of dt A) writes its own: there |x| changes the decays themselves.
+    loop(**x) -> (y, state); x: {argument: float64 tensor or None}. Returns (y, state, dict or None)."""
+    leaves = {k: v.abs().requires_grad_() for k, v in x.items() if isinstance(v, torch.Tensor)}
+    y, state = loop(**{**x, **leaves})
+    grads = weights and torch.autograd.grad((y * weights[0].abs()).sum() + (state * weights[1].abs()).sum(),
+                                            list(leaves.values()))
+    return y.detach(), state.detach(), grads and {k: g.abs() for k, g in zip(leaves, grads)}
+
+
 @dataclasses.dataclass
 class Comparison:
     error: float        # max |actual - oracle| over finite positions

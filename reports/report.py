@@ -3,9 +3,10 @@
 Sections, each present only when its data is: where the results come from (thread counts and load)
 and what could not be read or was left out; the targets of docs/figures.md, met or not; time per token
 against prefix length on log-log axes, one figure per level, with fitted slopes and their
-intervals; cumulative generation time; the scan speed grid as paired ratios to the floor and to the
-best peer, with absolute ms; against mamba.py; the decode cost split; accuracy against the float64
-loop (verdict per implementation, then every case); pytest-benchmark timings. Every section lists
+intervals; cumulative generation time with its fitted L² term; the scan speed grid as paired ratios
+to the floor and to the best peer, with absolute ms; against mamba.py; the decode cost split;
+accuracy against the float64 loop (verdict per implementation, then every case); pytest-benchmark
+timings. Every section lists
 the implementations its sweep left out, with the reason. Ratios come from paired, interleaved
 measurements (benchmarks/common.py); points marked unstable are never drawn or fitted.
 """
@@ -20,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmarks.slopes import fit_slope  # noqa: E402
+from benchmarks.slopes import fit_quadratic, fit_slope  # noqa: E402
 
 
 
@@ -152,20 +153,111 @@ def plot_time_per_token(data, out_dir):
     return paths
 
 
-def plot_cumulative(data, path):
-    """Measured time to generate L tokens one after another, in both modes, slopes labelled."""
-    rows = _stable(_rows(data, "time_per_token", "cumulative"))
+MODES = {"reforward": "re-forward", "recurrent": "recurrent"}
+
+
+def _cumulative_fits(data):
+    """[(key, the series' stable medians by L, its row of cumulative_table)] for every cumulative series:
+    t(L) = a + b L + c L^2 fitted (benchmarks/slopes.py fit_quadratic), unstable points left out."""
+    rows = _rows(data, "time_per_token", "cumulative")
     if rows.empty:
-        return None
-    fig, ax = plt.subplots(figsize=(8, 5))
+        return []
+    out = []
     for key, g in _series(rows, ["source", "level", "impl", "mode"]):
-        g = g.groupby("L", as_index=False)["median_s"].median()
-        label = " / ".join(str(key[k]) for k in ("level", "impl", "mode") if k in key)
-        fit = _fit(g)
-        label += f" ({len(g)} points): {slope_label(fit)}" if fit else f": {not_fitted(g)}"
-        ax.loglog(g["L"], g["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3, label=label)
-    _label_axes(ax, "tokens generated L", "time to generate L tokens (s)",
-                "cumulative time: quadratic (re-forward, slope 2) vs linear (recurrent, slope 1)")
+        stable = _stable(g).groupby("L", as_index=False)["median_s"].median()
+        fit = fit_quadratic(stable["L"], stable["median_s"]) if len(stable) >= 4 else None
+        row = dict(key, points=len(stable), L_min=int(g["L"].min()), L_max=int(g["L"].max()),
+                   L2_term=f"not fitted: {len(stable)} stable lengths (4 needed)")
+        if fit is not None:
+            row.update(L2_term=fit["c_sign"] if fit["c_sign"] == "not resolved" else f"resolved {fit['c_sign']}",
+                       L_star=fit["L_star"], c_s=fit["c"], c_ci95_low=fit["c_low"], c_ci95_high=fit["c_high"],
+                       a_s=fit["a"], b_s=fit["b"])
+        row.update(s_at_L_max=float(g.sort_values("L")["median_s"].iloc[-1]), threads=_threads(g),
+                   unstable_left_out=len(g) - len(_stable(g)))
+        out.append((key, stable, row))
+    return out
+
+
+def cumulative_table(data):
+    """One row per cumulative series: the fitted a (s), b (s per token), c (s per token^2) with c's 95 %
+    interval, whether the L^2 term is resolved (its interval excludes 0) and L_star, the length from
+    which c L^2 is the larger part of t(L); L_star only where c is resolved positive."""
+    return pd.DataFrame([row for _, _, row in _cumulative_fits(data)])
+
+
+def _names(rows):
+    """A name for each cumulative row: its level, with its impl where a mode has two series of that level,
+    and its source where there are several."""
+    sources = len({r["source"] for r in rows}) > 1
+    out = []
+    for r in rows:
+        twins = sum(q["mode"] == r["mode"] and q["level"] == r["level"] and q["source"] == r["source"] for q in rows)
+        out.append(str(r["level"]) + (f" / {r['impl']}" if twins > 1 else "") + (f" [{r['source']}]" if sources else ""))
+    return out
+
+
+def dominance(row):
+    """Where a resolved positive L^2 term is the larger part of t(L), said within what was measured:
+    'at every measured length', 'from L ≈ 94', or 'only past the measured lengths (L > 1,024)' (an
+    L_star found by extrapolation is not quoted)."""
+    if row["L_star"] < row["L_min"]:
+        return "at every measured length"
+    if row["L_star"] <= row["L_max"]:
+        return f"from L ≈ {row['L_star']:,.0f}"
+    return f"only past the measured lengths (L > {row['L_max']:,})"
+
+
+def cumulative_title(rows):
+    """What the fits of cumulative_table's rows show, a line per mode and finding: where the L^2 term is
+    resolved and where it dominates, or that it is not resolved (or not fitted) at the measured lengths."""
+    lines = ["generating L tokens, fitted t(L) = a + b·L + c·L² (c and its 95 % interval in the legend)"]
+    names = _names(rows)
+    for mode, shown in MODES.items():
+        mine = [(n, r) for n, r in zip(names, rows) if r["mode"] == mode]
+        if not mine:
+            continue
+        positive = [(n, r) for n, r in mine if r["L2_term"] == "resolved positive"]
+        within = [f"≈ {r['L_star']:,.0f} ({n})" for n, r in positive if r["L_min"] <= r["L_star"] <= r["L_max"]]
+        phrases = [f"resolved, dominant from L {', '.join(within)}"] if within else []
+        for test, text in ((lambda r: r["L_star"] < r["L_min"], "at every measured length"),
+                           (lambda r: r["L_star"] > r["L_max"], "only past the measured lengths")):
+            hit = [n for n, r in positive if test(r)]
+            phrases += [f"resolved, dominant {text} ({', '.join(hit)})"] if hit else []
+        for term, text in (("resolved negative", "resolved negative"), ("not resolved", "not resolved at these lengths")):
+            hit = [n for n, r in mine if r["L2_term"] == term]
+            phrases += [f"{text} ({', '.join(hit)})"] if hit else []
+        unfitted = [n for n, r in mine if r["L2_term"].startswith("not fitted")]
+        phrases += [f"not fitted, under 4 stable lengths ({', '.join(unfitted)})"] if unfitted else []
+        lines += [f"{shown}: L² term {p}" for p in phrases]
+    return "\n".join(lines)
+
+
+def quadratic_label(row):
+    """A legend label's fit: 'c = 2.8e-05 [1.7e-05, 4e-05] s/token², c·L² dominant from L ≈ 94', '... not
+    resolved' or 'not fitted: ...'."""
+    if "c_s" not in row or not np.isfinite(row["c_s"]):
+        return row["L2_term"]
+    c = f"c = {row['c_s']:.2g} [{row['c_ci95_low']:.2g}, {row['c_ci95_high']:.2g}] s/token²"
+    if row["L2_term"] == "resolved positive":
+        return f"{c}, c·L² dominant {dominance(row)}"
+    return f"{c}, {row['L2_term']}"
+
+
+def plot_cumulative(data, path):
+    """Measured time to generate L tokens one after another, in both modes, each series labelled with its
+    fitted L^2 term (cumulative_table); the title says what the fits show (cumulative_title)."""
+    fits = _cumulative_fits(data)
+    if not any(len(stable) for _, stable, _ in fits):
+        return None
+    fig, ax = plt.subplots(figsize=(9, 7.5))
+    for key, stable, row in fits:
+        label = " / ".join(dict.fromkeys(str(key[k]) for k in ("level", "impl", "mode") if k in key))  # once each
+        if len({k.get("source") for k, _, _ in fits}) > 1:
+            label += f" [{key['source']}]"
+        ax.loglog(stable["L"], stable["median_s"], "-" if key.get("mode") == "recurrent" else "--", marker="o", ms=3,
+                  label=f"{label} ({row['points']} points): {quadratic_label(row)}")
+    _label_axes(ax, "tokens generated L", "time to generate L tokens (s)", cumulative_title([r for _, _, r in fits]))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12))   # below the axes: the labels are long
     return _save(fig, path)
 
 
@@ -412,6 +504,8 @@ MISSING = {  # what a "–" (a missing value) means in each table
                                          "inputs, where the loop is the oracle), so no multiple of it exists.",
     "Against mamba.py: decoding and prefill": "speedup_over_mambapy and same_next_tokens are for prefill rows only.",
     "Time per token": "ci95: two lengths only, no interval.",
+    "Cumulative generation time": "L_star: c is not resolved positive; c_s to b_s: not fitted "
+                                  "(under 4 stable lengths).",
 }
 
 
@@ -443,9 +537,17 @@ def build(data, problems, out_dir):
         ("Re-forwarding against a recurrent step", reforward_table(data), [], [],
          "The time to re-run the whole prefix for one token, as a multiple of one recurrent step at the same L "
          "(reforward_over_step: median of per-round CPU-time ratios, with quartiles, measured interleaved)."),
-        ("Cumulative generation time", slope_table(data, "cumulative"), [figures["cumulative"]] if figures["cumulative"] else [],
-         [], "Measured time to generate L tokens one after another (MambaLM.generate) in both modes: slope 2 is "
-             "quadratic (re-forwarding), 1 linear (recurrent)."),
+        ("Cumulative generation time", cumulative_table(data), [figures["cumulative"]] if figures["cumulative"] else [],
+         [], "Measured time to generate L tokens one after another (generate, from a one-token prompt) in both "
+             "modes, for each family's small model (level model: MambaLM, model2: Mamba2LM, model3: Mamba3LM). "
+             "Each series is fitted with t(L) = a + b·L + c·L² (weighted least squares on relative residuals, "
+             "scipy's curve_fit; unstable points left out): a fixed cost, a cost per token, and a cost per token "
+             "that grows with the prefix. c is resolved when its 95 % interval (Student's t, n − 3 degrees of "
+             "freedom) excludes 0; L_star is the length from which c·L² is the larger part of t(L) "
+             "(c·L² > a + b·L). Re-forwarding runs a forward over the whole prefix for every token, so c > 0; "
+             "recurrent decoding costs the same at every position, so c should be consistent with 0. A log-log "
+             "slope of these totals reads below 2 (re-forward) and 1 (recurrent) wherever the fixed cost a is "
+             "much of the time, so none is drawn, and the figure's title states only what these fits show."),
         ("Memory of recurrent decoding", memory_table(data), [], [],
          "Peak resident memory of a process decoding L tokens: a kept state takes constant memory."),
         ("Scan speed grid", grid, [figures["scan_grid"]] if figures["scan_grid"] else [], left_out(data, "scan_grid"),

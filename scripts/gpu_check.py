@@ -1,21 +1,29 @@
-"""GPU check of the Triton kernels (impls/selective/triton.py, impls/ssd/triton.py), for when a machine with a GPU is lent.
+"""GPU check of the Triton kernels (impls/selective/triton.py, impls/ssd/triton.py,
+impls/mamba3/triton.py), for when a machine with a GPU is lent. None of it has run on a GPU yet.
 Run it through scripts/gpu_check.sh:
 
     scripts/gpu_check.sh OUTPUT_DIR            # on a machine with a CUDA device
+    scripts/gpu_check.sh --budget 560 OUTPUT_DIR   # given more time (seconds; default 480)
     scripts/gpu_check.sh --smoke OUTPUT_DIR    # every phase at tiny sizes on the CPU, in Triton's
                                                # interpreter: tests this script, measures nothing
 
 Phases, each in its own process (a crash, say an illegal address from a wrapped offset, or a hang
-is recorded and the other phases still run); suite and the big phases run side by side, the bench
-phases alone after them. Every phase but the suite is written once and run for each family of
-FAMILIES (Mamba-1 "selective", its results under big and bench; Mamba-2 "ssd", under ssd_big and
-ssd_bench), which says what differs: inputs, shapes, names, bytes and targets.
+is recorded and the other phases still run): the suite, beside it the big phases one after another
+(each needs most of a GPU's memory), then the bench phases alone, all within --budget seconds
+(default 480: a lent GPU's 15 minutes must leave room to run it again). A phase's limit is cut to
+what is left; a bench phase gets its share of it and measures what fits (the rest is listed as not
+measured); a phase left under 20 s is recorded as not run, which fails the run. Every phase but
+the suite is written once and run for each family of FAMILIES (in scripts/gpu_families.py: Mamba-1 "selective", its results under big and bench;
+Mamba-2 "ssd", under ssd_big and ssd_bench; Mamba-3 SISO "mamba3", under mamba3_big and
+mamba3_bench), which says what differs: inputs, shapes, names, bytes and targets.
   suite  the equivalence suite for triton, natively, every family's files in parallel. On a GPU
          the triton entries have no case limits, so the property tests draw their full sizes.
   big    forward, backward and step on more than 2^31 elements, each checked against the same rows
          computed on a compact copy: a wrapped 32-bit offset reads or writes the wrong row.
          selective: b·d·l = 2^31 + 2^18 for the scan, b·d·n > 2^31 for the step's state;
-         ssd: x of b·l·h·p = 2^31 + 2^17 elements, the step on a state of b·h·p·n > 2^31.
+         ssd: x of b·l·h·p = 2^31 + 2^17 elements, the step on a state of b·h·p·n > 2^31;
+         mamba3: V of b·l·h·p = 2^31 + 2^17 (no Z), the last two heads; the step on an ssm
+         state of b·h·p·n = 2^31 + 2^18, its last row (the step returns new states).
   bench  CUDA-event timings (triton.testing.do_bench; calls slower than 50 ms are timed with CUDA
          events directly, median of 3) of the scan forward, forward + backward and the step, with
          the device copy bandwidth and the memory floor.
@@ -25,20 +33,24 @@ ssd_bench), which says what differs: inputs, shapes, names, bytes and targets.
          chunk_size=256), l = 2048, 8192, 65536, bfloat16: triton against chunked (the torch SSD,
          same GPU) and the official mamba_chunk_scan_combined when mamba_ssm imports (registered as
          mamba_ssm), in ms, GB/s and TFLOP/s.
+         mamba3: at the official SISO kernel's tuned shape (h=32, h_qk=1, p=64, n=128, n_ang=32,
+         chunk_size=64), b=16 l=2048, b=1 l=8192 and 65536, bfloat16, the step at b=128: triton
+         against chunked (the torch scan; recurrent for the step) and the official
+         mamba3_siso_combined and mamba3_siso_step when mamba_ssm imports (registered as mamba_ssm).
 
 Writes OUTPUT_DIR/gpu_check.json (complete or not at all) and prints a short table.
 Exit status: 0 every check passed; 1 a check failed, or a phase crashed or ran out of time (the
 JSON says which); 2 usage error; 3 no CUDA device, or no torch or triton: nothing is written.
 The speed targets (selective, at b=8, d=1536, n=16, l=8192: forward at least 20x faster than
 parallel and within 2x of the memory floor; ssd, at mamba2-2.7b's layer and l = 8192: forward at
-least 20x faster than chunked and within 1.5x of the official kernel) are reported, not enforced.
+least 20x faster than chunked and within 1.5x of the official kernel; mamba3, at b=16, l=2048: the
+same two) are reported, not enforced.
 """
 
 import argparse
 import concurrent.futures
 import importlib
 import json
-import math
 import os
 import re
 import subprocess
@@ -50,28 +62,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULT_NAME = "gpu_check.json"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_CUDA = 0, 1, 2, 3
 SUITE_TIMEOUT_S = 240
+# A lent GPU comes with 15 minutes for everything, starting it included, and one command may run
+# 10 minutes: the run must end well inside one call, with time left to run it again.
+DEFAULT_BUDGET_S = 480
+MIN_PHASE_S = 20      # a phase given less is recorded as not run
+BIG_SHARE = 0.5        # of the budget, for the suite and (beside it, one after another) the big phases
 PHASE_KINDS = ("big", "bench")
 
-MAIN_SIZE = dict(b=8, d=1536, n=16, l=8192)      # the size of the selective targets
-BENCH_SIZES = [MAIN_SIZE, dict(b=2, d=768, n=16, l=2048)]
-STEP_SIZE = dict(b=8, d=1536, n=16)
-# launch configurations to sweep at the main size: (block_d, num_warps, num_stages) for the forward,
-# (bwd_block_d, bwd_num_warps) for the backward
-FWD_CONFIGS = [(4, 1, 3), (8, 1, 3), (16, 1, 3), (16, 1, 1), (16, 2, 3), (32, 1, 3), (32, 2, 3), (64, 4, 3), (8, 1, 6)]
-BWD_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2)]
-SMOKE_BENCH_SIZES = [dict(b=1, d=8, n=4, l=16)]
-SMOKE_STEP_SIZE = dict(b=2, d=8, n=4)
-SMOKE_FWD_CONFIGS, SMOKE_BWD_CONFIGS = [(4, 1, 1)], [(4, 1)]
-
-# the SSD grid: mamba2-130m and mamba2-2.7b layers (d_model 768 and 2560, expand 2, headdim 64,
-# d_state 128, one group), batch 1, chunk_size 256 (the official default)
-SSD_SHAPES = {"mamba2-130m": dict(h=24, p=64, n=128, g=1), "mamba2-2.7b": dict(h=80, p=64, n=128, g=1)}
-SSD_LENGTHS = [2048, 8192, 65536]
-SSD_CHUNK = 256
-SSD_STEP_BATCH = 64
-SMOKE_SSD_SHAPES = {"tiny": dict(h=2, p=4, n=4, g=1)}
-SMOKE_SSD_LENGTHS = [24]
-SMOKE_SSD_CHUNK = 8
+# the families' own parts live beside this file (loaded by path, as the tests load this one, it is
+# not on sys.path by itself)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_families import FAMILIES  # noqa: E402
 
 NO_CUDA = """\
 gpu_check: no CUDA device here ({why}), so nothing was run and nothing was written.
@@ -86,56 +87,20 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description=__doc__.split("\n\n")[0],
                                 epilog=f"exit status: {EXIT_OK} passed, {EXIT_FAILED} a check failed, "
                                        f"{EXIT_USAGE} usage error, {EXIT_NO_CUDA} no CUDA device (nothing written)")
-    p.add_argument("output_dir", help=f"folder for {RESULT_NAME} (created if missing)")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help=f"folder for {RESULT_NAME} (created if missing)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, to test this script")
+    p.add_argument("--budget", type=int, default=DEFAULT_BUDGET_S,
+                   help=f"seconds the whole run may take (default {DEFAULT_BUDGET_S}); each phase's limit is cut to fit")
+    p.add_argument("--phase-budget", type=float, help=argparse.SUPPRESS)  # internal: the phase's own limit
     p.add_argument("--phase", choices=[f["key"] + k for f in FAMILIES.values() for k in PHASE_KINDS],
                    help=argparse.SUPPRESS)  # internal
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.budget <= 0:
+        p.error(f"--budget {args.budget}: the run's time in seconds must be positive")
+    return args
 
 
 # ---- pure helpers (tested on the CPU) ------------------------------------------------------------
-
-def forward_bytes(b, d, n, l, g=1, itemsize=4, param_itemsize=4):
-    """Bytes the forward must move at the least: u, delta, z read, y written (b·d·l each), B and C
-    read (b·g·n·l each), A, D, delta_bias read once."""
-    return itemsize * (4 * b * d * l + 2 * b * g * n * l) + param_itemsize * (d * n + 2 * d)
-
-
-def backward_bytes(b, d, n, l, g=1, itemsize=4, param_itemsize=4):
-    """Bytes the backward must move at the least: u, delta, z, grad y, B, C read; du, ddelta, dz, dB,
-    dC written; parameters and their gradients once."""
-    return itemsize * (7 * b * d * l + 4 * b * g * n * l) + 2 * param_itemsize * (d * n + 2 * d)
-
-
-def step_bytes(b, d, n, itemsize=4):
-    """The state read and written, x, dt, z, B, C read, y written."""
-    return itemsize * (2 * b * d * n + 4 * b * d + 2 * b * n) + itemsize * (d * n + 2 * d)
-
-
-def ssd_forward_bytes(b, l, h, p, n, g=1, itemsize=4, has_z=True):
-    """Bytes the SSD forward must move at the least: x (and z) read, out written (b·l·h·p each),
-    B and C read (b·l·g·n each), dt read (b·l·h, in the input dtype), A, D, dt_bias once (float32)."""
-    return itemsize * ((3 if has_z else 2) * b * l * h * p + 2 * b * l * g * n + b * l * h) + 4 * 3 * h
-
-
-def ssd_backward_bytes(b, l, h, p, n, g=1, itemsize=4, has_z=True):
-    """Bytes the SSD backward must move at the least: x, z, d out, B, C, dt read; dx, dz, dB, dC,
-    d dt written; parameters and their gradients once."""
-    return itemsize * ((5 if has_z else 3) * b * l * h * p + 4 * b * l * g * n + 2 * b * l * h) + 4 * 6 * h
-
-
-def ssd_flops(b, l, h, p, n, chunk_size):
-    """Multiply-adds x 2 of the chunked algorithm's products: per token and head, the chunk state
-    (p n), the readout of the carried state (p n), and the causal half of the within-chunk C B^T
-    (Q n / 2) and of its product with dt x (Q p / 2), Q = min(chunk_size, l)."""
-    Q = min(chunk_size, l)
-    return 2 * b * l * h * (2 * p * n + Q * (n + p) / 2)
-
-
-def ssd_step_bytes(b, h, p, n, g=1, itemsize=4):
-    """The state read and written (b·h·p·n each), x, z read and y written, dt, B, C read."""
-    return 4 * 2 * b * h * p * n + itemsize * (3 * b * h * p + b * h + 2 * b * g * n) + 4 * 3 * h
-
 
 def pytest_summary(text):
     """Counts from pytest's last summary line, e.g. '12 passed, 1 skipped in 3.2s'."""
@@ -250,9 +215,6 @@ def write_atomically(path, obj):
 
 # ---- the phases, written once over a family (each runs in its own process) -----------------------
 
-BATCHED = ("x", "dt", "B", "C", "z")      # the step arguments with a batch row each, in every family
-
-
 def _setup(family, smoke):
     """Import the family's kernels; returns (torch, the kernel module, device)."""
     sys.path.insert(0, ROOT)
@@ -282,7 +244,9 @@ def _compare(torch, big, small, elements):
 def phase_big(family, smoke):
     """Forward, backward and step past 2^31 elements against compact copies of some of their rows.
     The family gives the inputs (big_scan: inputs, elements, and windows: a label and how to take
-    the window's part of an input, output or gradient by name) and the step's (big_step)."""
+    the window's part of an input, output or gradient by name) and the step's (big_step: the state,
+    a tensor or a tuple of tensors passed as the argument step_state, and the other arguments, of
+    which those named in step_batched have a batch row each)."""
     torch, kernels, dev = _setup(family, smoke)
     gen = torch.Generator(device=dev).manual_seed(0)
     results = {}
@@ -313,14 +277,21 @@ def phase_big(family, smoke):
             check(f"backward d{k} {label}".strip(), take(k, big_g), small_g, elements)
     del grads, x, gy, small, wrt
 
-    # the step: its last batch row against the same row updated alone
+    # the step: its last batch row against the same row updated alone. A step that returns (y, new
+    # states) is read as such; one that returns y alone has updated its state in place.
     state, args = family["big_step"](torch, dev, gen, smoke)
-    step = getattr(kernels, family["step"])
-    last_row = state[-1:].clone()
-    y = step(state, **args)
-    ys = step(last_row, **{k: (v[-1:] if k in BATCHED else v) for k, v in args.items()})
-    check("step y", y[-1:], ys, state.numel())
-    check("step state", state[-1:], last_row, state.numel())
+    states = state if isinstance(state, tuple) else (state,)
+    last_rows = tuple(s[-1:].clone() for s in states)
+    step, batched = getattr(kernels, family["step"]), family["step_batched"]
+    as_given = lambda rows: rows if isinstance(state, tuple) else rows[0]
+    read = lambda res, rows: res if isinstance(res, tuple) else (res, rows)
+    y, new = read(step(**args, **{family["step_state"]: state}), states)
+    ys, new_rows = read(step(**{k: (v[-1:] if k in batched else v) for k, v in args.items()},
+                             **{family["step_state"]: as_given(last_rows)}), last_rows)
+    elements = max(s.numel() for s in states)
+    check("step y", y[-1:], ys, elements)
+    for name, big_s, small_s in zip(family["step_states"], new, new_rows):
+        check(f"step {name}", big_s[-1:], small_s, elements)
     return dict(checks=results, ok=all(r["ok"] for r in results.values()))
 
 
@@ -358,243 +329,8 @@ def _timer(torch, smoke):
 
 
 
-# ---- what differs between the families ------------------------------------------------------------
 
-def _selective_big_scan(torch, dev, gen, smoke):
-    """b·d·l = 2^31 + 2^18 elements in bfloat16 (n = 4 keeps the checkpoints small); windows of 16
-    channels (the GPU block, the same launch shape) at the last batch row's last channels and the
-    first row's first."""
-    b, d, n, l = (2, 20, 3, 18) if smoke else (4, 1024, 4, 2**19 + 64)
-    cd = 16 if not smoke else 8
-    bf = torch.bfloat16
-    u = torch.randn(b, d, l, device=dev, generator=gen, dtype=bf)
-    delta = (0.001 + 0.1 * torch.rand(b, d, l, device=dev, generator=gen)).to(bf)
-    z = torch.randn(b, d, l, device=dev, generator=gen, dtype=bf)
-    A = -torch.arange(1, n + 1, device=dev, dtype=torch.float32).expand(d, n).contiguous()
-    B = torch.randn(b, n, l, device=dev, generator=gen, dtype=bf)
-    C = torch.randn(b, n, l, device=dev, generator=gen, dtype=bf)
-    D = torch.ones(d, device=dev)
-
-    def window(bi, c0):
-        def take(name, t):
-            if name in ("A", "D"):
-                return t[c0:c0 + cd]
-            if name in ("B", "C"):
-                return t[bi:bi + 1]
-            return t[bi:bi + 1, c0:c0 + cd].contiguous()    # (b, d, ...): u, delta, z, y, state, gradients
-        return f"b{bi}c{c0}", take
-    return dict(inputs=dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z), elements=b * d * l,
-                windows=[window(b - 1, d - cd), window(0, 0)])
-
-
-def _selective_big_step(torch, dev, gen, smoke):
-    """A state of b·d·n = 2^31 + 2^21 float32 elements."""
-    sb, sd, sn = (3, 20, 4) if smoke else (8200, 16384, 16)
-    state = torch.randn(sb, sd, sn, device=dev, generator=gen)
-    x, dt, z = (torch.randn(sb, sd, device=dev, generator=gen) for _ in range(3))
-    B, C = (torch.randn(sb, sn, device=dev, generator=gen) for _ in range(2))
-    A = -torch.rand(sd, sn, device=dev, generator=gen) - 0.5
-    return state, dict(x=x, dt=dt, A=A, B=B, C=C, D=torch.ones(sd, device=dev), z=z,
-                       dt_bias=torch.zeros(sd, device=dev), dt_softplus=True)
-
-
-def _inputs(torch, dev, b, d, n, l, dtype, gen):
-    """Mamba's initialisation: A = -(1..n), dt log-uniform in [1e-3, 0.1] through softplus."""
-    dtv = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * torch.rand(b, d, l, device=dev, generator=gen))
-    bias = 0.1 * torch.randn(d, device=dev, generator=gen)
-    return dict(u=torch.randn(b, d, l, device=dev, generator=gen).to(dtype),
-                delta=(torch.log(torch.expm1(dtv)) - bias[:, None]).to(dtype),
-                A=-torch.arange(1, n + 1, device=dev, dtype=torch.float32).expand(d, n).contiguous(),
-                B=torch.randn(b, n, l, device=dev, generator=gen).to(dtype),
-                C=torch.randn(b, n, l, device=dev, generator=gen).to(dtype),
-                D=torch.ones(d, device=dev), z=torch.randn(b, d, l, device=dev, generator=gen).to(dtype),
-                delta_bias=bias, delta_softplus=True)
-
-
-
-def _selective_bench_cases(smoke):
-    sizes = [(s, "float32") for s in (SMOKE_BENCH_SIZES if smoke else BENCH_SIZES)]
-    return [dict(size, dtype=dtype) for size, dtype in sizes + ([] if smoke else [(MAIN_SIZE, "bfloat16")])]
-
-
-def _selective_bench_inputs(torch, dev, gen, case, smoke):
-    b, d, n, l = case["b"], case["d"], case["n"], case["l"]
-    dtype = getattr(torch, case["dtype"])
-    x = _inputs(torch, dev, b, d, n, l, dtype, gen)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    gy = torch.randn(b, d, l, device=dev, generator=gen).to(dtype)
-    return dict(inputs=x, gy=gy, bytes=(forward_bytes(b, d, n, l, itemsize=itemsize), backward_bytes(b, d, n, l, itemsize=itemsize)),
-                only=None if dtype == torch.float32 else ["triton"])
-
-
-def _selective_step_inputs(torch, dev, gen, case, smoke):
-    b, d, n = case["b"], case["d"], case["n"]
-    x = _inputs(torch, dev, b, d, n, 1, torch.float32, gen)
-    args = dict(x=x["u"][..., 0], dt=x["delta"][..., 0], A=x["A"], B=x["B"][..., 0], C=x["C"][..., 0], D=x["D"],
-                z=x["z"][..., 0], dt_bias=x["delta_bias"], dt_softplus=True)
-    return dict(state=torch.zeros(b, d, n, device=dev), inputs=args, bytes=step_bytes(b, d, n))
-
-
-def _selective_tune(torch, ts, dev, gen, smoke, timed, out, started, budget):
-    """A sweep of the launch configurations of the triton kernels at the main size (float32)."""
-    size = SMOKE_BENCH_SIZES[0] if smoke else MAIN_SIZE
-    x = _inputs(torch, dev, size["b"], size["d"], size["n"], size["l"], torch.float32, gen)
-    gy = torch.randn(size["b"], size["d"], size["l"], device=dev, generator=gen)
-    config = ts.CONFIG
-    default = dict(config)
-    out["default_config"] = default
-    out["fwd_configs"], out["bwd_configs"] = [], []
-    try:
-        for block_d, warps, stages in (SMOKE_FWD_CONFIGS if smoke else FWD_CONFIGS):
-            if time.time() - started > budget - 60:
-                out["errors"].append("forward config sweep cut short: time budget")
-                break
-            config.update(block_d=block_d, num_warps=warps, num_stages=stages)
-            with torch.no_grad():
-                ms = timed(f"forward config {block_d, warps, stages}", lambda: ts.selective_scan(**x))
-            out["fwd_configs"].append(dict(config=dict(block_d=block_d, num_warps=warps, num_stages=stages), ms=ms))
-        config.update(default)
-        leaves = {k: (v.detach().requires_grad_() if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
-        wrt = [v for v in leaves.values() if isinstance(v, torch.Tensor)]
-        for block_d, warps in (SMOKE_BWD_CONFIGS if smoke else BWD_CONFIGS):
-            if time.time() - started > budget - 40:
-                out["errors"].append("backward config sweep cut short: time budget")
-                break
-            config.update(bwd_block_d=block_d, bwd_num_warps=warps)
-            ms = timed(f"backward config {block_d, warps}",
-                       lambda: torch.autograd.grad(ts.selective_scan(**leaves), wrt, gy))
-            out["bwd_configs"].append(dict(config=dict(bwd_block_d=block_d, bwd_num_warps=warps), ms=ms))
-    finally:
-        config.update(default)
-    for key in ("fwd", "bwd"):
-        measured = [c for c in out[f"{key}_configs"] if c["ms"] is not None]
-        out[f"best_{key}_config"] = min(measured, key=lambda c: c["ms"]) if measured else None
-
-
-def _ssd_big_scan(torch, dev, gen, smoke):
-    """x and z of b·l·h·p = 2^31 + 2^16 bfloat16 elements; the window: the last two heads."""
-    b, l, h, p, n = (1, 40, 4, 4, 4) if smoke else (1, 2**20 + 32, 32, 64, 16)
-    ch = 2
-    bf = torch.bfloat16
-    x = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=bf)
-    z = torch.randn(b, l, h, p, device=dev, generator=gen, dtype=bf)
-    dt = (0.001 + 0.1 * torch.rand(b, l, h, device=dev, generator=gen)).to(bf)
-    A = -(1 + 15 * torch.rand(h, device=dev, generator=gen))
-    B = torch.randn(b, l, 1, n, device=dev, generator=gen, dtype=bf)
-    C = torch.randn(b, l, 1, n, device=dev, generator=gen, dtype=bf)
-    D = torch.ones(h, device=dev)
-
-    def take(name, t):
-        if name in ("A", "D"):
-            return t[h - ch:]
-        if name in ("B", "C"):
-            return t
-        if name == "final_states":
-            return t[:, h - ch:]
-        return t[:, :, h - ch:].contiguous()                 # (b, l, h, ...): x, z, dt, out, gradients
-    return dict(inputs=dict(x=x, dt=dt, A=A, B=B, C=C, chunk_size=SMOKE_SSD_CHUNK if smoke else SSD_CHUNK, D=D, z=z),
-                elements=b * l * h * p, windows=[("", take)])
-
-
-def _ssd_big_step(torch, dev, gen, smoke):
-    """A state of b·h·p·n = 2^31 + 2^21 float32 elements (mamba2-130m's layer, 10,924 rows)."""
-    sb, sh, sp, sn = (3, 2, 4, 4) if smoke else (10924, 24, 64, 128)
-    state = torch.randn(sb, sh, sp, sn, device=dev, generator=gen)
-    x, z = (torch.randn(sb, sh, sp, device=dev, generator=gen) for _ in range(2))
-    dt = torch.rand(sb, sh, device=dev, generator=gen)
-    B, C = (torch.randn(sb, 1, sn, device=dev, generator=gen) for _ in range(2))
-    A = -(1 + 15 * torch.rand(sh, device=dev, generator=gen))
-    return state, dict(x=x, dt=dt, A=A, B=B, C=C, D=torch.ones(sh, device=dev), z=z,
-                       dt_bias=torch.zeros(sh, device=dev), dt_softplus=True)
-
-
-def _ssd_inputs(torch, dev, b, l, h, p, n, g, dtype, gen):
-    """Mamba-2's initialisation: A = -U(1, 16) per head, dt log-uniform in [1e-3, 0.1] through softplus."""
-    dtv = torch.exp(math.log(1e-3) + (math.log(0.1) - math.log(1e-3)) * torch.rand(b, l, h, device=dev, generator=gen))
-    bias = 0.1 * torch.randn(h, device=dev, generator=gen)
-    return dict(x=torch.randn(b, l, h, p, device=dev, generator=gen).to(dtype),
-                dt=(torch.log(torch.expm1(dtv)) - bias).to(dtype),
-                A=-(1 + 15 * torch.rand(h, device=dev, generator=gen)),
-                B=torch.randn(b, l, g, n, device=dev, generator=gen).to(dtype),
-                C=torch.randn(b, l, g, n, device=dev, generator=gen).to(dtype),
-                D=torch.ones(h, device=dev), z=torch.randn(b, l, h, p, device=dev, generator=gen).to(dtype),
-                dt_bias=bias, dt_softplus=True)
-
-
-
-def _ssd_shapes(smoke):
-    return (SMOKE_SSD_SHAPES if smoke else SSD_SHAPES).items()
-
-
-def _ssd_bench_cases(smoke):
-    chunk = SMOKE_SSD_CHUNK if smoke else SSD_CHUNK
-    return [dict(shape=name, b=1, l=l, **shape, chunk_size=chunk, dtype="bfloat16") for name, shape in _ssd_shapes(smoke)
-            for l in (SMOKE_SSD_LENGTHS if smoke else SSD_LENGTHS)]
-
-
-def _ssd_bench_inputs(torch, dev, gen, case, smoke):
-    b, l, h, p, n, g = (case[k] for k in ("b", "l", "h", "p", "n", "g"))
-    chunk = case["chunk_size"]
-    x = dict(_ssd_inputs(torch, dev, b, l, h, p, n, g, torch.bfloat16, gen), chunk_size=chunk)
-    gy = torch.randn(b, l, h, p, device=dev, generator=gen).to(torch.bfloat16)
-    return dict(inputs=x, gy=gy, bytes=(ssd_forward_bytes(b, l, h, p, n, g, 2), ssd_backward_bytes(b, l, h, p, n, g, 2)),
-                flops=ssd_flops(b, l, h, p, n, chunk))
-
-
-def _ssd_step_cases(smoke):
-    return [dict(shape=name, b=2 if smoke else SSD_STEP_BATCH, **shape) for name, shape in _ssd_shapes(smoke)]
-
-
-def _ssd_step_inputs(torch, dev, gen, case, smoke):
-    b, h, p, n, g = (case[k] for k in ("b", "h", "p", "n", "g"))
-    x = _ssd_inputs(torch, dev, b, 1, h, p, n, g, torch.bfloat16, gen)
-    args = dict(x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"], B=x["B"][:, 0], C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0],
-                dt_bias=x["dt_bias"], dt_softplus=True)
-    return dict(state=torch.zeros(b, h, p, n, device=dev), inputs=args, bytes=ssd_step_bytes(b, h, p, n, g, 2))
-
-
-# A family: its registry name; key, the prefix of its results in the JSON; title and check_prefix,
-# how the table and the check names call it; the suite's option and files; its Triton kernel module
-# and public function names; the names of its outputs and of the inputs the big phase differentiates;
-# the big and bench phases' inputs and cases; its targets: (name, reference, "speedup" or "over", bound),
-# read from the bench row matching target_row.
-FAMILIES = {
-    "selective": dict(
-        name="selective", key="", title="Mamba-1", check_prefix="", option="--impl",
-        suite=["equivalence/test_values.py", "equivalence/test_invariants.py",
-               "equivalence/test_gradients.py", "equivalence/test_triton.py"],
-        smoke_job="smoke", smoke_suite=["equivalence/test_triton.py", "-k", "offset_helpers"],
-        kernels="impls.selective.triton", scan="selective_scan", step="selective_state_update",
-        return_state="return_last_state", outputs=("y", "state"), leaves=("u", "delta", "z"),
-        big_scan=_selective_big_scan, big_step=_selective_big_step,
-        bench_names=("triton", "parallel", "loop"), step_names=("triton", "parallel", "recurrent"),
-        bench_cases=_selective_bench_cases, bench_inputs=_selective_bench_inputs,
-        step_cases=lambda smoke: [dict(SMOKE_STEP_SIZE if smoke else STEP_SIZE)], step_inputs=_selective_step_inputs,
-        tune=_selective_tune,
-        label=lambda r: " ".join([f"{k}{r[k]}" for k in ("b", "d", "n", "l") if k in r] + [r[k] for k in ("dtype",) if k in r]),
-        target_row=dict(MAIN_SIZE, dtype="float32", op="forward"),
-        targets=[("forward_speedup_vs_parallel", "parallel", "speedup", 20.0), ("forward_over_floor", "floor", "over", 2.0)],
-        timeouts=dict(big=240, bench=200)),
-    "ssd": dict(
-        name="ssd", key="ssd_", title="SSD", check_prefix="ssd", option="--ssd-impl",
-        suite=["equivalence/test_values.py", "equivalence/test_invariants.py",
-               "equivalence/test_gradients.py", "equivalence/ssd/test_step.py", "equivalence/test_triton_ssd.py"],
-        smoke_job="smoke_ssd", smoke_suite=["equivalence/test_triton_ssd.py", "-k", "growth"],
-        kernels="impls.ssd.triton", scan="ssd_scan", step="ssd_state_update",
-        return_state="return_final_states", outputs=("out", "final_states"), leaves=("x", "z"),
-        big_scan=_ssd_big_scan, big_step=_ssd_big_step,
-        bench_names=("triton", "chunked", "mamba_ssm"), step_names=("triton", "recurrent", "mamba_ssm"),
-        bench_cases=_ssd_bench_cases, bench_inputs=_ssd_bench_inputs,
-        step_cases=_ssd_step_cases, step_inputs=_ssd_step_inputs,
-        label=lambda r: f"{r['shape']} l{r['l']}" if "l" in r else f"{r['shape']} b{r['b']}",
-        target_row=dict(shape="mamba2-2.7b", l=8192, op="forward"),
-        targets=[("ssd_forward_speedup_vs_chunked", "chunked", "speedup", 20.0),
-                 ("ssd_forward_over_official", "mamba_ssm", "over", 1.5)],
-        timeouts=dict(big=240, bench=300)),
-}
-
-
-def phase_bench(family, smoke):
+def phase_bench(family, smoke, budget=None):
     """Timings of the scan (forward, forward + backward, and their difference) and of the step, for
     triton and the family's other implementations, with the memory floor from the copy bandwidth.
     The family gives its cases (bench_cases, step_cases), their inputs and sizes, and whatever it
@@ -602,7 +338,7 @@ def phase_bench(family, smoke):
     torch, kernels, dev = _setup(family, smoke)
     import impls
     started = time.time()
-    budget = family["timeouts"]["bench"]
+    budget = budget or family["timeouts"]["bench"]
     measure = _timer(torch, smoke)
     gen = torch.Generator(device=dev).manual_seed(0)
     registered = impls.names(family=family["name"])
@@ -611,7 +347,8 @@ def phase_bench(family, smoke):
     out = dict(names=names, step_names=step_names, rows=[], step=[], errors=[], methods={},
                notes=["backward = (forward + backward) - forward",
                       "GB/s: the memory floor's bytes over triton's time",
-                      "TFLOP/s (where counted): the forward's FLOPs, 3x for forward + backward, 2x for the backward"])
+                      "TFLOP/s (where counted): the forward's FLOPs, 3x for forward + backward, 2x for the backward",
+                      *family.get("bench_notes", ())])
     scan, step = getattr(impls, family["scan"]), getattr(impls, family["step"])
 
     def timed(key, fn):
@@ -675,7 +412,7 @@ def phase_bench(family, smoke):
         row = dict(case, op="step", ms={}, bytes=c["bytes"])
         for nm in step_names:
             row["ms"][nm] = timed(f"{nm} step {family['label'](case)}",
-                                  lambda: step(c["state"], **c["inputs"], impl=nm))
+                                  lambda: step(**c["inputs"], impl=nm))
         add(row)
     if family.get("tune"):
         family["tune"](torch, kernels, dev, gen, smoke, timed, out, started, budget)
@@ -687,9 +424,14 @@ def phase_bench(family, smoke):
 
 def _run_phase(phase, smoke, timeout):
     """Run one phase in a fresh process; its JSON result, or an error record."""
+    if timeout < MIN_PHASE_S:
+        return dict(ok=False, error=f"not run: {max(timeout, 0):.0f} s were left of the time budget (--budget), "
+                                    f"under the {MIN_PHASE_S} s a phase needs")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, result] + (["--smoke"] if smoke else [])
+        # the phase's own budget leaves it time to start and to write its result before it is stopped
+        cmd = [sys.executable, os.path.abspath(__file__), "--phase", phase, result, "--phase-budget", str(timeout - 15)]
+        cmd += ["--smoke"] if smoke else []
         t0 = time.time()
         try:
             run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -705,10 +447,15 @@ def _run_phase(phase, smoke, timeout):
 
 
 
-def _run_suite(smoke):
+def _run_suite(smoke, timeout=SUITE_TIMEOUT_S):
     env = dict(os.environ, CI="true")
     if smoke:
-        jobs = {f["smoke_job"]: [f["option"], "triton", *f["smoke_suite"]] for f in FAMILIES.values()}
+        # one pytest run with every family's option and a quick test of each family's own file: the
+        # options and files are checked as the full suite uses them, and pytest starts once (on a
+        # CPU, starting it is most of a smoke job's time)
+        fams = FAMILIES.values()
+        jobs = {"smoke": [*(a for f in fams for a in (f["option"], "triton")), *(f["smoke_tests"][0] for f in fams),
+                          "-k", " or ".join(f["smoke_tests"][1] for f in fams)]}
     else:
         # the property files are shared by the families: one job per family and file, each with only
         # its family's option (so only that family's tests run in it)
@@ -718,9 +465,9 @@ def _run_suite(smoke):
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
         t0 = time.time()
         try:
-            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=SUITE_TIMEOUT_S)
+            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            return dict(ok=False, error=f"timed out after {SUITE_TIMEOUT_S} s", output_tail=str(e.stdout or "")[-2000:])
+            return dict(ok=False, error=f"timed out after {timeout:.0f} s", output_tail=str(e.stdout or "")[-2000:])
         counts = pytest_summary(run.stdout)
         return dict(ok=run.returncode == 0 and counts.get("passed", 0) > 0, returncode=run.returncode,
                     counts=counts, duration_s=time.time() - t0, output_tail=run.stdout[-3000:])
@@ -735,7 +482,7 @@ def main(argv=None):
     phases = {f["key"] + kind: (kind, f) for f in FAMILIES.values() for kind in PHASE_KINDS}
     if args.phase:                                    # internal: one phase, in this process
         kind, family = phases[args.phase]
-        result = dict(big=phase_big, bench=phase_bench)[kind](family, args.smoke)
+        result = phase_big(family, args.smoke) if kind == "big" else phase_bench(family, args.smoke, args.phase_budget)
         with open(args.output_dir, "w") as f:         # here output_dir is the result file
             json.dump(result, f, default=str)
         return EXIT_OK
@@ -750,26 +497,42 @@ def main(argv=None):
         print(NO_CUDA.format(why=f"torch {torch.__version__} sees no CUDA device", code=EXIT_NO_CUDA), file=sys.stderr)
         return EXIT_NO_CUDA
 
+    try:   # before anything runs: a result that cannot be written would lose the whole run
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_atomically(os.path.join(args.output_dir, RESULT_NAME + ".probe"), {})
+        os.unlink(os.path.join(args.output_dir, RESULT_NAME + ".probe"))
+    except OSError as e:
+        print(f"gpu_check: cannot write into {args.output_dir}: {e}", file=sys.stderr)
+        return EXIT_USAGE
     started = time.time()
-    os.makedirs(args.output_dir, exist_ok=True)
     results = dict(smoke=args.smoke, started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), torch=torch.__version__,
                    triton=triton.__version__, python=sys.version.split()[0],
                    device="CPU (smoke)" if args.smoke else torch.cuda.get_device_name(0),
                    cuda=None if args.smoke else torch.version.cuda)
     timeouts = {name: (kind, f["timeouts"][kind]) for name, (kind, f) in phases.items()}
-    at_most = (max([SUITE_TIMEOUT_S] + [t for k, t in timeouts.values() if k == "big"])
-               + sum(t for k, t in timeouts.values() if k == "bench"))
-    print(f"gpu_check: suite and big (2^31) phases, then the bench phases; about {at_most // 60} min at most", flush=True)
+    deadline = started + args.budget
+    big_deadline = started + BIG_SHARE * args.budget
+    print(f"gpu_check: the suite, beside it the big (2^31) phases one after another, then the bench phases; "
+          f"at most {args.budget} s (--budget)", flush=True)
+
+    def big_phases():
+        # one after another: each needs most of a GPU's memory
+        return {name: _run_phase(name, args.smoke, min(t, big_deadline - time.time()))
+                for name, (kind, t) in timeouts.items() if kind == "big"}
+
     with concurrent.futures.ThreadPoolExecutor(2 + len(phases)) as pool:
-        suite = pool.submit(_run_suite, args.smoke)
-        # a smoke run measures nothing: no need to keep the timings alone
-        running = {name: pool.submit(_run_phase, name, args.smoke, t) for name, (kind, t) in timeouts.items()
-                   if kind == "big" or args.smoke}
+        suite = pool.submit(_run_suite, args.smoke, min(SUITE_TIMEOUT_S, BIG_SHARE * args.budget))
+        if args.smoke:     # tiny sizes on a CPU: no memory to share, and nothing is timed
+            running = {name: pool.submit(_run_phase, name, True, min(t, deadline - time.time()))
+                       for name, (kind, t) in timeouts.items()}
+        else:
+            running = {"big phases": pool.submit(big_phases)}
         results["suite"] = suite.result()
-        results.update({name: r.result() for name, r in running.items()})
-    for name, (kind, t) in timeouts.items():
-        if name not in results:
-            results[name] = _run_phase(name, args.smoke, t)
+        for name, r in running.items():
+            results.update({name: r.result()} if name in phases else r.result())
+    benches = [name for name, (kind, t) in timeouts.items() if name not in results]
+    for i, name in enumerate(benches):   # alone, each given its share of what is left
+        results[name] = _run_phase(name, args.smoke, min(timeouts[name][1], (deadline - time.time()) / (len(benches) - i)))
     for f in FAMILIES.values():
         results[f["key"] + "targets"] = targets(results[f["key"] + "bench"], f)
     results["ok"] = results["suite"].get("ok") and all(results[name].get("ok") for name in phases)

@@ -24,6 +24,9 @@ from impls.mamba3 import loop, mamba3_scan, mamba3_state_update  # noqa: E402
 from impls.mamba3 import triton as m3  # noqa: E402  (impls.registry has set TRITON_INTERPRET without CUDA)
 from impls.ssd import triton as ssd_triton  # noqa: E402
 
+# the Triton Mamba-3 kernels' tests: collected with --mamba3-impl triton, and not with another family's option
+pytestmark = [pytest.mark.family("mamba3"), pytest.mark.only_for("triton", family="mamba3")]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIME_LAST, TIME_SECOND = ("ADT", "DT", "Trap"), ("Q", "K", "V", "Angles", "Z")
 
