@@ -30,7 +30,8 @@ the readout (benchmarks/mamba3_grid.py times these alone as the floor); the rest
 
 Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
     - every segment sum is a masked cumulative sum over exactly its own terms, never a difference
-      of prefix sums; the non-causal entries (t <= s) sum no terms (0) and are dropped by a
+      of prefix sums (segment_decays splits a long segment at sub-block edges into three such sums
+      and multiplies their exps); the non-causal entries (t <= s) are a placeholder dropped by a
       select, so no exp of a positive non-causal sum is ever used;
     - masked entries are set by a select (torch.where, tril), not multiplied by 0: a NaN or inf in a later
       token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. A non-finite V is
@@ -43,7 +44,8 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
       its own row of Input_States, the angle sum and the k, v states included, so no chunk
       straddles two sequences.
 
-Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens, one block after another,
+Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens (GRAD_BLOCK_TOKENS under
+autograd), one block after another,
 carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
 written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
 chunk states, whatever l is. With gradients, a SISO block (SisoBlock) keeps the intermediates its
@@ -52,7 +54,7 @@ written-out backward reads (q~, k~, v, the (T, T) decays, weights, scores and P,
 optimum shape), so memory under autograd grows with l while the
 backward costs its eight transposed matmuls and one elementwise chain rule, no second forward. A
 MIMO block keeps only its inputs (views of the arguments) and the states it starts from (h p n +
-small, l / BLOCK_TOKENS of them), as torch.utils.checkpoint would, and is recomputed with autograd
+small, l / GRAD_BLOCK_TOKENS of them), as torch.utils.checkpoint would, and is recomputed with autograd
 inside the backward (RecomputedBlock); CHECKPOINT_BLOCKS = False keeps every MIMO block's graph
 instead (faster, memory linear in l).
 
@@ -77,6 +79,10 @@ TWO_PI = 2 * math.pi
 # dispatches) is small beside its matmuls. At that shape, paired against 64 and 256 on a busy 2-core
 # machine, 128 was the fastest in most runs (by about 5% over 256).
 BLOCK_TOKENS = 128
+# Under autograd a block costs more Python (SisoBlock's forward and written-out backward, about
+# twice the dispatches) and keeps its intermediates anyway, so it takes more tokens: paired against
+# 128 and 384, 256 gave the lowest forward+backward time.
+GRAD_BLOCK_TOKENS = 256
 # Tokens per sub-block of a chunk's decay matrix (segment_decays): exp on G T entries a chunk, not T^2.
 DECAY_BLOCK = 16
 # Recompute each block in the backward rather than keep its intermediates (memory independent of l).
@@ -205,7 +211,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), params, NO_WORKSPACE, None)
     out = None if grad else empty.new_empty((b, l) + empty.shape[2:])
     # blocks of whole chunks, then each sequence's shorter last chunk alone
-    step = max(1, BLOCK_TOKENS // T) * T
+    step = max(1, (GRAD_BLOCK_TOKENS if grad else BLOCK_TOKENS) // T) * T
     cuts = []
     for rows, s, e, _ in sequences:
         whole = s + (e - s) // T * T
