@@ -205,6 +205,55 @@ def test_gradients_chunked_match_loop():
         tight(a, b)
 
 
+@pytest.mark.parametrize("workspace", [True, False], ids=["workspace", "autograd"])
+@pytest.mark.parametrize("column", [False, True], ids=["E", "E-coef"])
+@pytest.mark.parametrize("T", [1, 2, 3, 4, 5, 6, 12, 17, 36, 64, 100])
+def test_segment_decays_match_their_definition(T, column, workspace):
+    """chunked.segment_decays (exp of each within-chunk segment sum, formed by sub-blocks of
+    decay_block(T) tokens, optionally times a column factor coef_s) against the definition
+    exp(a_{s+1} + ... + a_t) (coef_s) in float64 on and below the diagonal (above it a finite
+    placeholder), on float32 decays: within a relative eps32 (2 K + 3 + (G + K) sum_{s<r<=t} |a_r|),
+    K sub-blocks of G tokens (each sum over at most G terms, the sum between sub-blocks over at most
+    K of them; three exps, the factor and two products). A term too many or too few is off by
+    |a_r| (at least 0.05 here), which that bound rejects. A NaN, inf or -inf decay reaches exactly
+    the entries whose segment holds it (NaN where the definition has NaN)."""
+    g = torch.Generator().manual_seed(T)
+    a = -(0.05 + torch.rand(2, 3, 2, T, generator=g))                        # (b, h, C, T)
+    coef = 0.5 + torch.rand(a.shape, generator=g) if column else None
+    ws = chunked.Workspace(a.device) if workspace else chunked.NO_WORKSPACE
+    G = chunked.decay_block(T)
+    t, s = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    span = (s < torch.arange(T)[:, None, None]) & (torch.arange(T)[:, None, None] <= t)   # [r, t, s]: s < r <= t
+
+    def definition(a, slip=False):   # slip: a_s summed too, one term too many
+        terms = torch.where(span, a.double()[..., :, None, None], 0.0)     # (b, h, C, r, t, s)
+        seg = terms.sum(-3) + (a.double()[..., None, :] if slip else 0)
+        return torch.where(t >= s, torch.exp(seg) * (1 if coef is None else coef.double()[..., None, :]), 1.0)
+
+    E = chunked.segment_decays(a, ws, coef).double()
+    below = (t >= s).expand(E.shape)
+    def bound(a):
+        K = T // G
+        return torch.finfo(torch.float32).eps * (2 * K + 3 + (G + K) * torch.where(span, a.abs().double()[..., :, None, None], 0.0).sum(-3))
+
+    ref = definition(a)
+    assert ((E - ref).abs() <= bound(a) * ref)[below].all(), float(((E - ref).abs() / (bound(a) * ref))[below].max())
+    assert torch.isfinite(E[~below]).all()
+    slipped = definition(a, slip=True)
+    assert ((slipped - ref).abs() > bound(a) * ref)[..., t > s].all()
+    for poison in (math.nan, math.inf, -math.inf):
+        for r in {0, T // 2, T - 1}:
+            bad = a.clone()
+            bad[0, 1, 1, r] = poison
+            E, ref = chunked.segment_decays(bad, ws, coef), definition(bad)
+            assert torch.equal(torch.isfinite(E) | ~below, torch.isfinite(ref) | ~below), (poison, r)
+            assert torch.equal(torch.isnan(E) & below, torch.isnan(ref) & below), (poison, r)
+            E = E.double()
+            assert (E[below & (ref == 0)] == 0).all(), (poison, r)          # a segment holding -inf
+            fine = below & torch.isfinite(ref) & (ref > 0)                   # the segments without the poison
+            assert ((E - ref).abs() <= bound(bad) * ref)[fine].all(), (poison, r)
+
+
 # ---- the front door ---------------------------------------------------------------------------
 
 def _bad(**change):

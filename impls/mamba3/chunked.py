@@ -30,7 +30,8 @@ the readout (benchmarks/mamba3_grid.py times these alone as the floor); the rest
 
 Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
     - every segment sum is a masked cumulative sum over exactly its own terms, never a difference
-      of prefix sums; the non-causal entries (t <= s) sum no terms (0) and are dropped by a
+      of prefix sums (segment_decays splits a long segment at sub-block edges into three such sums
+      and multiplies their exps); the non-causal entries (t <= s) are a placeholder dropped by a
       select, so no exp of a positive non-causal sum is ever used;
     - masked entries are set by a select (torch.where, tril), not multiplied by 0: a NaN or inf in a later
       token's Q, K, ADT, DT, Trap or Angles does not reach an earlier output. A non-finite V is
@@ -43,7 +44,8 @@ Traps avoided (the SSD chunked scan's, impls/ssd_chunked.py):
       its own row of Input_States, the angle sum and the k, v states included, so no chunk
       straddles two sequences.
 
-Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens, one block after another,
+Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens (GRAD_BLOCK_TOKENS under
+autograd), one block after another,
 carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
 written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
 chunk states, whatever l is. With gradients, a SISO block (SisoBlock) keeps the intermediates its
@@ -52,7 +54,7 @@ written-out backward reads (q~, k~, v, the (T, T) decays, weights, scores and P,
 optimum shape), so memory under autograd grows with l while the
 backward costs its eight transposed matmuls and one elementwise chain rule, no second forward. A
 MIMO block keeps only its inputs (views of the arguments) and the states it starts from (h p n +
-small, l / BLOCK_TOKENS of them), as torch.utils.checkpoint would, and is recomputed with autograd
+small, l / GRAD_BLOCK_TOKENS of them), as torch.utils.checkpoint would, and is recomputed with autograd
 inside the backward (RecomputedBlock); CHECKPOINT_BLOCKS = False keeps every MIMO block's graph
 instead (faster, memory linear in l).
 
@@ -72,9 +74,17 @@ from .loop import mimo_read_out, norm_weight, rotate_halves, zero_mimo_states, z
 
 TWO_PI = 2 * math.pi
 # Tokens per block: a few chunks, so that one block's working set (q~ and k~ at h n floats a token,
-# the (T, T) weights at h T, the chunk states at h p n a chunk) is a few MiB and the per-block
-# Python overhead is small beside its matmuls.
-BLOCK_TOKENS = 256
+# the (T, T) weights at h T, the chunk states at h p n a chunk: about 20 MiB at the official
+# optimum shape) stays in the last-level cache while the per-block Python overhead (about 160
+# dispatches) is small beside its matmuls. At that shape, paired against 64 and 256 on a busy 2-core
+# machine, 128 was the fastest in most runs (by about 5% over 256).
+BLOCK_TOKENS = 128
+# Under autograd a block costs more Python (SisoBlock's forward and written-out backward, about
+# twice the dispatches) and keeps its intermediates anyway, so it takes more tokens: paired against
+# 128 and 384, 256 gave the lowest forward+backward time.
+GRAD_BLOCK_TOKENS = 256
+# Tokens per sub-block of a chunk's decay matrix (segment_decays): exp on G T entries a chunk, not T^2.
+DECAY_BLOCK = 16
 # Recompute each block in the backward rather than keep its intermediates (memory independent of l).
 CHECKPOINT_BLOCKS = True
 
@@ -201,7 +211,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), params, NO_WORKSPACE, None)
     out = None if grad else empty.new_empty((b, l) + empty.shape[2:])
     # blocks of whole chunks, then each sequence's shorter last chunk alone
-    step = max(1, BLOCK_TOKENS // T) * T
+    step = max(1, (GRAD_BLOCK_TOKENS if grad else BLOCK_TOKENS) // T) * T
     cuts = []
     for rows, s, e, _ in sequences:
         whole = s + (e - s) // T * T
@@ -254,7 +264,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             done = finish(y, args[2], args[15:15 + len(extras)], params, ws, into)
             if done is not into:   # a finish that does not write in place (MIMO's read-out)
                 into.copy_(done)
-        finals.append((angle, H, k_prev, v_prev))
+        finals.append((angle, H.contiguous(), k_prev, v_prev))   # the blocks carry H as a transposed view
     if grad:
         out = torch.cat(pieces, 1) if pieces else empty
     if cu_seqlens is None:
@@ -298,7 +308,7 @@ class RecomputedBlock(torch.autograd.Function):
 
 # scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
 # forward takes them from a workspace, every other buffer fresh
-SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "S"})
+SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "seg", "S"})
 
 
 class SisoBlock(torch.autograd.Function):
@@ -352,8 +362,9 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
     # 4. readout y += from_start_t (H'_c q~_t): through q~, H'_c and from_start
     gYf = torch.mul(gY, fs.reshape(B, Tb, 1), out=ws("gYf", gY.shape, f))
     g_fs = (gY * inter).sum(-1).view(b, h, C, Tb)
-    g_qf = torch.bmm(gYf, folded.view(B, p, n), out=ws("g_qf", qf.shape, f))   # (B, Tb, n)
-    g_folded = torch.bmm(gYf.transpose(1, 2), qf, out=ws("g_folded", (B, p, n), f)).view(b, h, C, p, n)
+    # folded holds H'^T (b, h, C, n, p), as the forward keeps it; so do g_folded and gS below
+    g_qf = torch.bmm(gYf, folded.view(B, n, p).transpose(1, 2), out=ws("g_qf", qf.shape, f))   # (B, Tb, n)
+    g_folded = torch.bmm(qf.transpose(1, 2), gYf, out=ws("g_folded", (B, n, p), f)).view(b, h, C, n, p)
 
     # 3. the state pass, backwards
     # H'_{c+1} = exp(a_{c0} + ... + a_last) H'_c + S_c: S_c's gradient is H'_{c+1}'s
@@ -361,17 +372,17 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
     if g_H is None:
         gS[:, :, -1] = 0
     else:
-        gS[:, :, -1] = g_H
+        gS[:, :, -1] = g_H.transpose(-1, -2)
     fsl = fs[..., -1, None, None]
     for c in range(C - 1, 0, -1):
         torch.addcmul(g_folded[:, :, c], fsl[:, :, c], gS[:, :, c], out=gS[:, :, c - 1])
-    g_H_in = torch.addcmul(g_folded[:, :, 0], fsl[:, :, 0], gS[:, :, 0])
+    g_H_in = torch.addcmul(g_folded[:, :, 0], fsl[:, :, 0], gS[:, :, 0]).transpose(-1, -2)
     g_fs[..., -1] += (gS * folded).sum((-1, -2))
 
     # 2. chunk states S = (v w_last)^T k~, and the intra-chunk y = P v, P = (q~ k~^T o W) on t >= s
-    gS = gS.view(B, p, n)
-    g_vw = torch.bmm(kf, gS.transpose(1, 2), out=ws("g_vw", vf.shape, f))  # (B, Tb, p)
-    g_kf = torch.bmm(vw, gS, out=ws("g_kf", kf.shape, f))
+    gS = gS.view(B, n, p)
+    g_vw = torch.bmm(kf, gS, out=ws("g_vw", vf.shape, f))                   # (B, Tb, p)
+    g_kf = torch.bmm(vw, gS.transpose(1, 2), out=ws("g_kf", kf.shape, f))
     g_w_last = (g_vw * vf).sum(-1).view(b, h, C, Tb)
     vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, zero)
     gP = torch.bmm(gY, vf_intra.transpose(1, 2), out=ws("gP", (B, Tb, Tb), f))
@@ -436,6 +447,7 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
         g_theta[:, :, c, -1] += Ga
         Ga = Ga + g_start[:, :, c]
     g_inc = g_theta.flip(-2).cumsum(-2).flip(-2).view(b, h, L, n_ang)
+    th = th.permute(0, 2, 1, 3)                                              # kept as (b, L, h, n_ang)
     g_dt += (g_inc * th).sum(-1) * math.pi
     g_angles = (g_inc * (math.pi * dt_f)[..., None] * (1 - th * th)).permute(0, 2, 1, 3)
 
@@ -495,20 +507,21 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     zero = a.new_zeros(())
 
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
-    # tanh on contiguous memory: on a permuted view it runs about 3x slower than a copy and tanh
-    inc = _contiguous(angles.to(f).permute(0, 2, 1, 3), ws, "inc")          # (b, h, L, n_ang)
-    th = torch.tanh(inc, out=inc if inplace else None)
-    inc = torch.mul(th, (math.pi * dt)[..., None], out=ws("pi tanh dt", th.shape, f) if keep else th if inplace else None)
+    # tanh in the input's own layout (on a permuted view it runs about 3x slower), the product with
+    # pi DT written in the block's: no separate copy
+    th = torch.tanh(angles.to(f), out=ws("tanh", angles.shape, f))          # (b, L, h, n_ang)
+    inc = torch.mul(th.permute(0, 2, 1, 3), (math.pi * dt)[..., None], out=ws("pi tanh dt", (b, h, L, n_ang), f))
     cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
     starts = []
     for c in range(C):
         starts.append(angle)
         angle = torch.remainder(angle + cs[:, :, c, -1], TWO_PI)
-    theta = torch.add(torch.stack(starts, 2)[:, :, :, None], cs, out=cs if inplace else None)
-    theta = torch.remainder(theta, TWO_PI, out=theta if inplace else None)[..., None, :]   # every rank
+    # theta itself is not reduced again: it is read only through cos and sin, whose own argument
+    # reduction is as accurate as a remainder's, and its rounding (relative to start + cs) is the same
+    theta = torch.add(torch.stack(starts, 2)[:, :, :, None], cs, out=cs if inplace else None)[..., None, :]  # every rank
     cos = torch.cos(theta, out=ws("cos", theta.shape, f))
     sin = torch.sin(theta, out=ws("sin", theta.shape, f))
-    turn = torch.complex(cos, sin, out=ws("e^i theta", theta.shape, (1j * zero).dtype))
+    turn = torch.complex(cos, sin, out=ws("e^i theta", theta.shape, torch.promote_types(f, torch.complex64)))
     qr = rot(_per_head(q, q_bias, h, Tb, ws, "q"), cos, sin, turn, ws)       # q~ (b, h, C, Tb, R, n)
     kr = rot(_per_head(k, k_bias, h, Tb, ws, "k"), cos, sin, turn, ws)       # k~
     vr = _contiguous(v.permute(0, 2, 1, 3), ws, "v").view(b, h, C, Tb, 1, p)
@@ -517,13 +530,9 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     qf, kf, vf = (x.reshape(b * h * C, TR, x.shape[-1]) for x in (qr, kr, vr))   # rows (t r), batch (b h c)
 
     # 2. intra-chunk: W[t, s] = w(t, s) on and below the diagonal (above it: selected away below)
-    ar = torch.arange(Tb, device=q.device)
-    later, causal = ar[:, None] > ar[None, :], ar[:, None] >= ar[None, :]   # [t, s]: t > s, t >= s
-    # seg[t, s] = a_{s+1} + ... + a_t: row r of the masked matrix holds a_r where r > s
-    masked = torch.tril(a[..., :, None].expand(b, h, C, Tb, Tb), -1, out=ws("masked", (b, h, C, Tb, Tb), f))
-    EC = torch.cumsum(masked, -2, out=ws("EC", masked.shape, f))           # (b, h, C, Tb, Tb)
-    E = EC = torch.exp(EC, out=EC if inplace else None)
-    EC = torch.mul(EC, coef[..., None, :], out=ws("W", EC.shape, f) if keep else EC if inplace else None)
+    # the weights EC[t, s] = exp(seg(t, s)) coef_s; the decays E alone are kept for the backward
+    E = segment_decays(a, ws) if keep else None                              # (b, h, C, Tb, Tb)
+    EC = torch.mul(E, coef[..., None, :], out=ws("W", E.shape, f)) if keep else segment_decays(a, ws, coef)
     # each chunk's contribution to the next H' reads row Tb-1 of EC (seg(last, last) = 0), the
     # trapezoid's delta_{s+1} included on the diagonal; the intra-chunk weights then have gamma_t
     # there, written over the diagonal alone (above it the values are selected away below)
@@ -536,9 +545,9 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
                       scores.view(W.shape) if inplace else None)
         if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
             P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
-        P = P.tril_() if inplace else torch.where(causal, P, zero)
+        P = P.tril_() if inplace else torch.where(_causal(Tb, q.device), P, zero)
     else:
-        P = torch.where(causal[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
+        P = torch.where(_causal(Tb, q.device)[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
                         zero)
     # a non-finite v_s would reach the earlier outputs of its chunk through P's zeros (0 x inf is
     # NaN): the product runs on v with non-finite entries zeroed, and each output from the bad token
@@ -555,27 +564,38 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     w_kept = w_last
     w_last = w_last[..., None, None].expand(b, h, C, Tb, R, 1).reshape(b * h * C, TR, 1)
     vw = torch.mul(vf, w_last, out=ws("vw", vf.shape, f))
-    S = torch.bmm(vw.transpose(1, 2), kf, out=ws("S", (b * h * C, p, n), f)).view(b, h, C, p, n)
+    # the states are kept transposed, H'^T (n, p), inside the block: the readout q~ H'^T is then a
+    # product of two untransposed operands, about a quarter faster on this CPU than one through a
+    # transposed view; the chunk state's product has one transposed operand either way
+    ST = torch.bmm(kf.transpose(1, 2), vw, out=ws("S", (b * h * C, n, p), f)).view(b, h, C, n, p)
     from_start = torch.exp(a.cumsum(-1))                                     # exp(a_{c0} + ... + a_t)
 
     # 3. the state pass, sequential in the compute dtype, each H'_c written where the readout reads it
+    HT = H.transpose(-1, -2)                                                 # (b, h, n, p)
+    last = lambda out: torch.addcmul(ST[:, :, -1], from_start[:, :, -1, -1, None, None], folded[:, :, -1], out=out)
     if inplace:
-        folded = ws("folded", (b, h, C, p, n), f)
-        folded[:, :, 0] = H
+        folded = ws("folded", (b, h, C, n, p), f)
+        if HT.data_ptr() != folded.data_ptr():   # else the previous block left it there (below)
+            folded[:, :, 0] = HT
         for c in range(1, C):
-            torch.addcmul(S[:, :, c - 1], from_start[:, :, c - 1, -1, None, None], folded[:, :, c - 1],
+            torch.addcmul(ST[:, :, c - 1], from_start[:, :, c - 1, -1, None, None], folded[:, :, c - 1],
                           out=folded[:, :, c])
-        H = torch.addcmul(S[:, :, -1], from_start[:, :, -1, -1, None, None], folded[:, :, -1],
-                          out=ws("H", (b, h, p, n), f))
+        if keep:
+            HT = last(ws("H", (b, h, n, p), f))
     else:
         folded = []
         for c in range(C):
-            folded.append(H)
-            H = torch.addcmul(S[:, :, c], from_start[:, :, c, -1, None, None], H)
+            folded.append(HT)
+            HT = torch.addcmul(ST[:, :, c], from_start[:, :, c, -1, None, None], HT)
         folded = torch.stack(folded, 2)
 
     # 4. inter-chunk readout
-    inter = torch.bmm(qf, folded.view(b * h * C, p, n).transpose(1, 2), out=ws("inter", y.shape, f))
+    inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("inter", y.shape, f))
+    if inplace and not keep:
+        # the block's last state written where the next block of this shape starts from (its folded[0]),
+        # now that the readout has read this block's; no copy between blocks
+        HT = last(folded[:, :, 0])
+    H = HT.transpose(-1, -2)                                                 # (b, h, p, n), a view
     rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
     y = torch.addcmul(y, inter, rows, out=y if inplace else None)
     y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
@@ -584,6 +604,64 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         return states
     return states, dict(lam=lam, th=th, E=E, turn=turn, qf=qf, kf=kf, vf=vf, vw=vw, finite=finite, W=W, scores=scores, P=P,
                         w_last=w_kept, folded=folded, inter=inter, from_start=from_start)
+
+
+def segment_decays(a, ws, coef=None, G=DECAY_BLOCK):
+    """exp(seg(t, s)) = exp(a_{s+1} + ... + a_t) within each chunk, times coef_s if given: a, coef
+    (b, h, C, T) -> E (b, h, C, T, T); above the diagonal a placeholder that the callers select away
+    (finite where a is).
+
+    In sub-blocks of G tokens (G = decay_block(T), K = T / G of them): on the diagonal sub-blocks a
+    masked cumulative sum over exactly its own terms (row r of the masked matrix holds a_r where
+    r > s), then its exp. Below them, for t in sub-block I and s in sub-block J < I, the segment
+    splits at the sub-blocks' edges, and E[t, s] is the product of three exps, each of a sum over
+    its own terms: head_I(t) = exp(a_{t_I} + ... + a_t) (t_I the first token of I), between(I, J)
+    = exp of the totals of the sub-blocks strictly between (the same masked cumulative sum, over
+    the K totals) and tail_J(s) = exp(a_{s+1} + ... + a_{last of J}), the last row of J's diagonal
+    sub-block. Never a difference of prefix sums; exp and the cumulative sums run over G T + K^2
+    entries a chunk, not T^2 (the chunk's largest elementwise cost), and the rest is one product
+    over E and one copy. A column factor coef_s rides on tail_J(s) and the diagonal sub-blocks.
+    ws: a Workspace (its buffers written in place) or NO_WORKSPACE (functional, for autograd).
+    """
+    b, h, C, T = a.shape
+    G = decay_block(T, G)
+    K = T // G
+    blocks = a.view(b, h, C, K, G)
+    # (tril with out= on a broadcast input takes a slow path: the copy and then tril_ is about 5x faster)
+    masked = ws("masked", (b, h, C, K, G, G), a.dtype)
+    rows = blocks[..., :, None].expand(b, h, C, K, G, G)
+    masked = torch.tril(rows, -1) if masked is None else masked.copy_(rows).tril_(-1)
+    seg = torch.cumsum(masked, -2, out=ws("seg", masked.shape, a.dtype))
+    E = ws("EC", (b, h, C, T, T), a.dtype)
+    inplace = E is not None
+    seg = torch.exp(seg, out=seg if inplace else None)                      # the diagonal sub-blocks
+    if coef is not None:
+        seg = torch.mul(seg, coef.view(b, h, C, K, 1, G), out=seg if inplace else None)
+    sums = blocks.cumsum(-1)                                                 # a_{t_I} + ... + a_t
+    totals = sums[..., -1]                                                   # (b, h, C, K)
+    # across[I', J] = exp(total_{J+1} + ... + total_{I'}) for I' > J (1 for I' <= J); between(I, J)
+    # is its row I - 1 (row -1, for I = 0, has no entry below the diagonal: 1)
+    across = torch.exp(torch.tril(totals[..., :, None].expand(b, h, C, K, K), -1).cumsum(-2))
+    between = torch.cat((torch.ones_like(across[..., :1, :]), across[..., :-1, :]), -2)
+    outer = between[..., :, :, None] * seg[..., -1, :][..., None, :, :]      # between(I, J) tail_J(s): (b, h, C, K, K, G)
+    E = torch.mul(torch.exp(sums)[..., :, :, None, None], outer[..., :, None, :, :],
+                  out=None if E is None else E.view(b, h, C, K, G, K, G)).view(b, h, C, T, T)
+    E.view(b, h, C, K, G, K, G).diagonal(0, 3, 5).permute(0, 1, 2, 5, 3, 4).copy_(seg)
+    return E
+
+
+def decay_block(T, most=DECAY_BLOCK):
+    """The sub-block of a chunk of T tokens in segment_decays: the largest divisor of T that is at most
+    ``most`` and T / 2 and leaves at most ``most`` sub-blocks; T itself (one sub-block) where none is.
+    So T = 64 takes 16, and the small chunks of the property tests take 1 (2, 3, 5), 2 (4) or 3 (6)."""
+    fits = [d for d in range(1, min(most, T // 2) + 1) if T % d == 0 and T // d <= most]
+    return fits[-1] if fits else T
+
+
+def _causal(T, device):
+    """(T, T) bool, [t, s]: t >= s."""
+    ar = torch.arange(T, device=device)
+    return ar[:, None] >= ar[None, :]
 
 
 def _contiguous(x, ws, name):
@@ -628,6 +706,6 @@ def _per_head(x, bias, h, Tb, ws, name):
     if bias is None:
         out = _contiguous(x.expand(shape), ws, name)
     else:
-        bias = bias.reshape(R, h_qk, g, n).permute(1, 2, 0, 3)[:, :, None, None]   # (h_qk, g, 1, 1, R, n)
+        bias = bias.transpose(0, 1).reshape(h_qk, g, 1, 1, R, n)
         out = torch.add(x, bias, out=ws(name, shape, x.dtype))
     return out.reshape(b, h, C, Tb, R, n)
