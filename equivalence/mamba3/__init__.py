@@ -173,7 +173,12 @@ def scan_by_stepping(step):
 # above the angle itself, as a scale must be.
 
 def _last(c):
-    return float(c[:, -1:].amax()) if c.numel() else 0.0
+    """The largest finite conditioning at the last token: one number for every element of a state
+    part, so a pair or head made non-finite by a poisoned input (NaN there, and not compared) must
+    not take the other elements' conditioning with it."""
+    c = c[:, -1:]
+    c = c[torch.isfinite(c)]
+    return float(c.max()) if c.numel() else 0.0
 
 
 def conditionings(case, x=None):
@@ -297,7 +302,12 @@ PINNED_INVARIANTS = dict(
                # sigmoid(inf) = 1 puts the whole of DT V K in the state, five times the drawn Trap's share:
                # the recurrent step's last ulp of it failed a bound scaled by the unpoisoned inputs
                (Case(b=1, l=1, groups=1, p=2, n=2, n_ang=0, dtype="f64", states=False, D=False, Z=False, seed=0,
-                     chunk_size=1), "Trap", 0, "inf")],
+                     chunk_size=1), "Trap", 0, "inf"),
+               # a NaN angle makes its pair NaN, not the other pair: its conditioning, taken with the
+               # NaN into one number for the whole state, was dropped for every element, and the
+               # chunked scan's last ulp of the other pair failed the bare floor
+               (Case(b=1, l=1, h_qk=1, groups=2, p=3, n=4, n_ang=2, dtype="f64", states=False, D=False, Z=False,
+                     seed=0, chunk_size=1), "Angles", 0, "nan")],
     nan=[(Case(b=1, l=1, groups=1, p=1, n=2, n_ang=1), 0), (Case(b=1, l=20, p=2, n=4, chunk_size=8), 10)],
     gradients=[Case(b=2, l=30, h_qk=2, groups=2, p=3, n=4, n_ang=2, dtype="f64", chunk_size=7, seed=7),
                Case(b=1, l=20, h_qk=1, groups=1, p=2, n=6, n_ang=3, dtype="f32", states=False, chunk_size=4, seed=8)],

@@ -316,6 +316,9 @@ def conditioning(args):
     adt = a["ADT"].transpose(1, 2)[..., None]                           # (b, l, h, 1)
     decay = tolerance.conditioning(adt, torch.zeros(()), 1)
     per_pair = angle_ulps(a)
+    # a pair whose angle is not finite is NaN in every output it reaches (not compared): the others
+    # keep their own conditioning
+    per_pair = torch.where(torch.isfinite(per_pair), per_pair, torch.zeros((), dtype=per_pair.dtype))
     per_token = per_pair.amax(-1, keepdim=True) if per_pair.shape[-1] else 0 * adt
     angle = torch.as_tensor(per_token).cumsum(1)
     mimo = (2 + (tolerance.TRANSCENDENTAL_ULPS if a.get("fuse_pregate_headwise_rms_norm") else 0)) if is_mimo(a) else 0
