@@ -217,11 +217,11 @@ def cumulative_title(rows):
         if not mine:
             continue
         positive = [(n, r) for n, r in mine if r["L2_term"] == "resolved positive"]
-        within = [f"≈ {r['L_star']:,.0f} ({n})" for n, r in positive if r["L_min"] <= r["L_star"] <= r["L_max"]]
+        said = [(n, dominance(r)) for n, r in positive]
+        within = [f"{d.removeprefix('from L ')} ({n})" for n, d in said if d.startswith("from L")]
         phrases = [f"resolved, dominant from L {', '.join(within)}"] if within else []
-        for test, text in ((lambda r: r["L_star"] < r["L_min"], "at every measured length"),
-                           (lambda r: r["L_star"] > r["L_max"], "only past the measured lengths")):
-            hit = [n for n, r in positive if test(r)]
+        for text in ("at every measured length", "only past the measured lengths"):
+            hit = [n for n, d in said if d.startswith(text)]
             phrases += [f"resolved, dominant {text} ({', '.join(hit)})"] if hit else []
         for term, text in (("resolved negative", "resolved negative"), ("not resolved", "not resolved at these lengths")):
             hit = [n for n, r in mine if r["L2_term"] == term]
