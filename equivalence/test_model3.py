@@ -12,6 +12,7 @@ through the loop spec; its baseline the float32 model through the loop.
 
 import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -161,6 +162,31 @@ cases = st.builds(
 def test_forward_and_steps_match_the_float64_spec(case):
     """The full forward through the chunked default, and prefill + steps, give the float64 oracle's logits."""
     check_forward_and_steps(case)
+
+
+def test_a_rounding_the_head_norm_amplifies_is_not_an_error():
+    """headdim 1 with the output norm: each head's norm divides one scan output, here a sum that
+    cancels to near zero, by its own rms, so a rounding of its terms grows about 300x. The chunked
+    scan's logits were 4x as far from the oracle as the loop's (5.0e-6 against 1.2e-6), past
+    2 x the loop's error; model_helpers.rounding_spread measures how far such roundings reach."""
+    check_forward_and_steps(Case(d_model=8, n_layer=2, vocab=16, l=2, b=1, d_state=6, headdim=1, is_outproj_norm=True,
+                                 chunk_size=1, tie=False, seed=396572))
+
+
+def test_a_scan_output_rounded_to_bfloat16_still_fails():
+    """The spread leaves room for float32 roundings, not for a precision bug: the same case with the
+    default scan's output rounded through bfloat16 (a kernel that stores y in half precision) fails."""
+    real = impls.mamba3_scan
+
+    def half_precision_out(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if "impl" in kwargs:                                 # the loop's runs, for the oracle and the baseline
+            return out
+        return out.bfloat16().to(out.dtype) if torch.is_tensor(out) else (out[0].bfloat16().to(out[0].dtype), *out[1:])
+
+    case = Case(d_model=8, n_layer=2, vocab=16, l=9, b=1, d_state=6, headdim=1, is_outproj_norm=True, seed=396572)
+    with mock.patch.object(impls, "mamba3_scan", half_precision_out), pytest.raises(AssertionError, match="forward"):
+        check_forward_and_steps(case)
 
 
 @pytest.mark.parametrize("case", [Case(l=9, b=1), Case(l=17, b=3, ngroups=2, is_outproj_norm=True, seed=2)],
