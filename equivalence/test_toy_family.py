@@ -1,7 +1,6 @@
-"""A third family costs a folder and a registry line: a toy scalar recurrence h_t = a_t h_{t-1} + x_t,
-y_t = h_t (x, a (b, l), the state (b,)), registered for this module only. It writes only what is its
-own (equivalence/properties.py fills in the rest), every shared property runs on its parallel
-implementation, and a planted bug in that implementation is caught."""
+"""A third family costs a folder and a registry line: a toy h_t = a_t h_{t-1} + x_t, y_t = h_t (x, a (b, l),
+state (b,)), registered for this module only, writes only what is its own (equivalence/properties.py
+fills in the rest); every shared property runs on its parallel scan, and a planted bug there is caught."""
 
 import dataclasses
 import functools
@@ -11,7 +10,6 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import impls
-
 from . import properties as P
 from .inputs import DTYPES, materialize
 from .tolerance import conditioning, gradient_conditioning, polynomial_magnitudes
@@ -61,12 +59,9 @@ def conditionings(c, x=None):   # the policy's, with log a for dt A (an exact in
     return k, k[:, -1], gradient_conditioning(k[:, -1], gated=False)
 
 
-def magnitudes(c, weights=None, x=None):  # the loop on |inputs|: its outputs are sums of products
-    return polynomial_magnitudes(loop, x or make_inputs(c, torch.float64), weights)
-
-
-def terms(c, output, arg=None):   # rounded terms per element: sums of l products
-    return 2 * c.l + 2
+# the loop on |inputs| (its outputs are sums of products); rounded terms per element: sums of l products
+magnitudes = lambda c, weights=None, x=None: polynomial_magnitudes(loop, x or make_inputs(c, torch.float64), weights)  # noqa: E731
+terms = lambda c, output, arg=None: 2 * c.l + 2  # noqa: E731
 
 
 @pytest.fixture(autouse=True, scope="module")
