@@ -295,6 +295,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "only_for(name, family='selective'): tests of one implementation's "
                                        "internals, collected only when that implementation is under test")
     config.addinivalue_line("markers", "family(name): the family a test belongs to (equivalence/plugin.py)")
+    config.addinivalue_line("markers", "long: a test of minutes, started first (equivalence/plugin.py: rank)")
     if not config.getoption("hypothesis_profile", None):
         settings.load_profile(os.environ.get("SCAN_HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
     config.selected = {f.name: select(config, f) for f in impls.FAMILIES.values()}
@@ -329,11 +330,16 @@ ORDER = ("test_values.py", "test_invariants.py", "test_gradients.py")
 
 
 def rank(item):
+    """Tests marked long first: under -n 2, a test of minutes started last keeps one worker busy
+    while the other waits (the kernel-repository run, collected near the end, once made the whole
+    run about its length longer). Then values, invariants and gradients, so that a bug is met first
+    where it is plainest; the pinned cases after the drawn ones."""
+    long = item.get_closest_marker("long") is None
     file = os.path.basename(item.nodeid.split("::")[0])
     if file not in ORDER:
-        return (len(ORDER),)
+        return long, len(ORDER)
     shared = os.path.dirname(str(item.path)) == os.path.join(SUITE_ROOT, "equivalence")
-    return ORDER.index(file), not shared, "::test_pinned_" in item.nodeid
+    return long, ORDER.index(file), not shared, "::test_pinned_" in item.nodeid
 
 
 # Fixtures that parametrize over the implementations under test, each family's under its prefix

@@ -254,6 +254,7 @@ def test_the_run_ends_within_its_budget(tmp_path):
     assert all(results[name]["error"].startswith("not run") for name in phases), {k: results[k] for k in phases}
 
 
+@pytest.mark.long
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_smoke_run_of_every_phase(tmp_path):
     """--smoke: each phase at tiny sizes on the CPU (Triton's interpreter), the JSON and the table."""

@@ -155,7 +155,7 @@ cases = st.builds(
 ).filter(lambda c: (2 * c.d_model // c.headdim) % c.ngroups == 0 and int(c.d_state * c.rope_fraction) >= 2)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(case=cases)
 @example(case=Case(l=1))
 @example(case=Case(l=21, b=2, ngroups=2, chunk_size=8))   # l past a chunk boundary, not a multiple of it

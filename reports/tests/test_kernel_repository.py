@@ -74,6 +74,7 @@ def test_scanbench_runs_where_a_kernel_has_packages_named_benchmarks_and_reports
     assert not any(f.startswith(str(tmp_path)) for f in files), files
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not os.path.isdir(EXAMPLE), reason="the example kernel is in the checkout, not in an installed suite")
 def test_a_kernel_repository_meets_its_bug_first_fixes_it_and_passes(tmp_path):
     python = tmp_path / "venv" / "bin" / "python"
