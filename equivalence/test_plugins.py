@@ -402,3 +402,20 @@ def test_a_family_module_without_its_whole_contract_is_named_with_what_it_lacks(
     assert not properties.wired("half")
     with pytest.raises(TypeError, match=r"family 'half': half_a_family does not define terms \(.*CONTRACT\)"):
         properties.family("half")
+
+
+def test_long_tests_start_first_then_values_invariants_gradients():
+    """The run's order (plugin.rank): a test marked long before everything, so that no worker of -n 2
+    starts one last; then the values tests, the pinned cases after the drawn ones, then the rest."""
+    from .plugin import rank
+
+    def item(nodeid, long=False):
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), nodeid.split("::")[0].split("/")[-1])
+        return types.SimpleNamespace(nodeid=nodeid, path=path,
+                                     get_closest_marker=lambda name: object() if long and name == "long" else None)
+
+    names = ["equivalence/test_front_door.py::test_a", "equivalence/test_values.py::test_pinned_edge_case[x]",
+             "reports/tests/test_kernel_repository.py::test_b", "equivalence/test_values.py::test_values_and_last_state[x]",
+             "equivalence/test_gradients.py::test_c"]
+    items = [item(n, long="kernel_repository" in n) for n in names]
+    assert [i.nodeid for i in sorted(items, key=rank)] == [names[2], names[3], names[1], names[4], names[0]]
