@@ -59,6 +59,14 @@ Derived on closed forms (equivalence/test_tolerance.py): one step, exp(dt A) wit
 passes at |dt A| = 34 and a 4x larger error fails; a cumulative-sum decay exp(cs_t - cs_s) in
 float32 passes where the old floor failed.
 
+A language model's logits: the scan's outputs then pass through projections and norms, the same
+code in the loop's run and the kernel's, and a norm over a head's few outputs divides their
+rounding by their rms, which is small where the outputs cancel. The loop's error at the logits is
+one draw of what those roundings become, and another sound order of operations makes another: at
+headdim 1 one was 4x the loop's. So the model checks also pass ``spread``, the logits' largest move
+when each scan output moves by one rounding of its sum of |terms| (equivalence/model_helpers.py:
+rounding_spread), and the bound takes FACTOR x the larger of it and the loop's error.
+
 Non-finite values: where the loop (or, without a loop run, the oracle cast to the result's
 dtype) is NaN or inf, the result must be the same kind of non-finite value; everywhere else it
 must be finite. NaN is never allowed to vanish and never allowed to appear.
