@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import example, given, strategies as st
+from hypothesis import assume, example, given, strategies as st
 
 import impls
 from .selective import Case, cases, make_inputs, reference_inputs
@@ -16,9 +16,16 @@ def runs(case):
     return ref, same
 
 
+def some_nonzero(ref):
+    """A result a relative error can move: one finite element other than 0 (the extreme regime can
+    make every y exactly 0, which 2 % off leaves 0)."""
+    return bool((torch.isfinite(ref) & (ref != 0)).any())
+
+
 @given(case=cases(dtypes=("bf16",), max_l=64))
 def test_two_percent_off_in_bfloat16_fails(case):
     ref, same = runs(case)
+    assume(some_nonzero(ref))
     assert compare(same, ref, same, terms("y", case.l, case.n)).ok
     assert not compare((same.double() * 1.02).to(torch.bfloat16), ref, same, terms("y", case.l, case.n)).ok
 
@@ -27,6 +34,7 @@ def test_two_percent_off_in_bfloat16_fails(case):
 def test_float32_result_rounded_from_the_oracle_passes_and_one_percent_fails(case):
     ref, same = runs(case)
     assert compare(ref.float(), ref, same, terms("y", case.l, case.n)).ok  # the correctly rounded answer is always acceptable
+    assume(some_nonzero(ref))
     assert not compare((ref * 1.01).float(), ref, same, terms("y", case.l, case.n)).ok
 
 
