@@ -123,6 +123,8 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_states(S, h, p, n, n_ang, f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
+    if Input_States is None:
+        init = (init[0], transposed_zeros(init[1]), *init[2:])
     v = V.to(f)
 
     def finish(y, v, extras, params, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
@@ -131,7 +133,10 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
             z = extras[0].to(f)
             if into is None:
                 return (y * F.silu(z)).to(V.dtype)
-            return torch.mul(y, torch.ops.aten.silu.out(z, out=ws("gate", z.shape, f)), out=into)
+            # the gate written where the output goes and multiplied there (no buffer of its own),
+            # unless the output's dtype would round it first
+            gate = into if into.dtype == f else ws("gate", z.shape, f)
+            return torch.mul(y, torch.ops.aten.silu.out(z, out=gate), out=into)
         return into.copy_(y) if into is not None else y.to(V.dtype)
 
     out, (angle, ssm, k_last, v_last) = scan_chunks(
@@ -139,7 +144,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate_pairs,
         q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], skip=None if D is None else D.to(f), finish=finish,
         extras=() if Z is None else (Z,))
-    return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
+    return (out, angle, ssm.contiguous(), k_last[:, 0], v_last) if return_final_states else out
 
 
 def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
@@ -158,6 +163,8 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_mimo_states(S, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
+    if Input_States is None:
+        init = (init[0], transposed_zeros(init[1]), *init[2:])
     v, up = V.to(f), MIMO_V.to(f).transpose(0, 1)                            # (b, l, h, p), (R, h, p)
     Z_f = cast(Z)
 
@@ -171,7 +178,13 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
                               rotate_halves_cs, q_bias=Q_bias.to(f).transpose(0, 1),
                               k_bias=K_bias.to(f).transpose(0, 1), finish=finish, extras=() if Z_f is None else (Z_f,),
                               params=(up, cast(D), cast(MIMO_Z), cast(MIMO_Out), norm_weight(outproj_norm_weight, h, p, f)))
-    return (out, *states) if return_state else out
+    return (out, states[0], states[1].contiguous(), *states[2:]) if return_state else out
+
+
+def transposed_zeros(ssm):
+    """Zeros shaped as the state ssm (S, h, p, n), laid out as the blocks keep it (H'^T, (n, p)
+    contiguous), so that the first block takes it without a transposing copy."""
+    return ssm.new_zeros(ssm.shape[:-2] + ssm.shape[-2:][::-1]).transpose(-1, -2)
 
 
 def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
@@ -237,7 +250,9 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             lam = torch.sigmoid(Trap_[i][rows, :, 0].to(H.dtype))
             delta = (1 - lam) * DT_[i][rows, :, 0].to(H.dtype)
             v_up = v_prev[:, None] if up is None else v_prev[:, None] * up     # (b, R, h, p)
-            H = H + delta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_up, k_prev)
+            # written as H'^T (n, p), the layout the blocks keep it in (scan_block, step 3)
+            H = torch.addcmul(H.transpose(-1, -2), delta[..., None, None],
+                              torch.einsum("brhp,brhn->bhnp", v_up, k_prev)).transpose(-1, -2)
         for t0, t1, Tb in seq:
             i = piece[t0]
             nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
@@ -264,7 +279,8 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             done = finish(y, args[2], args[15:15 + len(extras)], params, ws, into)
             if done is not into:   # a finish that does not write in place (MIMO's read-out)
                 into.copy_(done)
-        finals.append((angle, H.contiguous(), k_prev, v_prev))   # the blocks carry H as a transposed view
+        # the blocks carry H as a transposed view: the callers make it contiguous only if they return it
+        finals.append((angle, H, k_prev, v_prev))
     if grad:
         out = torch.cat(pieces, 1) if pieces else empty
     if cu_seqlens is None:
@@ -308,7 +324,7 @@ class RecomputedBlock(torch.autograd.Function):
 
 # scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
 # forward takes them from a workspace, every other buffer fresh
-SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "seg", "S"})
+SCRATCH = frozenset({"pi tanh dt", "cos", "sin", "masked", "seg", "S"})
 
 
 class SisoBlock(torch.autograd.Function):
@@ -504,14 +520,15 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
     coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
     gamma, a = gamma.view(b, h, C, Tb), a.view(b, h, C, Tb)
-    zero = a.new_zeros(())
 
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
     # tanh in the input's own layout (on a permuted view it runs about 3x slower), the product with
     # pi DT written in the block's: no separate copy
     th = torch.tanh(angles.to(f), out=ws("tanh", angles.shape, f))          # (b, L, h, n_ang)
     inc = torch.mul(th.permute(0, 2, 1, 3), (math.pi * dt)[..., None], out=ws("pi tanh dt", (b, h, L, n_ang), f))
-    cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
+    # the cumulative sum in place where there is a workspace: one buffer fewer for the block to touch
+    inc = inc.view(b, h, C, Tb, n_ang)
+    cs = inc.cumsum_(-2) if inplace else inc.cumsum(-2)
     starts = []
     for c in range(C):
         starts.append(angle)
@@ -545,20 +562,20 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
                       scores.view(W.shape) if inplace else None)
         if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
             P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
-        P = P.tril_() if inplace else torch.where(_causal(Tb, q.device), P, zero)
+        P = P.tril_() if inplace else torch.where(_causal(Tb, q.device), P, 0.0)
     else:
         P = torch.where(_causal(Tb, q.device)[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
-                        zero)
+                        0.0)
     # a non-finite v_s would reach the earlier outputs of its chunk through P's zeros (0 x inf is
     # NaN): the product runs on v with non-finite entries zeroed, and each output from the bad token
     # on, in its channel and every rank, is made NaN, as the loop's is. The chunk state S keeps the
     # raw v, so later chunks get the NaN (or inf) through the state, as in the loop.
     finite = bool(torch.isfinite(vf.sum()))   # a finite sum that overflows only takes the slow path
-    vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, zero)
+    vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, 0.0)
     y = torch.bmm(P.reshape(b * h * C, TR, TR), vf_intra, out=ws("y", (b * h * C, TR, p), f))
     if not finite:
         seen = (~torch.isfinite(vr)).any(-2, keepdim=True).cumsum(3) > 0      # (b, h, C, Tb, 1, p)
-        poison = torch.where(seen, math.nan, zero).expand(b, h, C, Tb, R, p).reshape(b * h * C, TR, p)
+        poison = torch.where(seen, math.nan, y.new_zeros(())).expand(b, h, C, Tb, R, p).reshape(b * h * C, TR, p)
         y = torch.add(y, poison, out=y if inplace else None)
     # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
     w_kept = w_last
@@ -590,7 +607,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         folded = torch.stack(folded, 2)
 
     # 4. inter-chunk readout
-    inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("inter", y.shape, f))
+    # into vw's buffer where there is a workspace: vw is spent once the chunk states are formed
+    inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("vw", y.shape, f))
     if inplace and not keep:
         # the block's last state written where the next block of this shape starts from (its folded[0]),
         # now that the readout has read this block's; no copy between blocks
