@@ -83,6 +83,10 @@ BLOCK_TOKENS = 128
 # twice the dispatches) and keeps its intermediates anyway, so it takes more tokens: paired against
 # 128 and 384, 256 gave the lowest forward+backward time.
 GRAD_BLOCK_TOKENS = 256
+# Tokens whose per-token scalars (the trapezoid's weights, the decays from each chunk's start) are made
+# at once when no gradient is taken (block_scalars): a few small ops for many blocks instead of each
+# block's own, while their memory stays bounded whatever l is.
+SCALAR_TOKENS = 2048
 # Tokens per sub-block of a chunk's decay matrix (segment_decays): exp on G T entries a chunk, not T^2.
 DECAY_BLOCK = 16
 # Recompute each block in the backward rather than keep its intermediates (memory independent of l).
@@ -253,6 +257,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             # written as H'^T (n, p), the layout the blocks keep it in (scan_block, step 3)
             H = torch.addcmul(H.transpose(-1, -2), delta[..., None, None],
                               torch.einsum("brhp,brhn->bhnp", v_up, k_prev)).transpose(-1, -2)
+        whole, scalars_end = s + (e - s) // T * T, s
         for t0, t1, Tb in seq:
             i = piece[t0]
             nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
@@ -273,7 +278,12 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                                                                   extras=len(extras))
                 pieces.append(y)
                 continue
-            y, angle, H, k_prev, v_prev = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws)
+            if t1 <= whole and t1 > scalars_end:   # whole chunks: the scalars of several blocks at once
+                scalars_start, scalars_end = t0, min(t0 + max(1, SCALAR_TOKENS // step) * step, whole)
+                made = block_scalars(ADT[rows], DT[rows], Trap[rows], scalars_start, scalars_end, e, T, q.dtype)
+            scalars = (tuple(x[..., t0 - scalars_start:t1 - scalars_start].unflatten(-1, (-1, T)) for x in made)
+                       if t1 <= whole else None)
+            y, angle, H, k_prev, v_prev = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws, scalars=scalars)
             # finished straight into the output as it comes: no whole-length list of pieces
             into = out[:, t0:t1]
             done = finish(y, args[2], args[15:15 + len(extras)], params, ws, into)
@@ -492,8 +502,25 @@ def _finished_block(*args, Tb, rot, finish, extras):
     return (finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None), *states)
 
 
+def block_scalars(ADT, DT, Trap, t0, t1, e, T, f):
+    """scan_block's per-token scalars for tokens t0 to t1 (whole chunks of T) of a sequence ending at e,
+    made at once for the blocks there: gamma_s, coef_s = gamma_s + delta_{s+1} (delta read across
+    every block and chunk edge, 0 past e) and from_start_t = exp(a_{c0} + ... + a_t), each (b, h, t1 - t0)
+    in the compute dtype f, by the same formulas scan_block uses. ADT, DT, Trap: (b, h, l)."""
+    end = min(t1 + 1, e)
+    lam = torch.sigmoid(Trap[..., t0:end].to(f))
+    dt = DT[..., t0:end].to(f)
+    gamma, delta = lam * dt, (1 - lam) * dt
+    if end == t1:   # past the end of the sequence: no next token, no shifted term
+        delta = torch.cat((delta, delta.new_zeros(delta.shape[:-1] + (1,))), -1)
+    L = t1 - t0
+    gamma = gamma[..., :L]
+    from_start = torch.exp(ADT[..., t0:t1].to(f).unflatten(-1, (-1, T)).cumsum(-1)).flatten(-2)
+    return gamma, gamma + delta[..., 1:], from_start
+
+
 def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
-               ws, keep=False):
+               ws, keep=False, scalars=None):
     """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
 
     q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
@@ -503,7 +530,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     y (rank 1 only), or None; ws: a Workspace (its
     buffers written in place) or NO_WORKSPACE (every op functional, for autograd); keep (rank 1, with
     a workspace of fresh buffers): the scores are kept apart from the weighted P, and the block's
-    intermediates are returned too, for SisoBlock's backward.
+    intermediates are returned too, for SisoBlock's backward; scalars (not with keep): gamma, coef
+    and from_start (b, h, C, Tb) from block_scalars, or None to make them here.
     Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
     and v (b, h, p) after the block's last token [, the intermediates (dict)].
     """
@@ -512,14 +540,19 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     C, f, n_ang, TR = L // Tb, q.dtype, angles.shape[-1], Tb * R
     inplace = ws is not NO_WORKSPACE
     a, dt = a.to(f), dt.to(f)
-    lam = torch.sigmoid(trap.to(f))
-    gamma, delta = lam * dt, (1 - lam) * dt                                  # (b, h, L)
-    if dt_next is None:   # past the end of the sequence: no next token, no shifted term
-        after = delta.new_zeros(b, h, 1)
+    if scalars is None:
+        lam = torch.sigmoid(trap.to(f))
+        gamma, delta = lam * dt, (1 - lam) * dt                              # (b, h, L)
+        if dt_next is None:   # past the end of the sequence: no next token, no shifted term
+            after = delta.new_zeros(b, h, 1)
+        else:
+            after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
+        coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
+        gamma = gamma.view(b, h, C, Tb)
+        from_start = None
     else:
-        after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
-    coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
-    gamma, a = gamma.view(b, h, C, Tb), a.view(b, h, C, Tb)
+        gamma, coef, from_start = scalars
+    a = a.view(b, h, C, Tb)
 
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
     # tanh in the input's own layout (on a permuted view it runs about 3x slower), the product with
@@ -585,7 +618,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     # product of two untransposed operands, about a quarter faster on this CPU than one through a
     # transposed view; the chunk state's product has one transposed operand either way
     ST = torch.bmm(kf.transpose(1, 2), vw, out=ws("S", (b * h * C, n, p), f)).view(b, h, C, n, p)
-    from_start = torch.exp(a.cumsum(-1))                                     # exp(a_{c0} + ... + a_t)
+    if from_start is None:
+        from_start = torch.exp(a.cumsum(-1))                                 # exp(a_{c0} + ... + a_t)
 
     # 3. the state pass, sequential in the compute dtype, each H'_c written where the readout reads it
     HT = H.transpose(-1, -2)                                                 # (b, h, n, p)
