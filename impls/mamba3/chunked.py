@@ -83,6 +83,10 @@ BLOCK_TOKENS = 128
 # twice the dispatches) and keeps its intermediates anyway, so it takes more tokens: paired against
 # 128 and 384, 256 gave the lowest forward+backward time.
 GRAD_BLOCK_TOKENS = 256
+# Tokens whose per-token scalars (the trapezoid's weights, the decays from each chunk's start) are made
+# at once when no gradient is taken (block_scalars): a few small ops for many blocks instead of each
+# block's own, while their memory stays bounded whatever l is.
+SCALAR_TOKENS = 2048
 # Tokens per sub-block of a chunk's decay matrix (segment_decays): exp on G T entries a chunk, not T^2.
 DECAY_BLOCK = 16
 # Recompute each block in the backward rather than keep its intermediates (memory independent of l).
@@ -123,6 +127,8 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_states(S, h, p, n, n_ang, f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
+    if Input_States is None:
+        init = (init[0], transposed_zeros(init[1]), *init[2:])
     v = V.to(f)
 
     def finish(y, v, extras, params, ws, into):  # y (b, L, 1, h, p), extras (Z's piece,) -> out (b, L, h, p) in V's dtype
@@ -131,7 +137,10 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
             z = extras[0].to(f)
             if into is None:
                 return (y * F.silu(z)).to(V.dtype)
-            return torch.mul(y, torch.ops.aten.silu.out(z, out=ws("gate", z.shape, f)), out=into)
+            # the gate written where the output goes and multiplied there (no buffer of its own),
+            # unless the output's dtype would round it first
+            gate = into if into.dtype == f else ws("gate", z.shape, f)
+            return torch.mul(y, torch.ops.aten.silu.out(z, out=gate), out=into)
         return into.copy_(y) if into is not None else y.to(V.dtype)
 
     out, (angle, ssm, k_last, v_last) = scan_chunks(
@@ -139,7 +148,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate_pairs,
         q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], skip=None if D is None else D.to(f), finish=finish,
         extras=() if Z is None else (Z,))
-    return (out, angle, ssm, k_last[:, 0], v_last) if return_final_states else out
+    return (out, angle, ssm.contiguous(), k_last[:, 0], v_last) if return_final_states else out
 
 
 def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out, Angles, D=None, Z=None,
@@ -158,6 +167,8 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
     S = b if cu_seqlens is None else len(cu_seqlens) - 1
     init = (zero_mimo_states(S, R, h, p, n, Angles.shape[-1], f, V.device) if Input_States is None
             else tuple(s.to(f) for s in Input_States))
+    if Input_States is None:
+        init = (init[0], transposed_zeros(init[1]), *init[2:])
     v, up = V.to(f), MIMO_V.to(f).transpose(0, 1)                            # (b, l, h, p), (R, h, p)
     Z_f = cast(Z)
 
@@ -171,7 +182,13 @@ def mamba3_mimo(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, MIMO_V, MIMO_Z, MIMO_Out
                               rotate_halves_cs, q_bias=Q_bias.to(f).transpose(0, 1),
                               k_bias=K_bias.to(f).transpose(0, 1), finish=finish, extras=() if Z_f is None else (Z_f,),
                               params=(up, cast(D), cast(MIMO_Z), cast(MIMO_Out), norm_weight(outproj_norm_weight, h, p, f)))
-    return (out, *states) if return_state else out
+    return (out, states[0], states[1].contiguous(), *states[2:]) if return_state else out
+
+
+def transposed_zeros(ssm):
+    """Zeros shaped as the state ssm (S, h, p, n), laid out as the blocks keep it (H'^T, (n, p)
+    contiguous), so that the first block takes it without a transposing copy."""
+    return ssm.new_zeros(ssm.shape[:-2] + ssm.shape[-2:][::-1]).transpose(-1, -2)
 
 
 def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
@@ -237,7 +254,10 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             lam = torch.sigmoid(Trap_[i][rows, :, 0].to(H.dtype))
             delta = (1 - lam) * DT_[i][rows, :, 0].to(H.dtype)
             v_up = v_prev[:, None] if up is None else v_prev[:, None] * up     # (b, R, h, p)
-            H = H + delta[..., None, None] * torch.einsum("brhp,brhn->bhpn", v_up, k_prev)
+            # written as H'^T (n, p), the layout the blocks keep it in (scan_block, step 3)
+            H = torch.addcmul(H.transpose(-1, -2), delta[..., None, None],
+                              torch.einsum("brhp,brhn->bhnp", v_up, k_prev)).transpose(-1, -2)
+        whole, scalars_end = s + (e - s) // T * T, s
         for t0, t1, Tb in seq:
             i = piece[t0]
             nxt = t1 < e   # the token after the block (its delta), if any: the next piece's first
@@ -258,13 +278,19 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                                                                   extras=len(extras))
                 pieces.append(y)
                 continue
-            y, angle, H, k_prev, v_prev = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws)
+            if t1 <= whole and t1 > scalars_end:   # whole chunks: the scalars of several blocks at once
+                scalars_start, scalars_end = t0, min(t0 + max(1, SCALAR_TOKENS // step) * step, whole)
+                made = block_scalars(ADT[rows], DT[rows], Trap[rows], scalars_start, scalars_end, e, T, q.dtype)
+            scalars = (tuple(x[..., t0 - scalars_start:t1 - scalars_start].unflatten(-1, (-1, T)) for x in made)
+                       if t1 <= whole else None)
+            y, angle, H, k_prev, v_prev = scan_block(*args[:15], Tb=Tb, rot=rot, ws=ws, scalars=scalars)
             # finished straight into the output as it comes: no whole-length list of pieces
             into = out[:, t0:t1]
             done = finish(y, args[2], args[15:15 + len(extras)], params, ws, into)
             if done is not into:   # a finish that does not write in place (MIMO's read-out)
                 into.copy_(done)
-        finals.append((angle, H.contiguous(), k_prev, v_prev))   # the blocks carry H as a transposed view
+        # the blocks carry H as a transposed view: the callers make it contiguous only if they return it
+        finals.append((angle, H, k_prev, v_prev))
     if grad:
         out = torch.cat(pieces, 1) if pieces else empty
     if cu_seqlens is None:
@@ -308,7 +334,7 @@ class RecomputedBlock(torch.autograd.Function):
 
 # scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
 # forward takes them from a workspace, every other buffer fresh
-SCRATCH = frozenset({"pi tanh dt", "cs", "cos", "sin", "masked", "seg", "S"})
+SCRATCH = frozenset({"pi tanh dt", "cos", "sin", "masked", "seg", "S"})
 
 
 class SisoBlock(torch.autograd.Function):
@@ -476,8 +502,25 @@ def _finished_block(*args, Tb, rot, finish, extras):
     return (finish(y, args[2], args[15:15 + extras], args[15 + extras:], NO_WORKSPACE, None), *states)
 
 
+def block_scalars(ADT, DT, Trap, t0, t1, e, T, f):
+    """scan_block's per-token scalars for tokens t0 to t1 (whole chunks of T) of a sequence ending at e,
+    made at once for the blocks there: gamma_s, coef_s = gamma_s + delta_{s+1} (delta read across
+    every block and chunk edge, 0 past e) and from_start_t = exp(a_{c0} + ... + a_t), each (b, h, t1 - t0)
+    in the compute dtype f, by the same formulas scan_block uses. ADT, DT, Trap: (b, h, l)."""
+    end = min(t1 + 1, e)
+    lam = torch.sigmoid(Trap[..., t0:end].to(f))
+    dt = DT[..., t0:end].to(f)
+    gamma, delta = lam * dt, (1 - lam) * dt
+    if end == t1:   # past the end of the sequence: no next token, no shifted term
+        delta = torch.cat((delta, delta.new_zeros(delta.shape[:-1] + (1,))), -1)
+    L = t1 - t0
+    gamma = gamma[..., :L]
+    from_start = torch.exp(ADT[..., t0:t1].to(f).unflatten(-1, (-1, T)).cumsum(-1)).flatten(-2)
+    return gamma, gamma + delta[..., 1:], from_start
+
+
 def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip, *, Tb, rot,
-               ws, keep=False):
+               ws, keep=False, scalars=None):
     """One block of L = C Tb tokens (C chunks of Tb): steps 1 to 4 of the module docstring.
 
     q, k: (b, L, R, h_qk, n); v: (b, L, h, p); up: (R, h, p) or None; a, dt, trap: (b, h, L) (ADT,
@@ -487,7 +530,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     y (rank 1 only), or None; ws: a Workspace (its
     buffers written in place) or NO_WORKSPACE (every op functional, for autograd); keep (rank 1, with
     a workspace of fresh buffers): the scores are kept apart from the weighted P, and the block's
-    intermediates are returned too, for SisoBlock's backward.
+    intermediates are returned too, for SisoBlock's backward; scalars (not with keep): gamma, coef
+    and from_start (b, h, C, Tb) from block_scalars, or None to make them here.
     Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
     and v (b, h, p) after the block's last token [, the intermediates (dict)].
     """
@@ -496,22 +540,28 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     C, f, n_ang, TR = L // Tb, q.dtype, angles.shape[-1], Tb * R
     inplace = ws is not NO_WORKSPACE
     a, dt = a.to(f), dt.to(f)
-    lam = torch.sigmoid(trap.to(f))
-    gamma, delta = lam * dt, (1 - lam) * dt                                  # (b, h, L)
-    if dt_next is None:   # past the end of the sequence: no next token, no shifted term
-        after = delta.new_zeros(b, h, 1)
+    if scalars is None:
+        lam = torch.sigmoid(trap.to(f))
+        gamma, delta = lam * dt, (1 - lam) * dt                              # (b, h, L)
+        if dt_next is None:   # past the end of the sequence: no next token, no shifted term
+            after = delta.new_zeros(b, h, 1)
+        else:
+            after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
+        coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
+        gamma = gamma.view(b, h, C, Tb)
+        from_start = None
     else:
-        after = (1 - torch.sigmoid(trap_next.to(f))) * dt_next.to(f)
-    coef = (gamma + torch.cat((delta[..., 1:], after), -1)).view(b, h, C, Tb)   # gamma_s + delta_{s+1}
-    gamma, a = gamma.view(b, h, C, Tb), a.view(b, h, C, Tb)
-    zero = a.new_zeros(())
+        gamma, coef, from_start = scalars
+    a = a.view(b, h, C, Tb)
 
     # 1. angles: cumulative within the chunk, each chunk's start angle carried sequentially (mod 2 pi)
     # tanh in the input's own layout (on a permuted view it runs about 3x slower), the product with
     # pi DT written in the block's: no separate copy
     th = torch.tanh(angles.to(f), out=ws("tanh", angles.shape, f))          # (b, L, h, n_ang)
     inc = torch.mul(th.permute(0, 2, 1, 3), (math.pi * dt)[..., None], out=ws("pi tanh dt", (b, h, L, n_ang), f))
-    cs = torch.cumsum(inc.view(b, h, C, Tb, n_ang), -2, out=ws("cs", (b, h, C, Tb, n_ang), f))
+    # the cumulative sum in place where there is a workspace: one buffer fewer for the block to touch
+    inc = inc.view(b, h, C, Tb, n_ang)
+    cs = inc.cumsum_(-2) if inplace else inc.cumsum(-2)
     starts = []
     for c in range(C):
         starts.append(angle)
@@ -545,20 +595,20 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
                       scores.view(W.shape) if inplace else None)
         if skip is not None:   # D v_t as a weight on the diagonal: no pass over the output for it
             P.diagonal(dim1=-2, dim2=-1).add_(skip[:, None, None])
-        P = P.tril_() if inplace else torch.where(_causal(Tb, q.device), P, zero)
+        P = P.tril_() if inplace else torch.where(_causal(Tb, q.device), P, 0.0)
     else:
         P = torch.where(_causal(Tb, q.device)[:, None, :, None], scores.view(b, h, C, Tb, R, Tb, R) * W[..., :, None, :, None],
-                        zero)
+                        0.0)
     # a non-finite v_s would reach the earlier outputs of its chunk through P's zeros (0 x inf is
     # NaN): the product runs on v with non-finite entries zeroed, and each output from the bad token
     # on, in its channel and every rank, is made NaN, as the loop's is. The chunk state S keeps the
     # raw v, so later chunks get the NaN (or inf) through the state, as in the loop.
     finite = bool(torch.isfinite(vf.sum()))   # a finite sum that overflows only takes the slow path
-    vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, zero)
+    vf_intra = vf if finite else torch.where(torch.isfinite(vf), vf, 0.0)
     y = torch.bmm(P.reshape(b * h * C, TR, TR), vf_intra, out=ws("y", (b * h * C, TR, p), f))
     if not finite:
         seen = (~torch.isfinite(vr)).any(-2, keepdim=True).cumsum(3) > 0      # (b, h, C, Tb, 1, p)
-        poison = torch.where(seen, math.nan, zero).expand(b, h, C, Tb, R, p).reshape(b * h * C, TR, p)
+        poison = torch.where(seen, math.nan, y.new_zeros(())).expand(b, h, C, Tb, R, p).reshape(b * h * C, TR, p)
         y = torch.add(y, poison, out=y if inplace else None)
     # each chunk's contribution to the next H': row Tb-1 of EC (seg(last, last) = 0)
     w_kept = w_last
@@ -568,7 +618,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     # product of two untransposed operands, about a quarter faster on this CPU than one through a
     # transposed view; the chunk state's product has one transposed operand either way
     ST = torch.bmm(kf.transpose(1, 2), vw, out=ws("S", (b * h * C, n, p), f)).view(b, h, C, n, p)
-    from_start = torch.exp(a.cumsum(-1))                                     # exp(a_{c0} + ... + a_t)
+    if from_start is None:
+        from_start = torch.exp(a.cumsum(-1))                                 # exp(a_{c0} + ... + a_t)
 
     # 3. the state pass, sequential in the compute dtype, each H'_c written where the readout reads it
     HT = H.transpose(-1, -2)                                                 # (b, h, n, p)
@@ -590,7 +641,8 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
         folded = torch.stack(folded, 2)
 
     # 4. inter-chunk readout
-    inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("inter", y.shape, f))
+    # into vw's buffer where there is a workspace: vw is spent once the chunk states are formed
+    inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("vw", y.shape, f))
     if inplace and not keep:
         # the block's last state written where the next block of this shape starts from (its folded[0]),
         # now that the readout has read this block's; no copy between blocks
