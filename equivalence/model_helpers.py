@@ -9,6 +9,7 @@ tolerance.terms("y", l, n): the logits are y passed through projections and norm
 the loop run shares. Where the rest of the model amplifies the scan's roundings (a norm over a
 head's few outputs near zero), the bound also allows ``rounding_spread``."""
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -122,8 +123,9 @@ def rounding_spread(model64, ids, dtype=torch.float32, draws=8, seed=0):
                 return out
             return scan
 
-        patches = [mock.patch.object(impls, f, spied(f, getattr(impls, f))) for f in SCAN_SCALES]
-        with patches[0], patches[1], patches[2], torch.no_grad():
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for f in SCAN_SCALES:   # every family's front door, so that any model's scans are spied on
+                stack.enter_context(mock.patch.object(impls, f, spied(f, getattr(impls, f))))
             return model64(ids)
 
     base = forward(False)
