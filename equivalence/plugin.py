@@ -334,12 +334,12 @@ def rank(item):
     while the other waits (the kernel-repository run, collected near the end, once made the whole
     run about its length longer). Then values, invariants and gradients, so that a bug is met first
     where it is plainest; the pinned cases after the drawn ones."""
-    long = item.get_closest_marker("long") is None
+    not_long = item.get_closest_marker("long") is None   # False sorts first
     file = os.path.basename(item.nodeid.split("::")[0])
     if file not in ORDER:
-        return long, len(ORDER)
+        return not_long, len(ORDER)
     shared = os.path.dirname(str(item.path)) == os.path.join(SUITE_ROOT, "equivalence")
-    return long, ORDER.index(file), not shared, "::test_pinned_" in item.nodeid
+    return not_long, ORDER.index(file), not shared, "::test_pinned_" in item.nodeid
 
 
 # Fixtures that parametrize over the implementations under test, each family's under its prefix
