@@ -7,6 +7,7 @@ from hypothesis import assume, example, given, strategies as st
 import impls
 from .selective import Case, cases, make_inputs, reference_inputs
 from .selective import magnitudes
+from .model_helpers import TINY, TINY_IDS, rounding_spread
 from .tolerance import compare, conditioning, dt_ulps, polynomial_magnitudes, terms
 
 
@@ -161,16 +162,14 @@ def test_a_decay_from_cumulative_sums_is_within_the_conditioning():
     assert compare(chunked, oracle, loop, 8, conditioning=k).ok
 
 
-@pytest.mark.parametrize("index", range(3), ids=("MambaLM", "Mamba2LM", "Mamba3LM"))
-def test_every_models_rounding_spread_moves_its_scan_outputs_by_one_rounding(index):
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_every_models_rounding_spread_moves_its_scan_outputs_by_one_rounding(make):
     """model_helpers.rounding_spread perturbs every scan output of each model (through the family's
     front door and magnitudes): the logits move, and, the move being first order in the rounding,
     a float16 rounding moves them 2^13 times as far as a float32 one (the same signs drawn; 1 %:
     the second-order part, through the norms)."""
-    from .model_helpers import TINY, rounding_spread
-
-    model = TINY[index]().double()
-    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(index))
+    model = make().double()
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(0))
     f32, f16 = (rounding_spread(model, ids, dtype) for dtype in (torch.float32, torch.float16))
     assert f32.shape == (2, 7, model.config.vocab_size + (-model.config.vocab_size) % 8) and bool(f32.max() > 0)
     torch.testing.assert_close(f16.max() / f32.max(), torch.tensor(2.0**13, dtype=torch.float64), rtol=1e-2, atol=0)
