@@ -17,7 +17,7 @@ from hypothesis.errors import NoSuchExample
 
 import impls
 
-from . import properties, selective, ssd
+from . import plugin, properties, selective, ssd
 from .diagnose import describe, probe_capabilities
 from .test_planted_bugs import SEARCH, drawn, rejected
 
@@ -273,22 +273,31 @@ def step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)
 @pytest.mark.parametrize("spec, expected", [
     ("step_mod_xyz:step", "implementation under test: step_mod_xyz:step: step_mod_xyz ("),
     ("recurrent", "implementation under test: recurrent: impls.selective.recurrent"),
-    ("loop", "ERROR: --impl-step loop: 'loop' has no step function; expected MODULE:FUNCTION or a registered name "
-             "with a step (recurrent"),
-    ("step_mod_xyz", "ERROR: --impl-step step_mod_xyz: expected MODULE:FUNCTION or a registered name with a step"),
-    ("no_such_mod_xyz:f", "ERROR: --impl-step no_such_mod_xyz:f: cannot import"),
 ])
 def test_impl_step_names_its_option_and_module(tmp_path, spec, expected):
-    """--impl-step's errors name --impl-step (not --impl) and what it takes; a step's header line
-    names the step's module (not impls.selective.recurrent, where its scan-by-stepping is built)."""
+    """A step's header line names the step's module (not impls.selective.recurrent, where its
+    scan-by-stepping is built), or the registered name whose step it is."""
     (tmp_path / "step_mod_xyz.py").write_text(STEP)
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
            f"--impl-step={spec}", "equivalence/test_values.py", "-k", "test_values_and_last_state"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
                          cwd=ROOT)
-    assert expected in run.stdout + run.stderr, (run.stdout + run.stderr)[-3000:]
-    assert (run.returncode == 0) == (not expected.startswith("ERROR")), run.returncode
+    assert run.returncode == 0 and expected in run.stdout, (run.stdout + run.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("loop", "--impl-step loop: 'loop' has no step function; expected MODULE:FUNCTION or a registered name "
+             "with a step (recurrent"),
+    ("step_mod_xyz", "--impl-step step_mod_xyz: expected MODULE:FUNCTION or a registered name with a step"),
+    ("no_such_mod_xyz:f", "--impl-step no_such_mod_xyz:f: cannot import"),
+])
+def test_impl_step_errors_name_their_option_and_what_it_takes(spec, expected):
+    """--impl-step's errors name --impl-step (not --impl) and what it takes (pytest prints a
+    UsageError as the run's one ERROR line, before any test)."""
+    with pytest.raises(pytest.UsageError) as refused:
+        plugin.load_step(impls.FAMILIES["selective"], spec)
+    assert str(refused.value).startswith(expected), str(refused.value)
 
 
 WRONG = """
