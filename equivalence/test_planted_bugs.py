@@ -189,8 +189,9 @@ def test_an_ssd_plain_function_is_met_as_a_mamba1_one():
     gradients are probed (and so checked); a forward bug (head i reads group i % g) fails first in a
     values test, on a shrunk case, saying what it needs; its reproduce line runs as-is in a script."""
     target = "equivalence.ssd.planted_bugs:wrong_group_mapping"
-    # one seed whose 25 drawn cases include a grouped one with h/g > 1 (about one draw in seven has
-    # one): what is checked is the order the failures are met in and what they say, not the search
+    # one seed whose drawn cases (the ci profile's) include a grouped one with h/g > 1 (about one draw
+    # in seven has one): what is checked is the order the failures are met in and what they say, not
+    # the search
     cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile",
            "ci", "--hypothesis-seed", "1", f"--ssd-impl={target}", "equivalence/test_model2.py",
            "equivalence/test_gradients.py", "equivalence/test_values.py"]

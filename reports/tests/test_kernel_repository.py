@@ -5,9 +5,11 @@ folder with `scanbench test`. The kernel's documented bug is met first in a valu
 smallest case; the fix its BUG comment gives makes the run pass; the Markdown summaries say so.
 The kernel's folder also has packages of its own named benchmarks and reports, first on sys.path.
 
-Minutes: it installs the suite's dependencies through the environment's pip configuration, all but
-torch, whose installed files (the pinned build this environment runs) are linked in rather than
-unpacked again: pip finds it satisfied and installs what it requires."""
+The fresh environment gets what the suite declares it needs, and nothing else: the installed files
+of the suite's runtime requirements and theirs (torch's pinned build among them) are linked in from
+this environment rather than unpacked again (minutes of pip), so pip finds them satisfied and
+installs the suite alone. An import the suite does not declare fails there, as on a user's machine;
+that the declared versions install from an index is what `make test` itself does."""
 
 import os
 import pathlib
@@ -19,6 +21,8 @@ from importlib import metadata
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(ROOT, "examples", "my_kernel")
@@ -43,23 +47,32 @@ def test_this_repositorys_own_benchmarks_and_reports():
 """
 
 
-def link_installed(name, site):
-    """Hard-links (else copies) an installed distribution's packages and metadata into ``site``."""
-    dist = metadata.distribution(name)
-    base = pathlib.Path(dist.locate_file(""))
-    for top in sorted({f.parts[0] for f in dist.files} - {".."}):
-        source = base / top
-        if source.is_dir():
-            shutil.copytree(source, site / top, copy_function=hard_link, ignore=shutil.ignore_patterns("__pycache__"))
-        elif source.exists():
-            hard_link(source, site / top)
+def requirements(name):
+    """The installed distributions ``name`` requires, and theirs, without extras: {name: distribution}."""
+    found, todo = {}, [Requirement(r) for r in metadata.requires(name) or ()]
+    while todo:
+        req = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        key = canonicalize_name(req.name)
+        if key not in found:
+            found[key] = metadata.distribution(req.name)
+            todo += [Requirement(r) for r in found[key].requires or ()]
+    return found
 
 
-def hard_link(source, target):
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+def link_installed(dist, site):
+    """Hard-links (else copies) the files an installed distribution lists into ``site``."""
+    for file in dist.files:
+        if file.parts[0] != "..":       # its scripts: the suite runs python -m, never them
+            target = site / file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(dist.locate_file(file), target)
+            except FileExistsError:     # a __pycache__ entry another distribution listed too
+                pass
+            except OSError:             # another file system: copy
+                shutil.copy2(dist.locate_file(file), target)
 
 
 def fixed(source):
@@ -102,7 +115,10 @@ def test_a_kernel_repository_meets_its_bug_first_fixes_it_and_passes(tmp_path):
     made = run([sys.executable, "-m", "venv", tmp_path / "venv"], cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     site = tmp_path / "venv" / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
-    link_installed("torch", site)
+    fresh = {canonicalize_name(d.name) for d in metadata.distributions(path=[str(site)])}   # pip, setuptools
+    for name, dist in requirements("selective-scan-suite").items():
+        if name not in fresh:            # pip upgrades those itself where the suite needs it
+            link_installed(dist, site)
     pip = [python, "-m", "pip", "install", "--quiet"]
     done = run(pip + [ROOT], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
