@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import os
-import types
 from unittest import mock
 
 import pytest
@@ -91,8 +90,7 @@ def check(what, case, got, oracle, baseline, l, n, spread=0.0):
 SIGNATURES = {f: inspect.signature(getattr(impls, f)) for f in ("selective_scan", "ssd_scan", "mamba3_scan")}
 SCAN_SCALES = {
     "selective_scan": lambda x: selective.magnitudes(None, x=x)[0],
-    "ssd_scan": lambda x: ssd.magnitudes(types.SimpleNamespace(
-        b=x["x"].shape[0], l=x["x"].shape[1], h=x["x"].shape[2], p=x["x"].shape[3], n=x["B"].shape[-1]), x=x)[0],
+    "ssd_scan": lambda x: ssd.magnitudes(None, x=x)[0],
     "mamba3_scan": lambda x: mamba3.cases.magnitudes(x)[0],
 }
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m equivalence.smallest_failures [--bug NAME ...] [--out table.md]
 
 For each bug in equivalence/selective/planted_bugs.py it runs what a kernel author runs,
-``pytest -x --impl equivalence.selective.planted_bugs:NAME`` (derandomized: the ``ci`` hypothesis profile), and
+``pytest -x --impl equivalence.selective.planted_bugs:NAME`` (the ``ci`` hypothesis profile, its seed printed), and
 reads off the first failing test, the case it failed on (from its reproduce line, shown as Case.id:
 sizes, grouping, dtype, regime, the options that are on, the seed) and what the
 failure needs (conftest.py's re-run with each option off and each axis reduced). Prints a markdown

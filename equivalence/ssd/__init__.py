@@ -120,11 +120,11 @@ def magnitudes(case, weights=None, x=None):
     linear in each, with non-negative coefficients); A and dt from each token's decay term
     exp(dt_t A) lambda_t h_{t-1} (>= 0) and input term lambda_t x_t B_t by the chain rule with |A|
     and |dt|, so that no sign cancels; dt_bias the sum over b and l of dt's. lambda is the adjoint
-    of the state. x: float64 inputs to take instead of the case's. Returns (out, final_states, that
-    dict or None).
+    of the state. x: float64 inputs to take instead of the case's (then case may be None where no
+    weights are given). Returns (out, final_states, that dict or None).
     """
     x = reference_inputs(case) if x is None else x
-    h, grad = case.h, weights is not None
+    (b, l, h, p), n, grad = x["x"].shape, x["B"].shape[-1], weights is not None
     raw = x["dt"] + (x["dt_bias"] if x["dt_bias"] is not None else 0)
     dt = effective_dt(x["dt"], x["dt_bias"], x["dt_softplus"], x["dt_limit"], torch.float64)   # (b, l, h)
     decay = torch.exp(dt * x["A"])
@@ -133,9 +133,9 @@ def magnitudes(case, weights=None, x=None):
         leaves["z"] = x["z"].clone().requires_grad_(grad)
     B, C = per_head(leaves["B"], h), per_head(leaves["C"], h)                                 # (b, l, h, n)
     inp = (dt.abs()[..., None] * leaves["x"])[..., None] * B[:, :, :, None, :]                 # (b, l, h, p, n)
-    h0 = leaves.get("initial_states", torch.zeros(case.b, h, case.p, case.n, dtype=torch.float64))
+    h0 = leaves.get("initial_states", torch.zeros(b, h, p, n, dtype=torch.float64))
     state, states = h0, []
-    for t in range(case.l):
+    for t in range(l):
         state = decay[:, t, :, None, None] * state + inp[:, t]
         states.append(state)
     H = torch.stack(states, 1)                                                                 # (b, l, h, p, n)
@@ -170,7 +170,7 @@ def magnitudes(case, weights=None, x=None):
     ends[:, -1] += (H[:, -1].detach() * weights[1].abs()).sum((-1, -2))
     M = (ends + dt.abs() * input_terms).flip(1).cumsum(1).flip(1)                              # (b, l, h)
     g = conditionings(case, x)[2]
-    fold = {k: (case.l + GRADIENT_TERM_ROUNDINGS) / (gradient_terms(case, k) + g) for k in ("A", "dt")}
+    fold = {k: (l + GRADIENT_TERM_ROUNDINGS) / (gradient_terms(case, k) + g) for k in ("A", "dt")}
     sums["A"] = sums["A"] + fold["A"] * (dt.abs() * M).sum((0, 1))
     sums["dt"] = sums["dt"] + fold["dt"] * dsoftplus * x["A"].abs() * M
     if x["dt_bias"] is not None:
