@@ -28,7 +28,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 EXAMPLE = os.path.join(ROOT, "examples", "my_kernel")
 
 
-
 def run(args, cwd, timeout=1200, **env):
     """args in a clean environment (nothing of this run's PYTHONPATH or virtual environment), plus ``env``."""
     env = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}, **env}
