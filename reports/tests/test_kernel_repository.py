@@ -12,7 +12,6 @@ installs the suite alone. An import the suite does not declare fails there, as o
 that the declared versions install from an index is what `make test` itself does."""
 
 import os
-import pathlib
 import re
 import shutil
 import subprocess
