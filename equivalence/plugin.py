@@ -21,6 +21,7 @@ families given: only their tests run.
 """
 
 import importlib
+import inspect
 import os
 import sys
 
@@ -163,8 +164,12 @@ def register_probed(fam, name, scan, step, setup):
     refused = diagnose.base_call_refused_by_signature(notes)
     if refused:
         options = ", ".join(f.option for f in impls.FAMILIES.values())
+        # the names the family's spec gives the arguments it is called with, in their order
+        count = len(spec.positional(spec.make_inputs(spec.TINY)))
+        params = ", ".join(list(inspect.signature(impls.get("loop", fam.name).scan).parameters)[:count])
         raise pytest.UsageError(f"{fam.option} {name}: does not take the {fam.name} scan's arguments "
-                                f"({refused}); a kernel of another "
+                                f"({refused}); it is called with {count} positional arguments, ({params}) "
+                                f"(docs/plugins.md); a kernel of another "
                                 f"family is named with its family's option ({options}; scanbench test --family)")
     impls.register(name, scan, step=step, family=fam.name, **supports)
     diagnose.PROBED[(fam.name, name)] = notes

@@ -200,6 +200,34 @@ def test_the_gradient_probe_reads_whatever_a_family_returns(name):
     assert "output has no autograd graph" in notes["gradients"], notes
 
 
+@pytest.mark.parametrize("name", [f for f in impls.FAMILIES if properties.wired(f)])
+def test_the_probe_passes_the_arguments_the_public_function_passes(name):
+    """The probe calls a plugged-in scan with as many positional arguments as the family's public
+    function does, so a kernel written with the documented signature and no defaults is probed as
+    it will be called (the SSD probe once left out return_varlen_states and refused such a kernel
+    as one of another family)."""
+    import equivalence
+
+    fam, loop, passed = properties.family(name), impls.get("loop", name).scan, []
+
+    def spy(*args, **kwargs):
+        passed.append(len(args))
+        return loop(*args, **kwargs)
+
+    impls.register("spy_xyz", spy, family=name, dtypes=(torch.float32,))
+    try:
+        eval(fam.call("spy_xyz", fam.TINY), {"impls": impls, "equivalence": equivalence})
+    finally:
+        impls.unregister("spy_xyz", family=name)
+
+    def strict(*args):
+        assert len(args) == passed[0], f"called with {len(args)} arguments, the public function passes {passed[0]}"
+        return loop(*args)
+
+    supports, notes = probe_capabilities(fam, strict)
+    assert notes["dtype f32"] == "ok", notes
+
+
 PLAIN_MAMBA3 = """
 import impls
 
@@ -383,7 +411,8 @@ def test_a_function_of_another_family_is_refused_before_any_test():
     from equivalence.plugin import register_probed
 
     with pytest.raises(pytest.UsageError, match=r"--ssd-impl wrong_family_xyz: does not take the ssd scan's "
-                                                r"arguments \(TypeError: .*--impl, --ssd-impl"):
+                                                r"arguments \(TypeError: .*\); it is called with 16 positional "
+                                                r"arguments, \(x, dt, A, .*return_varlen_states\).*--impl, --ssd-impl"):
         register_probed(impls.get_family("ssd"), "wrong_family_xyz", impls.get("loop").scan, None, "")
     assert "wrong_family_xyz" not in impls.names("ssd")
 

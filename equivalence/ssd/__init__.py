@@ -76,9 +76,10 @@ def call(name, case):
 
 
 def positional(x, chunk_size=2):
-    """Inputs x as the positional arguments of a registered scan, return_final_states on."""
+    """Inputs x as the positional arguments of a registered scan (all sixteen, as ssd_scan passes
+    them), return_final_states on."""
     return [x["x"], x["dt"], x["A"], x["B"], x["C"], chunk_size, x["D"], x["z"], x["dt_bias"], x["initial_states"],
-            None, None, x["dt_softplus"], x["dt_limit"], True]
+            None, None, x["dt_softplus"], x["dt_limit"], True, False]
 
 
 # Each summand of a gradient element is itself a product of up to eight rounded factors (dt, A,
