@@ -612,3 +612,77 @@ def test_attention_mask_errors_name_the_method(make):
             call(torch.tensor([[1, 0, 1]]))
         with pytest.raises(TypeError, match=f"^{method}: attention_mask: expected a tensor"):
             call([[1, 1, 1]])
+
+
+@pytest.mark.parametrize("ssm_cfg, match", [
+    (dict(expand="2"), r"ssm_cfg.expand must be a number, got '2' \(str\)"),     # once d_inner 2222
+    (dict(expand=True), r"ssm_cfg.expand must be a number, got True"),
+    (dict(expand=0), r"d_inner = expand \* d_model = 0 \* 4 must be a positive integer"),
+    (dict(expand=-1), r"d_inner = expand \* d_model = -1 \* 4 must be a positive integer"),
+    (dict(expand=1.3), r"d_inner = expand \* d_model = 1.3 \* 4 must be a positive integer"),   # not truncated
+    (dict(d_stat=4), r"unknown ssm_cfg keys \['d_stat'\]"),
+    (dict(exapnd=4), r"unknown ssm_cfg keys \['exapnd'\]"),
+    (dict(d_state=0), r"sizes must be >= 1, got \{'d_state': 0\}"),
+    (dict(d_conv=-2), r"sizes must be >= 1, got \{'d_conv': -2\}"),
+    (dict(dt_rank=0), r"ssm_cfg.dt_rank = 0: expected 'auto' or an integer >= 1"),
+    (dict(dt_min="0.001"), r"ssm_cfg.dt_min must be a number, got '0.001'"),
+    (dict(bias="false"), r"ssm_cfg.bias must be true or false, got 'false'"),
+    (dict(dt_init="uniform"), r"ssm_cfg.dt_init = 'uniform': expected one of \('random', 'constant'\)"),
+    ([("d_state", 4)], r"ssm_cfg must be a dict"),
+])
+def test_mamba1_ssm_cfg_is_checked(ssm_cfg, match):
+    """Mamba-1's ssm_cfg is checked as Mamba-2's and Mamba-3's are (one helper): misspelled keys once
+    fell back to the defaults silently, and expand "2" made d_inner 2222."""
+    with pytest.raises(ValueError, match=f"^MambaConfig: {match}"):
+        MambaConfig(d_model=4, n_layer=1, vocab_size=20, ssm_cfg=ssm_cfg)
+    assert MambaConfig(d_model=4, n_layer=1, vocab_size=20, ssm_cfg=dict(expand=1.5, layer="Mamba1")).d_inner == 6
+
+
+@pytest.mark.parametrize("ssm, match", [
+    (dict(expand="2"), r"ssm_cfg.expand must be a number, got '2' \(str\)"),
+    (dict(dt_min="0.001"), r"ssm_cfg.dt_min must be a number, got '0.001'"),
+    (dict(d_stat=4), r"unknown ssm_cfg keys \['d_stat'\]"),
+    (dict(d_state=-8), r"sizes must be >= 1, got \{'d_state': -8\}"),
+])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_every_config_checks_its_ssm_cfg_alike(make, ssm, match):
+    config = make().config
+    with pytest.raises(ValueError, match=f"^{type(config).__name__}: {match}"):
+        type(config)(d_model=16, n_layer=1, vocab_size=20, ssm_cfg={**config.ssm_cfg, **ssm})
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64, torch.float8_e4m3fn])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_from_pretrained_refuses_a_dtype_the_models_do_not_run_in(tmp_path, monkeypatch, make, dtype):
+    """int64 once failed deep in nn.Module.to, complex64 loaded and then blamed ``u`` in forward."""
+    model = make()
+    model.save_pretrained(tmp_path)
+    never_built(monkeypatch, type(model))
+    with pytest.raises(TypeError, match=rf"^from_pretrained: dtype: expected one of torch.float16, torch.bfloat16, "
+                                        rf"torch.float32, torch.float64 or None, got {dtype}$"):
+        type(model).from_pretrained(tmp_path, dtype=dtype)
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"d_model": 16,', r"not valid JSON \(Expecting property name.*line 1 column 16"),
+    ("[16, 2, 45]", r"expected a JSON object \(a dict of fields\), got a list"),
+])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_a_malformed_config_json_is_named(tmp_path, monkeypatch, make, text, match):
+    """Once a bare JSONDecodeError without the file, or AttributeError: 'list' object has no attribute 'get'."""
+    model = make()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(text)
+    never_built(monkeypatch, type(model))
+    with pytest.raises(ValueError, match=rf"^from_pretrained: .*config.json: {match}"):
+        type(model).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("bad, error", [(2.0, TypeError), (True, TypeError), ("2", TypeError), (-1, ValueError)])
+@pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
+def test_num_last_tokens_must_be_a_non_negative_int(make, bad, error):
+    model, ids = make(), torch.zeros(1, 3, dtype=torch.long)
+    with torch.no_grad():
+        with pytest.raises(error, match=r"^forward: num_last_tokens: expected a non-negative int"):
+            model(ids, num_last_tokens=bad)
+        assert torch.equal(model(ids, num_last_tokens=np.int64(2)), model(ids)[:, -2:])

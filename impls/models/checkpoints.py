@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from ..frontdoor import INPUT_DTYPES
+
 CONFIG_NAME = "config.json"
 WEIGHTS_BIN = "pytorch_model.bin"
 WEIGHTS_SAFETENSORS = "model.safetensors"
@@ -43,14 +45,72 @@ def check_int(where, name, value):
 
 
 def check_dtype_arg(where, dtype):
-    """from_pretrained's dtype: None or a torch.dtype (a string such as "float16" is refused, not guessed)."""
-    if dtype is not None and not isinstance(dtype, torch.dtype):
+    """from_pretrained's dtype: None or one of the scans' input dtypes (INPUT_DTYPES). A string such as
+    "float16" is refused, not guessed, and so is a dtype the models cannot run in (int64 would fail
+    inside nn.Module.to, complex64 in the first scan, float8 in the first norm)."""
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype):
         raise TypeError(f"{where}: dtype: expected a torch.dtype (e.g. torch.float16) or None, got {dtype!r}")
+    if dtype not in INPUT_DTYPES:
+        raise TypeError(f"{where}: dtype: expected one of {', '.join(str(d) for d in INPUT_DTYPES)} or None, "
+                        f"got {dtype}")
 
 
 def few(items, k=8):
     """The first k items of a list, with " ..." when there are more: for error messages."""
     return f"{list(items)[:k]}{' ...' if len(items) > k else ''}"
+
+
+def ssm_cfg_dict(where, ssm_cfg):
+    """An official config's ssm_cfg as a new dict (None: {}); ValueError naming it for anything else."""
+    if ssm_cfg is None:
+        return {}
+    if not isinstance(ssm_cfg, dict):
+        raise ValueError(f"{where}: ssm_cfg must be a dict of the mixer's options, got {ssm_cfg!r}")
+    return dict(ssm_cfg)
+
+
+def is_number(value):
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_ssm_cfg(where, ssm_cfg, ssm_defaults, int_keys, d_model):
+    """Check an official ssm_cfg (a dict, its layer already checked) against its mixer's keys and
+    defaults, before anything is built, the same way for every model: a misspelled key would
+    otherwise leave its default in place silently, and expand "2" would make d_inner "2" * d_model.
+
+    Args:
+        ssm_defaults: the mixer's ssm_cfg keys and their official defaults (expand among them); a key
+            whose default is a bool must be a bool ("false" is no false), one whose default is a
+            float a number
+        int_keys: the keys that are sizes: integers (check_int), at least 1
+        d_model: m, checked >= 1 already
+    Returns:
+        (ssm_cfg merged over ssm_defaults with int_keys as ints, d_inner = expand * d_model as an int)
+    Raises:
+        ValueError naming the key: an unknown key, a size that is not an int or is below 1, a bool or
+        number of another type, an expand with expand * d_model not a positive integer (1.3 * 4 is
+        refused, not truncated).
+    """
+    unknown = set(ssm_cfg) - set(ssm_defaults) - {"layer"}
+    if unknown:
+        raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(ssm_defaults)}")
+    s = {**ssm_defaults, **ssm_cfg}
+    for k, default in ssm_defaults.items():
+        if isinstance(default, bool) and not isinstance(s[k], bool):
+            raise ValueError(f"{where}: ssm_cfg.{k} must be true or false, got {s[k]!r}")
+        if (k == "expand" or isinstance(default, float)) and not is_number(s[k]):
+            raise ValueError(f"{where}: ssm_cfg.{k} must be a number, got {s[k]!r} ({type(s[k]).__name__})")
+    sizes = {k: check_int(where, f"ssm_cfg.{k}", s[k]) for k in int_keys}
+    small = {k: v for k, v in sizes.items() if v < 1}
+    if small:
+        raise ValueError(f"{where}: sizes must be >= 1, got {small}")
+    d_inner = int(s["expand"] * d_model)
+    if d_inner < 1 or d_inner != s["expand"] * d_model:
+        raise ValueError(f"{where}: d_inner = expand * d_model = {s['expand']} * {d_model} must be a positive "
+                         f"integer")
+    return {**s, **sizes}, d_inner
 
 
 # ---------------------------------------------------------------------------- which model a folder is
@@ -122,8 +182,9 @@ def set_official_fields(config, layer, ssm_defaults, int_keys, fields):
         the ssm_cfg merged over ssm_defaults, for the caller's own keys
     Raises:
         TypeError: a field that is not an official one;
-        ValueError: a size that is not an int (the field named), a size below 1, d_inner not a multiple
-            of headdim, nheads not a multiple of ngroups, an unknown ssm_cfg key;
+        ValueError: a size that is not an int (the field named), a size below 1, an ssm_cfg that is
+            not a dict or fails check_ssm_cfg (an unknown key, a key of the wrong type), d_inner not a
+            multiple of headdim, nheads not a multiple of ngroups;
         NotImplementedError: another layer (named, with its loader), attention or MLP layers.
     """
     where = type(config).__name__
@@ -136,7 +197,7 @@ def set_official_fields(config, layer, ssm_defaults, int_keys, fields):
         setattr(config, k, check_int(where, k, f[k]))
     # tuples as lists, as config.json gives them back, so a saved config loads equal
     config.ssm_cfg = {"layer": layer, **{k: list(v) if isinstance(v, tuple) else v
-                                         for k, v in dict(f["ssm_cfg"] or {}).items()}}
+                                         for k, v in ssm_cfg_dict(where, f["ssm_cfg"]).items()}}
     config.attn_layer_idx, config.attn_cfg = list(f["attn_layer_idx"] or []), dict(f["attn_cfg"] or {})
     config.rms_norm, config.residual_in_fp32 = bool(f["rms_norm"]), bool(f["residual_in_fp32"])
     config.fused_add_norm, config.tie_embeddings = bool(f["fused_add_norm"]), bool(f["tie_embeddings"])
@@ -148,27 +209,22 @@ def set_official_fields(config, layer, ssm_defaults, int_keys, fields):
     if config.attn_layer_idx or config.d_intermediate:
         raise NotImplementedError(f"{where}: attn_layer_idx = {config.attn_layer_idx}, d_intermediate = "
                                   f"{config.d_intermediate}: hybrid attention and MLP layers are not implemented")
-    unknown = set(config.ssm_cfg) - set(ssm_defaults) - {"layer"}
-    if unknown:
-        raise ValueError(f"{where}: unknown ssm_cfg keys {sorted(unknown)}; known: {sorted(ssm_defaults)}")
-    s = {**ssm_defaults, **config.ssm_cfg}
-    sizes = {k: getattr(config, k) for k in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple")}
-    sizes.update({k: check_int(where, f"ssm_cfg.{k}", s[k]) for k in int_keys})
-    small = {k: v for k, v in sizes.items() if v < 1}
+    small = {k: getattr(config, k) for k in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple")
+             if getattr(config, k) < 1}
     if small:
         raise ValueError(f"{where}: sizes must be >= 1, got {small}")
+    s, config.d_inner = check_ssm_cfg(where, config.ssm_cfg, ssm_defaults, int_keys, config.d_model)
     config.expand = s["expand"]
-    config.d_inner = int(config.expand * config.d_model)
-    if config.d_inner < 1 or config.d_inner != config.expand * config.d_model or config.d_inner % sizes["headdim"]:
-        raise ValueError(f"{where}: d_inner = expand * d_model = {config.expand} * {config.d_model} must be a positive "
-                         f"integer multiple of headdim = {sizes['headdim']}")
-    config.nheads = config.d_inner // sizes["headdim"]
-    if config.nheads % sizes["ngroups"]:
+    if config.d_inner % s["headdim"]:
+        raise ValueError(f"{where}: d_inner = expand * d_model = {config.expand} * {config.d_model} = "
+                         f"{config.d_inner} must be a multiple of headdim = {s['headdim']}")
+    config.nheads = config.d_inner // s["headdim"]
+    if config.nheads % s["ngroups"]:
         raise ValueError(f"{where}: nheads = {config.nheads} (d_inner / headdim) must be a multiple of "
-                         f"ngroups = {sizes['ngroups']}")
+                         f"ngroups = {s['ngroups']}")
     m = config.pad_vocab_size_multiple
     config.padded_vocab_size = config.vocab_size + (-config.vocab_size) % m
-    return {**s, **{k: sizes[k] for k in int_keys}}
+    return s
 
 
 def official_dict(config):
@@ -289,9 +345,20 @@ def config_path(folder):
 
 
 def read_config_json(folder):
-    """The dict in folder/config.json (config_path's errors for a missing folder or file)."""
-    with open(config_path(folder)) as f:
-        return json.load(f)
+    """The dict in folder/config.json (config_path's errors for a missing folder or file); ValueError
+    naming the file when it is not JSON, or JSON but not an object of fields."""
+    path = config_path(folder)
+    try:
+        with open(path, encoding="utf-8") as f:   # JSON is UTF-8, whatever the locale
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"from_pretrained: {path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"from_pretrained: {path}: not valid JSON (not UTF-8 text: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"from_pretrained: {path}: expected a JSON object (a dict of fields), got a "
+                         f"{type(cfg).__name__}")
+    return cfg
 
 
 # ---------------------------------------------------------------------------- weights

@@ -484,16 +484,19 @@ class LanguageModel(nn.Module):
             input_ids: (b, l) integer token ids, l >= 1
             impl: the registered implementation of the model's scan family (None: the interface default)
             attention_mask: (b, l) 1 for real tokens, 0 for left padding; None when all are real
-            num_last_tokens: if > 0, the LM head runs on the last that many positions only (official name)
+            num_last_tokens: a non-negative int; if > 0, the LM head runs on the last that many
+                positions only (official name)
         Returns:
-            logits (b, l, v), or (b, num_last_tokens, v)
+            logits (b, l, v), or (b, min(num_last_tokens, l), v)
         Raises:
-            ValueError for ids that are not (b, l >= 1) or outside the vocabulary, or a bad attention_mask;
-            TypeError for ids that are not integers;
+            ValueError for ids that are not (b, l >= 1) or outside the vocabulary, a bad attention_mask,
+            or a negative num_last_tokens; TypeError for ids that are not integers, or a num_last_tokens
+            that is not an int (2.0 and True are refused);
             NotImplementedError for an impl without gradients while autograd is on (call it under
             torch.no_grad() for inference)
         """
         check_ids(input_ids, "forward", self.config.vocab_size)
+        num_last_tokens = check_count(num_last_tokens, "forward: num_last_tokens")
         check_impl_gradients(self, impl, self.family, "forward")
         return self.logits(input_ids, impl, check_mask(attention_mask, input_ids, "forward"), num_last_tokens)
 
@@ -708,15 +711,17 @@ class LanguageModel(nn.Module):
         own loader also accepts both.
 
         Args:
-            folder: path of the folder; dtype: build the model in this dtype, so the weights are copied
-                into it without passing through float32 (None: float32)
+            folder: path of the folder; dtype: build the model in this dtype (float16, bfloat16,
+                float32 or float64), so the weights are copied into it without passing through float32
+                (None: float32)
         Raises:
             FileNotFoundError if the folder lacks config.json or a weight file; ValueError for a file
             given for the folder, a config in neither layout or of another model (which is named), a
             missing size field, a size that is not an integer, a weight file that cannot be read
             (named), or a shape the config does not imply; checkpoints.WeightNamesError (a KeyError
-            and a ValueError) on missing or unexpected parameter names; TypeError for a dtype that is
-            not a torch.dtype.
+            and a ValueError) on missing or unexpected parameter names; ValueError naming config.json
+            when it is not JSON or not an object; TypeError for a dtype that is not one of the scans'
+            input dtypes (float16, bfloat16, float32, float64: impls.frontdoor.INPUT_DTYPES).
         """
         checkpoints.check_dtype_arg("from_pretrained", dtype)
         config, layout = cls.read_config(folder)

@@ -66,6 +66,8 @@ from .lm import LanguageModel, conv_buffer, dt_bias_init, keep_prefill_state, ro
 SSM_DEFAULTS = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1,
                     dt_init="random", dt_scale=1.0, dt_init_floor=1e-4, conv_bias=True, bias=False,
                     use_fast_path=True)
+DT_INITS = ("random", "constant")   # the official dt_proj.weight initialisations
+
 
 class MambaConfig:
     """The fields of an official Mamba ``config.json`` (mamba_ssm.models.config_mamba.MambaConfig),
@@ -75,7 +77,11 @@ class MambaConfig:
 
     ``ssm_cfg`` is kept exactly as given (mamba-130m's is ``{}``); the resolved mixer sizes are
     attributes: d_state, d_conv, expand, dt_rank (``"auto"`` -> ceil(d_model / 16)), d_inner,
-    conv_bias, bias, and padded_vocab_size (v).
+    conv_bias, bias, and padded_vocab_size (v). ssm_cfg is checked as Mamba-2's and Mamba-3's are
+    (checkpoints.check_ssm_cfg): ValueError naming an unknown key (nothing misspelled falls back to
+    its default), a size that is not an int >= 1 (d_state, d_conv, dt_rank unless "auto"), a bool or
+    number of another type, an expand with expand * d_model not a positive integer, a dt_init
+    other than "random" or "constant".
     """
 
     def __init__(self, d_model=None, d_intermediate=0, n_layer=None, vocab_size=None, ssm_cfg=None,
@@ -95,7 +101,7 @@ class MambaConfig:
         self.d_intermediate = check_int("MambaConfig", "d_intermediate", d_intermediate)
         self.n_layer = check_int("MambaConfig", "n_layer", n_layer)
         self.vocab_size = check_int("MambaConfig", "vocab_size", vocab_size)
-        self.ssm_cfg = dict(ssm_cfg or {})
+        self.ssm_cfg = checkpoints.ssm_cfg_dict("MambaConfig", ssm_cfg)
         self.attn_layer_idx = list(attn_layer_idx or [])
         self.attn_cfg = dict(attn_cfg or {})
         self.rms_norm = bool(rms_norm)
@@ -122,13 +128,17 @@ class MambaConfig:
             raise ValueError(f"MambaConfig: d_model, n_layer, vocab_size and pad_vocab_size_multiple must be >= 1, "
                              f"got {self.d_model}, {self.n_layer}, {self.vocab_size}, {self.pad_vocab_size_multiple}")
 
-        s = {**SSM_DEFAULTS, **self.ssm_cfg}
-        self.d_state = check_int("MambaConfig", "ssm_cfg.d_state", s["d_state"])
-        self.d_conv = check_int("MambaConfig", "ssm_cfg.d_conv", s["d_conv"])
-        self.expand = s["expand"]
-        self.d_inner = int(self.expand * self.d_model)
-        self.dt_rank = (math.ceil(self.d_model / 16) if s["dt_rank"] == "auto"
-                        else check_int("MambaConfig", "ssm_cfg.dt_rank", s["dt_rank"]))
+        s, self.d_inner = checkpoints.check_ssm_cfg("MambaConfig", self.ssm_cfg, SSM_DEFAULTS, ("d_state", "d_conv"),
+                                                    self.d_model)
+        self.d_state, self.d_conv, self.expand = s["d_state"], s["d_conv"], s["expand"]
+        if s["dt_rank"] == "auto":
+            self.dt_rank = math.ceil(self.d_model / 16)
+        else:
+            self.dt_rank = check_int("MambaConfig", "ssm_cfg.dt_rank", s["dt_rank"])
+            if self.dt_rank < 1:
+                raise ValueError(f"MambaConfig: ssm_cfg.dt_rank = {self.dt_rank}: expected 'auto' or an integer >= 1")
+        if s["dt_init"] not in DT_INITS:
+            raise ValueError(f"MambaConfig: ssm_cfg.dt_init = {s['dt_init']!r}: expected one of {DT_INITS}")
         self.dt_min, self.dt_max, self.dt_init = float(s["dt_min"]), float(s["dt_max"]), s["dt_init"]
         self.dt_scale, self.dt_init_floor = float(s["dt_scale"]), float(s["dt_init_floor"])
         self.conv_bias, self.bias = bool(s["conv_bias"]), bool(s["bias"])
@@ -215,7 +225,10 @@ def transformers_to_official(d):
                              + (f"; that is {checkpoints.model_hint(other)}" if other else ""))
     mapped, rest = map_config(d, {v: k for k, v in CONFIG_FIELDS.items()})
     expand = mapped.get("ssm_cfg", {}).get("expand", SSM_DEFAULTS["expand"])
-    if rest.get("intermediate_size") not in (None, int(expand * d["hidden_size"])):
+    width = d["hidden_size"]
+    # a non-numeric expand or width is left for MambaConfig to name ("2" * 16 is no width)
+    if (checkpoints.is_number(expand) and checkpoints.is_number(width)
+            and rest.get("intermediate_size") not in (None, int(expand * width))):
         raise ValueError(f"config (transformers layout): intermediate_size = {rest['intermediate_size']} is not "
                          f"expand * hidden_size = {expand} * {d['hidden_size']}")
     for key in (*TRANSFORMERS_FIXED, *TRANSFORMERS_FILE_FIELDS):
@@ -445,10 +458,8 @@ class MambaMixer(nn.Module):
         std = self.dt_rank ** -0.5 * c.dt_scale
         if c.dt_init == "constant":
             nn.init.constant_(self.dt_proj.weight, std)
-        elif c.dt_init == "random":
+        else:   # "random", the only other value MambaConfig accepts
             nn.init.uniform_(self.dt_proj.weight, -std, std)
-        else:
-            raise NotImplementedError(f"ssm_cfg.dt_init = {c.dt_init!r}: expected 'random' or 'constant'")
         self.dt_proj.bias.copy_(dt_bias_init(self.d_inner, c))
         # S4D-real: A = -(1..n) per channel, stored as A_log = log(1..n); D = 1
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
