@@ -37,7 +37,8 @@ BAD_SCANS = {
     "B-not-tensor": (dict(B=[[1.0]]), TypeError, ["B", "torch.Tensor", "list"]),
     "device-mix": (dict(D=torch.randn(6, device="meta")), ValueError, ["D", "meta"]),
     "u-delta-in-b-l-d": (dict(u=torch.randn(2, 5, 6), delta=torch.rand(2, 5, 6)), ValueError,
-                         ["u: expected layout (b, d, l)", "looks (b, l, d)", "transpose(1, 2)", "(2, 5, 6)"]),
+                         ["u: expected shape (b=2, d=6, l=5), got (2, 5, 6), which looks (b, l, d)", "u.transpose(1, 2)",
+                          "(delta holds its sizes in another order too)"]),
     "A-transposed": (dict(A=-torch.rand(4, 6)), ValueError, ["A: expected shape (d=6, n=4)", "transposed", "(4, 6)"]),
 }
 
@@ -52,7 +53,7 @@ def test_scan_refuses_bad_input(name, change, exc, words):
 
 BAD_STEPS = {
     "state-shape": (dict(state=torch.zeros(2, 6, 5)), ValueError, ["state", "(b=2, d=6, n=4)"]),
-    "state-transposed": (dict(state=torch.zeros(2, 4, 6)), ValueError, ["state: expected shape (b, d=6, n=4)",
+    "state-transposed": (dict(state=torch.zeros(2, 4, 6)), ValueError, ["state: expected shape (b=2, d=6, n=4)",
                                                                         "looks (b, n, d)", "(2, 4, 6)"]),
     "state-dtype": (dict(state=torch.zeros(2, 6, 4, dtype=torch.float64)), TypeError, ["state", "float64"]),
     "x-rank": (dict(x=torch.randn(2, 6, 1)), ValueError, ["x", "rank 2"]),
@@ -231,3 +232,42 @@ def test_softplus_flags_must_be_bools(flag):
     with pytest.raises(TypeError, match=r"^selective_state_update: dt_softplus: expected a bool"):
         impls.selective_state_update(**args)
     assert torch.equal(args["state"], before)
+
+
+# ---- the odd one out: sizes and devices are those the arguments agree on ---------------------------
+
+def _time_axis_second(x):
+    """x with every time-axis input in the model's layout: u, delta, z (b, l, d); B, C (b, l, n) or (b, l, g, n)."""
+    return dict(x, **{k: x[k].movedim(-1, 1) for k in ("u", "delta", "z", "B", "C") if x.get(k) is not None})
+
+
+@pytest.mark.parametrize("g, extras", [(0, False), (0, True), (2, True)], ids=["minimal", "D-z-bias", "grouped"])
+def test_scan_names_a_layout_mistake_made_consistently(g, extras):
+    """u, delta, B and C all given (b, l, ...): read that way they agree with A (d, n), so A is not
+    blamed; u is named, with its transpose, and the other misplaced arguments listed."""
+    x = make_inputs(Case(b=2, d=4, n=3, l=10, g=g, D=extras, z=extras, delta_bias=extras))
+    with pytest.raises(ValueError) as info:
+        impls.selective_scan(**_time_axis_second(x), impl="loop")
+    message = str(info.value)
+    assert message.startswith("selective_scan: u: expected shape (b=2, d=4, l=10), got (2, 10, 4), which looks "
+                              "(b, l, d), transposed: pass u.transpose(1, 2)"), message
+    misplaced = ["delta", "B", "C", "z"] if extras else ["delta", "B", "C"]
+    assert message.endswith(f"({', '.join(misplaced)} hold their sizes in another order too)"), message
+
+
+def test_scan_names_the_argument_the_others_disagree_with():
+    """A u whose d no other argument has is named, not the A that agrees with delta, D, z and delta_bias."""
+    with pytest.raises(ValueError, match=r"^selective_scan: u: expected shape \(b=2, d=6, l=5\) as A has d = 6, "
+                                         r"got \(2, 7, 5\)$"):
+        impls.selective_scan(**scan_args(u=torch.randn(2, 7, 5)), impl="loop")
+
+
+@pytest.mark.parametrize("arg", ["u", "delta", "C"])
+def test_scan_names_the_argument_on_another_device(arg):
+    """The device is the one the tensors share, not the first input's: a lone u on meta is u's fault."""
+    args = scan_args()
+    args[arg] = args[arg].to("meta")
+    others = ", ".join(k for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias") if k != arg)
+    with pytest.raises(ValueError) as info:
+        impls.selective_scan(**args, impl="loop")
+    assert str(info.value) == f"selective_scan: {arg}: expected a tensor on cpu, the device of {others}, got meta"

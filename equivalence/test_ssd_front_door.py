@@ -152,3 +152,18 @@ def test_register_keeps_families_apart():
     with pytest.raises(ValueError, match="unknown family"):
         impls.names(family="no_such_family")
     assert "chunked" in impls.names("ssd") and "chunked" not in impls.names()
+
+
+def test_scan_names_x_given_as_b_h_l_p():
+    """x (b, h, l, p) makes a correct A look wrong when h is read from x: x is the odd one out."""
+    x = make_inputs(SSDCase(b=2, l=4, h=7, p=3, n=6))
+    with pytest.raises(ValueError, match=r"^ssd_scan: x: expected shape \(b=2, l=4, h=7, p=3\), got \(2, 7, 4, 3\), "
+                                         r"which looks \(b, h, l, p\), transposed: pass x\.transpose\(1, 2\)$"):
+        impls.ssd_scan(**dict(x, x=x["x"].transpose(1, 2)), chunk_size=4)
+
+
+def test_scan_names_x_on_another_device():
+    x = make_inputs(CASE)
+    with pytest.raises(ValueError, match=r"^ssd_scan: x: expected a tensor on cpu, the device of dt, A, B, C, D, z, "
+                                         r"dt_bias, initial_states, got meta$"):
+        impls.ssd_scan(**dict(x, x=x["x"].to("meta")), chunk_size=4)

@@ -18,10 +18,13 @@ dtype* is float64 for float64 inputs and float32 otherwise; parameters and state
 dtype; outputs come back in the input dtype, states in the compute dtype.
 
 Every check raises before anything is computed or written, with a message that names the argument,
-what was expected and what was given. Arguments written in place (a step's state) must own their
-memory: ``check_no_overlap``.
+what was expected and what was given. Which argument is wrong is decided by what the others agree on,
+never by trusting the first one: ``agreed_device``, ``agreed_sizes``. Arguments written in place (a
+step's state) must own their memory: ``check_no_overlap``.
 """
 
+import itertools
+import math
 import numbers
 
 import torch
@@ -78,7 +81,156 @@ def check_dtype(where, arg, x, allowed, why):
 
 def check_device(where, arg, x, device):
     if x.device != device:
-        fail(ValueError, where, arg, f"a tensor on {device} (the device of the first input)", x.device)
+        fail(ValueError, where, arg, f"a tensor on {device} (the inputs' device)", x.device)
+
+
+def agreed_device(where, named):
+    """The device the tensors of ``named`` ({argument: tensor or None}, in the order of the public
+    signature) share: the one most of them are on (on a tie, the earliest argument's). Raises
+    ValueError naming a tensor on another device and the arguments it differs from."""
+    tensors = {arg: t for arg, t in named.items() if t is not None}
+    devices = [t.device for t in tensors.values()]
+    if devices.count(devices[0]) == len(devices):  # on every call: one device
+        return devices[0]
+    device = max(devices, key=devices.count)  # the first of the most common
+    for arg, t in tensors.items():
+        if t.device != device:
+            same = ", ".join(a for a, u in tensors.items() if u.device == device)
+            fail(ValueError, where, arg, f"a tensor on {device}, the device of {same}", t.device)
+    return device
+
+
+def _fit(shape, layout, sizes):
+    """How shape reads in layout (size names; a name missing from sizes fits any size): 0 exactly,
+    1 the same sizes in another order (a layout mistake), 2 neither."""
+    if len(shape) != len(layout):
+        return 2
+    expected = [sizes.get(s) for s in layout]
+    if all(e is None or e == v for e, v in zip(expected, shape)):
+        return 0
+    left = list(shape)
+    for e in expected:
+        if e is not None:
+            if e not in left:
+                return 2
+            left.remove(e)
+    return 1
+
+
+def _misplaced(where, arg, shape, layout, sizes, others):
+    """Raise the layout mistake of ``arg``: the layout its axes hold and the transpose that fixes it."""
+    expected = [sizes.get(s) for s in layout]
+    # the name of each given axis: its own where its size is right, else the first unused name of
+    # its size, else (a size no other argument has, a group count) the first name left
+    looks = [s if e is not None and e == v else None for s, e, v in zip(layout, expected, shape)]
+    for i, v in enumerate(shape):
+        if looks[i] is None:
+            looks[i] = next((s for s, e in zip(layout, expected) if e == v and s not in looks), None)
+    for i in range(len(shape)):
+        if looks[i] is None:
+            looks[i] = next(s for s in layout if s not in looks)
+    perm = [looks.index(s) for s in layout]
+    moved = [i for i, j in enumerate(perm) if i != j]
+    fix = f"transposed: pass {arg}.transpose({moved[0]}, {moved[1]})" if len(moved) == 2 else \
+        f"permuted: pass {arg}.permute{tuple(perm)}"
+    spelled = ", ".join(f"{s}={shape[j]}" for s, j in zip(layout, perm))
+    too = "" if not others else f" ({others[0]} holds its sizes in another order too)" if len(others) == 1 else \
+        f" ({', '.join(others)} hold their sizes in another order too)"
+    fail(ValueError, where, arg, f"shape ({spelled})", f"{tuple(shape)}, which looks ({', '.join(looks)}), {fix}{too}")
+
+
+def _most_agreeing(given, layouts, trust, votes):
+    """The sizes under which the fewest arguments are wrong, then the fewest are laid out wrongly, then
+    the most believed ones are right (see agreed_sizes). Returns them (a size only one argument has
+    left out) and each argument's _fit under them."""
+    carriers = {s: [a for a in trust if any(s in lay for lay in layouts[a])] for s in votes}
+    doubted = set()  # the arguments outvoted on a size (every voter, where the vote ties)
+    for vs in votes.values():
+        if len(vs) > 1:
+            groups = sorted(vs.values(), key=len, reverse=True)
+            doubted.update(a for args in (groups if len(groups[0]) == len(groups[1]) else groups[1:]) for a in args)
+    # a size is in doubt where the readings differ or only doubted arguments have it; read in another
+    # order, a doubted argument may hold its right value on any axis
+    fixed, disputed = {}, []
+    for s, vs in votes.items():
+        if len(carriers[s]) == 1:
+            continue  # a group count: whatever its argument holds
+        if len(vs) == 1 and not all(a in doubted for a in carriers[s]):
+            fixed[s] = next(iter(vs))
+        else:
+            disputed.append(s)
+    candidates = [list(dict.fromkeys([*sorted(votes[s], key=lambda v: -len(votes[s][v])),
+                                      *(v for a in carriers[s] if a in doubted for v in given[a])])) for s in disputed]
+    while math.prod(len(c) for c in candidates) > 512:  # a call wrong everywhere: drop the least voted values
+        max(candidates, key=len).pop()
+    best = None
+    for values in itertools.product(*candidates):
+        sizes = dict(fixed, **dict(zip(disputed, values)))
+        fits = [min(_fit(given[a], lay, sizes) for lay in layouts[a]) for a in trust]
+        key = (fits.count(2), fits.count(1), fits)
+        if best is None or key < best[0]:
+            best = key, sizes
+    return best[1], dict(zip(trust, best[0][2]))
+
+
+def agreed_sizes(where, named, layouts, prefer):
+    """The sizes the arguments agree on, and for each the argument to quote in a message.
+
+    Args:
+        where: the public function's name, for the message
+        named: {argument: tensor or None}, in the order of the public signature
+        layouts: {argument: its layouts}, each a tuple of size names (B's (b, n, l) and (b, g, n, l));
+                 an argument is read in the layout of its rank; a size only one argument has (a
+                 group count) is read from it; an argument missing here is checked by the caller
+        prefer: {size: argument}: the argument each size is quoted from when it agrees, and the one
+                believed first when two readings explain the call equally well
+    Returns:
+        sizes {name: value}, sources {name: argument}. An argument that disagrees with them (a wrong
+        size, or a wrong rank) is left to the caller's shape check, which names it.
+    Raises:
+        ValueError naming an argument whose axes hold the right sizes in another order (u given
+        (b, l, d), A given (n, d)), with the transpose that fixes it and the others that share the
+        mistake.
+
+    When the readings differ, the sizes are chosen so that the fewest arguments are wrong, then the
+    fewest are laid out wrongly, then the most believed ones are right: a u, delta, B and C all
+    given (b, l, ...) agree with a correct A once read that way, so they are named, not A.
+    """
+    sizes, sources, reading = {}, {}, {}
+    for arg, t in named.items():  # on every call: the readings agree
+        if t is None or arg not in layouts:
+            continue
+        rank, lays = t.dim(), layouts[arg]
+        reading[arg] = lays[0] if len(lays[0]) == rank else next((lay for lay in lays if len(lay) == rank), ())
+        for s, v in zip(reading[arg], t.shape):
+            if sizes.setdefault(s, v) != v:
+                return _disagreeing(where, named, layouts, prefer)
+            sources.setdefault(s, arg)
+    sources.update({s: a for s, a in prefer.items() if s in reading.get(a, ())})
+    return sizes, sources
+
+
+def _disagreeing(where, named, layouts, prefer):
+    """agreed_sizes where the readings differ."""
+    given = {arg: tuple(t.shape) for arg, t in named.items() if t is not None and arg in layouts}
+    reading = {arg: next((lay for lay in layouts[arg] if len(lay) == len(shape)), ()) for arg, shape in given.items()}
+    trust = list(dict.fromkeys([*(a for a in prefer.values() if a in given), *given]))
+    votes = {}  # size -> {value: the arguments reading it so, the most believed first}
+    for arg in trust:
+        for s, v in zip(reading[arg], given[arg]):
+            votes.setdefault(s, {}).setdefault(v, []).append(arg)
+    sizes, fits = _most_agreeing(given, layouts, trust, votes)
+    misplaced = [arg for arg in given if fits[arg] == 1]
+    if misplaced:
+        arg = misplaced[0]
+        lay = next(lay for lay in layouts[arg] if _fit(given[arg], lay, sizes) == 1)
+        _misplaced(where, arg, given[arg], lay, sizes, misplaced[1:])
+    sizes.update({s: next(iter(vs)) for s, vs in votes.items() if s not in sizes})
+    sources = {}
+    for s, v in sizes.items():
+        voters = [a for a in votes[s].get(v, ()) if fits[a] == 0] or next(iter(votes[s].values()))
+        sources[s] = prefer[s] if prefer.get(s) in voters else voters[0]
+    return sizes, sources
 
 
 def _span(t):

@@ -291,6 +291,34 @@ def test_front_door_scan(label, change, exc, arg):
         mamba3_scan(**_bad(**change))
 
 
+def test_front_door_names_V_given_as_b_h_l_p():
+    """V (b, h, l, p) makes a correct Q look wrong when l is read from V: V is the odd one out."""
+    args = inputs(Case(b=1, l=2, h_qk=1, groups=3, n=4, n_ang=2, dtype="f32"))
+    with pytest.raises(ValueError, match=r"^mamba3_scan: V: expected shape \(b=1, l=2, h=3, p=3\), got \(1, 3, 2, 3\), "
+                                         r"which looks \(b, h, l, p\), transposed: pass V\.transpose\(1, 2\)$"):
+        mamba3_scan(**dict(args, V=args["V"].transpose(1, 2)))
+
+
+def test_front_door_names_Q_and_K_with_n_and_h_qk_swapped():
+    """Q and K (b, l, n, h_qk): only they have h_qk, so it is read in doubt too; read the other way
+    they agree with Q_bias and K_bias, which are not blamed (nor is h_qk = 4 said not to divide h)."""
+    args = _bad(Q=lambda a: a["Q"].transpose(2, 3), K=lambda a: a["K"].transpose(2, 3))
+    with pytest.raises(ValueError, match=r"^mamba3_scan: Q: expected shape \(b=2, l=5, h_qk=1, n=4\), got \(2, 5, 4, 1\), "
+                                         r"which looks \(b, l, n, h_qk\), transposed: pass Q\.transpose\(2, 3\) "
+                                         r"\(K holds its sizes in another order too\)$"):
+        mamba3_scan(**args)
+
+
+@pytest.mark.parametrize("arg", ["Q", "V", "Z"])
+def test_front_door_names_the_argument_on_another_device(arg):
+    """Q on meta is Q's fault though Q is the first input: the device is the one the others share."""
+    args = _bad(**{arg: lambda a: a[arg].to("meta")})
+    others = ", ".join(k for k in ("Q", "K", "V", "ADT", "DT", "Trap", "Q_bias", "K_bias", "Angles", "D", "Z") if k != arg)
+    with pytest.raises(ValueError) as info:
+        mamba3_scan(**args)
+    assert str(info.value) == f"mamba3_scan: {arg}: expected a tensor on cpu, the device of {others}, got meta"
+
+
 def test_front_door_scan_options():
     args = _bad()
     with pytest.raises(ValueError, match="chunk_size"):

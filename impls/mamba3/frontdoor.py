@@ -17,8 +17,9 @@ import numbers
 
 import torch
 
-from ..frontdoor import (INPUT_DTYPES, check_bool, check_cu_seqlens, check_device, check_dtype, check_no_overlap,
-                        check_shape, check_state_batch_indices, check_tensor, compute_dtype, fail)
+from ..frontdoor import (INPUT_DTYPES, agreed_device, agreed_sizes, check_bool, check_cu_seqlens, check_device,
+                        check_dtype, check_no_overlap, check_shape, check_state_batch_indices, check_tensor,
+                        compute_dtype, fail)
 
 STATE_NAMES = ("angle", "ssm", "k", "v")
 
@@ -31,6 +32,24 @@ def check_chunk_size(where, chunk_size):
     return int(chunk_size)
 
 
+def _layouts(time, rank=()):
+    """Each argument's layout (size names): time = 1 for the scan (l after b), 0 for the step;
+    rank = ("R",) for MIMO's Q, K and biases."""
+    tl = ("l",) * time
+    per_token, per_head = ("b", *tl, "h", "p"), ("b", "h", *tl)
+    return dict(Q=(("b", *tl, *rank, "h_qk", "n"),), K=(("b", *tl, *rank, "h_qk", "n"),), V=(per_token,), Z=(per_token,),
+                ADT=(per_head,), DT=(per_head,), Trap=(per_head,), Q_bias=(("h", *rank, "n"),), K_bias=(("h", *rank, "n"),),
+                MIMO_V=(("h", "R", "p"),), MIMO_Z=(("h", "R", "p"),), MIMO_Out=(("h", "R", "p"),),
+                Angles=(("b", *tl, "h", "n_ang"),), D=(("h",),))
+
+
+# by (time, MIMO): built once, read on every call
+_LAYOUTS = {(time, mimo): _layouts(time, ("R",) if mimo else ()) for time in (0, 1) for mimo in (False, True)}
+
+# The argument each size is quoted from, and believed first where readings tie.
+_PREFER = {"b": "V", "h": "V", "p": "V", "l": "V", "R": "Q", "h_qk": "Q", "n": "Q", "n_ang": "Angles"}
+
+
 def _check(where, named, time):
     """Checks shared by the scan (time = 1: inputs carry l after b) and the step (time = 0).
 
@@ -40,16 +59,17 @@ def _check(where, named, time):
     for arg, t in named.items():
         if t is not None:
             check_tensor(where, arg, t)
+    agreed_device(where, named)
     V, Q, Angles = named["V"], named["Q"], named["Angles"]
-    tl = ("l",) * time
-    for arg, t in (("V", V), ("Q", Q), ("Angles", Angles)):  # the arguments sizes are read from
-        if t.dim() != 3 + time:
-            layout = ("b", *tl, "h_qk" if arg == "Q" else "h", {"V": "p", "Q": "n", "Angles": "n_ang"}[arg])
-            fail(ValueError, where, arg, f"rank {3 + time} ({', '.join(layout)})", f"rank {t.dim()} with shape {tuple(t.shape)}")
+    layouts = _LAYOUTS[time, False]
+    for arg in ("V", "Q", "Angles"):  # the arguments every size is on
+        layout = layouts[arg][0]
+        if named[arg].dim() != len(layout):
+            fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})",
+                 f"rank {named[arg].dim()} with shape {tuple(named[arg].shape)}")
     check_dtype(where, "V", V, INPUT_DTYPES, "the input dtype")
-    b, h, p = V.shape[0], V.shape[-2], V.shape[-1]
-    lt = tuple(V.shape[1:1 + time])
-    h_qk, n, n_ang = Q.shape[-2], Q.shape[-1], Angles.shape[-1]
+    sizes, sources = agreed_sizes(where, named, layouts, _PREFER)
+    h, h_qk, n, n_ang = sizes["h"], sizes["h_qk"], sizes["n"], sizes["n_ang"]
     if h_qk < 1 or h % h_qk:
         fail(ValueError, where, "Q", f"a head count h_qk that divides V's h={h}", f"h_qk={h_qk} (shape {tuple(Q.shape)})")
     if n < 2 or n % 2:
@@ -60,24 +80,19 @@ def _check(where, named, time):
     in_or_f = tuple(dict.fromkeys((V.dtype, f)))
     why_in = f"the input or compute dtype for V in {V.dtype}"
     why_f = f"the compute dtype for V in {V.dtype}"
-    shapes = dict(Q=((b, *lt, h_qk, n), ("b", *tl, "h_qk", "n")), K=((b, *lt, h_qk, n), ("b", *tl, "h_qk", "n")),
-                  Z=((b, *lt, h, p), ("b", *tl, "h", "p")),
-                  ADT=((b, h, *lt), ("b", "h", *tl)), DT=((b, h, *lt), ("b", "h", *tl)), Trap=((b, h, *lt), ("b", "h", *tl)),
-                  Q_bias=((h, n), ("h", "n")), K_bias=((h, n), ("h", "n")),
-                  Angles=((b, *lt, h, n_ang), ("b", *tl, "h", "n_ang")), D=((h,), ("h",)))
-    sources = {"b": "V", "h": "V", "p": "V", "l": "V", "h_qk": "Q", "n": "Q", "n_ang": "Angles"}
     for arg, t in named.items():
-        if t is None or arg == "V":
+        if t is None:
             continue
-        check_device(where, arg, t, V.device)
-        check_shape(where, arg, t, *shapes[arg], sources)
+        layout = layouts[arg][0]
+        check_shape(where, arg, t, tuple(sizes[k] for k in layout), layout, sources)
         if arg == "Z":
             check_dtype(where, arg, t, (V.dtype,), "the dtype of V")
         elif arg == "D":
             check_dtype(where, arg, t, (f,), why_f)
         else:
             check_dtype(where, arg, t, in_or_f, why_in)
-    return dict(b=b, l=lt[0] if lt else 1, h=h, h_qk=h_qk, p=p, n=n, n_ang=n_ang, input_dtype=V.dtype, compute_dtype=f)
+    b, p, l = sizes["b"], sizes["p"], sizes.get("l", 1)
+    return dict(b=b, l=l, h=h, h_qk=h_qk, p=p, n=n, n_ang=n_ang, input_dtype=V.dtype, compute_dtype=f)
 
 
 def check_states(where, states, S, dims, S_name, slots=False):
@@ -171,17 +186,18 @@ def _check_mimo(where, named, time, rotary_dim_divisor, norm, norm_eps):
     for arg in ("MIMO_V",):
         if named[arg] is None:
             fail(TypeError, where, arg, "a tensor (h, R, p)", None)
-    V, Q, Angles = named["V"], named["Q"], named["Angles"]
-    tl = ("l",) * time
-    layouts = dict(V=("b", *tl, "h", "p"), Q=("b", *tl, "R", "h_qk", "n"), Angles=("b", *tl, "h", "n_ang"))
-    for arg, layout in layouts.items():  # the arguments sizes are read from
+    agreed_device(where, named)
+    V, Q = named["V"], named["Q"]
+    layouts = _LAYOUTS[time, True]
+    for arg in ("V", "Q", "Angles"):  # the arguments every size is on
+        layout = layouts[arg][0]
         if named[arg].dim() != len(layout):
             fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})",
                  f"rank {named[arg].dim()} with shape {tuple(named[arg].shape)}")
     check_dtype(where, "V", V, INPUT_DTYPES, "the input dtype")
-    b, h, p = V.shape[0], V.shape[-2], V.shape[-1]
-    lt = tuple(V.shape[1:1 + time])
-    R, h_qk, n, n_ang = Q.shape[-3], Q.shape[-2], Q.shape[-1], Angles.shape[-1]
+    sizes, sources = agreed_sizes(where, named, layouts, _PREFER)
+    b, h, p, l = sizes["b"], sizes["h"], sizes["p"], sizes.get("l", 1)
+    R, h_qk, n, n_ang = sizes["R"], sizes["h_qk"], sizes["n"], sizes["n_ang"]
     if R < 1:
         fail(ValueError, where, "Q", "a rank R >= 1", f"R={R} (shape {tuple(Q.shape)})")
     if h_qk < 1 or h % h_qk:
@@ -206,30 +222,22 @@ def _check_mimo(where, named, time, rotary_dim_divisor, norm, norm_eps):
              "a tensor")
     f = compute_dtype(V.dtype)
     in_or_f = tuple(dict.fromkeys((V.dtype, f)))
-    rank_shape = ((h, R, p), ("h", "R", "p"))
-    shapes = dict(Q=((b, *lt, R, h_qk, n), ("b", *tl, "R", "h_qk", "n")), K=((b, *lt, R, h_qk, n), ("b", *tl, "R", "h_qk", "n")),
-                  Z=((b, *lt, h, p), ("b", *tl, "h", "p")),
-                  ADT=((b, h, *lt), ("b", "h", *tl)), DT=((b, h, *lt), ("b", "h", *tl)), Trap=((b, h, *lt), ("b", "h", *tl)),
-                  Q_bias=((h, R, n), ("h", "R", "n")), K_bias=((h, R, n), ("h", "R", "n")),
-                  MIMO_V=rank_shape, MIMO_Z=rank_shape, MIMO_Out=rank_shape,
-                  Angles=((b, *lt, h, n_ang), ("b", *tl, "h", "n_ang")), D=((h,), ("h",)))
-    sources = {"b": "V", "h": "V", "p": "V", "l": "V", "R": "Q", "h_qk": "Q", "n": "Q", "n_ang": "Angles"}
     for arg, t in named.items():
-        if t is None or arg == "V":
+        if t is None:
             continue
-        check_device(where, arg, t, V.device)
         if arg == "outproj_norm_weight":
             if tuple(t.shape) not in ((h, p), (h * p,)):
                 fail(ValueError, where, arg, f"shape (h={h}, p={p}) or (h * p = {h * p},)", tuple(t.shape))
         else:
-            check_shape(where, arg, t, *shapes[arg], sources)
+            layout = layouts[arg][0]
+            check_shape(where, arg, t, tuple(sizes[k] for k in layout), layout, sources)
         if arg == "Z":
             check_dtype(where, arg, t, (V.dtype,), "the dtype of V")
         elif arg == "D":
             check_dtype(where, arg, t, (f,), f"the compute dtype for V in {V.dtype}")
         else:
             check_dtype(where, arg, t, in_or_f, f"the input or compute dtype for V in {V.dtype}")
-    return dict(b=b, l=lt[0] if lt else 1, R=R, h=h, h_qk=h_qk, p=p, n=n, n_ang=n_ang, input_dtype=V.dtype,
+    return dict(b=b, l=l, R=R, h=h, h_qk=h_qk, p=p, n=n, n_ang=n_ang, input_dtype=V.dtype,
                 compute_dtype=f, device=V.device)
 
 

@@ -8,8 +8,8 @@ expect).
 
 import torch
 
-from ..frontdoor import (INPUT_DTYPES, check_cu_seqlens, check_device, check_dtype, check_no_overlap, check_shape,
-                         check_state_batch_indices, check_tensor, compute_dtype, fail)
+from ..frontdoor import (INPUT_DTYPES, agreed_device, agreed_sizes, check_cu_seqlens, check_device, check_dtype,
+                         check_no_overlap, check_shape, check_state_batch_indices, check_tensor, compute_dtype, fail)
 
 
 def _groups(where, arg, X, b, d, n, tail, tail_names, sources=None):
@@ -27,59 +27,45 @@ def _groups(where, arg, X, b, d, n, tail, tail_names, sources=None):
     fail(ValueError, where, arg, ranks, f"rank {X.dim()} with shape {tuple(X.shape)}")
 
 
-# Each argument's sizes, for the arguments sizes are taken from (the rest are checked in _check).
-_LAYOUTS = {"u": ("b", "d", "l"), "x": ("b", "d"), "A": ("d", "n"), "state": ("b", "d", "n")}
+def _layouts(time):
+    """Each argument's layouts (size names), time = ("l",) for the scan and () for the step."""
+    full = (("b", "d", *time),)
+    return dict(u=full, x=full, delta=full, dt=full, z=full, A=(("d", "n"),),
+                B=(("b", "n", *time), ("b", "g_B", "n", *time)), C=(("b", "n", *time), ("b", "g_C", "n", *time)),
+                D=(("d",),), delta_bias=(("d",),), dt_bias=(("d",),),
+                initial_state=(("b", "d", "n"),), state=(("b", "d", "n"),))
 
 
-def _swapped_layout(where, named, lead, has_time, d):
-    """Where A's rows are not d, name a swapped layout if the other sizes show one, before the shape
-    check blames A for it: the step's state given as (b, n, d), A given as (n, d) (its columns are d
-    and its rows B's n), or u and delta in the model's (b, l, d) layout (u's last axis is A's d and its
-    middle axis B's l)."""
-    A, B, x = named["A"], named["B"], named[lead]
-    B_n, B_l = (B.shape[-2], B.shape[-1]) if has_time and B.dim() >= 3 else (B.shape[-1], None)
-    state = named.get("state")
-    if state is not None and A.shape[1] == B_n and tuple(state.shape[1:]) == (A.shape[1], A.shape[0]):
-        # the step reads d from state: a (b, n, d) state would make a correct A look wrong
-        fail(ValueError, where, "state", f"shape (b, d={A.shape[0]}, n={A.shape[1]}); it looks (b, n, d): "
-              f"pass a state laid out (b, d, n)", tuple(state.shape))
-    if A.shape[1] == d and A.shape[0] == B_n:
-        fail(ValueError, where, "A", f"shape (d={d}, n={B_n}), not transposed: A.shape is (n, d) here; pass A.t()",
-              tuple(A.shape))
-    if has_time and x.shape[-1] == A.shape[0] and x.shape[1] == B_l:
-        fail(ValueError, where, lead, f"layout (b, d, l); it looks (b, l, d), its last axis A's d = {A.shape[0]} "
-              f"and its middle one B's l = {B_l}: pass {lead}.transpose(1, 2) (and delta, z likewise)",
-              tuple(x.shape))
+_LAYOUTS = {True: _layouts(("l",)), False: _layouts(())}  # by has_time: built once, read on every call
 
 
-def _check(where, named, lead, lead_names, has_time, sizes_from=None):
+def _check(where, named, lead, has_time, sizes_from=None):
     """Shared checks for the scan (inputs carry a time axis l) and the step (they don't).
 
     named: dict argument name -> tensor or None, in the order of the public signature;
     lead:  the name of the first input (u for the scan, x for the step), whose shape is (b, d, *time)
            and whose dtype is the input dtype;
-    sizes_from: {size: argument} where each size (b, d, n, l) is taken from, before anything else is
-           checked against it (default: b, d and l from lead, n from A). The scan takes them from u
-           and A; the step takes b and d from state, the argument it writes, and n from A. A wrong
-           size elsewhere is reported on that argument, naming where the size came from.
+    sizes_from: {size: argument} each size (b, d, n, l) is quoted from (default: b, d and l from lead,
+           n from A; the step quotes b and d from state, the argument it writes). The sizes are
+           those the arguments agree on (impls.frontdoor.agreed_sizes): an argument that disagrees
+           with the others is named, whichever it is.
     Returns dict(b, d, n, l, g_B, g_C, input_dtype, compute_dtype).
     """
     for arg, x in named.items():
         if x is not None:
             check_tensor(where, arg, x)
+    agreed_device(where, named)
     x0 = named[lead]
-    layouts = dict(_LAYOUTS, **{lead: lead_names})
-    sources = {"b": lead, "d": lead, "n": "A", **({"l": lead} if has_time else {}), **(sizes_from or {})}
-    for arg in dict.fromkeys((lead, *sources.values())):  # the ranks of the arguments sizes are read from
-        t, layout = named[arg], layouts[arg]
+    layouts = _LAYOUTS[has_time]
+    prefer = {"b": lead, "d": lead, "n": "A", **({"l": lead} if has_time else {}), **(sizes_from or {})}
+    for arg in dict.fromkeys((lead, *prefer.values())):  # the ranks of the arguments every size is on
+        t, layout = named[arg], layouts[arg][0]
         if t.dim() != len(layout):
             fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})", f"rank {t.dim()} with shape {tuple(t.shape)}")
-    sizes = {size: named[arg].shape[layouts[arg].index(size)] for size, arg in sources.items()}
+    sizes, sources = agreed_sizes(where, named, layouts, prefer)
     b, d, n = sizes["b"], sizes["d"], sizes["n"]
     time = (sizes["l"],) if has_time else ()
     A = named["A"]
-    if A.shape[0] != d:
-        _swapped_layout(where, named, lead, has_time, d)
     check_shape(where, "A", A, (d, n), ("d", "n"), sources)
     if n < 1:
         fail(ValueError, where, "A", "at least one state (n >= 1)", tuple(A.shape))
@@ -94,7 +80,6 @@ def _check(where, named, lead, lead_names, has_time, sizes_from=None):
     for arg, x in named.items():
         if x is None:
             continue
-        check_device(where, arg, x, x0.device)
         if arg in ("u", "x", "delta", "dt", "z"):
             check_shape(where, arg, x, full, full_names, sources)
             check_dtype(where, arg, x, (in_dtype,), f"the dtype of {lead}")
@@ -116,7 +101,7 @@ def _check(where, named, lead, lead_names, has_time, sizes_from=None):
 def check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state):
     """Validate selective_scan arguments (shapes in impls.selective_scan). Returns the sizes and dtypes."""
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state)
-    return _check("selective_scan", named, "u", ("b", "d", "l"), True)
+    return _check("selective_scan", named, "u", True)
 
 
 # Arguments' signatures that passed check_step -> what it returned. A decoding step is called once
@@ -152,7 +137,7 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias):
     if not isinstance(state, torch.Tensor):
         fail(TypeError, "selective_state_update", "state", "a torch.Tensor", type(state).__name__)
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
-    dims = _check("selective_state_update", named, "x", ("b", "d"), False, dict(b="state", d="state"))
+    dims = _check("selective_state_update", named, "x", False, dict(b="state", d="state"))
     check_no_overlap("selective_state_update", dict(state=state), dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias))
     if key is not None:
         if len(_STEP_PASSED) >= _STEP_PASSED_MAX:
@@ -166,7 +151,7 @@ def check_scan_packed(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seq
     Returns check_scan's dict with nseq and offsets (the list) added."""
     where = "selective_scan"
     named = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
-    dims = _check(where, named, "u", ("b", "d", "l"), True)
+    dims = _check(where, named, "u", True)
     nseq, offsets = check_cu_seqlens(where, cu_seqlens, dims["b"], dims["l"], u.device)
     if initial_state is not None:
         check_tensor(where, "initial_state", initial_state)
@@ -183,7 +168,7 @@ def check_step_indexed(state, x, dt, A, B, C, D, z, dt_bias, state_batch_indices
     if not isinstance(state, torch.Tensor):
         fail(TypeError, where, "state", "a torch.Tensor", type(state).__name__)
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
-    dims = _check(where, named, "x", ("b", "d"), False)
+    dims = _check(where, named, "x", False)
     check_tensor(where, "state", state)
     check_device(where, "state", state, x.device)
     if state.dim() != 3:

@@ -25,7 +25,8 @@ import math
 
 import torch
 
-from ..frontdoor import INPUT_DTYPES, check_chunk_size, check_device, check_dtype, fail, check_shape, check_tensor, check_no_overlap, compute_dtype
+from ..frontdoor import (INPUT_DTYPES, agreed_device, agreed_sizes, check_chunk_size, check_dtype, check_no_overlap,
+                         check_shape, check_tensor, compute_dtype, fail)
 
 DEFAULT_DT_LIMIT = (0.0, float("inf"))
 
@@ -41,6 +42,20 @@ def check_dt_limit(where, dt_limit):
     return lo, hi
 
 
+def _layouts(time):
+    """Each argument's layouts (size names): time = 1 for the scan (l after b), 0 for the step."""
+    tl = ("l",) * time
+    return dict(x=(("b", *tl, "h", "p"),), z=(("b", *tl, "h", "p"),), dt=(("b", *tl, "h"),), A=(("h",),),
+                B=(("b", *tl, "g", "n"),), C=(("b", *tl, "g", "n"),), D=(("h",), ("h", "p")), dt_bias=(("h",),),
+                initial_states=(("b", "h", "p", "n"),), state=(("b", "h", "p", "n"),))
+
+
+_LAYOUTS = {time: _layouts(time) for time in (0, 1)}  # built once, read on every call
+
+# The argument each size is quoted from, and believed first where readings tie.
+_PREFER = {"b": "x", "l": "x", "h": "x", "p": "x", "g": "B", "n": "B"}
+
+
 def _check(where, named, lead, time):
     """Shared checks for the scan (inputs carry a time axis l after b) and the step (they don't).
 
@@ -50,39 +65,37 @@ def _check(where, named, lead, time):
     for arg, t in named.items():
         if t is not None:
             check_tensor(where, arg, t)
-    x = named[lead]
-    lead_names = ("b", *("l" for _ in range(time)), "h", "p")
+    agreed_device(where, named)
+    x, B = named[lead], named["B"]
+    tn = ("l",) * time
+    lead_names, bc_names = ("b", *tn, "h", "p"), ("b", *tn, "g", "n")
     if x.dim() != 3 + time:
         fail(ValueError, where, lead, f"rank {3 + time} ({', '.join(lead_names)})", f"rank {x.dim()} with shape {tuple(x.shape)}")
     check_dtype(where, lead, x, INPUT_DTYPES, "the input dtype")
-    b, h, p = x.shape[0], x.shape[-2], x.shape[-1]
-    tl = tuple(x.shape[1:1 + time])
+    if B.dim() != 3 + time:
+        fail(ValueError, where, "B", f"rank {3 + time} ({', '.join(bc_names)})", f"rank {B.dim()} with shape {tuple(B.shape)}")
+    sizes, sources = agreed_sizes(where, named, _LAYOUTS[time], _PREFER)
+    b, h, p, g, n = (sizes[k] for k in ("b", "h", "p", "g", "n"))
+    tl = (sizes["l"],) if time else ()
     in_dtype = x.dtype
     f = compute_dtype(in_dtype)
     in_or_f = tuple(dict.fromkeys((in_dtype, f)))
-    A = named["A"]
-    check_shape(where, "A", A, (h,), ("h",))
-    B, C = named["B"], named["C"]
-    bc_names = ("b", *("l" for _ in range(time)), "g", "n")
-    if B.dim() != 3 + time:
-        fail(ValueError, where, "B", f"rank {3 + time} ({', '.join(bc_names)})", f"rank {B.dim()} with shape {tuple(B.shape)}")
-    g, n = B.shape[-2], B.shape[-1]
+    check_shape(where, "A", named["A"], (h,), ("h",), sources)
     if g < 1 or h % g != 0:
         fail(ValueError, where, "B", f"a group count g that divides h={h}", f"g={g} (shape {tuple(B.shape)})")
     if n < 1:
         fail(ValueError, where, "B", "at least one state (n >= 1)", tuple(B.shape))
     for arg, t in named.items():
-        if t is None or arg == lead:
+        if t is None:
             continue
-        check_device(where, arg, t, x.device)
-        if arg == "z":
-            check_shape(where, arg, t, x.shape, lead_names)
+        if arg in (lead, "z"):
+            check_shape(where, arg, t, (b, *tl, h, p), lead_names, sources)
             check_dtype(where, arg, t, (in_dtype,), f"the dtype of {lead}")
         elif arg == "dt":
-            check_shape(where, arg, t, (b, *tl, h), (*lead_names[:-1],))
+            check_shape(where, arg, t, (b, *tl, h), (*lead_names[:-1],), sources)
             check_dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
         elif arg in ("B", "C"):
-            check_shape(where, arg, t, (b, *tl, g, n), bc_names)
+            check_shape(where, arg, t, (b, *tl, g, n), bc_names, sources)
             check_dtype(where, arg, t, in_or_f, f"the input or compute dtype for {lead} in {in_dtype}")
         elif arg == "D":
             if tuple(t.shape) not in ((h,), (h, p)):
@@ -90,13 +103,10 @@ def _check(where, named, lead, time):
                 fail(ValueError, where, arg, f"shape (h={h}) or (h={h}, p={p}){flat}", tuple(t.shape))
             check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg == "dt_bias":
-            check_shape(where, arg, t, (h,), ("h",))
+            check_shape(where, arg, t, (h,), ("h",), sources)
             check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg in ("initial_states", "state"):
-            # b, h, p come from x and n from B: a mismatch may be either one's fault, so name both
-            if tuple(t.shape) != (b, h, p, n):
-                fail(ValueError, where, arg, f"shape (b={b}, h={h}, p={p}, n={n}) (b, h, p from {lead} of shape "
-                      f"{tuple(x.shape)}, n from B); if {arg} is right, {lead} is not", tuple(t.shape))
+            check_shape(where, arg, t, (b, h, p, n), ("b", "h", "p", "n"), sources)
             check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
         elif arg == "A":
             check_dtype(where, arg, t, (f,), f"the compute dtype for {lead} in {in_dtype}")
