@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, settings
 
 import impls  # noqa: E402 (sets TRITON_INTERPRET before anything imports triton)
 
-from . import diagnose, properties  # noqa: E402
+from . import diagnose, properties, tolerance  # noqa: E402
 
 # The review summary (implementation x property, --scan-summary FILE) comes with the suite's hooks
 pytest_plugins = ["equivalence.summary"]
@@ -311,6 +311,12 @@ def pytest_configure(config):
     from hypothesis.internal.conjecture import engine
 
     engine.MAX_SHRINKING_SECONDS = SHRINKING_SECONDS
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        def announce(text):
+            with capture.global_and_fixture_disabled():   # in an xdist worker too: its stderr is the terminal
+                print(text, file=sys.stderr, flush=True)
+        tolerance.announce = announce
 
 
 def xfail_prefixes(config):

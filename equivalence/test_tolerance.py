@@ -1,5 +1,8 @@
 """The tolerance policy itself: it accepts sound results and rejects the errors it must."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import assume, example, given, strategies as st
@@ -173,3 +176,23 @@ def test_every_models_rounding_spread_moves_its_scan_outputs_by_one_rounding(mak
     f32, f16 = (rounding_spread(model, ids, dtype) for dtype in (torch.float32, torch.float16))
     assert f32.shape == (2, 7, model.config.vocab_size + (-model.config.vocab_size) % 8) and bool(f32.max() > 0)
     torch.testing.assert_close(f16.max() / f32.max(), torch.tensor(2.0**13, dtype=torch.float64), rtol=1e-2, atol=0)
+
+
+FAILING_TEST = """
+import torch
+from equivalence import tolerance
+
+def test_fails():
+    tolerance.assert_close("y", torch.ones(3), torch.zeros(3, dtype=torch.float64))
+"""
+
+
+def test_a_first_failure_is_told_before_the_test_ends(tmp_path):
+    """The unshrunk first failure reaches the terminal while the test still runs (a long shrink
+    follows it), not in the captured output that pytest shows only once the test has ended."""
+    (tmp_path / "test_f.py").write_text(FAILING_TEST)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--scan-summary",
+                          str(tmp_path / "s.md"), "test_f.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text = out.stdout   # stderr and stdout through one pipe, in the order they were written
+    told, report = text.find("first failure, unshrunk"), text.find("= FAILURES =")
+    assert out.returncode == 1 and 0 <= told < report, text

@@ -230,6 +230,12 @@ def report_margin(what, c):
 _announced = set()
 
 
+def announce(text):
+    """Where a first failure is told at once: stderr here; under pytest the plugin replaces this with
+    a write past pytest's output capture, which would otherwise hold it until the test ends."""
+    print(text, file=sys.stderr, flush=True)
+
+
 def _announce_first_failure(what, c, repro):
     """Print a test's first failing comparison at once, before hypothesis shrinks it (which can take
     a minute): the unshrunk case is already enough to start on."""
@@ -237,8 +243,7 @@ def _announce_first_failure(what, c, repro):
     if not test or test in _announced:
         return
     _announced.add(test)
-    print(f"\n{test}: first failure, unshrunk (shrinking follows): {what}: {c.describe()}\n  reproduce: {repro}",
-          file=sys.__stderr__, flush=True)
+    announce(f"\n{test}: first failure, unshrunk (shrinking follows): {what}: {c.describe()}\n  reproduce: {repro}")
 
 
 def assert_close(what, actual, oracle, loop=None, length=1, repro="", scale=None, exact_kinds=True,
