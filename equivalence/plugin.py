@@ -23,6 +23,7 @@ families given: only their tests run.
 import importlib
 import inspect
 import os
+import shlex
 import sys
 
 import pytest
@@ -532,19 +533,34 @@ def in_checkout(config):
     return str(config.rootpath) == SUITE_ROOT and os.path.isfile(os.path.join(SUITE_ROOT, "Makefile"))
 
 
+def selection(config):
+    """The paths (or --pyargs modules) and -k/-m expressions a run was given, as shell words; none
+    where it ran the suite's own testpaths whole."""
+    words = list(config.args) if config.args_source == pytest.Config.ArgsSource.ARGS else []
+    for flag, value in (("-k", config.option.keyword), ("-m", config.option.markexpr)):
+        words += [flag, value] if value else []
+    return [shlex.quote(w) for w in words]
+
+
 def replay(config, item=None):
-    """The command that replays this run's draws (its seed and options), or one test of it, in the
-    form that works where the run was made."""
+    """The command that replays this run's draws (its seed, options and selection of tests), or one
+    test of it, in the form that works where the run was made."""
     seed, chosen = config.option.hypothesis_seed, replayed_options(config)
     tail = f"{chosen + ' ' if chosen else ''}--hypothesis-seed {seed}"
     if in_checkout(config):
+        # the checkout's own interpreter by its path (`make test` does not activate .venv)
+        python = (os.path.relpath(sys.executable, SUITE_ROOT) if sys.executable.startswith(SUITE_ROOT + os.sep)
+                  else "python")
         if item is not None:
-            return f"pytest '{item.nodeid}' {tail}"
-        return f"make test SEED={seed}" if not chosen else f"pytest {tail}"
+            return f"{python} -m pytest '{item.nodeid}' {tail}"
+        words = selection(config)
+        return f"make test SEED={seed}" if not chosen and not words else f"{python} -m pytest {' '.join(words + [tail])}"
     what = "equivalence"
     if item is not None and str(item.path).startswith(SUITE_ROOT + os.sep):
         module = os.path.splitext(os.path.relpath(str(item.path), SUITE_ROOT))[0].replace(os.sep, ".")
         what = f"'{module}::{item.nodeid.partition('::')[2]}'"
+    elif item is None:
+        what = " ".join(selection(config)) or what
     return f"python -m pytest --pyargs {what} {tail}"
 
 

@@ -360,11 +360,21 @@ def test_reproduce_line_of_a_plain_function_runs_in_a_script_elsewhere(tmp_path)
 
 
 @pytest.mark.skipif(not IN_CHECKOUT, reason="an installed suite has no checkout and no Makefile")
-def test_a_run_in_the_checkout_is_replayed_by_make_test():
+@pytest.mark.skipif(not IN_CHECKOUT, reason="make test is the checkout's")
+def test_a_run_in_the_checkout_is_replayed_by_make_test_or_its_own_selection():
+    """The whole suite is replayed by make test SEED=N; a run of some files and -k by those, not the
+    whole suite, through the checkout's interpreter."""
+    assert plugin.replay(types.SimpleNamespace(
+        option=types.SimpleNamespace(hypothesis_seed=12345, keyword="", markexpr=""), args=["equivalence"],
+        args_source=pytest.Config.ArgsSource.TESTPATHS, rootpath=plugin.SUITE_ROOT,
+        getoption=lambda *a: None)) == "make test SEED=12345"
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
-           "--hypothesis-seed", "12345", "equivalence/test_values.py"]
+           "--hypothesis-seed", "12345", "equivalence/test_values.py", "-k", "last_state and not triton"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert "seed 12345 (replay this run: make test SEED=12345)" in run.stdout, run.stdout[-3000:]
+    python = os.path.relpath(sys.executable, plugin.SUITE_ROOT) if sys.executable.startswith(plugin.SUITE_ROOT) \
+        else "python"
+    assert (f"seed 12345 (replay this run: {python} -m pytest equivalence/test_values.py -k 'last_state and not "
+            f"triton' --hypothesis-seed 12345)") in run.stdout, run.stdout[-3000:]
 
 
 def test_a_run_from_a_kernels_folder_is_replayed_by_the_commands_it_prints(tmp_path):
@@ -378,8 +388,8 @@ def test_a_run_from_a_kernels_folder_is_replayed_by_the_commands_it_prints(tmp_p
            "--scan-summary", "summary.md"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 1 and "make test" not in run.stdout, run.stdout[-3000:]
-    seed = re.search(r"seed (\d+) \(replay this run: python -m pytest --pyargs equivalence "
-                     r"--impl wrong_kernel_xyz:scan --hypothesis-profile ci --hypothesis-seed (\d+)\)", run.stdout)
+    seed = re.search(r"seed (\d+) \(replay this run: python -m pytest --pyargs equivalence.test_values "
+                     r"-k test_values_and_last_state --impl wrong_kernel_xyz:scan --hypothesis-profile ci --hypothesis-seed (\d+)\)", run.stdout)
     assert seed and seed.group(1) == seed.group(2), run.stdout[:3000]
     alone = re.search(r"or this test alone:\n(python -m pytest --pyargs .*)", run.stdout).group(1)
     case = re.search(r"^case = (Case\(.*\))$", run.stdout, re.M).group(1)
