@@ -665,7 +665,7 @@ def test_from_pretrained_refuses_a_dtype_the_models_do_not_run_in(tmp_path, monk
 
 @pytest.mark.parametrize("text, match", [
     ('{"d_model": 16,', r"not valid JSON \(Expecting property name.*line 1 column 16"),
-    ("[16, 2, 45]", r"expected a JSON object \(a dict of fields\), got a list"),
+    ("[16, 2, 45]", r"expected a JSON object, got a list"),
 ])
 @pytest.mark.parametrize("make", TINY, ids=TINY_IDS)
 def test_a_malformed_config_json_is_named(tmp_path, monkeypatch, make, text, match):
@@ -675,6 +675,19 @@ def test_a_malformed_config_json_is_named(tmp_path, monkeypatch, make, text, mat
     (tmp_path / "config.json").write_text(text)
     never_built(monkeypatch, type(model))
     with pytest.raises(ValueError, match=rf"^from_pretrained: .*config.json: {match}"):
+        type(model).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("text, match", [("{not json", "not valid JSON"),
+                                         ('{"weight_map": ["model-1.safetensors"]}', 'expected a "weight_map" object')])
+def test_a_malformed_shard_index_is_named(tmp_path, monkeypatch, text, match):
+    """Once a bare JSONDecodeError, or a TypeError from inside the loader."""
+    model = TINY[0]()
+    model.save_pretrained(tmp_path)
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"^from_pretrained: .*model.safetensors.index.json: {match}"):
         type(model).from_pretrained(tmp_path)
 
 

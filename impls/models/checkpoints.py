@@ -344,21 +344,25 @@ def config_path(folder):
     return path
 
 
-def read_config_json(folder):
-    """The dict in folder/config.json (config_path's errors for a missing folder or file); ValueError
-    naming the file when it is not JSON, or JSON but not an object of fields."""
-    path = config_path(folder)
+def read_json_object(path):
+    """The dict in the JSON file at path; ValueError naming the file when it is not JSON, or JSON but
+    not an object."""
     try:
         with open(path, encoding="utf-8") as f:   # JSON is UTF-8, whatever the locale
-            cfg = json.load(f)
+            obj = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"from_pretrained: {path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"from_pretrained: {path}: not valid JSON (not UTF-8 text: {e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"from_pretrained: {path}: expected a JSON object (a dict of fields), got a "
-                         f"{type(cfg).__name__}")
-    return cfg
+    if not isinstance(obj, dict):
+        raise ValueError(f"from_pretrained: {path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
+def read_config_json(folder):
+    """The dict in folder/config.json (config_path's errors for a missing folder or file, and
+    read_json_object's for one that is not a JSON object)."""
+    return read_json_object(config_path(folder))
 
 
 # ---------------------------------------------------------------------------- weights
@@ -434,9 +438,11 @@ def weight_files(folder):
     if os.path.isfile(st):
         return [st]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, s) for s in shards]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"from_pretrained: {index}: expected a \"weight_map\" object of tensor names to "
+                             f"shard files, got {str(weight_map)[:80]}")
+        return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
     if os.path.isfile(bin_):
         return [bin_]
     raise FileNotFoundError(f"from_pretrained: none of {WEIGHTS_SAFETENSORS}, {WEIGHTS_INDEX}, {WEIGHTS_BIN} "
