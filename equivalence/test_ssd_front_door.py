@@ -167,3 +167,12 @@ def test_scan_names_x_on_another_device():
     with pytest.raises(ValueError, match=r"^ssd_scan: x: expected a tensor on cpu, the device of dt, A, B, C, D, z, "
                                          r"dt_bias, initial_states, got meta$"):
         impls.ssd_scan(**dict(x, x=x["x"].to("meta")), chunk_size=4)
+
+
+def test_step_names_a_tied_A_on_another_device():
+    """The tied form's values are compared: on another device that once failed inside torch
+    (NotImplementedError from aten::equal on meta) instead of naming A."""
+    r = torch.randn
+    A = (-torch.rand(2, 1, 1)).expand(2, 2, 1).to("meta")
+    with pytest.raises(ValueError, match=r"^ssd_state_update: A: expected a tensor on cpu, .* got meta$"):
+        impls.ssd_state_update(r(1, 2, 2, 1), r(1, 2, 2), r(1, 2), A, r(1, 1, 1), r(1, 1, 1))

@@ -153,9 +153,12 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     where = "ssd_state_update"
     dt_limit = check_dt_limit(where, dt_limit)
     read = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)  # as given (tied forms included)
-    for arg, t in dict(state=state, x=x, dt=dt, A=A, dt_bias=dt_bias).items():
+    for arg, t in dict(state=state, **read).items():
         if t is not None:
             check_tensor(where, arg, t)
+    # before the tied forms are read: their values are compared, which on another device would fail
+    # inside torch instead of here
+    agreed_device(where, dict(read, state=state))
     # x (b, h, p) is checked against the state first (h, p: the slots of an indexed cache are not b):
     # otherwise z, D (h, p) or the state itself would be blamed for x's p
     if state is not None and state.dim() == 4 and x.dim() == 3 and tuple(x.shape[1:]) != tuple(state.shape[1:3]):
