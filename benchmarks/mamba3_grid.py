@@ -57,9 +57,9 @@ CHUNK_SIZE = 64
 IMPLS = ("chunked", "loop", "recurrent", "step", "floor")
 THREADS = int(os.environ.get("MAMBA3_GRID_THREADS", "1"))
 ROUNDS = {"quick": 3, "default": 5, "long": 5}
-# l = 65,536 needs more memory than this machine has for chunked, which holds every chunk's
-# matrices at once (about 15 MiB a chunk at this shape): the long sweep measures these l and the
-# report extrapolates; MEMORY_L is the target, measured only on request (--direction memory --l).
+# The sweep measures memory at these l and the report fits its growth; MEMORY_L, the target, takes
+# about 2 GiB of inputs and output and a minute, so it is measured only on request (--direction
+# memory --l 65536).
 MEMORY_LS = (1024, 2048, 4096, 8192)
 MEMORY_L = 65536
 MAX_L = {}                                   # every implementation at every l
