@@ -50,25 +50,32 @@ _LAYOUTS = {(time, mimo): _layouts(time, ("R",) if mimo else ()) for time in (0,
 _PREFER = {"b": "V", "h": "V", "p": "V", "l": "V", "R": "Q", "h_qk": "Q", "n": "Q", "n_ang": "Angles"}
 
 
+def _sizes(where, named, time, mimo):
+    """What SISO and MIMO check first: every argument a tensor (or None), on one device, V, Q and
+    Angles (the arguments every size is on) of their rank, V of an input dtype; then the sizes the
+    arguments agree on and where each is quoted from (impls.frontdoor.agreed_sizes)."""
+    for arg, t in named.items():
+        if t is not None:
+            check_tensor(where, arg, t)
+    agreed_device(where, named)
+    layouts = _LAYOUTS[time, mimo]
+    for arg in ("V", "Q", "Angles"):
+        layout = layouts[arg][0]
+        if named[arg].dim() != len(layout):
+            fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})",
+                 f"rank {named[arg].dim()} with shape {tuple(named[arg].shape)}")
+    check_dtype(where, "V", named["V"], INPUT_DTYPES, "the input dtype")
+    return agreed_sizes(where, named, layouts, _PREFER)
+
+
 def _check(where, named, time):
     """Checks shared by the scan (time = 1: inputs carry l after b) and the step (time = 0).
 
     named: argument -> tensor or None, in the order of the public signature (Q .. Z).
     Returns dict(b, l, h, h_qk, p, n, n_ang, input_dtype, compute_dtype).
     """
-    for arg, t in named.items():
-        if t is not None:
-            check_tensor(where, arg, t)
-    agreed_device(where, named)
-    V, Q, Angles = named["V"], named["Q"], named["Angles"]
-    layouts = _LAYOUTS[time, False]
-    for arg in ("V", "Q", "Angles"):  # the arguments every size is on
-        layout = layouts[arg][0]
-        if named[arg].dim() != len(layout):
-            fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})",
-                 f"rank {named[arg].dim()} with shape {tuple(named[arg].shape)}")
-    check_dtype(where, "V", V, INPUT_DTYPES, "the input dtype")
-    sizes, sources = agreed_sizes(where, named, layouts, _PREFER)
+    sizes, sources = _sizes(where, named, time, mimo=False)
+    V, Q, Angles, layouts = named["V"], named["Q"], named["Angles"], _LAYOUTS[time, False]
     h, h_qk, n, n_ang = sizes["h"], sizes["h_qk"], sizes["n"], sizes["n_ang"]
     if h_qk < 1 or h % h_qk:
         fail(ValueError, where, "Q", f"a head count h_qk that divides V's h={h}", f"h_qk={h_qk} (shape {tuple(Q.shape)})")
@@ -180,22 +187,10 @@ def _check_mimo(where, named, time, rotary_dim_divisor, norm, norm_eps):
     """Checks shared by the MIMO scan (time = 1) and step (time = 0). named: argument -> tensor or
     None (Q .. Z, then outproj_norm_weight). Returns dict(b, l, R, h, h_qk, p, n, n_ang, input_dtype,
     compute_dtype)."""
-    for arg, t in named.items():
-        if t is not None:
-            check_tensor(where, arg, t)
-    for arg in ("MIMO_V",):
-        if named[arg] is None:
-            fail(TypeError, where, arg, "a tensor (h, R, p)", None)
-    agreed_device(where, named)
-    V, Q = named["V"], named["Q"]
-    layouts = _LAYOUTS[time, True]
-    for arg in ("V", "Q", "Angles"):  # the arguments every size is on
-        layout = layouts[arg][0]
-        if named[arg].dim() != len(layout):
-            fail(ValueError, where, arg, f"rank {len(layout)} ({', '.join(layout)})",
-                 f"rank {named[arg].dim()} with shape {tuple(named[arg].shape)}")
-    check_dtype(where, "V", V, INPUT_DTYPES, "the input dtype")
-    sizes, sources = agreed_sizes(where, named, layouts, _PREFER)
+    if named["MIMO_V"] is None:
+        fail(TypeError, where, "MIMO_V", "a tensor (h, R, p)", None)
+    sizes, sources = _sizes(where, named, time, mimo=True)
+    V, Q, layouts = named["V"], named["Q"], _LAYOUTS[time, True]
     b, h, p, l = sizes["b"], sizes["h"], sizes["p"], sizes.get("l", 1)
     R, h_qk, n, n_ang = sizes["R"], sizes["h_qk"], sizes["n"], sizes["n_ang"]
     if R < 1:
