@@ -548,13 +548,16 @@ def replay(config, item=None):
     seed, chosen = config.option.hypothesis_seed, replayed_options(config)
     tail = f"{chosen + ' ' if chosen else ''}--hypothesis-seed {seed}"
     if in_checkout(config):
-        # the checkout's own interpreter by its path (`make test` does not activate .venv)
+        # the checkout's own interpreter by its path (`make test` does not activate .venv); test ids
+        # and make are the checkout root's, so a run made elsewhere is replayed from there
         python = (os.path.relpath(sys.executable, SUITE_ROOT) if sys.executable.startswith(SUITE_ROOT + os.sep)
                   else "python")
+        there = "" if os.getcwd() == SUITE_ROOT else f"cd {shlex.quote(SUITE_ROOT)} && "
         if item is not None:
-            return f"{python} -m pytest '{item.nodeid}' {tail}"
+            return f"{there}{python} -m pytest '{item.nodeid}' {tail}"
         words = selection(config)
-        return f"make test SEED={seed}" if not chosen and not words else f"{python} -m pytest {' '.join(words + [tail])}"
+        return there + (f"make test SEED={seed}" if not chosen and not words else
+                        f"{python} -m pytest {' '.join(words + [tail])}")
     what = "equivalence"
     if item is not None and str(item.path).startswith(SUITE_ROOT + os.sep):
         module = os.path.splitext(os.path.relpath(str(item.path), SUITE_ROOT))[0].replace(os.sep, ".")

@@ -362,13 +362,16 @@ def test_reproduce_line_of_a_plain_function_runs_in_a_script_elsewhere(tmp_path)
 
 @pytest.mark.skipif(not IN_CHECKOUT, reason="an installed suite has no checkout and no Makefile")
 @pytest.mark.skipif(not IN_CHECKOUT, reason="make test is the checkout's")
-def test_a_run_in_the_checkout_is_replayed_by_make_test_or_its_own_selection():
-    """The whole suite is replayed by make test SEED=N; a run of some files and -k by those, not the
-    whole suite, through the checkout's interpreter."""
-    assert plugin.replay(types.SimpleNamespace(
+def test_a_run_in_the_checkout_is_replayed_by_make_test_or_its_own_selection(monkeypatch, tmp_path):
+    """The whole suite is replayed by make test SEED=N, from the checkout's root wherever the run was
+    made; a run of some files and -k by those, not the whole suite, through the checkout's interpreter."""
+    whole = types.SimpleNamespace(
         option=types.SimpleNamespace(hypothesis_seed=12345, keyword="", markexpr=""), args=["equivalence"],
-        args_source=pytest.Config.ArgsSource.TESTPATHS, rootpath=plugin.SUITE_ROOT,
-        getoption=lambda *a: None)) == "make test SEED=12345"
+        args_source=pytest.Config.ArgsSource.TESTPATHS, rootpath=plugin.SUITE_ROOT, getoption=lambda *a: None)
+    monkeypatch.chdir(plugin.SUITE_ROOT)
+    assert plugin.replay(whole) == "make test SEED=12345"
+    monkeypatch.chdir(tmp_path)
+    assert plugin.replay(whole) == f"cd {shlex.quote(plugin.SUITE_ROOT)} && make test SEED=12345"
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "-p", "no:xdist",
            "--hypothesis-seed", "12345", "equivalence/test_values.py", "-k", "last_state and not triton"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -176,3 +176,14 @@ def test_step_names_a_tied_A_on_another_device():
     A = (-torch.rand(2, 1, 1)).expand(2, 2, 1).to("meta")
     with pytest.raises(ValueError, match=r"^ssd_state_update: A: expected a tensor on cpu, .* got meta$"):
         impls.ssd_state_update(r(1, 2, 2, 1), r(1, 2, 2), r(1, 2), A, r(1, 1, 1), r(1, 1, 1))
+
+
+def test_step_names_a_state_given_as_b_h_n_p():
+    """x and B agree on h, p and n; a state laid out (b, h, n, p) is named with its transpose, not x
+    (the step checks x against the state first, which once blamed x)."""
+    r = torch.randn
+    state = r(2, 2, 3, 4)   # (b, h, p, n) = (2, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"^ssd_state_update: state: expected shape \(b, h=2, p=3, n=4\), got "
+                                         r"\(2, 2, 4, 3\), which looks \(b, h, n, p\), transposed: pass state.transpose\(2, 3\)$"):
+        impls.ssd_state_update(state.transpose(2, 3).contiguous(), r(2, 2, 3), r(2, 2), -torch.rand(2), r(2, 1, 4),
+                               r(2, 1, 4))

@@ -162,6 +162,10 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     # x (b, h, p) is checked against the state first (h, p: the slots of an indexed cache are not b):
     # otherwise z, D (h, p) or the state itself would be blamed for x's p
     if state is not None and state.dim() == 4 and x.dim() == 3 and tuple(x.shape[1:]) != tuple(state.shape[1:3]):
+        S, h, a, c = state.shape
+        if (h, c) == tuple(x.shape[1:]) and B is not None and B.dim() == 3 and B.shape[-1] == a:   # x and B agree: state is (S, h, n, p)
+            fail(ValueError, where, "state", f"shape (b, h={h}, p={c}, n={a})",
+                 f"{tuple(state.shape)}, which looks (b, h, n, p), transposed: pass state.transpose(2, 3)")
         fail(ValueError, where, "x", f"shape (b, h={state.shape[1]}, p={state.shape[2]}) (h, p those of state of "
               f"shape {tuple(state.shape)}; if x is right, state is not)", tuple(x.shape))
     tied_n = None
