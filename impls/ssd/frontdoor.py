@@ -56,16 +56,19 @@ _LAYOUTS = {time: _layouts(time) for time in (0, 1)}  # built once, read on ever
 _PREFER = {"b": "x", "l": "x", "h": "x", "p": "x", "g": "B", "n": "B"}
 
 
-def _check(where, named, lead, time):
+def _check(where, named, lead, time, typed=False):
     """Shared checks for the scan (inputs carry a time axis l after b) and the step (they don't).
 
     named: argument name -> tensor or None; lead: the name of x, whose shape is (b, *time, h, p).
+    typed: every tensor's type and device are already checked (the step checks them before it
+    reads the tied forms; the untied ones are views of them), so they are not checked twice.
     Returns dict(b, l, h, p, n, g, input_dtype, compute_dtype).
     """
-    for arg, t in named.items():
-        if t is not None:
-            check_tensor(where, arg, t)
-    agreed_device(where, named)
+    if not typed:
+        for arg, t in named.items():
+            if t is not None:
+                check_tensor(where, arg, t)
+        agreed_device(where, named)
     x, B = named[lead], named["B"]
     tn = ("l",) * time
     lead_names, bc_names = ("b", *tn, "h", "p"), ("b", *tn, "g", "n")
@@ -178,7 +181,7 @@ def check_step(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     if x.dim() == 3 and dt_bias is not None and dt_bias.dim() == 2:
         dt_bias = _untie(where, "dt_bias", dt_bias, 1, tuple(x.shape[1:]), ("h", "p"))
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias, state=state)
-    dims = _check(where, named, "x", 0)
+    dims = _check(where, named, "x", 0, typed=True)
     if tied_n is not None and tied_n != dims["n"]:
         fail(ValueError, where, "A", f"the tied form (h, p, n={dims['n']}), n as in B", f"n={tied_n}")
     # the state is written in place: it must own its memory (impls/frontdoor.py)
