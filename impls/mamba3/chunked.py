@@ -48,11 +48,12 @@ Memory. The chunks are processed in blocks of about BLOCK_TOKENS tokens (GRAD_BL
 autograd), one block after another,
 carrying (angle, H', k~, v) between blocks, and each block's output is finished (D, gate) and
 written into the output as it comes. So the working set is one block's q~, k~, (T, T) weights and
-chunk states, whatever l is. With gradients, a SISO block (SisoBlock) keeps the intermediates its
-written-out backward reads (q~, k~, v, the (T, T) decays, weights, scores and P, the folded states,
-...: about 2 n + 3 p + 4 T + 3 n_ang + p n / T floats a token and head, 4 KB at the official
-optimum shape), so memory under autograd grows with l while the
-backward costs its eight transposed matmuls and one elementwise chain rule, no second forward. A
+chunk states, whatever l is. With gradients, a SISO block (in SisoScan) keeps the intermediates its
+written-out backward reads and cannot remake in a pass (the (T, T) decays, weights, scores and P,
+the folded states, the readout, the angles' tanh and e^{i theta}, y and the gate: about
+4 T + 3 p + 3 n_ang + p n / T floats a token and head, 2.7 KB at the official optimum shape; q~,
+k~ and v are made again), so memory under autograd grows with l while the backward costs its eight
+transposed matmuls and one elementwise chain rule, no second forward. A
 MIMO block keeps only its inputs (views of the arguments) and the states it starts from (h p n +
 small, l / GRAD_BLOCK_TOKENS of them), as torch.utils.checkpoint would, and is recomputed with autograd
 inside the backward (RecomputedBlock); CHECKPOINT_BLOCKS = False keeps every MIMO block's graph
@@ -79,7 +80,7 @@ TWO_PI = 2 * math.pi
 # dispatches) is small beside its matmuls. At that shape, paired against 64 and 256 on a busy 2-core
 # machine, 128 was the fastest in most runs (by about 5% over 256).
 BLOCK_TOKENS = 128
-# Under autograd a block costs more Python (SisoBlock's forward and written-out backward, about
+# Under autograd a block costs more Python (SisoScan's forward and written-out backward, about
 # twice the dispatches) and keeps its intermediates anyway, so it takes more tokens: paired against
 # 128 and 384, 256 gave the lowest forward+backward time.
 GRAD_BLOCK_TOKENS = 256
@@ -147,7 +148,7 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         Q.to(f)[:, :, None], K.to(f)[:, :, None], v, None, ADT, DT, Trap, Angles,
         (init[0], init[1], init[2][:, None], init[3]), int(chunk_size), cu_seqlens, rotate_pairs,
         q_bias=Q_bias.to(f)[None], k_bias=K_bias.to(f)[None], skip=None if D is None else D.to(f), finish=finish,
-        extras=() if Z is None else (Z,))
+        extras=() if Z is None else (Z,), siso_out_dtype=V.dtype)
     return (out, angle, ssm.contiguous(), k_last[:, 0], v_last) if return_final_states else out
 
 
@@ -192,7 +193,7 @@ def transposed_zeros(ssm):
 
 
 def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *, q_bias=None, k_bias=None,
-                skip=None, finish=None, extras=(), params=()):
+                skip=None, finish=None, extras=(), params=(), siso_out_dtype=None):
     """The chunked scan up to y_{t,r} = h_t q~_{t,r} (or, with finish, the finished output), in the
     compute dtype of q, block after block.
 
@@ -206,7 +207,10 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
     of L tokens, applied block by block so that no whole-length intermediate is made (ws: a
     Workspace or NO_WORKSPACE; into: None, or the output's slice to write, which a finish may also
     leave alone and return its result); extras: (b, l, ...) tensors finish reads, cut as v is;
-    params: other tensors finish reads (passed to it, not closed over, so that autograd sees them).
+    params: other tensors finish reads (passed to it, not closed over, so that autograd sees them);
+    siso_out_dtype: for rank 1 (up None, rotate_pairs), the output's dtype, finish being the gate
+    y silu(Z) with Z extras' one tensor (or no gate without extras): under autograd the scan is then
+    one SisoScan node, which gates itself.
     Returns the output (y (b, l, R, h, p) without finish) and the final states, shaped as init.
     """
     b, l = q.shape[:2]
@@ -220,9 +224,10 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                      for i, (s, e) in enumerate(zip(offsets, offsets[1:]))]
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init))
-    pieces, finals = [], []
+    siso = grad and siso_out_dtype is not None
+    pieces, finals, live, starts = [], [], [], []
     fast = Workspace(v.device)   # the forward of recomputed blocks
-    back = Workspace(v.device)   # the backward of SisoBlocks
+    back = Workspace(v.device)   # the scratch buffers of SisoScan
     # the output's trailing shape and dtype: finish on no tokens
     R, p = q.shape[2], v.shape[-1]
     empty = finish(v.new_zeros(b, 0, R, h, p), v[:, :0], tuple(x[:, :0] for x in extras), params, NO_WORKSPACE, None)
@@ -257,6 +262,12 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
             # written as H'^T (n, p), the layout the blocks keep it in (scan_block, step 3)
             H = torch.addcmul(H.transpose(-1, -2), delta[..., None, None],
                               torch.einsum("brhp,brhn->bhnp", v_up, k_prev)).transpose(-1, -2)
+        if siso:   # the blocks run in one SisoScan node, below
+            if e > s:
+                live.append((rows, s, e, seq))
+                starts += [angle, H]
+            finals.append(None if e > s else (angle, H, k_prev, v_prev))
+            continue
         whole, scalars_end = s + (e - s) // T * T, s
         for t0, t1, Tb in seq:
             i = piece[t0]
@@ -268,10 +279,7 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                     take(DT_[i + 1])[:, :, :1] if nxt else None, take(Trap_[i + 1])[:, :, :1] if nxt else None,
                     take(Angles_[i]), angle, H, q_bias, k_bias, skip, *(take(x[i]) for x in extras_), *params)
             if grad:
-                if up is None and rot is rotate_pairs:
-                    y, angle, H, k_prev, v_prev = SisoBlock.apply((Tb, rot, back), *args[:15])
-                    y = finish(y, args[2], args[15:15 + len(extras)], params, NO_WORKSPACE, None)
-                elif CHECKPOINT_BLOCKS:
+                if CHECKPOINT_BLOCKS:
                     y, angle, H, k_prev, v_prev = RecomputedBlock.apply((Tb, rot, finish, fast, len(extras)), *args)
                 else:
                     y, angle, H, k_prev, v_prev = _finished_block(*args, Tb=Tb, rot=rot, finish=finish,
@@ -291,7 +299,12 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
                 into.copy_(done)
         # the blocks carry H as a transposed view: the callers make it contiguous only if they return it
         finals.append((angle, H, k_prev, v_prev))
-    if grad:
+    if siso and live:
+        out, *ends = SisoScan.apply((T, live, siso_out_dtype, back), q, k, v, ADT, DT, Trap, Angles, q_bias, k_bias,
+                                    skip, extras[0] if extras else None, *starts)
+        ends = iter(zip(*[iter(ends)] * 4))
+        finals = [next(ends) if x is None else x for x in finals]
+    elif grad:
         out = torch.cat(pieces, 1) if pieces else empty
     if cu_seqlens is None:
         return out, finals[0]
@@ -334,56 +347,143 @@ class RecomputedBlock(torch.autograd.Function):
 
 # scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
 # forward takes them from a workspace, every other buffer fresh
-SCRATCH = frozenset({"pi tanh dt", "cos", "sin", "masked", "seg", "S"})
+SCRATCH = frozenset({"pi tanh dt", "cos", "sin", "masked", "seg", "S", "y", "q", "k", "v", "vw"})
 
 
-class SisoBlock(torch.autograd.Function):
-    """A rank-1 block under autograd with its backward written out: the forward is the workspace scan
-    on fresh buffers (no buffer reused, so each intermediate the backward reads is kept as written),
-    and the backward runs the four matmuls' eight transposes and the elementwise chain rule once,
-    where RecomputedBlock runs the block twice. Its memory is the kept intermediates (the module
-    docstring), linear in l; the forward without gradients is unchanged.
-    args: scan_block's first 15 (up None); returns scan_block's five (y not yet finished)."""
+class SisoScan(torch.autograd.Function):
+    """The rank-1 scan under autograd as one node, its backward written out. The forward runs the
+    blocks as the workspace scan on fresh buffers (no buffer reused, so each intermediate the
+    backward reads is kept as written) and writes each block's gated output straight into the
+    output; the backward runs the blocks in reverse, each its four matmuls' eight transposes and one
+    elementwise chain rule (siso_block_backward), and writes each block's gradients straight into
+    whole-length gradients, so no block makes a piece of its own to be joined by a copy. Its memory is
+    the kept intermediates (the module docstring), linear in l: at the official optimum shape, l =
+    8192, 1051 MiB beyond the inputs for the forward and backward, where a node per block that kept
+    q~, k~ and v took 1252 MiB (their time: the same within this machine's noise). The forward
+    without gradients is unchanged.
+
+    meta: (T, the non-empty sequences [(rows, s, e, blocks [(t0, t1, Tb)])], the output dtype, a
+    Workspace for the scratch buffers); q, k: (b, l, 1, h_qk, n) and v (b, l, h, p) in the compute
+    dtype; ADT, DT, Trap (b, h, l); Angles (b, l, h, n_ang); q_bias, k_bias (1, h, n) or None; skip
+    (h,) or None; Z (b, l, h, p) or None, the gate y silu(Z); starts: each sequence's start angle
+    (b', h, n_ang) and folded state H' (b', h, p, n), in turn. Returns the output (b, l, h, p) and
+    each sequence's final angle, H', k~ (b', 1, h, n) and v (b', h, p), in turn.
+    """
 
     @staticmethod
-    def forward(ctx, meta, *args):
-        Tb, rot, ctx.ws = meta
+    def forward(ctx, meta, q, k, v, ADT, DT, Trap, Angles, q_bias, k_bias, skip, Z, *starts):
+        T, sequences, out_dtype, ws = ctx.meta = meta
         ctx.set_materialize_grads(False)
-        device = args[2].device
-        fresh = lambda name, shape, dtype: (ctx.ws(name, shape, dtype) if name in SCRATCH
+        f, device = v.dtype, v.device
+        fresh = lambda name, shape, dtype: (ws(name, shape, dtype) if name in SCRATCH
                                             else torch.empty(shape, dtype=dtype, device=device))
-        outs, kept = scan_block(*args, Tb=Tb, rot=rot, ws=fresh, keep=True)
-        ctx.Tb, ctx.finite, ctx.nones = Tb, kept.pop("finite"), [a is None for a in args]
-        ctx.names = list(kept)
-        ctx.save_for_backward(*(a for a in args if a is not None), *kept.values())
-        return outs
+        out = torch.empty(v.shape, dtype=out_dtype, device=device)
+        ctx.blocks, ends = [], []   # ctx.blocks: each sequence's blocks
+        for j, (rows, s, e, blocks) in enumerate(sequences):
+            angle, H = starts[2 * j:2 * j + 2]
+            ctx.blocks.append([])
+            for t0, t1, Tb in blocks:
+                args = _block_args(rows, t0, t1, e, q, k, v, ADT, DT, Trap, Angles, angle, H, q_bias, k_bias, skip)
+                (y, angle_out, H_out, k_last, v_last), kept = scan_block(*args, Tb=Tb, rot=rotate_pairs, ws=fresh,
+                                                                        keep=True)
+                y, gate, into = y[:, :, 0], None, out[rows, t0:t1]      # y (b', L, h, p), contiguous
+                if Z is not None:
+                    gate = F.silu(Z[rows, t0:t1].to(f))
+                    if into.dtype == f:
+                        torch.mul(y, gate, out=into)
+                    else:
+                        into.copy_(y * gate)
+                else:
+                    into.copy_(y)
+                ctx.blocks[-1].append((t0, t1, Tb, angle, H, kept, y if Z is not None else None, gate))
+                angle, H = angle_out, H_out
+            ends += [angle, H, k_last, v_last]
+        ctx.save_for_backward(q, k, v, ADT, DT, Trap, Angles, q_bias, k_bias, skip, Z, *starts)
+        return (out, *ends)
 
     @staticmethod
-    def backward(ctx, gy, g_angle, g_H, g_k, g_v):
-        saved = list(ctx.saved_tensors)
-        args = [None if none else saved.pop(0) for none in ctx.nones]
-        kept = dict(zip(ctx.names, saved))
-        grads = siso_block_backward(args, kept, ctx.Tb, ctx.finite, gy, g_angle, g_H, g_k, g_v, ctx.ws)
-        return (None, *(None if g is None or a is None else g.to(a.dtype) for a, g in zip(args, grads)))
+    def backward(ctx, g_out, *g_ends):
+        T, sequences, _, ws = ctx.meta
+        q, k, v, ADT, DT, Trap, Angles, q_bias, k_bias, skip, Z, *starts = ctx.saved_tensors
+        f = v.dtype
+        inputs = dict(q=q, k=k, v=v, ADT=ADT, DT=DT, Trap=Trap, Angles=Angles, Z=Z)
+        # every token is in one block, which writes its gradients whole, unless the sequences leave some out
+        covered = sum(e - s for _, s, e, _ in sequences) == v.shape[1]
+        G = {name: (x.new_empty if covered else x.new_zeros)(x.shape, dtype=f)
+             for (name, x), wanted in zip(inputs.items(), ctx.needs_input_grad[1:8] + ctx.needs_input_grad[11:12])
+             if wanted}
+        g_params = [None, None, None]                                          # q_bias, k_bias, skip
+        g_starts = [None] * len(starts)
+        for j, (rows, s, e, _) in enumerate(sequences):
+            g_angle, g_H, g_k, g_v = g_ends[4 * j:4 * j + 4]
+            for t0, t1, Tb, angle, H, kept, y, gate in reversed(ctx.blocks[j]):
+                args = _block_args(rows, t0, t1, e, q, k, v, ADT, DT, Trap, Angles, angle, H, q_bias, k_bias, skip)
+                go = None if g_out is None else g_out[rows, t0:t1].to(f)
+                if go is not None and "Z" in G:   # y silu(Z): Z's gradient is go y silu'(Z)
+                    torch.ops.aten.silu_backward.grad_input(torch.mul(go, y, out=ws("go y", y.shape, f)),
+                                                            Z[rows, t0:t1].to(f),
+                                                            grad_input=G["Z"][rows, t0:t1])
+                into = dict(v=G["v"][rows, t0:t1] if "v" in G else None,
+                            angles=G["Angles"][rows, t0:t1] if "Angles" in G else None)
+                grads = siso_block_backward(args, kept, Tb, go, gate, g_angle, g_H, g_k, g_v, ws, into)
+                (g_q, g_k_in, _, _, g_a, g_dt, g_trap, g_dt_next, g_trap_next, _, g_angle, g_H,
+                 *g_block_params) = grads
+                for name, g, at in (("q", g_q, 1), ("k", g_k_in, 1), ("ADT", g_a, 2), ("DT", g_dt, 2),
+                                    ("Trap", g_trap, 2)):
+                    if name in G:
+                        G[name][(rows,) + (slice(None),) * (at - 1) + (slice(t0, t1),)] = g
+                if t1 < e:   # the next token's delta: its block ran first
+                    if "DT" in G:
+                        G["DT"][rows, :, t1] += g_dt_next[..., 0]
+                    if "Trap" in G:
+                        G["Trap"][rows, :, t1] += g_trap_next[..., 0]
+                g_params = [a if b is None else b if a is None else a + b for a, b in zip(g_params, g_block_params)]
+                g_k = g_v = None   # k~ and v of an earlier block's last token are not results
+            g_starts[2 * j:2 * j + 2] = g_angle, g_H
+        get = lambda name, x: None if name not in G else G[name].to(x.dtype)
+        return (None, *(get(name, x) for name, x in list(inputs.items())[:7]),
+                *(None if g is None or not wanted else g.to(x.dtype)
+                  for g, x, wanted in zip(g_params, (q_bias, k_bias, skip), ctx.needs_input_grad[8:11])),
+                get("Z", Z), *(None if g is None else g.to(x.dtype) for g, x in zip(g_starts, starts)))
 
 
-def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
+def _block_args(rows, t0, t1, e, q, k, v, ADT, DT, Trap, Angles, angle, H, q_bias, k_bias, skip):
+    """scan_block's first 15 arguments for the block of tokens t0 to t1 of a sequence ending at e (rank 1)."""
+    nxt = slice(t1, t1 + 1) if t1 < e else None   # the token after the block (its delta), if any
+    return (q[rows, t0:t1], k[rows, t0:t1], v[rows, t0:t1], None, ADT[rows, :, t0:t1], DT[rows, :, t0:t1],
+            Trap[rows, :, t0:t1], None if nxt is None else DT[rows, :, nxt], None if nxt is None else Trap[rows, :, nxt],
+            Angles[rows, t0:t1], angle, H, q_bias, k_bias, skip)
+
+
+def siso_block_backward(args, kept, Tb, gy, gate, g_angle, g_H, g_k, g_v, ws, into):
     """The gradients of scan_block's 15 arguments (rank 1) from those of its five results (each may be
-    None) and the intermediates its keep mode returned; the chain rule of steps 4 back to 1, every
-    masked entry dropped by a select, as in the forward. ws: a Workspace for the temporaries that no
-    gradient returned is a view of (shared by the blocks of one scan: their backwards run in turn)."""
+    None; gy (b, L, h, p) that of y, to be multiplied by gate (b, L, h, p) if given) and the
+    intermediates its keep mode returned; the chain rule of steps 4 back to 1, every masked entry
+    dropped by a select, as in the forward. ws: a Workspace for the temporaries that no gradient
+    returned is a view of (shared by the blocks of one scan: their backwards run in turn); into:
+    dict(v=..., angles=...), where V's and Angles' gradients are written (None: fresh tensors)."""
     q, k, v, _, a, dt, trap, dt_next, trap_next, angles, angle, H, q_bias, k_bias, skip = args
-    lam, th, E, turn, qf, kf, vf, vw, W, scores, P, w_last, folded, inter, fs = (kept[x] for x in (
-        "lam", "th", "E", "turn", "qf", "kf", "vf", "vw", "W", "scores", "P", "w_last", "folded", "inter",
-        "from_start"))
+    lam, th, E, turn, W, scores, P, w_last, folded, inter, fs = (kept[x] for x in (
+        "lam", "th", "E", "turn", "W", "scores", "P", "w_last", "folded", "inter", "from_start"))
     b, L, _, h_qk, n = q.shape
     h, p = v.shape[-2:]
-    C, f, n_ang = L // Tb, qf.dtype, angles.shape[-1]
-    B = b * h * C
+    C, f, n_ang = L // Tb, fs.dtype, angles.shape[-1]
+    B, finite = b * h * C, kept["finite"]
+    # q~, k~, v in the blocks' layout and v's chunk-state weighting, made again as the forward made
+    # them (the same ops on the same inputs): a pass each on warm buffers, where keeping them costs
+    # the first touch of fresh pages, several times more on this CPU
+    qf, kf = (rotate_pairs(_per_head(x, bias, h, Tb, ws, name), None, None, turn, ws).view(B, Tb, n)
+              for x, bias, name in ((q, q_bias, "q"), (k, k_bias, "k")))
+    vf = _contiguous(v.permute(0, 2, 1, 3), ws, "v").view(B, Tb, p)
+    vw = torch.mul(vf, w_last.reshape(B, Tb, 1), out=ws("vw", vf.shape, f))
     zero = fs.new_zeros(())
     dt_f = dt.to(f)
-    gY = (fs.new_zeros(B, Tb, p) if gy is None
-          else _contiguous(gy[:, :, 0].to(f).permute(0, 2, 1, 3), ws, "gY").view(B, Tb, p))
+    if gy is None:
+        gY = fs.new_zeros(B, Tb, p)
+    elif gate is None:
+        gY = _contiguous(gy.to(f).permute(0, 2, 1, 3), ws, "gY").view(B, Tb, p)
+    else:   # the gate's product made in the blocks' layout: one pass
+        gY = torch.mul(gy.permute(0, 2, 1, 3), gate.permute(0, 2, 1, 3), out=ws("gY", (b, h, L, p), f)).view(B, Tb, p)
 
     # 4. readout y += from_start_t (H'_c q~_t): through q~, H'_c and from_start
     gYf = torch.mul(gY, fs.reshape(B, Tb, 1), out=ws("gYf", gY.shape, f))
@@ -403,7 +503,7 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
     for c in range(C - 1, 0, -1):
         torch.addcmul(g_folded[:, :, c], fsl[:, :, c], gS[:, :, c], out=gS[:, :, c - 1])
     g_H_in = torch.addcmul(g_folded[:, :, 0], fsl[:, :, 0], gS[:, :, 0]).transpose(-1, -2)
-    g_fs[..., -1] += (gS * folded).sum((-1, -2))
+    g_fs[..., -1] += torch.einsum("bhcnp,bhcnp->bhc", gS, folded)           # no (n, p) product made
 
     # 2. chunk states S = (v w_last)^T k~, and the intra-chunk y = P v, P = (q~ k~^T o W) on t >= s
     gS = gS.view(B, n, p)
@@ -415,7 +515,11 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
     g_intra = torch.bmm(P.view(B, Tb, Tb).transpose(1, 2), gY)
     if not finite:
         g_intra = torch.where(torch.isfinite(vf), g_intra, zero)
-    g_vf = torch.addcmul(g_intra, g_vw, w_last.reshape(B, Tb, 1), out=g_intra)
+    # V's gradient written in V's own layout (b, L, h, p) by this last pass, where SisoScan wants it:
+    # no transposing copy of its own
+    g_v_in = v.new_empty(b, L, h, p, dtype=f) if into["v"] is None else into["v"]
+    torch.addcmul(g_intra.view(b, h, L, p), g_vw.view(b, h, L, p), w_last.reshape(b, h, L, 1),
+                  out=g_v_in.permute(0, 2, 1, 3))
     # tril_ is a select (the entries above the diagonal are set to 0), as the forward's
     gP = gP.view(b, h, C, Tb, Tb).tril_()
     g_skip = None if skip is None else gP.diagonal(dim1=-2, dim2=-1).sum((0, 2, 3))
@@ -459,10 +563,15 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
     if g_k is not None:
         g_kf[:, :, -1, -1] += g_k.to(f).transpose(1, 2)
     m = 2 * n_ang
+    halves = lambda x: x.view(b, h, C, Tb, n)[..., :m].unflatten(-1, (n_ang, 2)).unbind(-1)   # (re, im)
     pairs = lambda x: torch.view_as_complex(x.view(b, h, C, Tb, n)[..., :m].unflatten(-1, (n_ang, 2)))
+    # Im(g conj(x~)) = g_im x~_re - g_re x~_im, for q~ and k~: four passes on the real halves, where the
+    # complex form resolves each conj by a copy first (about 1.7x slower here)
+    (gq_re, gq_im), (q_re, q_im), (gk_re, gk_im), (k_re, k_im) = (halves(x) for x in (g_qf, qf, g_kf, kf))
+    g_theta = torch.mul(gq_im, q_re).addcmul_(gq_re, q_im, value=-1)      # (b, h, C, Tb, n_ang)
+    g_theta.addcmul_(gk_im, k_re).addcmul_(gk_re, k_im, value=-1)
     gq, gk = pairs(g_qf), pairs(g_kf)
-    g_theta = (gq * pairs(qf).conj()).imag + (gk * pairs(kf).conj()).imag   # (b, h, C, Tb, n_ang)
-    back = turn.view(b, h, C, Tb, n_ang).conj_physical()
+    back = torch.conj_physical(turn.view(b, h, C, Tb, n_ang), out=ws("e^-i theta", (b, h, C, Tb, n_ang), turn.dtype))
     torch.mul(gq, back, out=gq)
     torch.mul(gk, back, out=gk)
     g_pre = [g_qf.view(b, h, C, Tb, 1, n), g_kf]
@@ -473,9 +582,10 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
         g_theta[:, :, c, -1] += Ga
         Ga = Ga + g_start[:, :, c]
     g_inc = g_theta.flip(-2).cumsum(-2).flip(-2).view(b, h, L, n_ang)
-    th = th.permute(0, 2, 1, 3)                                              # kept as (b, L, h, n_ang)
-    g_dt += (g_inc * th).sum(-1) * math.pi
-    g_angles = (g_inc * (math.pi * dt_f)[..., None] * (1 - th * th)).permute(0, 2, 1, 3)
+    g_dt += (g_inc * th.permute(0, 2, 1, 3)).sum(-1) * math.pi              # th kept as (b, L, h, n_ang)
+    # in Angles' own layout, th's (as V's gradient above): (th^2 - 1) g_inc (-pi dt)
+    g_angles = torch.mul(th, th, out=th.new_empty(th.shape) if into["angles"] is None else into["angles"])
+    g_angles.sub_(1).mul_(g_inc.permute(0, 2, 1, 3)).mul_((-math.pi * dt_f).transpose(1, 2)[..., None])
 
     def per_head(g, bias):  # (b, h, C, Tb, 1, n) -> the gradients of x (b, L, 1, h_qk, n) and of bias (1, h, n)
         g_bias = None if bias is None else g.sum((0, 2, 3)).transpose(0, 1)
@@ -484,9 +594,7 @@ def siso_block_backward(args, kept, Tb, finite, gy, g_angle, g_H, g_k, g_v, ws):
 
     g_q, g_q_bias = per_head(g_pre[0], q_bias)
     g_k_in, g_k_bias = per_head(g_pre[1], k_bias)
-    g_v_in = g_vf.view(b, h, L, p).permute(0, 2, 1, 3)
     if g_v is not None:
-        g_v_in = g_v_in.clone()
         g_v_in[:, -1] += g_v.to(f)
     return (g_q, g_k_in, g_v_in, None, g_a.reshape(b, h, L), g_dt, g_trap, g_dt_next, g_trap_next, g_angles, Ga,
             g_H_in, g_q_bias, g_k_bias, g_skip)
@@ -530,7 +638,7 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
     y (rank 1 only), or None; ws: a Workspace (its
     buffers written in place) or NO_WORKSPACE (every op functional, for autograd); keep (rank 1, with
     a workspace of fresh buffers): the scores are kept apart from the weighted P, and the block's
-    intermediates are returned too, for SisoBlock's backward; scalars (not with keep): gamma, coef
+    intermediates are returned too, for SisoScan's backward; scalars (not with keep): gamma, coef
     and from_start (b, h, C, Tb) from block_scalars, or None to make them here.
     Returns y (b, L, R, h, p) (a permuted view, maybe of a buffer), and the angle, H', k~ (b, R, h, n)
     and v (b, h, p) after the block's last token [, the intermediates (dict)].
@@ -642,19 +750,27 @@ def scan_block(q, k, v, up, a, dt, trap, dt_next, trap_next, angles, angle, H, q
 
     # 4. inter-chunk readout
     # into vw's buffer where there is a workspace: vw is spent once the chunk states are formed
-    inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("vw", y.shape, f))
+    inter = torch.bmm(qf, folded.view(b * h * C, n, p), out=ws("inter" if keep else "vw", y.shape, f))
     if inplace and not keep:
         # the block's last state written where the next block of this shape starts from (its folded[0]),
         # now that the readout has read this block's; no copy between blocks
         HT = last(folded[:, :, 0])
     H = HT.transpose(-1, -2)                                                 # (b, h, p, n), a view
-    rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
-    y = torch.addcmul(y, inter, rows, out=y if inplace else None)
-    y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                         # (b, L, R, h, p)
+    if keep:
+        # a block under autograd gives y in the output's own layout (b, L, R, h, p), written there by this
+        # last pass: SisoScan's gate then writes the output with no transposing pass of its own
+        y_out = ws("out", (b, L, R, h, p), f)
+        torch.addcmul(y.view(b, h, L, R, p), inter.view(b, h, L, R, p), from_start.reshape(b, h, L, 1, 1),
+                      out=y_out.permute(0, 3, 1, 2, 4))
+        y = y_out
+    else:
+        rows = from_start[..., None].expand(b, h, C, Tb, R).reshape(b * h * C, TR, 1)
+        y = torch.addcmul(y, inter, rows, out=y if inplace else None)
+        y = y.view(b, h, L, R, p).permute(0, 2, 3, 1, 4)                     # (b, L, R, h, p)
     states = (y, angle, H, kr[:, :, -1, -1].transpose(1, 2).clone(), v[:, -1].clone())
     if not keep:
         return states
-    return states, dict(lam=lam, th=th, E=E, turn=turn, qf=qf, kf=kf, vf=vf, vw=vw, finite=finite, W=W, scores=scores, P=P,
+    return states, dict(lam=lam, th=th, E=E, turn=turn, finite=finite, W=W, scores=scores, P=P,
                         w_last=w_kept, folded=folded, inter=inter, from_start=from_start)
 
 
