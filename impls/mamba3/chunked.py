@@ -524,7 +524,7 @@ def siso_block_backward(args, kept, Tb, gy, gate, g_angle, g_H, g_k, g_v, ws, in
     gP = gP.view(b, h, C, Tb, Tb).tril_()
     g_skip = None if skip is None else gP.diagonal(dim1=-2, dim2=-1).sum((0, 2, 3))
     g_scores = torch.mul(gP, W, out=ws("g_scores", W.shape, f)).tril_().view(B, Tb, Tb)
-    g_W = gP.mul_(scores.view(W.shape)).tril_()
+    g_W = gP.mul_(scores.view(W.shape))     # above the diagonal: selected away by the tril_(-1) below
     g_qf.baddbmm_(g_scores, kf)
     g_kf.baddbmm_(g_scores.transpose(1, 2), qf)
 
