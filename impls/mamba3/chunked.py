@@ -345,7 +345,7 @@ class RecomputedBlock(torch.autograd.Function):
         return (None, *result)
 
 
-# scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoBlock's
+# scan_block's buffers that neither its results nor its kept intermediates are (views of): SisoScan's
 # forward takes them from a workspace, every other buffer fresh
 SCRATCH = frozenset({"pi tanh dt", "cos", "sin", "masked", "seg", "S", "y", "q", "k", "v", "vw"})
 
