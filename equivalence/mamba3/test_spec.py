@@ -14,6 +14,7 @@ from hypothesis import given, settings
 import impls
 from equivalence.mamba3.cases import Case, as_f64, case_strategy, check, inputs, tight, token, window
 from equivalence.mamba3.cases import run as run_scan
+from equivalence.mamba3 import test_mimo
 from impls.mamba3 import chunked, loop, mamba3_scan, mamba3_state_update, recurrent
 
 # the family's plain tests of its own: in a run with no implementation named (they run none of them)
@@ -188,21 +189,74 @@ def test_hand_worked_l1_l2():
         torch.testing.assert_close(k.flatten(), t(k2[0] * c - k2[1] * s, k2[0] * s + k2[1] * c), rtol=0, atol=1e-14)
 
 
+def gradients(scan, args, case, **kw):
+    """Autograd's gradients of every floating input, the four states included, of a fixed random
+    functional of the output and the final ssm, k and v states (float64 args)."""
+    leaves = {k: (v if not isinstance(v, (torch.Tensor, tuple)) or (isinstance(v, torch.Tensor) and not v.is_floating_point())
+                  else tuple(s.clone().requires_grad_() for s in v) if k == "Input_States"
+                  else v.clone().requires_grad_()) for k, v in args.items() if v is not None}
+    out = run(scan, leaves, case, **kw)
+    w = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=w, dtype=torch.float64)).sum() for o in (out[0], *out[2:]))
+    flat = [v for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.requires_grad] + list(leaves["Input_States"])
+    return torch.autograd.grad(loss, flat)
+
+
 def test_gradients_chunked_match_loop():
     """Autograd through the chunked scan, every input including the four states, against the loop's (float64)."""
     case = Case(b=2, l=7, h_qk=1, groups=2, n=4, n_ang=1, chunk_size=3)
     args = as_f64(inputs(case))
-    grads = {}
-    for name in ("loop", "chunked"):
-        leaves = {k: (None if v is None else tuple(s.clone().requires_grad_() for s in v) if k == "Input_States"
-                      else v.clone().requires_grad_()) for k, v in args.items()}
-        out = run(SCANS[name], leaves, case)
-        w = torch.Generator().manual_seed(1)
-        loss = sum((o * torch.randn(o.shape, generator=w, dtype=torch.float64)).sum() for o in (out[0], *out[2:]))
-        flat = [v for k, v in leaves.items() if k != "Input_States" and v is not None] + list(leaves["Input_States"])
-        grads[name] = torch.autograd.grad(loss, flat)
-    for a, b in zip(grads["chunked"], grads["loop"]):
+    for a, b in zip(gradients(SCANS["chunked"], args, case), gradients(SCANS["loop"], args, case)):
         tight(a, b)
+
+
+# The chunked scan runs a few chunks at a time (BLOCK_TOKENS tokens, GRAD_BLOCK_TOKENS under autograd),
+# carrying (angle, H', k~, v) from block to block, and makes the per-token scalars SCALAR_TOKENS at a
+# time. The drawn cases are shorter than one block, so here the blocks are made one or two chunks long.
+BLOCK_SETTINGS = ("BLOCK_TOKENS", "GRAD_BLOCK_TOKENS", "SCALAR_TOKENS")
+
+
+def blocks_match_loop(interface, chunks_per_block, monkeypatch):
+    """Values, final states and gradients of the chunked scan in blocks of ``chunks_per_block`` chunks
+    against the float64 loop's: one call of 2 sequences of 23 tokens (chunks of 3, the last one short),
+    and a pack of sequences of 5, 0, 1 and 17 tokens."""
+    mimo = interface == "mimo"
+    scans = test_mimo.SCANS if mimo else SCANS
+    case = Case(b=2, l=23, groups=2, n=4, n_ang=2, chunk_size=3, R=2 if mimo else None)
+    for name in BLOCK_SETTINGS:
+        monkeypatch.setattr(chunked, name, chunks_per_block * case.chunk_size)
+    lens = [5, 0, 1, 17]
+    packed = dataclasses.replace(case, b=1, l=sum(lens))
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    for c, args, kw in ((case, inputs(case), {}), (packed, inputs(packed, S=len(lens)), dict(cu_seqlens=cu))):
+        for j, (a, b) in enumerate(zip(run(scans["chunked"], args, c, **kw), run(scans["loop"], args, c, **kw))):
+            tight(a, b, angle=j == 1)
+        for a, b in zip(gradients(scans["chunked"], args, c, **kw), gradients(scans["loop"], args, c, **kw)):
+            tight(a, b)
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2])
+@pytest.mark.parametrize("interface", ["siso", "mimo"])
+def test_blocks_match_loop(interface, chunks_per_block, monkeypatch):
+    blocks_match_loop(interface, chunks_per_block, monkeypatch)
+
+
+def test_blocks_planted_bug(monkeypatch):
+    """Per-token scalars made a window at a time that drop the token after their window where a whole
+    chunk follows (its delta, as if the sequence ended there) are caught with small blocks, and unseen
+    with the default blocks at the drawn cases' lengths (one window, followed by no whole chunk)."""
+    defaults = {name: getattr(chunked, name) for name in BLOCK_SETTINGS}
+    block_scalars = chunked.block_scalars
+    monkeypatch.setattr(chunked, "block_scalars", lambda ADT, DT, Trap, t0, t1, e, T, f: block_scalars(
+        ADT, DT, Trap, t0, t1, t1 if e - t1 >= T else e, T, f))
+    with pytest.raises(AssertionError):
+        blocks_match_loop("siso", 1, monkeypatch)
+    for name, value in defaults.items():
+        monkeypatch.setattr(chunked, name, value)
+    case = Case(b=2, l=40, groups=2, n=4, n_ang=2, chunk_size=3)
+    args = inputs(case)
+    for j, (a, b) in enumerate(zip(run(SCANS["chunked"], args, case), run(SCANS["loop"], args, case))):
+        tight(a, b, angle=j == 1)
 
 
 @pytest.mark.parametrize("workspace", [True, False], ids=["workspace", "autograd"])
