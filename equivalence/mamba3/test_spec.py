@@ -308,6 +308,45 @@ def test_segment_decays_match_their_definition(T, column, workspace):
             assert ((E - ref).abs() <= bound(bad) * ref)[fine].all(), (poison, r)
 
 
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 16, 64])
+def test_segment_sums_match_their_definition(T):
+    """chunked.segment_sums (each a_r's gradient from those of the segments: the sum of g[t, s] over
+    s < r <= t, g zero on and above the diagonal) against that definition in float64, on float32
+    entries of magnitude 0.05 to 1.05: within the summation bound 2 T eps32 sum |g[t, s]| over the
+    span (at most T terms along s, then at most T rows). A term too many or too few is off by at
+    least 0.05, which that bound rejects. A NaN, inf or -inf at g[t0, s0] reaches exactly the
+    entries whose span holds it, s0 < r <= t0 (the product with 0 that would spread it everywhere
+    is not taken there)."""
+    gen = torch.Generator().manual_seed(T)
+    g = ((0.05 + torch.rand(2, 3, 2, T, T, generator=gen)) * torch.sign(torch.randn(2, 3, 2, T, T, generator=gen)))
+    g = g.tril(-1)
+    r, t, s = (torch.arange(T).view(*shape) for shape in ((T, 1, 1), (1, T, 1), (1, 1, T)))
+
+    def definition(g, slip=False):   # slip: s <= r, one term too many
+        span = ((s <= r) if slip else (s < r)) & (r <= t) & (t > s)
+        return torch.where(span, g.double()[..., None, :, :], 0.0).sum((-1, -2))   # (b, h, C, r)
+
+    def bound(g):
+        span = (s < r) & (r <= t)
+        return 2 * T * torch.finfo(torch.float32).eps * torch.where(span, g.abs().double()[..., None, :, :], 0.0).sum((-1, -2))
+
+    for ws in (chunked.Workspace(g.device), chunked.NO_WORKSPACE):
+        sums = chunked.segment_sums(g, ws).double()
+        assert ((sums - definition(g)).abs() <= bound(g)).all()
+    if T > 1:
+        pos = g.abs()   # of one sign, so that the extra terms cannot cancel
+        assert ((definition(pos, slip=True) - definition(pos)).abs() > bound(pos))[..., :-1].all()
+    for poison in (math.nan, math.inf, -math.inf):
+        for t0, s0 in {(T - 1, 0), (T - 1, T - 2), (T // 2, T // 2 - 1)} if T > 1 else ():
+            bad = g.clone()
+            bad[0, 1, 1, t0, s0] = poison
+            sums, ref = chunked.segment_sums(bad, chunked.NO_WORKSPACE).double(), definition(bad)
+            assert torch.equal(torch.isfinite(sums), torch.isfinite(ref)), (poison, t0, s0)
+            assert torch.equal(torch.isnan(sums), torch.isnan(ref)), (poison, t0, s0)
+            fine = torch.isfinite(ref)
+            assert ((sums - ref).abs() <= bound(bad))[fine].all(), (poison, t0, s0)
+
+
 # ---- the front door ---------------------------------------------------------------------------
 
 def _bad(**change):

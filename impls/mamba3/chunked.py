@@ -538,11 +538,9 @@ def siso_block_backward(args, kept, Tb, gy, gate, g_angle, g_H, g_k, g_v, ws, in
     coef = (gamma + torch.cat((((1 - lam) * dt_f)[..., 1:], after), -1)).view(b, h, C, Tb)
     g_coef = g_M.sum(-2)                                                     # (b, h, C, Tb)
     g_seg = g_M.mul_(coef[..., None, :])
-    # seg(t, s) sums a_r over s < r <= t: a_r's gradient sums g_seg[t, s] over s < r (a cumsum along
-    # the contiguous s, read at r - 1) and then over t >= r (a select and a column sum), never a
-    # difference of prefix sums; a_0 of a chunk is in no seg
-    g_a = torch.zeros_like(fs)
-    g_a[..., 1:] = g_seg.cumsum(-1)[..., :-1].tril_(-1).sum(-2)
+    # seg(t, s) sums a_r over s < r <= t: a_r's gradient sums g_seg[t, s] over s < r and then over
+    # t >= r, never a difference of prefix sums; a_0 of a chunk is in no seg
+    g_a = segment_sums(g_seg, ws)
     g_a += (g_fs * fs).flip(-1).cumsum(-1).flip(-1)                          # from_start = exp(cumsum a)
     g_gamma += g_coef
     g_coef = g_coef.reshape(b, h, L)
@@ -562,15 +560,14 @@ def siso_block_backward(args, kept, Tb, gy, gate, g_angle, g_H, g_k, g_v, ws, in
     g_kf = g_kf.view(b, h, C, Tb, 1, n)
     if g_k is not None:
         g_kf[:, :, -1, -1] += g_k.to(f).transpose(1, 2)
-    m = 2 * n_ang
-    halves = lambda x: x.view(b, h, C, Tb, n)[..., :m].unflatten(-1, (n_ang, 2)).unbind(-1)   # (re, im)
-    pairs = lambda x: torch.view_as_complex(x.view(b, h, C, Tb, n)[..., :m].unflatten(-1, (n_ang, 2)))
-    # Im(g conj(x~)) = g_im x~_re - g_re x~_im, for q~ and k~: four passes on the real halves, where the
-    # complex form resolves each conj by a copy first (about 1.7x slower here)
-    (gq_re, gq_im), (q_re, q_im), (gk_re, gk_im), (k_re, k_im) = (halves(x) for x in (g_qf, qf, g_kf, kf))
-    g_theta = torch.mul(gq_im, q_re).addcmul_(gq_re, q_im, value=-1)      # (b, h, C, Tb, n_ang)
-    g_theta.addcmul_(gk_im, k_re).addcmul_(gk_re, k_im, value=-1)
-    gq, gk = pairs(g_qf), pairs(g_kf)
+    pairs = lambda x: torch.view_as_complex(x.view(b, h, C, Tb, n)[..., :2 * n_ang].unflatten(-1, (n_ang, 2)))
+    gq, gk, cq, ck = (pairs(x) for x in (g_qf, g_kf, qf, kf))
+    # theta's gradient, Im(g conj(x~)) summed over q~ and k~: conjugated in place in their buffers (spent
+    # after this), then complex products, so every pass reads whole pairs (four real passes on the
+    # interleaved halves, strided, are about twice as slow here)
+    torch.conj_physical(cq, out=cq)
+    torch.conj_physical(ck, out=ck)
+    g_theta = torch.mul(cq, gq, out=cq).addcmul_(ck, gk).imag                # (b, h, C, Tb, n_ang)
     back = torch.conj_physical(turn.view(b, h, C, Tb, n_ang), out=ws("e^-i theta", (b, h, C, Tb, n_ang), turn.dtype))
     torch.mul(gq, back, out=gq)
     torch.mul(gk, back, out=gk)
@@ -824,6 +821,27 @@ def decay_block(T, most=DECAY_BLOCK):
     So T = 64 takes 16, and the small chunks of the property tests take 1 (2, 3, 5), 2 (4) or 3 (6)."""
     fits = [d for d in range(1, min(most, T // 2) + 1) if T % d == 0 and T // d <= most]
     return fits[-1] if fits else T
+
+
+def segment_sums(g, ws):
+    """The gradient of each a_r from those of the segments seg(t, s) = a_{s+1} + ... + a_t: g (b, h, C,
+    T, T), zero on and above the diagonal, -> (b, h, C, T), entry r the sum of g[t, s] over s < r <= t.
+
+    As a product with the strictly upper triangle of ones, U[s, r] = [s < r], then a select (t >= r)
+    and a column sum: the cumulative sum along s it replaces runs one row at a time, several times
+    slower on this CPU. Every sum is over exactly its own terms; the others enter multiplied by 0,
+    so where g has a non-finite entry (0 x inf is NaN) the masked cumulative sum is taken instead,
+    as the select rule wants. That case shows in entry 0, which is the sum of 0 x g[t, s] over every
+    row t: NaN exactly when some g[t, s] is not finite."""
+    b, h, C, T, _ = g.shape
+    U = torch.ones(T, T, dtype=g.dtype, device=g.device).triu_(1)
+    rows = torch.matmul(g.view(-1, T, T), U, out=ws("segment sums", (b * h * C, T, T), g.dtype))
+    sums = rows.view(g.shape).tril_().sum(-2)
+    if bool(torch.isfinite(sums[..., 0]).all()):
+        return sums
+    sums = torch.zeros_like(sums)
+    sums[..., 1:] = g.cumsum(-1)[..., :-1].tril_(-1).sum(-2)
+    return sums
 
 
 def _causal(T, device):
