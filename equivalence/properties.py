@@ -69,6 +69,8 @@ cases (equivalence/diagnose.py says from it what the failure needs).
     NaN propagation     a NaN in one channel's input at token t: that channel NaN from t on, every
                         other output unchanged bit for bit
     gradients           of every input, against float64 autograd through the loop
+    partial gradients   of one input alone requiring grad, the loss reading y alone, the last
+                        state alone or both, against the loop's (none where the loop has none)
     chunk sizes         the same results for every chunk size (families with CHUNK_SIZES)
     determinism, batch invariance, unwritten memory, non-finite causality (below)
 
@@ -617,6 +619,58 @@ def check_gradients(fam, name, case):
                      repro(fam, name, case) + f"  # gradient of {k}", scale=sums[k], conditioning=grad_conditioning)
 
 
+# What a partial gradient's loss reads (check_partial_gradients)
+READS = ("y and last state", "last state", "y")
+
+
+def partial_gradient(fam, name, case, x, weights, leaf, reads):
+    """The gradient of the loss of ``check_gradients`` reading only ``reads`` (one of READS), with
+    ``leaf`` (a name of gradient_leaves) the one input requiring grad; None where the loss does not
+    reach it (autograd's unused input)."""
+    leaves = differentiable(x)
+    wrt = gradient_leaves(fam, leaves, fam.SCAN_ARGS)
+    for k, v in wrt.items():
+        v.requires_grad_(k == leaf)
+    y, s = fam.scan(name, case, leaves)
+    loss = sum(([(y.double() * weights[0]).sum()] if reads != "last state" else [])
+               + ([state_loss(fam, s, weights[1])] if reads != "y" else []))
+    if not loss.requires_grad:
+        return None
+    return torch.autograd.grad(loss, [wrt[leaf]], allow_unused=True)[0]
+
+
+@case_check
+def check_partial_gradients(fam, name, case, k):
+    """One input alone requiring grad, the loss reading y alone, the last state alone or both (k
+    picks which): its gradient against the loop's under the same policy as ``check_gradients``,
+    and none or zeros where the loop has none. Catches a backward that decides from which inputs
+    require grad, or which outputs have a gradient, what to compute and decides wrong: it skips a
+    gradient, raises, or returns memory it never wrote (the implementation runs with fresh memory
+    NaN-filled), where every input requiring grad and a loss of both hide it. The policy's scale is
+    the whole loss's sum of |terms|, which bounds the sum of any part's."""
+    entry = impls.get(name, fam.NAME)
+    if not entry.supports["gradients"] or not fam.supported(entry, case):
+        return
+    x = fam.make_inputs(case)
+    names = [n for n, v in gradient_leaves(fam, x, fam.SCAN_ARGS).items() if v.is_floating_point()]
+    leaf, reads = names[k % len(names)], READS[(k + k // len(names)) % len(READS)]
+    weights = gradient_weights(fam, case)
+    with fresh_memory():
+        got = partial_gradient(fam, name, case, x, weights, leaf, reads)
+    ref = partial_gradient(fam, "loop", case, fam.reference_inputs(case), weights, leaf, reads)
+    what = f"{name}: grad {leaf} alone, of a loss of the {reads} alone"
+    line = repro(fam, name, case) + f"  # gradient of {leaf} alone, of the {reads} alone"
+    if ref is None:
+        assert got is None or bool((got == 0).all()), (
+            f"{what}: the loop's is none ({leaf} does not reach the {reads}), this one's is not zero: "
+            f"largest |value| {got.abs().max().item():.3g}, NaN at {int(torch.isnan(got).sum())} of {got.numel()} "
+            f"(NaN: memory never written)\n  reproduce: {line}")
+        return
+    loop = partial_gradient(fam, "loop", case, x, weights, leaf, reads)
+    assert_close(what, torch.zeros_like(ref) if got is None else got, ref, loop, fam.terms(case, "gradient", leaf),
+                 line, scale=fam.magnitudes(case, weights)[2][leaf], conditioning=fam.conditionings(case)[2])
+
+
 @case_check
 def check_chunk_size_invariance(fam, name, case, chunk_sizes):
     """The same result, within rounding of the float64 loop, for every chunk size (any l)."""
@@ -844,13 +898,15 @@ def bound(fam):
 
 
 def property_checks(fam, name, small, k, poison):
-    """{property: a call of its check} for the four properties above on one case (folded small by
-    the caller: they need no long sequence), in the order a planted-bug search runs them."""
+    """{property: a call of its check} for the four properties above and partial gradients on one
+    case (folded small by the caller: they need no long sequence), in the order a planted-bug search
+    runs them."""
     return {
         "determinism": lambda: check_determinism(fam, name, small),
         "batch invariance": lambda: check_batch_invariance(fam, name, small, k),
         "unwritten memory": lambda: check_unwritten_memory(fam, name, small),
         "non-finite causality": lambda: check_nonfinite_causality(fam, name, small, k, poison),
+        "partial gradients": lambda: check_partial_gradients(fam, name, small, k),
     }
 
 

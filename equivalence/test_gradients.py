@@ -3,13 +3,19 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from .properties import check_gradients, gradient_weights, gradients, per_part, state_parts
+from .properties import check_gradients, check_partial_gradients, gradient_weights, gradients, per_part, state_parts
 from .test_invariants import pinned
 
 
 @given(data=st.data())
 def test_gradients_match_float64_loop(family, gradient_impl, data):
     check_gradients(family, gradient_impl, data.draw(family.STRATEGIES["gradients"], label="case"))
+
+
+@given(data=st.data(), k=st.integers(0, 400))
+def test_partial_gradients_match_float64_loop(family, gradient_impl, data, k):
+    """One input alone requiring grad, the loss reading y, the last state or both (k picks them)."""
+    check_partial_gradients(family, gradient_impl, data.draw(family.STRATEGIES["gradients"], label="case"), k)
 
 
 def test_pinned_gradients(family, gradient_impl):

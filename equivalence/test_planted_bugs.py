@@ -35,7 +35,7 @@ def drawn(fam):
 
 def checks(fam, name, drawn):
     """{property: a call of its check} on one drawn case, in the order the search runs them: the
-    four properties of equivalence/properties.py first, on the case folded small (they need no long
+    five properties of equivalence/properties.py first, on the case folded small (they need no long
     sequence, and every planted scan is a Python loop), then the checks of values and invariants."""
     case, k, poison = drawn
     return {

@@ -106,6 +106,37 @@ def chunk_boundary_drops_kv(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=No
     return (out, *states) if return_final_states else out
 
 
+class _GateGradientSizedUpFront(torch.autograd.Function):
+    """out and the final states passed through as they are; Z's gradient made whole before the
+    backward knows which results have a gradient (torch.empty) and written only where out's arrives."""
+
+    @staticmethod
+    def forward(ctx, Z, out, *states):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(Z)
+        return (out.view_as(out), *(x.view_as(x) for x in states))
+
+    @staticmethod
+    def backward(ctx, g_out, *g_states):
+        Z, = ctx.saved_tensors
+        g_Z = torch.empty_like(Z)
+        if g_out is not None:
+            g_Z.zero_()   # Z's true gradient reaches it through the spec's own graph
+        return (g_Z, g_out, *g_states)
+
+
+def gate_gradient_unwritten(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, Input_States=None,
+                            chunk_size=64, return_final_states=False, cu_seqlens=None):
+    """The spec, but Z's gradient is memory never written when the loss reads the final states
+    alone (a backward that sizes its gradients before it knows which results have one, as the
+    chunked scan's once did): only a loss without out shows it."""
+    out, *states = loop.mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, Input_States, chunk_size,
+                                    True, cu_seqlens)
+    if Z is not None and Z.requires_grad and torch.is_grad_enabled():
+        out, *states = _GateGradientSizedUpFront.apply(Z, out, *states)
+    return (out, *states) if return_final_states else out
+
+
 VARIANTS = {name: functools.partial(variant, bug=name) for name in (
     "halves", "bias_after_rotation", "angle_bf16", "no_modulo", "no_tanh", "beta_no_alpha", "beta_prev_alpha",
     "trap_no_sigmoid", "k_state_unrotated", "ignore_kv_states", "D_after_gate", "heads_mod")}
@@ -119,13 +150,17 @@ VARIANTS.update(angle_not_reset=angle_not_reset, v_state_from_pack_end=v_state_f
 # after thousands of float32 tokens: the long check here).
 globals().update(VARIANTS)
 correct = loop.mamba3_scan
-BUGS = tuple(k for k in VARIANTS if k not in ("angle_not_reset", "v_state_from_pack_end", "no_modulo"))
-ONLY = {}
+# The gate's unwritten gradient is not among VARIANTS: no check of this folder takes gradients.
+BUGS = tuple(k for k in VARIANTS if k not in ("angle_not_reset", "v_state_from_pack_end", "no_modulo")) + (
+    "gate_gradient_unwritten",)
+# The bugs that only one property catches, and that property (test_planted_bugs.py)
+ONLY = {"gate_gradient_unwritten": "partial gradients"}
 # None is bit for bit batch invariant, the control included: the spec's elementwise exp, sigmoid and
 # tanh round differently on a CPU for another batch size (vectorised or not; measured: an ulp of a
 # float32 y), and the chunked scan's einsum may sum in another order. Batch invariance is then held
 # to the tolerance policy.
 CAPABILITIES = {k: dict(batch_invariant=False) for k in (*BUGS, "correct")}
+CAPABILITIES["gate_gradient_unwritten"].update(gradients=True)
 
 
 # ---- MIMO ----------------------------------------------------------------------------------------

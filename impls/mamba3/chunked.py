@@ -223,7 +223,8 @@ def scan_chunks(q, k, v, up, ADT, DT, Trap, Angles, init, T, cu_seqlens, rot, *,
         sequences = [(slice(0, 1), s, e, tuple(x[i:i + 1] for x in init))
                      for i, (s, e) in enumerate(zip(offsets, offsets[1:]))]
     grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init))
+        x is not None and x.requires_grad for x in (q, k, v, up, ADT, DT, Trap, Angles, q_bias, k_bias, skip, *init,
+                                                    *extras, *params))
     siso = grad and siso_out_dtype is not None
     pieces, finals, live, starts = [], [], [], []
     fast = Workspace(v.device)   # the forward of recomputed blocks
@@ -407,11 +408,12 @@ class SisoScan(torch.autograd.Function):
         q, k, v, ADT, DT, Trap, Angles, q_bias, k_bias, skip, Z, *starts = ctx.saved_tensors
         f = v.dtype
         inputs = dict(q=q, k=k, v=v, ADT=ADT, DT=DT, Trap=Trap, Angles=Angles, Z=Z)
-        # every token is in one block, which writes its gradients whole, unless the sequences leave some out
+        # every token is in one block, which writes its gradients whole, unless the sequences leave some out;
+        # Z reaches only the output, so without the output's gradient it has none (as the loop's)
         covered = sum(e - s for _, s, e, _ in sequences) == v.shape[1]
         G = {name: (x.new_empty if covered else x.new_zeros)(x.shape, dtype=f)
              for (name, x), wanted in zip(inputs.items(), ctx.needs_input_grad[1:8] + ctx.needs_input_grad[11:12])
-             if wanted}
+             if wanted and not (name == "Z" and g_out is None)}
         g_params = [None, None, None]                                          # q_bias, k_bias, skip
         g_starts = [None] * len(starts)
         for j, (rows, s, e, _) in enumerate(sequences):
