@@ -583,12 +583,16 @@ def gradient_leaves(fam, leaves, keys):
 
 
 def gradients(fam, name, case, x, weights):
-    """{argument: gradient} of sum(w_y y) + sum(w_s last state) for every tensor input of the scan."""
+    """{argument: gradient} of sum(w_y y) + sum(w_s last state) for every tensor input of the scan.
+    An input the loss does not reach gets zeros (autograd's unused input): an implementation may
+    leave out of its graph what it has no use for (an empty Angles), and one that leaves out what
+    it needs then fails the comparison by the input's name."""
     leaves = differentiable(x, floating_only=False)
     y, s = fam.scan(name, case, leaves)
     loss = (y.double() * weights[0]).sum() + state_loss(fam, s, weights[1])
     wrt = gradient_leaves(fam, leaves, fam.SCAN_ARGS)
-    return dict(zip(wrt, torch.autograd.grad(loss, list(wrt.values()))))
+    got = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+    return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(wrt.items(), got)}
 
 
 def gradient_weights(fam, case):

@@ -86,9 +86,10 @@ class Summary:
             text = report.longreprtext
             message = next((line[2:].strip() for line in text.splitlines() if line.startswith("E ")), "")
             case, reproduce = dict(report.user_properties).get(CASE_TAG, ("", ""))
-            if not case:  # not a property check's failure: hypothesis' own words, if any
-                example = re.search(r"(?:Falsifying (?:explicit )?example|Failing test case):.*?(?=\n\n|\n[A-Z_]|\Z)",
-                                    text, re.S)
+            if not case:  # not a property check's failure: hypothesis' own words, if any, with its draws
+                plain = re.sub(r"(?m)^E(?: +|$)", "", text)   # pytest's mark on the exception's lines
+                example = re.search(r"(?:Falsifying (?:explicit )?example|Failing test case):.*?(?=\n\s*\n|\Z)",
+                                    plain, re.S)
                 case = " ".join(example.group(0).split()) if example else ""
             needs = next((body for title, body in report.sections if title.startswith("what the failure needs")), "")
             replay = next((body for title, body in report.sections if title.endswith("replay")), "")

@@ -1,7 +1,13 @@
 """Gradients of every input of every family's scan against float64 autograd through its loop."""
 
+import dataclasses
+import functools
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
+import impls
 
 from .properties import check_gradients, check_partial_gradients, gradient_weights, gradients, per_part, state_parts
 from .test_invariants import pinned
@@ -38,3 +44,33 @@ def test_magnitudes_bound_the_oracle(family, data):
         assert (s.abs() <= m * (1 + 1e-12) + 1e-300).all(), label
     for k, g in gradients(family, "loop", case, x, weights).items():
         assert (g.abs() <= sums[k] * (1 + 1e-9) + 1e-300).all(), k
+
+
+def test_an_input_left_out_of_the_graph_is_compared_as_zeros():
+    """A kernel may leave out of its graph what it has no use for (Mamba-3's Angles when n_ang = 0,
+    an empty tensor): it passes. One that leaves out what it needs (Angles detached when n_ang > 0)
+    fails the comparison by the input's name, not with autograd's own error."""
+    import equivalence.mamba3 as fam
+    from impls.mamba3 import chunked
+
+    def scan(*args, detach_always):
+        args = list(args)
+        if detach_always or args[8].shape[-1] == 0:
+            args[8] = args[8].detach()
+        return chunked.mamba3_scan(*args)
+
+    names = {"needs_none": False, "detaches": True}
+    for name, always in names.items():
+        impls.register(name, functools.partial(scan, detach_always=always), family="mamba3", gradients=True)
+    try:
+        case = fam.Case(b=1, l=3, h_qk=1, groups=1, p=2, n=4, n_ang=0, dtype="f64", states=True, D=True, Z=True,
+                        seed=0, chunk_size=2)
+        check_gradients(fam, "needs_none", case)
+        check_gradients(fam, "detaches", case)
+        case = dataclasses.replace(case, n_ang=1)
+        check_gradients(fam, "needs_none", case)
+        with pytest.raises(AssertionError, match="detaches: grad Angles: error"):
+            check_gradients(fam, "detaches", case)
+    finally:
+        for name in names:
+            impls.unregister(name, "mamba3")

@@ -405,6 +405,32 @@ def test_a_run_from_a_kernels_folder_is_replayed_by_the_commands_it_prints(tmp_p
     assert f"replay: `{alone}`" in summary and "reproduce in Python: `import impls" in summary, summary
 
 
+RAISES_PAST_ONE_CHANNEL = """
+import impls
+
+def scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+         initial_state=None, return_last_state=False):
+    if u.shape[-1] > 1:
+        raise RuntimeError("a kernel's own error")
+    return impls.get("loop").scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+"""
+
+
+def test_a_crash_is_summarised_with_the_case_hypothesis_drew(tmp_path):
+    """A kernel that raises its own error (no property check's failure, so no case of the check's):
+    the Markdown summary's smallest case is hypothesis' failing example with its draws, the case
+    included, not its first line."""
+    (tmp_path / "raising_kernel_xyz.py").write_text(RAISES_PAST_ONE_CHANNEL)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", "--hypothesis-profile", "ci",
+           "--impl=raising_kernel_xyz:scan", "--pyargs", "equivalence.test_values", "-k", "test_values_and_last_state",
+           "--scan-summary", "summary.md"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 1 and "a kernel's own error" in run.stdout, run.stdout[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert re.search(r"smallest case: `(Falsifying example|Failing test case): test_values_and_last_state\(.*"
+                     r"Draw 1 \(case\): Case\(b=1, d=1, n=1, l=2,", summary), summary
+
+
 def test_a_family_folders_tests_are_summarised_under_their_family():
     """A test in a family's folder that parametrizes over implementation names ("loop", which
     Mamba-1 has too) is counted in its own family's table, not the default family's: the summary
