@@ -58,7 +58,8 @@ def check_tensor(where, arg, x):
     if not isinstance(x, torch.Tensor):
         fail(TypeError, where, arg, "a torch.Tensor", type(x).__name__)
     if x.is_complex():
-        fail(TypeError, where, arg, "a real floating tensor (complex A is S4D, not Mamba-1)", x.dtype)
+        why = " (a complex A is S4D's; these scans are real)" if arg == "A" else ""
+        fail(TypeError, where, arg, f"a real floating tensor{why}", x.dtype)
     if not x.is_floating_point():
         fail(TypeError, where, arg, "a floating tensor", x.dtype)
 

@@ -78,12 +78,18 @@ def test_bfloat16_inputs():
 
 
 def test_empty_and_refusals():
-    """l = 0 returns the input states; packed sequences are a declared gap (refused at the front door)."""
+    """l = 0 returns the input states; p = 0 (no output, no ssm state) still advances the angle and k
+    states as the loop does; packed sequences are a declared gap (refused at the front door)."""
     case = Case(b=2, l=0, p=3, n=4, n_ang=1)
     args = inputs(case)
     out, *states = scan(args, case)
     assert out.shape == (2, 0, case.h, 3)
     assert all(torch.equal(a, b) for a, b in zip(states, args["Input_States"]))
+    narrow = dataclasses.replace(case, l=5, p=0, dtype="f64")
+    args = inputs(narrow)
+    for a, b in zip(scan(args, narrow), loop.mamba3_scan(**args, return_final_states=True)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     one = inputs(dataclasses.replace(case, b=1, l=4))
     with pytest.raises(NotImplementedError, match="packed sequences"):
         mamba3_scan(**one, cu_seqlens=torch.tensor([0, 4], dtype=torch.int32), impl="triton")

@@ -772,6 +772,10 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         finals = (zero_states(b, h, p, n, n_ang, f, V.device) if states is None else tuple(s.to(f) for s in states))
         out = V.new_zeros(b, l, h, p)
         return (out, *finals) if return_final_states else out
+    if p == 0:   # no output and no ssm state to launch a kernel for; the angle and k states still advance
+        from .chunked import mamba3_scan as chunked_scan
+        return chunked_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, states, chunk_size,
+                            return_final_states)
     inputs = (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(states or (None,) * 4))
     if host_tensors_on_a_gpu_machine(V):
         moved = [None if t is None else t.to("cuda") for t in inputs]
