@@ -129,7 +129,9 @@ def probe_capabilities(fam, scan, step=None):
     required, never probed away. Any other capability is a gap only when its call is refused: it
     raises NotImplementedError, the interface's way to refuse, or the function does not take the
     call's arguments (a scan without a ``cu_seqlens`` parameter: refused_by_signature); for
-    gradients, also when the output has no autograd graph (nothing to differentiate). Any other
+    gradients, also when the output has no autograd graph (nothing to differentiate) or torch
+    refuses the function's out= ops on inputs that require grad (a step written for decoding, run
+    token by token as the scan of a step plugged in alone). Any other
     exception, a TypeError inside the function included, means "supported but broken": the
     capability stays on, so the tests run and fail with the kernel's own error instead of passing
     on a refusal the kernel never made. What a call returns is not judged here (that is the tests' job).
@@ -145,7 +147,13 @@ def probe_capabilities(fam, scan, step=None):
 
         def backward():
             # whatever the family returns (y and a state; Mamba-3's out and four states): every tensor
-            outs = [t for t in tensors(scan(*args)) if t.requires_grad]
+            try:
+                results = scan(*args)
+            except RuntimeError as e:   # torch refusing an out= op on inputs that require grad
+                if "don't support automatic differentiation" not in str(e):
+                    raise
+                raise NotImplementedError(f"not differentiable (an out= op under autograd: {e})") from e
+            outs = [t for t in tensors(results) if t.requires_grad]
             if not outs:
                 raise NotImplementedError("output has no autograd graph (not differentiable)")
             torch.autograd.grad(sum(t.double().sum() for t in outs), [a for a in tensors(args) if a.requires_grad],

@@ -113,6 +113,14 @@ def test_a_plain_functions_capabilities_are_probed():
     supports, notes = probe_capabilities(selective, detached)
     assert not supports["gradients"] and supports["grouped"] and len(supports["dtypes"]) == 4, notes
 
+    def written_out(*args):   # a decoding kernel's out= ops: torch refuses them on inputs that require grad
+        y, s = loop(*args)
+        return torch.mul(args[0], 0, out=torch.empty_like(args[0])) + y, s
+
+    supports, notes = probe_capabilities(selective, written_out)
+    assert not supports["gradients"] and len(supports["dtypes"]) == 4, notes
+    assert notes["gradients"].startswith("gap: NotImplementedError: not differentiable (an out= op"), notes
+
 
 def test_packed_sequences_are_probed_like_the_other_capabilities():
     """cu_seqlens, of every family with packing: a scan that does not take the argument, or
