@@ -17,7 +17,8 @@ import torch
 import impls
 
 # What what_it_needs reads of a family's module (optional in its contract: without them a failure
-# is reported undiagnosed)
+# is reported undiagnosed). GROUPED_AXIS None: the family's grouping is not a case field g but
+# sizes among its AXES (Mamba-3's h_qk and groups), bisected as the others are.
 NEEDS = ("OPTIONS", "UNGROUPED", "GROUPED_AXIS", "AXES", "PLAIN")
 
 # (family, name) -> {capability: how its probe call went}, for implementations registered from a plain function
@@ -39,7 +40,7 @@ def what_it_needs(failure, budget_s=120.0):
 
     def fails(**change):
         c = dataclasses.replace(case, **change)
-        if c.g and getattr(c, grouped_axis) % c.g:
+        if grouped_axis is not None and c.g and getattr(c, grouped_axis) % c.g:
             return True
         if c not in tried:
             if time.monotonic() - start > budget_s:
@@ -63,8 +64,10 @@ def what_it_needs(failure, budget_s=120.0):
                 (needs if not fails(**{opt: off}) else not_needed).append(said(opt, value))
         if poison and not fails(poison=()):
             needs.append(f"the {poison[2]} in {poison[0]}")
-        plain_g = fam.UNGROUPED[0]
-        if case.g > 1:
+        plain_g = fam.UNGROUPED[0] if grouped_axis is not None else case.g   # None: the grouping is among AXES
+        if grouped_axis is None:
+            pass
+        elif case.g > 1:
             if not any(fails(g=u) for u in fam.UNGROUPED):
                 needs.append("g > 1")
                 if getattr(case, grouped_axis) // case.g > 1 and not fails(**{grouped_axis: case.g}):
@@ -76,7 +79,7 @@ def what_it_needs(failure, budget_s=120.0):
                 needs.append(f"{k} {getattr(case, k)} (passes in {plain})" if k == "dtype"
                              else f"the {getattr(case, k)} {k} (passes in {plain})")
         for axis in fam.AXES:
-            step = case.g if axis == grouped_axis and case.g else 1
+            step = case.g if grouped_axis is not None and axis == grouped_axis and case.g else 1
             lo, hi = 1, getattr(case, axis) // step      # hi fails; find the smallest multiple that does
             if hi == 1:
                 continue

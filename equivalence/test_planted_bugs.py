@@ -2,6 +2,7 @@
 hypothesis finds a case that the checks reject, and the correct control is rejected by none. Also
 through the command line, as a kernel author runs it."""
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -135,6 +136,23 @@ def test_a_failure_says_what_it_needs(bug, case, needs):
         check_values(selective, name, case)
     lines = what_it_needs(info.value)
     assert needs in lines[0], lines
+
+
+@pytest.mark.parametrize("bug, change, needs", [
+    ("D_after_gate", {}, "fails only with D and Z"),
+    ("ignore_kv_states", dict(D=False, Z=False), "fails only with states"),
+    ("heads_mod", dict(h_qk=2, groups=2, states=False), "fails only with h_qk >= 2 (passes at h_qk = 1) and groups >= 2"),
+])
+def test_a_mamba3_failure_says_what_it_needs(bug, change, needs):
+    """Mamba-3's grouping is two sizes, h_qk and groups = h / h_qk, bisected as the others are; its
+    options are the states, D, Z and the rotation (n_ang)."""
+    fam = family("mamba3")
+    name = register_planted(fam, bug)
+    case = dataclasses.replace(fam.Case(b=1, l=3, p=2, n=4, n_ang=1, seed=3), **change)
+    with pytest.raises(CaseFailure) as info:
+        check_values(fam, name, case)
+    lines = what_it_needs(info.value)
+    assert lines[0].startswith(needs), lines
 
 
 def _looks_ahead(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
