@@ -94,7 +94,9 @@ def what_it_needs(failure, budget_s=120.0):
         stopped = f"(re-runs stopped after {budget_s:.0f} s: what is listed was found before that)"
     else:
         stopped = None
-    lines = ["fails only with " + " and ".join(needs) if needs else "fails with every option off and every axis at its smallest"]
+    kept = ", ".join(f"{axis} = {getattr(case, axis)}" for axis in getattr(fam, "UNREDUCED", ()))
+    lines = ["fails only with " + " and ".join(needs) if needs else "fails with every option off and every axis at its smallest"
+             + (f" (not reduced: {kept})" if kept else "")]
     if not_needed:
         lines.append("still fails without " + ", ".join(not_needed))
     if notes:

@@ -38,7 +38,7 @@ and what it writes only where it differs from the default (DEFAULTS below fills 
                             make_inputs, through the family's module)
     CHUNK_SIZES             chunk sizes a result must not depend on (None: no chunk size)
     PACKING                 its packed sequences (equivalence/varlen.py: Packing) (None)
-    and for equivalence/diagnose.py: OPTIONS, UNGROUPED, GROUPED_AXIS, AXES, PLAIN, TINY, PROBES,
+    and for equivalence/diagnose.py: OPTIONS, UNGROUPED, GROUPED_AXIS, AXES, PLAIN (UNREDUCED), TINY, PROBES,
     positional(x), scan_by_stepping(step) (without them a failure is reported undiagnosed)
 
 Optional, for a family whose arguments or state do not fit the plain form (Mamba-3's):
@@ -643,27 +643,42 @@ def partial_gradient(fam, name, case, x, weights, leaf, reads):
     return torch.autograd.grad(loss, [wrt[leaf]], allow_unused=True)[0]
 
 
+def partial_gradient_inputs(fam, case):
+    """The names (gradient_leaves') of the case's floating inputs, each one that
+    check_partial_gradients can differentiate alone."""
+    x = fam.make_inputs(case)
+    return [n for n, v in gradient_leaves(fam, x, fam.SCAN_ARGS).items() if v.is_floating_point()]
+
+
+def partial_gradient_pick(fam, case, k):
+    """(input, what the loss reads) for check_partial_gradients, picked by a drawn position k (the
+    planted-bug search's): every input as k runs over its count, the loss turning with k too."""
+    names = partial_gradient_inputs(fam, case)
+    return names[k % len(names)], READS[(k + k // len(names)) % len(READS)]
+
+
 @case_check
-def check_partial_gradients(fam, name, case, k):
-    """One input alone requiring grad, the loss reading y alone, the last state alone or both (k
-    picks which): its gradient against the loop's under the same policy as ``check_gradients``,
-    and none or zeros where the loop has none. Catches a backward that decides from which inputs
-    require grad, or which outputs have a gradient, what to compute and decides wrong: it skips a
-    gradient, raises, or returns memory it never wrote (the implementation runs with fresh memory
-    NaN-filled), where every input requiring grad and a loss of both hide it. The policy's scale is
-    the whole loss's sum of |terms|, which bounds the sum of any part's."""
+def check_partial_gradients(fam, name, case, leaf, reads):
+    """``leaf`` (a name of partial_gradient_inputs) alone requiring grad, the loss reading ``reads``
+    (one of READS: y alone, the last state alone or both): its gradient against the loop's under
+    the same policy as ``check_gradients``, and none or zeros where the loop has none. Catches a
+    backward that decides from which inputs require grad, or which outputs have a gradient, what
+    to compute and decides wrong: it skips a gradient, raises, or returns memory it never wrote
+    (the implementation runs with fresh memory NaN-filled), where every input requiring grad and a
+    loss of both hide it. The policy's scale is the whole loss's sum of |terms|, which bounds the
+    sum of any part's. A case without that input (a re-run with an option off) passes."""
     entry = impls.get(name, fam.NAME)
     if not entry.supports["gradients"] or not fam.supported(entry, case):
         return
+    if leaf not in partial_gradient_inputs(fam, case):
+        return
     x = fam.make_inputs(case)
-    names = [n for n, v in gradient_leaves(fam, x, fam.SCAN_ARGS).items() if v.is_floating_point()]
-    leaf, reads = names[k % len(names)], READS[(k + k // len(names)) % len(READS)]
     weights = gradient_weights(fam, case)
     with fresh_memory():
         got = partial_gradient(fam, name, case, x, weights, leaf, reads)
     ref = partial_gradient(fam, "loop", case, fam.reference_inputs(case), weights, leaf, reads)
-    what = f"{name}: grad {leaf} alone, of a loss of the {reads} alone"
-    line = repro(fam, name, case) + f"  # gradient of {leaf} alone, of the {reads} alone"
+    what = f"{name}: grad {leaf}, the one input requiring grad, of a loss reading the {reads}"
+    line = repro(fam, name, case) + f"  # the gradient of {leaf} alone, of a loss reading the {reads}"
     if ref is None:
         assert got is None or bool((got == 0).all()), (
             f"{what}: the loop's is none ({leaf} does not reach the {reads}), this one's is not zero: "
@@ -910,7 +925,7 @@ def property_checks(fam, name, small, k, poison):
         "batch invariance": lambda: check_batch_invariance(fam, name, small, k),
         "unwritten memory": lambda: check_unwritten_memory(fam, name, small),
         "non-finite causality": lambda: check_nonfinite_causality(fam, name, small, k, poison),
-        "partial gradients": lambda: check_partial_gradients(fam, name, small, k),
+        "partial gradients": lambda: check_partial_gradients(fam, name, small, *partial_gradient_pick(fam, small, k)),
     }
 
 

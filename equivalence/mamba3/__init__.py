@@ -325,6 +325,7 @@ UNGROUPED = ()
 GROUPED_AXIS = None
 AXES = ("b", "l", "h_qk", "groups", "p")
 PLAIN = dict(dtype="f64")
+UNREDUCED = ("n",)   # named where nothing else is found
 
 PLANTED_SMALL = dict(b=2, l=8, p=3, n=6)
 
