@@ -64,22 +64,21 @@ def what_it_needs(failure, budget_s=120.0):
                 (needs if not fails(**{opt: off}) else not_needed).append(said(opt, value))
         if poison and not fails(poison=()):
             needs.append(f"the {poison[2]} in {poison[0]}")
-        plain_g = fam.UNGROUPED[0] if grouped_axis is not None else case.g   # None: the grouping is among AXES
-        if grouped_axis is None:
-            pass
-        elif case.g > 1:
-            if not any(fails(g=u) for u in fam.UNGROUPED):
-                needs.append("g > 1")
-                if getattr(case, grouped_axis) // case.g > 1 and not fails(**{grouped_axis: case.g}):
-                    needs.append(f"{grouped_axis}/g > 1")
-        elif case.g != plain_g and not fails(g=plain_g):
-            needs.append(f"grouped B/C (g = {case.g})")
+        if grouped_axis is not None:   # None: the grouping is among AXES
+            plain_g = fam.UNGROUPED[0]
+            if case.g > 1:
+                if not any(fails(g=u) for u in fam.UNGROUPED):
+                    needs.append("g > 1")
+                    if getattr(case, grouped_axis) // case.g > 1 and not fails(**{grouped_axis: case.g}):
+                        needs.append(f"{grouped_axis}/g > 1")
+            elif case.g != plain_g and not fails(g=plain_g):
+                needs.append(f"grouped B/C (g = {case.g})")
         for k, plain in fam.PLAIN.items():
             if getattr(case, k) != plain and not fails(**{k: plain}):
                 needs.append(f"{k} {getattr(case, k)} (passes in {plain})" if k == "dtype"
                              else f"the {getattr(case, k)} {k} (passes in {plain})")
         for axis in fam.AXES:
-            step = case.g if grouped_axis is not None and axis == grouped_axis and case.g else 1
+            step = case.g if axis == grouped_axis and case.g else 1
             lo, hi = 1, getattr(case, axis) // step      # hi fails; find the smallest multiple that does
             if hi == 1:
                 continue

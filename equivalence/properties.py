@@ -570,6 +570,16 @@ def state_loss(fam, state, weights):
     return sum((s.double() * w).sum() for (_, s), w in zip(state_parts(fam, state), per_part(fam, weights)))
 
 
+# What a partial gradient's loss reads (check_partial_gradients)
+READS = ("y and last state", "last state", "y")
+
+
+def weighted_loss(fam, y, state, weights, reads=READS[0]):
+    """sum(w_y y) + sum(w_s last state) in float64, or one of the two (``reads``, one of READS)."""
+    return sum(([(y.double() * weights[0]).sum()] if reads != "last state" else [])
+               + ([state_loss(fam, state, weights[1])] if reads != "y" else []))
+
+
 def gradient_leaves(fam, leaves, keys):
     """{name: leaf} of the tensors among ``keys`` of ``leaves``, a state's parts as "<arg>.<part>"."""
     out = {}
@@ -588,8 +598,7 @@ def gradients(fam, name, case, x, weights):
     leave out of its graph what it has no use for (an empty Angles), and one that leaves out what
     it needs then fails the comparison by the input's name."""
     leaves = differentiable(x, floating_only=False)
-    y, s = fam.scan(name, case, leaves)
-    loss = (y.double() * weights[0]).sum() + state_loss(fam, s, weights[1])
+    loss = weighted_loss(fam, *fam.scan(name, case, leaves), weights)
     wrt = gradient_leaves(fam, leaves, fam.SCAN_ARGS)
     got = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True) if loss.requires_grad else [None] * len(wrt)
     return {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(wrt.items(), got)}
@@ -623,10 +632,6 @@ def check_gradients(fam, name, case):
                      repro(fam, name, case) + f"  # gradient of {k}", scale=sums[k], conditioning=grad_conditioning)
 
 
-# What a partial gradient's loss reads (check_partial_gradients)
-READS = ("y and last state", "last state", "y")
-
-
 def partial_gradient(fam, name, case, x, weights, leaf, reads):
     """The gradient of the loss of ``check_gradients`` reading only ``reads`` (one of READS), with
     ``leaf`` (a name of gradient_leaves) the one input requiring grad; None where the loss does not
@@ -635,18 +640,16 @@ def partial_gradient(fam, name, case, x, weights, leaf, reads):
     wrt = gradient_leaves(fam, leaves, fam.SCAN_ARGS)
     for k, v in wrt.items():
         v.requires_grad_(k == leaf)
-    y, s = fam.scan(name, case, leaves)
-    loss = sum(([(y.double() * weights[0]).sum()] if reads != "last state" else [])
-               + ([state_loss(fam, s, weights[1])] if reads != "y" else []))
+    loss = weighted_loss(fam, *fam.scan(name, case, leaves), weights, reads)
     if not loss.requires_grad:
         return None
     return torch.autograd.grad(loss, [wrt[leaf]], allow_unused=True)[0]
 
 
-def partial_gradient_inputs(fam, case):
-    """The names (gradient_leaves') of the case's floating inputs, each one that
-    check_partial_gradients can differentiate alone."""
-    x = fam.make_inputs(case)
+def partial_gradient_inputs(fam, case, x=None):
+    """The names (gradient_leaves') of the case's floating inputs (x: the case's, if made already),
+    each one that check_partial_gradients can differentiate alone."""
+    x = fam.make_inputs(case) if x is None else x
     return [n for n, v in gradient_leaves(fam, x, fam.SCAN_ARGS).items() if v.is_floating_point()]
 
 
@@ -670,9 +673,9 @@ def check_partial_gradients(fam, name, case, leaf, reads):
     entry = impls.get(name, fam.NAME)
     if not entry.supports["gradients"] or not fam.supported(entry, case):
         return
-    if leaf not in partial_gradient_inputs(fam, case):
-        return
     x = fam.make_inputs(case)
+    if leaf not in partial_gradient_inputs(fam, case, x):
+        return
     weights = gradient_weights(fam, case)
     with fresh_memory():
         got = partial_gradient(fam, name, case, x, weights, leaf, reads)
@@ -733,7 +736,7 @@ def _forward_backward(fam, name, case, x):
     gen = torch.Generator().manual_seed(case.seed + 3)
     w_y = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     w_s = map_state(fam, lambda t: torch.randn(t.shape, generator=gen, dtype=torch.float64), s)
-    loss = (y.double() * w_y).sum() + state_loss(fam, s, w_s)
+    loss = weighted_loss(fam, y, s, (w_y, w_s))
     wrt = {k: v for k, v in gradient_leaves(fam, leaves, leaves).items() if v.requires_grad}
     grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
     out = outputs(y, s)

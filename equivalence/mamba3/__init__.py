@@ -316,7 +316,6 @@ PINNED_INVARIANTS = dict(
     nonfinite_causality=[(Case(b=1, l=12, p=2, n=4, chunk_size=5, dtype="f32"), 9, "nan"),
                          (Case(b=1, l=12, p=2, n=4, chunk_size=5, dtype="f32"), 9, "inf")],
 )
-# The size the planted-bug search folds each drawn case to for the four properties of properties.py
 # What a failure needs (equivalence/diagnose.py): each option off in turn, float64, then each size
 # bisected; the heads sharing Q and K (groups = h / h_qk) are a size like the others. n is not one:
 # it must stay even and at least 2 n_ang, so a rotation's need shows as n_ang (off: 0).
@@ -327,6 +326,7 @@ AXES = ("b", "l", "h_qk", "groups", "p")
 PLAIN = dict(dtype="f64")
 UNREDUCED = ("n",)   # named where nothing else is found
 
+# The size the planted-bug search folds each drawn case to for the five properties of properties.py
 PLANTED_SMALL = dict(b=2, l=8, p=3, n=6)
 
 

@@ -26,9 +26,12 @@ from impls.frontdoor import compute_dtype
 from impls.mamba3 import loop
 
 from .. import properties
-from . import (BATCH_ARGS, CHANNEL_ARG, CHUNK_SIZES, DTYPES, STATE_ARG, STATE_PARTS, TIME_ARGS, TIME_DIM,  # noqa: F401
-               TIME_DIMS, Y_AXES, align_state, call, cases, conditionings, exact_kinds, magnitudes, make_inputs,
-               positional, reference_inputs, scan, state_shape, step, supported, terms)
+from . import (BATCH_ARGS, CHANNEL_ARG, CHUNK_SIZES, DTYPES, GROUPED_AXIS, PLAIN, STATE_ARG, STATE_PARTS,  # noqa: F401
+               TIME_ARGS, TIME_DIM, TIME_DIMS, UNGROUPED, UNREDUCED, Y_AXES, align_state, call, cases, conditionings,
+               exact_kinds, magnitudes, make_inputs, positional, reference_inputs, scan, state_shape, step, supported,
+               terms)
+from . import AXES as SISO_AXES
+from . import OPTIONS as SISO_OPTIONS
 from . import planted_bugs as _planted_bugs
 from . import varlen_planted_bugs as _varlen_planted_bugs
 from .cases import MIMO_ARGS, RANKS, Case, case_strategy
@@ -131,17 +134,11 @@ PINNED_INVARIANTS = dict(
     nonfinite_causality=[(Case(b=1, l=12, p=2, n=4, chunk_size=5, dtype="f32", R=2), 9, "nan"),
                          (Case(b=1, l=12, p=2, n=4, chunk_size=5, dtype="f32", R=2), 9, "inf")],
 )
-# The size the planted-bug search folds each drawn case to for the four properties of properties.py
-# What a failure needs (equivalence/diagnose.py): each option off in turn, float64, then each size
-# bisected; the heads sharing Q and K (groups = h / h_qk) are a size like the others. n is not one:
-# it must stay even and at least 2 n_ang, so a rotation's need shows as n_ang (off: 0).
-OPTIONS = dict(states=False, D=False, Z=False, n_ang=0, norm=False, per_rank=False)
-UNGROUPED = ()
-GROUPED_AXIS = None
-AXES = ("b", "l", "h_qk", "groups", "p", "R")
-PLAIN = dict(dtype="f64")
-UNREDUCED = ("n",)   # named where nothing else is found
+# What a failure needs (equivalence/diagnose.py): SISO's, with MIMO's own options and the rank
+OPTIONS = dict(SISO_OPTIONS, norm=False, per_rank=False)
+AXES = SISO_AXES + ("R",)
 
+# The size the planted-bug search folds each drawn case to for the five properties of properties.py
 PLANTED_SMALL = dict(b=2, l=8, p=3, n=6)
 
 

@@ -78,6 +78,7 @@ from ..triton_common import (CHUNKED_GPU_CONFIG, CHUNKED_INTERPRETER_CONFIG, MAX
                              check_tile_limits, host_tensors_on_a_gpu_machine, launch_config, quiet, result_dtype,
                              segment, sigmoid, silu, tl_dtype)
 from ..ssd.triton import chunk_cumsum_kernel, chunk_state_kernel, state_pass_bwd_kernel, state_pass_kernel
+from . import chunked
 from .loop import per_head, rotate, zero_states
 
 import triton  # noqa: E402
@@ -773,9 +774,8 @@ def mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D=None, Z=None, 
         out = V.new_zeros(b, l, h, p)
         return (out, *finals) if return_final_states else out
     if p == 0:   # no output and no ssm state to launch a kernel for; the angle and k states still advance
-        from .chunked import mamba3_scan as chunked_scan
-        return chunked_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, states, chunk_size,
-                            return_final_states)
+        return chunked.mamba3_scan(Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, states, chunk_size,
+                                   return_final_states)
     inputs = (Q, K, V, ADT, DT, Trap, Q_bias, K_bias, Angles, D, Z, *(states or (None,) * 4))
     if host_tensors_on_a_gpu_machine(V):
         moved = [None if t is None else t.to("cuda") for t in inputs]
